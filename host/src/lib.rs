@@ -1,1 +1,12 @@
-//! placeholder
+//! ledgerport: a daemon that hosts sandboxed WebAssembly connector plugins
+//! and pushes a platform's invoices and credit notes into its customers'
+//! accounting systems.
+//!
+//! This crate is the host: the plugin [`runtime`], the [`capabilities`] a
+//! connector may import, plugin [`manifest`]s and the platform
+//! [`document`] model.
+
+pub mod capabilities;
+pub mod document;
+pub mod manifest;
+pub mod runtime;

@@ -1,1 +1,101 @@
-//! placeholder
+//! The smallest useful ledgerport connector: it POSTs each document as JSON
+//! to an endpoint (connection setting `endpoint`, default
+//! `https://hooks.example.com/ledgerport`), with the connection's credentials
+//! and an `Idempotency-Key` derived from the delivery. Start a new connector
+//! from this file.
+
+use ledgerport_sdk::{
+    AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
+    DocumentKind, Pdf, Receipt, connection, errors, http, mapping,
+};
+use serde_json::{Value, json};
+
+const DEFAULT_ENDPOINT: &str = "https://hooks.example.com/ledgerport";
+
+struct Minimal;
+
+fn endpoint() -> String {
+    connection::setting(&connection::info(), "endpoint").unwrap_or_else(|| DEFAULT_ENDPOINT.into())
+}
+
+/// The JSON this connector sends for a document.
+fn to_json(doc: &Document) -> Value {
+    let lines: Vec<Value> = doc
+        .lines
+        .iter()
+        .map(|l| {
+            let account = mapping::lookup(&l.kind).map(|m| m.account_code);
+            json!({
+                "kind": l.kind, "description": l.description, "quantity": l.quantity,
+                "unit_amount": l.unit_amount, "tax_amount": l.tax_amount,
+                "line_amount": l.line_amount, "account_code": account,
+            })
+        })
+        .collect();
+    json!({
+        "id": doc.id,
+        "kind": match doc.kind { DocumentKind::Invoice => "invoice", DocumentKind::CreditNote => "credit-note" },
+        "number": doc.number, "issue_date": doc.issue_date, "due_date": doc.due_date,
+        "currency": doc.currency, "supplier": doc.supplier.name, "customer": doc.customer.name,
+        "lines": lines, "subtotal": doc.subtotal, "total_tax": doc.total_tax, "total": doc.total,
+        "credits_invoice_number": doc.credits_invoice_number,
+        "pdf_bytes": match &doc.pdf { Some(Pdf::Bytes(b)) => Some(b.len()), _ => None },
+    })
+}
+
+/// Turn a non-2xx answer into the contract's outcome.
+fn classify(resp: &http::Response) -> DeliveryError {
+    let text = resp.text();
+    match resp.status {
+        401 | 403 => errors::needs_reauth(format!("the endpoint answered {}", resp.status)),
+        429 => {
+            let secs = resp.header("retry-after").and_then(|v| v.trim().parse().ok()).unwrap_or(60);
+            errors::rate_limited(secs, "endpoint")
+        }
+        400..=499 => errors::rejected(
+            "document",
+            format!("the endpoint refused the document ({})", resp.status),
+            Some(text),
+        ),
+        _ => errors::transient(format!("the endpoint answered {}: {text}", resp.status)),
+    }
+}
+
+impl Connector for Minimal {
+    fn describe() -> ConnectorInfo {
+        ConnectorInfo {
+            id: "minimal".into(),
+            name: "Minimal webhook".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            document_kinds: vec![DocumentKind::Invoice, DocumentKind::CreditNote],
+        }
+    }
+
+    fn list_accounts() -> Result<AccountList, DeliveryError> {
+        Ok(AccountList { accounts: vec![], tax_rates: vec![] })
+    }
+
+    fn check() -> Result<CheckReport, DeliveryError> {
+        Ok(CheckReport { organisation_name: endpoint(), details: vec![] })
+    }
+
+    fn deliver(delivery: Delivery, doc: Document) -> Result<Receipt, DeliveryError> {
+        let resp = http::post(endpoint())
+            .header("idempotency-key", &delivery.key)
+            .json(&to_json(&doc))
+            .with_credentials()
+            .send()
+            .map_err(errors::from_http)?;
+        if !resp.is_success() {
+            return Err(classify(&resp));
+        }
+        let external_id = resp
+            .json::<Value>()
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str().map(String::from)))
+            .unwrap_or(delivery.key);
+        Ok(Receipt { external_id, external_url: None, notes: vec![] })
+    }
+}
+
+ledgerport_sdk::export_connector!(Minimal);

@@ -1,0 +1,487 @@
+//! The `http` capability: outbound HTTP performed by the host for a guest.
+//!
+//! Fail-closed like wasmCloud's `allowed_hosts`: a request goes out only when
+//! its origin is one of the manifest's allowed hosts. An operator may move an
+//! origin elsewhere (a sandbox, the simulator) with a base-URL override; the
+//! allow-list follows the override, the guest keeps using the canonical URL.
+//! The guest may not set `Authorization`: with `with-credentials` the host
+//! attaches the connection's bearer token, and on a 401 refreshes it and
+//! retries once. Each call is bounded: request and response size, time, and
+//! the number of calls one delivery may make.
+
+use crate::manifest::{origin_of, parse_origin};
+use crate::runtime::v0_1::ledgerport::connector::http as wit;
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Headers a guest may never set.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+];
+
+/// Bounds on one call's HTTP use.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest response body accepted.
+    pub max_response_bytes: u64,
+    /// Largest request body accepted.
+    pub max_request_bytes: usize,
+    /// Calls one delivery may make.
+    pub max_calls: u32,
+    /// Time for one request, connect to last byte.
+    pub timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_response_bytes: 8 * 1024 * 1024,
+            max_request_bytes: 32 * 1024 * 1024,
+            max_calls: 50,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a plugin may send requests, after operator overrides.
+#[derive(Debug, Clone, Default)]
+pub struct HttpPolicy {
+    /// Canonical origins (`scheme://host:port`) from the manifest.
+    allowed: BTreeSet<String>,
+    /// Canonical origin -> the base URL requests really go to.
+    rewrite: BTreeMap<String, url::Url>,
+}
+
+impl HttpPolicy {
+    /// Build from the manifest's `allowed_hosts` and operator overrides
+    /// (canonical origin -> replacement base URL). An override for an origin
+    /// the manifest does not allow is an error: overrides move hosts, they
+    /// never add them.
+    pub fn new(
+        allowed_hosts: &[String],
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let mut allowed = BTreeSet::new();
+        for h in allowed_hosts {
+            allowed.insert(parse_origin(h)?);
+        }
+        let mut rewrite = BTreeMap::new();
+        for (from, to) in overrides {
+            let from = parse_origin(from).map_err(|e| format!("override {from:?}: {e}"))?;
+            if !allowed.contains(&from) {
+                return Err(format!(
+                    "override for {from} names a host the manifest does not allow"
+                ));
+            }
+            let to_url = url::Url::parse(to).map_err(|e| format!("override target {to:?}: {e}"))?;
+            rewrite.insert(from, to_url);
+        }
+        Ok(Self { allowed, rewrite })
+    }
+
+    /// The URL to really send to, or why not.
+    pub fn resolve(&self, raw: &str) -> Result<url::Url, String> {
+        let u = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a valid URL: {e}"))?;
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err("URLs with user info are not allowed".into());
+        }
+        let origin = origin_of(&u).ok_or_else(|| format!("{raw:?} has no host"))?;
+        if !self.allowed.contains(&origin) {
+            return Err(format!(
+                "host {origin} is not in the manifest's allowed_hosts"
+            ));
+        }
+        match self.rewrite.get(&origin) {
+            None => Ok(u),
+            Some(base) => {
+                let mut out = base.clone();
+                let base_path = base.path().trim_end_matches('/');
+                out.set_path(&format!("{base_path}{}", u.path()));
+                out.set_query(u.query());
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// A request as the transport sends it.
+#[derive(Debug, Clone)]
+pub struct OutboundRequest {
+    /// Method name.
+    pub method: &'static str,
+    /// Final URL.
+    pub url: url::Url,
+    /// Headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Option<Vec<u8>>,
+}
+
+/// A response as the transport received it.
+#[derive(Debug, Clone)]
+pub struct InboundResponse {
+    /// Status.
+    pub status: u16,
+    /// Headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// Why the transport failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Timed out.
+    #[error("timed out")]
+    Timeout,
+    /// Connection failed.
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// The body was over the cap.
+    #[error("response over {0} bytes")]
+    TooLarge(u64),
+}
+
+/// Sends requests; reqwest in the daemon, a stub in benchmarks and tests.
+#[async_trait]
+pub trait HttpTransport: Send + Sync {
+    /// Send one request, reading at most `max_bytes` of body within `timeout`.
+    async fn send(
+        &self,
+        req: OutboundRequest,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<InboundResponse, TransportError>;
+}
+
+/// The real transport over reqwest (no redirects followed: a redirect could
+/// leave the allow-list).
+#[derive(Clone)]
+pub struct ReqwestTransport {
+    client: reqwest::Client,
+}
+
+impl ReqwestTransport {
+    /// A client with no redirects and connection pooling.
+    pub fn new() -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("ledgerport/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(32)
+            .build()?;
+        Ok(Self { client })
+    }
+}
+
+#[async_trait]
+impl HttpTransport for ReqwestTransport {
+    async fn send(
+        &self,
+        req: OutboundRequest,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> Result<InboundResponse, TransportError> {
+        let method = reqwest::Method::from_bytes(req.method.as_bytes())
+            .map_err(|e| TransportError::Connection(e.to_string()))?;
+        let mut b = self.client.request(method, req.url.clone());
+        for (k, v) in &req.headers {
+            b = b.header(k, v);
+        }
+        if let Some(body) = req.body {
+            b = b.body(body);
+        }
+        let work = async {
+            let mut resp = b.send().await.map_err(classify_reqwest)?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_ascii_lowercase(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            if let Some(len) = resp.content_length()
+                && len > max_bytes
+            {
+                return Err(TransportError::TooLarge(max_bytes));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(classify_reqwest)? {
+                if body.len() as u64 + chunk.len() as u64 > max_bytes {
+                    return Err(TransportError::TooLarge(max_bytes));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(InboundResponse {
+                status,
+                headers,
+                body,
+            })
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+}
+
+fn classify_reqwest(e: reqwest::Error) -> TransportError {
+    if e.is_timeout() {
+        TransportError::Timeout
+    } else {
+        // Without the URL: it may carry query text we do not want in logs.
+        TransportError::Connection(e.without_url().to_string())
+    }
+}
+
+/// A bearer credential for one connection.
+#[derive(Clone)]
+pub struct Credential {
+    /// The access token (never logged; `Debug` hides it).
+    pub access_token: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
+}
+
+/// Why no credential could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// The grant is gone; an admin must reconnect.
+    #[error("the connection needs to be re-authorised: {0}")]
+    NeedsReauth(String),
+    /// A temporary problem (provider or storage); retry later.
+    #[error("credentials temporarily unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Gives the http capability a connection's credentials.
+#[async_trait]
+pub trait CredentialProvider: Send + Sync {
+    /// The current access token (refreshed first when about to expire).
+    async fn bearer(&self, connection_id: &str) -> Result<Credential, CredentialError>;
+    /// The provider refused `rejected`; refresh (once, single-flight) and
+    /// return the new token.
+    async fn refresh(
+        &self,
+        connection_id: &str,
+        rejected: &Credential,
+    ) -> Result<Credential, CredentialError>;
+}
+
+/// A fixed token, for smoke runs and tests.
+pub struct StaticCredentials(pub String);
+
+#[async_trait]
+impl CredentialProvider for StaticCredentials {
+    async fn bearer(&self, _connection_id: &str) -> Result<Credential, CredentialError> {
+        Ok(Credential {
+            access_token: self.0.clone(),
+        })
+    }
+    async fn refresh(
+        &self,
+        _connection_id: &str,
+        _rejected: &Credential,
+    ) -> Result<Credential, CredentialError> {
+        Err(CredentialError::NeedsReauth(
+            "a static token cannot be refreshed".into(),
+        ))
+    }
+}
+
+/// Per-call state of the `http` capability.
+pub struct HttpCapability {
+    plugin_id: Arc<str>,
+    connection_id: String,
+    policy: Arc<HttpPolicy>,
+    transport: Arc<dyn HttpTransport>,
+    credentials: Arc<dyn CredentialProvider>,
+    limits: HttpLimits,
+    calls: u32,
+}
+
+impl HttpCapability {
+    /// A fresh call budget.
+    pub fn new(
+        plugin_id: Arc<str>,
+        connection_id: String,
+        policy: Arc<HttpPolicy>,
+        transport: Arc<dyn HttpTransport>,
+        credentials: Arc<dyn CredentialProvider>,
+        limits: HttpLimits,
+    ) -> Self {
+        Self {
+            plugin_id,
+            connection_id,
+            policy,
+            transport,
+            credentials,
+            limits,
+            calls: 0,
+        }
+    }
+
+    /// Calls made so far in this call.
+    pub fn calls(&self) -> u32 {
+        self.calls
+    }
+
+    fn denied(&self, why: String) -> wit::Error {
+        tracing::warn!(plugin = %self.plugin_id, reason = %why, "http request refused");
+        wit::Error::Denied(why)
+    }
+
+    async fn send_inner(&mut self, req: wit::Request) -> Result<wit::Response, wit::Error> {
+        self.calls += 1;
+        if self.calls > self.limits.max_calls {
+            return Err(wit::Error::CallLimit(self.limits.max_calls));
+        }
+        let url = self.policy.resolve(&req.url).map_err(|w| self.denied(w))?;
+        let mut headers = Vec::with_capacity(req.headers.len() + 1);
+        for (k, v) in req.headers {
+            let name = k.to_ascii_lowercase();
+            if FORBIDDEN_HEADERS.contains(&name.as_str()) {
+                return Err(self.denied(format!(
+                    "a connector may not set the {name:?} header; ask for credentials with with-credentials"
+                )));
+            }
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(&v).is_err()
+            {
+                return Err(self.denied(format!("header {name:?} is not a valid HTTP header")));
+            }
+            headers.push((name, v));
+        }
+        if let Some(b) = &req.body
+            && b.len() > self.limits.max_request_bytes
+        {
+            return Err(self.denied(format!(
+                "request body of {} bytes is over the {}-byte limit",
+                b.len(),
+                self.limits.max_request_bytes
+            )));
+        }
+        let method = match req.method {
+            wit::Method::Get => "GET",
+            wit::Method::Post => "POST",
+            wit::Method::Put => "PUT",
+            wit::Method::Patch => "PATCH",
+            wit::Method::Delete => "DELETE",
+        };
+        let mut credential = None;
+        if req.with_credentials {
+            credential = Some(
+                self.credentials
+                    .bearer(&self.connection_id)
+                    .await
+                    .map_err(cred_error)?,
+            );
+        }
+        let mut out = OutboundRequest {
+            method,
+            url,
+            headers,
+            body: req.body,
+        };
+        let mut resp = self.round_trip(&out, credential.as_ref()).await?;
+        if resp.status == 401
+            && let Some(old) = &credential
+        {
+            let fresh = self
+                .credentials
+                .refresh(&self.connection_id, old)
+                .await
+                .map_err(cred_error)?;
+            out.headers.retain(|(k, _)| k != "authorization");
+            resp = self.round_trip(&out, Some(&fresh)).await?;
+        }
+        Ok(wit::Response {
+            status: resp.status,
+            headers: resp.headers,
+            body: resp.body,
+        })
+    }
+
+    async fn round_trip(
+        &self,
+        out: &OutboundRequest,
+        credential: Option<&Credential>,
+    ) -> Result<InboundResponse, wit::Error> {
+        let mut req = out.clone();
+        if let Some(c) = credential {
+            req.headers
+                .push(("authorization".into(), format!("Bearer {}", c.access_token)));
+        }
+        let started = Instant::now();
+        let result = self
+            .transport
+            .send(req, self.limits.max_response_bytes, self.limits.timeout)
+            .await;
+        let ms = started.elapsed().as_millis() as u64;
+        match &result {
+            Ok(r) => tracing::debug!(
+                plugin = %self.plugin_id, method = out.method, host = out.url.host_str().unwrap_or(""),
+                path = out.url.path(), status = r.status, ms, "http"
+            ),
+            Err(e) => tracing::info!(
+                plugin = %self.plugin_id, method = out.method, host = out.url.host_str().unwrap_or(""),
+                path = out.url.path(), error = %e, ms, "http failed"
+            ),
+        }
+        result.map_err(|e| match e {
+            TransportError::Timeout => wit::Error::Timeout,
+            TransportError::Connection(m) => wit::Error::Connection(m),
+            TransportError::TooLarge(n) => wit::Error::TooLarge(n),
+        })
+    }
+}
+
+fn cred_error(e: CredentialError) -> wit::Error {
+    match e {
+        CredentialError::NeedsReauth(m) => wit::Error::Unauthorized(m),
+        CredentialError::Unavailable(m) => wit::Error::Connection(m),
+    }
+}
+
+impl wit::Host for HttpCapability {
+    async fn send(&mut self, req: wit::Request) -> Result<wit::Response, wit::Error> {
+        self.send_inner(req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_is_fail_closed_and_follows_overrides() {
+        let mut o = BTreeMap::new();
+        o.insert("https://api.xero.com".to_string(), "http://127.0.0.1:9999/x".to_string());
+        let p = HttpPolicy::new(&["https://api.xero.com".into()], &o).unwrap();
+        let u = p.resolve("https://api.xero.com/api.xro/2.0/Invoices?where=a").unwrap();
+        assert_eq!(u.as_str(), "http://127.0.0.1:9999/x/api.xro/2.0/Invoices?where=a");
+        assert!(p.resolve("https://evil.example.com/").unwrap_err().contains("allowed_hosts"));
+        // The override target itself is not reachable directly.
+        assert!(p.resolve("http://127.0.0.1:9999/x").is_err());
+        assert!(p.resolve("https://user:pw@api.xero.com/").is_err());
+        // Overrides cannot add hosts.
+        let mut bad = BTreeMap::new();
+        bad.insert("https://other.com".to_string(), "http://127.0.0.1:1".to_string());
+        assert!(HttpPolicy::new(&["https://api.xero.com".into()], &bad).is_err());
+    }
+}

@@ -1,0 +1,318 @@
+//! Plugin manifests: the TOML file beside a connector's `.wasm` that says
+//! who the connector is, which contract it speaks, where it may send HTTP,
+//! how its provider authorises, and how fast it may go.
+//!
+//! Parsing never panics: every refusal is a [`ManifestError`] naming the key.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Contract versions this host serves (major.minor; any patch is accepted).
+pub const SUPPORTED_CONTRACTS: &[&str] = &["0.1"];
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("cannot read manifest {path}: {source}")]
+    Read {
+        /// The manifest path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key has the wrong type.
+    #[error("manifest {path} is not valid: {message}")]
+    Parse {
+        /// The manifest path.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+    /// A key has a value the host does not accept.
+    #[error("manifest key `{key}` is invalid: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Provider rate limits the host enforces per connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Requests per minute per connection.
+    #[serde(default = "default_rpm")]
+    pub requests_per_minute: u32,
+    /// Concurrent requests per connection.
+    #[serde(default = "default_concurrent")]
+    pub concurrent_per_connection: u32,
+}
+
+fn default_rpm() -> u32 {
+    60
+}
+fn default_concurrent() -> u32 {
+    5
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: default_rpm(),
+            concurrent_per_connection: default_concurrent(),
+        }
+    }
+}
+
+/// How the provider authorises (OAuth 2.0 authorization code flow).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth {
+    /// The authorization (consent) endpoint.
+    pub authorize_url: String,
+    /// The token endpoint.
+    pub token_url: String,
+    /// The token revocation endpoint, when the provider has one.
+    #[serde(default)]
+    pub revoke_url: Option<String>,
+    /// Where the grant's organisations are listed (Xero: `/connections`).
+    #[serde(default)]
+    pub connections_url: Option<String>,
+    /// Scopes requested for new apps.
+    pub scopes: Vec<String>,
+    /// Scopes for older apps that still use the broad set.
+    #[serde(default)]
+    pub broad_scopes: Vec<String>,
+    /// Whether the provider supports PKCE (S256).
+    #[serde(default)]
+    pub pkce: bool,
+}
+
+/// A parsed, validated plugin manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Stable id (lower-case letters, digits, `-`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// The connector's version.
+    pub version: String,
+    /// The contract version it was built against (e.g. "0.1.0").
+    pub contract: String,
+    /// The component file, relative to the manifest.
+    pub component: String,
+    /// SHA-256 of the component, lower-case hex.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Origins (`scheme://host[:port]`) the connector may call.
+    pub allowed_hosts: Vec<String>,
+    /// Document kinds it accepts ("invoice", "credit-note").
+    pub document_kinds: Vec<String>,
+    /// Provider limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// OAuth settings, for connectors whose provider uses OAuth.
+    #[serde(default)]
+    pub oauth: Option<OAuth>,
+    /// Default connector settings (key -> value), overridable per connection.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// Read and validate a manifest file.
+    pub fn from_file(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ManifestError::Parse { message, .. } => ManifestError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse and validate manifest text.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        let m: Manifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Check every value the types alone cannot.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |key, message: String| Err(ManifestError::Invalid { key, message });
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return invalid(
+                "id",
+                format!("{:?} must be 1-64 of a-z, 0-9 and '-'", self.id),
+            );
+        }
+        if contract_line(&self.contract).is_none() {
+            return invalid(
+                "contract",
+                format!(
+                    "unknown contract version {:?}; this host serves {}",
+                    self.contract,
+                    SUPPORTED_CONTRACTS
+                        .iter()
+                        .map(|v| format!("{v}.x"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        if self.component.is_empty()
+            || self.component.contains("..")
+            || self.component.starts_with('/')
+        {
+            return invalid(
+                "component",
+                format!(
+                    "{:?} must be a file name beside the manifest",
+                    self.component
+                ),
+            );
+        }
+        if let Some(h) = &self.sha256
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return invalid("sha256", "must be 64 hex digits".into());
+        }
+        for h in &self.allowed_hosts {
+            if let Err(e) = parse_origin(h) {
+                return invalid("allowed_hosts", format!("{h:?}: {e}"));
+            }
+        }
+        if self.document_kinds.is_empty() {
+            return invalid("document_kinds", "must name at least one kind".into());
+        }
+        for k in &self.document_kinds {
+            if k != "invoice" && k != "credit-note" {
+                return invalid(
+                    "document_kinds",
+                    format!("{k:?} is not \"invoice\" or \"credit-note\""),
+                );
+            }
+        }
+        if self.limits.requests_per_minute == 0 || self.limits.concurrent_per_connection == 0 {
+            return invalid("limits", "limits must be at least 1".into());
+        }
+        if let Some(o) = &self.oauth {
+            for (key, u) in [("oauth.authorize_url", &o.authorize_url), ("oauth.token_url", &o.token_url)] {
+                if url::Url::parse(u).is_err() {
+                    return invalid(key, format!("{u:?} is not a URL"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The served contract line ("0.1") a version string belongs to, if any.
+pub fn contract_line(version: &str) -> Option<&'static str> {
+    let mut parts = version.split('.');
+    let major = parts.next()?;
+    let minor = parts.next()?;
+    if let Some(patch) = parts.next()
+        && patch.parse::<u32>().is_err()
+    {
+        return None;
+    }
+    let line = format!("{major}.{minor}");
+    SUPPORTED_CONTRACTS.iter().copied().find(|s| *s == line)
+}
+
+/// Normalise an origin (`scheme://host[:port]`, no path) to `scheme://host:port`.
+pub fn parse_origin(s: &str) -> Result<String, String> {
+    let u = url::Url::parse(s).map_err(|e| e.to_string())?;
+    if u.scheme() != "https" && u.scheme() != "http" {
+        return Err("scheme must be http or https".into());
+    }
+    if u.path() != "/" && !u.path().is_empty() || u.query().is_some() {
+        return Err("an origin has no path or query".into());
+    }
+    origin_of(&u).ok_or_else(|| "no host".into())
+}
+
+/// `scheme://host:port` of a URL (port made explicit).
+pub fn origin_of(u: &url::Url) -> Option<String> {
+    let host = u.host_str()?;
+    let port = u.port_or_known_default()?;
+    Some(format!("{}://{}:{}", u.scheme(), host.to_ascii_lowercase(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "xero"
+name = "Xero"
+version = "0.1.0"
+contract = "0.1.0"
+component = "xero.wasm"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+allowed_hosts = ["https://api.xero.com"]
+document_kinds = ["invoice", "credit-note"]
+"#;
+
+    #[test]
+    fn parses_a_good_manifest() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.id, "xero");
+        assert_eq!(m.limits, Limits::default());
+    }
+
+    #[test]
+    fn refuses_unknown_contract_naming_the_key() {
+        let e = Manifest::parse(&GOOD.replace("contract = \"0.1.0\"", "contract = \"9.0.0\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("contract") && e.contains("9.0.0"), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_hosts_kinds_and_ids() {
+        for (from, to, key) in [
+            ("https://api.xero.com\"", "ftp://x\"", "allowed_hosts"),
+            ("\"invoice\",", "\"receipt\",", "document_kinds"),
+            ("id = \"xero\"", "id = \"Xero Inc\"", "id"),
+            ("xero.wasm", "../x.wasm", "component"),
+        ] {
+            let e = Manifest::parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Manifest::parse(&format!("{GOOD}\nbogus = 1\n")).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn origins_are_normalised() {
+        assert_eq!(parse_origin("https://API.xero.com").unwrap(), "https://api.xero.com:443");
+        assert!(parse_origin("https://api.xero.com/path").is_err());
+        assert_eq!(contract_line("0.1.7"), Some("0.1"));
+        assert_eq!(contract_line("0.2.0"), None);
+    }
+}

@@ -1,0 +1,776 @@
+//! The plugin runtime: one wasmtime [`Engine`] for the daemon (pooling
+//! allocator, epoch interruption driven by a ticker thread), an on-disk
+//! cache of precompiled components, and a fresh, bounded [`Store`] for every
+//! call into a connector.
+//!
+//! Every call is bounded: a wall-clock deadline (epoch interruption, plus a
+//! host-side timeout for a guest stuck in a host call), a memory cap
+//! ([`StoreLimits`]), instance/table limits, and the HTTP and log budgets of
+//! the capabilities. A connector that loops, bloats or traps fails its one
+//! call with a [`CallError`] that says why; the engine goes on serving.
+
+mod cache;
+mod output;
+pub mod v0_1;
+
+use crate::capabilities::connection::{ConnectionCapability, ConnectionInfo};
+use crate::capabilities::http::{
+    CredentialProvider, HttpCapability, HttpLimits, HttpPolicy, HttpTransport,
+};
+use crate::capabilities::kv::{KvCapability, KvStore};
+use crate::capabilities::log::{LogCapability, LogLimits};
+use crate::capabilities::mapping::{MappingCapability, MappingScope, MappingStore};
+use crate::manifest::{Manifest, ManifestError, contract_line};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use v0_1::ledgerport::connector::types as wit;
+use wasmtime::component::{Component, HasData, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use output::OutputTail;
+
+/// Settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where precompiled components are kept (None: no cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Wall-clock deadline of one call.
+    pub deadline: Duration,
+    /// Linear memory a call may use, in bytes.
+    pub memory_limit: usize,
+    /// Instances alive at once across the engine (pool size).
+    pub max_concurrent_instances: u32,
+    /// HTTP bounds per call.
+    pub http: HttpLimits,
+    /// Log bounds per call.
+    pub log: LogLimits,
+    /// Bytes of stdout/stderr kept per call.
+    pub output_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            deadline: Duration::from_secs(30),
+            memory_limit: 64 * 1024 * 1024,
+            max_concurrent_instances: 256,
+            http: HttpLimits::default(),
+            log: LogLimits::default(),
+            output_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Counters of the runtime, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Components compiled from wasm.
+    pub compiled: AtomicU64,
+    /// Components loaded from the precompiled cache.
+    pub deserialized: AtomicU64,
+    /// Calls started.
+    pub calls: AtomicU64,
+    /// Calls that failed with a [`CallError`].
+    pub call_errors: AtomicU64,
+    /// Guest log lines emitted.
+    pub log_lines: AtomicU64,
+    /// Guest log lines dropped over the limit.
+    pub log_lines_dropped: AtomicU64,
+    /// Guest stdout/stderr bytes dropped over the limit.
+    pub output_bytes_dropped: AtomicU64,
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The manifest is wrong.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The component file is missing or unreadable.
+    #[error("cannot read component {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The manifest has no hash.
+    #[error("manifest of {id} has no sha256; install the plugin with `ledgerport plugin install`")]
+    NoHash {
+        /// Plugin id.
+        id: String,
+    },
+    /// The component is not the one the manifest names.
+    #[error("component hash mismatch for {id}: the manifest says {expected}, the file is {actual} (tampered or rebuilt component; reinstall it)")]
+    HashMismatch {
+        /// Plugin id.
+        id: String,
+        /// From the manifest.
+        expected: String,
+        /// Of the file.
+        actual: String,
+    },
+    /// The bytes are not a valid component.
+    #[error("{id}: not a valid WebAssembly component: {message}")]
+    Invalid {
+        /// Plugin id.
+        id: String,
+        /// Why.
+        message: String,
+    },
+    /// The component imports something outside the contract.
+    #[error("{id} imports {import:?}, which is outside the contract (ledgerport:connector@0.1 and the WASI interfaces a wasm32-wasip2 guest needs); refused")]
+    ForbiddenImport {
+        /// Plugin id.
+        id: String,
+        /// The import.
+        import: String,
+    },
+    /// The component speaks another contract version than the manifest says.
+    #[error("{id}: the manifest says contract {manifest}, but the component {found}")]
+    ContractMismatch {
+        /// Plugin id.
+        id: String,
+        /// From the manifest.
+        manifest: String,
+        /// What the component uses.
+        found: String,
+    },
+    /// A required export is missing or has the wrong type.
+    #[error("{id} does not export the contract's connector interface correctly: {message}")]
+    MissingExport {
+        /// Plugin id.
+        id: String,
+        /// Details.
+        message: String,
+    },
+    /// Operator overrides or hosts are wrong.
+    #[error("{id}: {message}")]
+    Policy {
+        /// Plugin id.
+        id: String,
+        /// Details.
+        message: String,
+    },
+}
+
+/// Why a call into a connector failed (as opposed to the connector
+/// returning a delivery error).
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The call ran past its deadline.
+    #[error("connector {plugin} ran past its {}s deadline and was stopped", .deadline.as_secs_f32())]
+    Deadline {
+        /// Plugin id.
+        plugin: String,
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// The call tried to use more memory than allowed.
+    #[error("connector {plugin} tried to use more than {limit_mib} MiB of memory and was stopped")]
+    MemoryLimit {
+        /// Plugin id.
+        plugin: String,
+        /// The cap in MiB.
+        limit_mib: usize,
+    },
+    /// The guest trapped (panic, stack overflow, bad memory access...).
+    #[error("connector {plugin} crashed: {message}")]
+    Trap {
+        /// Plugin id.
+        plugin: String,
+        /// The trap and the tail of the guest's stderr.
+        message: String,
+    },
+    /// The engine could not instantiate (e.g. pool exhausted).
+    #[error("connector {plugin} could not start: {message}")]
+    Instantiate {
+        /// Plugin id.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl CallError {
+    /// A short machine-readable kind, for metrics and the delivery log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Deadline { .. } => "deadline",
+            CallError::MemoryLimit { .. } => "memory",
+            CallError::Trap { .. } => "trap",
+            CallError::Instantiate { .. } => "instantiate",
+        }
+    }
+}
+
+/// What a call needs besides the plugin: whose connection it is and where
+/// its capabilities read and write.
+#[derive(Clone)]
+pub struct CallContext {
+    /// The connection.
+    pub connection: ConnectionInfo,
+    /// Its credentials.
+    pub credentials: Arc<dyn CredentialProvider>,
+    /// Mappings store.
+    pub mappings: Arc<dyn MappingStore>,
+    /// Kv store.
+    pub kv: Arc<dyn KvStore>,
+}
+
+/// The per-call store data: WASI (empty) and the capabilities.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    memory_denied: bool,
+    http: HttpCapability,
+    mapping: MappingCapability,
+    kv: KvCapability,
+    log: LogCapability,
+    connection: ConnectionCapability,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = self.limits.memory_growing(current, desired, maximum);
+        if !matches!(ok, Ok(true)) {
+            self.memory_denied = true;
+        }
+        ok
+    }
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+macro_rules! projection {
+    ($name:ident, $field:ident, $ty:ty) => {
+        struct $name;
+        impl HasData for $name {
+            type Data<'a> = &'a mut $ty;
+        }
+    };
+}
+projection!(HttpData, http, HttpCapability);
+projection!(MappingData, mapping, MappingCapability);
+projection!(KvData, kv, KvCapability);
+projection!(LogData, log, LogCapability);
+projection!(ConnectionData, connection, ConnectionCapability);
+struct TypesData;
+impl HasData for TypesData {
+    type Data<'a> = &'a mut HostState;
+}
+impl v0_1::ledgerport::connector::types::Host for HostState {}
+
+/// WASI interfaces (package-relative, version-less) a Rust wasm32-wasip2
+/// guest may import. Sockets, HTTP and the rest are refused.
+const ALLOWED_WASI: &[&str] = &[
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+];
+
+/// Contract interfaces a connector may import.
+const CONTRACT_IMPORTS: &[&str] = &["types", "http", "mapping", "kv", "log", "connection"];
+
+/// A loaded, verified plugin, ready to instantiate.
+pub struct Plugin {
+    manifest: Manifest,
+    sha256: String,
+    pre: v0_1::PluginPre<HostState>,
+    policy: Arc<HttpPolicy>,
+    id: Arc<str>,
+    from_cache: bool,
+}
+
+impl Plugin {
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// SHA-256 of the component.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+    /// Whether it was loaded from the precompiled cache (not compiled).
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Epoch tick length: the deadline's resolution.
+const TICK: Duration = Duration::from_millis(10);
+
+/// The plugin runtime. Cheap to share behind an `Arc`.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    transport: Arc<dyn HttpTransport>,
+    stats: Arc<RuntimeStats>,
+    _ticker: Ticker,
+}
+
+impl Runtime {
+    /// Build the engine, the linker and the epoch ticker.
+    pub fn new(config: RuntimeConfig, transport: Arc<dyn HttpTransport>) -> anyhow::Result<Self> {
+        let mut cfg = wasmtime::Config::new();
+        cfg.epoch_interruption(true);
+        cfg.wasm_component_model(true);
+        cfg.max_wasm_stack(1024 * 1024);
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        let n = config.max_concurrent_instances.max(1);
+        pool.total_component_instances(n);
+        pool.total_core_instances(n * 4);
+        pool.total_memories(n * 2);
+        pool.total_tables(n * 4);
+        pool.total_stacks(n);
+        pool.max_memory_size(config.memory_limit);
+        pool.max_memories_per_component(2);
+        pool.max_core_instances_per_component(16);
+        cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
+        use v0_1::ledgerport::connector as c;
+        let l = &mut linker;
+        c::types::add_to_linker::<_, TypesData>(l, |s| s).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c::http::add_to_linker::<_, HttpData>(l, |s| &mut s.http).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c::mapping::add_to_linker::<_, MappingData>(l, |s| &mut s.mapping)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        c::kv::add_to_linker::<_, KvData>(l, |s| &mut s.kv).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c::log::add_to_linker::<_, LogData>(l, |s| &mut s.log).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c::connection::add_to_linker::<_, ConnectionData>(l, |s| &mut s.connection)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e2, s2) = (engine.weak(), stop.clone());
+        std::thread::Builder::new()
+            .name("ledgerport-epoch".into())
+            .spawn(move || {
+                while !s2.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    match e2.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            transport,
+            stats: Arc::new(RuntimeStats::default()),
+            _ticker: Ticker { stop },
+        })
+    }
+
+    /// The runtime's counters.
+    pub fn stats(&self) -> &Arc<RuntimeStats> {
+        &self.stats
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Load and verify a plugin from its manifest. `overrides` maps allowed
+    /// origins to the base URLs requests really go to.
+    pub fn load(
+        &self,
+        manifest_path: &Path,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Plugin, LoadError> {
+        let manifest = Manifest::from_file(manifest_path)?;
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let wasm_path = dir.join(&manifest.component);
+        let bytes = std::fs::read(&wasm_path).map_err(|source| LoadError::Read {
+            path: wasm_path.clone(),
+            source,
+        })?;
+        self.load_bytes(manifest, &bytes, overrides)
+    }
+
+    /// Load and verify a plugin from a manifest and the component's bytes.
+    pub fn load_bytes(
+        &self,
+        manifest: Manifest,
+        bytes: &[u8],
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Plugin, LoadError> {
+        let id = manifest.id.clone();
+        let expected = manifest
+            .sha256
+            .clone()
+            .ok_or_else(|| LoadError::NoHash { id: id.clone() })?
+            .to_ascii_lowercase();
+        let actual = hex::encode(Sha256::digest(bytes));
+        if expected != actual {
+            return Err(LoadError::HashMismatch {
+                id,
+                expected,
+                actual,
+            });
+        }
+        let policy = HttpPolicy::new(&manifest.allowed_hosts, overrides).map_err(|message| {
+            LoadError::Policy {
+                id: id.clone(),
+                message,
+            }
+        })?;
+        let (component, from_cache) =
+            cache::load_component(&self.engine, self.config.cache_dir.as_deref(), &actual, bytes)
+                .map_err(|e| LoadError::Invalid {
+                    id: id.clone(),
+                    message: e.to_string(),
+                })?;
+        if from_cache {
+            self.stats.deserialized.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.compiled.fetch_add(1, Ordering::Relaxed);
+        }
+        check_component(&self.engine, &component, &manifest)?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::MissingExport {
+                    id: id.clone(),
+                    message: format!("{e:#}"),
+                })?;
+        let pre = v0_1::PluginPre::new(instance_pre).map_err(|e| LoadError::MissingExport {
+            id: id.clone(),
+            message: format!("{e:#}"),
+        })?;
+        Ok(Plugin {
+            id: Arc::from(manifest.id.as_str()),
+            manifest,
+            sha256: actual,
+            pre,
+            policy: Arc::new(policy),
+            from_cache,
+        })
+    }
+
+    fn new_store(&self, plugin: &Plugin, ctx: &CallContext) -> (Store<HostState>, OutputTail) {
+        let tail = OutputTail::new(plugin.id.clone(), self.config.output_bytes, self.stats.clone());
+        let mut b = WasiCtx::builder();
+        b.stdout(tail.stream("stdout")).stderr(tail.stream("stderr"));
+        let state = HostState {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.config.memory_limit)
+                .instances(32)
+                .tables(32)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            memory_denied: false,
+            http: HttpCapability::new(
+                plugin.id.clone(),
+                ctx.connection.connection_id.clone(),
+                plugin.policy.clone(),
+                self.transport.clone(),
+                ctx.credentials.clone(),
+                self.config.http,
+            ),
+            mapping: MappingCapability::new(
+                ctx.mappings.clone(),
+                MappingScope {
+                    tenant_id: ctx.connection.tenant_id.clone(),
+                    connector_id: plugin.manifest.id.clone(),
+                },
+            ),
+            kv: KvCapability::new(ctx.kv.clone(), ctx.connection.connection_id.clone()),
+            log: LogCapability::new(plugin.id.clone(), self.config.log, self.stats.clone()),
+            connection: ConnectionCapability::new(connection_with_defaults(plugin, &ctx.connection)),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s);
+        store.epoch_deadline_trap();
+        let ticks = (self.config.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        (store, tail)
+    }
+
+    /// Run one export in a fresh instance, bounded by the deadline.
+    async fn call<R, F>(&self, plugin: &Plugin, ctx: &CallContext, f: F) -> Result<R, CallError>
+    where
+        F: for<'a> FnOnce(
+            &'a v0_1::Plugin,
+            &'a mut Store<HostState>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>,
+        >,
+    {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let (mut store, tail) = self.new_store(plugin, ctx);
+        let deadline = self.config.deadline;
+        let work = async {
+            let instance = plugin
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| (true, e))?;
+            f(&instance, &mut store).await.map_err(|e| (false, e))
+        };
+        // The epoch deadline stops guest code; this stops a guest waiting in
+        // a host call that never returns.
+        let outcome = tokio::time::timeout(deadline + Duration::from_secs(1), work).await;
+        let memory_denied = store.data().memory_denied;
+        let result = match outcome {
+            Err(_) => Err(CallError::Deadline {
+                plugin: plugin.id.to_string(),
+                deadline,
+            }),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err((instantiating, e))) => Err(self.classify(plugin, e, memory_denied, instantiating, &tail)),
+        };
+        tail.flush_to_log();
+        if let Err(e) = &result {
+            self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(plugin = %plugin.id, error = %e, "connector call failed");
+        }
+        result
+    }
+
+    fn classify(
+        &self,
+        plugin: &Plugin,
+        e: wasmtime::Error,
+        memory_denied: bool,
+        instantiating: bool,
+        tail: &OutputTail,
+    ) -> CallError {
+        let pid = plugin.id.to_string();
+        if memory_denied {
+            return CallError::MemoryLimit {
+                plugin: pid,
+                limit_mib: self.config.memory_limit / (1024 * 1024),
+            };
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::Deadline {
+                plugin: pid,
+                deadline: self.config.deadline,
+            },
+            Some(t) => {
+                let mut message = match t {
+                    Trap::StackOverflow => "stack overflow".to_string(),
+                    Trap::UnreachableCodeReached => "it panicked or aborted".to_string(),
+                    other => other.to_string(),
+                };
+                let stderr = tail.stderr_tail(600);
+                if !stderr.trim().is_empty() {
+                    message.push_str(": ");
+                    message.push_str(stderr.trim());
+                }
+                CallError::Trap {
+                    plugin: pid,
+                    message,
+                }
+            }
+            None if instantiating => CallError::Instantiate {
+                plugin: pid,
+                message: format!("{e:#}"),
+            },
+            None => CallError::Trap {
+                plugin: pid,
+                message: format!("{e:#}"),
+            },
+        }
+    }
+
+    /// Ask the connector who it is.
+    pub async fn describe(
+        &self,
+        plugin: &Plugin,
+        ctx: &CallContext,
+    ) -> Result<wit::ConnectorInfo, CallError> {
+        self.call(plugin, ctx, |i, s| {
+            Box::pin(async move { i.ledgerport_connector_connector().call_describe(s).await })
+        })
+        .await
+    }
+
+    /// Accounts and tax rates for the mapping screen.
+    pub async fn list_accounts(
+        &self,
+        plugin: &Plugin,
+        ctx: &CallContext,
+    ) -> Result<Result<wit::AccountList, wit::DeliveryError>, CallError> {
+        self.call(plugin, ctx, |i, s| {
+            Box::pin(async move { i.ledgerport_connector_connector().call_list_accounts(s).await })
+        })
+        .await
+    }
+
+    /// Check the connection.
+    pub async fn check(
+        &self,
+        plugin: &Plugin,
+        ctx: &CallContext,
+    ) -> Result<Result<wit::CheckReport, wit::DeliveryError>, CallError> {
+        self.call(plugin, ctx, |i, s| {
+            Box::pin(async move { i.ledgerport_connector_connector().call_check(s).await })
+        })
+        .await
+    }
+
+    /// Deliver one document.
+    pub async fn deliver(
+        &self,
+        plugin: &Plugin,
+        ctx: &CallContext,
+        delivery: wit::Delivery,
+        doc: wit::Document,
+    ) -> Result<Result<wit::Receipt, wit::DeliveryError>, CallError> {
+        self.call(plugin, ctx, move |i, s| {
+            Box::pin(async move {
+                i.ledgerport_connector_connector()
+                    .call_deliver(s, &delivery, &doc)
+                    .await
+            })
+        })
+        .await
+    }
+}
+
+fn connection_with_defaults(plugin: &Plugin, info: &ConnectionInfo) -> ConnectionInfo {
+    let mut out = info.clone();
+    for (k, v) in &plugin.manifest.settings {
+        out.settings.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    out
+}
+
+/// Split `ns:pkg/iface@ver` into (`ns:pkg/iface`, `ver`).
+fn split_version(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (name, None),
+    }
+}
+
+/// Refuse imports outside the contract and WASI's safe subset, a contract
+/// version other than the manifest's, and a missing `connector` export.
+fn check_component(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<(), LoadError> {
+    let id = manifest.id.clone();
+    let manifest_line = contract_line(&manifest.contract).unwrap_or("?");
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        let (base, version) = split_version(name);
+        if let Some(iface) = base.strip_prefix("ledgerport:connector/") {
+            if !CONTRACT_IMPORTS.contains(&iface) {
+                return Err(LoadError::ForbiddenImport {
+                    id,
+                    import: name.to_string(),
+                });
+            }
+            let v = version.unwrap_or("");
+            if contract_line(v) != Some(manifest_line) {
+                return Err(LoadError::ContractMismatch {
+                    id,
+                    manifest: manifest.contract.clone(),
+                    found: format!("imports {name}"),
+                });
+            }
+            continue;
+        }
+        let wasi_ok = ALLOWED_WASI.contains(&base)
+            && version.is_some_and(|v| v.starts_with("0.2."));
+        if !wasi_ok {
+            return Err(LoadError::ForbiddenImport {
+                id,
+                import: name.to_string(),
+            });
+        }
+    }
+    let mut found = None;
+    for (name, _) in ty.exports(engine) {
+        let (base, version) = split_version(name);
+        if base == "ledgerport:connector/connector" {
+            found = Some(version.unwrap_or("").to_string());
+        }
+    }
+    match found {
+        None => Err(LoadError::MissingExport {
+            id,
+            message: "no export named ledgerport:connector/connector".into(),
+        }),
+        Some(v) if contract_line(&v) != Some(manifest_line) => Err(LoadError::ContractMismatch {
+            id,
+            manifest: manifest.contract.clone(),
+            found: format!("exports ledgerport:connector/connector@{v}"),
+        }),
+        Some(_) => Ok(()),
+    }
+}

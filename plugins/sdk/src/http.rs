@@ -1,0 +1,148 @@
+//! A typed HTTP client over the host's `http` capability.
+//!
+//! Requests go through the host: it checks the allow-list, attaches the
+//! connection's credentials when asked ([`RequestBuilder::with_credentials`]),
+//! and bounds time, size and count. The guest never sees a token.
+
+use crate::bindings::ledgerport::connector::http as wit;
+pub use wit::{Error, Method};
+
+/// A response from the host.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// First header with this (case-insensitive) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body as text (lossy UTF-8).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Parse the body as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
+/// Builds one request; finish with [`RequestBuilder::send`].
+#[derive(Debug, Clone)]
+pub struct RequestBuilder {
+    req: wit::Request,
+}
+
+impl RequestBuilder {
+    /// A request with any method.
+    pub fn new(method: Method, url: impl Into<String>) -> Self {
+        Self {
+            req: wit::Request {
+                method,
+                url: url.into(),
+                headers: Vec::new(),
+                body: None,
+                with_credentials: false,
+            },
+        }
+    }
+
+    /// Add a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.req.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Add a query parameter (percent-encoded).
+    pub fn query(mut self, name: &str, value: &str) -> Self {
+        let sep = if self.req.url.contains('?') { '&' } else { '?' };
+        self.req.url.push(sep);
+        self.req.url.push_str(&encode(name));
+        self.req.url.push('=');
+        self.req.url.push_str(&encode(value));
+        self
+    }
+
+    /// Set a JSON body and `content-type: application/json`.
+    pub fn json<T: serde::Serialize>(mut self, value: &T) -> Self {
+        // Serialising plain data structures cannot fail; fall back to null.
+        let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+        self.req.body = Some(body);
+        self.header("content-type", "application/json")
+    }
+
+    /// Set a raw body.
+    pub fn body(mut self, bytes: Vec<u8>) -> Self {
+        self.req.body = Some(bytes);
+        self
+    }
+
+    /// Ask the host to attach the connection's credentials.
+    pub fn with_credentials(mut self) -> Self {
+        self.req.with_credentials = true;
+        self
+    }
+
+    /// The request as it will be sent.
+    pub fn request(&self) -> &wit::Request {
+        &self.req
+    }
+
+    /// Send it through the host.
+    pub fn send(self) -> Result<Response, Error> {
+        let r = wit::send(&self.req)?;
+        Ok(Response {
+            status: r.status,
+            headers: r.headers,
+            body: r.body,
+        })
+    }
+}
+
+/// A GET request.
+pub fn get(url: impl Into<String>) -> RequestBuilder {
+    RequestBuilder::new(Method::Get, url)
+}
+/// A POST request.
+pub fn post(url: impl Into<String>) -> RequestBuilder {
+    RequestBuilder::new(Method::Post, url)
+}
+/// A PUT request.
+pub fn put(url: impl Into<String>) -> RequestBuilder {
+    RequestBuilder::new(Method::Put, url)
+}
+/// A DELETE request.
+pub fn delete(url: impl Into<String>) -> RequestBuilder {
+    RequestBuilder::new(Method::Delete, url)
+}
+
+/// Percent-encode a query component (RFC 3986 unreserved kept as is).
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
