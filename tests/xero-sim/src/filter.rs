@@ -1,0 +1,433 @@
+//! The subset of Xero's `where` and `order` query syntax the simulator
+//! understands, evaluated against a resource's JSON: comparisons
+//! (`==`, `!=`, `<`, `<=`, `>`, `>=`) on dotted fields with string, number,
+//! boolean, `Guid("...")` and `DateTime(y,m,d)` literals, the methods
+//! `Contains`, `StartsWith`, `EndsWith`, `AND`/`&&`, `OR`/`||`, `NOT`/`!` and parentheses.
+
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use serde_json::Value;
+use std::cmp::Ordering;
+
+use crate::xjson::{as_decimal, parse_day};
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Ident(String),
+    Str(String),
+    Num(String),
+    Op(String),
+    LParen,
+    RParen,
+    Comma,
+    Dot,
+}
+
+fn lex(s: &str) -> Result<Vec<Tok>, String> {
+    let c: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < c.len() {
+        let ch = c[i];
+        if ch.is_whitespace() {
+            i += 1;
+        } else if ch == '"' || ch == '\'' {
+            let q = ch;
+            i += 1;
+            let mut v = String::new();
+            while i < c.len() && c[i] != q {
+                if c[i] == '\\' && i + 1 < c.len() {
+                    i += 1;
+                }
+                v.push(c[i]);
+                i += 1;
+            }
+            if i >= c.len() {
+                return Err("unterminated string".into());
+            }
+            i += 1;
+            out.push(Tok::Str(v));
+        } else if ch.is_ascii_digit()
+            || (ch == '-' && c.get(i + 1).is_some_and(char::is_ascii_digit))
+        {
+            let start = i;
+            i += 1;
+            while i < c.len() && (c[i].is_ascii_digit() || c[i] == '.') {
+                i += 1;
+            }
+            out.push(Tok::Num(c[start..i].iter().collect()));
+        } else if ch.is_alphanumeric() || ch == '_' {
+            let start = i;
+            while i < c.len() && (c[i].is_alphanumeric() || c[i] == '_') {
+                i += 1;
+            }
+            out.push(Tok::Ident(c[start..i].iter().collect()));
+        } else {
+            let two: String = c[i..(i + 2).min(c.len())].iter().collect();
+            if ["==", "!=", "<=", ">=", "&&", "||"].contains(&two.as_str()) {
+                out.push(Tok::Op(two));
+                i += 2;
+                continue;
+            }
+            i += 1;
+            out.push(match ch {
+                '(' => Tok::LParen,
+                ')' => Tok::RParen,
+                ',' => Tok::Comma,
+                '.' => Tok::Dot,
+                '<' | '>' | '!' | '=' => Tok::Op(ch.to_string()),
+                _ => return Err(format!("unexpected character '{ch}'")),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A literal in a `where` clause.
+#[derive(Debug, Clone, PartialEq)]
+enum Lit {
+    Str(String),
+    Num(Decimal),
+    Bool(bool),
+    Date(NaiveDate),
+    Null,
+}
+
+/// A parsed `where` expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    /// Both hold.
+    And(Box<Expr>, Box<Expr>),
+    /// Either holds.
+    Or(Box<Expr>, Box<Expr>),
+    /// Negation.
+    Not(Box<Expr>),
+    /// `Field op literal`.
+    Cmp(Vec<String>, String, LitPub),
+    /// `Field.Method("x")`.
+    Method(Vec<String>, String, String),
+    /// A bare boolean field.
+    Truthy(Vec<String>),
+}
+
+/// A literal (opaque outside this module).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LitPub(Lit);
+
+struct Parser {
+    toks: Vec<Tok>,
+    pos: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Tok> {
+        self.toks.get(self.pos)
+    }
+    fn next(&mut self) -> Option<Tok> {
+        let t = self.toks.get(self.pos).cloned();
+        self.pos += 1;
+        t
+    }
+    fn is_kw(&self, kw: &str, op: &str) -> bool {
+        match self.peek() {
+            Some(Tok::Ident(i)) => i.eq_ignore_ascii_case(kw),
+            Some(Tok::Op(o)) => o == op,
+            _ => false,
+        }
+    }
+    fn or(&mut self) -> Result<Expr, String> {
+        let mut l = self.and()?;
+        while self.is_kw("OR", "||") {
+            self.pos += 1;
+            l = Expr::Or(Box::new(l), Box::new(self.and()?));
+        }
+        Ok(l)
+    }
+    fn and(&mut self) -> Result<Expr, String> {
+        let mut l = self.unary()?;
+        while self.is_kw("AND", "&&") {
+            self.pos += 1;
+            l = Expr::And(Box::new(l), Box::new(self.unary()?));
+        }
+        Ok(l)
+    }
+    fn unary(&mut self) -> Result<Expr, String> {
+        if self.is_kw("NOT", "!") {
+            self.pos += 1;
+            return Ok(Expr::Not(Box::new(self.unary()?)));
+        }
+        if self.peek() == Some(&Tok::LParen) {
+            self.pos += 1;
+            let e = self.or()?;
+            if self.next() != Some(Tok::RParen) {
+                return Err("expected ')'".into());
+            }
+            return Ok(e);
+        }
+        self.comparison()
+    }
+    fn comparison(&mut self) -> Result<Expr, String> {
+        let mut path = Vec::new();
+        match self.next() {
+            Some(Tok::Ident(i)) => path.push(i),
+            other => return Err(format!("expected a field name, found {other:?}")),
+        }
+        loop {
+            if self.peek() != Some(&Tok::Dot) {
+                break;
+            }
+            self.pos += 1;
+            let Some(Tok::Ident(i)) = self.next() else {
+                return Err("expected a name after '.'".into());
+            };
+            if self.peek() == Some(&Tok::LParen) {
+                // method call
+                self.pos += 1;
+                let arg = match self.next() {
+                    Some(Tok::Str(s)) => s,
+                    Some(Tok::RParen) => {
+                        return Err(format!("method {i} needs an argument"));
+                    }
+                    other => return Err(format!("bad method argument {other:?}")),
+                };
+                if self.next() != Some(Tok::RParen) {
+                    return Err("expected ')'".into());
+                }
+                return Ok(Expr::Method(path, i, arg));
+            }
+            path.push(i);
+        }
+        let op = match self.peek() {
+            Some(Tok::Op(o)) if ["==", "!=", "<", "<=", ">", ">=", "="].contains(&o.as_str()) => {
+                let o = if o == "=" {
+                    "==".to_string()
+                } else {
+                    o.clone()
+                };
+                self.pos += 1;
+                o
+            }
+            _ => return Ok(Expr::Truthy(path)),
+        };
+        let lit = self.literal()?;
+        Ok(Expr::Cmp(path, op, LitPub(lit)))
+    }
+    fn literal(&mut self) -> Result<Lit, String> {
+        match self.next() {
+            Some(Tok::Str(s)) => Ok(Lit::Str(s)),
+            Some(Tok::Num(n)) => n
+                .parse::<Decimal>()
+                .map(Lit::Num)
+                .map_err(|_| format!("bad number {n}")),
+            Some(Tok::Ident(i)) if i.eq_ignore_ascii_case("true") => Ok(Lit::Bool(true)),
+            Some(Tok::Ident(i)) if i.eq_ignore_ascii_case("false") => Ok(Lit::Bool(false)),
+            Some(Tok::Ident(i)) if i.eq_ignore_ascii_case("null") => Ok(Lit::Null),
+            Some(Tok::Ident(i)) if i.eq_ignore_ascii_case("Guid") => {
+                self.expect(Tok::LParen)?;
+                let Some(Tok::Str(s)) = self.next() else {
+                    return Err("Guid() needs a string".into());
+                };
+                self.expect(Tok::RParen)?;
+                Ok(Lit::Str(s))
+            }
+            Some(Tok::Ident(i)) if i.eq_ignore_ascii_case("DateTime") => {
+                self.expect(Tok::LParen)?;
+                let mut parts = Vec::new();
+                loop {
+                    match self.next() {
+                        Some(Tok::Num(n)) => {
+                            parts.push(n.parse::<u32>().map_err(|e| e.to_string())?)
+                        }
+                        other => return Err(format!("bad DateTime argument {other:?}")),
+                    }
+                    match self.next() {
+                        Some(Tok::Comma) => continue,
+                        Some(Tok::RParen) => break,
+                        other => return Err(format!("bad DateTime syntax {other:?}")),
+                    }
+                }
+                if parts.len() < 3 {
+                    return Err("DateTime needs year, month, day".into());
+                }
+                NaiveDate::from_ymd_opt(parts[0] as i32, parts[1], parts[2])
+                    .map(Lit::Date)
+                    .ok_or_else(|| "invalid date".to_string())
+            }
+            other => Err(format!("expected a value, found {other:?}")),
+        }
+    }
+    fn expect(&mut self, t: Tok) -> Result<(), String> {
+        if self.next() == Some(t.clone()) {
+            Ok(())
+        } else {
+            Err(format!("expected {t:?}"))
+        }
+    }
+}
+
+/// Parse a `where` clause.
+pub fn parse_where(s: &str) -> Result<Expr, String> {
+    let toks = lex(s)?;
+    if toks.is_empty() {
+        return Err("empty where clause".into());
+    }
+    let mut p = Parser { toks, pos: 0 };
+    let e = p.or()?;
+    if p.pos < p.toks.len() {
+        return Err(format!("unexpected {:?}", p.toks[p.pos]));
+    }
+    Ok(e)
+}
+
+fn lookup<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut cur = v;
+    for p in path {
+        let obj = cur.as_object()?;
+        cur = obj.get(p).or_else(|| {
+            obj.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(p))
+                .map(|(_, v)| v)
+        })?;
+    }
+    Some(cur)
+}
+
+fn compare(field: Option<&Value>, lit: &Lit) -> Option<Ordering> {
+    let field = field.unwrap_or(&Value::Null);
+    match lit {
+        Lit::Null => Some(if field.is_null() {
+            Ordering::Equal
+        } else {
+            Ordering::Greater
+        }),
+        Lit::Bool(b) => field.as_bool().map(|f| f.cmp(b)),
+        Lit::Num(n) => as_decimal(field).map(|f| f.cmp(n)),
+        Lit::Date(d) => field.as_str().and_then(parse_day).map(|f| f.cmp(d)),
+        Lit::Str(s) => match field {
+            Value::String(f) => Some(f.to_lowercase().cmp(&s.to_lowercase())),
+            Value::Number(_) => {
+                let f = as_decimal(field)?;
+                s.parse::<Decimal>().ok().map(|n| f.cmp(&n))
+            }
+            Value::Bool(b) => Some(b.to_string().cmp(&s.to_lowercase())),
+            _ => None,
+        },
+    }
+}
+
+/// Whether a resource's JSON satisfies the expression.
+pub fn eval(e: &Expr, v: &Value) -> bool {
+    match e {
+        Expr::And(a, b) => eval(a, v) && eval(b, v),
+        Expr::Or(a, b) => eval(a, v) || eval(b, v),
+        Expr::Not(a) => !eval(a, v),
+        Expr::Truthy(p) => lookup(v, p).and_then(Value::as_bool).unwrap_or(false),
+        Expr::Method(p, m, arg) => {
+            let f = lookup(v, p)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_lowercase();
+            let a = arg.to_lowercase();
+            match m.to_ascii_lowercase().as_str() {
+                "contains" => f.contains(&a),
+                "startswith" => f.starts_with(&a),
+                "endswith" => f.ends_with(&a),
+                _ => false,
+            }
+        }
+        Expr::Cmp(p, op, LitPub(lit)) => {
+            let o = compare(lookup(v, p), lit);
+            match (op.as_str(), o) {
+                ("==", Some(o)) => o == Ordering::Equal,
+                ("!=", Some(o)) => o != Ordering::Equal,
+                ("!=", None) => true,
+                ("<", Some(o)) => o == Ordering::Less,
+                ("<=", Some(o)) => o != Ordering::Greater,
+                (">", Some(o)) => o == Ordering::Greater,
+                (">=", Some(o)) => o != Ordering::Less,
+                _ => false,
+            }
+        }
+    }
+}
+
+/// Sort resources by an `order` parameter like `Name ASC, Code DESC`.
+pub fn sort_by_order(items: &mut [Value], order: &str) {
+    let keys: Vec<(Vec<String>, bool)> = order
+        .split(',')
+        .filter_map(|part| {
+            let mut it = part.split_whitespace();
+            let field = it.next()?;
+            let desc = it.next().is_some_and(|d| d.eq_ignore_ascii_case("DESC"));
+            Some((field.split('.').map(String::from).collect(), desc))
+        })
+        .collect();
+    items.sort_by(|a, b| {
+        for (path, desc) in &keys {
+            let o = cmp_values(lookup(a, path), lookup(b, path));
+            let o = if *desc { o.reverse() } else { o };
+            if o != Ordering::Equal {
+                return o;
+            }
+        }
+        Ordering::Equal
+    });
+}
+
+fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    match (a, b) {
+        (Some(Value::Number(_)), Some(Value::Number(_))) => {
+            as_decimal(a.unwrap_or(&Value::Null)).cmp(&as_decimal(b.unwrap_or(&Value::Null)))
+        }
+        (Some(Value::String(x)), Some(Value::String(y))) => {
+            match (
+                parse_day(x).filter(|_| x.starts_with("/Date")),
+                parse_day(y),
+            ) {
+                (Some(dx), Some(dy)) => dx.cmp(&dy),
+                _ => x.to_lowercase().cmp(&y.to_lowercase()),
+            }
+        }
+        (Some(Value::Bool(x)), Some(Value::Bool(y))) => x.cmp(y),
+        (None, Some(_)) => Ordering::Less,
+        (Some(_), None) => Ordering::Greater,
+        _ => Ordering::Equal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn where_clauses() {
+        let v = json!({"Status":"ACTIVE","Type":"EXPENSE","Code":"400","Total":10.5,
+            "Contact":{"ContactID":"AbC"},"Date":"/Date(1795564800000+0000)/","IsSupplier":true});
+        let t = |s: &str| eval(&parse_where(s).unwrap(), &v);
+        assert!(t(r#"Status=="ACTIVE""#));
+        assert!(t(r#"Status=="ACTIVE" AND Type=="EXPENSE""#));
+        assert!(!t(r#"Status=="ACTIVE" && Type=="REVENUE""#));
+        assert!(t(r#"Type=="REVENUE" || Code=="400""#));
+        assert!(t(r#"Contact.ContactID==Guid("abc")"#));
+        assert!(t("Total>10"));
+        assert!(t("Date>=DateTime(2026,11,25)"));
+        assert!(t("IsSupplier"));
+        assert!(t(r#"Code.StartsWith("4")"#));
+        assert!(t(r#"NOT (Status=="ARCHIVED")"#));
+        assert!(parse_where("Status==").is_err());
+        assert!(parse_where(r#"Status=="x"#).is_err());
+        assert!(parse_where("(((").is_err());
+    }
+
+    #[test]
+    fn ordering() {
+        let mut items = vec![
+            json!({"Code":"b"}),
+            json!({"Code":"a"}),
+            json!({"Code":"c"}),
+        ];
+        sort_by_order(&mut items, "Code DESC");
+        assert_eq!(items[0]["Code"], "c");
+    }
+}
