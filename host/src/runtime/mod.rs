@@ -626,6 +626,10 @@ impl Runtime {
                 let mut message = match t {
                     Trap::StackOverflow => "stack overflow".to_string(),
                     Trap::UnreachableCodeReached => "it panicked or aborted".to_string(),
+                    Trap::MemoryOutOfBounds => {
+                        "out-of-bounds memory access (most often a stack overflow in the connector)"
+                            .to_string()
+                    }
                     other => other.to_string(),
                 };
                 let stderr = tail.stderr_tail(600);

