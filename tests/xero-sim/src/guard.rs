@@ -27,6 +27,10 @@ pub(crate) struct Ctx {
     pub tenant: Arc<Mutex<TenantData>>,
 }
 
+/// Latency a fault rule adds to an accounting request (slept after the rate gate).
+#[derive(Clone, Copy)]
+pub(crate) struct InjectedLatency(pub u64);
+
 /// The 403 Xero sends for a missing/unknown/unconnected tenant.
 pub(crate) fn forbidden() -> Response {
     (
@@ -214,6 +218,9 @@ pub(crate) async fn accounting_guard(
             return r;
         }
     };
+    if let Some(InjectedLatency(ms)) = req.extensions().get::<InjectedLatency>().copied() {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let app_name = shared
         .app(&who.client_id)
         .map(|a| a.name.clone())

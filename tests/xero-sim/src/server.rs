@@ -214,9 +214,17 @@ async fn outer(State(shared): S, req: Request, next: Next) -> Response {
     shared.push_log(entry);
     let seq = shared.log_seq.load(Ordering::Relaxed);
     let decision = shared.faults.lock().decide(&method, &path);
+    let mut parts = parts;
     if decision.latency_ms > 0 {
         shared.counters.bump_fault("latency");
-        tokio::time::sleep(Duration::from_millis(decision.latency_ms)).await;
+        if path.starts_with("/api.xro/") {
+            // Slept inside the accounting gate, so a slow request holds a concurrency slot.
+            parts
+                .extensions
+                .insert(crate::guard::InjectedLatency(decision.latency_ms));
+        } else {
+            tokio::time::sleep(Duration::from_millis(decision.latency_ms)).await;
+        }
     }
     if decision.hang {
         shared.counters.bump_fault("hang");
