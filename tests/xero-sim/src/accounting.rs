@@ -26,6 +26,10 @@ use crate::xjson::{
 };
 
 type Params = Vec<(String, String)>;
+/// One element of a batch write: the rendered resource, or the request element and its errors.
+type ElementResult = Result<Value, (Map<String, Value>, Vec<String>)>;
+/// A validated contact write: the contact to update (if any) and the element.
+type ContactPlan = Result<(Option<Uuid>, Map<String, Value>), (Map<String, Value>, Vec<String>)>;
 
 fn params(q: Option<String>) -> Params {
     serde_urlencoded::from_str(&q.unwrap_or_default()).unwrap_or_default()
@@ -181,7 +185,7 @@ fn batch_response(
     shared: &Shared,
     ctx: &Ctx,
     key: &str,
-    results: Vec<Result<Value, (Map<String, Value>, Vec<String>)>>,
+    results: Vec<ElementResult>,
     summarize: bool,
     error_flag: &str,
 ) -> Response {
@@ -455,9 +459,7 @@ fn contacts_write(
     let now = shared.clock.now();
     let mut t = ctx.tenant.lock();
     // Validate all first (atomic when summarizing), then apply.
-    let mut plans: Vec<
-        Result<(Option<Uuid>, Map<String, Value>), (Map<String, Value>, Vec<String>)>,
-    > = Vec::new();
+    let mut plans: Vec<ContactPlan> = Vec::new();
     let mut batch_names: Vec<(String, Option<Uuid>)> = Vec::new();
     for el in els {
         let mut msgs = Vec::new();
@@ -736,7 +738,7 @@ fn tax_for(line_amount: Decimal, rate: Decimal, lat: &str) -> Decimal {
     }
 }
 
-#[allow(clippy::too_many_lines)]
+#[allow(clippy::too_many_arguments)]
 fn plan_doc(
     t: &TenantData,
     kind: DocKind,
@@ -1327,6 +1329,7 @@ pub(crate) async fn attachment_get(kind: DocKind, ctx: Ctx, key: String, file: S
 }
 
 /// `PUT`/`POST /{Invoices|CreditNotes}/{id}/Attachments/{FileName}`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attachment_put(
     kind: DocKind,
     shared: &Shared,

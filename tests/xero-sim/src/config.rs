@@ -9,9 +9,9 @@ use uuid::Uuid;
 use crate::faults::FaultConfig;
 
 /// Tenant id of the default organisation "Acme Holdings Ltd" (GBP).
-pub const DEFAULT_TENANT_HOLDINGS: Uuid = Uuid::from_u128(0x5b3c_a1e0_0d1f_4c5e_9a11_000000000001);
+pub const DEFAULT_TENANT_HOLDINGS: Uuid = Uuid::from_u128(0x5b3c_a1e0_0d1f_4c5e_9a11_0000_0000_0001);
 /// Tenant id of the default organisation "Acme Trading GmbH" (EUR).
-pub const DEFAULT_TENANT_TRADING: Uuid = Uuid::from_u128(0x5b3c_a1e0_0d1f_4c5e_9a11_000000000002);
+pub const DEFAULT_TENANT_TRADING: Uuid = Uuid::from_u128(0x5b3c_a1e0_0d1f_4c5e_9a11_0000_0000_0002);
 /// Client id of the default app.
 pub const DEFAULT_CLIENT_ID: &str = "ledgerport-demo";
 /// Client secret of the default app.
@@ -110,7 +110,7 @@ pub struct UserConfig {
 impl Default for UserConfig {
     fn default() -> Self {
         UserConfig {
-            user_id: Uuid::from_u128(0x7e57_0000_0000_4000_8000_00000000a11c),
+            user_id: Uuid::from_u128(0x7e57_0000_0000_4000_8000_0000_0000_a11c),
             email: "alice@example.com".into(),
             given_name: "Alice".into(),
             family_name: "Admin".into(),

@@ -417,6 +417,17 @@ pub struct TenantData {
     pub accounts_json: Vec<Value>,
 }
 
+/// code, name, type, class, status, default tax type, system account.
+type ChartRow = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+);
+
 fn d(s: &str) -> Decimal {
     s.parse().unwrap_or_default()
 }
@@ -424,7 +435,7 @@ fn d(s: &str) -> Decimal {
 impl TenantData {
     /// The seeded state of an organisation.
     pub fn seeded(org: &OrgConfig, now: DateTime<Utc>) -> Self {
-        let chart: &[(&str, &str, &str, &str, &str, &str, Option<&str>)] = &[
+        let chart: &[ChartRow] = &[
             // code, name, type, class, status, tax type, system account
             (
                 "090",
