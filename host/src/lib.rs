@@ -7,6 +7,8 @@
 //! [`document`] model.
 
 pub mod capabilities;
+pub mod demo;
 pub mod document;
 pub mod manifest;
+pub mod plugin_store;
 pub mod runtime;

@@ -1,1 +1,129 @@
-fn main() {}
+//! `cargo xtask`: the project's build and test driver, so that the README's
+//! two commands work on a fresh machine.
+//!
+//! - `cargo xtask wasm`: add the wasm32-wasip2 target if missing, build every
+//!   connector component, and install each with its hash into
+//!   `target/plugins/<id>/`.
+//! - `cargo xtask demo`: the above, then `ledgerport demo`.
+//! - `cargo xtask test`: everything CI checks: formatting, lints, the
+//!   connectors, the Rust test suite (host, simulator, connectors) and the
+//!   simulator's Python fidelity tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Connector crates built for wasm32-wasip2: (package, artifact stem,
+/// source manifest to install with, if any).
+const CONNECTORS: &[(&str, &str, Option<&str>)] = &[
+    ("minimal-connector", "minimal_connector", Some("examples/minimal-connector/manifest.toml")),
+    ("xero-connector", "xero_connector", Some("plugins/xero/manifest.toml")),
+    ("hostile-connector", "hostile_connector", None),
+    ("extra-import-connector", "extra_import_connector", None),
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: running {:?}", cmd);
+    let status = cmd.current_dir(root()).status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+}
+
+fn has_wasm_target() -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "wasm32-wasip2"))
+        .unwrap_or(false)
+}
+
+fn wasm() -> Result<(), String> {
+    if !has_wasm_target() {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
+    }
+    let mut build = Command::new(cargo());
+    build.args(["build", "--target", "wasm32-wasip2", "--profile", "wasm"]);
+    for (pkg, _, _) in CONNECTORS {
+        if root().join(match *pkg {
+            "minimal-connector" => "examples/minimal-connector",
+            "xero-connector" => "plugins/xero",
+            "hostile-connector" => "tests/plugins/hostile",
+            _ => "tests/plugins/extra-import",
+        }).join("src/lib.rs").exists() {
+            build.args(["-p", pkg]);
+        }
+    }
+    run(&mut build)?;
+    run(Command::new(cargo()).args(["build", "-p", "ledgerport"]))?;
+    let ledgerport = target_dir().join("debug/ledgerport");
+    for (_, stem, manifest) in CONNECTORS {
+        let Some(manifest) = manifest else { continue };
+        if !root().join(manifest).exists() {
+            continue;
+        }
+        let wasm = target_dir().join(format!("wasm32-wasip2/wasm/{stem}.wasm"));
+        run(Command::new(&ledgerport).args(["plugin", "install", manifest, "--component"]).arg(&wasm).arg("--dir").arg(target_dir().join("plugins")))?;
+    }
+    Ok(())
+}
+
+fn python_tests() -> Result<(), String> {
+    let py_dir = root().join("tests/xero-sim/py");
+    if !py_dir.join("requirements.txt").exists() {
+        return Ok(());
+    }
+    let venv = target_dir().join("pyenv");
+    if !venv.join("bin/python").exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let py = venv.join("bin/python");
+    run(Command::new(&py).args(["-m", "pip", "install", "-q", "-r"]).arg(py_dir.join("requirements.txt")))?;
+    run(Command::new(cargo()).args(["build", "-p", "xero-sim"]))?;
+    run(Command::new(&py)
+        .args(["-m", "pytest", "-q"])
+        .arg(&py_dir)
+        .env("XERO_SIM_BIN", target_dir().join("debug/xero-sim")))
+}
+
+fn test() -> Result<(), String> {
+    run(Command::new(cargo()).args(["fmt", "--all", "--check"]))?;
+    wasm()?;
+    run(Command::new(cargo()).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new(cargo()).args(["clippy", "--target", "wasm32-wasip2", "--profile", "wasm", "-p", "ledgerport-sdk", "-p", "minimal-connector", "--", "-D", "warnings"]))?;
+    let nextest = Command::new(cargo()).args(["nextest", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if nextest {
+        run(Command::new(cargo()).args(["nextest", "run", "--no-fail-fast"]))?;
+        run(Command::new(cargo()).args(["test", "--doc"]))?;
+    } else {
+        run(Command::new(cargo()).args(["test", "--no-fail-fast"]))?;
+    }
+    python_tests()
+}
+
+fn main() -> ExitCode {
+    let arg = std::env::args().nth(1).unwrap_or_default();
+    let result = match arg.as_str() {
+        "wasm" => wasm(),
+        "test" => test(),
+        "demo" => wasm().and_then(|_| run(Command::new(target_dir().join("debug/ledgerport")).arg("demo"))),
+        _ => Err("usage: cargo xtask <wasm|test|demo>".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
