@@ -8,7 +8,9 @@ use ledgerport_sdk::{
     AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
     DocumentKind, Pdf, Receipt, connection, errors, http, mapping,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
 
 const DEFAULT_ENDPOINT: &str = "https://hooks.example.com/ledgerport";
 
@@ -18,29 +20,73 @@ fn endpoint() -> String {
     connection::setting(&connection::info(), "endpoint").unwrap_or_else(|| DEFAULT_ENDPOINT.into())
 }
 
+/// One line as sent (borrowed from the document: no copies).
+#[derive(Serialize)]
+struct LineOut<'a> {
+    kind: &'a str,
+    description: &'a str,
+    quantity: &'a str,
+    unit_amount: &'a str,
+    tax_amount: &'a str,
+    line_amount: &'a str,
+    account_code: Option<&'a str>,
+}
+
 /// The JSON this connector sends for a document.
-fn to_json(doc: &Document) -> Value {
-    let lines: Vec<Value> = doc
-        .lines
-        .iter()
-        .map(|l| {
-            let account = mapping::lookup(&l.kind).map(|m| m.account_code);
-            json!({
-                "kind": l.kind, "description": l.description, "quantity": l.quantity,
-                "unit_amount": l.unit_amount, "tax_amount": l.tax_amount,
-                "line_amount": l.line_amount, "account_code": account,
+#[derive(Serialize)]
+struct DocumentOut<'a> {
+    id: &'a str,
+    kind: &'static str,
+    number: &'a str,
+    issue_date: &'a str,
+    due_date: Option<&'a str>,
+    currency: &'a str,
+    supplier: &'a str,
+    customer: &'a str,
+    lines: Vec<LineOut<'a>>,
+    subtotal: &'a str,
+    total_tax: &'a str,
+    total: &'a str,
+    credits_invoice_number: Option<&'a str>,
+    pdf_bytes: Option<usize>,
+}
+
+fn to_json(doc: &Document, accounts: &BTreeMap<String, String>) -> Vec<u8> {
+    let out = DocumentOut {
+        id: &doc.id,
+        kind: match doc.kind {
+            DocumentKind::Invoice => "invoice",
+            DocumentKind::CreditNote => "credit-note",
+        },
+        number: &doc.number,
+        issue_date: &doc.issue_date,
+        due_date: doc.due_date.as_deref(),
+        currency: &doc.currency,
+        supplier: &doc.supplier.name,
+        customer: &doc.customer.name,
+        lines: doc
+            .lines
+            .iter()
+            .map(|l| LineOut {
+                kind: &l.kind,
+                description: &l.description,
+                quantity: &l.quantity,
+                unit_amount: &l.unit_amount,
+                tax_amount: &l.tax_amount,
+                line_amount: &l.line_amount,
+                account_code: accounts.get(&l.kind).map(String::as_str),
             })
-        })
-        .collect();
-    json!({
-        "id": doc.id,
-        "kind": match doc.kind { DocumentKind::Invoice => "invoice", DocumentKind::CreditNote => "credit-note" },
-        "number": doc.number, "issue_date": doc.issue_date, "due_date": doc.due_date,
-        "currency": doc.currency, "supplier": doc.supplier.name, "customer": doc.customer.name,
-        "lines": lines, "subtotal": doc.subtotal, "total_tax": doc.total_tax, "total": doc.total,
-        "credits_invoice_number": doc.credits_invoice_number,
-        "pdf_bytes": match &doc.pdf { Some(Pdf::Bytes(b)) => Some(b.len()), _ => None },
-    })
+            .collect(),
+        subtotal: &doc.subtotal,
+        total_tax: &doc.total_tax,
+        total: &doc.total,
+        credits_invoice_number: doc.credits_invoice_number.as_deref(),
+        pdf_bytes: match &doc.pdf {
+            Some(Pdf::Bytes(b)) => Some(b.len()),
+            _ => None,
+        },
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
 }
 
 /// Turn a non-2xx answer into the contract's outcome.
@@ -80,9 +126,16 @@ impl Connector for Minimal {
     }
 
     fn deliver(delivery: Delivery, doc: Document) -> Result<Receipt, DeliveryError> {
+        // One host call for all mappings (optional here: unmapped lines go
+        // without an account code).
+        let accounts: BTreeMap<String, String> = mapping::all()
+            .into_iter()
+            .map(|m| (m.kind, m.account_code))
+            .collect();
         let resp = http::post(endpoint())
             .header("idempotency-key", &delivery.key)
-            .json(&to_json(&doc))
+            .header("content-type", "application/json")
+            .body(to_json(&doc, &accounts))
             .with_credentials()
             .send()
             .map_err(errors::from_http)?;
