@@ -720,7 +720,12 @@ fn dec_field(el: &Map<String, Value>, key: &str, msgs: &mut Vec<String>) -> Opti
     match el.get(key) {
         None | Some(Value::Null) => None,
         Some(v) => match as_decimal(v) {
-            Some(d) => Some(d),
+            // Bounded so that line arithmetic can never overflow a Decimal.
+            Some(d) if d.abs() >= Decimal::from(10_000_000_000i64) => {
+                msgs.push(format!("{key} must be less than 10,000,000,000"));
+                None
+            }
+            Some(d) => Some(d.round_dp(6)),
             None => {
                 msgs.push(format!("{key} must be a number"));
                 None

@@ -45,7 +45,9 @@ impl SimClock {
     fn now_locked(s: &ClockState) -> DateTime<Utc> {
         let real = s.base_real.elapsed();
         let scaled_ms = (real.as_secs_f64() * s.speed * 1000.0) as i64;
-        s.base_sim + ChronoDuration::milliseconds(scaled_ms)
+        ChronoDuration::try_milliseconds(scaled_ms)
+            .and_then(|d| s.base_sim.checked_add_signed(d))
+            .unwrap_or(s.base_sim)
     }
 
     /// Move the simulated time forward (or backward, if negative) by `secs` seconds.
@@ -53,7 +55,9 @@ impl SimClock {
         let mut s = self.state.lock();
         let now = Self::now_locked(&s);
         s.base_real = Instant::now();
-        s.base_sim = now + ChronoDuration::seconds(secs);
+        s.base_sim = ChronoDuration::try_seconds(secs)
+            .and_then(|d| now.checked_add_signed(d))
+            .unwrap_or(now);
     }
 
     /// Set the simulated time to `at`.
@@ -76,6 +80,17 @@ impl SimClock {
     pub fn speed(&self) -> f64 {
         self.state.lock().speed
     }
+}
+
+/// `t + secs`, saturating instead of panicking at the ends of the calendar.
+pub(crate) fn add_secs(t: DateTime<Utc>, secs: i64) -> DateTime<Utc> {
+    ChronoDuration::try_seconds(secs)
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(if secs >= 0 {
+            DateTime::<Utc>::MAX_UTC
+        } else {
+            DateTime::<Utc>::MIN_UTC
+        })
 }
 
 fn sanitize_speed(speed: f64) -> f64 {

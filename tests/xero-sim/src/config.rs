@@ -9,7 +9,8 @@ use uuid::Uuid;
 use crate::faults::FaultConfig;
 
 /// Tenant id of the default organisation "Acme Holdings Ltd" (GBP).
-pub const DEFAULT_TENANT_HOLDINGS: Uuid = Uuid::from_u128(0x5b3c_a1e0_0d1f_4c5e_9a11_0000_0000_0001);
+pub const DEFAULT_TENANT_HOLDINGS: Uuid =
+    Uuid::from_u128(0x5b3c_a1e0_0d1f_4c5e_9a11_0000_0000_0001);
 /// Tenant id of the default organisation "Acme Trading GmbH" (EUR).
 pub const DEFAULT_TENANT_TRADING: Uuid = Uuid::from_u128(0x5b3c_a1e0_0d1f_4c5e_9a11_0000_0000_0002);
 /// Client id of the default app.

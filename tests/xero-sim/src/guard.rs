@@ -7,7 +7,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use chrono::Duration;
 use parking_lot::Mutex;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -315,7 +314,7 @@ async fn idempotent(
                     .and_then(|v| v.to_str().ok())
                     .map(String::from),
                 body: rbytes.to_vec(),
-                expires: now + Duration::seconds(ttl),
+                expires: crate::clock::add_secs(now, ttl),
             },
         );
     }

@@ -5,10 +5,10 @@
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use rand::RngCore;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -121,7 +121,11 @@ fn error_page(msg: &str) -> Response {
 fn redirect_with(redirect_uri: &str, params: &[(&str, &str)]) -> Response {
     let q = serde_urlencoded::to_string(params).unwrap_or_default();
     let sep = if redirect_uri.contains('?') { '&' } else { '?' };
-    Redirect::to(&format!("{redirect_uri}{sep}{q}")).into_response()
+    // Built by hand: `Redirect::to` panics on a URI that is not a valid header value.
+    match HeaderValue::from_str(&format!("{redirect_uri}{sep}{q}")) {
+        Ok(v) => (StatusCode::FOUND, [(header::LOCATION, v)]).into_response(),
+        Err(_) => error_page("Invalid redirect_uri"),
+    }
 }
 
 /// The parameters of an authorization request, validated.
@@ -199,7 +203,7 @@ fn issue_code(shared: &Shared, req: &AuthRequest, tenants: Vec<Uuid>) -> Respons
             scope: req.scope.clone(),
             tenants,
             challenge: req.challenge.clone(),
-            expires: now + Duration::seconds(shared.config.lifetimes.auth_code_secs),
+            expires: crate::clock::add_secs(now, shared.config.lifetimes.auth_code_secs),
             used_by: None,
             nonce: req.nonce.clone(),
         },
@@ -380,7 +384,7 @@ fn mint_tokens(
     let lt = &shared.config.lifetimes;
     let user = &shared.config.user;
     let g = ids.grants.get_mut(&grant_id)?;
-    let exp = now + Duration::seconds(lt.access_token_secs);
+    let exp = crate::clock::add_secs(now, lt.access_token_secs);
     let scopes: Vec<&str> = g.scope.split_whitespace().collect();
     let access = jwt(&json!({
         "nbf": now.timestamp(), "exp": exp.timestamp(), "iss": "https://identity.xero.com",
@@ -391,7 +395,7 @@ fn mint_tokens(
         "authentication_event_id": g.id, "scope": scopes,
     }));
     let id_token = jwt(&json!({
-        "nbf": now.timestamp(), "exp": (now + Duration::minutes(5)).timestamp(),
+        "nbf": now.timestamp(), "exp": crate::clock::add_secs(now, 300).timestamp(),
         "iss": "https://identity.xero.com", "aud": g.client_id, "iat": now.timestamp(),
         "at_hash": random_token(16), "sid": random_token(12),
         "sub": user.user_id.simple().to_string(), "auth_time": now.timestamp(),
@@ -411,12 +415,12 @@ fn mint_tokens(
         .any(|s| s == "offline_access")
         .then(|| random_token(32));
     g.refresh_token = new_refresh.clone();
-    g.refresh_expires = now + Duration::seconds(lt.refresh_token_secs);
+    g.refresh_expires = crate::clock::add_secs(now, lt.refresh_token_secs);
     let scope = g.scope.clone();
     if let Some(old) = old_refresh
         && let Some(e) = ids.refresh.get_mut(&old)
     {
-        e.retired_until = Some(now + Duration::seconds(lt.refresh_grace_secs));
+        e.retired_until = Some(crate::clock::add_secs(now, lt.refresh_grace_secs));
     }
     if let Some(r) = &new_refresh {
         ids.refresh.insert(
@@ -428,7 +432,7 @@ fn mint_tokens(
         );
     }
     ids.access
-        .retain(|_, a| a.expires + Duration::days(1) > now);
+        .retain(|_, a| crate::clock::add_secs(a.expires, 86_400) > now);
     ids.access.insert(
         access.clone(),
         AccessEntry {

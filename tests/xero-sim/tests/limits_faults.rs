@@ -367,7 +367,7 @@ async fn control_api_roundtrip() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 303);
+    assert_eq!(r.status(), 302);
     let r = http
         .post(format!("{base}/_sim/limits"))
         .body("{bad")

@@ -43,7 +43,7 @@ async fn get_code(base: &str, extra: &[(&str, &str)]) -> String {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 303, "auto-approve redirects");
+    assert_eq!(r.status(), 302, "auto-approve redirects");
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     assert!(loc.starts_with(REDIRECT));
     let p = query_of(&loc);
@@ -93,7 +93,7 @@ async fn consent_page_lists_orgs_and_form_submit_redirects_with_code() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 303);
+    assert_eq!(r.status(), 302);
     let p = query_of(r.headers()["location"].to_str().unwrap());
     assert_eq!(q(&p, "state"), Some("st4te"));
     let code = q(&p, "code").unwrap().to_string();
@@ -573,4 +573,22 @@ async fn expired_token_is_401_and_bad_tenant_is_403() {
             .starts_with("TokenExpired: token expired at ")
     );
     assert!(b["Type"].is_null());
+}
+
+#[tokio::test]
+async fn hostile_redirect_uri_does_not_panic() {
+    let sim = start(SimConfig::auto_approving()).await;
+    let url = format!(
+        "{}/identity/connect/authorize?response_type=code&client_id=ledgerport-demo&redirect_uri=http%3A%2F%2Fx%2F%0Aevil&scope=offline_access",
+        sim.base_url()
+    );
+    let r = client().get(url).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    // The server is still alive.
+    let r = client()
+        .get(format!("{}/_sim/health", sim.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
