@@ -7,8 +7,13 @@
 //! [`document`] model.
 
 pub mod capabilities;
+pub mod connections;
+pub mod credentials;
+pub mod crypto;
 pub mod demo;
 pub mod document;
 pub mod manifest;
+pub mod oauth;
 pub mod plugin_store;
 pub mod runtime;
+pub mod store;

@@ -1,1 +1,628 @@
-//! placeholder
+//! The Xero connector. The platform is the supplier: its invoices become
+//! bills (`ACCPAY`) and its credit notes supplier credit notes
+//! (`ACCPAYCREDIT`) in the customer's Xero, each line on the account the
+//! admin mapped for its kind.
+//!
+//! Exactly once: before creating, the connector looks for a document it (or
+//! anyone) already created for this number and supplier; creates carry an
+//! `Idempotency-Key` derived from the host's delivery key. Xero keeps those
+//! keys for minutes only and bill numbers are not unique there, so the
+//! look-up is what makes a retry after a crash safe.
+//!
+//! Connection settings (all optional):
+//! - `status`: `DRAFT`, `SUBMITTED` or `AUTHORISED` (default `AUTHORISED`:
+//!   the document is already issued and final, its amounts are exact, and
+//!   Xero allocates credit only between authorised documents; choose `DRAFT`
+//!   for a review-first workflow).
+
+mod amounts;
+mod xero;
+
+use amounts::Amount;
+use ledgerport_sdk::mapping::AccountMapping;
+use ledgerport_sdk::{
+    Account, AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError,
+    Document, DocumentKind, Pdf, Receipt, TaxBasis, TaxRate, connection, errors, kv, log,
+};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use xero::{Api, Which};
+
+/// Xero's limit on a line description.
+const MAX_DESCRIPTION: usize = 4000;
+/// Xero's limit on an invoice / credit note number.
+const MAX_NUMBER: usize = 255;
+
+struct Xero;
+
+/// Account types a bill line may be posted to.
+const BILL_ACCOUNT_TYPES: &[&str] = &[
+    "EXPENSE",
+    "OVERHEADS",
+    "DIRECTCOSTS",
+    "CURRLIAB",
+    "LIABILITY",
+    "TERMLIAB",
+    "FIXED",
+    "CURRENT",
+    "PREPAYMENT",
+    "NONCURRENT",
+    "INVENTORY",
+];
+
+impl Connector for Xero {
+    fn describe() -> ConnectorInfo {
+        ConnectorInfo {
+            id: "xero".into(),
+            name: "Xero".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            document_kinds: vec![DocumentKind::Invoice, DocumentKind::CreditNote],
+        }
+    }
+
+    fn list_accounts() -> Result<AccountList, DeliveryError> {
+        let api = Api::connect()?;
+        let accounts = api.get_json("/Accounts?where=Status%3D%3D%22ACTIVE%22")?;
+        let mut out = Vec::new();
+        for a in items(&accounts, "Accounts") {
+            let ty = s(a, "Type");
+            if !BILL_ACCOUNT_TYPES.contains(&ty.as_str()) || s(a, "Status") != "ACTIVE" {
+                continue;
+            }
+            let code = s(a, "Code");
+            if code.is_empty() {
+                continue;
+            }
+            out.push(Account {
+                code,
+                name: s(a, "Name"),
+                account_type: ty,
+                tax_type: Some(s(a, "TaxType")).filter(|t| !t.is_empty()),
+                description: Some(s(a, "Description")).filter(|t| !t.is_empty()),
+            });
+        }
+        let rates = api.get_json("/TaxRates")?;
+        let mut tax_rates = Vec::new();
+        for r in items(&rates, "TaxRates") {
+            if s(r, "Status") != "ACTIVE" && !s(r, "Status").is_empty() {
+                continue;
+            }
+            if r.get("CanApplyToExpenses").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            tax_rates.push(TaxRate {
+                tax_type: s(r, "TaxType"),
+                name: s(r, "Name"),
+                rate: r
+                    .get("EffectiveRate")
+                    .or_else(|| r.get("DisplayTaxRate"))
+                    .map(number_text)
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(AccountList {
+            accounts: out,
+            tax_rates,
+        })
+    }
+
+    fn check() -> Result<CheckReport, DeliveryError> {
+        let api = Api::connect()?;
+        let org = api.get_json("/Organisation")?;
+        let o = items(&org, "Organisations")
+            .into_iter()
+            .next()
+            .ok_or_else(|| errors::transient("Xero returned no organisation"))?;
+        Ok(CheckReport {
+            organisation_name: s(o, "Name"),
+            details: vec![
+                format!("base currency {}", s(o, "BaseCurrency")),
+                format!("organisation type {}", s(o, "OrganisationType")),
+            ],
+        })
+    }
+
+    fn deliver(delivery: Delivery, doc: Document) -> Result<Receipt, DeliveryError> {
+        // Everything that can be checked without Xero comes first, so a
+        // document that cannot go is refused before anything is written.
+        let mappings = ledgerport_sdk::mapping::resolve(doc.lines.iter().map(|l| l.kind.as_str()))
+            .map_err(errors::needs_mapping)?;
+        let lines = build_lines(&doc, &mappings)?;
+        let api = Api::connect()?;
+        let which = match doc.kind {
+            DocumentKind::Invoice => Which::Bill,
+            DocumentKind::CreditNote => Which::Credit,
+        };
+        let contact_id = supplier_contact(&api, &doc)?;
+        let mut notes = Vec::new();
+        let created = match find_existing(&api, which, &doc, &contact_id, &delivery)? {
+            Some((id, ours)) => {
+                if !ours {
+                    notes.push(format!(
+                        "{} {} from this supplier with the same total was already in Xero; it was kept and not created again",
+                        which.noun(),
+                        doc.number
+                    ));
+                }
+                log::info(format!("{} {} already in Xero as {id}", which.noun(), doc.number));
+                api.get_one(which, &id)?
+            }
+            None => create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings)?,
+        };
+        let id = s(&created, which.id_field());
+        if id.is_empty() {
+            return Err(errors::transient("Xero's answer had no document id"));
+        }
+        if let Some(pdf) = &doc.pdf {
+            match pdf {
+                Pdf::Bytes(bytes) => attach_pdf(&api, which, &id, &doc.number, bytes, &delivery)?,
+                Pdf::Reference(url) => notes.push(format!(
+                    "the PDF is served by the platform ({url}) and was not attached in Xero"
+                )),
+            }
+        }
+        if which == Which::Credit {
+            if let Some(note) = allocate(&api, &created, &doc, &contact_id)? {
+                notes.push(note);
+            }
+        }
+        Ok(Receipt {
+            external_id: id.clone(),
+            external_url: Some(which.deep_link(&id)),
+            notes,
+        })
+    }
+}
+
+ledgerport_sdk::export_connector!(Xero);
+
+/// A string field of a JSON object ("" when absent).
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn number_text(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+/// The array under `key` in a Xero envelope.
+fn items<'a>(v: &'a Value, key: &str) -> Vec<&'a Value> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().collect())
+        .unwrap_or_default()
+}
+
+/// Cut `s` to `max` bytes without splitting a character.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A line ready for Xero, with the amounts kept exact.
+struct LineOut {
+    kind: String,
+    description: String,
+    quantity: Amount,
+    unit_amount: Amount,
+    tax_amount: Amount,
+    line_amount: Amount,
+    account_code: String,
+    tax_type: Option<String>,
+}
+
+fn build_lines(
+    doc: &Document,
+    mappings: &BTreeMap<String, AccountMapping>,
+) -> Result<Vec<LineOut>, DeliveryError> {
+    let mut problems = Vec::new();
+    let mut out = Vec::new();
+    if doc.lines.is_empty() {
+        problems.push(errors::field("lines", "the document has no lines", None));
+    }
+    if doc.number.trim().is_empty() || doc.number.len() > MAX_NUMBER {
+        problems.push(errors::field(
+            "number",
+            format!("the document number must be 1 to {MAX_NUMBER} characters"),
+            None,
+        ));
+    }
+    for (i, l) in doc.lines.iter().enumerate() {
+        let mut amount = |name: &str, text: &str| match Amount::parse(text) {
+            Some(a) => Some(a),
+            None => {
+                problems.push(errors::field(
+                    &format!("lines[{i}].{name}"),
+                    format!("{text:?} is not a decimal amount"),
+                    None,
+                ));
+                None
+            }
+        };
+        let (q, u, t, la) = (
+            amount("quantity", &l.quantity),
+            amount("unit_amount", &l.unit_amount),
+            amount("tax_amount", &l.tax_amount),
+            amount("line_amount", &l.line_amount),
+        );
+        if let Some(u) = &u
+            && u.scale() > 4
+        {
+            problems.push(errors::field(
+                &format!("lines[{i}].unit_amount"),
+                format!("Xero accepts unit amounts with at most 4 decimals, not {}", l.unit_amount),
+                None,
+            ));
+        }
+        let (Some(q), Some(u), Some(t), Some(la)) = (q, u, t, la) else {
+            continue;
+        };
+        let Some(m) = mappings.get(&l.kind) else {
+            continue;
+        };
+        let description = if l.description.trim().is_empty() {
+            l.kind.clone()
+        } else {
+            cut(&l.description, MAX_DESCRIPTION).to_string()
+        };
+        out.push(LineOut {
+            kind: l.kind.clone(),
+            description,
+            quantity: q,
+            unit_amount: u,
+            tax_amount: t,
+            line_amount: la,
+            account_code: m.account_code.clone(),
+            tax_type: m.tax_type.clone(),
+        });
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(DeliveryError::Rejected(problems))
+    }
+}
+
+/// The supplier contact: kv cache -> by ContactNumber -> by name -> create.
+fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> {
+    let supplier = &doc.supplier;
+    let cache_key = format!("contact:{}", supplier.id);
+    if let Some(id) = kv::get_string(&cache_key) {
+        return Ok(id);
+    }
+    let number = cut(&supplier.id, 50).to_string();
+    let by_number = api.get_json(&format!(
+        "/Contacts?where={}",
+        xero::encode(&format!("ContactNumber==\"{}\"", xero::quote(&number)))
+    ))?;
+    let mut found = items(&by_number, "Contacts")
+        .into_iter()
+        .find(|c| s(c, "ContactStatus") != "ARCHIVED")
+        .map(|c| s(c, "ContactID"));
+    let mut name = cut(&supplier.name, 255).to_string();
+    if found.is_none() {
+        let by_name = api.get_json(&format!(
+            "/Contacts?where={}",
+            xero::encode(&format!("Name==\"{}\"", xero::quote(&name)))
+        ))?;
+        if let Some(c) = items(&by_name, "Contacts").into_iter().next() {
+            let their_number = s(c, "ContactNumber");
+            if their_number.is_empty() || their_number == number {
+                // The same supplier, entered by hand: adopt it.
+                found = Some(s(c, "ContactID"));
+            } else {
+                // Another contact already has this name: ours gets a name
+                // that says which supplier it is.
+                name = format!("{} ({number})", cut(&supplier.name, 200));
+                log::info(format!(
+                    "contact name {:?} is taken by an unrelated contact; using {name:?}",
+                    supplier.name
+                ));
+            }
+        }
+    }
+    let id = match found {
+        Some(id) => id,
+        None => {
+            let mut contact = json!({ "Name": name, "ContactNumber": number, "IsSupplier": true });
+            if let Some(e) = &supplier.email {
+                contact["EmailAddress"] = json!(e);
+            }
+            if let Some(t) = &supplier.tax_number {
+                contact["TaxNumber"] = json!(t);
+            }
+            let created = api.put_json("/Contacts", &json!({ "Contacts": [contact] }), None)?;
+            let c = items(&created, "Contacts")
+                .into_iter()
+                .next()
+                .ok_or_else(|| errors::transient("Xero created no contact"))?;
+            s(c, "ContactID")
+        }
+    };
+    if id.is_empty() {
+        return Err(errors::transient("Xero returned a contact without an id"));
+    }
+    let _ = kv::set_string(&cache_key, &id);
+    Ok(id)
+}
+
+/// Our marker in the document's Url, so a retry recognises its own work.
+fn marker(delivery: &Delivery) -> String {
+    format!("ledgerport={}", xero::encode(&delivery.key))
+}
+
+fn url_for(doc: &Document, delivery: &Delivery) -> String {
+    let base = doc
+        .url
+        .clone()
+        .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+        .unwrap_or_else(|| "https://ledgerport.invalid/documents".into());
+    let base = base.split('#').next().unwrap_or_default().to_string();
+    format!("{base}#{}", marker(delivery))
+}
+
+/// A document already in Xero for this number and supplier: (id, made by us).
+fn find_existing(
+    api: &Api,
+    which: Which,
+    doc: &Document,
+    contact_id: &str,
+    delivery: &Delivery,
+) -> Result<Option<(String, bool)>, DeliveryError> {
+    let filter = format!(
+        "Type==\"{}\" AND {}==\"{}\" AND Contact.ContactID==guid(\"{}\")",
+        which.xero_type(),
+        which.number_field(),
+        xero::quote(&doc.number),
+        xero::quote(contact_id)
+    );
+    let found = api.get_json(&format!("{}?where={}", which.path(), xero::encode(&filter)))?;
+    let mark = marker(delivery);
+    let total = Amount::parse(&doc.total);
+    let mut same_total = None;
+    for d in items(&found, which.collection()) {
+        let status = s(d, "Status");
+        if status == "DELETED" || status == "VOIDED" {
+            continue;
+        }
+        let id = s(d, which.id_field());
+        if s(d, "Url").contains(&mark) {
+            return Ok(Some((id, true)));
+        }
+        if same_total.is_none() && total.is_some() && d.get("Total").and_then(Amount::from_json) == total {
+            same_total = Some(id);
+        }
+    }
+    Ok(same_total.map(|id| (id, false)))
+}
+
+fn create(
+    api: &Api,
+    which: Which,
+    doc: &Document,
+    contact_id: &str,
+    delivery: &Delivery,
+    lines: &[LineOut],
+    mappings: &BTreeMap<String, AccountMapping>,
+) -> Result<Value, DeliveryError> {
+    let status = connection::setting(&connection::info(), "status")
+        .map(|s| s.to_ascii_uppercase())
+        .filter(|s| ["DRAFT", "SUBMITTED", "AUTHORISED"].contains(&s.as_str()))
+        .unwrap_or_else(|| "AUTHORISED".into());
+    let line_items: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            let mut v = json!({
+                "Description": l.description,
+                "Quantity": l.quantity.json(),
+                "UnitAmount": l.unit_amount.json(),
+                "LineAmount": l.line_amount.json(),
+                "AccountCode": l.account_code,
+            });
+            if doc.tax_basis != TaxBasis::NoTax {
+                v["TaxAmount"] = l.tax_amount.json();
+            }
+            if let Some(t) = &l.tax_type {
+                v["TaxType"] = json!(t);
+            }
+            v
+        })
+        .collect();
+    let mut body = json!({
+        "Type": which.xero_type(),
+        "Contact": { "ContactID": contact_id },
+        "Date": doc.issue_date,
+        "CurrencyCode": doc.currency,
+        "LineAmountTypes": match doc.tax_basis {
+            TaxBasis::Exclusive => "Exclusive",
+            TaxBasis::Inclusive => "Inclusive",
+            TaxBasis::NoTax => "NoTax",
+        },
+        "Status": status,
+        "LineItems": line_items,
+    });
+    body[which.number_field()] = json!(cut(&doc.number, MAX_NUMBER));
+    if which == Which::Bill {
+        if let Some(d) = &doc.due_date {
+            body["DueDate"] = json!(d);
+        }
+        body["Url"] = json!(url_for(doc, delivery));
+    } else {
+        body["Reference"] = json!(doc.credits_invoice_number.clone().unwrap_or_default());
+        body["Url"] = json!(url_for(doc, delivery));
+    }
+    let unitdp4 = lines.iter().any(|l| l.unit_amount.scale() > 2);
+    let path = format!(
+        "{}?summarizeErrors=true{}",
+        which.path(),
+        if unitdp4 { "&unitdp=4" } else { "" }
+    );
+    let envelope = json!({ which.collection(): [body] });
+    let key = format!("{}-create", delivery.key);
+    let answer = api
+        .put_json(&path, &envelope, Some(&key))
+        .map_err(|e| explain_rejection(e, lines, mappings))?;
+    items(&answer, which.collection())
+        .into_iter()
+        .next()
+        .cloned()
+        .ok_or_else(|| errors::transient("Xero's answer held no document"))
+}
+
+/// Tie Xero's validation messages to the lines and kinds they concern,
+/// in plain words, keeping Xero's text alongside.
+fn explain_rejection(
+    e: DeliveryError,
+    lines: &[LineOut],
+    mappings: &BTreeMap<String, AccountMapping>,
+) -> DeliveryError {
+    let DeliveryError::Rejected(errs) = e else {
+        return e;
+    };
+    let mut out = Vec::new();
+    for fe in errs {
+        let raw = fe.provider_message.clone().unwrap_or_else(|| fe.message.clone());
+        let mut matched = false;
+        for (kind, m) in mappings {
+            let code = &m.account_code;
+            let mentions_code = raw.contains(&format!("'{code}'")) || raw.contains(&format!(" {code} "));
+            if mentions_code && raw.to_ascii_lowercase().contains("account code") {
+                let idx = lines.iter().position(|l| &l.kind == kind).unwrap_or(0);
+                let what = if raw.contains("archived") {
+                    format!("Account code {code} is archived in Xero — choose another account for '{kind}'")
+                } else {
+                    format!("Account code {code} does not exist in this Xero organisation — choose another account for '{kind}'")
+                };
+                out.push(errors::field(&format!("lines[{idx}].kind"), what, Some(raw.clone())));
+                matched = true;
+            }
+            if let Some(t) = &m.tax_type
+                && raw.contains(&format!("'{t}'"))
+                && raw.contains("TaxType")
+            {
+                let idx = lines.iter().position(|l| &l.kind == kind).unwrap_or(0);
+                out.push(errors::field(
+                    &format!("lines[{idx}].kind"),
+                    format!("Tax type {t} cannot be used in this Xero organisation — choose another tax rate for '{kind}'"),
+                    Some(raw.clone()),
+                ));
+                matched = true;
+            }
+        }
+        if !matched {
+            let plain = if raw.contains("not subscribed to currency") {
+                "This currency is not enabled in the customer's Xero organisation — enable it in Xero (Settings > Currencies), then retry".to_string()
+            } else {
+                format!("Xero refused the document: {raw}")
+            };
+            out.push(errors::field(&fe.field, plain, Some(raw)));
+        }
+    }
+    DeliveryError::Rejected(out)
+}
+
+fn attach_pdf(
+    api: &Api,
+    which: Which,
+    id: &str,
+    number: &str,
+    bytes: &[u8],
+    delivery: &Delivery,
+) -> Result<(), DeliveryError> {
+    let file = format!("{}.pdf", cut(number, 200).replace(['/', '\\'], "-"));
+    let existing = api.get_json(&format!("{}/{id}/Attachments", which.path()))?;
+    if items(&existing, "Attachments")
+        .iter()
+        .any(|a| s(a, "FileName") == file)
+    {
+        return Ok(());
+    }
+    api.put_bytes(
+        &format!("{}/{id}/Attachments/{}", which.path(), xero::encode(&file)),
+        bytes.to_vec(),
+        "application/pdf",
+        &format!("{}-pdf", delivery.key),
+    )?;
+    Ok(())
+}
+
+/// Allocate a credit note to the bill it credits, up to what is due.
+/// Returns a note for the receipt when it could not (fully) be allocated.
+fn allocate(
+    api: &Api,
+    credit: &Value,
+    doc: &Document,
+    contact_id: &str,
+) -> Result<Option<String>, DeliveryError> {
+    let Some(invoice_number) = doc.credits_invoice_number.clone() else {
+        return Ok(None);
+    };
+    let credit_id = s(credit, "CreditNoteID");
+    // Read it again: allocations already made (on an earlier attempt) show here.
+    let credit = api.get_one(Which::Credit, &credit_id)?;
+    if s(&credit, "Status") != "AUTHORISED" {
+        return Ok(Some(format!(
+            "the credit note is {} in Xero, so it was not allocated to bill {invoice_number}; allocate it in Xero once approved",
+            s(&credit, "Status")
+        )));
+    }
+    let remaining = credit
+        .get("RemainingCredit")
+        .and_then(Amount::from_json)
+        .unwrap_or_default();
+    if remaining.is_zero() {
+        return Ok(None);
+    }
+    let filter = format!(
+        "Type==\"ACCPAY\" AND InvoiceNumber==\"{}\" AND Contact.ContactID==guid(\"{}\")",
+        xero::quote(&invoice_number),
+        xero::quote(contact_id)
+    );
+    let bills = api.get_json(&format!("/Invoices?where={}", xero::encode(&filter)))?;
+    let bill = items(&bills, "Invoices")
+        .into_iter()
+        .filter(|b| s(b, "Status") == "AUTHORISED")
+        .max_by_key(|b| b.get("AmountDue").and_then(Amount::from_json).unwrap_or_default());
+    let Some(bill) = bill else {
+        return Ok(Some(format!(
+            "bill {invoice_number} is not in Xero as an approved bill, so the credit was left unallocated"
+        )));
+    };
+    let due = bill.get("AmountDue").and_then(Amount::from_json).unwrap_or_default();
+    if due.is_zero() {
+        return Ok(Some(format!(
+            "bill {invoice_number} has nothing left to pay, so the credit was left unallocated"
+        )));
+    }
+    let amount = if due < remaining { due } else { remaining };
+    let body = json!({ "Allocations": [{
+        "Amount": amount.json(),
+        "Date": doc.issue_date,
+        "Invoice": { "InvoiceID": s(bill, "InvoiceID") },
+    }]});
+    api.put_json(&format!("/CreditNotes/{credit_id}/Allocations"), &body, None)?;
+    if amount < remaining {
+        Ok(Some(format!(
+            "{} of the credit was allocated to bill {invoice_number} (all that was due); the rest stays as credit in Xero",
+            amount.text()
+        )))
+    } else {
+        Ok(Some(format!(
+            "the credit was allocated to bill {invoice_number}"
+        )))
+    }
+}

@@ -1,0 +1,132 @@
+//! Exact decimal amounts for the Xero connector: parsed from the contract's
+//! decimal strings, compared exactly, and written to JSON as numbers with
+//! the same digits (serde_json's `arbitrary_precision`), never as floats.
+
+use serde_json::Value;
+use std::cmp::Ordering;
+
+/// A decimal as mantissa and scale (`12.50` = 1250, scale 2).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Amount {
+    mantissa: i128,
+    scale: u32,
+}
+
+impl Amount {
+    /// Parse `-?digits(.digits)?` (at most 28 digits); anything else is None.
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim();
+        let (neg, body) = match t.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, t),
+        };
+        let (int, frac) = match body.split_once('.') {
+            Some((i, f)) => (i, f),
+            None => (body, ""),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return None;
+        }
+        if !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if int.len() + frac.len() > 28 || (body.contains('.') && frac.is_empty()) {
+            return None;
+        }
+        let mut m: i128 = 0;
+        for b in int.bytes().chain(frac.bytes()) {
+            m = m * 10 + i128::from(b - b'0');
+        }
+        Some(Self {
+            mantissa: if neg { -m } else { m },
+            scale: frac.len() as u32,
+        })
+    }
+
+    /// Read a JSON number or numeric string.
+    pub fn from_json(v: &Value) -> Option<Self> {
+        match v {
+            Value::Number(n) => Self::parse(&n.to_string()),
+            Value::String(s) => Self::parse(s),
+            _ => None,
+        }
+    }
+
+    /// Decimal places as written.
+    pub fn scale(&self) -> u32 {
+        self.scale
+    }
+
+    /// Whether it is zero.
+    pub fn is_zero(&self) -> bool {
+        self.mantissa == 0
+    }
+
+    fn rescaled(&self, scale: u32) -> i128 {
+        self.mantissa * 10i128.pow(scale - self.scale)
+    }
+
+    /// The digits as text.
+    pub fn text(&self) -> String {
+        let neg = self.mantissa < 0;
+        let digits = self.mantissa.unsigned_abs().to_string();
+        let s = self.scale as usize;
+        let body = if s == 0 {
+            digits
+        } else if digits.len() > s {
+            format!("{}.{}", &digits[..digits.len() - s], &digits[digits.len() - s..])
+        } else {
+            format!("0.{}{}", "0".repeat(s - digits.len()), digits)
+        };
+        if neg { format!("-{body}") } else { body }
+    }
+
+    /// A JSON number with exactly these digits.
+    pub fn json(&self) -> Value {
+        self.text()
+            .parse::<serde_json::Number>()
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
+    }
+}
+
+impl PartialEq for Amount {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Amount {}
+impl PartialOrd for Amount {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Amount {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let s = self.scale.max(other.scale);
+        self.rescaled(s).cmp(&other.rescaled(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_writes_exactly() {
+        for t in ["0", "6250.00", "41.3119", "-5.5", "0.01", "123456789012345678.1234"] {
+            assert_eq!(Amount::parse(t).unwrap().text(), t);
+            assert_eq!(Amount::parse(t).unwrap().json().to_string(), t);
+        }
+        for bad in ["", "1e5", "12.", ".", "1,5", "abc", "--1", "NaN"] {
+            assert!(Amount::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn compares_across_scales() {
+        assert_eq!(Amount::parse("1.50").unwrap(), Amount::parse("1.5").unwrap());
+        assert!(Amount::parse("0.1").unwrap() < Amount::parse("0.11").unwrap());
+        assert!(Amount::parse("0.00").unwrap().is_zero());
+    }
+}
