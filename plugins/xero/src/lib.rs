@@ -593,13 +593,23 @@ fn allocate(
         xero::quote(contact_id)
     );
     let bills = api.get_json(&format!("/Invoices?where={}", xero::encode(&filter)))?;
-    let bill = items(&bills, "Invoices")
-        .into_iter()
-        .filter(|b| s(b, "Status") == "AUTHORISED")
+    let all = items(&bills, "Invoices");
+    let bill = all
+        .iter()
+        .filter(|b| matches!(s(b, "Status").as_str(), "AUTHORISED" | "PAID"))
         .max_by_key(|b| b.get("AmountDue").and_then(Amount::from_json).unwrap_or_default());
     let Some(bill) = bill else {
+        if let Some(pending) = all
+            .iter()
+            .find(|b| matches!(s(b, "Status").as_str(), "DRAFT" | "SUBMITTED"))
+        {
+            return Ok(Some(format!(
+                "bill {invoice_number} is {} in Xero, so the credit was left unallocated; allocate it in Xero once the bill is approved",
+                s(pending, "Status")
+            )));
+        }
         return Ok(Some(format!(
-            "bill {invoice_number} is not in Xero as an approved bill, so the credit was left unallocated"
+            "bill {invoice_number} is not in Xero, so the credit was left unallocated"
         )));
     };
     let due = bill.get("AmountDue").and_then(Amount::from_json).unwrap_or_default();

@@ -1,0 +1,458 @@
+//! The Xero connector — the real `.wasm` in the real runtime — against the
+//! Xero simulator over real sockets: bills and supplier credit notes,
+//! contacts, exactly-once, PDF, allocation, and every outcome.
+
+mod common;
+
+use async_trait::async_trait;
+use ledgerport::capabilities::connection::ConnectionInfo;
+use ledgerport::capabilities::http::{
+    Credential, CredentialError, CredentialProvider, ReqwestTransport, StaticCredentials,
+};
+use ledgerport::capabilities::kv::MemoryKv;
+use ledgerport::capabilities::mapping::{AccountMapping, MappingScope, MemoryMappings};
+use ledgerport::runtime::v0_1::ledgerport::connector::types::{Delivery, DeliveryError, Document};
+use ledgerport::runtime::{CallContext, Plugin, Runtime, RuntimeConfig};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use xero_sim::{
+    DEFAULT_TENANT_TRADING, FaultConfig, FaultRule, GrantRequest, Sim, SimConfig, SimHandle,
+};
+
+/// The mappings an admin would set for the sample documents.
+const MAPPINGS: &[(&str, &str, Option<&str>)] = &[
+    ("gross-salary", "477", None),
+    ("employer-social-contributions", "478", None),
+    ("employee-benefits", "479", None),
+    ("allowances-and-bonuses", "477", None),
+    ("statutory-payments", "477", None),
+    ("management-fee", "429", Some("INPUT2")),
+    ("onboarding-fee", "429", Some("INPUT2")),
+    ("fx-fee", "404", None),
+    ("expense-reimbursement", "493", None),
+    ("security-deposit", "620", None),
+    ("deposit-refund", "620", None),
+];
+
+struct Env {
+    sim: SimHandle,
+    rt: Runtime,
+    plugin: Plugin,
+    mappings: Arc<MemoryMappings>,
+    kv: Arc<MemoryKv>,
+    token: String,
+}
+
+fn plugin_manifest() -> std::path::PathBuf {
+    let p = common::target_dir().join("plugins/xero/manifest.toml");
+    assert!(p.exists(), "{} missing: run `cargo xtask wasm`", p.display());
+    p
+}
+
+async fn env() -> Env {
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let grant = sim
+        .issue_grant(GrantRequest {
+            tenants: Some(vec![DEFAULT_TENANT_TRADING]),
+            ..Default::default()
+        })
+        .unwrap();
+    let rt = Runtime::new(RuntimeConfig::default(), Arc::new(ReqwestTransport::new().unwrap())).unwrap();
+    let overrides = BTreeMap::from([("https://api.xero.com".to_string(), sim.base_url().to_string())]);
+    let plugin = rt.load(&plugin_manifest(), &overrides).unwrap();
+    let mappings = Arc::new(MemoryMappings::default());
+    let scope = MappingScope { tenant_id: "acme".into(), connector_id: "xero".into() };
+    for (kind, code, tax) in MAPPINGS {
+        mappings.set(
+            &scope,
+            AccountMapping { kind: kind.to_string(), account_code: code.to_string(), tax_type: tax.map(String::from) },
+        );
+    }
+    Env { sim, rt, plugin, mappings, kv: Arc::new(MemoryKv::default()), token: grant.tokens.access_token }
+}
+
+impl Env {
+    fn ctx_with(&self, creds: Arc<dyn CredentialProvider>, tenant: Option<String>, settings: &[(&str, &str)]) -> CallContext {
+        CallContext {
+            connection: ConnectionInfo {
+                connection_id: "conn-xero".into(),
+                tenant_id: "acme".into(),
+                external_tenant_id: tenant,
+                external_tenant_name: Some("Acme Trading GmbH".into()),
+                settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            },
+            credentials: creds,
+            mappings: self.mappings.clone(),
+            kv: self.kv.clone(),
+        }
+    }
+
+    fn ctx(&self) -> CallContext {
+        self.ctx_with(
+            Arc::new(StaticCredentials(self.token.clone())),
+            Some(DEFAULT_TENANT_TRADING.to_string()),
+            &[],
+        )
+    }
+
+    async fn deliver(&self, key: &str, doc: Document) -> Result<ledgerport::runtime::v0_1::ledgerport::connector::types::Receipt, DeliveryError> {
+        self.deliver_ctx(&self.ctx(), key, doc).await
+    }
+
+    async fn deliver_ctx(&self, ctx: &CallContext, key: &str, doc: Document) -> Result<ledgerport::runtime::v0_1::ledgerport::connector::types::Receipt, DeliveryError> {
+        self.rt
+            .deliver(&self.plugin, ctx, Delivery { key: key.into(), attempt: 1 }, doc)
+            .await
+            .expect("the connector must not crash")
+    }
+
+    fn docs(&self) -> xero_sim::TenantDocuments {
+        self.sim.documents(DEFAULT_TENANT_TRADING).unwrap()
+    }
+
+    /// Writes (PUT/POST) the connector sent to the Accounting API.
+    fn writes(&self) -> Vec<xero_sim::LoggedRequest> {
+        self.sim
+            .requests(0)
+            .into_iter()
+            .filter(|r| (r.method == "PUT" || r.method == "POST") && r.uri.starts_with("/api.xro"))
+            .collect()
+    }
+
+    /// Keep the accounting request log for the schema check (pytest
+    /// `test_connector_requests.py` validates every body against Xero's
+    /// OpenAPI description).
+    fn save_requests(&self, name: &str) {
+        let dir = common::target_dir().join("connector-requests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let reqs: Vec<Value> = self
+            .sim
+            .requests(0)
+            .into_iter()
+            .filter(|r| r.uri.starts_with("/api.xro"))
+            .map(|r| serde_json::json!({"method": r.method, "uri": r.uri, "body_text": r.body_text, "status": r.status}))
+            .collect();
+        std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&reqs).unwrap()).unwrap();
+    }
+}
+
+fn sample(file: &str) -> Document {
+    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents").join(file)).unwrap();
+    ledgerport::document::Document::from_json(&bytes).unwrap().to_wit().unwrap()
+}
+
+/// A JSON amount, normalised (exact decimal, trailing zeros dropped).
+fn num(v: &Value) -> String {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    text.parse::<rust_decimal::Decimal>().map(|d| d.normalize().to_string()).unwrap_or(text)
+}
+
+#[tokio::test]
+async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
+    let e = env().await;
+    let r = e.deliver("dlv-inv-1", sample("invoice.json")).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.invoices.len(), 1);
+    let bill = &docs.invoices[0];
+    assert_eq!(bill["InvoiceID"], r.external_id.as_str());
+    assert!(r.external_url.unwrap().contains(&r.external_id));
+    assert_eq!(bill["Type"], "ACCPAY");
+    assert_eq!(bill["InvoiceNumber"], "INV-2026-0042");
+    assert_eq!(bill["Status"], "AUTHORISED");
+    assert_eq!(bill["CurrencyCode"], "EUR");
+    assert_eq!(bill["LineAmountTypes"], "Exclusive");
+    assert_eq!(num(&bill["Total"]), "9950.49");
+    assert_eq!(num(&bill["TotalTax"]), "169.8");
+    let lines = bill["LineItems"].as_array().unwrap();
+    assert_eq!(lines.len(), 10);
+    assert_eq!(lines[0]["AccountCode"], "477");
+    assert_eq!(lines[5]["AccountCode"], "429");
+    assert_eq!(lines[5]["TaxType"], "INPUT2");
+    // 4-decimal unit amount kept exactly (unitdp=4).
+    assert_eq!(num(&lines[7]["UnitAmount"]), "41.3119");
+    assert!(bill["Url"].as_str().unwrap().contains("ledgerport=dlv-inv-1"));
+    // The supplier contact was created with the platform's supplier id.
+    assert_eq!(docs.contacts.len(), 1);
+    assert_eq!(docs.contacts[0]["ContactNumber"], "eor-platform");
+    assert_eq!(docs.contacts[0]["Name"], "Globe EOR Services Ltd");
+    // PDF attached once, named after the number.
+    assert_eq!(docs.attachments.len(), 1);
+    assert_eq!(docs.attachments[0]["FileName"], "INV-2026-0042.pdf");
+    // Every create carried an idempotency key.
+    for w in e.writes() {
+        if w.uri.starts_with("/api.xro/2.0/Invoices") {
+            assert!(w.headers.iter().any(|(k, _)| k == "idempotency-key"), "{}", w.uri);
+        }
+    }
+    e.save_requests("invoice");
+}
+
+#[tokio::test]
+async fn a_retry_is_exactly_once_even_after_the_idempotency_window_with_empty_kv() {
+    let e = env().await;
+    let first = e.deliver("dlv-crash", sample("invoice.json")).await.unwrap();
+    // Same delivery again straight away: nothing new.
+    let again = e.deliver("dlv-crash", sample("invoice.json")).await.unwrap();
+    assert_eq!(first.external_id, again.external_id);
+    // The worker crashed after creating: its kv is gone and Xero forgot the
+    // idempotency key (kept 6 minutes).
+    e.kv.clear("conn-xero");
+    e.sim.advance_secs(7 * 60);
+    let after_crash = e.deliver("dlv-crash", sample("invoice.json")).await.unwrap();
+    assert_eq!(first.external_id, after_crash.external_id);
+    let docs = e.docs();
+    assert_eq!(docs.invoices.len(), 1, "exactly one bill");
+    assert_eq!(docs.attachments.len(), 1, "PDF attached once");
+    assert_eq!(docs.contacts.len(), 1, "contact reused, not duplicated");
+    assert_eq!(e.sim.counters().duplicates, 0);
+}
+
+#[tokio::test]
+async fn unmapped_kinds_are_all_named_before_anything_is_written() {
+    let e = env().await;
+    let mut doc = sample("invoice.json");
+    doc.lines[2].kind = "new-kind-b".into();
+    doc.lines[4].kind = "new-kind-a".into();
+    doc.lines[6].kind = "new-kind-b".into();
+    let err = e.deliver("dlv-map", doc).await.unwrap_err();
+    match err {
+        DeliveryError::NeedsMapping(kinds) => assert_eq!(kinds, vec!["new-kind-a", "new-kind-b"]),
+        other => panic!("{other:?}"),
+    }
+    assert!(e.sim.requests(0).is_empty(), "nothing may reach Xero");
+}
+
+async fn sim_put_contact(e: &Env, body: Value) {
+    let resp = reqwest::Client::new()
+        .put(format!("{}/api.xro/2.0/Contacts", e.sim.base_url()))
+        .bearer_auth(&e.token)
+        .header("xero-tenant-id", DEFAULT_TENANT_TRADING.to_string())
+        .json(&serde_json::json!({"Contacts": [body]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn an_existing_supplier_contact_is_reused_and_a_name_clash_is_handled() {
+    // The admin typed the supplier in by hand (same name, no number): reuse.
+    let e = env().await;
+    sim_put_contact(&e, serde_json::json!({"Name": "Globe EOR Services Ltd"})).await;
+    e.deliver("dlv-c1", sample("invoice.json")).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.contacts.len(), 1);
+    assert_eq!(docs.invoices[0]["Contact"]["ContactID"], docs.contacts[0]["ContactID"]);
+
+    // An unrelated contact already has the name: ours gets a distinct name.
+    let e = env().await;
+    sim_put_contact(&e, serde_json::json!({"Name": "Globe EOR Services Ltd", "ContactNumber": "someone-else"})).await;
+    e.deliver("dlv-c2", sample("invoice.json")).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.contacts.len(), 2);
+    let ours = docs.contacts.iter().find(|c| c["ContactNumber"] == "eor-platform").unwrap();
+    assert_eq!(ours["Name"], "Globe EOR Services Ltd (eor-platform)");
+    assert_eq!(docs.invoices[0]["Contact"]["ContactID"], ours["ContactID"]);
+}
+
+#[tokio::test]
+async fn archived_account_and_disabled_currency_are_rejected_in_plain_words() {
+    let e = env().await;
+    let scope = MappingScope { tenant_id: "acme".into(), connector_id: "xero".into() };
+    e.mappings.set(&scope, AccountMapping { kind: "management-fee".into(), account_code: "499".into(), tax_type: None });
+    let err = e.deliver("dlv-arch", sample("invoice.json")).await.unwrap_err();
+    let DeliveryError::Rejected(errs) = err else { panic!("{err:?}") };
+    let e0 = errs.iter().find(|f| f.message.contains("499")).expect("names the code");
+    assert_eq!(e0.message, "Account code 499 is archived in Xero — choose another account for 'management-fee'");
+    assert_eq!(e0.field, "lines[5].kind");
+    assert!(e0.provider_message.as_deref().unwrap().contains("archived"));
+    assert!(e.docs().invoices.is_empty());
+
+    let e = env().await;
+    let mut doc = sample("invoice.json");
+    doc.currency = "JPY".into();
+    let err = e.deliver("dlv-jpy", doc).await.unwrap_err();
+    let DeliveryError::Rejected(errs) = err else { panic!("{err:?}") };
+    assert!(errs.iter().any(|f| f.message.contains("currency is not enabled") && f.provider_message.as_deref().unwrap_or("").contains("JPY")), "{errs:?}");
+    e.save_requests("rejections");
+}
+
+#[tokio::test]
+async fn bad_amounts_are_refused_before_anything_is_written() {
+    let e = env().await;
+    let mut doc = sample("invoice.json");
+    doc.lines[1].unit_amount = "1e5".into();
+    doc.lines[3].unit_amount = "1.23456".into();
+    let err = e.deliver("dlv-amt", doc).await.unwrap_err();
+    let DeliveryError::Rejected(errs) = err else { panic!("{err:?}") };
+    let fields: Vec<&str> = errs.iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(fields, vec!["lines[1].unit_amount", "lines[3].unit_amount"]);
+    assert!(e.sim.requests(0).is_empty());
+}
+
+fn credit(number: &str, credits: &str, total: &str) -> Document {
+    let mut d = sample("credit-note.json");
+    d.number = number.into();
+    d.credits_invoice_number = Some(credits.into());
+    // One line carrying the whole amount.
+    d.lines.truncate(1);
+    d.lines[0].kind = "management-fee".into();
+    d.lines[0].unit_amount = total.into();
+    d.lines[0].line_amount = total.into();
+    d.lines[0].tax_amount = "0.00".into();
+    d.subtotal = total.into();
+    d.total_tax = "0.00".into();
+    d.total = total.into();
+    d
+}
+
+#[tokio::test]
+async fn credit_notes_are_allocated_fully_partially_or_explained() {
+    let e = env().await;
+    e.deliver("dlv-inv", sample("invoice.json")).await.unwrap();
+    // Full: the sample credit note (620.00) against the 9950.49 bill.
+    let r = e.deliver("dlv-cn-1", sample("credit-note.json")).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.credit_notes.len(), 1);
+    assert_eq!(docs.credit_notes[0]["Type"], "ACCPAYCREDIT");
+    assert_eq!(docs.credit_notes[0]["CreditNoteNumber"], "CN-2026-0007");
+    assert_eq!(num(&docs.invoices[0]["AmountDue"]), "9330.49");
+    assert!(r.notes.iter().any(|n| n.contains("allocated to bill INV-2026-0042")), "{:?}", r.notes);
+    // Retrying the credit note does not allocate twice.
+    e.deliver("dlv-cn-1", sample("credit-note.json")).await.unwrap();
+    assert_eq!(num(&e.docs().invoices[0]["AmountDue"]), "9330.49");
+    assert_eq!(e.docs().allocations.len(), 1);
+
+    // Partial: more credit than is still due.
+    let r = e.deliver("dlv-cn-2", credit("CN-2026-0008", "INV-2026-0042", "10000.00")).await.unwrap();
+    assert!(r.notes.iter().any(|n| n.contains("9330.49") && n.contains("rest stays as credit")), "{:?}", r.notes);
+    assert_eq!(num(&e.docs().invoices[0]["AmountDue"]), "0");
+
+    // Impossible: the bill it names is not in Xero.
+    let r = e.deliver("dlv-cn-3", credit("CN-2026-0009", "INV-NOPE", "10.00")).await.unwrap();
+    assert!(r.notes.iter().any(|n| n.contains("INV-NOPE") && n.contains("unallocated")), "{:?}", r.notes);
+    // Nothing left due: explained too.
+    let r = e.deliver("dlv-cn-4", credit("CN-2026-0010", "INV-2026-0042", "10.00")).await.unwrap();
+    assert!(r.notes.iter().any(|n| n.contains("nothing left to pay")), "{:?}", r.notes);
+    assert_eq!(e.docs().credit_notes.len(), 4);
+    assert_eq!(e.sim.counters().duplicates, 0);
+    e.save_requests("credit-notes");
+}
+
+#[tokio::test]
+async fn draft_status_is_a_connection_setting() {
+    let e = env().await;
+    let ctx = e.ctx_with(Arc::new(StaticCredentials(e.token.clone())), Some(DEFAULT_TENANT_TRADING.to_string()), &[("status", "DRAFT")]);
+    e.deliver_ctx(&ctx, "dlv-draft", sample("invoice.json")).await.unwrap();
+    assert_eq!(e.docs().invoices[0]["Status"], "DRAFT");
+    let r = e.deliver_ctx(&ctx, "dlv-draft-cn", sample("credit-note.json")).await.unwrap();
+    assert!(r.notes.iter().any(|n| n.contains("DRAFT")), "{:?}", r.notes);
+}
+
+#[tokio::test]
+async fn provider_answers_map_to_outcomes() {
+    let e = env().await;
+    // 403: the organisation is not (or no longer) connected.
+    let ctx = e.ctx_with(Arc::new(StaticCredentials(e.token.clone())), Some(uuid::Uuid::new_v4().to_string()), &[]);
+    let err = e.deliver_ctx(&ctx, "d403", sample("invoice.json")).await.unwrap_err();
+    assert!(matches!(&err, DeliveryError::NeedsReauth(m) if m.contains("AuthenticationUnsuccessful")), "{err:?}");
+    // No organisation picked at all.
+    let ctx = e.ctx_with(Arc::new(StaticCredentials(e.token.clone())), None, &[]);
+    assert!(matches!(e.deliver_ctx(&ctx, "dnone", sample("invoice.json")).await, Err(DeliveryError::NeedsReauth(_))));
+
+    // 429 burst: rate-limited with the limit and Retry-After.
+    e.sim.set_faults(FaultConfig {
+        rules: vec![FaultRule { force_429: 1, retry_after_secs: 42, ..Default::default() }],
+        ..Default::default()
+    });
+    let err = e.deliver("d429", sample("invoice.json")).await.unwrap_err();
+    let DeliveryError::RateLimited(rl) = err else { panic!("{err:?}") };
+    assert_eq!(rl.retry_after_seconds, 42);
+    assert!(!rl.limit.is_empty());
+
+    // 500 and 503: transient.
+    for (r500, r503) in [(1.0, 0.0), (0.0, 1.0)] {
+        e.sim.set_faults(FaultConfig {
+            rules: vec![FaultRule { error_500_rate: r500, error_503_rate: r503, ..Default::default() }],
+            ..Default::default()
+        });
+        let err = e.deliver("d5xx", sample("invoice.json")).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Transient(_)), "{err:?}");
+    }
+    // A connection reset: transient too.
+    e.sim.set_faults(FaultConfig {
+        rules: vec![FaultRule { reset_rate: 1.0, ..Default::default() }],
+        ..Default::default()
+    });
+    let err = e.deliver("dreset", sample("invoice.json")).await.unwrap_err();
+    assert!(matches!(err, DeliveryError::Transient(_)), "{err:?}");
+    e.sim.clear_faults();
+    assert!(e.docs().invoices.is_empty());
+}
+
+/// Hands out a token, and on refresh a new one from the simulator.
+struct Refreshing {
+    sim_token: Mutex<String>,
+    fresh: String,
+    refreshes: AtomicU32,
+}
+
+#[async_trait]
+impl CredentialProvider for Refreshing {
+    async fn bearer(&self, _c: &str) -> Result<Credential, CredentialError> {
+        Ok(Credential { access_token: self.sim_token.lock().unwrap().clone() })
+    }
+    async fn refresh(&self, _c: &str, _rejected: &Credential) -> Result<Credential, CredentialError> {
+        self.refreshes.fetch_add(1, Ordering::SeqCst);
+        *self.sim_token.lock().unwrap() = self.fresh.clone();
+        Ok(Credential { access_token: self.fresh.clone() })
+    }
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_once_by_the_host_and_the_call_retried() {
+    let e = env().await;
+    // The token expires (30 minutes on the sim clock).
+    e.sim.advance_secs(31 * 60);
+    let fresh = e
+        .sim
+        .issue_grant(GrantRequest { tenants: Some(vec![DEFAULT_TENANT_TRADING]), ..Default::default() })
+        .unwrap()
+        .tokens
+        .access_token;
+    let creds = Arc::new(Refreshing { sim_token: Mutex::new(e.token.clone()), fresh, refreshes: AtomicU32::new(0) });
+    let ctx = e.ctx_with(creds.clone(), Some(DEFAULT_TENANT_TRADING.to_string()), &[]);
+    e.deliver_ctx(&ctx, "d401", sample("invoice.json")).await.unwrap();
+    assert_eq!(creds.refreshes.load(Ordering::SeqCst), 1);
+    assert_eq!(e.docs().invoices.len(), 1);
+
+    // A token that cannot be refreshed: the admin must reconnect.
+    e.sim.advance_secs(31 * 60);
+    let err = e.deliver("d401b", sample("invoice.json")).await.unwrap_err();
+    assert!(matches!(err, DeliveryError::NeedsReauth(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn list_accounts_offers_active_bill_accounts_and_tax_rates_and_check_names_the_org() {
+    let e = env().await;
+    let list = e.rt.list_accounts(&e.plugin, &e.ctx()).await.unwrap().unwrap();
+    let codes: Vec<&str> = list.accounts.iter().map(|a| a.code.as_str()).collect();
+    assert!(codes.contains(&"477") && codes.contains(&"429") && codes.contains(&"620") && codes.contains(&"830"), "{codes:?}");
+    assert!(!codes.contains(&"499"), "archived accounts are not offered");
+    assert!(!codes.contains(&"200"), "revenue accounts are not offered");
+    let salaries = list.accounts.iter().find(|a| a.code == "477").unwrap();
+    assert_eq!(salaries.name, "Salaries");
+    assert_eq!(salaries.account_type, "EXPENSE");
+    let taxes: Vec<&str> = list.tax_rates.iter().map(|t| t.tax_type.as_str()).collect();
+    assert!(taxes.contains(&"INPUT2") && !taxes.contains(&"TAX001"), "{taxes:?}");
+    let report = e.rt.check(&e.plugin, &e.ctx()).await.unwrap().unwrap();
+    assert_eq!(report.organisation_name, "Acme Trading GmbH");
+    assert!(report.details.iter().any(|d| d.contains("EUR")));
+}
