@@ -1,1 +1,608 @@
-//! Placeholder; being written.
+//! Tenants' connections to accounting systems: connect (authorization URL
+//! with a one-time `state` bound to tenant and admin, PKCE), the callback
+//! (code exchange, the grant's organisations, the picker when there are
+//! several), disconnect (revocation at the provider, tokens dropped,
+//! mappings and history kept), reconnect (the same connection back to
+//! active), the [`CallContext`] a connector call runs with, and account
+//! mappings validated against the connector's account list ([`mappings`]).
+//!
+//! [`Connections`] is the service; it owns a [`TokenManager`] (the
+//! connections' `CredentialProvider`) and reports what happens to
+//! connections on an [`EventBus`] (and in the `connection_events` table).
+
+pub mod catalogue;
+pub mod mappings;
+
+use crate::capabilities::connection::ConnectionInfo;
+use crate::capabilities::http::CredentialProvider;
+use crate::credentials::{RefreshPolicy, TokenManager};
+use crate::crypto::{KeyRing, random_token, sha256_hex};
+use crate::oauth::{OAuthError, Providers};
+use crate::runtime::{CallContext, Plugin, Runtime};
+use crate::store::{
+    Connection, ConnectionEvent, NewConnection, Organisation, PendingPick, Store, StoreError,
+    TokenSet,
+};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use tokio::sync::broadcast;
+
+pub use catalogue::{Catalogue, CatalogueKind};
+pub use mappings::{MappingError, MappingOutcome};
+
+/// How long a connect `state` is accepted.
+pub const STATE_TTL_SECS: i64 = 600;
+/// How long an organisation pick is accepted.
+pub const PICK_TTL_SECS: i64 = 900;
+/// Access-token lifetime assumed when the provider does not say.
+pub const DEFAULT_EXPIRES_IN: i64 = 1800;
+
+/// The time source (the system clock, or a test's simulated one).
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self(Arc::new(Utc::now))
+    }
+    /// A clock reading `f`.
+    pub fn from_fn(f: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+    /// Now.
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.0)()
+    }
+    /// Now, in Unix seconds.
+    pub fn now_secs(&self) -> i64 {
+        self.now().timestamp()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now())
+    }
+}
+
+/// In-process hook for connection events (the same events are in the
+/// `connection_events` table, which is the durable record).
+#[derive(Clone, Debug)]
+pub struct EventBus {
+    tx: broadcast::Sender<ConnectionEvent>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventBus {
+    /// A bus keeping up to 256 events for slow subscribers.
+    pub fn new() -> Self {
+        Self {
+            tx: broadcast::channel(256).0,
+        }
+    }
+    /// Receive events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.tx.subscribe()
+    }
+    /// Publish (no subscriber is fine).
+    pub fn emit(&self, e: ConnectionEvent) {
+        tracing::info!(connection = %e.connection_id, tenant = %e.tenant_id, kind = %e.kind, detail = %e.detail, "connection event");
+        let _ = self.tx.send(e);
+    }
+}
+
+/// Why a connection operation was refused or failed. Every refusal names
+/// the field or cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Bad input (400).
+    #[error("{field}: {message}")]
+    BadRequest {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Not found (404).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The provider refused or failed (502).
+    #[error("the accounting system: {0}")]
+    Provider(#[from] OAuthError),
+    /// Storage failed (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ConnectError {
+    /// A 400 naming `field`.
+    pub fn bad(field: &'static str, message: impl Into<String>) -> Self {
+        ConnectError::BadRequest {
+            field,
+            message: message.into(),
+        }
+    }
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ConnectError::BadRequest { .. } => 400,
+            ConnectError::NotFound(_) => 404,
+            ConnectError::Provider(_) => 502,
+            ConnectError::Store(StoreError::NotFound(_)) => 404,
+            ConnectError::Store(_) => 500,
+        }
+    }
+}
+
+/// The query of the provider's redirect to `/oauth/callback`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct CallbackQuery {
+    /// The authorization code.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// The state we issued.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// The provider's error (e.g. `access_denied`).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Its description.
+    #[serde(default)]
+    pub error_description: Option<String>,
+}
+
+/// What a successful callback leads to.
+#[derive(Debug, Clone)]
+pub enum CallbackOutcome {
+    /// Connected (the grant covered one organisation).
+    Connected(Connection),
+    /// The grant covers several organisations: show the picker with this token.
+    Pick {
+        /// The one-time pick token.
+        pick: String,
+    },
+}
+
+/// What a disconnect did at the provider.
+#[derive(Debug, Clone, Default)]
+pub struct DisconnectReport {
+    /// The provider's app-to-organisation link was removed.
+    pub organisation_link_removed: bool,
+    /// The refresh token was revoked.
+    pub token_revoked: bool,
+    /// What could not be done at the provider, in words.
+    pub problems: Vec<String>,
+}
+
+/// A loaded connector plugin, for calls made on a connection's behalf
+/// (account lists for mapping validation).
+#[derive(Clone)]
+pub struct ConnectorRuntime {
+    /// The runtime.
+    pub runtime: Arc<Runtime>,
+    /// The plugin.
+    pub plugin: Arc<Plugin>,
+}
+
+/// The connections service. Share it behind an `Arc`.
+pub struct Connections {
+    store: Store,
+    keys: Arc<KeyRing>,
+    providers: Arc<Providers>,
+    tokens: Arc<TokenManager>,
+    clock: Clock,
+    events: EventBus,
+    plugins: RwLock<BTreeMap<String, ConnectorRuntime>>,
+    catalogue: Option<Catalogue>,
+}
+
+impl Connections {
+    /// The service over `store`, with its own [`TokenManager`].
+    pub fn new(store: Store, keys: Arc<KeyRing>, providers: Arc<Providers>, clock: Clock) -> Self {
+        Self::with_policy(store, keys, providers, clock, RefreshPolicy::default())
+    }
+
+    /// As [`Connections::new`], with a refresh policy.
+    pub fn with_policy(
+        store: Store,
+        keys: Arc<KeyRing>,
+        providers: Arc<Providers>,
+        clock: Clock,
+        policy: RefreshPolicy,
+    ) -> Self {
+        let events = EventBus::new();
+        let tokens = Arc::new(TokenManager::new(
+            store.clone(),
+            keys.clone(),
+            providers.clone(),
+            clock.clone(),
+            events.clone(),
+            policy,
+        ));
+        Self {
+            store,
+            keys,
+            providers,
+            tokens,
+            clock,
+            events,
+            plugins: RwLock::new(BTreeMap::new()),
+            catalogue: None,
+        }
+    }
+
+    /// Use a catalogue of line-item kinds for mapping validation.
+    pub fn with_catalogue(mut self, catalogue: Catalogue) -> Self {
+        self.catalogue = Some(catalogue);
+        self
+    }
+
+    /// Register a loaded connector (for account lists and call contexts).
+    pub fn register_plugin(&self, runtime: Arc<Runtime>, plugin: Arc<Plugin>) {
+        let id = plugin.manifest().id.clone();
+        let mut g = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        g.insert(id, ConnectorRuntime { runtime, plugin });
+    }
+
+    fn plugin(&self, connector_id: &str) -> Option<ConnectorRuntime> {
+        let g = self.plugins.read().unwrap_or_else(|e| e.into_inner());
+        g.get(connector_id).cloned()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    /// The token manager (the connections' credential provider).
+    pub fn tokens(&self) -> Arc<TokenManager> {
+        self.tokens.clone()
+    }
+    /// The event hook.
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+    /// The catalogue in use, if any.
+    pub fn catalogue(&self) -> Option<&Catalogue> {
+        self.catalogue.as_ref()
+    }
+
+    /// Start connecting `tenant_id` to `connector_id` on behalf of `admin`:
+    /// the URL to send the admin's browser to. The `state` in it is single
+    /// use and expires after [`STATE_TTL_SECS`].
+    pub async fn begin_connect(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        admin: &str,
+    ) -> Result<url::Url, ConnectError> {
+        if admin.trim().is_empty() {
+            return Err(ConnectError::bad(
+                "admin",
+                "who is connecting must be named",
+            ));
+        }
+        if self.store.tenant(tenant_id).await?.is_none() {
+            return Err(ConnectError::bad(
+                "tenant",
+                format!("unknown tenant {tenant_id:?}"),
+            ));
+        }
+        let provider = self.providers.get(connector_id).ok_or_else(|| {
+            ConnectError::bad(
+                "connector",
+                format!("{connector_id:?} has no OAuth provider configured"),
+            )
+        })?;
+        let state = random_token(32);
+        let (url, verifier) = provider.authorize_url(&state);
+        let now = self.clock.now_secs();
+        self.store
+            .create_oauth_state(
+                &self.keys,
+                &sha256_hex(&state),
+                tenant_id,
+                connector_id,
+                admin,
+                verifier.as_ref(),
+                now,
+                now + STATE_TTL_SECS,
+            )
+            .await?;
+        Ok(url)
+    }
+
+    /// Handle the provider's redirect: check and use up the `state`,
+    /// exchange the code, read the organisations the grant covers.
+    pub async fn complete_callback(
+        &self,
+        q: &CallbackQuery,
+    ) -> Result<CallbackOutcome, ConnectError> {
+        let state = q
+            .state
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ConnectError::bad("state", "is missing"))?;
+        if state.len() > 512 {
+            return Err(ConnectError::bad("state", "is unknown"));
+        }
+        let now = self.clock.now_secs();
+        let record = self
+            .store
+            .consume_oauth_state(&self.keys, &sha256_hex(state), now)
+            .await?
+            .map_err(|r| {
+                ConnectError::bad(
+                    "state",
+                    r.to_string().trim_start_matches("state ").to_string(),
+                )
+            })?;
+        if let Some(err) = q.error.as_deref().filter(|e| !e.is_empty()) {
+            return Err(ConnectError::bad(
+                "error",
+                format!(
+                    "the accounting system did not authorise the connection: {err}{}",
+                    q.error_description
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        let code = q
+            .code
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ConnectError::bad("code", "is missing"))?;
+        let provider = self.providers.get(&record.connector_id).ok_or_else(|| {
+            ConnectError::bad(
+                "connector",
+                format!("{:?} is no longer configured", record.connector_id),
+            )
+        })?;
+        let answer = match provider
+            .exchange_code(code, record.pkce_verifier.as_ref())
+            .await
+        {
+            Ok(a) => a,
+            Err(OAuthError::InvalidGrant(d)) => {
+                return Err(ConnectError::bad(
+                    "code",
+                    format!(
+                        "the accounting system refused the authorization code (expired, already used or not issued for this app){}; start the connection again",
+                        if d.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {d}")
+                        }
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let now = self.clock.now_secs();
+        let tokens = TokenSet {
+            access_token: answer.access_token.clone(),
+            refresh_token: answer.refresh_token.clone(),
+            expires_at: now + answer.expires_in.unwrap_or(DEFAULT_EXPIRES_IN),
+        };
+        let scopes = answer
+            .scopes
+            .clone()
+            .unwrap_or_else(|| provider.scopes().to_vec());
+        let orgs = provider
+            .organisations(&answer.access_token, answer.auth_event_id.as_deref())
+            .await?;
+        let organisations: Vec<Organisation> = orgs
+            .into_iter()
+            .map(|o| Organisation {
+                tenant_id: o.tenant_id,
+                name: o.name,
+                connection_id: Some(o.connection_id).filter(|c| !c.is_empty()),
+            })
+            .collect();
+        match organisations.len() {
+            0 => Err(ConnectError::bad(
+                "organisation",
+                "the authorisation covers no organisation; choose one on the accounting system's consent page",
+            )),
+            1 => {
+                let new = NewConnection {
+                    tenant_id: record.tenant_id,
+                    connector_id: record.connector_id,
+                    admin: record.admin,
+                    scopes,
+                    organisation: organisations.into_iter().next().unwrap_or_else(|| {
+                        Organisation {
+                            tenant_id: String::new(),
+                            name: String::new(),
+                            connection_id: None,
+                        }
+                    }),
+                    auth_event_id: answer.auth_event_id,
+                    tokens,
+                };
+                Ok(CallbackOutcome::Connected(self.finish(new).await?))
+            }
+            _ => {
+                let pick = random_token(32);
+                self.store
+                    .create_pending_pick(
+                        &self.keys,
+                        &sha256_hex(&pick),
+                        &PendingPick {
+                            tenant_id: record.tenant_id,
+                            connector_id: record.connector_id,
+                            admin: record.admin,
+                            scopes,
+                            auth_event_id: answer.auth_event_id,
+                            organisations,
+                            tokens,
+                            pick_expires_at: now + PICK_TTL_SECS,
+                        },
+                    )
+                    .await?;
+                Ok(CallbackOutcome::Pick { pick })
+            }
+        }
+    }
+
+    /// The organisations of a pending pick (for the picker page).
+    pub async fn pending_organisations(
+        &self,
+        pick: &str,
+    ) -> Result<Vec<Organisation>, ConnectError> {
+        let p = self
+            .store
+            .pending_pick(&self.keys, &sha256_hex(pick), self.clock.now_secs(), false)
+            .await?
+            .ok_or_else(|| {
+                ConnectError::bad(
+                    "pick",
+                    "is unknown, used or expired; start the connection again",
+                )
+            })?;
+        Ok(p.organisations)
+    }
+
+    /// The admin picked `organisation_id` from a pending pick: connect it.
+    pub async fn pick_organisation(
+        &self,
+        pick: &str,
+        organisation_id: &str,
+    ) -> Result<Connection, ConnectError> {
+        let h = sha256_hex(pick);
+        let now = self.clock.now_secs();
+        // Check the choice before using up the pick, so a wrong choice can be corrected.
+        let peek = self
+            .store
+            .pending_pick(&self.keys, &h, now, false)
+            .await?
+            .ok_or_else(|| {
+                ConnectError::bad(
+                    "pick",
+                    "is unknown, used or expired; start the connection again",
+                )
+            })?;
+        if !peek
+            .organisations
+            .iter()
+            .any(|o| o.tenant_id == organisation_id)
+        {
+            return Err(ConnectError::bad(
+                "organisation",
+                format!(
+                    "{organisation_id:?} is not one of the organisations this authorisation covers"
+                ),
+            ));
+        }
+        let p = self
+            .store
+            .pending_pick(&self.keys, &h, now, true)
+            .await?
+            .ok_or_else(|| ConnectError::bad("pick", "was already used"))?;
+        let organisation = p
+            .organisations
+            .iter()
+            .find(|o| o.tenant_id == organisation_id)
+            .cloned()
+            .ok_or_else(|| ConnectError::bad("organisation", "not covered"))?;
+        self.finish(NewConnection {
+            tenant_id: p.tenant_id,
+            connector_id: p.connector_id,
+            admin: p.admin,
+            scopes: p.scopes,
+            organisation,
+            auth_event_id: p.auth_event_id,
+            tokens: p.tokens,
+        })
+        .await
+    }
+
+    async fn finish(&self, new: NewConnection) -> Result<Connection, ConnectError> {
+        let connector_id = new.connector_id.clone();
+        let done = self
+            .store
+            .finish_connect(&self.keys, &new, self.clock.now_secs())
+            .await?;
+        self.events.emit(done.event.clone());
+        // An earlier grant replaced by this one: revoke it (best effort).
+        if let (Some(old), Some(provider)) = (done.replaced, self.providers.get(&connector_id))
+            && let Some(rt) = old.refresh_token
+            && let Err(e) = provider.revoke(&rt).await
+        {
+            tracing::warn!(connection = %done.connection.id, error = %e, "revoking the replaced grant failed");
+        }
+        Ok(done.connection)
+    }
+
+    /// Disconnect: remove the provider's link to the organisation and revoke
+    /// the grant there, then drop the tokens and mark the connection
+    /// disconnected. Mappings, documents and history stay. Problems at the
+    /// provider are reported (and recorded in the event), not fatal.
+    pub async fn disconnect(
+        &self,
+        connection_id: &str,
+        actor: &str,
+    ) -> Result<DisconnectReport, ConnectError> {
+        if actor.trim().is_empty() {
+            return Err(ConnectError::bad(
+                "actor",
+                "who is disconnecting must be named",
+            ));
+        }
+        let conn = self
+            .store
+            .connection(connection_id)
+            .await?
+            .ok_or_else(|| ConnectError::NotFound(format!("connection {connection_id}")))?;
+        let provider = self.providers.get(&conn.connector_id);
+        let (report, event) = self
+            .tokens
+            .revoke_and_drop(connection_id, actor, provider.as_deref())
+            .await?;
+        if let Some(e) = event {
+            self.events.emit(e);
+        }
+        Ok(report)
+    }
+
+    /// The context a connector call for this connection runs with: the
+    /// connection's info and settings, its credentials (this service's
+    /// [`TokenManager`]), and the SQL mapping and kv stores.
+    pub async fn call_context(&self, connection_id: &str) -> Result<CallContext, ConnectError> {
+        let conn = self
+            .store
+            .connection(connection_id)
+            .await?
+            .ok_or_else(|| ConnectError::NotFound(format!("connection {connection_id}")))?;
+        let settings = self
+            .plugin(&conn.connector_id)
+            .map(|p| p.plugin.manifest().settings.clone())
+            .unwrap_or_default();
+        Ok(CallContext {
+            connection: ConnectionInfo {
+                connection_id: conn.id.clone(),
+                tenant_id: conn.tenant_id.clone(),
+                external_tenant_id: conn.external_tenant_id.clone(),
+                external_tenant_name: conn.external_tenant_name.clone(),
+                settings,
+            },
+            credentials: self.tokens.clone() as Arc<dyn CredentialProvider>,
+            mappings: Arc::new(self.store.clone()),
+            kv: Arc::new(self.store.clone()),
+            rate: None,
+        })
+    }
+}

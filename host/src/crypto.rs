@@ -1,1 +1,325 @@
-//! Placeholder; being written.
+//! Encryption of secrets at rest (OAuth tokens, PKCE verifiers): AES-256-GCM
+//! under a [`KeyRing`] of 32-byte keys.
+//!
+//! Every ciphertext names the key that made it: `lp1:<key id>:<base64(nonce
+//! || ciphertext+tag)>`, where the key id is derived from the key (a hash,
+//! never the key). The newest key encrypts, every key decrypts, so keys can
+//! be rotated (`ledgerport keys rotate`) while old rows are re-encrypted.
+//! Each ciphertext is bound to where it lives by associated data (e.g.
+//! `connection_tokens.access:<connection id>`), so a ciphertext copied into
+//! another row does not decrypt.
+//!
+//! Keys come from `LEDGERPORT_SECRET_KEY` (base64 of 32 bytes; several may be
+//! given separated by commas, the newest last) and/or a key file (one base64
+//! key per line, `#` comments, the newest last).
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// The environment variable holding the secret key(s).
+pub const KEY_ENV: &str = "LEDGERPORT_SECRET_KEY";
+/// The environment variable naming a key file.
+pub const KEY_FILE_ENV: &str = "LEDGERPORT_SECRET_KEY_FILE";
+
+const PREFIX: &str = "lp1";
+
+/// Why a key ring could not be built or a secret not decrypted.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// No key was configured.
+    #[error(
+        "no secret key: set {KEY_ENV} (base64 of 32 random bytes) or give a key file ({KEY_FILE_ENV})"
+    )]
+    NoKey,
+    /// A configured key is malformed.
+    #[error("secret key {which} is invalid: {why}")]
+    BadKey {
+        /// Which key (env var or file and line).
+        which: String,
+        /// What is wrong (never the key itself).
+        why: String,
+    },
+    /// The key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    KeyFile {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The ciphertext was made with a key the ring does not hold.
+    #[error("secret was encrypted with key {0}, which is not in the key ring")]
+    UnknownKey(String),
+    /// The ciphertext is malformed or was tampered with.
+    #[error("secret cannot be decrypted: {0}")]
+    Corrupt(&'static str),
+}
+
+/// A secret string in memory: `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself (only to send it where it belongs).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// One 32-byte key with its id.
+#[derive(Clone)]
+struct RingKey {
+    id: String,
+    cipher: Aes256Gcm,
+}
+
+/// AES-256-GCM keys: the last one encrypts, all of them decrypt.
+#[derive(Clone)]
+pub struct KeyRing {
+    keys: Vec<RingKey>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("key_ids", &self.key_ids())
+            .finish()
+    }
+}
+
+/// The id of a key: a hash of it, safe to store and print.
+pub fn key_id(key: &[u8; 32]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"ledgerport-key-id\0");
+    h.update(key);
+    hex::encode(&h.finalize()[..8])
+}
+
+/// A fresh random key, base64-encoded (for a key file or the env var).
+pub fn generate_key() -> String {
+    let mut k = [0u8; 32];
+    rand::rng().fill_bytes(&mut k);
+    STANDARD.encode(k)
+}
+
+/// A random URL-safe token of `bytes` random bytes (states, pick ids).
+pub fn random_token(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+/// SHA-256 of a string, hex (how one-time tokens are looked up without
+/// storing them).
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn parse_key(text: &str, which: &str) -> Result<[u8; 32], CryptoError> {
+    let bytes = STANDARD
+        .decode(text.trim())
+        .or_else(|_| URL_SAFE_NO_PAD.decode(text.trim().trim_end_matches('=')))
+        .map_err(|_| CryptoError::BadKey {
+            which: which.into(),
+            why: "not base64".into(),
+        })?;
+    bytes.try_into().map_err(|b: Vec<u8>| CryptoError::BadKey {
+        which: which.into(),
+        why: format!("decodes to {} bytes, expected 32", b.len()),
+    })
+}
+
+impl KeyRing {
+    /// A ring of the given keys, oldest first (the last encrypts).
+    pub fn from_keys(keys: &[[u8; 32]]) -> Result<Self, CryptoError> {
+        if keys.is_empty() {
+            return Err(CryptoError::NoKey);
+        }
+        let mut ring = Vec::new();
+        for k in keys {
+            let id = key_id(k);
+            if ring.iter().any(|r: &RingKey| r.id == id) {
+                continue;
+            }
+            let cipher = Aes256Gcm::new_from_slice(k).map_err(|_| CryptoError::BadKey {
+                which: id.clone(),
+                why: "wrong length".into(),
+            })?;
+            ring.push(RingKey { id, cipher });
+        }
+        Ok(Self { keys: ring })
+    }
+
+    /// Parse base64 keys, oldest first; `source` names them in errors.
+    pub fn from_base64(keys: &[String], source: &str) -> Result<Self, CryptoError> {
+        let parsed = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| parse_key(k, &format!("{source} #{}", i + 1)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_keys(&parsed)
+    }
+
+    /// Keys of a key file (one base64 key per line, `#` comments, newest last).
+    pub fn read_key_file(path: &Path) -> Result<Vec<String>, CryptoError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CryptoError::KeyFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect())
+    }
+
+    /// The ring from the environment and/or a key file: the env keys
+    /// (`LEDGERPORT_SECRET_KEY`, comma separated) first, then the file's
+    /// (`key_file`, or `LEDGERPORT_SECRET_KEY_FILE`); the last key encrypts.
+    pub fn load(key_file: Option<&Path>) -> Result<Self, CryptoError> {
+        let mut keys: Vec<String> = Vec::new();
+        if let Ok(v) = std::env::var(KEY_ENV) {
+            keys.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from),
+            );
+        }
+        let env_file = std::env::var_os(KEY_FILE_ENV).map(std::path::PathBuf::from);
+        if let Some(p) = key_file.map(Path::to_path_buf).or(env_file)
+            && p.exists()
+        {
+            keys.extend(Self::read_key_file(&p)?);
+        }
+        Self::from_base64(&keys, "secret key")
+    }
+
+    /// Ids of the keys, oldest first.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.id.clone()).collect()
+    }
+
+    /// The id of the key that encrypts.
+    pub fn current_key_id(&self) -> &str {
+        // from_keys refuses an empty ring.
+        self.keys.last().map(|k| k.id.as_str()).unwrap_or("")
+    }
+
+    /// Encrypt `plain`, bound to `context` (where it will be stored).
+    pub fn encrypt(&self, plain: &str, context: &str) -> String {
+        let Some(key) = self.keys.last() else {
+            return String::new();
+        };
+        let mut nonce = [0u8; 12];
+        rand::rng().fill_bytes(&mut nonce);
+        // Encryption with a valid key and nonce cannot fail for our sizes.
+        let ct = key
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain.as_bytes(),
+                    aad: context.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut blob = Vec::with_capacity(12 + ct.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&ct);
+        format!("{PREFIX}:{}:{}", key.id, STANDARD.encode(blob))
+    }
+
+    /// The key id a ciphertext names.
+    pub fn key_of(ciphertext: &str) -> Option<&str> {
+        let mut parts = ciphertext.splitn(3, ':');
+        (parts.next()? == PREFIX).then_some(())?;
+        parts.next()
+    }
+
+    /// Decrypt a ciphertext made by [`KeyRing::encrypt`] with the same context.
+    pub fn decrypt(&self, ciphertext: &str, context: &str) -> Result<Secret, CryptoError> {
+        let mut parts = ciphertext.splitn(3, ':');
+        if parts.next() != Some(PREFIX) {
+            return Err(CryptoError::Corrupt("unknown format"));
+        }
+        let id = parts.next().ok_or(CryptoError::Corrupt("no key id"))?;
+        let body = parts.next().ok_or(CryptoError::Corrupt("no body"))?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or_else(|| CryptoError::UnknownKey(id.to_string()))?;
+        let blob = STANDARD
+            .decode(body)
+            .map_err(|_| CryptoError::Corrupt("not base64"))?;
+        if blob.len() < 12 + 16 {
+            return Err(CryptoError::Corrupt("too short"));
+        }
+        let (nonce, ct) = blob.split_at(12);
+        let plain = key
+            .cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: context.as_bytes(),
+                },
+            )
+            .map_err(|_| {
+                CryptoError::Corrupt("authentication failed (wrong key, row or tampering)")
+            })?;
+        String::from_utf8(plain)
+            .map(Secret)
+            .map_err(|_| CryptoError::Corrupt("not UTF-8"))
+    }
+
+    /// Re-encrypt under the current key (no-op in effect when it already is).
+    pub fn reencrypt(&self, ciphertext: &str, context: &str) -> Result<String, CryptoError> {
+        let plain = self.decrypt(ciphertext, context)?;
+        Ok(self.encrypt(plain.expose(), context))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_rotation_and_binding() {
+        let old = KeyRing::from_keys(&[[1u8; 32]]).unwrap();
+        let ct = old.encrypt("tok-123", "ctx:a");
+        assert!(!ct.contains("tok-123"));
+        assert_eq!(old.decrypt(&ct, "ctx:a").unwrap().expose(), "tok-123");
+        assert!(old.decrypt(&ct, "ctx:b").is_err(), "bound to its row");
+        let both = KeyRing::from_keys(&[[1u8; 32], [2u8; 32]]).unwrap();
+        assert_eq!(both.decrypt(&ct, "ctx:a").unwrap().expose(), "tok-123");
+        let ct2 = both.reencrypt(&ct, "ctx:a").unwrap();
+        assert_eq!(KeyRing::key_of(&ct2), Some(both.current_key_id()));
+        let new_only = KeyRing::from_keys(&[[2u8; 32]]).unwrap();
+        assert_eq!(new_only.decrypt(&ct2, "ctx:a").unwrap().expose(), "tok-123");
+        assert!(matches!(
+            new_only.decrypt(&ct, "ctx:a"),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        assert!(format!("{:?}", Secret::new("tok-123")).contains("redacted"));
+        assert!(KeyRing::from_base64(&["short".into()], "env").is_err());
+        assert!(matches!(KeyRing::from_keys(&[]), Err(CryptoError::NoKey)));
+    }
+}

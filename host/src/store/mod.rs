@@ -1,1 +1,192 @@
-//! Durable storage (placeholder; being written).
+//! Durable storage: one [`Store`] over SQLite (the default; a file created on
+//! first start, WAL journal) or PostgreSQL (several daemons sharing the work),
+//! with embedded migrations per engine.
+//!
+//! # Pattern
+//!
+//! `Store` wraps a pool of either engine. Every table family lives in its own
+//! submodule that adds `impl Store { ... }` methods: [`tenants`],
+//! [`connections`] (connections, encrypted tokens, events, pending OAuth
+//! flows, key rotation), [`mappings`] and [`kv`]. SQL is written once with
+//! `$1`-style placeholders, which both engines accept, and run through the
+//! crate-private `on_pool!` macro, which expands the same body for the SQLite
+//! pool and for the PostgreSQL pool. Times are Unix seconds (`i64`) passed in
+//! by the caller (so tests can drive a simulated clock). Engine-specific SQL
+//! (e.g. `FOR UPDATE`) branches on [`Store::kind`].
+//!
+//! To add tables (e.g. the outbox): put `0002_<name>.sql` in both
+//! `host/migrations/sqlite/` and `host/migrations/postgres/` and write
+//! `host/src/store/<name>.rs` with `impl Store { ... }` using `on_pool!`.
+
+pub mod connections;
+pub mod kv;
+pub mod mappings;
+pub mod outbox;
+pub mod tenants;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use connections::*;
+pub use tenants::Tenant;
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Which database engine a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Embedded SQLite (one daemon).
+    Sqlite,
+    /// PostgreSQL (one or several daemons).
+    Postgres,
+}
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened.
+    #[error("cannot open the database {target}: {message}")]
+    Open {
+        /// The database (URL without password).
+        target: String,
+        /// Why.
+        message: String,
+    },
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A row does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request conflicts with what is stored.
+    #[error("{0}")]
+    Conflict(String),
+    /// A stored secret could not be decrypted.
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+}
+
+/// The connection pool of one engine.
+#[derive(Clone, Debug)]
+pub enum Pool {
+    /// SQLite.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Run the same body against whichever pool the store holds: `$p` is bound
+/// to `&SqlitePool` in one expansion and `&PgPool` in the other.
+macro_rules! on_pool {
+    ($store:expr, $p:ident => $body:expr) => {
+        match $store.pool() {
+            $crate::store::Pool::Sqlite($p) => $body,
+            $crate::store::Pool::Postgres($p) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// The durable store. Cheap to clone (the pool is shared).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// `postgres://user:pw@host/db` without the password, for messages.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Store {
+    /// Open a database: `postgres://...` / `postgresql://...` for
+    /// PostgreSQL; `sqlite:PATH`, `sqlite://PATH` or a plain file path for
+    /// SQLite (created if missing, WAL journal, foreign keys on). Does not
+    /// migrate: call [`Store::migrate`].
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let open_err = |e: sqlx::Error| StoreError::Open {
+            target: redact_url(url),
+            message: e.to_string(),
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url).map_err(open_err)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(opts)
+                .await
+                .map_err(open_err)?;
+            return Ok(Self {
+                pool: Pool::Postgres(pool),
+            });
+        }
+        let opts = if url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url).map_err(open_err)?
+        } else {
+            SqliteConnectOptions::new().filename(url)
+        };
+        let opts = opts
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await
+            .map_err(open_err)?;
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+        })
+    }
+
+    /// Open and migrate in one step.
+    pub async fn open_and_migrate(url: &str) -> Result<Self, StoreError> {
+        let s = Self::open(url).await?;
+        s.migrate().await?;
+        Ok(s)
+    }
+
+    /// Apply the engine's pending migrations (`host/migrations/<engine>/`).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.pool {
+            Pool::Sqlite(p) => SQLITE_MIGRATIONS.run(p).await?,
+            Pool::Postgres(p) => POSTGRES_MIGRATIONS.run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// The engine.
+    pub fn kind(&self) -> StoreKind {
+        match &self.pool {
+            Pool::Sqlite(_) => StoreKind::Sqlite,
+            Pool::Postgres(_) => StoreKind::Postgres,
+        }
+    }
+
+    /// The pool, for engine-specific work in store submodules.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Close every pooled connection (waits for them to be returned).
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+}

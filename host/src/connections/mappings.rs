@@ -1,0 +1,369 @@
+//! Account mappings through the connections service: set, replace, delete
+//! and list a tenant's line-item kind -> account code (+ tax type) mappings
+//! for a connector. When the tenant is connected, a mapping is checked
+//! against the connector's `list-accounts` first: an unknown or archived
+//! code (archived accounts are not listed) is refused with the nearest
+//! account names. Without a live connection mappings are stored unchecked
+//! (an admin may prepare them before connecting).
+
+use super::{ConnectError, Connections};
+use crate::capabilities::mapping::{AccountMapping, MappingScope};
+use crate::runtime::v0_1::ledgerport::connector::types as wit;
+use crate::store::{ConnectionState, StoreError, mappings::StoredMapping};
+
+/// Why a mapping was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    /// A field is malformed.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The kind is not in the platform's catalogue.
+    #[error("kind: {kind:?} is not a line-item kind of the catalogue{}", nearest(.suggestions))]
+    UnknownKind {
+        /// The kind given.
+        kind: String,
+        /// The nearest catalogue kinds.
+        suggestions: Vec<String>,
+    },
+    /// The account code is not an active account of the organisation.
+    #[error("account_code: {code:?} is not an active account in {organisation} (unknown or archived){}", nearest(.suggestions))]
+    UnknownAccount {
+        /// The code given.
+        code: String,
+        /// The organisation checked.
+        organisation: String,
+        /// The nearest accounts ("CODE Name").
+        suggestions: Vec<String>,
+    },
+    /// The tax type is not offered by the organisation.
+    #[error("tax_type: {tax_type:?} is not a tax rate of {organisation}{}", nearest(.suggestions))]
+    UnknownTaxType {
+        /// The tax type given.
+        tax_type: String,
+        /// The organisation checked.
+        organisation: String,
+        /// The nearest tax types ("TYPE Name").
+        suggestions: Vec<String>,
+    },
+    /// The account list could not be read to check the mapping.
+    #[error("account_code: cannot be checked now, the account list is unavailable: {0}")]
+    Unverifiable(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl MappingError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            MappingError::Unverifiable(_) => 503,
+            MappingError::Store(_) => 500,
+            _ => 400,
+        }
+    }
+}
+
+impl From<ConnectError> for MappingError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Store(s) => MappingError::Store(s),
+            other => MappingError::Unverifiable(other.to_string()),
+        }
+    }
+}
+
+fn nearest(s: &[String]) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!("; nearest: {}", s.join(", "))
+    }
+}
+
+/// What a successful change was checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingOutcome {
+    /// The organisation whose account list validated it (None: unchecked,
+    /// no live connection).
+    pub validated_against: Option<String>,
+}
+
+/// Levenshtein distance (characters).
+pub fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count()
+}
+
+/// The `n` candidates nearest to `input`: each candidate is (label, the
+/// strings it may be matched by). Smaller edit distance first, then longer
+/// common prefix.
+pub fn nearest_names(input: &str, candidates: &[(String, Vec<String>)], n: usize) -> Vec<String> {
+    let input = input.to_lowercase();
+    let mut scored: Vec<(usize, std::cmp::Reverse<usize>, &String)> = candidates
+        .iter()
+        .map(|(label, keys)| {
+            let mut best = (usize::MAX, 0usize);
+            for k in keys {
+                let k = k.to_lowercase();
+                let d = levenshtein(&input, &k);
+                let p = common_prefix(&input, &k);
+                if d < best.0 || (d == best.0 && p > best.1) {
+                    best = (d, p);
+                }
+            }
+            (best.0, std::cmp::Reverse(best.1), label)
+        })
+        .collect();
+    scored.sort();
+    scored
+        .into_iter()
+        .take(n)
+        .map(|(_, _, l)| l.clone())
+        .collect()
+}
+
+fn check_fields(m: &AccountMapping) -> Result<(), MappingError> {
+    let bad = |field, message: &str| {
+        Err(MappingError::Invalid {
+            field,
+            message: message.into(),
+        })
+    };
+    if m.kind.trim().is_empty() || m.kind.len() > 64 {
+        return bad("kind", "must be 1-64 characters");
+    }
+    if m.account_code.trim().is_empty() || m.account_code.len() > 64 {
+        return bad("account_code", "must be 1-64 characters");
+    }
+    if let Some(t) = &m.tax_type
+        && (t.trim().is_empty() || t.len() > 64)
+    {
+        return bad("tax_type", "must be 1-64 characters when given");
+    }
+    Ok(())
+}
+
+impl Connections {
+    fn check_kind(&self, kind: &str) -> Result<(), MappingError> {
+        let Some(c) = self.catalogue() else {
+            return Ok(());
+        };
+        if c.get(kind).is_some() {
+            return Ok(());
+        }
+        let cands: Vec<(String, Vec<String>)> = c
+            .kinds
+            .iter()
+            .map(|k| (k.key.clone(), vec![k.key.clone(), k.name.clone()]))
+            .collect();
+        Err(MappingError::UnknownKind {
+            kind: kind.to_string(),
+            suggestions: nearest_names(kind, &cands, 3),
+        })
+    }
+
+    /// The account list of the tenant's live connection to the connector,
+    /// with the organisation's name; None when there is no active
+    /// connection or the connector is not loaded.
+    pub async fn account_list(
+        &self,
+        scope: &MappingScope,
+    ) -> Result<Option<(String, wit::AccountList)>, MappingError> {
+        let Some(conn) = self
+            .store()
+            .connection_for(&scope.tenant_id, &scope.connector_id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if conn.state != ConnectionState::Active {
+            return Ok(None);
+        }
+        let Some(p) = self.plugin(&scope.connector_id) else {
+            return Ok(None);
+        };
+        let ctx = self.call_context(&conn.id).await?;
+        let org = conn
+            .external_tenant_name
+            .clone()
+            .unwrap_or_else(|| scope.connector_id.clone());
+        match p.runtime.list_accounts(&p.plugin, &ctx).await {
+            Ok(Ok(list)) => Ok(Some((org, list))),
+            Ok(Err(e)) => Err(MappingError::Unverifiable(match e {
+                wit::DeliveryError::NeedsReauth(m) => {
+                    format!("the connection needs re-authorisation: {m}")
+                }
+                wit::DeliveryError::Transient(m) => m,
+                wit::DeliveryError::RateLimited(_) => {
+                    "the accounting system is rate-limiting; try again shortly".into()
+                }
+                other => format!("{other:?}"),
+            })),
+            Err(e) => Err(MappingError::Unverifiable(e.to_string())),
+        }
+    }
+
+    fn check_against(
+        org: &str,
+        list: &wit::AccountList,
+        m: &AccountMapping,
+    ) -> Result<(), MappingError> {
+        if !list.accounts.iter().any(|a| a.code == m.account_code) {
+            let cands: Vec<(String, Vec<String>)> = list
+                .accounts
+                .iter()
+                .map(|a| {
+                    (
+                        format!("{} {}", a.code, a.name),
+                        vec![a.code.clone(), a.name.clone()],
+                    )
+                })
+                .collect();
+            return Err(MappingError::UnknownAccount {
+                code: m.account_code.clone(),
+                organisation: org.to_string(),
+                suggestions: nearest_names(&m.account_code, &cands, 3),
+            });
+        }
+        if let Some(t) = &m.tax_type
+            && !list.tax_rates.is_empty()
+            && !list.tax_rates.iter().any(|r| &r.tax_type == t)
+        {
+            let cands: Vec<(String, Vec<String>)> = list
+                .tax_rates
+                .iter()
+                .map(|r| {
+                    (
+                        format!("{} {}", r.tax_type, r.name),
+                        vec![r.tax_type.clone(), r.name.clone()],
+                    )
+                })
+                .collect();
+            return Err(MappingError::UnknownTaxType {
+                tax_type: t.clone(),
+                organisation: org.to_string(),
+                suggestions: nearest_names(t, &cands, 3),
+            });
+        }
+        Ok(())
+    }
+
+    /// Set (or replace) the mapping of one kind, checked against the live
+    /// connection's accounts when there is one.
+    pub async fn set_mapping(
+        &self,
+        scope: &MappingScope,
+        mapping: AccountMapping,
+        actor: &str,
+    ) -> Result<MappingOutcome, MappingError> {
+        self.replace_or_set(scope, std::slice::from_ref(&mapping), actor, false)
+            .await
+    }
+
+    /// Replace every mapping of the scope at once (all checked first).
+    pub async fn replace_mappings(
+        &self,
+        scope: &MappingScope,
+        mappings: &[AccountMapping],
+        actor: &str,
+    ) -> Result<MappingOutcome, MappingError> {
+        self.replace_or_set(scope, mappings, actor, true).await
+    }
+
+    async fn replace_or_set(
+        &self,
+        scope: &MappingScope,
+        mappings: &[AccountMapping],
+        actor: &str,
+        replace: bool,
+    ) -> Result<MappingOutcome, MappingError> {
+        for m in mappings {
+            check_fields(m)?;
+            self.check_kind(&m.kind)?;
+        }
+        let list = self.account_list(scope).await?;
+        if let Some((org, l)) = &list {
+            for m in mappings {
+                Self::check_against(org, l, m)?;
+            }
+        }
+        let now = self.clock().now_secs();
+        if replace {
+            self.store()
+                .replace_mappings(scope, mappings, actor, now)
+                .await?;
+        } else {
+            for m in mappings {
+                self.store().set_mapping(scope, m, actor, now).await?;
+            }
+        }
+        Ok(MappingOutcome {
+            validated_against: list.map(|(o, _)| o),
+        })
+    }
+
+    /// Delete the mapping of one kind; returns whether there was one.
+    pub async fn delete_mapping(
+        &self,
+        scope: &MappingScope,
+        kind: &str,
+    ) -> Result<bool, MappingError> {
+        Ok(self.store().delete_mapping(scope, kind).await?)
+    }
+
+    /// Every mapping of the scope, sorted by kind.
+    pub async fn mappings(&self, scope: &MappingScope) -> Result<Vec<StoredMapping>, MappingError> {
+        Ok(self.store().mappings(scope).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_prefers_small_edits_then_prefixes() {
+        assert_eq!(levenshtein("kitten", "sitting"), 3);
+        assert_eq!(levenshtein("", "abc"), 3);
+        let c = vec![
+            (
+                "477 Wages and Salaries".to_string(),
+                vec!["477".into(), "Wages and Salaries".into()],
+            ),
+            (
+                "478 Superannuation".to_string(),
+                vec!["478".into(), "Superannuation".into()],
+            ),
+            (
+                "800 Accounts Payable".to_string(),
+                vec!["800".into(), "Accounts Payable".into()],
+            ),
+        ];
+        let n = nearest_names("479", &c, 2);
+        assert_eq!(n, vec!["477 Wages and Salaries", "478 Superannuation"]);
+        assert_eq!(
+            nearest_names("wages", &c, 1),
+            vec!["477 Wages and Salaries"]
+        );
+    }
+}

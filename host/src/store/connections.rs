@@ -1,0 +1,1189 @@
+//! Connections and everything that hangs off them: the encrypted token row
+//! (with a [`TokenLease`] that serialises refreshes across processes), the
+//! `connection_events` journal a later dispatch layer turns into pauses and
+//! e-mails, the one-time OAuth `state`s, the pending organisation picks,
+//! and re-encryption under a new key.
+//!
+//! Secrets cross this API as [`Secret`]s and are stored only as ciphertexts
+//! bound to their row (see [`crate::crypto`]).
+
+use super::{Pool, Store, StoreError, StoreKind, on_pool};
+use crate::crypto::{KeyRing, Secret};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+/// Where a connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectionState {
+    /// Tokens are held; deliveries may run.
+    Active,
+    /// The provider refused the grant (`invalid_grant`); an admin must reconnect.
+    NeedsReauth,
+    /// An admin disconnected it; tokens were revoked and dropped.
+    Disconnected,
+}
+
+impl ConnectionState {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Active => "active",
+            ConnectionState::NeedsReauth => "needs-reauth",
+            ConnectionState::Disconnected => "disconnected",
+        }
+    }
+    /// Parse the stored text.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(ConnectionState::Active),
+            "needs-reauth" => Some(ConnectionState::NeedsReauth),
+            "disconnected" => Some(ConnectionState::Disconnected),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One tenant's connection to one connector's provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Connection {
+    /// ledgerport's id.
+    pub id: String,
+    /// The platform tenant.
+    pub tenant_id: String,
+    /// The connector (plugin id).
+    pub connector_id: String,
+    /// State.
+    pub state: ConnectionState,
+    /// The provider's organisation id (Xero tenant id).
+    pub external_tenant_id: Option<String>,
+    /// The provider's organisation name.
+    pub external_tenant_name: Option<String>,
+    /// The provider's id of the app-to-organisation link (Xero connection id).
+    pub external_connection_id: Option<String>,
+    /// The provider's id of the grant (Xero `authentication_event_id`).
+    pub auth_event_id: Option<String>,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// The admin who connected it last.
+    pub connected_by: Option<String>,
+    /// When it was connected last (Unix seconds).
+    pub connected_at: Option<i64>,
+    /// When it was disconnected (Unix seconds), while disconnected.
+    pub disconnected_at: Option<i64>,
+    /// Why it is in its state, in words (e.g. the provider's refusal).
+    pub state_reason: Option<String>,
+    /// Last change (Unix seconds).
+    pub updated_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ConnectionRow {
+    id: String,
+    tenant_id: String,
+    connector_id: String,
+    state: String,
+    external_tenant_id: Option<String>,
+    external_tenant_name: Option<String>,
+    external_connection_id: Option<String>,
+    auth_event_id: Option<String>,
+    scopes: String,
+    connected_by: Option<String>,
+    connected_at: Option<i64>,
+    disconnected_at: Option<i64>,
+    state_reason: Option<String>,
+    updated_at: i64,
+}
+
+const CONNECTION_COLUMNS: &str = "id, tenant_id, connector_id, state, external_tenant_id, \
+    external_tenant_name, external_connection_id, auth_event_id, scopes, connected_by, \
+    connected_at, disconnected_at, state_reason, updated_at";
+
+impl From<ConnectionRow> for Connection {
+    fn from(r: ConnectionRow) -> Self {
+        Connection {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            connector_id: r.connector_id,
+            // An unknown state (a newer daemon's) reads as needing attention.
+            state: ConnectionState::parse(&r.state).unwrap_or(ConnectionState::NeedsReauth),
+            external_tenant_id: r.external_tenant_id,
+            external_tenant_name: r.external_tenant_name,
+            external_connection_id: r.external_connection_id,
+            auth_event_id: r.auth_event_id,
+            scopes: r.scopes.split_whitespace().map(String::from).collect(),
+            connected_by: r.connected_by,
+            connected_at: r.connected_at,
+            disconnected_at: r.disconnected_at,
+            state_reason: r.state_reason,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// A connection's tokens, decrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSet {
+    /// The access token.
+    pub access_token: Secret,
+    /// The refresh token, when the grant has one.
+    pub refresh_token: Option<Secret>,
+    /// When the access token expires (Unix seconds).
+    pub expires_at: i64,
+}
+
+/// A token row as stored.
+#[derive(Debug, Clone)]
+pub struct StoredTokens {
+    /// The tokens.
+    pub tokens: TokenSet,
+    /// When they were last written (Unix seconds).
+    pub refreshed_at: i64,
+    /// Bumped by every write; tells a re-read whether another refresh happened.
+    pub generation: i64,
+    /// The key that encrypts them.
+    pub key_id: String,
+}
+
+/// The provider organisation a connection points at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Organisation {
+    /// The provider's organisation id (Xero tenant id).
+    pub tenant_id: String,
+    /// Its name.
+    pub name: String,
+    /// The provider's id of the app-to-organisation link (Xero connection id).
+    pub connection_id: Option<String>,
+}
+
+/// What a completed authorisation stores.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    /// The platform tenant.
+    pub tenant_id: String,
+    /// The connector.
+    pub connector_id: String,
+    /// The admin who connected.
+    pub admin: String,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// The organisation chosen.
+    pub organisation: Organisation,
+    /// The provider's grant id.
+    pub auth_event_id: Option<String>,
+    /// The tokens.
+    pub tokens: TokenSet,
+}
+
+/// The outcome of [`Store::finish_connect`].
+#[derive(Debug, Clone)]
+pub struct Connected {
+    /// The connection as now stored.
+    pub connection: Connection,
+    /// Whether an earlier connection of the tenant and connector was reused.
+    pub reconnected: bool,
+    /// Tokens of an earlier, different grant that were replaced (revoke them).
+    pub replaced: Option<TokenSet>,
+    /// The event recorded.
+    pub event: ConnectionEvent,
+}
+
+/// A row of `connection_events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectionEvent {
+    /// Sequence number.
+    pub id: i64,
+    /// The connection.
+    pub connection_id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// What happened: `connected`, `reconnected`, `needs-reauth`, `disconnected`.
+    pub kind: String,
+    /// Details in words (never secrets).
+    pub detail: String,
+    /// When (Unix seconds).
+    pub created_at: i64,
+}
+
+/// Event kinds recorded by this module.
+pub mod event_kind {
+    /// A first connection.
+    pub const CONNECTED: &str = "connected";
+    /// A connection reconnected (mappings kept).
+    pub const RECONNECTED: &str = "reconnected";
+    /// The grant was refused; an admin must reconnect.
+    pub const NEEDS_REAUTH: &str = "needs-reauth";
+    /// An admin disconnected.
+    pub const DISCONNECTED: &str = "disconnected";
+}
+
+/// A pending authorisation, as read back when its `state` returns.
+#[derive(Debug, Clone)]
+pub struct OAuthStateRecord {
+    /// The tenant it is for.
+    pub tenant_id: String,
+    /// The connector.
+    pub connector_id: String,
+    /// The admin who started it.
+    pub admin: String,
+    /// The PKCE verifier, when PKCE is used.
+    pub pkce_verifier: Option<Secret>,
+    /// When the state stops being accepted (Unix seconds).
+    pub expires_at: i64,
+}
+
+/// Why a returning `state` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StateRefusal {
+    /// Never issued (or garbage).
+    #[error("state is unknown: this authorisation was not started here")]
+    Unknown,
+    /// Already used once.
+    #[error("state was already used: start the connection again")]
+    AlreadyUsed,
+    /// Older than its expiry.
+    #[error("state has expired: start the connection again")]
+    Expired,
+}
+
+/// A grant that covers several organisations, waiting for the admin's pick.
+#[derive(Debug, Clone)]
+pub struct PendingPick {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The connector.
+    pub connector_id: String,
+    /// The admin.
+    pub admin: String,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// The provider's grant id.
+    pub auth_event_id: Option<String>,
+    /// The organisations to pick from.
+    pub organisations: Vec<Organisation>,
+    /// The grant's tokens.
+    pub tokens: TokenSet,
+    /// When the pick stops being accepted (Unix seconds).
+    pub pick_expires_at: i64,
+}
+
+/// Encryption context of a connection's access token.
+pub fn ctx_access(connection_id: &str) -> String {
+    format!("connection_tokens.access:{connection_id}")
+}
+/// Encryption context of a connection's refresh token.
+pub fn ctx_refresh(connection_id: &str) -> String {
+    format!("connection_tokens.refresh:{connection_id}")
+}
+fn ctx_pkce(state_hash: &str) -> String {
+    format!("oauth_states.pkce:{state_hash}")
+}
+fn ctx_pending_access(h: &str) -> String {
+    format!("oauth_pending.access:{h}")
+}
+fn ctx_pending_refresh(h: &str) -> String {
+    format!("oauth_pending.refresh:{h}")
+}
+
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    key_id: String,
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_at: i64,
+    refreshed_at: i64,
+    generation: i64,
+}
+
+impl TokenRow {
+    fn decrypt(self, keys: &KeyRing, connection_id: &str) -> Result<StoredTokens, StoreError> {
+        let access_token = keys.decrypt(&self.access_token, &ctx_access(connection_id))?;
+        let refresh_token = match &self.refresh_token {
+            Some(c) => Some(keys.decrypt(c, &ctx_refresh(connection_id))?),
+            None => None,
+        };
+        Ok(StoredTokens {
+            tokens: TokenSet {
+                access_token,
+                refresh_token,
+                expires_at: self.expires_at,
+            },
+            refreshed_at: self.refreshed_at,
+            generation: self.generation,
+            key_id: self.key_id,
+        })
+    }
+}
+
+const TOKEN_COLUMNS: &str =
+    "key_id, access_token, refresh_token, expires_at, refreshed_at, generation";
+
+/// Holds a connection's token row for one refresh: on PostgreSQL an open
+/// transaction with the connection row locked (`SELECT ... FOR UPDATE`), so
+/// a second daemon waits and then re-reads what the first one wrote; on
+/// SQLite (one daemon) the caller's in-process lock is the serialisation
+/// and the lease is a plain handle. Dropping a lease without
+/// [`TokenLease::commit`] rolls back.
+pub struct TokenLease {
+    connection_id: String,
+    conn: LeaseConn,
+}
+
+enum LeaseConn {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+macro_rules! on_lease {
+    ($lease:expr, $c:ident => $body:expr) => {
+        match &mut $lease.conn {
+            LeaseConn::Sqlite(p) => {
+                let $c = &*p;
+                $body
+            }
+            LeaseConn::Postgres(tx) => {
+                let $c = &mut **tx;
+                $body
+            }
+        }
+    };
+}
+
+/// Insert a `connection_events` row through any executor of either engine
+/// and evaluate to the [`ConnectionEvent`] (with `?` on errors).
+macro_rules! insert_event {
+    ($ex:expr, $connection_id:expr, $tenant_id:expr, $kind:expr, $detail:expr, $now:expr) => {{
+        let (connection_id, tenant_id, kind, detail, now): (&str, &str, &str, &str, i64) =
+            ($connection_id, $tenant_id, $kind, $detail, $now);
+        let row = sqlx::query(
+            "INSERT INTO connection_events (connection_id, tenant_id, kind, detail, created_at)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(connection_id)
+        .bind(tenant_id)
+        .bind(kind)
+        .bind(detail)
+        .bind(now)
+        .fetch_one($ex)
+        .await?;
+        let id: i64 = row.try_get(0)?;
+        ConnectionEvent {
+            id,
+            connection_id: connection_id.into(),
+            tenant_id: tenant_id.into(),
+            kind: kind.into(),
+            detail: detail.into(),
+            created_at: now,
+        }
+    }};
+}
+
+impl TokenLease {
+    /// The connection it holds.
+    pub fn connection_id(&self) -> &str {
+        &self.connection_id
+    }
+
+    /// Read the connection and its tokens (fresh, under the lock).
+    pub async fn read(
+        &mut self,
+        keys: &KeyRing,
+    ) -> Result<(Connection, Option<StoredTokens>), StoreError> {
+        let id = self.connection_id.clone();
+        let conn: Option<ConnectionRow> = on_lease!(self, c => {
+            sqlx::query_as(&format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1"))
+                .bind(&id)
+                .fetch_optional(c)
+                .await?
+        });
+        let conn: Connection = conn
+            .ok_or_else(|| StoreError::NotFound(format!("connection {id}")))?
+            .into();
+        let row: Option<TokenRow> = on_lease!(self, c => {
+            sqlx::query_as(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM connection_tokens WHERE connection_id = $1"
+            ))
+            .bind(&id)
+            .fetch_optional(c)
+            .await?
+        });
+        let tokens = match row {
+            Some(r) => Some(r.decrypt(keys, &id)?),
+            None => None,
+        };
+        Ok((conn, tokens))
+    }
+
+    /// Store new tokens (a refresh's answer), encrypted under the newest key.
+    pub async fn save(
+        &mut self,
+        keys: &KeyRing,
+        tokens: &TokenSet,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let id = self.connection_id.clone();
+        let access = keys.encrypt(tokens.access_token.expose(), &ctx_access(&id));
+        let refresh = tokens
+            .refresh_token
+            .as_ref()
+            .map(|r| keys.encrypt(r.expose(), &ctx_refresh(&id)));
+        let key_id = keys.current_key_id().to_string();
+        on_lease!(self, c => {
+            sqlx::query(
+                "INSERT INTO connection_tokens
+                   (connection_id, key_id, access_token, refresh_token, expires_at, refreshed_at, generation)
+                 VALUES ($1, $2, $3, $4, $5, $6, 1)
+                 ON CONFLICT (connection_id) DO UPDATE SET
+                   key_id = excluded.key_id, access_token = excluded.access_token,
+                   refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
+                   refreshed_at = excluded.refreshed_at,
+                   generation = connection_tokens.generation + 1",
+            )
+            .bind(&id)
+            .bind(&key_id)
+            .bind(&access)
+            .bind(&refresh)
+            .bind(tokens.expires_at)
+            .bind(now)
+            .execute(c)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Set the connection's state (with a reason in words) and record an event.
+    pub async fn set_state(
+        &mut self,
+        state: ConnectionState,
+        event_kind: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<ConnectionEvent, StoreError> {
+        let id = self.connection_id.clone();
+        let tenant: String = on_lease!(self, c => {
+            sqlx::query(
+                "UPDATE connections SET state = $2, state_reason = $3, updated_at = $4
+                 WHERE id = $1 RETURNING tenant_id",
+            )
+            .bind(&id)
+            .bind(state.as_str())
+            .bind(reason)
+            .bind(now)
+            .fetch_one(c)
+            .await?
+            .try_get(0)?
+        });
+        Ok(on_lease!(self, c => insert_event!(c, &id, &tenant, event_kind, reason, now)))
+    }
+
+    /// Drop the tokens, mark the connection disconnected and record why.
+    pub async fn disconnect(
+        &mut self,
+        actor: &str,
+        detail: &str,
+        now: i64,
+    ) -> Result<ConnectionEvent, StoreError> {
+        let id = self.connection_id.clone();
+        on_lease!(self, c => {
+            sqlx::query("DELETE FROM connection_tokens WHERE connection_id = $1")
+                .bind(&id)
+                .execute(c)
+                .await?;
+        });
+        let tenant: String = on_lease!(self, c => {
+            sqlx::query(
+                "UPDATE connections SET state = 'disconnected', state_reason = $2,
+                   disconnected_at = $3, updated_at = $3
+                 WHERE id = $1 RETURNING tenant_id",
+            )
+            .bind(&id)
+            .bind(format!("disconnected by {actor}"))
+            .bind(now)
+            .fetch_one(c)
+            .await?
+            .try_get(0)?
+        });
+        Ok(
+            on_lease!(self, c => insert_event!(c, &id, &tenant, event_kind::DISCONNECTED, detail, now)),
+        )
+    }
+
+    /// Make the changes durable and release the lock.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        match self.conn {
+            LeaseConn::Sqlite(_) => Ok(()),
+            LeaseConn::Postgres(tx) => Ok(tx.commit().await?),
+        }
+    }
+}
+
+impl Store {
+    /// One connection by id.
+    pub async fn connection(&self, id: &str) -> Result<Option<Connection>, StoreError> {
+        let row: Option<ConnectionRow> = on_pool!(self, p => {
+            sqlx::query_as(&format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(p)
+                .await?
+        });
+        Ok(row.map(Into::into))
+    }
+
+    /// The connection of a tenant to a connector, if there ever was one.
+    pub async fn connection_for(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+    ) -> Result<Option<Connection>, StoreError> {
+        let row: Option<ConnectionRow> = on_pool!(self, p => {
+            sqlx::query_as(&format!(
+                "SELECT {CONNECTION_COLUMNS} FROM connections WHERE tenant_id = $1 AND connector_id = $2"
+            ))
+            .bind(tenant_id)
+            .bind(connector_id)
+            .fetch_optional(p)
+            .await?
+        });
+        Ok(row.map(Into::into))
+    }
+
+    /// Connections, of one tenant or of all, by tenant and connector.
+    pub async fn connections(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<Connection>, StoreError> {
+        let rows: Vec<ConnectionRow> = on_pool!(self, p => {
+            sqlx::query_as(&format!(
+                "SELECT {CONNECTION_COLUMNS} FROM connections
+                 WHERE ($1 IS NULL OR tenant_id = $1) ORDER BY tenant_id, connector_id"
+            ))
+            .bind(tenant_id)
+            .fetch_all(p)
+            .await?
+        });
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    /// The connection's state and tokens, without locking (the fast path of
+    /// `bearer`). `None` when the connection does not exist.
+    pub async fn token_snapshot(
+        &self,
+        keys: &KeyRing,
+        connection_id: &str,
+    ) -> Result<Option<(ConnectionState, Option<StoredTokens>)>, StoreError> {
+        let Some(conn) = self.connection(connection_id).await? else {
+            return Ok(None);
+        };
+        let row: Option<TokenRow> = on_pool!(self, p => {
+            sqlx::query_as(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM connection_tokens WHERE connection_id = $1"
+            ))
+            .bind(connection_id)
+            .fetch_optional(p)
+            .await?
+        });
+        let tokens = match row {
+            Some(r) => Some(r.decrypt(keys, connection_id)?),
+            None => None,
+        };
+        Ok(Some((conn.state, tokens)))
+    }
+
+    /// Take the connection's token lock (see [`TokenLease`]).
+    pub async fn lock_tokens(&self, connection_id: &str) -> Result<TokenLease, StoreError> {
+        let conn = match self.pool() {
+            Pool::Sqlite(p) => LeaseConn::Sqlite(p.clone()),
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                let found = sqlx::query("SELECT id FROM connections WHERE id = $1 FOR UPDATE")
+                    .bind(connection_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_none() {
+                    return Err(StoreError::NotFound(format!("connection {connection_id}")));
+                }
+                LeaseConn::Postgres(tx)
+            }
+        };
+        Ok(TokenLease {
+            connection_id: connection_id.to_string(),
+            conn,
+        })
+    }
+
+    /// Store a completed authorisation: create the tenant's connection to the
+    /// connector, or reuse the earlier one (state back to active; mappings,
+    /// which are keyed by tenant and connector, stay), replace its tokens and
+    /// record `connected` / `reconnected`. When the organisation changed, the
+    /// connection's kv cache is cleared (its ids belong to the old one).
+    pub async fn finish_connect(
+        &self,
+        keys: &KeyRing,
+        new: &NewConnection,
+        now: i64,
+    ) -> Result<Connected, StoreError> {
+        if self.tenant(&new.tenant_id).await?.is_none() {
+            return Err(StoreError::NotFound(format!("tenant {}", new.tenant_id)));
+        }
+        let existing = self
+            .connection_for(&new.tenant_id, &new.connector_id)
+            .await?;
+        let id = existing
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Tokens of an earlier, different grant: returned for revocation.
+        let mut replaced = None;
+        if let Some(c) = &existing
+            && c.auth_event_id != new.auth_event_id
+            && let Some((_, Some(old))) = self.token_snapshot(keys, &c.id).await?
+        {
+            replaced = Some(old.tokens);
+        }
+        let org_changed = existing
+            .as_ref()
+            .is_some_and(|c| c.external_tenant_id.as_deref() != Some(&new.organisation.tenant_id));
+        let scopes = new.scopes.join(" ");
+        let access = keys.encrypt(new.tokens.access_token.expose(), &ctx_access(&id));
+        let refresh = new
+            .tokens
+            .refresh_token
+            .as_ref()
+            .map(|r| keys.encrypt(r.expose(), &ctx_refresh(&id)));
+        let kind = if existing.is_some() {
+            event_kind::RECONNECTED
+        } else {
+            event_kind::CONNECTED
+        };
+        let detail = format!(
+            "{} connected {} ({})",
+            new.admin, new.organisation.name, new.organisation.tenant_id
+        );
+        let event = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(
+                "INSERT INTO connections (id, tenant_id, connector_id, state, external_tenant_id,
+                   external_tenant_name, external_connection_id, auth_event_id, scopes,
+                   connected_by, connected_at, disconnected_at, state_reason, updated_at)
+                 VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $10)
+                 ON CONFLICT (id) DO UPDATE SET state = 'active',
+                   external_tenant_id = excluded.external_tenant_id,
+                   external_tenant_name = excluded.external_tenant_name,
+                   external_connection_id = excluded.external_connection_id,
+                   auth_event_id = excluded.auth_event_id, scopes = excluded.scopes,
+                   connected_by = excluded.connected_by, connected_at = excluded.connected_at,
+                   disconnected_at = NULL, state_reason = NULL, updated_at = excluded.updated_at",
+            )
+            .bind(&id)
+            .bind(&new.tenant_id)
+            .bind(&new.connector_id)
+            .bind(&new.organisation.tenant_id)
+            .bind(&new.organisation.name)
+            .bind(&new.organisation.connection_id)
+            .bind(&new.auth_event_id)
+            .bind(&scopes)
+            .bind(&new.admin)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO connection_tokens
+                   (connection_id, key_id, access_token, refresh_token, expires_at, refreshed_at, generation)
+                 VALUES ($1, $2, $3, $4, $5, $6, 1)
+                 ON CONFLICT (connection_id) DO UPDATE SET
+                   key_id = excluded.key_id, access_token = excluded.access_token,
+                   refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
+                   refreshed_at = excluded.refreshed_at,
+                   generation = connection_tokens.generation + 1",
+            )
+            .bind(&id)
+            .bind(keys.current_key_id())
+            .bind(&access)
+            .bind(&refresh)
+            .bind(new.tokens.expires_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if org_changed {
+                sqlx::query("DELETE FROM kv WHERE connection_id = $1")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let ev = insert_event!(&mut *tx, &id, &new.tenant_id, kind, &detail, now);
+            tx.commit().await?;
+            ev
+        });
+        let connection = self
+            .connection(&id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("connection {id}")))?;
+        Ok(Connected {
+            connection,
+            reconnected: existing.is_some(),
+            replaced,
+            event,
+        })
+    }
+
+    /// Record an event by hand (e.g. a provider-side failure during disconnect).
+    pub async fn record_event(
+        &self,
+        connection_id: &str,
+        tenant_id: &str,
+        kind: &str,
+        detail: &str,
+        now: i64,
+    ) -> Result<ConnectionEvent, StoreError> {
+        Ok(on_pool!(self, p => insert_event!(p, connection_id, tenant_id, kind, detail, now)))
+    }
+
+    /// Events with an id above `after`, oldest first (at most `limit`).
+    pub async fn events_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ConnectionEvent>, StoreError> {
+        let rows: Vec<(i64, String, String, String, String, i64)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, connection_id, tenant_id, kind, detail, created_at
+                 FROM connection_events WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(after)
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, connection_id, tenant_id, kind, detail, created_at)| ConnectionEvent {
+                    id,
+                    connection_id,
+                    tenant_id,
+                    kind,
+                    detail,
+                    created_at,
+                },
+            )
+            .collect())
+    }
+
+    /// Events of one connection, oldest first.
+    pub async fn connection_events(
+        &self,
+        connection_id: &str,
+    ) -> Result<Vec<ConnectionEvent>, StoreError> {
+        let rows: Vec<(i64, String, String, String, String, i64)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, connection_id, tenant_id, kind, detail, created_at
+                 FROM connection_events WHERE connection_id = $1 ORDER BY id",
+            )
+            .bind(connection_id)
+            .fetch_all(p)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, connection_id, tenant_id, kind, detail, created_at)| ConnectionEvent {
+                    id,
+                    connection_id,
+                    tenant_id,
+                    kind,
+                    detail,
+                    created_at,
+                },
+            )
+            .collect())
+    }
+
+    /// Mark an event as handled (by the dispatch layer).
+    pub async fn mark_event_handled(&self, id: i64, now: i64) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            sqlx::query("UPDATE connection_events SET handled_at = $2 WHERE id = $1")
+                .bind(id)
+                .bind(now)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Events not yet handled, oldest first.
+    pub async fn unhandled_events(&self, limit: i64) -> Result<Vec<ConnectionEvent>, StoreError> {
+        let rows: Vec<(i64, String, String, String, String, i64)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, connection_id, tenant_id, kind, detail, created_at
+                 FROM connection_events WHERE handled_at IS NULL ORDER BY id LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, connection_id, tenant_id, kind, detail, created_at)| ConnectionEvent {
+                    id,
+                    connection_id,
+                    tenant_id,
+                    kind,
+                    detail,
+                    created_at,
+                },
+            )
+            .collect())
+    }
+
+    /// Remember a new authorisation's `state` (stored hashed) and PKCE
+    /// verifier (encrypted).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_oauth_state(
+        &self,
+        keys: &KeyRing,
+        state_hash: &str,
+        tenant_id: &str,
+        connector_id: &str,
+        admin: &str,
+        pkce_verifier: Option<&Secret>,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let verifier = pkce_verifier.map(|v| keys.encrypt(v.expose(), &ctx_pkce(state_hash)));
+        on_pool!(self, p => {
+            sqlx::query(
+                "INSERT INTO oauth_states (state_hash, tenant_id, connector_id, admin, key_id,
+                   pkce_verifier, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(state_hash)
+            .bind(tenant_id)
+            .bind(connector_id)
+            .bind(admin)
+            .bind(keys.current_key_id())
+            .bind(&verifier)
+            .bind(now)
+            .bind(expires_at)
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Use a `state` once: the first call gets its record, every later call
+    /// (and any call after its expiry) a [`StateRefusal`].
+    pub async fn consume_oauth_state(
+        &self,
+        keys: &KeyRing,
+        state_hash: &str,
+        now: i64,
+    ) -> Result<Result<OAuthStateRecord, StateRefusal>, StoreError> {
+        let row: Option<(String, String, String, Option<String>, i64)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "UPDATE oauth_states SET used_at = $2 WHERE state_hash = $1 AND used_at IS NULL
+                 RETURNING tenant_id, connector_id, admin, pkce_verifier, expires_at",
+            )
+            .bind(state_hash)
+            .bind(now)
+            .fetch_optional(p)
+            .await?
+        });
+        let Some((tenant_id, connector_id, admin, verifier, expires_at)) = row else {
+            let exists: Option<(String,)> = on_pool!(self, p => {
+                sqlx::query_as("SELECT state_hash FROM oauth_states WHERE state_hash = $1")
+                    .bind(state_hash)
+                    .fetch_optional(p)
+                    .await?
+            });
+            return Ok(Err(if exists.is_some() {
+                StateRefusal::AlreadyUsed
+            } else {
+                StateRefusal::Unknown
+            }));
+        };
+        if expires_at <= now {
+            return Ok(Err(StateRefusal::Expired));
+        }
+        let pkce_verifier = match verifier {
+            Some(v) => Some(keys.decrypt(&v, &ctx_pkce(state_hash))?),
+            None => None,
+        };
+        Ok(Ok(OAuthStateRecord {
+            tenant_id,
+            connector_id,
+            admin,
+            pkce_verifier,
+            expires_at,
+        }))
+    }
+
+    /// Park a grant that covers several organisations until the admin picks one.
+    pub async fn create_pending_pick(
+        &self,
+        keys: &KeyRing,
+        pick_hash: &str,
+        pick: &PendingPick,
+    ) -> Result<(), StoreError> {
+        let orgs = serde_json::to_string(&pick.organisations)
+            .map_err(|e| StoreError::Conflict(format!("organisations: {e}")))?;
+        let access = keys.encrypt(
+            pick.tokens.access_token.expose(),
+            &ctx_pending_access(pick_hash),
+        );
+        let refresh = pick
+            .tokens
+            .refresh_token
+            .as_ref()
+            .map(|r| keys.encrypt(r.expose(), &ctx_pending_refresh(pick_hash)));
+        on_pool!(self, p => {
+            sqlx::query(
+                "INSERT INTO oauth_pending (pick_hash, tenant_id, connector_id, admin, scopes,
+                   auth_event_id, organisations, key_id, access_token, refresh_token, expires_at,
+                   pick_expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(pick_hash)
+            .bind(&pick.tenant_id)
+            .bind(&pick.connector_id)
+            .bind(&pick.admin)
+            .bind(pick.scopes.join(" "))
+            .bind(&pick.auth_event_id)
+            .bind(&orgs)
+            .bind(keys.current_key_id())
+            .bind(&access)
+            .bind(&refresh)
+            .bind(pick.tokens.expires_at)
+            .bind(pick.pick_expires_at)
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// A pending pick, unused and unexpired; `consume` marks it used.
+    pub async fn pending_pick(
+        &self,
+        keys: &KeyRing,
+        pick_hash: &str,
+        now: i64,
+        consume: bool,
+    ) -> Result<Option<PendingPick>, StoreError> {
+        type PickRow = (
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            i64,
+            i64,
+        );
+        let cols = "tenant_id, connector_id, admin, scopes, auth_event_id, organisations, \
+                    access_token, refresh_token, expires_at, pick_expires_at";
+        let row: Option<PickRow> = if consume {
+            on_pool!(self, p => {
+                sqlx::query_as(&format!(
+                    "UPDATE oauth_pending SET used_at = $2
+                     WHERE pick_hash = $1 AND used_at IS NULL AND pick_expires_at > $2
+                     RETURNING {cols}"
+                ))
+                .bind(pick_hash)
+                .bind(now)
+                .fetch_optional(p)
+                .await?
+            })
+        } else {
+            on_pool!(self, p => {
+                sqlx::query_as(&format!(
+                    "SELECT {cols} FROM oauth_pending
+                     WHERE pick_hash = $1 AND used_at IS NULL AND pick_expires_at > $2"
+                ))
+                .bind(pick_hash)
+                .bind(now)
+                .fetch_optional(p)
+                .await?
+            })
+        };
+        let Some((
+            tenant_id,
+            connector_id,
+            admin,
+            scopes,
+            auth_event_id,
+            orgs,
+            access,
+            refresh,
+            expires_at,
+            pick_expires_at,
+        )) = row
+        else {
+            return Ok(None);
+        };
+        let organisations: Vec<Organisation> = serde_json::from_str(&orgs)
+            .map_err(|e| StoreError::Conflict(format!("stored organisations unreadable: {e}")))?;
+        let access_token = keys.decrypt(&access, &ctx_pending_access(pick_hash))?;
+        let refresh_token = match refresh {
+            Some(r) => Some(keys.decrypt(&r, &ctx_pending_refresh(pick_hash))?),
+            None => None,
+        };
+        Ok(Some(PendingPick {
+            tenant_id,
+            connector_id,
+            admin,
+            scopes: scopes.split_whitespace().map(String::from).collect(),
+            auth_event_id,
+            organisations,
+            tokens: TokenSet {
+                access_token,
+                refresh_token,
+                expires_at,
+            },
+            pick_expires_at,
+        }))
+    }
+
+    /// Delete used or expired states and picks older than `before`.
+    pub async fn purge_oauth(&self, before: i64) -> Result<u64, StoreError> {
+        let n = on_pool!(self, p => {
+            let a = sqlx::query("DELETE FROM oauth_states WHERE expires_at < $1")
+                .bind(before)
+                .execute(p)
+                .await?
+                .rows_affected();
+            let b = sqlx::query(
+                "DELETE FROM oauth_pending WHERE pick_expires_at < $1 OR used_at IS NOT NULL",
+            )
+            .bind(before)
+            .execute(p)
+            .await?
+            .rows_affected();
+            a + b
+        });
+        Ok(n)
+    }
+
+    /// Re-encrypt every stored secret under `keys`' newest key; returns how
+    /// many secrets were rewritten. Rows written concurrently by a daemon
+    /// are compared-and-swapped, so a refresh in flight is never lost.
+    pub async fn reencrypt_all(&self, keys: &KeyRing) -> Result<u64, StoreError> {
+        let current = keys.current_key_id().to_string();
+        let mut n = 0u64;
+        // Tokens.
+        for _pass in 0..5 {
+            let rows: Vec<(String, String, Option<String>)> = on_pool!(self, p => {
+                sqlx::query_as(
+                    "SELECT connection_id, access_token, refresh_token FROM connection_tokens
+                     WHERE key_id <> $1",
+                )
+                .bind(&current)
+                .fetch_all(p)
+                .await?
+            });
+            if rows.is_empty() {
+                break;
+            }
+            for (id, access, refresh) in rows {
+                let a = keys.reencrypt(&access, &ctx_access(&id))?;
+                let r = match &refresh {
+                    Some(r) => Some(keys.reencrypt(r, &ctx_refresh(&id))?),
+                    None => None,
+                };
+                let done = on_pool!(self, p => {
+                    sqlx::query(
+                        "UPDATE connection_tokens SET key_id = $2, access_token = $3, refresh_token = $4
+                         WHERE connection_id = $1 AND access_token = $5",
+                    )
+                    .bind(&id)
+                    .bind(&current)
+                    .bind(&a)
+                    .bind(&r)
+                    .bind(&access)
+                    .execute(p)
+                    .await?
+                    .rows_affected()
+                });
+                n += done * (1 + u64::from(refresh.is_some()));
+            }
+        }
+        // PKCE verifiers of pending authorisations.
+        let rows: Vec<(String, String)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT state_hash, pkce_verifier FROM oauth_states
+                 WHERE key_id <> $1 AND pkce_verifier IS NOT NULL",
+            )
+            .bind(&current)
+            .fetch_all(p)
+            .await?
+        });
+        for (h, v) in rows {
+            let v2 = keys.reencrypt(&v, &ctx_pkce(&h))?;
+            on_pool!(self, p => {
+                sqlx::query("UPDATE oauth_states SET key_id = $2, pkce_verifier = $3 WHERE state_hash = $1")
+                    .bind(&h)
+                    .bind(&current)
+                    .bind(&v2)
+                    .execute(p)
+                    .await?;
+            });
+            n += 1;
+        }
+        // Tokens of pending organisation picks.
+        let rows: Vec<(String, String, Option<String>)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT pick_hash, access_token, refresh_token FROM oauth_pending WHERE key_id <> $1",
+            )
+            .bind(&current)
+            .fetch_all(p)
+            .await?
+        });
+        for (h, access, refresh) in rows {
+            let a = keys.reencrypt(&access, &ctx_pending_access(&h))?;
+            let r = match &refresh {
+                Some(r) => Some(keys.reencrypt(r, &ctx_pending_refresh(&h))?),
+                None => None,
+            };
+            on_pool!(self, p => {
+                sqlx::query(
+                    "UPDATE oauth_pending SET key_id = $2, access_token = $3, refresh_token = $4
+                     WHERE pick_hash = $1",
+                )
+                .bind(&h)
+                .bind(&current)
+                .bind(&a)
+                .bind(&r)
+                .execute(p)
+                .await?;
+            });
+            n += 1 + u64::from(refresh.is_some());
+        }
+        Ok(n)
+    }
+
+    /// Key ids still in use by stored secrets (to tell when an old key may go).
+    pub async fn key_ids_in_use(&self) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT key_id FROM connection_tokens
+                 UNION SELECT key_id FROM oauth_states WHERE pkce_verifier IS NOT NULL
+                 UNION SELECT key_id FROM oauth_pending ORDER BY 1",
+            )
+            .fetch_all(p)
+            .await?
+        });
+        Ok(rows.into_iter().map(|(k,)| k).collect())
+    }
+}
+
+/// Whether the engine serialises refreshes across processes by row locks.
+pub fn cross_process_locking(kind: StoreKind) -> bool {
+    kind == StoreKind::Postgres
+}

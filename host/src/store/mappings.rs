@@ -1,0 +1,146 @@
+//! Account mappings: per tenant and connector, line-item kind -> account
+//! code (+ optional tax type). Keyed by tenant and connector, not by
+//! connection, so they outlive a disconnect and are found again on
+//! reconnect. Implements the runtime's [`MappingStore`].
+
+use super::{Store, StoreError, on_pool};
+use crate::capabilities::mapping::{AccountMapping, MappingScope, MappingStore};
+use async_trait::async_trait;
+
+/// A stored mapping with who changed it last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMapping {
+    /// The mapping.
+    pub mapping: AccountMapping,
+    /// Who set it.
+    pub updated_by: Option<String>,
+    /// When (Unix seconds).
+    pub updated_at: i64,
+}
+
+impl Store {
+    /// Set or replace the mapping of one kind.
+    pub async fn set_mapping(
+        &self,
+        scope: &MappingScope,
+        mapping: &AccountMapping,
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            sqlx::query(
+                "INSERT INTO mappings (tenant_id, connector_id, kind, account_code, tax_type, updated_by, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (tenant_id, connector_id, kind) DO UPDATE SET
+                   account_code = excluded.account_code, tax_type = excluded.tax_type,
+                   updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+            )
+            .bind(&scope.tenant_id)
+            .bind(&scope.connector_id)
+            .bind(&mapping.kind)
+            .bind(&mapping.account_code)
+            .bind(&mapping.tax_type)
+            .bind(actor)
+            .bind(now)
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Replace every mapping of the scope at once (in one transaction).
+    pub async fn replace_mappings(
+        &self,
+        scope: &MappingScope,
+        mappings: &[AccountMapping],
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2")
+                .bind(&scope.tenant_id)
+                .bind(&scope.connector_id)
+                .execute(&mut *tx)
+                .await?;
+            for m in mappings {
+                sqlx::query(
+                    "INSERT INTO mappings (tenant_id, connector_id, kind, account_code, tax_type, updated_by, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (tenant_id, connector_id, kind) DO UPDATE SET
+                       account_code = excluded.account_code, tax_type = excluded.tax_type,
+                       updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                )
+                .bind(&scope.tenant_id)
+                .bind(&scope.connector_id)
+                .bind(&m.kind)
+                .bind(&m.account_code)
+                .bind(&m.tax_type)
+                .bind(actor)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Delete the mapping of one kind; returns whether there was one.
+    pub async fn delete_mapping(
+        &self,
+        scope: &MappingScope,
+        kind: &str,
+    ) -> Result<bool, StoreError> {
+        let n = on_pool!(self, p => {
+            sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2 AND kind = $3")
+                .bind(&scope.tenant_id)
+                .bind(&scope.connector_id)
+                .bind(kind)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Every mapping of the scope, sorted by kind.
+    pub async fn mappings(&self, scope: &MappingScope) -> Result<Vec<StoredMapping>, StoreError> {
+        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT kind, account_code, tax_type, updated_by, updated_at FROM mappings
+                 WHERE tenant_id = $1 AND connector_id = $2 ORDER BY kind",
+            )
+            .bind(&scope.tenant_id)
+            .bind(&scope.connector_id)
+            .fetch_all(p)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(kind, account_code, tax_type, updated_by, updated_at)| StoredMapping {
+                    mapping: AccountMapping {
+                        kind,
+                        account_code,
+                        tax_type,
+                    },
+                    updated_by,
+                    updated_at,
+                },
+            )
+            .collect())
+    }
+}
+
+#[async_trait]
+impl MappingStore for Store {
+    async fn all(&self, scope: &MappingScope) -> anyhow::Result<Vec<AccountMapping>> {
+        Ok(self
+            .mappings(scope)
+            .await?
+            .into_iter()
+            .map(|m| m.mapping)
+            .collect())
+    }
+}

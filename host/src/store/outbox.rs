@@ -1,0 +1,718 @@
+//! The outbox: documents, one delivery per (document, connection), every
+//! attempt, incidents and the mail outbox; plus the request log that holds
+//! provider limits across daemons. Times here are Unix milliseconds.
+//!
+//! Claims are leases: a worker owns a delivery until `lease_until`, renews
+//! it while working, and a crashed worker's claim is taken over once the
+//! lease expires. On PostgreSQL claims run under one advisory transaction
+//! lock (so the per-connection concurrency cap holds across daemons) and
+//! lock rows `FOR UPDATE SKIP LOCKED`; SQLite has one writer anyway.
+
+use super::{Pool, Store, StoreError, StoreKind, on_pool};
+use sqlx::Row;
+
+/// Delivery states.
+pub mod state {
+    /// Waiting for its turn (maybe after a retry delay).
+    pub const PENDING: &str = "pending";
+    /// Claimed by a worker.
+    pub const WORKING: &str = "working";
+    /// In the accounting system.
+    pub const DELIVERED: &str = "delivered";
+    /// Failed for good; a person was told.
+    pub const FAILED: &str = "failed";
+    /// Waiting for a person (mapping, re-authorisation).
+    pub const PAUSED: &str = "paused";
+}
+
+/// What ingest did with a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Stored, with this many deliveries.
+    Created {
+        /// Deliveries created (0: not connected).
+        deliveries: usize,
+    },
+    /// The same document was already stored.
+    Existing,
+    /// A different document with the same id exists; its stored body.
+    Conflict(String),
+}
+
+/// A delivery a worker claimed.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Delivery id (also the connector's delivery key).
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Document id.
+    pub document_id: String,
+    /// Connection.
+    pub connection_id: String,
+    /// Connector.
+    pub connector_id: String,
+    /// Attempts counted so far.
+    pub attempts: i64,
+    /// The document's stored JSON.
+    pub body: String,
+    /// Document kind.
+    pub document_kind: String,
+    /// Document number.
+    pub document_number: String,
+    /// For a credit note, the invoice it credits.
+    pub credits_invoice_number: Option<String>,
+}
+
+/// A delivery as the log shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeliveryRow {
+    /// Delivery id.
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Document id.
+    pub document_id: String,
+    /// Document number.
+    pub document_number: String,
+    /// Document kind.
+    pub document_kind: String,
+    /// Connection.
+    pub connection_id: String,
+    /// Connector.
+    pub connector_id: String,
+    /// State.
+    pub state: String,
+    /// Why paused.
+    pub pause_reason: Option<String>,
+    /// Attempts counted.
+    pub attempts: i64,
+    /// Next attempt (ms).
+    pub next_attempt_at: i64,
+    /// External id.
+    pub external_id: Option<String>,
+    /// External URL.
+    pub external_url: Option<String>,
+    /// Last error, in words.
+    pub last_error: Option<String>,
+    /// When delivered (ms).
+    pub delivered_at: Option<i64>,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+/// One recorded attempt.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttemptRow {
+    /// Attempt number (0 for attempts that did not count, e.g. 429).
+    pub attempt: i64,
+    /// Worker.
+    pub worker: String,
+    /// Start (ms).
+    pub started_at: i64,
+    /// End (ms).
+    pub finished_at: i64,
+    /// Outcome keyword.
+    pub outcome: String,
+    /// Message in words.
+    pub message: Option<String>,
+    /// Details (JSON: provider messages, notes).
+    pub details: Option<String>,
+    /// External id.
+    pub external_id: Option<String>,
+    /// External URL.
+    pub external_url: Option<String>,
+}
+
+/// How an attempt ended, as the store records it.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// New state.
+    pub state: &'static str,
+    /// Pause reason when paused.
+    pub pause_reason: Option<String>,
+    /// Whether the attempt counts against the retry ladder.
+    pub counts: bool,
+    /// Next attempt time (ms) when pending.
+    pub next_attempt_at: i64,
+    /// Outcome keyword for the attempt log.
+    pub outcome: String,
+    /// Message in words.
+    pub message: Option<String>,
+    /// Details JSON.
+    pub details: Option<String>,
+    /// External id when delivered.
+    pub external_id: Option<String>,
+    /// External URL when delivered.
+    pub external_url: Option<String>,
+}
+
+/// A mail waiting to be sent.
+#[derive(Debug, Clone)]
+pub struct OutgoingMail {
+    /// Id.
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Recipients.
+    pub recipients: Vec<String>,
+    /// Subject.
+    pub subject: String,
+    /// Plain text.
+    pub text_body: String,
+    /// HTML.
+    pub html_body: String,
+    /// Attempts so far.
+    pub attempts: i64,
+}
+
+/// An incident ready to be told.
+#[derive(Debug, Clone)]
+pub struct IncidentRow {
+    /// Id.
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Connection.
+    pub connection_id: String,
+    /// Kind: failed, paused-mapping, paused-reauth, retries-exhausted.
+    pub kind: String,
+    /// Document numbers (JSON array of strings).
+    pub documents: Vec<String>,
+    /// Details (JSON array of strings: what went wrong, what the provider said).
+    pub details: Vec<String>,
+}
+
+const DELIVERY_COLUMNS: &str = "id, tenant_id, document_id, document_number, document_kind, connection_id, connector_id, state, pause_reason, attempts, next_attempt_at, external_id, external_url, last_error, delivered_at, updated_at";
+
+macro_rules! delivery_row {
+    ($r:expr) => {
+        DeliveryRow {
+            id: $r.try_get("id")?,
+            tenant_id: $r.try_get("tenant_id")?,
+            document_id: $r.try_get("document_id")?,
+            document_number: $r.try_get("document_number")?,
+            document_kind: $r.try_get("document_kind")?,
+            connection_id: $r.try_get("connection_id")?,
+            connector_id: $r.try_get("connector_id")?,
+            state: $r.try_get("state")?,
+            pause_reason: $r.try_get("pause_reason")?,
+            attempts: $r.try_get("attempts")?,
+            next_attempt_at: $r.try_get("next_attempt_at")?,
+            external_id: $r.try_get("external_id")?,
+            external_url: $r.try_get("external_url")?,
+            last_error: $r.try_get("last_error")?,
+            delivered_at: $r.try_get("delivered_at")?,
+            updated_at: $r.try_get("updated_at")?,
+        }
+    };
+}
+
+impl Store {
+    /// Store a document and one delivery per `(connection id, connector id)`
+    /// in one transaction. Idempotent on (tenant, document id).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn ingest_document(
+        &self,
+        tenant_id: &str,
+        document_id: &str,
+        kind: &str,
+        number: &str,
+        credits_invoice_number: Option<&str>,
+        body: &str,
+        body_hash: &str,
+        connections: &[(String, String)],
+        now: i64,
+    ) -> Result<IngestOutcome, StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let existing = sqlx::query("SELECT body, body_hash FROM documents WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant_id)
+                .bind(document_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = existing {
+                let hash: String = row.try_get("body_hash")?;
+                tx.rollback().await?;
+                return Ok(if hash == body_hash {
+                    IngestOutcome::Existing
+                } else {
+                    IngestOutcome::Conflict(row.try_get("body")?)
+                });
+            }
+            let note = if connections.is_empty() { Some("not sent: not connected") } else { None };
+            sqlx::query("INSERT INTO documents (tenant_id, id, kind, number, credits_invoice_number, body, body_hash, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .bind(tenant_id).bind(document_id).bind(kind).bind(number).bind(credits_invoice_number)
+                .bind(body).bind(body_hash).bind(note).bind(now)
+                .execute(&mut *tx).await?;
+            for (connection_id, connector_id) in connections {
+                let id = delivery_id(tenant_id, document_id, connection_id);
+                sqlx::query("INSERT INTO deliveries (id, tenant_id, document_id, connection_id, connector_id, document_number, document_kind, state, attempts, next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $8, $8)")
+                    .bind(&id).bind(tenant_id).bind(document_id).bind(connection_id).bind(connector_id)
+                    .bind(number).bind(kind).bind(now)
+                    .execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(IngestOutcome::Created { deliveries: connections.len() })
+        })
+    }
+
+    /// Claim up to `limit` due deliveries (pending and due, or working with
+    /// an expired lease) for `worker`, never more than `per_connection`
+    /// working at once on one connection (across every daemon).
+    pub async fn claim_deliveries(
+        &self,
+        worker: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: i64,
+        per_connection: i64,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let candidates = "WITH busy AS (
+                SELECT connection_id, COUNT(*) AS n FROM deliveries
+                WHERE state = 'working' AND lease_until >= $1 GROUP BY connection_id),
+            cand AS (
+                SELECT d.id, d.connection_id, d.next_attempt_at,
+                       ROW_NUMBER() OVER (PARTITION BY d.connection_id ORDER BY d.next_attempt_at, d.id) AS rn
+                FROM deliveries d
+                WHERE (d.state = 'pending' AND d.next_attempt_at <= $1)
+                   OR (d.state = 'working' AND d.lease_until < $1))
+            SELECT cand.id FROM cand LEFT JOIN busy ON busy.connection_id = cand.connection_id
+            WHERE cand.rn + COALESCE(busy.n, 0) <= $2
+            ORDER BY cand.next_attempt_at, cand.id LIMIT $3";
+        let returning = "RETURNING d.id, d.tenant_id, d.document_id, d.connection_id, d.connector_id, d.attempts, d.document_kind, d.document_number";
+        let rows = match self.pool() {
+            Pool::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let ids: Vec<String> = sqlx::query_scalar(candidates)
+                    .bind(now)
+                    .bind(per_connection)
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let mut rows = Vec::new();
+                for id in ids {
+                    let r = sqlx::query(&format!("UPDATE deliveries AS d SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE d.id = $4 AND ((d.state = 'pending' AND d.next_attempt_at <= $3) OR (d.state = 'working' AND d.lease_until < $3)) {returning}"))
+                        .bind(worker).bind(now + lease_ms).bind(now).bind(&id)
+                        .fetch_optional(&mut *tx).await?;
+                    if let Some(r) = r {
+                        rows.push(claimed_from(&r)?);
+                    }
+                }
+                tx.commit().await?;
+                rows
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(7215001)")
+                    .execute(&mut *tx)
+                    .await?;
+                let ids: Vec<String> = sqlx::query_scalar(candidates)
+                    .bind(now)
+                    .bind(per_connection)
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let rs = sqlx::query(&format!("UPDATE deliveries AS d SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE d.id IN (SELECT id FROM deliveries WHERE id = ANY($4) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) FOR UPDATE SKIP LOCKED) {returning}"))
+                    .bind(worker).bind(now + lease_ms).bind(now).bind(&ids)
+                    .fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                rs.iter().map(claimed_from).collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for mut c in rows {
+            let (body, credits): (String, Option<String>) = on_pool!(self, p => {
+                let doc = sqlx::query("SELECT body, credits_invoice_number FROM documents WHERE tenant_id = $1 AND id = $2")
+                    .bind(&c.tenant_id).bind(&c.document_id).fetch_one(p).await?;
+                (doc.try_get("body")?, doc.try_get("credits_invoice_number")?)
+            });
+            c.body = body;
+            c.credits_invoice_number = credits;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Extend a lease the worker still holds. False when it lost it.
+    pub async fn renew_lease(
+        &self,
+        id: &str,
+        worker: &str,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        let n = on_pool!(self, p => sqlx::query("UPDATE deliveries SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'working'")
+            .bind(until).bind(id).bind(worker).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
+    /// Give a claimed delivery back untouched (graceful shutdown).
+    pub async fn release(&self, id: &str, worker: &str, now: i64) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', lease_owner = NULL, lease_until = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'working'")
+            .bind(now).bind(id).bind(worker).execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Record an attempt and move the delivery on, if the worker still holds
+    /// the lease. Returns false (and records nothing) when it lost it.
+    pub async fn finish_delivery(
+        &self,
+        id: &str,
+        worker: &str,
+        started_at: i64,
+        now: i64,
+        f: &Finish,
+    ) -> Result<bool, StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let attempt_inc: i64 = if f.counts { 1 } else { 0 };
+            let row = sqlx::query("UPDATE deliveries SET state = $1, pause_reason = $2, attempts = attempts + $3, next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, external_id = COALESCE($5, external_id), external_url = COALESCE($6, external_url), last_error = $7, updated_at = $8, delivered_at = CASE WHEN $1 = 'delivered' THEN $8 ELSE delivered_at END WHERE id = $9 AND lease_owner = $10 AND state = 'working' RETURNING attempts")
+                .bind(f.state).bind(&f.pause_reason).bind(attempt_inc).bind(f.next_attempt_at)
+                .bind(&f.external_id).bind(&f.external_url)
+                .bind(if f.state == state::DELIVERED { None } else { f.message.clone() })
+                .bind(now).bind(id).bind(worker)
+                .fetch_optional(&mut *tx).await?;
+            let Some(row) = row else {
+                tx.rollback().await?;
+                return Ok(false);
+            };
+            let attempts: i64 = row.try_get("attempts")?;
+            sqlx::query("INSERT INTO delivery_attempts (delivery_id, attempt, worker, started_at, finished_at, outcome, message, details, external_id, external_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                .bind(id).bind(if f.counts { attempts } else { 0 }).bind(worker).bind(started_at).bind(now)
+                .bind(&f.outcome).bind(&f.message).bind(&f.details).bind(&f.external_id).bind(&f.external_url)
+                .execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Where the delivery of invoice `number` on `connection_id` stands:
+    /// None when ledgerport never saw that invoice.
+    pub async fn invoice_delivery_state(
+        &self,
+        tenant_id: &str,
+        connection_id: &str,
+        number: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let r: Option<String> = on_pool!(self, p => sqlx::query_scalar("SELECT state FROM deliveries WHERE tenant_id = $1 AND connection_id = $2 AND document_number = $3 AND document_kind = 'invoice' ORDER BY created_at DESC LIMIT 1")
+            .bind(tenant_id).bind(connection_id).bind(number).fetch_optional(p).await)?;
+        Ok(r)
+    }
+
+    /// Resume deliveries paused for mapping whose tenant changed a mapping
+    /// since, and those paused for re-authorisation whose connection was
+    /// connected again since. Returns how many resumed.
+    pub async fn resume_paused(&self, now: i64) -> Result<u64, StoreError> {
+        let mapping = "UPDATE deliveries SET state = 'pending', pause_reason = NULL, next_attempt_at = $1, updated_at = $1
+            WHERE state = 'paused' AND pause_reason = 'mapping' AND EXISTS (
+                SELECT 1 FROM mappings m WHERE m.tenant_id = deliveries.tenant_id AND m.connector_id = deliveries.connector_id
+                AND m.updated_at * 1000 + 999 >= deliveries.updated_at)";
+        let reauth = "UPDATE deliveries SET state = 'pending', pause_reason = NULL, next_attempt_at = $1, updated_at = $1
+            WHERE state = 'paused' AND pause_reason = 'reauth' AND EXISTS (
+                SELECT 1 FROM connections c WHERE c.id = deliveries.connection_id AND c.state = 'active'
+                AND c.connected_at * 1000 + 999 >= deliveries.updated_at)";
+        let n = on_pool!(self, p => {
+            let a = sqlx::query(mapping).bind(now).execute(p).await?.rows_affected();
+            let b = sqlx::query(reauth).bind(now).execute(p).await?.rows_affected();
+            a + b
+        });
+        if n > 0 {
+            self.close_resolved_incidents(now).await?;
+        }
+        Ok(n)
+    }
+
+    /// Put failed deliveries back in the queue: one by id, or all of a tenant's.
+    pub async fn retry_failed(
+        &self,
+        tenant_id: &str,
+        delivery_id: Option<&str>,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let n = on_pool!(self, p => match delivery_id {
+            Some(id) => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND id = $3 AND state IN ('failed', 'paused')")
+                .bind(now).bind(tenant_id).bind(id).execute(p).await?.rows_affected(),
+            None => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND state = 'failed'")
+                .bind(now).bind(tenant_id).execute(p).await?.rows_affected(),
+        });
+        Ok(n)
+    }
+
+    /// Deliveries of a tenant, optionally of one document number, newest first.
+    pub async fn list_deliveries(
+        &self,
+        tenant_id: Option<&str>,
+        number: Option<&str>,
+        state: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        let sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR document_number = $2) AND ($3 IS NULL OR state = $3) ORDER BY updated_at DESC, id LIMIT $4"
+        );
+        on_pool!(self, p => {
+            let rows = sqlx::query(&sql).bind(tenant_id).bind(number).bind(state).bind(limit).fetch_all(p).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push(delivery_row!(r));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The attempts of one delivery, oldest first.
+    pub async fn list_attempts(&self, delivery_id: &str) -> Result<Vec<AttemptRow>, StoreError> {
+        on_pool!(self, p => {
+            let rows = sqlx::query("SELECT attempt, worker, started_at, finished_at, outcome, message, details, external_id, external_url FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id")
+                .bind(delivery_id).fetch_all(p).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(AttemptRow {
+                    attempt: r.try_get("attempt")?,
+                    worker: r.try_get("worker")?,
+                    started_at: r.try_get("started_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                    outcome: r.try_get("outcome")?,
+                    message: r.try_get("message")?,
+                    details: r.try_get("details")?,
+                    external_id: r.try_get("external_id")?,
+                    external_url: r.try_get("external_url")?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Count deliveries by state (for metrics and status).
+    pub async fn delivery_counts(
+        &self,
+        connection_id: Option<&str>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        on_pool!(self, p => {
+            let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries WHERE ($1 IS NULL OR connection_id = $1) GROUP BY state ORDER BY state")
+                .bind(connection_id).fetch_all(p).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push((r.try_get("state")?, r.try_get("n")?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Open an incident for (tenant, connection, kind) or add a document to
+    /// the open one. A new incident is told after `coalesce_ms`, so that
+    /// documents failing together arrive in one e-mail.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_incident(
+        &self,
+        tenant_id: &str,
+        connection_id: &str,
+        kind: &str,
+        document_number: &str,
+        detail: &str,
+        now: i64,
+        coalesce_ms: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            if matches!(self.kind(), StoreKind::Postgres) {
+                sqlx::query("SELECT pg_advisory_xact_lock(7215002)").execute(&mut *tx).await?;
+            }
+            // An incident not yet told takes more documents; once told, a
+            // pause keeps collecting silently, a failure starts a new one.
+            let open = sqlx::query("SELECT id, documents, details, notified_at FROM incidents WHERE tenant_id = $1 AND connection_id = $2 AND kind = $3 AND closed_at IS NULL ORDER BY opened_at DESC LIMIT 1")
+                .bind(tenant_id).bind(connection_id).bind(kind).fetch_optional(&mut *tx).await?;
+            let reuse = match &open {
+                Some(r) => {
+                    let notified: Option<i64> = r.try_get("notified_at")?;
+                    notified.is_none() || kind.starts_with("paused")
+                }
+                None => false,
+            };
+            if let (true, Some(r)) = (reuse, open) {
+                let id: String = r.try_get("id")?;
+                let mut docs: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("documents")?).unwrap_or_default();
+                let mut details: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
+                if !docs.iter().any(|d| d == document_number) {
+                    docs.push(document_number.to_string());
+                }
+                if !details.iter().any(|d| d == detail) && details.len() < 50 {
+                    details.push(detail.to_string());
+                }
+                sqlx::query("UPDATE incidents SET documents = $1, details = $2, updated_at = $3 WHERE id = $4")
+                    .bind(serde_json::to_string(&docs).unwrap_or_default())
+                    .bind(serde_json::to_string(&details).unwrap_or_default())
+                    .bind(now).bind(&id).execute(&mut *tx).await?;
+            } else {
+                sqlx::query("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)")
+                    .bind(uuid::Uuid::new_v4().to_string()).bind(tenant_id).bind(connection_id).bind(kind)
+                    .bind(serde_json::to_string(&[document_number]).unwrap_or_default())
+                    .bind(serde_json::to_string(&[detail]).unwrap_or_default())
+                    .bind(now).bind(now + coalesce_ms)
+                    .execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Incidents due to be told, marked as told in the same step (the mail
+    /// itself goes through the durable mail outbox).
+    pub async fn take_due_incidents(&self, now: i64) -> Result<Vec<IncidentRow>, StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, details FROM incidents WHERE notified_at IS NULL AND notify_after <= $1 ORDER BY opened_at")
+                .bind(now).fetch_all(&mut *tx).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                let id: String = r.try_get("id")?;
+                let kind: String = r.try_get("kind")?;
+                let n = sqlx::query("UPDATE incidents SET notified_at = $1, closed_at = CASE WHEN kind LIKE 'paused%' THEN closed_at ELSE $1 END WHERE id = $2 AND notified_at IS NULL")
+                    .bind(now).bind(&id).execute(&mut *tx).await?.rows_affected();
+                if n == 0 {
+                    continue;
+                }
+                out.push(IncidentRow {
+                    id,
+                    tenant_id: r.try_get("tenant_id")?,
+                    connection_id: r.try_get("connection_id")?,
+                    kind,
+                    documents: serde_json::from_str(&r.try_get::<String, _>("documents")?).unwrap_or_default(),
+                    details: serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default(),
+                });
+            }
+            tx.commit().await?;
+            Ok(out)
+        })
+    }
+
+    /// Close pause incidents whose deliveries are no longer paused.
+    pub async fn close_resolved_incidents(&self, now: i64) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("UPDATE incidents SET closed_at = $1 WHERE closed_at IS NULL AND kind LIKE 'paused%' AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.connection_id = incidents.connection_id AND d.state = 'paused' AND ('paused-' || d.pause_reason) = incidents.kind)")
+            .bind(now).execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Queue an e-mail.
+    pub async fn enqueue_mail(
+        &self,
+        tenant_id: &str,
+        incident_id: Option<&str>,
+        recipients: &[String],
+        subject: &str,
+        text: &str,
+        html: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)")
+            .bind(uuid::Uuid::new_v4().to_string()).bind(tenant_id).bind(incident_id)
+            .bind(recipients.join(",")).bind(subject).bind(text).bind(html).bind(now)
+            .execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Mails due to be (re)sent.
+    pub async fn due_mail(&self, now: i64, limit: i64) -> Result<Vec<OutgoingMail>, StoreError> {
+        on_pool!(self, p => {
+            let rows = sqlx::query("SELECT id, tenant_id, recipients, subject, text_body, html_body, attempts FROM mail_outbox WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at LIMIT $2")
+                .bind(now).bind(limit).fetch_all(p).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(OutgoingMail {
+                    id: r.try_get("id")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    recipients: r.try_get::<String, _>("recipients")?.split(',').filter(|s| !s.is_empty()).map(String::from).collect(),
+                    subject: r.try_get("subject")?,
+                    text_body: r.try_get("text_body")?,
+                    html_body: r.try_get("html_body")?,
+                    attempts: r.try_get("attempts")?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Record a mail's sending (Ok) or failure (Err, with the next try).
+    pub async fn mail_result(
+        &self,
+        id: &str,
+        now: i64,
+        result: Result<(), (String, i64)>,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => match result {
+            Ok(()) => sqlx::query("UPDATE mail_outbox SET sent_at = $1, attempts = attempts + 1, last_error = NULL WHERE id = $2")
+                .bind(now).bind(id).execute(p).await.map(|_| ()),
+            Err((e, next)) => sqlx::query("UPDATE mail_outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 WHERE id = $3")
+                .bind(e).bind(next).bind(id).execute(p).await.map(|_| ()),
+        })?;
+        Ok(())
+    }
+
+    /// Mails not yet sent (for status and tests).
+    pub async fn unsent_mail_count(&self) -> Result<i64, StoreError> {
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar("SELECT COUNT(*) FROM mail_outbox WHERE sent_at IS NULL").fetch_one(p).await)?,
+        )
+    }
+
+    /// Take one request slot of a connection's sliding window (`limit`
+    /// requests per `window_ms`), shared by every daemon on this database.
+    /// Ok(()) when taken; Err(ms) to wait before trying again.
+    pub async fn take_rate_slot(
+        &self,
+        connection_id: &str,
+        limit: i64,
+        window_ms: i64,
+        now: i64,
+    ) -> Result<Result<(), i64>, StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            if matches!(self.kind(), StoreKind::Postgres) {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(connection_id).execute(&mut *tx).await?;
+            }
+            sqlx::query("DELETE FROM rate_log WHERE connection_id = $1 AND at <= $2")
+                .bind(connection_id).bind(now - window_ms).execute(&mut *tx).await?;
+            let (n, oldest): (i64, Option<i64>) = {
+                let r = sqlx::query("SELECT COUNT(*) AS n, MIN(at) AS oldest FROM rate_log WHERE connection_id = $1")
+                    .bind(connection_id).fetch_one(&mut *tx).await?;
+                (r.try_get("n")?, r.try_get("oldest")?)
+            };
+            if n >= limit {
+                tx.rollback().await?;
+                let wait = oldest.map(|o| o + window_ms - now + 1).unwrap_or(100).max(1);
+                return Ok(Err(wait));
+            }
+            sqlx::query("INSERT INTO rate_log (connection_id, at) VALUES ($1, $2)")
+                .bind(connection_id).bind(now).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(Ok(()))
+        })
+    }
+}
+
+fn claimed_from<R: Row>(r: &R) -> Result<Claimed, sqlx::Error>
+where
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    for<'q> i64: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Claimed {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        document_id: r.try_get("document_id")?,
+        connection_id: r.try_get("connection_id")?,
+        connector_id: r.try_get("connector_id")?,
+        attempts: r.try_get("attempts")?,
+        body: String::new(),
+        document_kind: r.try_get("document_kind")?,
+        document_number: r.try_get("document_number")?,
+        credits_invoice_number: None,
+    })
+}
+
+/// The stable id of a delivery: the same on every retry and every daemon,
+/// and the connector's idempotency base.
+pub fn delivery_id(tenant_id: &str, document_id: &str, connection_id: &str) -> String {
+    let ns = uuid::Uuid::from_u128(0x6c65_6467_6572_706f_7274_0000_0000_0001);
+    let name = format!("{}\u{1f}{}\u{1f}{}", tenant_id, document_id, connection_id);
+    format!("dlv-{}", uuid::Uuid::new_v5(&ns, name.as_bytes()).simple())
+}

@@ -1,0 +1,136 @@
+//! Tenants: the platform's customer companies, with the e-mail addresses
+//! that receive integration notices.
+
+use super::{Store, StoreError, on_pool};
+use sqlx::Row;
+
+/// A platform tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// The platform's id of the company.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Addresses that receive integration notices, sorted.
+    pub emails: Vec<String>,
+    /// When it was added (Unix seconds).
+    pub created_at: i64,
+}
+
+/// Check a tenant id: 1-128 printable characters without spaces.
+pub fn validate_tenant_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "tenant id {id:?} must be 1-128 characters without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// Check an e-mail address (a plain sanity check: `local@domain.tld`).
+pub fn validate_email(e: &str) -> Result<(), String> {
+    let ok = e.len() <= 254
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control())
+        && e.split_once('@').is_some_and(|(l, d)| {
+            !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("email {e:?} is not an e-mail address"))
+    }
+}
+
+impl Store {
+    /// Add a tenant, or update its name and replace its e-mail addresses.
+    pub async fn upsert_tenant(
+        &self,
+        id: &str,
+        name: &str,
+        emails: &[String],
+        now: i64,
+    ) -> Result<Tenant, StoreError> {
+        validate_tenant_id(id).map_err(StoreError::Conflict)?;
+        for e in emails {
+            validate_email(e).map_err(StoreError::Conflict)?;
+        }
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(
+                "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM tenant_emails WHERE tenant_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            for e in emails {
+                sqlx::query(
+                    "INSERT INTO tenant_emails (tenant_id, email) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(id)
+                .bind(e.trim())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        self.tenant(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("tenant {id}")))
+    }
+
+    /// One tenant.
+    pub async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        let row: Option<(String, String, i64)> = on_pool!(self, p => {
+            sqlx::query_as("SELECT id, name, created_at FROM tenants WHERE id = $1")
+                .bind(id)
+                .fetch_optional(p)
+                .await?
+        });
+        let Some((id, name, created_at)) = row else {
+            return Ok(None);
+        };
+        let emails = self.tenant_emails(&id).await?;
+        Ok(Some(Tenant {
+            id,
+            name,
+            emails,
+            created_at,
+        }))
+    }
+
+    /// The notice addresses of a tenant, sorted.
+    pub async fn tenant_emails(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = on_pool!(self, p => {
+            sqlx::query("SELECT email FROM tenant_emails WHERE tenant_id = $1 ORDER BY email")
+                .bind(id)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("email"))
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Every tenant, by id.
+    pub async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        let ids: Vec<(String,)> = on_pool!(self, p => {
+            sqlx::query_as("SELECT id FROM tenants ORDER BY id").fetch_all(p).await?
+        });
+        let mut out = Vec::with_capacity(ids.len());
+        for (id,) in ids {
+            if let Some(t) = self.tenant(&id).await? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+}
