@@ -45,13 +45,19 @@ fn main() {
     let plugins = root().join("target/plugins");
     let manifest = plugins.join("minimal/manifest.toml");
     if !manifest.exists() {
-        eprintln!("{} missing: run `cargo xtask wasm` first", manifest.display());
+        eprintln!(
+            "{} missing: run `cargo xtask wasm` first",
+            manifest.display()
+        );
         std::process::exit(2);
     }
     let rt = Runtime::new(RuntimeConfig::default(), Arc::new(Stub)).expect("runtime");
     let plugin = rt.load(&manifest, &BTreeMap::new()).expect("load");
     let bytes = std::fs::read(root().join("examples/documents/invoice.json")).unwrap();
-    let doc = ledgerport::document::Document::from_json(&bytes).unwrap().to_wit().unwrap();
+    let doc = ledgerport::document::Document::from_json(&bytes)
+        .unwrap()
+        .to_wit()
+        .unwrap();
     let ctx = CallContext {
         connection: ConnectionInfo {
             connection_id: "bench".into(),
@@ -61,13 +67,23 @@ fn main() {
         credentials: Arc::new(StaticCredentials("t".into())),
         mappings: Arc::new(MemoryMappings::default()),
         kv: Arc::new(MemoryKv::default()),
+        rate: None,
     };
-    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let iterations: usize = std::env::var("BENCH_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let iterations: usize = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
     let mut samples = Vec::with_capacity(iterations);
     tokio.block_on(async {
         for i in 0..(iterations + 500) {
-            let d = Delivery { key: format!("k{i}"), attempt: 1 };
+            let d = Delivery {
+                key: format!("k{i}"),
+                attempt: 1,
+            };
             let doc = doc.clone();
             let t = Instant::now();
             if std::env::var("BENCH_DESCRIBE").is_ok() {
@@ -93,6 +109,9 @@ fn main() {
     println!("|---|---|---|---|---|");
     println!(
         "| minimal (fresh store + instantiate + deliver, 10-line invoice) | {} | {:.1} | {:.1} | {:.1} |",
-        samples.len(), us(median), us(p99), mean
+        samples.len(),
+        us(median),
+        us(p99),
+        mean
     );
 }

@@ -46,7 +46,13 @@ pub async fn run() -> anyhow::Result<()> {
                 let auth = headers
                     .get("authorization")
                     .and_then(|v| v.to_str().ok())
-                    .map(|v| if v.starts_with("Bearer ") { "Bearer <token>" } else { "other" })
+                    .map(|v| {
+                        if v.starts_with("Bearer ") {
+                            "Bearer <token>"
+                        } else {
+                            "other"
+                        }
+                    })
                     .unwrap_or("none")
                     .to_string();
                 let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
@@ -72,7 +78,12 @@ pub async fn run() -> anyhow::Result<()> {
         )
     })?;
     println!("ledgerport demo");
-    println!("  connector  {} {} (sha256 {}…)", plugin.manifest().name, plugin.manifest().version, &plugin.sha256()[..12]);
+    println!(
+        "  connector  {} {} (sha256 {}…)",
+        plugin.manifest().name,
+        plugin.manifest().version,
+        &plugin.sha256()[..12]
+    );
     println!("  endpoint   {base} (stands in for https://hooks.example.com)");
     let ctx = CallContext {
         connection: ConnectionInfo {
@@ -83,15 +94,22 @@ pub async fn run() -> anyhow::Result<()> {
         credentials: Arc::new(StaticCredentials("demo-access-token".into())),
         mappings: Arc::new(MemoryMappings::default()),
         kv: Arc::new(MemoryKv::default()),
+        rate: None,
     };
     for file in ["invoice.json", "credit-note.json"] {
         let doc = load_doc(&examples_dir().join(file))?;
-        let delivery = Delivery { key: format!("demo-{}", doc.id), attempt: 1 };
+        let delivery = Delivery {
+            key: format!("demo-{}", doc.id),
+            attempt: 1,
+        };
         let started = std::time::Instant::now();
         match rt.deliver(&plugin, &ctx, delivery, doc.to_wit()?).await {
             Ok(Ok(r)) => println!(
                 "  delivered  {} {} {} -> {} in {:.1} ms",
-                doc.number, doc.currency, doc.total, r.external_id,
+                doc.number,
+                doc.currency,
+                doc.total,
+                r.external_id,
                 started.elapsed().as_secs_f64() * 1000.0
             ),
             Ok(Err(e)) => println!("  failed     {}: {e}", doc.number),

@@ -6,13 +6,18 @@
 //! connector may import, plugin [`manifest`]s and the platform
 //! [`document`] model.
 
+pub mod api;
 pub mod capabilities;
 pub mod connections;
 pub mod credentials;
 pub mod crypto;
 pub mod demo;
+pub mod dispatch;
 pub mod document;
+pub mod ingest;
 pub mod manifest;
+pub mod metrics;
+pub mod notify;
 pub mod oauth;
 pub mod plugin_store;
 pub mod runtime;

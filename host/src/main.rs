@@ -16,7 +16,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "ledgerport", version, about = "Pushes issued invoices and credit notes into customers' accounting systems through sandboxed connectors")]
+#[command(
+    name = "ledgerport",
+    version,
+    about = "Pushes issued invoices and credit notes into customers' accounting systems through sandboxed connectors"
+)]
 struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -50,7 +54,12 @@ enum Command {
         #[arg(long = "map", value_name = "KIND=CODE")]
         maps: Vec<String>,
         /// Bearer token to inject (smoke tests only; read from this env var).
-        #[arg(long, env = "LEDGERPORT_SMOKE_TOKEN", hide_env_values = true, default_value = "smoke-token")]
+        #[arg(
+            long,
+            env = "LEDGERPORT_SMOKE_TOKEN",
+            hide_env_values = true,
+            default_value = "smoke-token"
+        )]
         token: String,
         /// The delivery key.
         #[arg(long, default_value = "smoke-1")]
@@ -112,10 +121,7 @@ fn parse_pairs(items: &[String], what: &str) -> Result<Vec<(String, String)>, St
 }
 
 fn runtime() -> anyhow::Result<Runtime> {
-    Runtime::new(
-        RuntimeConfig::default(),
-        Arc::new(ReqwestTransport::new()?),
-    )
+    Runtime::new(RuntimeConfig::default(), Arc::new(ReqwestTransport::new()?))
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -160,7 +166,10 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            deliver(plugin, document, base_urls, settings, maps, token, key, cli.json).await
+            deliver(
+                plugin, document, base_urls, settings, maps, token, key, cli.json,
+            )
+            .await
         }
         Command::Demo => match ledgerport::demo::run().await {
             Ok(()) => ExitCode::SUCCESS,
@@ -207,7 +216,10 @@ async fn plugin_check(manifest: PathBuf, json: bool) -> ExitCode {
         }
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": e.to_string()})
+                );
             } else {
                 eprintln!("refused: {e}");
             }
@@ -244,9 +256,8 @@ async fn deliver(
     };
     let doc = match std::fs::read(&document)
         .map_err(|e| format!("cannot read {}: {e}", document.display()))
-        .and_then(|b| {
-            ledgerport::document::Document::from_json(&b).map_err(|e| e.to_string())
-        }) {
+        .and_then(|b| ledgerport::document::Document::from_json(&b).map_err(|e| e.to_string()))
+    {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: {e}");
@@ -290,11 +301,10 @@ async fn deliver(
         credentials: Arc::new(StaticCredentials(token)),
         mappings,
         kv: Arc::new(MemoryKv::default()),
+        rate: None,
     };
-    let delivery = ledgerport::runtime::v0_1::ledgerport::connector::types::Delivery {
-        key,
-        attempt: 1,
-    };
+    let delivery =
+        ledgerport::runtime::v0_1::ledgerport::connector::types::Delivery { key, attempt: 1 };
     match rt.deliver(&p, &ctx, delivery, wit_doc).await {
         Ok(Ok(r)) => {
             if json {
@@ -315,7 +325,10 @@ async fn deliver(
         }
         Ok(Err(e)) => {
             if json {
-                println!("{}", serde_json::json!({"outcome": "failed", "error": e.to_string()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"outcome": "failed", "error": e.to_string()})
+                );
             } else {
                 println!("not delivered: {e}");
             }

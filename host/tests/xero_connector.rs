@@ -48,7 +48,11 @@ struct Env {
 
 fn plugin_manifest() -> std::path::PathBuf {
     let p = common::target_dir().join("plugins/xero/manifest.toml");
-    assert!(p.exists(), "{} missing: run `cargo xtask wasm`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask wasm`",
+        p.display()
+    );
     p
 }
 
@@ -60,33 +64,63 @@ async fn env() -> Env {
             ..Default::default()
         })
         .unwrap();
-    let rt = Runtime::new(RuntimeConfig::default(), Arc::new(ReqwestTransport::new().unwrap())).unwrap();
-    let overrides = BTreeMap::from([("https://api.xero.com".to_string(), sim.base_url().to_string())]);
+    let rt = Runtime::new(
+        RuntimeConfig::default(),
+        Arc::new(ReqwestTransport::new().unwrap()),
+    )
+    .unwrap();
+    let overrides = BTreeMap::from([(
+        "https://api.xero.com".to_string(),
+        sim.base_url().to_string(),
+    )]);
     let plugin = rt.load(&plugin_manifest(), &overrides).unwrap();
     let mappings = Arc::new(MemoryMappings::default());
-    let scope = MappingScope { tenant_id: "acme".into(), connector_id: "xero".into() };
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
     for (kind, code, tax) in MAPPINGS {
         mappings.set(
             &scope,
-            AccountMapping { kind: kind.to_string(), account_code: code.to_string(), tax_type: tax.map(String::from) },
+            AccountMapping {
+                kind: kind.to_string(),
+                account_code: code.to_string(),
+                tax_type: tax.map(String::from),
+            },
         );
     }
-    Env { sim, rt, plugin, mappings, kv: Arc::new(MemoryKv::default()), token: grant.tokens.access_token }
+    Env {
+        sim,
+        rt,
+        plugin,
+        mappings,
+        kv: Arc::new(MemoryKv::default()),
+        token: grant.tokens.access_token,
+    }
 }
 
 impl Env {
-    fn ctx_with(&self, creds: Arc<dyn CredentialProvider>, tenant: Option<String>, settings: &[(&str, &str)]) -> CallContext {
+    fn ctx_with(
+        &self,
+        creds: Arc<dyn CredentialProvider>,
+        tenant: Option<String>,
+        settings: &[(&str, &str)],
+    ) -> CallContext {
         CallContext {
             connection: ConnectionInfo {
                 connection_id: "conn-xero".into(),
                 tenant_id: "acme".into(),
                 external_tenant_id: tenant,
                 external_tenant_name: Some("Acme Trading GmbH".into()),
-                settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                settings: settings
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             },
             credentials: creds,
             mappings: self.mappings.clone(),
             kv: self.kv.clone(),
+            rate: None,
         }
     }
 
@@ -98,13 +132,32 @@ impl Env {
         )
     }
 
-    async fn deliver(&self, key: &str, doc: Document) -> Result<ledgerport::runtime::v0_1::ledgerport::connector::types::Receipt, DeliveryError> {
+    async fn deliver(
+        &self,
+        key: &str,
+        doc: Document,
+    ) -> Result<ledgerport::runtime::v0_1::ledgerport::connector::types::Receipt, DeliveryError>
+    {
         self.deliver_ctx(&self.ctx(), key, doc).await
     }
 
-    async fn deliver_ctx(&self, ctx: &CallContext, key: &str, doc: Document) -> Result<ledgerport::runtime::v0_1::ledgerport::connector::types::Receipt, DeliveryError> {
+    async fn deliver_ctx(
+        &self,
+        ctx: &CallContext,
+        key: &str,
+        doc: Document,
+    ) -> Result<ledgerport::runtime::v0_1::ledgerport::connector::types::Receipt, DeliveryError>
+    {
         self.rt
-            .deliver(&self.plugin, ctx, Delivery { key: key.into(), attempt: 1 }, doc)
+            .deliver(
+                &self.plugin,
+                ctx,
+                Delivery {
+                    key: key.into(),
+                    attempt: 1,
+                },
+                doc,
+            )
             .await
             .expect("the connector must not crash")
     }
@@ -135,13 +188,25 @@ impl Env {
             .filter(|r| r.uri.starts_with("/api.xro"))
             .map(|r| serde_json::json!({"method": r.method, "uri": r.uri, "body_text": r.body_text, "status": r.status}))
             .collect();
-        std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&reqs).unwrap()).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_vec_pretty(&reqs).unwrap(),
+        )
+        .unwrap();
     }
 }
 
 fn sample(file: &str) -> Document {
-    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents").join(file)).unwrap();
-    ledgerport::document::Document::from_json(&bytes).unwrap().to_wit().unwrap()
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/documents")
+            .join(file),
+    )
+    .unwrap();
+    ledgerport::document::Document::from_json(&bytes)
+        .unwrap()
+        .to_wit()
+        .unwrap()
 }
 
 /// A JSON amount, normalised (exact decimal, trailing zeros dropped).
@@ -151,13 +216,18 @@ fn num(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    text.parse::<rust_decimal::Decimal>().map(|d| d.normalize().to_string()).unwrap_or(text)
+    text.parse::<rust_decimal::Decimal>()
+        .map(|d| d.normalize().to_string())
+        .unwrap_or(text)
 }
 
 #[tokio::test]
 async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
     let e = env().await;
-    let r = e.deliver("dlv-inv-1", sample("invoice.json")).await.unwrap();
+    let r = e
+        .deliver("dlv-inv-1", sample("invoice.json"))
+        .await
+        .unwrap();
     let docs = e.docs();
     assert_eq!(docs.invoices.len(), 1);
     let bill = &docs.invoices[0];
@@ -177,7 +247,12 @@ async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
     assert_eq!(lines[5]["TaxType"], "INPUT2");
     // 4-decimal unit amount kept exactly (unitdp=4).
     assert_eq!(num(&lines[7]["UnitAmount"]), "41.3119");
-    assert!(bill["Url"].as_str().unwrap().contains("ledgerport=dlv-inv-1"));
+    assert!(
+        bill["Url"]
+            .as_str()
+            .unwrap()
+            .contains("ledgerport=dlv-inv-1")
+    );
     // The supplier contact was created with the platform's supplier id.
     assert_eq!(docs.contacts.len(), 1);
     assert_eq!(docs.contacts[0]["ContactNumber"], "eor-platform");
@@ -188,7 +263,11 @@ async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
     // Every create carried an idempotency key.
     for w in e.writes() {
         if w.uri.starts_with("/api.xro/2.0/Invoices") {
-            assert!(w.headers.iter().any(|(k, _)| k == "idempotency-key"), "{}", w.uri);
+            assert!(
+                w.headers.iter().any(|(k, _)| k == "idempotency-key"),
+                "{}",
+                w.uri
+            );
         }
     }
     e.save_requests("invoice");
@@ -197,15 +276,24 @@ async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
 #[tokio::test]
 async fn a_retry_is_exactly_once_even_after_the_idempotency_window_with_empty_kv() {
     let e = env().await;
-    let first = e.deliver("dlv-crash", sample("invoice.json")).await.unwrap();
+    let first = e
+        .deliver("dlv-crash", sample("invoice.json"))
+        .await
+        .unwrap();
     // Same delivery again straight away: nothing new.
-    let again = e.deliver("dlv-crash", sample("invoice.json")).await.unwrap();
+    let again = e
+        .deliver("dlv-crash", sample("invoice.json"))
+        .await
+        .unwrap();
     assert_eq!(first.external_id, again.external_id);
     // The worker crashed after creating: its kv is gone and Xero forgot the
     // idempotency key (kept 6 minutes).
     e.kv.clear("conn-xero");
     e.sim.advance_secs(7 * 60);
-    let after_crash = e.deliver("dlv-crash", sample("invoice.json")).await.unwrap();
+    let after_crash = e
+        .deliver("dlv-crash", sample("invoice.json"))
+        .await
+        .unwrap();
     assert_eq!(first.external_id, after_crash.external_id);
     let docs = e.docs();
     assert_eq!(docs.invoices.len(), 1, "exactly one bill");
@@ -249,15 +337,26 @@ async fn an_existing_supplier_contact_is_reused_and_a_name_clash_is_handled() {
     e.deliver("dlv-c1", sample("invoice.json")).await.unwrap();
     let docs = e.docs();
     assert_eq!(docs.contacts.len(), 1);
-    assert_eq!(docs.invoices[0]["Contact"]["ContactID"], docs.contacts[0]["ContactID"]);
+    assert_eq!(
+        docs.invoices[0]["Contact"]["ContactID"],
+        docs.contacts[0]["ContactID"]
+    );
 
     // An unrelated contact already has the name: ours gets a distinct name.
     let e = env().await;
-    sim_put_contact(&e, serde_json::json!({"Name": "Globe EOR Services Ltd", "ContactNumber": "someone-else"})).await;
+    sim_put_contact(
+        &e,
+        serde_json::json!({"Name": "Globe EOR Services Ltd", "ContactNumber": "someone-else"}),
+    )
+    .await;
     e.deliver("dlv-c2", sample("invoice.json")).await.unwrap();
     let docs = e.docs();
     assert_eq!(docs.contacts.len(), 2);
-    let ours = docs.contacts.iter().find(|c| c["ContactNumber"] == "eor-platform").unwrap();
+    let ours = docs
+        .contacts
+        .iter()
+        .find(|c| c["ContactNumber"] == "eor-platform")
+        .unwrap();
     assert_eq!(ours["Name"], "Globe EOR Services Ltd (eor-platform)");
     assert_eq!(docs.invoices[0]["Contact"]["ContactID"], ours["ContactID"]);
 }
@@ -265,12 +364,33 @@ async fn an_existing_supplier_contact_is_reused_and_a_name_clash_is_handled() {
 #[tokio::test]
 async fn archived_account_and_disabled_currency_are_rejected_in_plain_words() {
     let e = env().await;
-    let scope = MappingScope { tenant_id: "acme".into(), connector_id: "xero".into() };
-    e.mappings.set(&scope, AccountMapping { kind: "management-fee".into(), account_code: "499".into(), tax_type: None });
-    let err = e.deliver("dlv-arch", sample("invoice.json")).await.unwrap_err();
-    let DeliveryError::Rejected(errs) = err else { panic!("{err:?}") };
-    let e0 = errs.iter().find(|f| f.message.contains("499")).expect("names the code");
-    assert_eq!(e0.message, "Account code 499 is archived in Xero — choose another account for 'management-fee'");
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
+    e.mappings.set(
+        &scope,
+        AccountMapping {
+            kind: "management-fee".into(),
+            account_code: "499".into(),
+            tax_type: None,
+        },
+    );
+    let err = e
+        .deliver("dlv-arch", sample("invoice.json"))
+        .await
+        .unwrap_err();
+    let DeliveryError::Rejected(errs) = err else {
+        panic!("{err:?}")
+    };
+    let e0 = errs
+        .iter()
+        .find(|f| f.message.contains("499"))
+        .expect("names the code");
+    assert_eq!(
+        e0.message,
+        "Account code 499 is archived in Xero — choose another account for 'management-fee'"
+    );
     assert_eq!(e0.field, "lines[5].kind");
     assert!(e0.provider_message.as_deref().unwrap().contains("archived"));
     assert!(e.docs().invoices.is_empty());
@@ -279,8 +399,15 @@ async fn archived_account_and_disabled_currency_are_rejected_in_plain_words() {
     let mut doc = sample("invoice.json");
     doc.currency = "JPY".into();
     let err = e.deliver("dlv-jpy", doc).await.unwrap_err();
-    let DeliveryError::Rejected(errs) = err else { panic!("{err:?}") };
-    assert!(errs.iter().any(|f| f.message.contains("currency is not enabled") && f.provider_message.as_deref().unwrap_or("").contains("JPY")), "{errs:?}");
+    let DeliveryError::Rejected(errs) = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        errs.iter()
+            .any(|f| f.message.contains("currency is not enabled")
+                && f.provider_message.as_deref().unwrap_or("").contains("JPY")),
+        "{errs:?}"
+    );
     e.save_requests("rejections");
 }
 
@@ -291,7 +418,9 @@ async fn bad_amounts_are_refused_before_anything_is_written() {
     doc.lines[1].unit_amount = "1e5".into();
     doc.lines[3].unit_amount = "1.23456".into();
     let err = e.deliver("dlv-amt", doc).await.unwrap_err();
-    let DeliveryError::Rejected(errs) = err else { panic!("{err:?}") };
+    let DeliveryError::Rejected(errs) = err else {
+        panic!("{err:?}")
+    };
     let fields: Vec<&str> = errs.iter().map(|f| f.field.as_str()).collect();
     assert_eq!(fields, vec!["lines[1].unit_amount", "lines[3].unit_amount"]);
     assert!(e.sim.requests(0).is_empty());
@@ -318,29 +447,68 @@ async fn credit_notes_are_allocated_fully_partially_or_explained() {
     let e = env().await;
     e.deliver("dlv-inv", sample("invoice.json")).await.unwrap();
     // Full: the sample credit note (620.00) against the 9950.49 bill.
-    let r = e.deliver("dlv-cn-1", sample("credit-note.json")).await.unwrap();
+    let r = e
+        .deliver("dlv-cn-1", sample("credit-note.json"))
+        .await
+        .unwrap();
     let docs = e.docs();
     assert_eq!(docs.credit_notes.len(), 1);
     assert_eq!(docs.credit_notes[0]["Type"], "ACCPAYCREDIT");
     assert_eq!(docs.credit_notes[0]["CreditNoteNumber"], "CN-2026-0007");
     assert_eq!(num(&docs.invoices[0]["AmountDue"]), "9330.49");
-    assert!(r.notes.iter().any(|n| n.contains("allocated to bill INV-2026-0042")), "{:?}", r.notes);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("allocated to bill INV-2026-0042")),
+        "{:?}",
+        r.notes
+    );
     // Retrying the credit note does not allocate twice.
-    e.deliver("dlv-cn-1", sample("credit-note.json")).await.unwrap();
+    e.deliver("dlv-cn-1", sample("credit-note.json"))
+        .await
+        .unwrap();
     assert_eq!(num(&e.docs().invoices[0]["AmountDue"]), "9330.49");
     assert_eq!(e.docs().allocations.len(), 1);
 
     // Partial: more credit than is still due.
-    let r = e.deliver("dlv-cn-2", credit("CN-2026-0008", "INV-2026-0042", "10000.00")).await.unwrap();
-    assert!(r.notes.iter().any(|n| n.contains("9330.49") && n.contains("rest stays as credit")), "{:?}", r.notes);
+    let r = e
+        .deliver(
+            "dlv-cn-2",
+            credit("CN-2026-0008", "INV-2026-0042", "10000.00"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("9330.49") && n.contains("rest stays as credit")),
+        "{:?}",
+        r.notes
+    );
     assert_eq!(num(&e.docs().invoices[0]["AmountDue"]), "0");
 
     // Impossible: the bill it names is not in Xero.
-    let r = e.deliver("dlv-cn-3", credit("CN-2026-0009", "INV-NOPE", "10.00")).await.unwrap();
-    assert!(r.notes.iter().any(|n| n.contains("INV-NOPE") && n.contains("unallocated")), "{:?}", r.notes);
+    let r = e
+        .deliver("dlv-cn-3", credit("CN-2026-0009", "INV-NOPE", "10.00"))
+        .await
+        .unwrap();
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("INV-NOPE") && n.contains("unallocated")),
+        "{:?}",
+        r.notes
+    );
     // Nothing left due: explained too.
-    let r = e.deliver("dlv-cn-4", credit("CN-2026-0010", "INV-2026-0042", "10.00")).await.unwrap();
-    assert!(r.notes.iter().any(|n| n.contains("nothing left to pay")), "{:?}", r.notes);
+    let r = e
+        .deliver("dlv-cn-4", credit("CN-2026-0010", "INV-2026-0042", "10.00"))
+        .await
+        .unwrap();
+    assert!(
+        r.notes.iter().any(|n| n.contains("nothing left to pay")),
+        "{:?}",
+        r.notes
+    );
     assert_eq!(e.docs().credit_notes.len(), 4);
     assert_eq!(e.sim.counters().duplicates, 0);
     e.save_requests("credit-notes");
@@ -349,10 +517,19 @@ async fn credit_notes_are_allocated_fully_partially_or_explained() {
 #[tokio::test]
 async fn draft_status_is_a_connection_setting() {
     let e = env().await;
-    let ctx = e.ctx_with(Arc::new(StaticCredentials(e.token.clone())), Some(DEFAULT_TENANT_TRADING.to_string()), &[("status", "DRAFT")]);
-    e.deliver_ctx(&ctx, "dlv-draft", sample("invoice.json")).await.unwrap();
+    let ctx = e.ctx_with(
+        Arc::new(StaticCredentials(e.token.clone())),
+        Some(DEFAULT_TENANT_TRADING.to_string()),
+        &[("status", "DRAFT")],
+    );
+    e.deliver_ctx(&ctx, "dlv-draft", sample("invoice.json"))
+        .await
+        .unwrap();
     assert_eq!(e.docs().invoices[0]["Status"], "DRAFT");
-    let r = e.deliver_ctx(&ctx, "dlv-draft-cn", sample("credit-note.json")).await.unwrap();
+    let r = e
+        .deliver_ctx(&ctx, "dlv-draft-cn", sample("credit-note.json"))
+        .await
+        .unwrap();
     assert!(r.notes.iter().any(|n| n.contains("DRAFT")), "{:?}", r.notes);
 }
 
@@ -360,27 +537,50 @@ async fn draft_status_is_a_connection_setting() {
 async fn provider_answers_map_to_outcomes() {
     let e = env().await;
     // 403: the organisation is not (or no longer) connected.
-    let ctx = e.ctx_with(Arc::new(StaticCredentials(e.token.clone())), Some(uuid::Uuid::new_v4().to_string()), &[]);
-    let err = e.deliver_ctx(&ctx, "d403", sample("invoice.json")).await.unwrap_err();
-    assert!(matches!(&err, DeliveryError::NeedsReauth(m) if m.contains("AuthenticationUnsuccessful")), "{err:?}");
+    let ctx = e.ctx_with(
+        Arc::new(StaticCredentials(e.token.clone())),
+        Some(uuid::Uuid::new_v4().to_string()),
+        &[],
+    );
+    let err = e
+        .deliver_ctx(&ctx, "d403", sample("invoice.json"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeliveryError::NeedsReauth(m) if m.contains("AuthenticationUnsuccessful")),
+        "{err:?}"
+    );
     // No organisation picked at all.
     let ctx = e.ctx_with(Arc::new(StaticCredentials(e.token.clone())), None, &[]);
-    assert!(matches!(e.deliver_ctx(&ctx, "dnone", sample("invoice.json")).await, Err(DeliveryError::NeedsReauth(_))));
+    assert!(matches!(
+        e.deliver_ctx(&ctx, "dnone", sample("invoice.json")).await,
+        Err(DeliveryError::NeedsReauth(_))
+    ));
 
     // 429 burst: rate-limited with the limit and Retry-After.
     e.sim.set_faults(FaultConfig {
-        rules: vec![FaultRule { force_429: 1, retry_after_secs: 42, ..Default::default() }],
+        rules: vec![FaultRule {
+            force_429: 1,
+            retry_after_secs: 42,
+            ..Default::default()
+        }],
         ..Default::default()
     });
     let err = e.deliver("d429", sample("invoice.json")).await.unwrap_err();
-    let DeliveryError::RateLimited(rl) = err else { panic!("{err:?}") };
+    let DeliveryError::RateLimited(rl) = err else {
+        panic!("{err:?}")
+    };
     assert_eq!(rl.retry_after_seconds, 42);
     assert!(!rl.limit.is_empty());
 
     // 500 and 503: transient.
     for (r500, r503) in [(1.0, 0.0), (0.0, 1.0)] {
         e.sim.set_faults(FaultConfig {
-            rules: vec![FaultRule { error_500_rate: r500, error_503_rate: r503, ..Default::default() }],
+            rules: vec![FaultRule {
+                error_500_rate: r500,
+                error_503_rate: r503,
+                ..Default::default()
+            }],
             ..Default::default()
         });
         let err = e.deliver("d5xx", sample("invoice.json")).await.unwrap_err();
@@ -388,10 +588,16 @@ async fn provider_answers_map_to_outcomes() {
     }
     // A connection reset: transient too.
     e.sim.set_faults(FaultConfig {
-        rules: vec![FaultRule { reset_rate: 1.0, ..Default::default() }],
+        rules: vec![FaultRule {
+            reset_rate: 1.0,
+            ..Default::default()
+        }],
         ..Default::default()
     });
-    let err = e.deliver("dreset", sample("invoice.json")).await.unwrap_err();
+    let err = e
+        .deliver("dreset", sample("invoice.json"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, DeliveryError::Transient(_)), "{err:?}");
     e.sim.clear_faults();
     assert!(e.docs().invoices.is_empty());
@@ -407,12 +613,20 @@ struct Refreshing {
 #[async_trait]
 impl CredentialProvider for Refreshing {
     async fn bearer(&self, _c: &str) -> Result<Credential, CredentialError> {
-        Ok(Credential { access_token: self.sim_token.lock().unwrap().clone() })
+        Ok(Credential {
+            access_token: self.sim_token.lock().unwrap().clone(),
+        })
     }
-    async fn refresh(&self, _c: &str, _rejected: &Credential) -> Result<Credential, CredentialError> {
+    async fn refresh(
+        &self,
+        _c: &str,
+        _rejected: &Credential,
+    ) -> Result<Credential, CredentialError> {
         self.refreshes.fetch_add(1, Ordering::SeqCst);
         *self.sim_token.lock().unwrap() = self.fresh.clone();
-        Ok(Credential { access_token: self.fresh.clone() })
+        Ok(Credential {
+            access_token: self.fresh.clone(),
+        })
     }
 }
 
@@ -423,35 +637,60 @@ async fn an_expired_token_is_refreshed_once_by_the_host_and_the_call_retried() {
     e.sim.advance_secs(31 * 60);
     let fresh = e
         .sim
-        .issue_grant(GrantRequest { tenants: Some(vec![DEFAULT_TENANT_TRADING]), ..Default::default() })
+        .issue_grant(GrantRequest {
+            tenants: Some(vec![DEFAULT_TENANT_TRADING]),
+            ..Default::default()
+        })
         .unwrap()
         .tokens
         .access_token;
-    let creds = Arc::new(Refreshing { sim_token: Mutex::new(e.token.clone()), fresh, refreshes: AtomicU32::new(0) });
+    let creds = Arc::new(Refreshing {
+        sim_token: Mutex::new(e.token.clone()),
+        fresh,
+        refreshes: AtomicU32::new(0),
+    });
     let ctx = e.ctx_with(creds.clone(), Some(DEFAULT_TENANT_TRADING.to_string()), &[]);
-    e.deliver_ctx(&ctx, "d401", sample("invoice.json")).await.unwrap();
+    e.deliver_ctx(&ctx, "d401", sample("invoice.json"))
+        .await
+        .unwrap();
     assert_eq!(creds.refreshes.load(Ordering::SeqCst), 1);
     assert_eq!(e.docs().invoices.len(), 1);
 
     // A token that cannot be refreshed: the admin must reconnect.
     e.sim.advance_secs(31 * 60);
-    let err = e.deliver("d401b", sample("invoice.json")).await.unwrap_err();
+    let err = e
+        .deliver("d401b", sample("invoice.json"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, DeliveryError::NeedsReauth(_)), "{err:?}");
 }
 
 #[tokio::test]
 async fn list_accounts_offers_active_bill_accounts_and_tax_rates_and_check_names_the_org() {
     let e = env().await;
-    let list = e.rt.list_accounts(&e.plugin, &e.ctx()).await.unwrap().unwrap();
+    let list =
+        e.rt.list_accounts(&e.plugin, &e.ctx())
+            .await
+            .unwrap()
+            .unwrap();
     let codes: Vec<&str> = list.accounts.iter().map(|a| a.code.as_str()).collect();
-    assert!(codes.contains(&"477") && codes.contains(&"429") && codes.contains(&"620") && codes.contains(&"830"), "{codes:?}");
+    assert!(
+        codes.contains(&"477")
+            && codes.contains(&"429")
+            && codes.contains(&"620")
+            && codes.contains(&"830"),
+        "{codes:?}"
+    );
     assert!(!codes.contains(&"499"), "archived accounts are not offered");
     assert!(!codes.contains(&"200"), "revenue accounts are not offered");
     let salaries = list.accounts.iter().find(|a| a.code == "477").unwrap();
     assert_eq!(salaries.name, "Salaries");
     assert_eq!(salaries.account_type, "EXPENSE");
     let taxes: Vec<&str> = list.tax_rates.iter().map(|t| t.tax_type.as_str()).collect();
-    assert!(taxes.contains(&"INPUT2") && !taxes.contains(&"TAX001"), "{taxes:?}");
+    assert!(
+        taxes.contains(&"INPUT2") && !taxes.contains(&"TAX001"),
+        "{taxes:?}"
+    );
     let report = e.rt.check(&e.plugin, &e.ctx()).await.unwrap().unwrap();
     assert_eq!(report.organisation_name, "Acme Trading GmbH");
     assert!(report.details.iter().any(|d| d.contains("EUR")));

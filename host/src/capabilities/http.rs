@@ -304,6 +304,29 @@ impl CredentialProvider for StaticCredentials {
     }
 }
 
+/// Holds a provider's request rate per connection (e.g. Xero's 60 per
+/// minute), across every daemon sharing the store. `acquire` waits for a
+/// slot; it fails only when no slot came within `max_wait`.
+#[async_trait]
+pub trait RateGate: Send + Sync {
+    /// Take one request slot for `connection_id` (`per_minute` allowed).
+    async fn acquire(
+        &self,
+        connection_id: &str,
+        per_minute: u32,
+        max_wait: Duration,
+    ) -> Result<(), String>;
+}
+
+/// A gate and the limit it enforces for one call.
+#[derive(Clone)]
+pub struct RateLimit {
+    /// The gate.
+    pub gate: Arc<dyn RateGate>,
+    /// Requests per minute.
+    pub per_minute: u32,
+}
+
 /// Per-call state of the `http` capability.
 pub struct HttpCapability {
     plugin_id: Arc<str>,
@@ -312,6 +335,7 @@ pub struct HttpCapability {
     transport: Arc<dyn HttpTransport>,
     credentials: Arc<dyn CredentialProvider>,
     limits: HttpLimits,
+    rate: Option<RateLimit>,
     calls: u32,
 }
 
@@ -324,6 +348,7 @@ impl HttpCapability {
         transport: Arc<dyn HttpTransport>,
         credentials: Arc<dyn CredentialProvider>,
         limits: HttpLimits,
+        rate: Option<RateLimit>,
     ) -> Self {
         Self {
             plugin_id,
@@ -332,6 +357,7 @@ impl HttpCapability {
             transport,
             credentials,
             limits,
+            rate,
             calls: 0,
         }
     }
@@ -422,6 +448,12 @@ impl HttpCapability {
         out: &OutboundRequest,
         credential: Option<&Credential>,
     ) -> Result<InboundResponse, wit::Error> {
+        if let Some(rl) = &self.rate {
+            rl.gate
+                .acquire(&self.connection_id, rl.per_minute, self.limits.timeout)
+                .await
+                .map_err(wit::Error::Connection)?;
+        }
         let mut req = out.clone();
         if let Some(c) = credential {
             req.headers
@@ -471,17 +503,32 @@ mod tests {
     #[test]
     fn allow_list_is_fail_closed_and_follows_overrides() {
         let mut o = BTreeMap::new();
-        o.insert("https://api.xero.com".to_string(), "http://127.0.0.1:9999/x".to_string());
+        o.insert(
+            "https://api.xero.com".to_string(),
+            "http://127.0.0.1:9999/x".to_string(),
+        );
         let p = HttpPolicy::new(&["https://api.xero.com".into()], &o).unwrap();
-        let u = p.resolve("https://api.xero.com/api.xro/2.0/Invoices?where=a").unwrap();
-        assert_eq!(u.as_str(), "http://127.0.0.1:9999/x/api.xro/2.0/Invoices?where=a");
-        assert!(p.resolve("https://evil.example.com/").unwrap_err().contains("allowed_hosts"));
+        let u = p
+            .resolve("https://api.xero.com/api.xro/2.0/Invoices?where=a")
+            .unwrap();
+        assert_eq!(
+            u.as_str(),
+            "http://127.0.0.1:9999/x/api.xro/2.0/Invoices?where=a"
+        );
+        assert!(
+            p.resolve("https://evil.example.com/")
+                .unwrap_err()
+                .contains("allowed_hosts")
+        );
         // The override target itself is not reachable directly.
         assert!(p.resolve("http://127.0.0.1:9999/x").is_err());
         assert!(p.resolve("https://user:pw@api.xero.com/").is_err());
         // Overrides cannot add hosts.
         let mut bad = BTreeMap::new();
-        bad.insert("https://other.com".to_string(), "http://127.0.0.1:1".to_string());
+        bad.insert(
+            "https://other.com".to_string(),
+            "http://127.0.0.1:1".to_string(),
+        );
         assert!(HttpPolicy::new(&["https://api.xero.com".into()], &bad).is_err());
     }
 }

@@ -107,7 +107,9 @@ pub enum LoadError {
         id: String,
     },
     /// The component is not the one the manifest names.
-    #[error("component hash mismatch for {id}: the manifest says {expected}, the file is {actual} (tampered or rebuilt component; reinstall it)")]
+    #[error(
+        "component hash mismatch for {id}: the manifest says {expected}, the file is {actual} (tampered or rebuilt component; reinstall it)"
+    )]
     HashMismatch {
         /// Plugin id.
         id: String,
@@ -125,7 +127,9 @@ pub enum LoadError {
         message: String,
     },
     /// The component imports something outside the contract.
-    #[error("{id} imports {import:?}, which is outside the contract (ledgerport:connector@0.1 and the WASI interfaces a wasm32-wasip2 guest needs); refused")]
+    #[error(
+        "{id} imports {import:?}, which is outside the contract (ledgerport:connector@0.1 and the WASI interfaces a wasm32-wasip2 guest needs); refused"
+    )]
     ForbiddenImport {
         /// Plugin id.
         id: String,
@@ -222,6 +226,8 @@ pub struct CallContext {
     pub mappings: Arc<dyn MappingStore>,
     /// Kv store.
     pub kv: Arc<dyn KvStore>,
+    /// The provider's request-rate gate, when limits are enforced.
+    pub rate: Option<crate::capabilities::http::RateLimit>,
 }
 
 /// The per-call store data: WASI (empty) and the capabilities.
@@ -405,11 +411,13 @@ impl Runtime {
         use v0_1::ledgerport::connector as c;
         let l = &mut linker;
         c::types::add_to_linker::<_, TypesData>(l, |s| s).map_err(|e| anyhow::anyhow!("{e}"))?;
-        c::http::add_to_linker::<_, HttpData>(l, |s| &mut s.http).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c::http::add_to_linker::<_, HttpData>(l, |s| &mut s.http)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         c::mapping::add_to_linker::<_, MappingData>(l, |s| &mut s.mapping)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         c::kv::add_to_linker::<_, KvData>(l, |s| &mut s.kv).map_err(|e| anyhow::anyhow!("{e}"))?;
-        c::log::add_to_linker::<_, LogData>(l, |s| &mut s.log).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c::log::add_to_linker::<_, LogData>(l, |s| &mut s.log)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         c::connection::add_to_linker::<_, ConnectionData>(l, |s| &mut s.connection)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
 
@@ -493,12 +501,16 @@ impl Runtime {
                 message,
             }
         })?;
-        let (component, from_cache) =
-            cache::load_component(&self.engine, self.config.cache_dir.as_deref(), &actual, bytes)
-                .map_err(|e| LoadError::Invalid {
-                    id: id.clone(),
-                    message: e.to_string(),
-                })?;
+        let (component, from_cache) = cache::load_component(
+            &self.engine,
+            self.config.cache_dir.as_deref(),
+            &actual,
+            bytes,
+        )
+        .map_err(|e| LoadError::Invalid {
+            id: id.clone(),
+            message: e.to_string(),
+        })?;
         if from_cache {
             self.stats.deserialized.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -527,9 +539,14 @@ impl Runtime {
     }
 
     fn new_store(&self, plugin: &Plugin, ctx: &CallContext) -> (Store<HostState>, OutputTail) {
-        let tail = OutputTail::new(plugin.id.clone(), self.config.output_bytes, self.stats.clone());
+        let tail = OutputTail::new(
+            plugin.id.clone(),
+            self.config.output_bytes,
+            self.stats.clone(),
+        );
         let mut b = WasiCtx::builder();
-        b.stdout(tail.stream("stdout")).stderr(tail.stream("stderr"));
+        b.stdout(tail.stream("stdout"))
+            .stderr(tail.stream("stderr"));
         let state = HostState {
             wasi: b.build(),
             table: ResourceTable::new(),
@@ -548,6 +565,7 @@ impl Runtime {
                 self.transport.clone(),
                 ctx.credentials.clone(),
                 self.config.http,
+                ctx.rate.clone(),
             ),
             mapping: MappingCapability::new(
                 ctx.mappings.clone(),
@@ -558,7 +576,10 @@ impl Runtime {
             ),
             kv: KvCapability::new(ctx.kv.clone(), ctx.connection.connection_id.clone()),
             log: LogCapability::new(plugin.id.clone(), self.config.log, self.stats.clone()),
-            connection: ConnectionCapability::new(connection_with_defaults(plugin, &ctx.connection)),
+            connection: ConnectionCapability::new(connection_with_defaults(
+                plugin,
+                &ctx.connection,
+            )),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
@@ -599,7 +620,9 @@ impl Runtime {
                 deadline,
             }),
             Ok(Ok(v)) => Ok(v),
-            Ok(Err((instantiating, e))) => Err(self.classify(plugin, e, memory_denied, instantiating, &tail)),
+            Ok(Err((instantiating, e))) => {
+                Err(self.classify(plugin, e, memory_denied, instantiating, &tail))
+            }
         };
         tail.flush_to_log();
         if let Err(e) = &result {
@@ -679,7 +702,11 @@ impl Runtime {
         ctx: &CallContext,
     ) -> Result<Result<wit::AccountList, wit::DeliveryError>, CallError> {
         self.call(plugin, ctx, |i, s| {
-            Box::pin(async move { i.ledgerport_connector_connector().call_list_accounts(s).await })
+            Box::pin(async move {
+                i.ledgerport_connector_connector()
+                    .call_list_accounts(s)
+                    .await
+            })
         })
         .await
     }
@@ -733,7 +760,11 @@ fn split_version(name: &str) -> (&str, Option<&str>) {
 
 /// Refuse imports outside the contract and WASI's safe subset, a contract
 /// version other than the manifest's, and a missing `connector` export.
-fn check_component(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<(), LoadError> {
+fn check_component(
+    engine: &Engine,
+    component: &Component,
+    manifest: &Manifest,
+) -> Result<(), LoadError> {
     let id = manifest.id.clone();
     let manifest_line = contract_line(&manifest.contract).unwrap_or("?");
     let ty = component.component_type();
@@ -756,8 +787,8 @@ fn check_component(engine: &Engine, component: &Component, manifest: &Manifest) 
             }
             continue;
         }
-        let wasi_ok = ALLOWED_WASI.contains(&base)
-            && version.is_some_and(|v| v.starts_with("0.2."));
+        let wasi_ok =
+            ALLOWED_WASI.contains(&base) && version.is_some_and(|v| v.starts_with("0.2."));
         if !wasi_ok {
             return Err(LoadError::ForbiddenImport {
                 id,

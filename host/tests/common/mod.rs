@@ -24,7 +24,9 @@ pub fn target_dir() -> PathBuf {
 
 /// A connector built by `cargo xtask wasm` (profile `wasm`).
 pub fn wasm(crate_file: &str) -> PathBuf {
-    let p = target_dir().join("wasm32-wasip2/wasm").join(format!("{crate_file}.wasm"));
+    let p = target_dir()
+        .join("wasm32-wasip2/wasm")
+        .join(format!("{crate_file}.wasm"));
     assert!(
         p.exists(),
         "{} is missing: build the connectors first with `cargo xtask wasm` (the README's test command does)",
@@ -60,7 +62,10 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -75,35 +80,42 @@ impl Listener {
     pub async fn start() -> Self {
         let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let r2 = requests.clone();
-        let app = Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let r2 = r2.clone();
-            async move {
-                r2.lock().unwrap().push(Recorded {
-                    method: method.to_string(),
-                    path: uri.path().to_string(),
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-                        .collect(),
-                    body: body.to_vec(),
-                });
-                let path = uri.path().to_string();
-                if path == "/hang" {
-                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        let app = Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                let r2 = r2.clone();
+                async move {
+                    r2.lock().unwrap().push(Recorded {
+                        method: method.to_string(),
+                        path: uri.path().to_string(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                )
+                            })
+                            .collect(),
+                        body: body.to_vec(),
+                    });
+                    let path = uri.path().to_string();
+                    if path == "/hang" {
+                        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                    }
+                    if path == "/huge" {
+                        return (axum::http::StatusCode::OK, vec![b'x'; 20 * 1024 * 1024]);
+                    }
+                    if let Some(code) = path.strip_prefix("/status/") {
+                        let code = code.parse().unwrap_or(500);
+                        return (
+                            axum::http::StatusCode::from_u16(code).unwrap(),
+                            b"{\"error\":\"as asked\"}".to_vec(),
+                        );
+                    }
+                    (axum::http::StatusCode::OK, b"{\"id\":\"ext-1\"}".to_vec())
                 }
-                if path == "/huge" {
-                    return (axum::http::StatusCode::OK, vec![b'x'; 20 * 1024 * 1024]);
-                }
-                if let Some(code) = path.strip_prefix("/status/") {
-                    let code = code.parse().unwrap_or(500);
-                    return (
-                        axum::http::StatusCode::from_u16(code).unwrap(),
-                        b"{\"error\":\"as asked\"}".to_vec(),
-                    );
-                }
-                (axum::http::StatusCode::OK, b"{\"id\":\"ext-1\"}".to_vec())
-            }
-        });
+            },
+        );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -132,22 +144,35 @@ pub fn context(token: &str, settings: &[(&str, &str)]) -> CallContext {
             tenant_id: "acme".into(),
             external_tenant_id: None,
             external_tenant_name: None,
-            settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         },
         credentials: Arc::new(StaticCredentials(token.into())),
         mappings: Arc::new(MemoryMappings::default()),
         kv: Arc::new(MemoryKv::default()),
+        rate: None,
     }
 }
 
 /// The sample invoice with another number (the hostile connector's switch).
 pub fn invoice(number: &str) -> ledgerport::runtime::v0_1::ledgerport::connector::types::Document {
-    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json")).unwrap();
-    let mut d = ledgerport::document::Document::from_json(&bytes).unwrap().to_wit().unwrap();
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json"),
+    )
+    .unwrap();
+    let mut d = ledgerport::document::Document::from_json(&bytes)
+        .unwrap()
+        .to_wit()
+        .unwrap();
     d.number = number.to_string();
     d
 }
 
 pub fn delivery(key: &str) -> ledgerport::runtime::v0_1::ledgerport::connector::types::Delivery {
-    ledgerport::runtime::v0_1::ledgerport::connector::types::Delivery { key: key.into(), attempt: 1 }
+    ledgerport::runtime::v0_1::ledgerport::connector::types::Delivery {
+        key: key.into(),
+        attempt: 1,
+    }
 }

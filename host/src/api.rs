@@ -1,0 +1,238 @@
+//! The platform-facing HTTP API: ingest of issued documents and delivery
+//! status, behind a service key. Every 4xx names the fields at fault.
+
+use crate::ingest::{self, FieldProblem};
+use crate::store::Store;
+use crate::store::outbox::IngestOutcome;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// Shared state of the API.
+pub struct ApiState {
+    /// The store.
+    pub store: Store,
+    /// Hashes (SHA-256, hex) of accepted service keys.
+    pub service_key_hashes: Vec<String>,
+    /// The line-item catalogue, when configured.
+    pub catalogue: Option<BTreeSet<String>>,
+    /// Called after a document was stored (wakes the dispatcher).
+    pub on_ingest: Box<dyn Fn() + Send + Sync>,
+}
+
+/// A JSON error with the problems named.
+pub fn error(status: StatusCode, message: &str, problems: &[FieldProblem]) -> Response {
+    (
+        status,
+        Json(json!({ "error": message, "problems": problems })),
+    )
+        .into_response()
+}
+
+/// Hash a key for storage and comparison.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match key {
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing service key",
+            &[FieldProblem {
+                field: "authorization".into(),
+                message: "send `Authorization: Bearer <service key>`".into(),
+            }],
+        )),
+        Some(k) if state.service_key_hashes.contains(&hash_key(k)) => Ok(()),
+        Some(_) => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unknown or revoked service key",
+            &[FieldProblem {
+                field: "authorization".into(),
+                message: "the key is not valid".into(),
+            }],
+        )),
+    }
+}
+
+/// The ingest and delivery-status routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/documents", post(post_document))
+        .route("/v1/tenants/{tenant}/deliveries", get(list_deliveries))
+        .with_state(state)
+}
+
+/// Store a document and fan it out to the tenant's active connections.
+pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
+    let doc = match ingest::validate(body, state.catalogue.as_ref()) {
+        Ok(d) => d,
+        Err(problems) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the document is not valid",
+                &problems,
+            );
+        }
+    };
+    match state.store.tenant(&doc.tenant_id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown tenant",
+                &[FieldProblem {
+                    field: "tenant_id".into(),
+                    message: format!("{:?} is not a tenant of this daemon", doc.tenant_id),
+                }],
+            );
+        }
+        Err(e) => return server_error(e),
+    }
+    let canonical = match serde_json::to_string(&doc) {
+        Ok(c) => c,
+        Err(e) => return server_error(e),
+    };
+    let hash = hash_key(&canonical);
+    let connections: Vec<(String, String)> =
+        match state.store.connections(Some(&doc.tenant_id)).await {
+            Ok(cs) => cs
+                .into_iter()
+                .filter(|c| c.state != crate::store::ConnectionState::Disconnected)
+                .map(|c| (c.id, c.connector_id))
+                .collect(),
+            Err(e) => return server_error(e),
+        };
+    let kind = match doc.kind {
+        crate::document::DocumentKind::Invoice => "invoice",
+        crate::document::DocumentKind::CreditNote => "credit-note",
+    };
+    let outcome = state
+        .store
+        .ingest_document(
+            &doc.tenant_id,
+            &doc.id,
+            kind,
+            &doc.number,
+            doc.credits_invoice_number.as_deref(),
+            &canonical,
+            &hash,
+            &connections,
+            crate::dispatch::now_ms(),
+        )
+        .await;
+    match outcome {
+        Ok(IngestOutcome::Created { deliveries }) => {
+            crate::metrics::DOCUMENTS_INGESTED.inc();
+            (state.on_ingest)();
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "tenant_id": doc.tenant_id, "id": doc.id, "number": doc.number,
+                    "deliveries": deliveries,
+                    "note": if deliveries == 0 { Some("not sent: not connected") } else { None },
+                })),
+            )
+                .into_response()
+        }
+        Ok(IngestOutcome::Existing) => (
+            StatusCode::OK,
+            Json(json!({"tenant_id": doc.tenant_id, "id": doc.id, "number": doc.number, "existing": true})),
+        )
+            .into_response(),
+        Ok(IngestOutcome::Conflict(stored)) => {
+            let differs = serde_json::from_str(&stored)
+                .map(|old| ingest::differences(&old, &doc))
+                .unwrap_or_else(|_| vec!["document".into()]);
+            let problems: Vec<FieldProblem> = differs
+                .into_iter()
+                .map(|f| FieldProblem {
+                    message: "differs from the document already stored under this id".into(),
+                    field: f,
+                })
+                .collect();
+            error(
+                StatusCode::CONFLICT,
+                "a different document with this id was already issued",
+                &problems,
+            )
+        }
+        Err(e) => server_error(e),
+    }
+}
+
+fn server_error(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "request failed");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "storage is unavailable; nothing was stored, retry later"})),
+    )
+        .into_response()
+}
+
+async fn post_document(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorised(&state, &headers) {
+        return r;
+    }
+    let json: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the body is not JSON",
+                &[FieldProblem {
+                    field: "body".into(),
+                    message: e.to_string(),
+                }],
+            );
+        }
+    };
+    ingest_json(&state, &json).await
+}
+
+#[derive(serde::Deserialize)]
+struct DeliveryQuery {
+    number: Option<String>,
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_deliveries(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Query(q): Query<DeliveryQuery>,
+) -> Response {
+    if let Err(r) = authorised(&state, &headers) {
+        return r;
+    }
+    match state
+        .store
+        .list_deliveries(
+            Some(&tenant),
+            q.number.as_deref(),
+            q.state.as_deref(),
+            q.limit.unwrap_or(100).clamp(1, 1000),
+        )
+        .await
+    {
+        Ok(rows) => Json(json!({ "deliveries": rows })).into_response(),
+        Err(e) => server_error(e),
+    }
+}

@@ -1,0 +1,582 @@
+//! The dispatcher: workers claim due deliveries from the outbox with a
+//! lease, renew it while the connector works, and record what happened.
+//!
+//! What follows an outcome is decided here: `transient` climbs the retry
+//! ladder (with jitter) until it runs out; `rate-limited` waits for
+//! `Retry-After` without counting an attempt; `rejected` fails at once;
+//! `needs-mapping` and `needs-reauth` pause until the admin acts, then
+//! resume by themselves. A credit note waits until the invoice it credits
+//! was delivered on the same connection. Failures open incidents that the
+//! notifier turns into one e-mail each.
+
+use crate::capabilities::connection::ConnectionInfo;
+use crate::capabilities::http::{CredentialProvider, RateGate, RateLimit};
+use crate::capabilities::kv::KvStore;
+use crate::capabilities::mapping::MappingStore;
+use crate::document::Document;
+use crate::runtime::v0_1::ledgerport::connector::types::{Delivery, DeliveryError};
+use crate::runtime::{CallContext, Plugin, Runtime};
+use crate::store::Store;
+use crate::store::outbox::{Claimed, Finish, state};
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore, watch};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The default retry ladder for transient failures: now, 5 s, 5 min,
+/// 30 min, 2 h, 5 h, 10 h, 10 h.
+pub fn default_ladder() -> Vec<Duration> {
+    [0u64, 5, 300, 1800, 7200, 18000, 36000, 36000]
+        .iter()
+        .map(|s| Duration::from_secs(*s))
+        .collect()
+}
+
+/// Settings of the dispatcher.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// This daemon's worker id (in leases and the attempt log).
+    pub worker_id: String,
+    /// Deliveries worked on at once by this daemon.
+    pub concurrency: usize,
+    /// Lease length; renewed every third of it.
+    pub lease: Duration,
+    /// Delay before attempt n+1 after n transient failures (n = index).
+    pub ladder: Vec<Duration>,
+    /// Jitter as a fraction of each delay (0.2 = +/-20 %).
+    pub jitter: f64,
+    /// How long an incident collects documents before its e-mail.
+    pub coalesce: Duration,
+    /// Poll interval when nothing wakes the dispatcher.
+    pub poll: Duration,
+    /// Enforce the manifest's request rate per connection.
+    pub enforce_rate: bool,
+    /// Use the manifest's concurrency per connection (else this cap).
+    pub per_connection_override: Option<u32>,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: format!("{}-{}", hostname(), std::process::id()),
+            concurrency: 32,
+            lease: Duration::from_secs(90),
+            ladder: default_ladder(),
+            jitter: 0.2,
+            coalesce: Duration::from_secs(60),
+            poll: Duration::from_millis(500),
+            enforce_rate: true,
+            per_connection_override: None,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "ledgerport".into())
+}
+
+/// The store as a [`RateGate`]: a sliding one-minute window per connection,
+/// shared by every daemon on the database.
+pub struct StoreRateGate(pub Store);
+
+#[async_trait]
+impl RateGate for StoreRateGate {
+    async fn acquire(
+        &self,
+        connection_id: &str,
+        per_minute: u32,
+        max_wait: Duration,
+    ) -> Result<(), String> {
+        let give_up = Instant::now() + max_wait;
+        loop {
+            match self
+                .0
+                .take_rate_slot(connection_id, i64::from(per_minute), 60_000, now_ms())
+                .await
+            {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(wait_ms)) => {
+                    let wait = Duration::from_millis(wait_ms.clamp(5, 1000) as u64);
+                    if Instant::now() + wait > give_up {
+                        return Err(format!(
+                            "the provider's limit of {per_minute} requests a minute is used up; try later"
+                        ));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(format!("rate gate unavailable: {e}")),
+            }
+        }
+    }
+}
+
+/// Everything the dispatcher needs to run deliveries.
+pub struct Dispatcher {
+    store: Store,
+    runtime: Arc<Runtime>,
+    plugins: BTreeMap<String, Arc<Plugin>>,
+    credentials: Arc<dyn CredentialProvider>,
+    mappings: Arc<dyn MappingStore>,
+    kv: Arc<dyn KvStore>,
+    config: DispatchConfig,
+    wake: Notify,
+    rate_gate: Arc<dyn RateGate>,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `store` with the loaded `plugins` (by connector id).
+    pub fn new(
+        store: Store,
+        runtime: Arc<Runtime>,
+        plugins: BTreeMap<String, Arc<Plugin>>,
+        credentials: Arc<dyn CredentialProvider>,
+        mappings: Arc<dyn MappingStore>,
+        kv: Arc<dyn KvStore>,
+        config: DispatchConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            rate_gate: Arc::new(StoreRateGate(store.clone())),
+            store,
+            runtime,
+            plugins,
+            credentials,
+            mappings,
+            kv,
+            config,
+            wake: Notify::new(),
+        })
+    }
+
+    /// Wake the workers (new work arrived in this process).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DispatchConfig {
+        &self.config
+    }
+
+    /// Run until `shutdown` turns true: claim, deliver, record. On shutdown
+    /// stop claiming and give in-flight work `grace` to finish; whatever is
+    /// left is released for another worker.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut in_flight = tokio::task::JoinSet::new();
+        let working: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let per_connection = self.per_connection_cap();
+        let mut last_resume = Instant::now() - Duration::from_secs(10);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if last_resume.elapsed() > Duration::from_secs(1) {
+                last_resume = Instant::now();
+                match self.store.resume_paused(now_ms()).await {
+                    Ok(n) if n > 0 => tracing::info!(resumed = n, "paused deliveries resumed"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "resuming paused deliveries failed"),
+                }
+            }
+            let free = permits.available_permits();
+            let mut claimed = Vec::new();
+            if free > 0 {
+                match self
+                    .store
+                    .claim_deliveries(
+                        &self.config.worker_id,
+                        now_ms(),
+                        self.config.lease.as_millis() as i64,
+                        free as i64,
+                        per_connection,
+                    )
+                    .await
+                {
+                    Ok(c) => claimed = c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "claiming deliveries failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            let got = claimed.len();
+            for c in claimed {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let me = self.clone();
+                let w = working.clone();
+                w.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(c.id.clone());
+                in_flight.spawn(async move {
+                    let id = c.id.clone();
+                    me.work(c).await;
+                    w.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    drop(permit);
+                });
+            }
+            while in_flight.try_join_next().is_some() {}
+            if got == 0 || permits.available_permits() == 0 {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.config.poll) => {}
+                    _ = shutdown.changed() => {}
+                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                }
+            }
+        }
+        let deadline = tokio::time::sleep(grace);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = in_flight.join_next() => if r.is_none() { break },
+                _ = &mut deadline => {
+                    tracing::warn!(left = in_flight.len(), "shutdown grace over; releasing in-flight deliveries");
+                    in_flight.abort_all();
+                    while in_flight.join_next().await.is_some() {}
+                    let ids: Vec<String> = working.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+                    for id in ids {
+                        let _ = self.store.release(&id, &self.config.worker_id, now_ms()).await;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn per_connection_cap(&self) -> i64 {
+        if let Some(n) = self.config.per_connection_override {
+            return i64::from(n);
+        }
+        self.plugins
+            .values()
+            .map(|p| p.manifest().limits.concurrent_per_connection)
+            .min()
+            .unwrap_or(5) as i64
+    }
+
+    /// One claimed delivery, start to finish.
+    async fn work(&self, c: Claimed) {
+        let started = now_ms();
+        let clock = Instant::now();
+        // Renew the lease while working.
+        let renew = {
+            let store = self.store.clone();
+            let id = c.id.clone();
+            let worker = self.config.worker_id.clone();
+            let lease = self.config.lease;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    match store
+                        .renew_lease(&id, &worker, now_ms() + lease.as_millis() as i64)
+                        .await
+                    {
+                        Ok(true) => {}
+                        _ => break,
+                    }
+                }
+            })
+        };
+        let f = self.attempt(&c).await;
+        renew.abort();
+        let now = now_ms();
+        {
+            {
+                crate::metrics::DELIVERY_SECONDS.observe(clock.elapsed().as_secs_f64());
+                match self
+                    .store
+                    .finish_delivery(&c.id, &self.config.worker_id, started, now, &f)
+                    .await
+                {
+                    Ok(true) => self.after(&c, &f, now).await,
+                    Ok(false) => {
+                        tracing::warn!(delivery = %c.id, "lease lost before the outcome was recorded; another worker owns it")
+                    }
+                    Err(e) => {
+                        tracing::error!(delivery = %c.id, error = %e, "recording the outcome failed; the lease will expire and the delivery be retried")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Open incidents for outcomes people must hear about.
+    async fn after(&self, c: &Claimed, f: &Finish, now: i64) {
+        let kind = match (f.state, f.pause_reason.as_deref(), f.outcome.as_str()) {
+            (state::PAUSED, Some("mapping"), _) => "paused-mapping",
+            (state::PAUSED, Some("reauth"), _) => "paused-reauth",
+            (state::FAILED, _, "rejected") => "failed",
+            (state::FAILED, _, _) => "retries-exhausted",
+            _ => return,
+        };
+        let label = format!(
+            "{} {}",
+            if c.document_kind == "credit-note" {
+                "Credit note"
+            } else {
+                "Invoice"
+            },
+            c.document_number
+        );
+        let detail = format!("{label}: {}", f.message.clone().unwrap_or_default());
+        if let Err(e) = self
+            .store
+            .record_incident(
+                &c.tenant_id,
+                &c.connection_id,
+                kind,
+                &c.document_number,
+                &detail,
+                now,
+                self.config.coalesce.as_millis() as i64,
+            )
+            .await
+        {
+            tracing::error!(error = %e, "recording an incident failed");
+        }
+    }
+
+    fn retry_at(&self, attempts_after: i64, now: i64) -> Option<i64> {
+        let idx = attempts_after as usize;
+        let d = self.config.ladder.get(idx)?;
+        let base = d.as_millis() as f64;
+        let j = if self.config.jitter > 0.0 {
+            let r: f64 = rand::random::<f64>() * 2.0 - 1.0;
+            base * self.config.jitter * r
+        } else {
+            0.0
+        };
+        Some(now + (base + j).max(0.0) as i64)
+    }
+
+    /// Run the connector and decide what follows.
+    async fn attempt(&self, c: &Claimed) -> Finish {
+        let now = now_ms();
+        let fail = |outcome: &str, msg: String| Finish {
+            state: state::FAILED,
+            pause_reason: None,
+            counts: true,
+            next_attempt_at: now,
+            outcome: outcome.into(),
+            message: Some(msg),
+            details: None,
+            external_id: None,
+            external_url: None,
+        };
+        let Some(plugin) = self.plugins.get(&c.connector_id).cloned() else {
+            return fail(
+                "rejected",
+                format!(
+                    "the connector {:?} is not installed on this daemon",
+                    c.connector_id
+                ),
+            );
+        };
+        // A credit note waits for the invoice it credits on this connection.
+        if c.document_kind == "credit-note"
+            && let Some(inv) = &c.credits_invoice_number
+        {
+            match self
+                .store
+                .invoice_delivery_state(&c.tenant_id, &c.connection_id, inv)
+                .await
+            {
+                Ok(Some(s)) if s == state::PENDING || s == state::WORKING || s == state::PAUSED => {
+                    crate::metrics::delivery("waiting");
+                    return Finish {
+                        state: state::PENDING,
+                        pause_reason: None,
+                        counts: false,
+                        next_attempt_at: now + 2_000,
+                        outcome: "waiting".into(),
+                        message: Some(format!("waiting for invoice {inv} to be delivered first")),
+                        details: None,
+                        external_id: None,
+                        external_url: None,
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return self.transient(c, format!("storage error: {e}"), now);
+                }
+            }
+        }
+        let doc: Document = match serde_json::from_str(&c.body) {
+            Ok(d) => d,
+            Err(e) => {
+                return fail(
+                    "rejected",
+                    format!("the stored document cannot be read: {e}"),
+                );
+            }
+        };
+        let wit_doc = match doc.to_wit() {
+            Ok(d) => d,
+            Err(e) => return fail("rejected", e.to_string()),
+        };
+        let conn = match self.store.connection(&c.connection_id).await {
+            Ok(Some(conn)) => conn,
+            Ok(None) => return fail("rejected", "the connection no longer exists".into()),
+            Err(e) => return self.transient(c, format!("storage error: {e}"), now),
+        };
+        let ctx = CallContext {
+            connection: ConnectionInfo {
+                connection_id: conn.id.clone(),
+                tenant_id: conn.tenant_id.clone(),
+                external_tenant_id: conn.external_tenant_id.clone(),
+                external_tenant_name: conn.external_tenant_name.clone(),
+                settings: Default::default(),
+            },
+            credentials: self.credentials.clone(),
+            mappings: self.mappings.clone(),
+            kv: self.kv.clone(),
+            rate: self.config.enforce_rate.then(|| RateLimit {
+                gate: self.rate_gate.clone(),
+                per_minute: plugin.manifest().limits.requests_per_minute,
+            }),
+        };
+        let delivery = Delivery {
+            key: c.id.clone(),
+            attempt: (c.attempts + 1).clamp(1, u32::MAX as i64) as u32,
+        };
+        let span = tracing::info_span!("delivery", id = %c.id, tenant = %c.tenant_id, document = %c.document_number, connector = %c.connector_id);
+        let t = Instant::now();
+        let result = {
+            let _e = span.enter();
+            drop(_e);
+            self.runtime.deliver(&plugin, &ctx, delivery, wit_doc).await
+        };
+        crate::metrics::PLUGIN_CALL_SECONDS.observe(t.elapsed().as_secs_f64());
+        let now = now_ms();
+        match result {
+            Ok(Ok(receipt)) => {
+                crate::metrics::delivery("delivered");
+                tracing::info!(parent: &span, external_id = %receipt.external_id, "delivered");
+                Finish {
+                    state: state::DELIVERED,
+                    pause_reason: None,
+                    counts: true,
+                    next_attempt_at: now,
+                    outcome: "delivered".into(),
+                    message: (!receipt.notes.is_empty()).then(|| receipt.notes.join("; ")),
+                    details: Some(serde_json::json!({"notes": receipt.notes}).to_string()),
+                    external_id: Some(receipt.external_id),
+                    external_url: receipt.external_url,
+                }
+            }
+            Ok(Err(err)) => self.classified(c, err, now),
+            Err(call_err) => {
+                crate::metrics::delivery("crashed");
+                self.transient(c, format!("the connector failed: {call_err}"), now)
+            }
+        }
+    }
+
+    fn transient(&self, c: &Claimed, msg: String, now: i64) -> Finish {
+        let after = c.attempts + 1;
+        match self.retry_at(after, now) {
+            Some(at) => Finish {
+                state: state::PENDING,
+                pause_reason: None,
+                counts: true,
+                next_attempt_at: at,
+                outcome: "transient".into(),
+                message: Some(msg),
+                details: None,
+                external_id: None,
+                external_url: None,
+            },
+            None => Finish {
+                state: state::FAILED,
+                pause_reason: None,
+                counts: true,
+                next_attempt_at: now,
+                outcome: "retries-exhausted".into(),
+                message: Some(format!(
+                    "gave up after {after} attempts; the last error was: {msg}"
+                )),
+                details: None,
+                external_id: None,
+                external_url: None,
+            },
+        }
+    }
+
+    fn classified(&self, c: &Claimed, err: DeliveryError, now: i64) -> Finish {
+        let base = |st: &'static str,
+                    reason: Option<&str>,
+                    outcome: &str,
+                    msg: String,
+                    details: Option<String>| Finish {
+            state: st,
+            pause_reason: reason.map(String::from),
+            counts: true,
+            next_attempt_at: now,
+            outcome: outcome.into(),
+            message: Some(msg),
+            details,
+            external_id: None,
+            external_url: None,
+        };
+        match err {
+            DeliveryError::Transient(m) => {
+                crate::metrics::delivery("transient");
+                self.transient(c, m, now)
+            }
+            DeliveryError::RateLimited(rl) => {
+                crate::metrics::delivery("rate-limited");
+                Finish {
+                    state: state::PENDING,
+                    pause_reason: None,
+                    counts: false,
+                    next_attempt_at: now
+                        + i64::from(rl.retry_after_seconds.clamp(1, 86_400)) * 1000,
+                    outcome: "rate-limited".into(),
+                    message: Some(format!(
+                        "the provider asked to wait {} s ({} limit)",
+                        rl.retry_after_seconds, rl.limit
+                    )),
+                    details: None,
+                    external_id: None,
+                    external_url: None,
+                }
+            }
+            DeliveryError::Rejected(errs) => {
+                crate::metrics::delivery("rejected");
+                let msg = errs
+                    .iter()
+                    .map(|e| e.message.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let details = serde_json::json!(errs
+                    .iter()
+                    .map(|e| serde_json::json!({"field": e.field, "message": e.message, "provider_message": e.provider_message}))
+                    .collect::<Vec<_>>())
+                .to_string();
+                base(state::FAILED, None, "rejected", msg, Some(details))
+            }
+            DeliveryError::NeedsMapping(kinds) => {
+                crate::metrics::delivery("needs-mapping");
+                base(
+                    state::PAUSED,
+                    Some("mapping"),
+                    "needs-mapping",
+                    format!("no account is mapped for: {}", kinds.join(", ")),
+                    Some(serde_json::json!({"unmapped": kinds}).to_string()),
+                )
+            }
+            DeliveryError::NeedsReauth(m) => {
+                crate::metrics::delivery("needs-reauth");
+                base(state::PAUSED, Some("reauth"), "needs-reauth", m, None)
+            }
+        }
+    }
+}

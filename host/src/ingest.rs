@@ -1,0 +1,362 @@
+//! Validation of documents handed over by the platform: every problem is
+//! named by its field, all at once, so the platform can fix a document in
+//! one round trip. Amounts are exact decimals; totals must reconcile.
+
+use crate::document::{Document, DocumentKind, TaxBasis};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+/// One problem with a document.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// Where (`lines[2].unit_amount`, `currency`, ...).
+    pub field: String,
+    /// What is wrong, in plain words.
+    pub message: String,
+}
+
+fn problem(field: impl Into<String>, message: impl Into<String>) -> FieldProblem {
+    FieldProblem {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// ISO 4217 codes of currencies in circulation.
+const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWL";
+
+/// Whether `code` is an ISO 4217 currency code.
+pub fn is_currency(code: &str) -> bool {
+    code.len() == 3 && ISO_4217.split(' ').any(|c| c == code)
+}
+
+fn parse_date(s: &str) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
+}
+
+fn get_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+/// Validate a document's JSON. `catalogue`, when given, lists the line kinds
+/// the platform may use. Returns the document, or every problem found.
+pub fn validate(
+    json: &Value,
+    catalogue: Option<&BTreeSet<String>>,
+) -> Result<Document, Vec<FieldProblem>> {
+    let mut problems = Vec::new();
+    if !json.is_object() {
+        return Err(vec![problem("document", "must be a JSON object")]);
+    }
+    // Field-level checks on the raw JSON first, so that every bad field is
+    // named (serde stops at the first).
+    for key in [
+        "id",
+        "tenant_id",
+        "kind",
+        "number",
+        "issue_date",
+        "currency",
+        "subtotal",
+        "total_tax",
+        "total",
+    ] {
+        match json.get(key) {
+            None | Some(Value::Null) => problems.push(problem(key, "is required")),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                problems.push(problem(key, "must not be empty"))
+            }
+            Some(Value::String(_)) => {}
+            Some(_) => problems.push(problem(key, "must be a string")),
+        }
+    }
+    for key in ["id", "tenant_id", "number"] {
+        if let Some(s) = get_str(json, key)
+            && s.len() > 255
+        {
+            problems.push(problem(key, "must be at most 255 characters"));
+        }
+    }
+    if let Some(k) = get_str(json, "kind")
+        && k != "invoice"
+        && k != "credit-note"
+    {
+        problems.push(problem(
+            "kind",
+            format!("{k:?} is not \"invoice\" or \"credit-note\""),
+        ));
+    }
+    if let Some(c) = get_str(json, "currency")
+        && !is_currency(c)
+    {
+        problems.push(problem(
+            "currency",
+            format!("{c:?} is not an ISO 4217 currency code"),
+        ));
+    }
+    let issue = get_str(json, "issue_date");
+    if let Some(d) = issue
+        && parse_date(d).is_none()
+    {
+        problems.push(problem(
+            "issue_date",
+            format!("{d:?} is not a date (YYYY-MM-DD)"),
+        ));
+    }
+    match json.get("due_date") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(d)) => match (parse_date(d), issue.and_then(parse_date)) {
+            (None, _) => problems.push(problem(
+                "due_date",
+                format!("{d:?} is not a date (YYYY-MM-DD)"),
+            )),
+            (Some(due), Some(iss)) if due < iss => {
+                problems.push(problem("due_date", "is before issue_date"))
+            }
+            _ => {}
+        },
+        Some(_) => problems.push(problem("due_date", "must be a string")),
+    }
+    for key in ["subtotal", "total_tax", "total"] {
+        if let Some(s) = get_str(json, key)
+            && s.parse::<Decimal>().is_err()
+        {
+            problems.push(problem(key, format!("{s:?} is not a decimal amount")));
+        }
+    }
+    for party in ["supplier", "customer"] {
+        match json.get(party) {
+            Some(p) if p.is_object() => {
+                for key in ["id", "name"] {
+                    if get_str(p, key).is_none_or(|s| s.trim().is_empty()) {
+                        problems.push(problem(format!("{party}.{key}"), "is required"));
+                    }
+                }
+            }
+            _ => problems.push(problem(party, "is required (an object with id and name)")),
+        }
+    }
+    match json.get("lines").and_then(Value::as_array) {
+        None => problems.push(problem("lines", "is required (a list of lines)")),
+        Some(lines) if lines.is_empty() => problems.push(problem("lines", "must not be empty")),
+        Some(lines) => {
+            for (i, l) in lines.iter().enumerate() {
+                let f = |k: &str| format!("lines[{i}].{k}");
+                match get_str(l, "kind") {
+                    None => problems.push(problem(f("kind"), "is required")),
+                    Some(k) => {
+                        if let Some(cat) = catalogue
+                            && !cat.contains(k)
+                        {
+                            problems.push(problem(
+                                f("kind"),
+                                format!("{k:?} is not in the line-item catalogue"),
+                            ));
+                        }
+                    }
+                }
+                if get_str(l, "description").is_none() {
+                    problems.push(problem(f("description"), "is required"));
+                }
+                let mut amounts = [None; 4];
+                for (j, key) in ["quantity", "unit_amount", "tax_amount", "line_amount"]
+                    .iter()
+                    .enumerate()
+                {
+                    match get_str(l, key) {
+                        None => problems.push(problem(f(key), "is required (a decimal string)")),
+                        Some(s) => match s.parse::<Decimal>() {
+                            Ok(d) => amounts[j] = Some(d),
+                            Err(_) => problems
+                                .push(problem(f(key), format!("{s:?} is not a decimal amount"))),
+                        },
+                    }
+                }
+                if let [Some(q), Some(u), _, Some(la)] = amounts {
+                    let expected = (q * u).round_dp(2);
+                    if (la - expected).abs() > Decimal::new(1, 2) {
+                        problems.push(problem(
+                            f("line_amount"),
+                            format!("{la} is not quantity x unit_amount ({expected})"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let doc: Document = match serde_json::from_value(json.clone()) {
+        Ok(d) => d,
+        Err(e) => return Err(vec![problem("document", e.to_string())]),
+    };
+    // Totals reconcile.
+    let sum_lines: Decimal = doc.lines.iter().map(|l| l.line_amount).sum();
+    let sum_tax: Decimal = doc.lines.iter().map(|l| l.tax_amount).sum();
+    if sum_tax != doc.total_tax {
+        problems.push(problem(
+            "total_tax",
+            format!(
+                "{} is not the sum of the lines' tax ({sum_tax})",
+                doc.total_tax
+            ),
+        ));
+    }
+    match doc.tax_basis {
+        TaxBasis::Exclusive | TaxBasis::NoTax => {
+            if sum_lines != doc.subtotal {
+                problems.push(problem(
+                    "subtotal",
+                    format!(
+                        "{} is not the sum of the line amounts ({sum_lines})",
+                        doc.subtotal
+                    ),
+                ));
+            }
+            if doc.subtotal + doc.total_tax != doc.total {
+                problems.push(problem(
+                    "total",
+                    format!(
+                        "{} is not subtotal + total_tax ({})",
+                        doc.total,
+                        doc.subtotal + doc.total_tax
+                    ),
+                ));
+            }
+        }
+        TaxBasis::Inclusive => {
+            if sum_lines != doc.total {
+                problems.push(problem(
+                    "total",
+                    format!(
+                        "{} is not the sum of the tax-inclusive line amounts ({sum_lines})",
+                        doc.total
+                    ),
+                ));
+            }
+            if doc.total - doc.total_tax != doc.subtotal {
+                problems.push(problem(
+                    "subtotal",
+                    format!(
+                        "{} is not total - total_tax ({})",
+                        doc.subtotal,
+                        doc.total - doc.total_tax
+                    ),
+                ));
+            }
+        }
+    }
+    if doc.tax_basis == TaxBasis::NoTax && !doc.total_tax.is_zero() {
+        problems.push(problem("total_tax", "must be 0 when tax_basis is no-tax"));
+    }
+    match (doc.kind, &doc.credits_invoice_number) {
+        (DocumentKind::CreditNote, None) => problems.push(problem(
+            "credits_invoice_number",
+            "a credit note must name the invoice it credits",
+        )),
+        (DocumentKind::CreditNote, Some(n)) if n.trim().is_empty() => {
+            problems.push(problem("credits_invoice_number", "must not be empty"))
+        }
+        (DocumentKind::Invoice, Some(_)) => problems.push(problem(
+            "credits_invoice_number",
+            "only a credit note credits an invoice",
+        )),
+        _ => {}
+    }
+    if let Err(e) = doc.to_wit() {
+        problems.push(problem(e.field, e.message));
+    }
+    if problems.is_empty() {
+        Ok(doc)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The top-level fields in which two versions of a document differ.
+pub fn differences(a: &Document, b: &Document) -> Vec<String> {
+    let (Ok(Value::Object(x)), Ok(Value::Object(y))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return vec!["document".into()];
+    };
+    let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+    keys.into_iter()
+        .filter(|k| x.get(*k) != y.get(*k))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str) -> Value {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/documents")
+            .join(name);
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_samples_are_valid() {
+        validate(&sample("invoice.json"), None).unwrap();
+        validate(&sample("credit-note.json"), None).unwrap();
+    }
+
+    #[test]
+    fn every_bad_field_is_named_at_once() {
+        let mut v = sample("invoice.json");
+        v["currency"] = "EURO".into();
+        v["issue_date"] = "02/11/2026".into();
+        v["lines"][1]["unit_amount"] = "12,50".into();
+        v["lines"][2]["line_amount"] = "999.00".into();
+        v.as_object_mut().unwrap().remove("number");
+        let errs = validate(&v, None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "number",
+                "currency",
+                "issue_date",
+                "lines[1].unit_amount",
+                "lines[2].line_amount"
+            ]
+        );
+    }
+
+    #[test]
+    fn totals_must_reconcile() {
+        let mut v = sample("invoice.json");
+        v["total"] = "9950.50".into();
+        v["total_tax"] = "169.81".into();
+        let errs = validate(&v, None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["total_tax", "total"]);
+    }
+
+    #[test]
+    fn credit_notes_name_their_invoice_and_kinds_come_from_the_catalogue() {
+        let mut v = sample("credit-note.json");
+        v.as_object_mut().unwrap().remove("credits_invoice_number");
+        let errs = validate(&v, None).unwrap_err();
+        assert_eq!(errs[0].field, "credits_invoice_number");
+        let cat: BTreeSet<String> = ["management-fee".to_string()].into();
+        let errs = validate(&sample("credit-note.json"), Some(&cat)).unwrap_err();
+        assert_eq!(errs[0].field, "lines[1].kind");
+        assert!(errs[0].message.contains("deposit-refund"));
+    }
+
+    #[test]
+    fn differences_name_the_fields() {
+        let a = validate(&sample("invoice.json"), None).unwrap();
+        let mut b = a.clone();
+        b.total = Decimal::new(1, 0);
+        b.due_date = None;
+        assert_eq!(differences(&a, &b), vec!["due_date", "total"]);
+    }
+}

@@ -1,0 +1,247 @@
+//! Telling people: failure incidents become e-mails (plain text and HTML)
+//! that say which documents, what went wrong in plain words, what the
+//! accounting system said, and what to do next. E-mails go through the
+//! durable mail outbox and are sent over SMTP (lettre), retried while the
+//! server is down.
+
+use crate::store::Store;
+use crate::store::outbox::IncidentRow;
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::client::Tls;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use std::time::Duration;
+
+/// Where mail goes and what it links to.
+#[derive(Debug, Clone)]
+pub struct MailConfig {
+    /// SMTP host.
+    pub smtp_host: String,
+    /// SMTP port.
+    pub smtp_port: u16,
+    /// Use STARTTLS (required for anything but loopback).
+    pub starttls: bool,
+    /// SMTP user and password, when the server needs them.
+    pub credentials: Option<(String, String)>,
+    /// The From address.
+    pub from: String,
+    /// Base URL of the Integrations page (links in e-mails).
+    pub integrations_url: String,
+    /// The connector's display name (e.g. "Xero").
+    pub provider_name: String,
+}
+
+/// A composed e-mail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Email {
+    /// Subject.
+    pub subject: String,
+    /// Plain text.
+    pub text: String,
+    /// HTML.
+    pub html: String,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Compose the e-mail for an incident.
+pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> Email {
+    let provider = &cfg.provider_name;
+    let n = incident.documents.len();
+    let docs = incident.documents.join(", ");
+    let plural = if n == 1 { "document" } else { "documents" };
+    let base = cfg.integrations_url.trim_end_matches('/');
+    let (subject, what, todo, link_label, link) = match incident.kind.as_str() {
+        "paused-mapping" => (
+            format!("Action needed: {n} {plural} waiting for account mapping in {provider}"),
+            format!(
+                "These {plural} could not be sent to {provider} because some line types are not mapped to an account yet."
+            ),
+            format!(
+                "Open the Integrations page, choose Configure on the {provider} card and map the line types listed below. The waiting {plural} will then be sent automatically; you do not need to do anything else."
+            ),
+            "Map accounts",
+            format!("{base}/integrations?configure={}", incident.connection_id),
+        ),
+        "paused-reauth" => (
+            format!("Action needed: reconnect {provider} ({n} {plural} waiting)"),
+            format!(
+                "{provider} no longer accepts ledgerport's access to your organisation (the connection was revoked or has expired), so these {plural} are waiting."
+            ),
+            format!(
+                "Open the Integrations page and choose Connect on the {provider} card. The waiting {plural} will be sent automatically once you have reconnected."
+            ),
+            "Reconnect",
+            format!("{base}/integrations"),
+        ),
+        "retries-exhausted" => (
+            format!("{n} {plural} could not be sent to {provider}"),
+            format!(
+                "ledgerport tried to send these {plural} to {provider} several times over the last day and {provider} kept failing."
+            ),
+            format!(
+                "Check {provider}'s status page; then use Retry on the Integrations page. If it keeps failing, contact support and quote the document numbers below."
+            ),
+            "Open the delivery log",
+            format!("{base}/integrations?log=failed"),
+        ),
+        _ => (
+            format!("{n} {plural} could not be sent to {provider}"),
+            format!(
+                "{provider} refused these {plural}; sending them again unchanged will not help."
+            ),
+            format!(
+                "Read what {provider} said below, fix it there or in your mapping, then use Retry on the Integrations page. If you are unsure, contact support and quote the document numbers below."
+            ),
+            "Open the delivery log",
+            format!("{base}/integrations?log=failed"),
+        ),
+    };
+    let pdf_note = "Your PDF copies still arrive by e-mail as always; only the copy in your accounting system is missing.";
+    let mut text =
+        format!("Hello {tenant_name} team,\n\n{what}\n\nDocuments: {docs}\n\nWhat went wrong:\n");
+    for d in &incident.details {
+        text.push_str(&format!("  - {d}\n"));
+    }
+    text.push_str(&format!("\nWhat to do: {todo}\n\n{link_label}: {link}\n\n{pdf_note}\n\n-- ledgerport, on behalf of your EOR platform\n"));
+    let mut html = format!(
+        "<!doctype html><html><body style=\"font-family:sans-serif\"><p>Hello {} team,</p><p>{}</p><p><b>Documents:</b> {}</p><p><b>What went wrong:</b></p><ul>",
+        esc(tenant_name),
+        esc(&what),
+        esc(&docs)
+    );
+    for d in &incident.details {
+        html.push_str(&format!("<li>{}</li>", esc(d)));
+    }
+    html.push_str(&format!(
+        "</ul><p><b>What to do:</b> {}</p><p><a href=\"{}\">{}</a></p><p style=\"color:#555\">{}</p></body></html>",
+        esc(&todo),
+        esc(&link),
+        esc(link_label),
+        esc(pdf_note)
+    ));
+    Email {
+        subject,
+        text,
+        html,
+    }
+}
+
+/// Sends mail over SMTP.
+pub struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Mailer {
+    /// A mailer for `cfg`.
+    pub fn new(cfg: &MailConfig) -> anyhow::Result<Self> {
+        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.smtp_host)
+            .port(cfg.smtp_port)
+            .timeout(Some(Duration::from_secs(10)));
+        if cfg.starttls {
+            let params =
+                lettre::transport::smtp::client::TlsParameters::new(cfg.smtp_host.clone())?;
+            b = b.tls(Tls::Required(params));
+        }
+        if let Some((u, p)) = &cfg.credentials {
+            b = b.credentials(lettre::transport::smtp::authentication::Credentials::new(
+                u.clone(),
+                p.clone(),
+            ));
+        }
+        Ok(Self {
+            transport: b.build(),
+            from: cfg
+                .from
+                .parse()
+                .map_err(|e| anyhow::anyhow!("mail `from` {:?}: {e}", cfg.from))?,
+        })
+    }
+
+    /// Send one e-mail to `to`.
+    pub async fn send(
+        &self,
+        to: &[String],
+        subject: &str,
+        text: &str,
+        html: &str,
+    ) -> Result<(), String> {
+        let mut b = Message::builder().from(self.from.clone()).subject(subject);
+        for t in to {
+            b = b.to(t.parse().map_err(|e| format!("recipient {t:?}: {e}"))?);
+        }
+        let msg = b
+            .multipart(MultiPart::alternative_plain_html(
+                text.to_string(),
+                html.to_string(),
+            ))
+            .map_err(|e| e.to_string())?;
+        self.transport
+            .send(msg)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Turn due incidents into queued mails, then send what is due.
+/// Returns (mails queued, mails sent).
+pub async fn pump(
+    store: &Store,
+    mailer: &Mailer,
+    cfg: &MailConfig,
+    now_ms: i64,
+) -> anyhow::Result<(usize, usize)> {
+    let mut queued = 0;
+    for inc in store.take_due_incidents(now_ms).await? {
+        let tenant = store.tenant(&inc.tenant_id).await.ok().flatten();
+        let (name, emails) = match tenant {
+            Some(t) => (t.name, t.emails),
+            None => (inc.tenant_id.clone(), Vec::new()),
+        };
+        if emails.is_empty() {
+            tracing::warn!(tenant = %inc.tenant_id, kind = %inc.kind, "no notification address for this tenant; incident not e-mailed");
+            continue;
+        }
+        let email = compose(&inc, &name, cfg);
+        store
+            .enqueue_mail(
+                &inc.tenant_id,
+                Some(&inc.id),
+                &emails,
+                &email.subject,
+                &email.text,
+                &email.html,
+                now_ms,
+            )
+            .await?;
+        queued += 1;
+    }
+    let mut sent = 0;
+    for m in store.due_mail(now_ms, 50).await? {
+        match mailer
+            .send(&m.recipients, &m.subject, &m.text_body, &m.html_body)
+            .await
+        {
+            Ok(()) => {
+                store.mail_result(&m.id, now_ms, Ok(())).await?;
+                sent += 1;
+            }
+            Err(e) => {
+                // 5 s, 10 s, 20 s ... capped at 5 minutes.
+                let backoff = (5_000i64 << m.attempts.clamp(0, 6)).min(300_000);
+                tracing::warn!(error = %e, attempts = m.attempts + 1, "sending a notice failed; will retry");
+                crate::metrics::SMTP_FAILURES.inc();
+                store
+                    .mail_result(&m.id, now_ms, Err((e, now_ms + backoff)))
+                    .await?;
+            }
+        }
+    }
+    Ok((queued, sent))
+}

@@ -1,0 +1,184 @@
+//! A small, real SMTP server (RFC 5321 subset: EHLO/HELO, MAIL, RCPT, DATA,
+//! RSET, NOOP, QUIT) on loopback that keeps every message it receives.
+//! Tests and the demo send to it with a real SMTP client (lettre) over a
+//! real socket, then read back envelope, headers and body.
+//!
+//! It can be stopped and started again on the same port, to play an SMTP
+//! server that is down for a while.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// One received message.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    /// Envelope sender.
+    pub from: String,
+    /// Envelope recipients.
+    pub to: Vec<String>,
+    /// The raw message (headers and body, dot-unstuffed).
+    pub data: String,
+}
+
+impl Mail {
+    /// A header's value (first occurrence, unfolded).
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.data.split("\r\n\r\n").next().unwrap_or("");
+        let mut out: Option<String> = None;
+        for line in head.split("\r\n") {
+            if line.starts_with(' ') || line.starts_with('\t') {
+                if let Some(o) = out.as_mut() {
+                    o.push_str(line.trim_start());
+                }
+                continue;
+            }
+            if out.is_some() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case(name)
+            {
+                out = Some(v.trim().to_string());
+            }
+        }
+        out
+    }
+}
+
+/// A running sink.
+pub struct SmtpSink {
+    addr: SocketAddr,
+    mails: Arc<Mutex<Vec<Mail>>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SmtpSink {
+    /// Start on a free loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse().expect("loopback address")).await
+    }
+
+    /// Start on a given address (e.g. the port of a stopped sink).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let mails: Arc<Mutex<Vec<Mail>>> = Arc::default();
+        let m2 = mails.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { break };
+                let m3 = m2.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = session(sock, m3).await {
+                        tracing::debug!(error = %e, "smtp session ended");
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, mails, task: Some(task) })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Everything received so far.
+    pub fn mails(&self) -> Vec<Mail> {
+        self.mails.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stop listening (the port is free again).
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn session(sock: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) -> std::io::Result<()> {
+    let (r, mut w) = sock.into_split();
+    let mut r = BufReader::new(r);
+    w.write_all(b"220 smtp-sink ESMTP ready\r\n").await?;
+    let mut from = String::new();
+    let mut to: Vec<String> = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        if line.len() > 4096 {
+            w.write_all(b"500 line too long\r\n").await?;
+            continue;
+        }
+        let cmd = line.trim_end().to_string();
+        let upper = cmd.to_ascii_uppercase();
+        if upper.starts_with("EHLO") {
+            w.write_all(b"250-smtp-sink\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 10485760\r\n").await?;
+        } else if upper.starts_with("HELO") {
+            w.write_all(b"250 smtp-sink\r\n").await?;
+        } else if upper.starts_with("MAIL FROM:") {
+            from = addr_of(&cmd[10..]);
+            to.clear();
+            w.write_all(b"250 OK\r\n").await?;
+        } else if upper.starts_with("RCPT TO:") {
+            to.push(addr_of(&cmd[8..]));
+            w.write_all(b"250 OK\r\n").await?;
+        } else if upper == "DATA" {
+            if to.is_empty() {
+                w.write_all(b"503 need RCPT first\r\n").await?;
+                continue;
+            }
+            w.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await?;
+            let mut data = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line).await? == 0 {
+                    return Ok(());
+                }
+                if line == ".\r\n" || line == ".\n" {
+                    break;
+                }
+                let l = line.strip_prefix('.').unwrap_or(&line);
+                data.push_str(l);
+                if data.len() > 10 * 1024 * 1024 {
+                    w.write_all(b"552 too big\r\n").await?;
+                    return Ok(());
+                }
+            }
+            mails.lock().unwrap_or_else(|e| e.into_inner()).push(Mail {
+                from: from.clone(),
+                to: std::mem::take(&mut to),
+                data,
+            });
+            w.write_all(b"250 OK queued\r\n").await?;
+        } else if upper == "RSET" {
+            from.clear();
+            to.clear();
+            w.write_all(b"250 OK\r\n").await?;
+        } else if upper == "NOOP" {
+            w.write_all(b"250 OK\r\n").await?;
+        } else if upper == "QUIT" {
+            w.write_all(b"221 bye\r\n").await?;
+            return Ok(());
+        } else {
+            w.write_all(b"502 command not implemented\r\n").await?;
+        }
+    }
+}
+
+fn addr_of(s: &str) -> String {
+    let s = s.trim();
+    let s = s.split_whitespace().next().unwrap_or("");
+    s.trim_start_matches('<').trim_end_matches('>').to_string()
+}
