@@ -25,9 +25,9 @@ use axum::routing::get;
 use base64::Engine;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
 use oauth2::{
-    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet,
-    EndpointNotSet, EndpointSet, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
-    RevocationUrl, Scope, StandardRevocableToken, TokenResponse as _, TokenUrl,
+    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, Scope, TokenResponse as _,
+    TokenUrl,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -126,8 +126,7 @@ pub struct ProviderOrganisation {
     pub auth_event_id: Option<String>,
 }
 
-type Client =
-    BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointMaybeSet, EndpointSet>;
+type Client = BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
 /// One connector's provider, ready to talk to.
 pub struct OAuthProvider {
@@ -282,7 +281,6 @@ impl OAuthProvider {
         let c = BasicClient::new(ClientId::new(self.client_id.clone()))
             .set_auth_uri(AuthUrl::from_url(self.authorize_url.clone()))
             .set_token_uri(TokenUrl::from_url(self.token_url.clone()))
-            .set_revocation_url_option(self.revoke_url.clone().map(RevocationUrl::from_url))
             .set_redirect_uri(RedirectUrl::from_url(self.redirect_uri.clone()));
         match &self.client_secret {
             Some(s) => c.set_client_secret(ClientSecret::new(s.expose().to_string())),
@@ -353,33 +351,52 @@ impl OAuthProvider {
         Ok(Self::answer(&t))
     }
 
-    /// Revoke a refresh token at the provider. `Ok(false)` when the provider
-    /// has no revocation endpoint.
+    /// Revoke a refresh token at the provider (RFC 7009, client
+    /// authentication by HTTP Basic like the token endpoint). `Ok(false)`
+    /// when the provider has no revocation endpoint. Done by hand rather
+    /// than through `oauth2`, which insists on HTTPS and so cannot reach a
+    /// local sandbox.
     pub async fn revoke(&self, refresh_token: &Secret) -> Result<bool, OAuthError> {
-        if self.revoke_url.is_none() {
+        let Some(url) = &self.revoke_url else {
             return Ok(false);
+        };
+        let mut req = self.http.post(url.clone()).form(&[
+            ("token", refresh_token.expose()),
+            ("token_type_hint", "refresh_token"),
+        ]);
+        req = match &self.client_secret {
+            Some(s) => req.basic_auth(&self.client_id, Some(s.expose())),
+            None => req.form(&[("client_id", self.client_id.as_str())]),
+        };
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| OAuthError::Transient(e.without_url().to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(true);
         }
-        let client = self.client();
-        let req = client
-            .revoke_token(StandardRevocableToken::RefreshToken(RefreshToken::new(
-                refresh_token.expose().to_string(),
-            )))
-            .map_err(|e| OAuthError::Config(e.to_string()))?;
-        req.request_async(&self.http).await.map_err(|e| match e {
-            oauth2::RequestTokenError::ServerResponse(r) => OAuthError::Refused {
-                error: r.error().to_string(),
-                description: r.error_description().cloned().unwrap_or_default(),
+        if status.is_server_error() {
+            return Err(OAuthError::Transient(format!(
+                "revocation answered HTTP {status}"
+            )));
+        }
+        #[derive(Deserialize, Default)]
+        struct ErrBody {
+            #[serde(default)]
+            error: String,
+            #[serde(default)]
+            error_description: String,
+        }
+        let b: ErrBody = resp.json().await.unwrap_or_default();
+        Err(OAuthError::Refused {
+            error: if b.error.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                b.error
             },
-            oauth2::RequestTokenError::Request(e) => OAuthError::Transient(match e {
-                oauth2::HttpClientError::Reqwest(r) => r.without_url().to_string(),
-                other => other.to_string(),
-            }),
-            oauth2::RequestTokenError::Parse(e, _) => {
-                OAuthError::Transient(format!("unreadable revocation response ({})", e.path()))
-            }
-            oauth2::RequestTokenError::Other(s) => OAuthError::Transient(s),
-        })?;
-        Ok(true)
+            description: b.error_description,
+        })
     }
 
     /// The organisations the grant covers (Xero `GET /connections`), those of

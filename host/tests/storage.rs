@@ -62,7 +62,12 @@ async fn migrations_tenants(db: TestDb) {
     // Idempotent, and a second Store on the same database sees the same data.
     s.migrate().await.unwrap();
     let t = s
-        .upsert_tenant("acme", "Acme Ltd", &["ap@acme.test".into(), "cfo@acme.test".into()], 100)
+        .upsert_tenant(
+            "acme",
+            "Acme Ltd",
+            &["ap@acme.test".into(), "cfo@acme.test".into()],
+            100,
+        )
         .await
         .unwrap();
     assert_eq!(t.emails, vec!["ap@acme.test", "cfo@acme.test"]);
@@ -70,8 +75,14 @@ async fn migrations_tenants(db: TestDb) {
         .upsert_tenant("acme", "Acme Limited", &["ap@acme.test".into()], 200)
         .await
         .unwrap();
-    assert_eq!((t.name.as_str(), t.created_at, t.emails.len()), ("Acme Limited", 100, 1));
-    let e = s.upsert_tenant("acme", "x", &["not-an-address".into()], 1).await.unwrap_err();
+    assert_eq!(
+        (t.name.as_str(), t.created_at, t.emails.len()),
+        ("Acme Limited", 100, 1)
+    );
+    let e = s
+        .upsert_tenant("acme", "x", &["not-an-address".into()], 1)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("email"), "{e}");
     let e = s.upsert_tenant("a b", "x", &[], 1).await.unwrap_err();
     assert!(e.to_string().contains("tenant id"), "{e}");
@@ -79,10 +90,18 @@ async fn migrations_tenants(db: TestDb) {
     assert_eq!(s2.tenants().await.unwrap().len(), 1);
     assert_eq!(
         s.kind(),
-        if db.sqlite_path().is_some() { StoreKind::Sqlite } else { StoreKind::Postgres }
+        if db.sqlite_path().is_some() {
+            StoreKind::Sqlite
+        } else {
+            StoreKind::Postgres
+        }
     );
 }
-both!(migrations_tenants_sqlite, migrations_tenants_postgres, migrations_tenants);
+both!(
+    migrations_tenants_sqlite,
+    migrations_tenants_postgres,
+    migrations_tenants
+);
 
 async fn mappings_crud(db: TestDb) {
     let s = db.store().await;
@@ -91,22 +110,48 @@ async fn mappings_crud(db: TestDb) {
         account_code: c.into(),
         tax_type: t.map(String::from),
     };
-    s.set_mapping(&scope(), &m("gross-salary", "477", None), "alice", 1).await.unwrap();
-    s.set_mapping(&scope(), &m("fx-fee", "404", Some("INPUT2")), "alice", 1).await.unwrap();
-    s.set_mapping(&scope(), &m("gross-salary", "478", None), "bob", 2).await.unwrap();
+    s.set_mapping(&scope(), &m("gross-salary", "477", None), "alice", 1)
+        .await
+        .unwrap();
+    s.set_mapping(&scope(), &m("fx-fee", "404", Some("INPUT2")), "alice", 1)
+        .await
+        .unwrap();
+    s.set_mapping(&scope(), &m("gross-salary", "478", None), "bob", 2)
+        .await
+        .unwrap();
     let all = MappingStore::all(&s, &scope()).await.unwrap();
-    assert_eq!(all, vec![m("fx-fee", "404", Some("INPUT2")), m("gross-salary", "478", None)]);
+    assert_eq!(
+        all,
+        vec![
+            m("fx-fee", "404", Some("INPUT2")),
+            m("gross-salary", "478", None)
+        ]
+    );
     let listed = s.mappings(&scope()).await.unwrap();
     assert_eq!(listed[1].updated_by.as_deref(), Some("bob"));
     // Other scopes are separate.
-    let other = MappingScope { tenant_id: "other".into(), connector_id: "xero".into() };
+    let other = MappingScope {
+        tenant_id: "other".into(),
+        connector_id: "xero".into(),
+    };
     assert!(MappingStore::all(&s, &other).await.unwrap().is_empty());
     assert!(s.delete_mapping(&scope(), "fx-fee").await.unwrap());
     assert!(!s.delete_mapping(&scope(), "fx-fee").await.unwrap());
-    s.replace_mappings(&scope(), &[m("vat", "820", None), m("management-fee", "400", None)], "carol", 3)
+    s.replace_mappings(
+        &scope(),
+        &[m("vat", "820", None), m("management-fee", "400", None)],
+        "carol",
+        3,
+    )
+    .await
+    .unwrap();
+    let kinds: Vec<String> = s
+        .mappings(&scope())
         .await
-        .unwrap();
-    let kinds: Vec<String> = s.mappings(&scope()).await.unwrap().into_iter().map(|m| m.mapping.kind).collect();
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mapping.kind)
+        .collect();
     assert_eq!(kinds, vec!["management-fee", "vat"]);
 }
 both!(mappings_crud_sqlite, mappings_crud_postgres, mappings_crud);
@@ -117,7 +162,10 @@ async fn kv_roundtrip(db: TestDb) {
     s.set("c1", "contact", b"abc").await.unwrap();
     s.set("c1", "contact", &[0, 159, 146, 150]).await.unwrap();
     s.set("c2", "contact", b"other").await.unwrap();
-    assert_eq!(KvStore::get(&s, "c1", "contact").await.unwrap(), Some(vec![0, 159, 146, 150]));
+    assert_eq!(
+        KvStore::get(&s, "c1", "contact").await.unwrap(),
+        Some(vec![0, 159, 146, 150])
+    );
     s.delete("c1", "contact").await.unwrap();
     assert_eq!(KvStore::get(&s, "c1", "contact").await.unwrap(), None);
     assert_eq!(s.kv_keys("c2").await.unwrap(), vec!["contact"]);
@@ -128,29 +176,60 @@ async fn states_are_single_use_and_expire(db: TestDb) {
     let s = db.store().await;
     let k = keys(1);
     let v = Secret::new("verifier-xyz");
-    s.create_oauth_state(&k, "h1", "acme", "xero", "alice", Some(&v), 100, 700).await.unwrap();
-    s.create_oauth_state(&k, "h2", "acme", "xero", "alice", None, 100, 700).await.unwrap();
+    s.create_oauth_state(&k, "h1", "acme", "xero", "alice", Some(&v), 100, 700)
+        .await
+        .unwrap();
+    s.create_oauth_state(&k, "h2", "acme", "xero", "alice", None, 100, 700)
+        .await
+        .unwrap();
     let r = s.consume_oauth_state(&k, "h1", 200).await.unwrap().unwrap();
     assert_eq!(r.pkce_verifier.unwrap().expose(), "verifier-xyz");
     assert_eq!(r.admin, "alice");
-    assert_eq!(s.consume_oauth_state(&k, "h1", 201).await.unwrap().unwrap_err(), StateRefusal::AlreadyUsed);
-    assert_eq!(s.consume_oauth_state(&k, "nope", 201).await.unwrap().unwrap_err(), StateRefusal::Unknown);
-    assert_eq!(s.consume_oauth_state(&k, "h2", 700).await.unwrap().unwrap_err(), StateRefusal::Expired);
+    assert_eq!(
+        s.consume_oauth_state(&k, "h1", 201)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        StateRefusal::AlreadyUsed
+    );
+    assert_eq!(
+        s.consume_oauth_state(&k, "nope", 201)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        StateRefusal::Unknown
+    );
+    assert_eq!(
+        s.consume_oauth_state(&k, "h2", 700)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        StateRefusal::Expired
+    );
 }
-both!(states_sqlite, states_postgres, states_are_single_use_and_expire);
+both!(
+    states_sqlite,
+    states_postgres,
+    states_are_single_use_and_expire
+);
 
 async fn connections_tokens_events(db: TestDb) {
     let s = db.store().await;
     let k = keys(1);
     s.upsert_tenant("acme", "Acme", &[], 1).await.unwrap();
-    let e = s.finish_connect(&k, &new_conn(tokens("A1", "R1", 1000), "org-1"), 10).await;
+    let e = s
+        .finish_connect(&k, &new_conn(tokens("A1", "R1", 1000), "org-1"), 10)
+        .await;
     assert!(e.is_ok());
     let done = e.unwrap();
     assert!(!done.reconnected);
     assert_eq!(done.event.kind, "connected");
     let id = done.connection.id.clone();
     assert_eq!(done.connection.state, ConnectionState::Active);
-    assert_eq!(done.connection.scopes, vec!["offline_access", "accounting.invoices"]);
+    assert_eq!(
+        done.connection.scopes,
+        vec!["offline_access", "accounting.invoices"]
+    );
     // A lease reads, saves and commits.
     let mut lease = s.lock_tokens(&id).await.unwrap();
     let (c, t) = lease.read(&k).await.unwrap();
@@ -161,7 +240,10 @@ async fn connections_tokens_events(db: TestDb) {
     lease.commit().await.unwrap();
     let (_, snap) = s.token_snapshot(&k, &id).await.unwrap().unwrap();
     let snap = snap.unwrap();
-    assert_eq!((snap.tokens.access_token.expose(), snap.generation), ("A2", t.generation + 1));
+    assert_eq!(
+        (snap.tokens.access_token.expose(), snap.generation),
+        ("A2", t.generation + 1)
+    );
     // An uncommitted PostgreSQL lease rolls back.
     if s.kind() == StoreKind::Postgres {
         let mut lease = s.lock_tokens(&id).await.unwrap();
@@ -172,34 +254,80 @@ async fn connections_tokens_events(db: TestDb) {
     }
     // Reconnecting to another organisation reuses the row and clears kv.
     s.set(&id, "contact", b"x").await.unwrap();
-    let again = s.finish_connect(&k, &new_conn(tokens("B1", "S1", 5000), "org-2"), 40).await.unwrap();
+    let again = s
+        .finish_connect(&k, &new_conn(tokens("B1", "S1", 5000), "org-2"), 40)
+        .await
+        .unwrap();
     assert!(again.reconnected);
     assert_eq!(again.connection.id, id);
-    assert_eq!(again.replaced.unwrap().refresh_token.unwrap().expose(), "R2");
+    assert_eq!(
+        again.replaced.unwrap().refresh_token.unwrap().expose(),
+        "R2"
+    );
     assert!(s.kv_keys(&id).await.unwrap().is_empty());
-    let kinds: Vec<String> = s.connection_events(&id).await.unwrap().into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<String> = s
+        .connection_events(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
     assert_eq!(kinds, vec!["connected", "reconnected"]);
     assert_eq!(s.unhandled_events(10).await.unwrap().len(), 2);
     // Key rotation re-encrypts everything; the old key can then go.
     let both = KeyRing::from_keys(&[[1; 32], [2; 32]]).unwrap();
-    s.create_oauth_state(&k, "h1", "acme", "xero", "alice", Some(&Secret::new("v")), 1, 10_000).await.unwrap();
+    s.create_oauth_state(
+        &k,
+        "h1",
+        "acme",
+        "xero",
+        "alice",
+        Some(&Secret::new("v")),
+        1,
+        10_000,
+    )
+    .await
+    .unwrap();
     let n = s.reencrypt_all(&both).await.unwrap();
     assert_eq!(n, 3);
-    assert_eq!(s.key_ids_in_use().await.unwrap(), vec![both.current_key_id().to_string()]);
+    assert_eq!(
+        s.key_ids_in_use().await.unwrap(),
+        vec![both.current_key_id().to_string()]
+    );
     let new_only = keys(2);
     let (_, snap) = s.token_snapshot(&new_only, &id).await.unwrap().unwrap();
     assert_eq!(snap.unwrap().tokens.access_token.expose(), "B1");
-    assert!(s.token_snapshot(&k, &id).await.is_err(), "the old key alone no longer decrypts");
+    assert!(
+        s.token_snapshot(&k, &id).await.is_err(),
+        "the old key alone no longer decrypts"
+    );
     assert_eq!(
-        s.consume_oauth_state(&new_only, "h1", 2).await.unwrap().unwrap().pkce_verifier.unwrap().expose(),
+        s.consume_oauth_state(&new_only, "h1", 2)
+            .await
+            .unwrap()
+            .unwrap()
+            .pkce_verifier
+            .unwrap()
+            .expose(),
         "v"
     );
 }
-both!(connections_sqlite, connections_postgres, connections_tokens_events);
+both!(
+    connections_sqlite,
+    connections_postgres,
+    connections_tokens_events
+);
 
 async fn unknown_tenant_is_refused(db: TestDb) {
     let s = db.store().await;
-    let e = s.finish_connect(&keys(1), &new_conn(tokens("A", "R", 1), "o"), 1).await.unwrap_err();
+    let e = s
+        .finish_connect(&keys(1), &new_conn(tokens("A", "R", 1), "o"), 1)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("tenant acme"), "{e}");
 }
-both!(unknown_tenant_sqlite, unknown_tenant_postgres, unknown_tenant_is_refused);
+both!(
+    unknown_tenant_sqlite,
+    unknown_tenant_postgres,
+    unknown_tenant_is_refused
+);

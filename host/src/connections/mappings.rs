@@ -115,8 +115,9 @@ fn common_prefix(a: &str, b: &str) -> usize {
 }
 
 /// The `n` candidates nearest to `input`: each candidate is (label, the
-/// strings it may be matched by). Smaller edit distance first, then longer
-/// common prefix.
+/// strings it may be matched by). Smaller edit distance (to the whole
+/// string or one of its words, case-insensitive) first, then longer common
+/// prefix.
 pub fn nearest_names(input: &str, candidates: &[(String, Vec<String>)], n: usize) -> Vec<String> {
     let input = input.to_lowercase();
     let mut scored: Vec<(usize, std::cmp::Reverse<usize>, &String)> = candidates
@@ -125,7 +126,15 @@ pub fn nearest_names(input: &str, candidates: &[(String, Vec<String>)], n: usize
             let mut best = (usize::MAX, 0usize);
             for k in keys {
                 let k = k.to_lowercase();
-                let d = levenshtein(&input, &k);
+                // Whole text, or any word of it (a name is often searched by one word).
+                let d = std::iter::once(k.as_str())
+                    .chain(
+                        k.split(|c: char| !c.is_alphanumeric())
+                            .filter(|w| !w.is_empty()),
+                    )
+                    .map(|w| levenshtein(&input, w))
+                    .min()
+                    .unwrap_or(usize::MAX);
                 let p = common_prefix(&input, &k);
                 if d < best.0 || (d == best.0 && p > best.1) {
                     best = (d, p);

@@ -908,6 +908,15 @@ impl Store {
                 StateRefusal::Unknown
             }));
         };
+        if verifier.is_some() {
+            // Used up: the verifier is not needed at rest any more.
+            on_pool!(self, p => {
+                sqlx::query("UPDATE oauth_states SET pkce_verifier = NULL WHERE state_hash = $1")
+                    .bind(state_hash)
+                    .execute(p)
+                    .await?;
+            });
+        }
         if expires_at <= now {
             return Ok(Err(StateRefusal::Expired));
         }

@@ -37,7 +37,10 @@ fn in_ci() -> bool {
 /// A database for one test.
 pub enum TestDb {
     /// A temp SQLite file.
-    Sqlite { _dir: tempfile::TempDir, path: PathBuf },
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
     /// A fresh PostgreSQL database.
     Postgres { name: String, url: String },
 }
@@ -116,9 +119,10 @@ impl Drop for TestDb {
                     .unwrap();
                 rt.block_on(async {
                     if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .execute(&mut c)
-                            .await;
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut c)
+                                .await;
                     }
                 });
             })
@@ -135,7 +139,11 @@ pub fn keys(seed: u8) -> KeyRing {
 /// The three Xero origins, all sent to the simulator.
 pub fn sim_overrides(sim: &SimHandle) -> BTreeMap<String, String> {
     let mut o = BTreeMap::new();
-    for h in ["https://login.xero.com", "https://identity.xero.com", "https://api.xero.com"] {
+    for h in [
+        "https://login.xero.com",
+        "https://identity.xero.com",
+        "https://api.xero.com",
+    ] {
         o.insert(h.to_string(), sim.base_url());
     }
     o
@@ -143,17 +151,25 @@ pub fn sim_overrides(sim: &SimHandle) -> BTreeMap<String, String> {
 
 /// The Xero manifest from the repository.
 pub fn xero_manifest() -> Manifest {
-    Manifest::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/xero/manifest.toml"))
-        .unwrap()
+    Manifest::from_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/xero/manifest.toml"),
+    )
+    .unwrap()
 }
 
 /// A Xero provider against the simulator.
-pub fn xero_provider(sim: &SimHandle, redirect_uri: &str, base_urls: Option<BTreeMap<String, String>>) -> OAuthProvider {
+pub fn xero_provider(
+    sim: &SimHandle,
+    redirect_uri: &str,
+    base_urls: Option<BTreeMap<String, String>>,
+) -> OAuthProvider {
     OAuthProvider::new(
         &xero_manifest(),
         OAuthApp {
             client_id: xero_sim::DEFAULT_CLIENT_ID.into(),
-            client_secret: Some(ledgerport::crypto::Secret::new(xero_sim::DEFAULT_CLIENT_SECRET)),
+            client_secret: Some(ledgerport::crypto::Secret::new(
+                xero_sim::DEFAULT_CLIENT_SECRET,
+            )),
             redirect_uri: redirect_uri.into(),
             broad_scopes: false,
             base_urls: base_urls.unwrap_or_else(|| sim_overrides(sim)),
@@ -164,13 +180,21 @@ pub fn xero_provider(sim: &SimHandle, redirect_uri: &str, base_urls: Option<BTre
 }
 
 /// The Xero connector loaded into a runtime, requests going to the simulator.
-pub fn xero_plugin(sim: &SimHandle) -> (Arc<ledgerport::runtime::Runtime>, Arc<ledgerport::runtime::Plugin>) {
+pub fn xero_plugin(
+    sim: &SimHandle,
+) -> (
+    Arc<ledgerport::runtime::Runtime>,
+    Arc<ledgerport::runtime::Plugin>,
+) {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let wasm = target.join("wasm32-wasip2/wasm/xero_connector.wasm");
     let bytes = std::fs::read(&wasm).unwrap_or_else(|e| {
-        panic!("{}: {e}; build the connectors with `cargo xtask wasm`", wasm.display())
+        panic!(
+            "{}: {e}; build the connectors with `cargo xtask wasm`",
+            wasm.display()
+        )
     });
     let mut m = xero_manifest();
     m.sha256 = Some(hex::encode(Sha256::digest(&bytes)));
@@ -179,7 +203,9 @@ pub fn xero_plugin(sim: &SimHandle) -> (Arc<ledgerport::runtime::Runtime>, Arc<l
         Arc::new(ledgerport::capabilities::http::ReqwestTransport::new().unwrap()),
     )
     .unwrap();
-    let plugin = rt.load_bytes(m, &bytes, &sim_overrides(sim)).unwrap();
+    let mut o = BTreeMap::new();
+    o.insert("https://api.xero.com".to_string(), sim.base_url());
+    let plugin = rt.load_bytes(m, &bytes, &o).unwrap();
     (Arc::new(rt), Arc::new(plugin))
 }
 
@@ -210,7 +236,11 @@ pub async fn daemon(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let mut providers = Providers::new();
-    providers.insert(xero_provider(sim, &format!("{base}/oauth/callback"), base_urls));
+    providers.insert(xero_provider(
+        sim,
+        &format!("{base}/oauth/callback"),
+        base_urls,
+    ));
     let s2 = sim.clone();
     let conns = Arc::new(
         Connections::with_policy(
@@ -323,7 +353,12 @@ pub async fn authorize(
 
 /// Follow the redirect to our callback; if it leads to the picker, pick
 /// `pick` (an organisation id). Returns the final page's status and body.
-pub async fn finish(b: &reqwest::Client, base: &str, callback: &str, pick: Option<&str>) -> (u16, String) {
+pub async fn finish(
+    b: &reqwest::Client,
+    base: &str,
+    callback: &str,
+    pick: Option<&str>,
+) -> (u16, String) {
     let r = b.get(callback).send().await.unwrap();
     if r.status().as_u16() != 303 {
         let s = r.status().as_u16();
@@ -339,9 +374,13 @@ pub async fn finish(b: &reqwest::Client, base: &str, callback: &str, pick: Optio
         .find(|(_, n, _)| n == "pick")
         .map(|(_, _, v)| v.clone())
         .unwrap();
-    let org = pick
-        .map(String::from)
-        .unwrap_or_else(|| ins.iter().find(|(_, n, _)| n == "organisation").unwrap().2.clone());
+    let org = pick.map(String::from).unwrap_or_else(|| {
+        ins.iter()
+            .find(|(_, n, _)| n == "organisation")
+            .unwrap()
+            .2
+            .clone()
+    });
     let r = b
         .post(format!("{base}/oauth/pick"))
         .form(&[("pick", token.as_str()), ("organisation", org.as_str())])

@@ -1,0 +1,796 @@
+//! Connections end to end against the Xero simulator, on SQLite and
+//! PostgreSQL: the OAuth dance over HTTP (with and without the organisation
+//! picker), refused states and codes, the refresh storm, lost refresh
+//! answers, revoked grants, disconnect/reconnect with mappings, key
+//! rotation, and no token text in the database.
+
+mod storage_support;
+
+use ledgerport::capabilities::http::{Credential, CredentialError, CredentialProvider};
+use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
+use ledgerport::connections::MappingError;
+use ledgerport::crypto::KeyRing;
+use ledgerport::store::{Connection, ConnectionState};
+use std::sync::Arc;
+use storage_support::*;
+use xero_sim::{DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING, SimHandle};
+
+macro_rules! both {
+    ($sqlite:ident, $pg:ident, $f:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $sqlite() {
+            $f(TestDb::sqlite()).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $pg() {
+            if let Some(db) = TestDb::postgres().await {
+                $f(db).await
+            }
+        }
+    };
+}
+
+const ADMIN: &str = "alice@acme.test";
+
+async fn setup(db: &TestDb) -> (Arc<SimHandle>, Daemon) {
+    let sim = sim().await;
+    let d = daemon(&sim, &db.url(), keys(7), None).await;
+    d.store
+        .upsert_tenant("acme", "Acme Ltd", &["ap@acme.test".into()], 1)
+        .await
+        .unwrap();
+    (sim, d)
+}
+
+/// Connect `acme` to one organisation (auto-approved) and return the connection.
+async fn connect_one(sim: &SimHandle, d: &Daemon, org: uuid::Uuid) -> Connection {
+    sim.set_auto_approve(Some(vec![org]));
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let b = browser();
+    let cb = authorize(&b, sim, &url, None).await;
+    let (status, body) = finish(&b, &d.base, &cb, None).await;
+    assert_eq!(status, 200, "{body}");
+    d.store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Whether the simulator accepts a bearer token (GET /connections).
+async fn accepted(sim: &SimHandle, token: &str) -> bool {
+    reqwest::Client::new()
+        .get(format!("{}/connections", sim.base_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+}
+
+fn grant_of(sim: &SimHandle, c: &Connection) -> xero_sim::GrantInfo {
+    let id: uuid::Uuid = c.auth_event_id.as_deref().unwrap().parse().unwrap();
+    sim.grants()
+        .into_iter()
+        .find(|g| g.auth_event_id == id)
+        .unwrap()
+}
+
+async fn connect_single_org(db: TestDb) {
+    let (sim, d) = setup(&db).await;
+    let mut events = d.conns.events().subscribe();
+    sim.set_auto_approve(Some(vec![DEFAULT_TENANT_HOLDINGS]));
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let q: std::collections::BTreeMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(
+        q["code_challenge_method"], "S256",
+        "PKCE, as the manifest says"
+    );
+    assert!(q["scope"].contains("accounting.invoices") && q["scope"].contains("offline_access"));
+    let b = browser();
+    let cb = authorize(&b, &sim, &url, None).await;
+    assert!(
+        cb.starts_with(&format!("{}/oauth/callback?", d.base)),
+        "{cb}"
+    );
+    let (status, body) = finish(&b, &d.base, &cb, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Acme Holdings Ltd"), "{body}");
+    let c = d
+        .store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.state, ConnectionState::Active);
+    assert_eq!(
+        c.external_tenant_id.as_deref(),
+        Some(DEFAULT_TENANT_HOLDINGS.to_string().as_str())
+    );
+    assert_eq!(c.external_tenant_name.as_deref(), Some("Acme Holdings Ltd"));
+    assert_eq!(c.connected_by.as_deref(), Some(ADMIN));
+    assert!(c.connected_at.is_some());
+    assert!(
+        c.scopes.iter().any(|s| s == "accounting.invoices"),
+        "{:?}",
+        c.scopes
+    );
+    let g = grant_of(&sim, &c);
+    assert_eq!(
+        c.external_connection_id,
+        Some(g.connections[0].id.to_string())
+    );
+    // The code exchange carried the PKCE verifier.
+    let token_req = sim
+        .requests(0)
+        .into_iter()
+        .find(|r| r.uri.starts_with("/connect/token"))
+        .unwrap();
+    assert!(
+        token_req
+            .body_text
+            .unwrap_or_default()
+            .contains("code_verifier=")
+    );
+    // The stored token is the grant's, and works.
+    let cred = d.conns.tokens().bearer(&c.id).await.unwrap();
+    assert_eq!(cred.access_token, g.access_token);
+    assert!(accepted(&sim, &cred.access_token).await);
+    let ev = events.recv().await.unwrap();
+    assert_eq!(
+        (ev.kind.as_str(), ev.connection_id.as_str()),
+        ("connected", c.id.as_str())
+    );
+    // Replaying the callback is refused, naming the state.
+    let (status, body) = finish(&b, &d.base, &cb, None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("state") && body.contains("already used"),
+        "{body}"
+    );
+}
+both!(
+    connect_single_org_sqlite,
+    connect_single_org_postgres,
+    connect_single_org
+);
+
+async fn connect_with_picker(db: TestDb) {
+    let (sim, d) = setup(&db).await;
+    sim.set_auto_approve(None); // the consent form is shown and submitted
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let b = browser();
+    let cb = authorize(
+        &b,
+        &sim,
+        &url,
+        Some(&[DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING]),
+    )
+    .await;
+    let r = b.get(&cb).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let pick_url = format!("{}{}", d.base, r.headers()["location"].to_str().unwrap());
+    let html = b.get(&pick_url).send().await.unwrap().text().await.unwrap();
+    assert!(
+        html.contains("Acme Holdings Ltd") && html.contains("Acme Trading GmbH"),
+        "{html}"
+    );
+    let token = inputs(&html).into_iter().find(|i| i.1 == "pick").unwrap().2;
+    // A choice outside the grant is refused, naming the field; the pick stays usable.
+    let r = b
+        .post(format!("{}/oauth/pick", d.base))
+        .form(&[("pick", token.as_str()), ("organisation", "not-an-org")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("organisation"));
+    assert!(
+        d.store
+            .connection_for("acme", "xero")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let trading = DEFAULT_TENANT_TRADING.to_string();
+    let r = b
+        .post(format!("{}/oauth/pick", d.base))
+        .form(&[("pick", token.as_str()), ("organisation", trading.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let c = d
+        .store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.external_tenant_id.as_deref(), Some(trading.as_str()));
+    assert_eq!(c.external_tenant_name.as_deref(), Some("Acme Trading GmbH"));
+    let g = grant_of(&sim, &c);
+    let link = g
+        .connections
+        .iter()
+        .find(|x| x.tenant_id == DEFAULT_TENANT_TRADING)
+        .unwrap();
+    assert_eq!(c.external_connection_id, Some(link.id.to_string()));
+    // The pick is single use.
+    let r = b
+        .post(format!("{}/oauth/pick", d.base))
+        .form(&[("pick", token.as_str()), ("organisation", trading.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("pick"));
+}
+both!(
+    connect_with_picker_sqlite,
+    connect_with_picker_postgres,
+    connect_with_picker
+);
+
+async fn bad_expired_states_and_codes_refused(db: TestDb) {
+    let (sim, d) = setup(&db).await;
+    sim.set_auto_approve(Some(vec![DEFAULT_TENANT_HOLDINGS]));
+    let b = browser();
+    // Unknown / missing state.
+    for q in ["code=abc&state=forged", "code=abc"] {
+        let r = b
+            .get(format!("{}/oauth/callback?{q}", d.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        assert!(r.text().await.unwrap().contains("state"));
+    }
+    // A state past its 10 minutes.
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let cb = authorize(&b, &sim, &url, None).await;
+    sim.advance_secs(601);
+    let (status, body) = finish(&b, &d.base, &cb, None).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("state") && body.contains("expired"), "{body}");
+    // An authorization code past its 5 minutes (the state is still valid).
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let cb = authorize(&b, &sim, &url, None).await;
+    sim.advance_secs(301);
+    let (status, body) = finish(&b, &d.base, &cb, None).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("code") && body.contains("refused"), "{body}");
+    // The admin denying consent is reported as such.
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let state = url
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .to_string();
+    let r = b
+        .get(format!(
+            "{}/oauth/callback?error=access_denied&state={state}",
+            d.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("access_denied"));
+    // Unknown tenant / connector are refused naming the field.
+    let e = d
+        .conns
+        .begin_connect("nobody", "xero", ADMIN)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().starts_with("tenant"), "{e}");
+    let e = d
+        .conns
+        .begin_connect("acme", "quickbooks", ADMIN)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().starts_with("connector"), "{e}");
+    assert!(
+        d.store
+            .connection_for("acme", "xero")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+both!(
+    refusals_sqlite,
+    refusals_postgres,
+    bad_expired_states_and_codes_refused
+);
+
+/// Refresh requests the simulator's token endpoint received so far.
+fn refresh_requests(sim: &SimHandle) -> usize {
+    sim.requests(0)
+        .iter()
+        .filter(|r| {
+            r.uri.starts_with("/connect/token")
+                && r.body_text
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("grant_type=refresh_token")
+        })
+        .count()
+}
+
+/// 50 concurrent bearer()/refresh() calls in each of two daemons (two
+/// stores and token managers on one database) after expiry: one refresh.
+async fn storm(db: TestDb, two_daemons: bool) {
+    let (sim, a) = setup(&db).await;
+    let b = daemon(&sim, &db.url(), keys(7), None).await;
+    let c = connect_one(&sim, &a, DEFAULT_TENANT_HOLDINGS).await;
+    for round in 1..=2u64 {
+        let before = sim.counters();
+        let refresh_requests_before = refresh_requests(&sim);
+        let old = a.conns.tokens().bearer(&c.id).await.unwrap();
+        sim.advance_secs(1800);
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let d = if two_daemons && i % 2 == 1 { &b } else { &a };
+            let tm = d.conns.tokens();
+            let id = c.id.clone();
+            let old = old.clone();
+            tasks.push(tokio::spawn(async move {
+                if i % 3 == 0 {
+                    tm.refresh(&id, &old).await
+                } else {
+                    tm.bearer(&id).await
+                }
+            }));
+        }
+        let mut got = std::collections::BTreeSet::new();
+        for t in tasks {
+            got.insert(t.await.unwrap().unwrap().access_token);
+        }
+        let after = sim.counters();
+        assert_eq!(
+            after.refreshes - before.refreshes,
+            1,
+            "round {round}: exactly one refresh"
+        );
+        // Not even a second request answered from the grace period.
+        assert_eq!(
+            refresh_requests(&sim) - refresh_requests_before,
+            1,
+            "round {round}: one token request"
+        );
+        assert_eq!(after.invalid_grants, 0);
+        assert_eq!(got.len(), 1, "everyone got the same new token");
+        let tok = got.into_iter().next().unwrap();
+        assert_ne!(tok, old.access_token);
+        assert!(accepted(&sim, &tok).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_storm_two_daemons_postgres() {
+    if let Some(db) = TestDb::postgres().await {
+        storm(db, true).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_storm_one_daemon_sqlite() {
+    storm(TestDb::sqlite(), false).await
+}
+
+/// A proxy in front of the token endpoint that passes the first refresh to
+/// the simulator and then loses its answer (never replies).
+async fn lossy_token_proxy(sim: &SimHandle) -> String {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let target = format!("{}/connect/token", sim.base_url());
+    let lost = Arc::new(AtomicU32::new(0));
+    let app = axum::Router::new().route(
+        "/connect/token",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let target = target.clone();
+            let lost = lost.clone();
+            async move {
+                let mut req = reqwest::Client::new().post(&target).body(body.clone());
+                for (k, v) in headers.iter() {
+                    if k != "host" && k != "content-length" {
+                        req = req.header(k, v);
+                    }
+                }
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let text = resp.bytes().await.unwrap();
+                let refresh = String::from_utf8_lossy(&body).contains("grant_type=refresh_token");
+                if refresh && lost.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // The provider did the refresh; its answer never arrives.
+                    std::future::pending::<()>().await;
+                }
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    [("content-type", "application/json")],
+                    text,
+                )
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    base
+}
+
+async fn lost_answer_then_revoked(db: TestDb) {
+    let sim = sim().await;
+    let proxy = lossy_token_proxy(&sim).await;
+    let mut o = sim_overrides(&sim);
+    o.insert("https://identity.xero.com".into(), proxy);
+    let d = daemon(&sim, &db.url(), keys(7), Some(o)).await;
+    d.store
+        .upsert_tenant("acme", "Acme Ltd", &[], 1)
+        .await
+        .unwrap();
+    let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    let old = d.conns.tokens().bearer(&c.id).await.unwrap();
+    let before = sim.counters();
+    sim.advance_secs(1790);
+    // The first refresh rotates at the provider but its answer is lost; the
+    // retry with the old refresh token gets the current set (grace period).
+    let cred = d.conns.tokens().bearer(&c.id).await.unwrap();
+    let after = sim.counters();
+    assert_eq!(
+        after.refreshes - before.refreshes,
+        1,
+        "one rotation at the provider"
+    );
+    assert_eq!(after.invalid_grants, 0);
+    assert!(
+        d.conns
+            .tokens()
+            .stats()
+            .lost_answers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_ne!(cred.access_token, old.access_token);
+    assert!(accepted(&sim, &cred.access_token).await);
+    // The rotated refresh token was stored: the next refresh works too.
+    let g = grant_of(&sim, &c);
+    sim.advance_secs(3600);
+    let cred2 = d.conns.tokens().bearer(&c.id).await.unwrap();
+    assert!(accepted(&sim, &cred2.access_token).await);
+    assert_eq!(sim.counters().invalid_grants, 0);
+    assert_eq!(grant_of(&sim, &c).refresh_count, g.refresh_count + 1);
+
+    // The grant is revoked at the provider: needs-reauth, kept, event recorded.
+    let mut events = d.conns.events().subscribe();
+    d.store
+        .set_mapping(
+            &MappingScope {
+                tenant_id: "acme".into(),
+                connector_id: "xero".into(),
+            },
+            &AccountMapping {
+                kind: "vat".into(),
+                account_code: "820".into(),
+                tax_type: None,
+            },
+            ADMIN,
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(sim.revoke_grant(c.auth_event_id.as_deref().unwrap().parse().unwrap()));
+    let rejected = Credential {
+        access_token: cred2.access_token.clone(),
+    };
+    let e = d
+        .conns
+        .tokens()
+        .refresh(&c.id, &rejected)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CredentialError::NeedsReauth(_)), "{e}");
+    let now = d.store.connection(&c.id).await.unwrap().unwrap();
+    assert_eq!(now.state, ConnectionState::NeedsReauth);
+    assert!(now.state_reason.unwrap().contains("invalid_grant"));
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.kind, "needs-reauth");
+    let kinds: Vec<String> = d
+        .store
+        .connection_events(&c.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds.last().map(String::as_str), Some("needs-reauth"));
+    // Later calls do not hammer the provider.
+    let n = sim.counters().invalid_grants;
+    assert!(matches!(
+        d.conns.tokens().bearer(&c.id).await,
+        Err(CredentialError::NeedsReauth(_))
+    ));
+    assert_eq!(sim.counters().invalid_grants, n);
+    assert_eq!(
+        d.store
+            .mappings(&MappingScope {
+                tenant_id: "acme".into(),
+                connector_id: "xero".into()
+            })
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Reconnecting brings it back to active.
+    let c2 = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    assert_eq!(
+        (c2.id.as_str(), c2.state),
+        (c.id.as_str(), ConnectionState::Active)
+    );
+}
+both!(
+    lost_answer_then_revoked_sqlite,
+    lost_answer_then_revoked_postgres,
+    lost_answer_then_revoked
+);
+
+async fn disconnect_then_reconnect_keeps_mappings(db: TestDb) {
+    let (sim, d) = setup(&db).await;
+    let (rt, plugin) = xero_plugin(&sim);
+    d.conns.register_plugin(rt, plugin);
+    let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
+    let m = |k: &str, code: &str, t: Option<&str>| AccountMapping {
+        kind: k.into(),
+        account_code: code.into(),
+        tax_type: t.map(String::from),
+    };
+    // Validated against the organisation's accounts.
+    let ok = d
+        .conns
+        .set_mapping(&scope, m("gross-salary", "477", None), ADMIN)
+        .await
+        .unwrap();
+    assert_eq!(ok.validated_against.as_deref(), Some("Acme Holdings Ltd"));
+    d.conns
+        .set_mapping(&scope, m("management-fee", "400", Some("INPUT2")), ADMIN)
+        .await
+        .unwrap();
+    // Archived and unknown codes are refused with the nearest names.
+    let e = d
+        .conns
+        .set_mapping(&scope, m("fx-fee", "499", None), ADMIN)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MappingError::UnknownAccount { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.starts_with("account_code")
+            && text.contains("nearest")
+            && text.contains("Acme Holdings Ltd"),
+        "{text}"
+    );
+    let e = d
+        .conns
+        .set_mapping(&scope, m("fx-fee", "salary", None), ADMIN)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nearest: 477 Salaries"), "{e}");
+    let e = d
+        .conns
+        .set_mapping(&scope, m("fx-fee", "404", Some("BOGUS")), ADMIN)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().starts_with("tax_type"), "{e}");
+    let e = d
+        .conns
+        .set_mapping(&scope, m("gross-salaries", "477", None), ADMIN)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("gross-salary"), "{e}");
+    let before = d.conns.mappings(&scope).await.unwrap();
+    assert_eq!(before.len(), 2);
+
+    let g = grant_of(&sim, &c);
+    let report = d.conns.disconnect(&c.id, ADMIN).await.unwrap();
+    assert!(
+        report.organisation_link_removed && report.token_revoked,
+        "{report:?}"
+    );
+    // The provider really forgot us.
+    let g2 = sim
+        .grants()
+        .into_iter()
+        .find(|x| x.auth_event_id == g.auth_event_id)
+        .unwrap();
+    assert!(g2.revoked && g2.connections.is_empty(), "{g2:?}");
+    assert!(!accepted(&sim, &g.access_token).await);
+    let now = d.store.connection(&c.id).await.unwrap().unwrap();
+    assert_eq!(now.state, ConnectionState::Disconnected);
+    assert!(
+        d.store
+            .token_snapshot(&keys(7), &c.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+            .is_none(),
+        "tokens dropped"
+    );
+    assert!(matches!(
+        d.conns.tokens().bearer(&c.id).await,
+        Err(CredentialError::NeedsReauth(_))
+    ));
+    assert_eq!(
+        d.conns.mappings(&scope).await.unwrap(),
+        before,
+        "mappings kept"
+    );
+    // Without a live connection mappings can still be prepared (unchecked).
+    let out = d
+        .conns
+        .set_mapping(&scope, m("vat", "820", None), ADMIN)
+        .await
+        .unwrap();
+    assert_eq!(out.validated_against, None);
+
+    let c2 = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    assert_eq!(c2.id, c.id, "the same connection comes back");
+    assert_eq!(c2.state, ConnectionState::Active);
+    assert_eq!(d.conns.mappings(&scope).await.unwrap().len(), 3);
+    let kinds: Vec<String> = d
+        .store
+        .connection_events(&c.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, vec!["connected", "disconnected", "reconnected"]);
+    // The connector works on the reconnected connection with the SQL stores.
+    let ctx = d.conns.call_context(&c.id).await.unwrap();
+    let (rt, plugin) = xero_plugin(&sim);
+    let list = rt.list_accounts(&plugin, &ctx).await.unwrap().unwrap();
+    assert!(list.accounts.iter().any(|a| a.code == "477"));
+    assert!(
+        !list.accounts.iter().any(|a| a.code == "499"),
+        "archived accounts are not offered"
+    );
+}
+both!(
+    disconnect_reconnect_sqlite,
+    disconnect_reconnect_postgres,
+    disconnect_then_reconnect_keeps_mappings
+);
+
+async fn key_rotation_and_restart(db: TestDb) {
+    let (sim, d) = setup(&db).await;
+    let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    let token = d.conns.tokens().bearer(&c.id).await.unwrap();
+    let old_id = keys(7).current_key_id().to_string();
+    let ring = KeyRing::from_keys(&[[7; 32], [8; 32]]).unwrap();
+    let n = d.store.reencrypt_all(&ring).await.unwrap();
+    assert_eq!(n, 2, "access and refresh token");
+    assert_eq!(
+        d.store.key_ids_in_use().await.unwrap(),
+        vec![ring.current_key_id().to_string()]
+    );
+    assert_ne!(ring.current_key_id(), old_id);
+    d.store.close().await;
+    // "Restart" with only the new key.
+    let d2 = daemon(&sim, &db.url(), keys(8), None).await;
+    assert_eq!(
+        d2.conns.tokens().bearer(&c.id).await.unwrap().access_token,
+        token.access_token
+    );
+    sim.advance_secs(1800);
+    let fresh = d2.conns.tokens().bearer(&c.id).await.unwrap();
+    assert!(accepted(&sim, &fresh.access_token).await);
+    // The old key alone cannot read the store any more.
+    let d3 = daemon(&sim, &db.url(), keys(7), None).await;
+    assert!(matches!(
+        d3.conns.tokens().bearer(&c.id).await,
+        Err(CredentialError::Unavailable(_))
+    ));
+}
+both!(
+    key_rotation_sqlite,
+    key_rotation_postgres,
+    key_rotation_and_restart
+);
+
+/// Every byte the database holds, as text (SQLite: the file and its WAL;
+/// PostgreSQL: every row of every table as text).
+async fn raw_database(db: &TestDb, d: &Daemon) -> String {
+    if let Some(p) = db.sqlite_path() {
+        let mut all = std::fs::read(p).unwrap();
+        if let Ok(w) = std::fs::read(p.with_extension("db-wal")) {
+            all.extend(w);
+        }
+        return String::from_utf8_lossy(&all).into_owned();
+    }
+    let ledgerport::store::Pool::Postgres(pool) = d.store.pool() else {
+        unreachable!()
+    };
+    let tables: Vec<(String,)> = sqlx::query_as(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut out = String::new();
+    for (t,) in tables {
+        let rows: Vec<(String,)> = sqlx::query_as(&format!("SELECT (x.*)::text FROM {t} x"))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        for (r,) in rows {
+            out.push_str(&r);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+async fn no_token_text_in_the_database(db: TestDb) {
+    let (sim, d) = setup(&db).await;
+    let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    let mut secrets = Vec::new();
+    let g = grant_of(&sim, &c);
+    secrets.push(g.access_token.clone());
+    secrets.extend(g.refresh_token.clone());
+    sim.advance_secs(1800);
+    d.conns.tokens().bearer(&c.id).await.unwrap();
+    let g = grant_of(&sim, &c);
+    secrets.push(g.access_token.clone());
+    secrets.extend(g.refresh_token.clone());
+    // A pending pick holds tokens too.
+    sim.set_auto_approve(Some(vec![]));
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let b = browser();
+    let cb = authorize(&b, &sim, &url, None).await;
+    assert_eq!(b.get(&cb).send().await.unwrap().status().as_u16(), 303);
+    for g in sim.grants() {
+        secrets.push(g.access_token.clone());
+        secrets.extend(g.refresh_token.clone());
+    }
+    let raw = raw_database(&db, &d).await;
+    assert!(raw.contains(&c.id), "the dump is real");
+    assert!(raw.contains("lp1:"), "ciphertexts are there");
+    for s in &secrets {
+        assert!(s.len() > 20);
+        // The JWT payload part is the distinctive bit; check both whole and parts.
+        assert!(!raw.contains(s.as_str()), "a token is stored in plaintext");
+        for part in s.split('.').filter(|p| p.len() > 20) {
+            assert!(!raw.contains(part), "a token part is stored in plaintext");
+        }
+    }
+    // Debug output redacts.
+    let snap = d
+        .store
+        .token_snapshot(&keys(7), &c.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .1
+        .unwrap();
+    let dbg = format!("{snap:?} {:?}", d.conns.tokens());
+    assert!(
+        !dbg.contains(snap.tokens.access_token.expose()) && dbg.contains("redacted"),
+        "{dbg}"
+    );
+}
+both!(
+    no_plaintext_sqlite,
+    no_plaintext_postgres,
+    no_token_text_in_the_database
+);
