@@ -11,6 +11,7 @@
 //! connections on an [`EventBus`] (and in the `connection_events` table).
 
 pub mod catalogue;
+pub mod cli;
 pub mod mappings;
 
 use crate::capabilities::connection::ConnectionInfo;

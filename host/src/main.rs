@@ -68,6 +68,8 @@ enum Command {
     /// Run the demo: the example connector delivers the sample documents to
     /// a local endpoint, and what arrived is printed.
     Demo,
+    #[command(flatten)]
+    Connections(ledgerport::connections::cli::ConnectionsCommand),
 }
 
 #[derive(Subcommand)]
@@ -171,6 +173,7 @@ async fn run(cli: Cli) -> ExitCode {
             )
             .await
         }
+        Command::Connections(c) => ledgerport::connections::cli::run(c, cli.json).await,
         Command::Demo => match ledgerport::demo::run().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

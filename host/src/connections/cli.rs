@@ -1,0 +1,520 @@
+//! The command-line side of tenants, connections, mappings and keys:
+//! `ledgerport tenant add|list`, `connect` (prints the authorization URL),
+//! `mappings set|list|delete` and `keys rotate`. `main.rs` flattens
+//! [`ConnectionsCommand`] into its subcommands and calls [`run`].
+//!
+//! Exit codes: 0 success, 2 bad input or a refusal, 3 internal error.
+
+use super::{Catalogue, Clock, Connections};
+use crate::capabilities::mapping::{AccountMapping, MappingScope};
+use crate::crypto::{KEY_FILE_ENV, KeyRing, Secret, generate_key};
+use crate::manifest::Manifest;
+use crate::oauth::{OAuthApp, OAuthProvider, Providers};
+use crate::store::Store;
+use clap::{Args, Subcommand};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the database and the secret keys are.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// The database: a SQLite file path (created if missing) or a postgres:// URL.
+    #[arg(long, env = "LEDGERPORT_DATABASE", default_value = "ledgerport.db")]
+    pub database: String,
+    /// The key file (one base64 key per line, newest last); keys may also
+    /// come from LEDGERPORT_SECRET_KEY.
+    #[arg(long, env = KEY_FILE_ENV)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// The connector and how the app is registered with its provider.
+#[derive(Args, Debug, Clone)]
+pub struct ProviderArgs {
+    /// The installed plugin's manifest (for OAuth endpoints, scopes and account checks).
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// The OAuth client id.
+    #[arg(long, env = "LEDGERPORT_OAUTH_CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// The OAuth client secret.
+    #[arg(long, env = "LEDGERPORT_OAUTH_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: Option<String>,
+    /// Where the provider sends the admin back (the daemon's /oauth/callback).
+    #[arg(long, env = "LEDGERPORT_OAUTH_REDIRECT_URI")]
+    pub redirect_uri: Option<String>,
+    /// Ask for the manifest's broad scopes (apps created before granular scopes).
+    #[arg(long)]
+    pub broad_scopes: bool,
+    /// Send an allowed origin elsewhere: ORIGIN=URL (repeatable).
+    #[arg(long = "base-url", value_name = "ORIGIN=URL")]
+    pub base_urls: Vec<String>,
+}
+
+/// Tenant subcommands.
+#[derive(Subcommand, Debug)]
+pub enum TenantCommand {
+    /// Add a tenant or update its name and notice addresses.
+    Add {
+        /// The platform's id of the company.
+        id: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// An address that receives integration notices (repeatable).
+        #[arg(long = "email")]
+        emails: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List tenants and their connections.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Mapping subcommands.
+#[derive(Subcommand, Debug)]
+pub enum MappingsCommand {
+    /// Set (or replace) mappings: KIND=CODE[:TAXTYPE] (repeatable). Checked
+    /// against the connected organisation's accounts when --plugin is given.
+    Set {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The connector.
+        #[arg(long, default_value = "xero")]
+        connector: String,
+        /// KIND=CODE[:TAXTYPE].
+        #[arg(required = true, value_name = "KIND=CODE[:TAXTYPE]")]
+        mappings: Vec<String>,
+        /// Replace every mapping of the tenant and connector with these.
+        #[arg(long)]
+        replace: bool,
+        /// Who is changing them.
+        #[arg(long, default_value = "cli")]
+        actor: String,
+        /// The catalogue of line-item kinds (default: the built-in sample).
+        #[arg(long)]
+        catalogue: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        provider: ProviderArgs,
+    },
+    /// List the mappings of a tenant and connector.
+    List {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The connector.
+        #[arg(long, default_value = "xero")]
+        connector: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete the mapping of one kind.
+    Delete {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The connector.
+        #[arg(long, default_value = "xero")]
+        connector: String,
+        /// The line-item kind.
+        kind: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Key subcommands.
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Add a new key to the key file and re-encrypt every stored secret under it.
+    Rotate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// The subcommands this module adds to `ledgerport`.
+#[derive(Subcommand, Debug)]
+pub enum ConnectionsCommand {
+    /// Platform tenants (customer companies).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Start connecting a tenant: prints the URL to open in the admin's browser.
+    Connect {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// Who is connecting.
+        #[arg(long)]
+        admin: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        provider: ProviderArgs,
+    },
+    /// Account mappings.
+    Mappings {
+        #[command(subcommand)]
+        command: MappingsCommand,
+    },
+    /// Secret keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// A failure with its exit code.
+struct Fail(u8, String);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(3, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Fail {
+    Fail(2, msg.into())
+}
+
+async fn open(store: &StoreArgs) -> Result<(Store, KeyRing), Fail> {
+    let keys = KeyRing::load(store.key_file.as_deref()).map_err(|e| bad(e.to_string()))?;
+    let s = Store::open_and_migrate(&store.database).await?;
+    Ok((s, keys))
+}
+
+fn parse_pairs(items: &[String]) -> Result<BTreeMap<String, String>, Fail> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| bad(format!("--base-url {s:?} must look like ORIGIN=URL")))
+        })
+        .collect()
+}
+
+/// The connections service for a CLI command: providers and (for account
+/// checks) the plugin, when the arguments allow.
+async fn service(
+    store: Store,
+    keys: KeyRing,
+    p: Option<&ProviderArgs>,
+    need_provider: bool,
+) -> Result<Connections, Fail> {
+    let mut providers = Providers::new();
+    let mut plugin = None;
+    if let Some(p) = p
+        && let Some(path) = &p.plugin
+    {
+        let manifest = Manifest::from_file(path).map_err(|e| bad(e.to_string()))?;
+        let base_urls = parse_pairs(&p.base_urls)?;
+        if let (Some(id), Some(redirect)) = (&p.client_id, &p.redirect_uri) {
+            providers.insert(
+                OAuthProvider::new(
+                    &manifest,
+                    OAuthApp {
+                        client_id: id.clone(),
+                        client_secret: p.client_secret.clone().map(Secret::new),
+                        redirect_uri: redirect.clone(),
+                        broad_scopes: p.broad_scopes,
+                        base_urls: base_urls.clone(),
+                        timeout: Duration::from_secs(30),
+                    },
+                )
+                .map_err(|e| bad(e.to_string()))?,
+            );
+        } else if need_provider {
+            return Err(bad(
+                "client_id and redirect_uri: both are needed (--client-id / LEDGERPORT_OAUTH_CLIENT_ID, --redirect-uri / LEDGERPORT_OAUTH_REDIRECT_URI)",
+            ));
+        }
+        plugin = Some((path.clone(), base_urls));
+    } else if need_provider {
+        return Err(bad("plugin: --plugin <manifest> is needed"));
+    }
+    let conns = Connections::new(store, Arc::new(keys), Arc::new(providers), Clock::system());
+    if let Some((path, base_urls)) = plugin
+        && !need_provider
+    {
+        let rt = crate::runtime::Runtime::new(
+            crate::runtime::RuntimeConfig::default(),
+            Arc::new(crate::capabilities::http::ReqwestTransport::new()?),
+        )?;
+        let loaded = rt.load(&path, &base_urls).map_err(|e| bad(e.to_string()))?;
+        conns.register_plugin(Arc::new(rt), Arc::new(loaded));
+    }
+    Ok(conns)
+}
+
+fn parse_mapping(s: &str) -> Result<AccountMapping, Fail> {
+    let (kind, rest) = s
+        .split_once('=')
+        .ok_or_else(|| bad(format!("mapping {s:?} must look like KIND=CODE[:TAXTYPE]")))?;
+    let (code, tax) = match rest.split_once(':') {
+        Some((c, t)) => (c, Some(t.trim().to_string())),
+        None => (rest, None),
+    };
+    Ok(AccountMapping {
+        kind: kind.trim().to_string(),
+        account_code: code.trim().to_string(),
+        tax_type: tax,
+    })
+}
+
+/// Append a key to the key file, creating it (mode 0600) if needed.
+fn append_key(path: &Path, key: &str) -> Result<(), Fail> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| bad(format!("key file {}: {e}", path.display())))?;
+    writeln!(
+        f,
+        "# added by `ledgerport keys rotate` at {}",
+        chrono::Utc::now().to_rfc3339()
+    )?;
+    writeln!(f, "{key}")?;
+    f.sync_all()?;
+    Ok(())
+}
+
+async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
+    let now = chrono::Utc::now().timestamp();
+    match cmd {
+        ConnectionsCommand::Tenant { command } => match command {
+            TenantCommand::Add {
+                id,
+                name,
+                emails,
+                store,
+            } => {
+                let (s, _) = open(&store).await?;
+                let t = s
+                    .upsert_tenant(&id, &name, &emails, now)
+                    .await
+                    .map_err(|e| match e {
+                        crate::store::StoreError::Conflict(m) => bad(m),
+                        e => Fail(3, e.to_string()),
+                    })?;
+                println!(
+                    "tenant {} ({}), notices to: {}",
+                    t.id,
+                    t.name,
+                    t.emails.join(", ")
+                );
+            }
+            TenantCommand::List { store } => {
+                let (s, _) = open(&store).await?;
+                let tenants = s.tenants().await?;
+                let conns = s.connections(None).await?;
+                if json {
+                    let v: Vec<serde_json::Value> = tenants
+                        .iter()
+                        .map(|t| {
+                            serde_json::json!({
+                                "id": t.id, "name": t.name, "emails": t.emails,
+                                "connections": conns.iter().filter(|c| c.tenant_id == t.id).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    for t in &tenants {
+                        println!("{}\t{}\t{}", t.id, t.name, t.emails.join(","));
+                        for c in conns.iter().filter(|c| c.tenant_id == t.id) {
+                            println!(
+                                "  {} {} {} {} ({})",
+                                c.connector_id,
+                                c.id,
+                                c.state,
+                                c.external_tenant_name.as_deref().unwrap_or("-"),
+                                c.external_tenant_id.as_deref().unwrap_or("-")
+                            );
+                        }
+                    }
+                }
+            }
+        },
+        ConnectionsCommand::Connect {
+            tenant,
+            admin,
+            store,
+            provider,
+        } => {
+            let (s, keys) = open(&store).await?;
+            let path = provider
+                .plugin
+                .clone()
+                .ok_or_else(|| bad("plugin: --plugin <manifest> is needed"))?;
+            let id = Manifest::from_file(&path)
+                .map_err(|e| bad(e.to_string()))?
+                .id;
+            let conns = service(s, keys, Some(&provider), true).await?;
+            let url = conns
+                .begin_connect(&tenant, &id, &admin)
+                .await
+                .map_err(|e| {
+                    if e.status() < 500 {
+                        bad(e.to_string())
+                    } else {
+                        Fail(3, e.to_string())
+                    }
+                })?;
+            println!("{url}");
+        }
+        ConnectionsCommand::Mappings { command } => match command {
+            MappingsCommand::Set {
+                tenant,
+                connector,
+                mappings,
+                replace,
+                actor,
+                catalogue,
+                store,
+                provider,
+            } => {
+                let (s, keys) = open(&store).await?;
+                let cat = match catalogue {
+                    Some(p) => Catalogue::from_file(&p).map_err(bad)?,
+                    None => Catalogue::sample(),
+                };
+                let conns = service(s, keys, Some(&provider), false)
+                    .await?
+                    .with_catalogue(cat);
+                let scope = MappingScope {
+                    tenant_id: tenant,
+                    connector_id: connector,
+                };
+                let parsed = mappings
+                    .iter()
+                    .map(|m| parse_mapping(m))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let out = if replace {
+                    conns.replace_mappings(&scope, &parsed, &actor).await
+                } else {
+                    let mut last = None;
+                    for m in parsed {
+                        last = Some(conns.set_mapping(&scope, m, &actor).await);
+                        if matches!(last, Some(Err(_))) {
+                            break;
+                        }
+                    }
+                    last.unwrap_or(Ok(super::MappingOutcome {
+                        validated_against: None,
+                    }))
+                };
+                match out {
+                    Ok(o) => match o.validated_against {
+                        Some(org) => println!("saved (checked against {org})"),
+                        None => println!("saved (not checked: no live connection or no --plugin)"),
+                    },
+                    Err(e) if e.status() < 500 => return Err(bad(e.to_string())),
+                    Err(e) => return Err(Fail(3, e.to_string())),
+                }
+            }
+            MappingsCommand::List {
+                tenant,
+                connector,
+                store,
+            } => {
+                let (s, _) = open(&store).await?;
+                let list = s
+                    .mappings(&MappingScope {
+                        tenant_id: tenant,
+                        connector_id: connector,
+                    })
+                    .await?;
+                for m in list {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"kind": m.mapping.kind, "account_code": m.mapping.account_code,
+                                "tax_type": m.mapping.tax_type, "updated_by": m.updated_by, "updated_at": m.updated_at})
+                        );
+                    } else {
+                        println!(
+                            "{}\t{}\t{}",
+                            m.mapping.kind,
+                            m.mapping.account_code,
+                            m.mapping.tax_type.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            MappingsCommand::Delete {
+                tenant,
+                connector,
+                kind,
+                store,
+            } => {
+                let (s, _) = open(&store).await?;
+                let gone = s
+                    .delete_mapping(
+                        &MappingScope {
+                            tenant_id: tenant,
+                            connector_id: connector,
+                        },
+                        &kind,
+                    )
+                    .await?;
+                if !gone {
+                    return Err(bad(format!("kind: no mapping for {kind:?}")));
+                }
+                println!("deleted {kind}");
+            }
+        },
+        ConnectionsCommand::Keys {
+            command: KeysCommand::Rotate { store },
+        } => {
+            let path = store.key_file.clone().ok_or_else(|| {
+                bad(format!(
+                    "key_file: keys rotate adds the new key to a key file; give --key-file or {KEY_FILE_ENV}"
+                ))
+            })?;
+            let s = Store::open_and_migrate(&store.database).await?;
+            let new_key = generate_key();
+            append_key(&path, &new_key)?;
+            // The env's keys, then the file's; the key just added is the newest.
+            let ring = KeyRing::load(Some(&path)).map_err(|e| bad(e.to_string()))?;
+            let n = s.reencrypt_all(&ring).await?;
+            println!(
+                "new key {} added to {}; {n} secrets re-encrypted; keys still in use: {}",
+                ring.current_key_id(),
+                path.display(),
+                s.key_ids_in_use().await?.join(", ")
+            );
+            println!(
+                "restart every daemon so they load the new key; older keys can be removed once no daemon uses them"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Run one of this module's subcommands.
+pub async fn run(cmd: ConnectionsCommand, json: bool) -> ExitCode {
+    match run_inner(cmd, json).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
