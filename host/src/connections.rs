@@ -164,7 +164,7 @@ pub struct CallbackQuery {
 #[derive(Debug, Clone)]
 pub enum CallbackOutcome {
     /// Connected (the grant covered one organisation).
-    Connected(Connection),
+    Connected(Box<Connection>),
     /// The grant covers several organisations: show the picker with this token.
     Pick {
         /// The one-time pick token.
@@ -434,7 +434,9 @@ impl Connections {
                     auth_event_id: answer.auth_event_id,
                     tokens,
                 };
-                Ok(CallbackOutcome::Connected(self.finish(new).await?))
+                Ok(CallbackOutcome::Connected(Box::new(
+                    self.finish(new).await?,
+                )))
             }
             _ => {
                 let pick = random_token(32);

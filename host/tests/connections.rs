@@ -4,6 +4,7 @@
 //! answers, revoked grants, disconnect/reconnect with mappings, key
 //! rotation, and no token text in the database.
 
+#[allow(dead_code)]
 mod storage_support;
 
 use ledgerport::capabilities::http::{Credential, CredentialError, CredentialProvider};

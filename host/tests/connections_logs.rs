@@ -3,6 +3,7 @@
 //! with every log line of every crate captured at TRACE, then grepped for
 //! every token, code and the client secret the run handled: none may appear.
 
+#[allow(dead_code)]
 mod storage_support;
 
 use ledgerport::capabilities::http::{Credential, CredentialProvider};
@@ -31,7 +32,11 @@ async fn full_run(db: &TestDb, secrets: &mut Vec<String>) {
     let (rt, plugin) = xero_plugin(&sim);
     d.conns.register_plugin(rt.clone(), plugin.clone());
     sim.set_auto_approve(None);
-    let url = d.conns.begin_connect("acme", "xero", "alice").await.unwrap();
+    let url = d
+        .conns
+        .begin_connect("acme", "xero", "alice")
+        .await
+        .unwrap();
     let b = browser();
     let cb = authorize(&b, &sim, &url, Some(&[DEFAULT_TENANT_HOLDINGS])).await;
     let code = url::Url::parse(&cb)
@@ -44,7 +49,12 @@ async fn full_run(db: &TestDb, secrets: &mut Vec<String>) {
     secrets.push(code);
     let (status, body) = finish(&b, &d.base, &cb, None).await;
     assert_eq!(status, 200, "{body}");
-    let c = d.store.connection_for("acme", "xero").await.unwrap().unwrap();
+    let c = d
+        .store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap();
     let mut grab = |sim: &xero_sim::SimHandle| {
         for g in sim.grants() {
             secrets.push(g.access_token.clone());
@@ -61,7 +71,12 @@ async fn full_run(db: &TestDb, secrets: &mut Vec<String>) {
     grab(&sim);
     d.conns
         .tokens()
-        .refresh(&c.id, &Credential { access_token: t.access_token })
+        .refresh(
+            &c.id,
+            &Credential {
+                access_token: t.access_token,
+            },
+        )
         .await
         .unwrap();
     grab(&sim);
@@ -75,7 +90,12 @@ fn pkce_verifier_of(sim: &xero_sim::SimHandle) -> String {
     let body = sim
         .requests(0)
         .into_iter()
-        .find(|r| r.body_text.as_deref().unwrap_or("").contains("code_verifier="))
+        .find(|r| {
+            r.body_text
+                .as_deref()
+                .unwrap_or("")
+                .contains("code_verifier=")
+        })
         .unwrap()
         .body_text
         .unwrap();

@@ -1,6 +1,7 @@
 //! Storage tests, run on both engines: SQLite (a temp file) and PostgreSQL
 //! (a fresh database per test; see `storage_support`).
 
+#[allow(dead_code)]
 mod storage_support;
 
 use ledgerport::capabilities::kv::KvStore;

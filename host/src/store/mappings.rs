@@ -3,9 +3,11 @@
 //! connection, so they outlive a disconnect and are found again on
 //! reconnect. Implements the runtime's [`MappingStore`].
 
-use super::{Store, StoreError, on_pool};
+use super::{BeginWrite, Store, StoreError, on_pool};
 use crate::capabilities::mapping::{AccountMapping, MappingScope, MappingStore};
 use async_trait::async_trait;
+
+type MappingRow = (String, String, Option<String>, Option<String>, i64);
 
 /// A stored mapping with who changed it last.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +59,7 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2")
                 .bind(&scope.tenant_id)
                 .bind(&scope.connector_id)
@@ -106,7 +108,7 @@ impl Store {
 
     /// Every mapping of the scope, sorted by kind.
     pub async fn mappings(&self, scope: &MappingScope) -> Result<Vec<StoredMapping>, StoreError> {
-        let rows: Vec<(String, String, Option<String>, Option<String>, i64)> = on_pool!(self, p => {
+        let rows: Vec<MappingRow> = on_pool!(self, p => {
             sqlx::query_as(
                 "SELECT kind, account_code, tax_type, updated_by, updated_at FROM mappings
                  WHERE tenant_id = $1 AND connector_id = $2 ORDER BY kind",

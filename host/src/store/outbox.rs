@@ -8,7 +8,7 @@
 //! lock (so the per-connection concurrency cap holds across daemons) and
 //! lock rows `FOR UPDATE SKIP LOCKED`; SQLite has one writer anyway.
 
-use super::{Pool, Store, StoreError, StoreKind, on_pool};
+use super::{BeginWrite, Pool, Store, StoreError, StoreKind, on_pool};
 use sqlx::Row;
 
 /// Delivery states.
@@ -131,6 +131,8 @@ pub struct Finish {
     pub state: &'static str,
     /// Pause reason when paused.
     pub pause_reason: Option<String>,
+    /// What must change for a pause to end (JSON), when paused.
+    pub pause_detail: Option<String>,
     /// Whether the attempt counts against the retry ladder.
     pub counts: bool,
     /// Next attempt time (ms) when pending.
@@ -164,6 +166,23 @@ pub struct OutgoingMail {
     pub html_body: String,
     /// Attempts so far.
     pub attempts: i64,
+}
+
+/// A paused delivery and what must change to resume it.
+#[derive(Debug, Clone)]
+pub struct PausedRow {
+    /// Delivery id.
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Connector.
+    pub connector_id: String,
+    /// Connection.
+    pub connection_id: String,
+    /// `mapping` or `reauth`.
+    pub reason: String,
+    /// JSON: `{"unmapped": [...]}` or `{"connected_at": n}`.
+    pub detail: Option<String>,
 }
 
 /// An incident ready to be told.
@@ -225,7 +244,7 @@ impl Store {
         now: i64,
     ) -> Result<IngestOutcome, StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let existing = sqlx::query("SELECT body, body_hash FROM documents WHERE tenant_id = $1 AND id = $2")
                 .bind(tenant_id)
                 .bind(document_id)
@@ -280,10 +299,10 @@ impl Store {
             SELECT cand.id FROM cand LEFT JOIN busy ON busy.connection_id = cand.connection_id
             WHERE cand.rn + COALESCE(busy.n, 0) <= $2
             ORDER BY cand.next_attempt_at, cand.id LIMIT $3";
-        let returning = "RETURNING d.id, d.tenant_id, d.document_id, d.connection_id, d.connector_id, d.attempts, d.document_kind, d.document_number";
+        let returning = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number";
         let rows = match self.pool() {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin().await?;
+                let mut tx = p.begin_write().await?;
                 let ids: Vec<String> = sqlx::query_scalar(candidates)
                     .bind(now)
                     .bind(per_connection)
@@ -292,7 +311,7 @@ impl Store {
                     .await?;
                 let mut rows = Vec::new();
                 for id in ids {
-                    let r = sqlx::query(&format!("UPDATE deliveries AS d SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE d.id = $4 AND ((d.state = 'pending' AND d.next_attempt_at <= $3) OR (d.state = 'working' AND d.lease_until < $3)) {returning}"))
+                    let r = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id = $4 AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {returning}"))
                         .bind(worker).bind(now + lease_ms).bind(now).bind(&id)
                         .fetch_optional(&mut *tx).await?;
                     if let Some(r) = r {
@@ -303,7 +322,7 @@ impl Store {
                 rows
             }
             Pool::Postgres(p) => {
-                let mut tx = p.begin().await?;
+                let mut tx = p.begin_write().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock(7215001)")
                     .execute(&mut *tx)
                     .await?;
@@ -313,7 +332,7 @@ impl Store {
                     .bind(limit)
                     .fetch_all(&mut *tx)
                     .await?;
-                let rs = sqlx::query(&format!("UPDATE deliveries AS d SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE d.id IN (SELECT id FROM deliveries WHERE id = ANY($4) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) FOR UPDATE SKIP LOCKED) {returning}"))
+                let rs = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($4) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) FOR UPDATE SKIP LOCKED) {returning}"))
                     .bind(worker).bind(now + lease_ms).bind(now).bind(&ids)
                     .fetch_all(&mut *tx).await?;
                 tx.commit().await?;
@@ -364,13 +383,13 @@ impl Store {
         f: &Finish,
     ) -> Result<bool, StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let attempt_inc: i64 = if f.counts { 1 } else { 0 };
-            let row = sqlx::query("UPDATE deliveries SET state = $1, pause_reason = $2, attempts = attempts + $3, next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, external_id = COALESCE($5, external_id), external_url = COALESCE($6, external_url), last_error = $7, updated_at = $8, delivered_at = CASE WHEN $1 = 'delivered' THEN $8 ELSE delivered_at END WHERE id = $9 AND lease_owner = $10 AND state = 'working' RETURNING attempts")
+            let row = sqlx::query("UPDATE deliveries SET state = $1, pause_reason = $2, attempts = attempts + $3, next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, external_id = COALESCE($5, external_id), external_url = COALESCE($6, external_url), last_error = $7, updated_at = $8, delivered_at = CASE WHEN $1 = 'delivered' THEN $8 ELSE delivered_at END, pause_detail = $11 WHERE id = $9 AND lease_owner = $10 AND state = 'working' RETURNING attempts")
                 .bind(f.state).bind(&f.pause_reason).bind(attempt_inc).bind(f.next_attempt_at)
                 .bind(&f.external_id).bind(&f.external_url)
                 .bind(if f.state == state::DELIVERED { None } else { f.message.clone() })
-                .bind(now).bind(id).bind(worker)
+                .bind(now).bind(id).bind(worker).bind(&f.pause_detail)
                 .fetch_optional(&mut *tx).await?;
             let Some(row) = row else {
                 tx.rollback().await?;
@@ -399,23 +418,34 @@ impl Store {
         Ok(r)
     }
 
-    /// Resume deliveries paused for mapping whose tenant changed a mapping
-    /// since, and those paused for re-authorisation whose connection was
-    /// connected again since. Returns how many resumed.
-    pub async fn resume_paused(&self, now: i64) -> Result<u64, StoreError> {
-        let mapping = "UPDATE deliveries SET state = 'pending', pause_reason = NULL, next_attempt_at = $1, updated_at = $1
-            WHERE state = 'paused' AND pause_reason = 'mapping' AND EXISTS (
-                SELECT 1 FROM mappings m WHERE m.tenant_id = deliveries.tenant_id AND m.connector_id = deliveries.connector_id
-                AND m.updated_at * 1000 + 999 >= deliveries.updated_at)";
-        let reauth = "UPDATE deliveries SET state = 'pending', pause_reason = NULL, next_attempt_at = $1, updated_at = $1
-            WHERE state = 'paused' AND pause_reason = 'reauth' AND EXISTS (
-                SELECT 1 FROM connections c WHERE c.id = deliveries.connection_id AND c.state = 'active'
-                AND c.connected_at * 1000 + 999 >= deliveries.updated_at)";
-        let n = on_pool!(self, p => {
-            let a = sqlx::query(mapping).bind(now).execute(p).await?.rows_affected();
-            let b = sqlx::query(reauth).bind(now).execute(p).await?.rows_affected();
-            a + b
-        });
+    /// Paused deliveries: (id, tenant, connector, connection, reason, detail).
+    pub async fn paused_deliveries(&self) -> Result<Vec<PausedRow>, StoreError> {
+        on_pool!(self, p => {
+            let rows = sqlx::query("SELECT id, tenant_id, connector_id, connection_id, pause_reason, pause_detail FROM deliveries WHERE state = 'paused' ORDER BY id LIMIT 10000")
+                .fetch_all(p).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(PausedRow {
+                    id: r.try_get("id")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    connector_id: r.try_get("connector_id")?,
+                    connection_id: r.try_get("connection_id")?,
+                    reason: r.try_get::<Option<String>, _>("pause_reason")?.unwrap_or_default(),
+                    detail: r.try_get("pause_detail")?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Put paused deliveries back in the queue, and close the incidents
+    /// that no longer have anything paused.
+    pub async fn resume(&self, ids: &[String], now: i64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for id in ids {
+            n += on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', pause_reason = NULL, pause_detail = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state = 'paused'")
+                .bind(now).bind(id).execute(p).await?.rows_affected());
+        }
         if n > 0 {
             self.close_resolved_incidents(now).await?;
         }
@@ -513,7 +543,7 @@ impl Store {
         coalesce_ms: i64,
     ) -> Result<(), StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             if matches!(self.kind(), StoreKind::Postgres) {
                 sqlx::query("SELECT pg_advisory_xact_lock(7215002)").execute(&mut *tx).await?;
             }
@@ -559,7 +589,7 @@ impl Store {
     /// itself goes through the durable mail outbox).
     pub async fn take_due_incidents(&self, now: i64) -> Result<Vec<IncidentRow>, StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, details FROM incidents WHERE notified_at IS NULL AND notify_after <= $1 ORDER BY opened_at")
                 .bind(now).fetch_all(&mut *tx).await?;
             let mut out = Vec::new();
@@ -665,7 +695,7 @@ impl Store {
         now: i64,
     ) -> Result<Result<(), i64>, StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             if matches!(self.kind(), StoreKind::Postgres) {
                 sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(connection_id).execute(&mut *tx).await?;
             }

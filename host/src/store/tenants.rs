@@ -1,7 +1,7 @@
 //! Tenants: the platform's customer companies, with the e-mail addresses
 //! that receive integration notices.
 
-use super::{Store, StoreError, on_pool};
+use super::{BeginWrite, Store, StoreError, on_pool};
 use sqlx::Row;
 
 /// A platform tenant.
@@ -55,7 +55,7 @@ impl Store {
             validate_email(e).map_err(StoreError::Conflict)?;
         }
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             sqlx::query(
                 "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET name = excluded.name",

@@ -8,7 +8,6 @@
 //! is used to create a uniquely named database per test, dropped at the
 //! end. When it is unreachable the PostgreSQL variants are skipped with a
 //! loud message, unless `CI` is set, in which case they fail.
-#![allow(dead_code)]
 
 use ledgerport::connections::{Clock, Connections};
 use ledgerport::credentials::RefreshPolicy;
