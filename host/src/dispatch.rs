@@ -59,6 +59,9 @@ pub struct DispatchConfig {
     pub enforce_rate: bool,
     /// Use the manifest's concurrency per connection (else this cap).
     pub per_connection_override: Option<u32>,
+    /// Use this request rate per minute instead of the manifest's (tests
+    /// and benchmarks against a simulator with other limits).
+    pub rate_override: Option<u32>,
 }
 
 impl Default for DispatchConfig {
@@ -73,6 +76,7 @@ impl Default for DispatchConfig {
             poll: Duration::from_millis(500),
             enforce_rate: true,
             per_connection_override: None,
+            rate_override: None,
         }
     }
 }
@@ -178,7 +182,7 @@ impl Dispatcher {
             }
             if last_resume.elapsed() > Duration::from_secs(1) {
                 last_resume = Instant::now();
-                match self.store.resume_paused(now_ms()).await {
+                match self.resume_paused().await {
                     Ok(n) if n > 0 => tracing::info!(resumed = n, "paused deliveries resumed"),
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "resuming paused deliveries failed"),
@@ -249,6 +253,64 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Resume what a person fixed: deliveries paused for mapping once every
+    /// kind they missed is mapped; those paused for re-authorisation once
+    /// the connection was connected again (later than when they paused).
+    pub async fn resume_paused(&self) -> anyhow::Result<u64> {
+        let paused = self.store.paused_deliveries().await?;
+        if paused.is_empty() {
+            return Ok(0);
+        }
+        let mut ready = Vec::new();
+        let mut mapped: BTreeMap<(String, String), std::collections::BTreeSet<String>> =
+            BTreeMap::new();
+        for p in paused {
+            let detail: serde_json::Value = p
+                .detail
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or_default();
+            match p.reason.as_str() {
+                "mapping" => {
+                    let key = (p.tenant_id.clone(), p.connector_id.clone());
+                    if !mapped.contains_key(&key) {
+                        let scope = crate::capabilities::mapping::MappingScope {
+                            tenant_id: p.tenant_id.clone(),
+                            connector_id: p.connector_id.clone(),
+                        };
+                        let kinds = self
+                            .mappings
+                            .all(&scope)
+                            .await?
+                            .into_iter()
+                            .map(|m| m.kind)
+                            .collect();
+                        mapped.insert(key.clone(), kinds);
+                    }
+                    let have = &mapped[&key];
+                    let missing = detail["unmapped"].as_array().cloned().unwrap_or_default();
+                    if missing
+                        .iter()
+                        .all(|k| k.as_str().is_some_and(|k| have.contains(k)))
+                    {
+                        ready.push(p.id);
+                    }
+                }
+                "reauth" => {
+                    let before = detail["connected_at"].as_i64().unwrap_or(i64::MIN);
+                    if let Some(conn) = self.store.connection(&p.connection_id).await?
+                        && conn.state == crate::store::ConnectionState::Active
+                        && conn.connected_at.unwrap_or(i64::MIN) > before
+                    {
+                        ready.push(p.id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(self.store.resume(&ready, now_ms()).await?)
     }
 
     fn per_connection_cap(&self) -> i64 {
@@ -363,6 +425,7 @@ impl Dispatcher {
         let fail = |outcome: &str, msg: String| Finish {
             state: state::FAILED,
             pause_reason: None,
+            pause_detail: None,
             counts: true,
             next_attempt_at: now,
             outcome: outcome.into(),
@@ -394,6 +457,7 @@ impl Dispatcher {
                     return Finish {
                         state: state::PENDING,
                         pause_reason: None,
+                        pause_detail: None,
                         counts: false,
                         next_attempt_at: now + 2_000,
                         outcome: "waiting".into(),
@@ -440,7 +504,10 @@ impl Dispatcher {
             kv: self.kv.clone(),
             rate: self.config.enforce_rate.then(|| RateLimit {
                 gate: self.rate_gate.clone(),
-                per_minute: plugin.manifest().limits.requests_per_minute,
+                per_minute: self
+                    .config
+                    .rate_override
+                    .unwrap_or(plugin.manifest().limits.requests_per_minute),
             }),
         };
         let delivery = Delivery {
@@ -463,6 +530,7 @@ impl Dispatcher {
                 Finish {
                     state: state::DELIVERED,
                     pause_reason: None,
+                    pause_detail: None,
                     counts: true,
                     next_attempt_at: now,
                     outcome: "delivered".into(),
@@ -472,7 +540,7 @@ impl Dispatcher {
                     external_url: receipt.external_url,
                 }
             }
-            Ok(Err(err)) => self.classified(c, err, now),
+            Ok(Err(err)) => self.classified(c, &plugin.manifest().name, conn.connected_at, err, now),
             Err(call_err) => {
                 crate::metrics::delivery("crashed");
                 self.transient(c, format!("the connector failed: {call_err}"), now)
@@ -486,6 +554,7 @@ impl Dispatcher {
             Some(at) => Finish {
                 state: state::PENDING,
                 pause_reason: None,
+                pause_detail: None,
                 counts: true,
                 next_attempt_at: at,
                 outcome: "transient".into(),
@@ -497,6 +566,7 @@ impl Dispatcher {
             None => Finish {
                 state: state::FAILED,
                 pause_reason: None,
+                pause_detail: None,
                 counts: true,
                 next_attempt_at: now,
                 outcome: "retries-exhausted".into(),
@@ -510,7 +580,14 @@ impl Dispatcher {
         }
     }
 
-    fn classified(&self, c: &Claimed, err: DeliveryError, now: i64) -> Finish {
+    fn classified(
+        &self,
+        c: &Claimed,
+        provider: &str,
+        connected_at: Option<i64>,
+        err: DeliveryError,
+        now: i64,
+    ) -> Finish {
         let base = |st: &'static str,
                     reason: Option<&str>,
                     outcome: &str,
@@ -518,6 +595,7 @@ impl Dispatcher {
                     details: Option<String>| Finish {
             state: st,
             pause_reason: reason.map(String::from),
+            pause_detail: details.clone(),
             counts: true,
             next_attempt_at: now,
             outcome: outcome.into(),
@@ -536,6 +614,7 @@ impl Dispatcher {
                 Finish {
                     state: state::PENDING,
                     pause_reason: None,
+                    pause_detail: None,
                     counts: false,
                     next_attempt_at: now
                         + i64::from(rl.retry_after_seconds.clamp(1, 86_400)) * 1000,
@@ -553,7 +632,12 @@ impl Dispatcher {
                 crate::metrics::delivery("rejected");
                 let msg = errs
                     .iter()
-                    .map(|e| e.message.clone())
+                    .map(|e| match &e.provider_message {
+                        Some(p) if !e.message.contains(p.as_str()) => {
+                            format!("{} ({} said: \"{p}\")", e.message, provider)
+                        }
+                        _ => e.message.clone(),
+                    })
                     .collect::<Vec<_>>()
                     .join("; ");
                 let details = serde_json::json!(errs
@@ -575,7 +659,13 @@ impl Dispatcher {
             }
             DeliveryError::NeedsReauth(m) => {
                 crate::metrics::delivery("needs-reauth");
-                base(state::PAUSED, Some("reauth"), "needs-reauth", m, None)
+                base(
+                    state::PAUSED,
+                    Some("reauth"),
+                    "needs-reauth",
+                    m,
+                    Some(serde_json::json!({ "connected_at": connected_at }).to_string()),
+                )
             }
         }
     }

@@ -11,6 +11,7 @@ pub mod capabilities;
 pub mod connections;
 pub mod credentials;
 pub mod crypto;
+pub mod daemon;
 pub mod demo;
 pub mod dispatch;
 pub mod document;

@@ -27,6 +27,7 @@ CREATE TABLE deliveries (
     document_kind       TEXT NOT NULL,
     state               TEXT NOT NULL,
     pause_reason        TEXT,
+    pause_detail        TEXT,
     attempts            BIGINT NOT NULL DEFAULT 0,
     next_attempt_at     BIGINT NOT NULL,
     lease_owner         TEXT,

@@ -345,12 +345,31 @@ fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> 
             if let Some(t) = &supplier.tax_number {
                 contact["TaxNumber"] = json!(t);
             }
-            let created = api.put_json("/Contacts", &json!({ "Contacts": [contact] }), None)?;
-            let c = items(&created, "Contacts")
-                .into_iter()
-                .next()
-                .ok_or_else(|| errors::transient("Xero created no contact"))?;
-            s(c, "ContactID")
+            match api.put_json("/Contacts", &json!({ "Contacts": [contact] }), None) {
+                Ok(created) => {
+                    let c = items(&created, "Contacts")
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| errors::transient("Xero created no contact"))?;
+                    s(c, "ContactID")
+                }
+                // Another delivery created it a moment ago (Xero refuses a
+                // second contact with the same name): use that one.
+                Err(DeliveryError::Rejected(errs))
+                    if errs.iter().any(|e| e.message.contains("already assigned")) =>
+                {
+                    let again = api.get_json(&format!(
+                        "/Contacts?where={}",
+                        xero::encode(&format!("ContactNumber==\"{}\"", xero::quote(&number)))
+                    ))?;
+                    items(&again, "Contacts")
+                        .into_iter()
+                        .next()
+                        .map(|c| s(c, "ContactID"))
+                        .ok_or(DeliveryError::Rejected(errs))?
+                }
+                Err(e) => return Err(e),
+            }
         }
     };
     if id.is_empty() {

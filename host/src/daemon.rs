@@ -1,0 +1,445 @@
+//! The daemon: configuration (a TOML file plus `LEDGERPORT_*` environment
+//! variables, with errors that name the key) and the wiring of store,
+//! runtime, plugins, connections, dispatcher, notifier and HTTP server.
+
+use crate::api::{ApiState, hash_key};
+use crate::capabilities::http::{CredentialProvider, ReqwestTransport};
+use crate::capabilities::kv::KvStore;
+use crate::capabilities::mapping::MappingStore;
+use crate::connections::{Clock, Connections};
+use crate::crypto::{KeyRing, Secret};
+use crate::dispatch::{DispatchConfig, Dispatcher, now_ms};
+use crate::notify::{MailConfig, Mailer};
+use crate::oauth::{OAuthApp, OAuthProvider, Providers};
+use crate::runtime::{Plugin, Runtime, RuntimeConfig};
+use crate::store::Store;
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Per-plugin operator settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSettings {
+    /// Canonical origin -> where requests really go (sandbox, simulator).
+    #[serde(default)]
+    pub base_urls: BTreeMap<String, String>,
+    /// OAuth client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// OAuth client secret (better: `LEDGERPORT_<ID>_CLIENT_SECRET`).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// Use the manifest's broad scopes (older apps).
+    #[serde(default)]
+    pub broad_scopes: bool,
+}
+
+/// SMTP settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailSettings {
+    /// SMTP host.
+    pub smtp_host: String,
+    /// SMTP port.
+    #[serde(default = "default_smtp_port")]
+    pub smtp_port: u16,
+    /// STARTTLS required.
+    #[serde(default)]
+    pub starttls: bool,
+    /// From address.
+    pub from: String,
+    /// SMTP user.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// SMTP password (better: `LEDGERPORT_SMTP_PASSWORD`).
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_smtp_port() -> u16 {
+    25
+}
+
+/// Dispatcher settings.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchSettings {
+    /// Deliveries at once.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Retry ladder in seconds.
+    #[serde(default)]
+    pub ladder_secs: Option<Vec<u64>>,
+    /// Incident coalescing window in seconds.
+    #[serde(default)]
+    pub coalesce_secs: Option<u64>,
+    /// Lease in seconds.
+    #[serde(default)]
+    pub lease_secs: Option<u64>,
+    /// Enforce provider request rates (default true).
+    #[serde(default)]
+    pub enforce_rate: Option<bool>,
+}
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Database URL (`sqlite:PATH` or `postgres://...`).
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// Listen address.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The URL people and providers reach the daemon at.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// Installed plugins (each `<dir>/<id>/manifest.toml`).
+    #[serde(default = "default_plugin_dir")]
+    pub plugin_dir: PathBuf,
+    /// Precompiled component cache.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Service keys accepted by the ingest API (better: `LEDGERPORT_SERVICE_KEY`).
+    #[serde(default)]
+    pub service_keys: Vec<String>,
+    /// Key file for secrets at rest (else `LEDGERPORT_SECRET_KEY`).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The line-item catalogue file.
+    #[serde(default)]
+    pub catalogue: Option<PathBuf>,
+    /// Per-plugin settings by plugin id.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginSettings>,
+    /// SMTP.
+    #[serde(default)]
+    pub mail: Option<MailSettings>,
+    /// Dispatcher.
+    #[serde(default)]
+    pub dispatch: DispatchSettings,
+    /// Log as JSON.
+    #[serde(default)]
+    pub json_logs: bool,
+}
+
+fn default_database() -> String {
+    "sqlite:ledgerport.db".into()
+}
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from("target/plugins")
+}
+
+impl Config {
+    /// Read a TOML file (optional) and apply `LEDGERPORT_*` overrides.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?,
+            None => String::new(),
+        };
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config {}: {e}",
+                path.map(|p| p.display().to_string()).unwrap_or_default()
+            )
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    /// Apply `LEDGERPORT_*` variables (read through `get`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(v) = get("LEDGERPORT_DATABASE") {
+            self.database = v;
+        }
+        if let Some(v) = get("LEDGERPORT_LISTEN") {
+            v.parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("LEDGERPORT_LISTEN={v:?}: {e}"))?;
+            self.listen = v;
+        }
+        if let Some(v) = get("LEDGERPORT_PUBLIC_URL") {
+            self.public_url = Some(v);
+        }
+        if let Some(v) = get("LEDGERPORT_PLUGIN_DIR") {
+            self.plugin_dir = v.into();
+        }
+        if let Some(v) = get("LEDGERPORT_SERVICE_KEY") {
+            self.service_keys.push(v);
+        }
+        if let Some(v) = get("LEDGERPORT_SMTP_PASSWORD")
+            && let Some(m) = self.mail.as_mut()
+        {
+            m.password = Some(v);
+        }
+        let ids: Vec<String> = self.plugins.keys().cloned().collect();
+        for id in ids {
+            let up = id.to_ascii_uppercase().replace('-', "_");
+            if let Some(v) = get(&format!("LEDGERPORT_{up}_CLIENT_ID")) {
+                self.plugins.entry(id.clone()).or_default().client_id = Some(v);
+            }
+            if let Some(v) = get(&format!("LEDGERPORT_{up}_CLIENT_SECRET")) {
+                self.plugins.entry(id.clone()).or_default().client_secret = Some(v);
+            }
+        }
+        if let Some(v) = get("LEDGERPORT_JSON_LOGS") {
+            self.json_logs = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        Ok(())
+    }
+
+    /// The public URL (defaults to `http://<listen>`).
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The store.
+    pub store: Store,
+    /// The connections service.
+    pub connections: Arc<Connections>,
+    /// The dispatcher.
+    pub dispatcher: Arc<Dispatcher>,
+    /// The runtime.
+    pub runtime: Arc<Runtime>,
+    /// The API state (ingest from Rust, e.g. the demo).
+    pub api: Arc<ApiState>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Open the store, load plugins, and start serving. `clock` drives OAuth
+    /// and token lifetimes (the system clock outside tests).
+    pub async fn start(
+        cfg: Config,
+        clock: Clock,
+        dispatch: Option<DispatchConfig>,
+    ) -> anyhow::Result<Self> {
+        let store = Store::open_and_migrate(&cfg.database)
+            .await
+            .with_context(|| "opening the database (key `database`)")?;
+        let keys = Arc::new(KeyRing::load(cfg.key_file.as_deref()).map_err(|e| {
+            anyhow::anyhow!("secret key (key `key_file` or LEDGERPORT_SECRET_KEY): {e}")
+        })?);
+        let runtime = Arc::new(Runtime::new(
+            RuntimeConfig {
+                cache_dir: cfg.cache_dir.clone(),
+                ..RuntimeConfig::default()
+            },
+            Arc::new(ReqwestTransport::new()?),
+        )?);
+        let public = cfg.public_url();
+        let mut providers = Providers::new();
+        let mut plugins: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        let dir = std::fs::read_dir(&cfg.plugin_dir)
+            .with_context(|| format!("reading plugin_dir {}", cfg.plugin_dir.display()))?;
+        for entry in dir.flatten() {
+            let manifest = entry.path().join("manifest.toml");
+            if !manifest.exists() {
+                continue;
+            }
+            let id = entry.file_name().to_string_lossy().to_string();
+            let settings = cfg.plugins.get(&id).cloned().unwrap_or_default();
+            // The runtime takes the overrides of the hosts the connector may
+            // call; OAuth takes all of them (login, identity, ...).
+            let allowed = crate::manifest::Manifest::from_file(&manifest)
+                .map(|m| m.allowed_hosts)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|h| crate::manifest::parse_origin(h).ok())
+                .collect::<Vec<_>>();
+            let runtime_overrides: BTreeMap<String, String> = settings
+                .base_urls
+                .iter()
+                .filter(|(k, _)| {
+                    crate::manifest::parse_origin(k).is_ok_and(|o| allowed.contains(&o))
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let plugin = runtime
+                .load(&manifest, &runtime_overrides)
+                .map_err(|e| anyhow::anyhow!("plugin {}: {e}", manifest.display()))?;
+            if let Some(_oauth) = &plugin.manifest().oauth {
+                if let Some(client_id) = settings.client_id.clone() {
+                    let app = OAuthApp {
+                        client_id,
+                        client_secret: settings.client_secret.clone().map(Secret::new),
+                        redirect_uri: format!("{public}/oauth/callback"),
+                        broad_scopes: settings.broad_scopes,
+                        base_urls: settings.base_urls.clone(),
+                        timeout: Duration::from_secs(30),
+                    };
+                    providers.insert(
+                        OAuthProvider::new(plugin.manifest(), app)
+                            .map_err(|e| anyhow::anyhow!("plugin {id}: {e}"))?,
+                    );
+                } else {
+                    tracing::warn!(plugin = %id, "no client_id configured: admins cannot connect this provider (set plugins.{id}.client_id)");
+                }
+            }
+            tracing::info!(plugin = %id, from_cache = plugin.from_cache(), "plugin loaded");
+            plugins.insert(plugin.manifest().id.clone(), Arc::new(plugin));
+        }
+        let mut connections = Connections::new(store.clone(), keys, Arc::new(providers), clock);
+        if let Some(cat) = &cfg.catalogue {
+            connections = connections.with_catalogue(
+                crate::connections::Catalogue::from_file(cat)
+                    .map_err(|e| anyhow::anyhow!("catalogue {}: {e}", cat.display()))?,
+            );
+        }
+        let connections = Arc::new(connections);
+        for p in plugins.values() {
+            connections.register_plugin(runtime.clone(), p.clone());
+        }
+        let mut dcfg = dispatch.unwrap_or_default();
+        if let Some(c) = cfg.dispatch.concurrency {
+            dcfg.concurrency = c.max(1);
+        }
+        if let Some(l) = &cfg.dispatch.ladder_secs {
+            dcfg.ladder = l.iter().map(|s| Duration::from_secs(*s)).collect();
+        }
+        if let Some(c) = cfg.dispatch.coalesce_secs {
+            dcfg.coalesce = Duration::from_secs(c);
+        }
+        if let Some(l) = cfg.dispatch.lease_secs {
+            dcfg.lease = Duration::from_secs(l.max(3));
+        }
+        if let Some(e) = cfg.dispatch.enforce_rate {
+            dcfg.enforce_rate = e;
+        }
+        let tokens = connections.tokens();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            runtime.clone(),
+            plugins,
+            tokens as Arc<dyn CredentialProvider>,
+            Arc::new(store.clone()) as Arc<dyn MappingStore>,
+            Arc::new(store.clone()) as Arc<dyn KvStore>,
+            dcfg,
+        );
+        let d2 = dispatcher.clone();
+        let api = Arc::new(ApiState {
+            store: store.clone(),
+            service_key_hashes: cfg.service_keys.iter().map(|k| hash_key(k)).collect(),
+            catalogue: connections
+                .catalogue()
+                .map(|c| c.kinds.iter().map(|k| k.key.clone()).collect()),
+            on_ingest: Box::new(move || d2.wake()),
+        });
+        let (tx, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        // Dispatcher.
+        tasks.push(tokio::spawn(
+            dispatcher.clone().run(rx.clone(), Duration::from_secs(20)),
+        ));
+        // Notifier.
+        if let Some(m) = &cfg.mail {
+            let mail_cfg = MailConfig {
+                smtp_host: m.smtp_host.clone(),
+                smtp_port: m.smtp_port,
+                starttls: m.starttls,
+                credentials: m.username.clone().zip(m.password.clone()),
+                from: m.from.clone(),
+                integrations_url: public.clone(),
+                provider_name: "Xero".into(),
+            };
+            let mailer = Mailer::new(&mail_cfg)?;
+            let store2 = store.clone();
+            let mut rx2 = rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    if let Err(e) = crate::notify::pump(&store2, &mailer, &mail_cfg, now_ms()).await
+                    {
+                        tracing::error!(error = %e, "notifier failed; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = rx2.changed() => break,
+                    }
+                }
+            }));
+        }
+        // HTTP.
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("listening on {} (key `listen`)", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let store3 = store.clone();
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get({
+                    let s = store.clone();
+                    move || async move {
+                        match s.delivery_counts(None).await {
+                            Ok(_) => (axum::http::StatusCode::OK, "ready"),
+                            Err(_) => (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                "database unavailable",
+                            ),
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                get(move || {
+                    let s = store3.clone();
+                    async move {
+                        let q = s.delivery_counts(None).await.unwrap_or_default();
+                        crate::metrics::render(&q)
+                    }
+                }),
+            )
+            .merge(crate::api::router(api.clone()))
+            .merge(crate::oauth::oauth_router(connections.clone()));
+        let mut rx3 = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx3.changed().await;
+                })
+                .await;
+        }));
+        Ok(Self {
+            addr,
+            store,
+            connections,
+            dispatcher,
+            runtime,
+            api,
+            shutdown: tx,
+            tasks,
+        })
+    }
+
+    /// Stop: no new claims, in-flight work finishes or is released.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.store.close().await;
+    }
+}
