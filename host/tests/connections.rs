@@ -329,6 +329,15 @@ async fn storm(db: TestDb, two_daemons: bool) {
     for round in 1..=2u64 {
         let before = sim.counters();
         let refresh_requests_before = refresh_requests(&sim);
+        // A slow token endpoint widens the race window a missing lock would lose.
+        sim.set_faults(xero_sim::FaultConfig {
+            rules: vec![xero_sim::FaultRule {
+                route: Some("POST /connect/token".into()),
+                latency_ms: 300,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
         let old = a.conns.tokens().bearer(&c.id).await.unwrap();
         sim.advance_secs(1800);
         let mut tasks = Vec::new();
