@@ -540,7 +540,9 @@ impl Dispatcher {
                     external_url: receipt.external_url,
                 }
             }
-            Ok(Err(err)) => self.classified(c, &plugin.manifest().name, conn.connected_at, err, now),
+            Ok(Err(err)) => {
+                self.classified(c, &plugin.manifest().name, conn.connected_at, err, now)
+            }
             Err(call_err) => {
                 crate::metrics::delivery("crashed");
                 self.transient(c, format!("the connector failed: {call_err}"), now)

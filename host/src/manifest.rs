@@ -216,7 +216,10 @@ impl Manifest {
             return invalid("limits", "limits must be at least 1".into());
         }
         if let Some(o) = &self.oauth {
-            for (key, u) in [("oauth.authorize_url", &o.authorize_url), ("oauth.token_url", &o.token_url)] {
+            for (key, u) in [
+                ("oauth.authorize_url", &o.authorize_url),
+                ("oauth.token_url", &o.token_url),
+            ] {
                 if url::Url::parse(u).is_err() {
                     return invalid(key, format!("{u:?} is not a URL"));
                 }
@@ -256,7 +259,12 @@ pub fn parse_origin(s: &str) -> Result<String, String> {
 pub fn origin_of(u: &url::Url) -> Option<String> {
     let host = u.host_str()?;
     let port = u.port_or_known_default()?;
-    Some(format!("{}://{}:{}", u.scheme(), host.to_ascii_lowercase(), port))
+    Some(format!(
+        "{}://{}:{}",
+        u.scheme(),
+        host.to_ascii_lowercase(),
+        port
+    ))
 }
 
 #[cfg(test)]
@@ -297,20 +305,27 @@ document_kinds = ["invoice", "credit-note"]
             ("id = \"xero\"", "id = \"Xero Inc\"", "id"),
             ("xero.wasm", "../x.wasm", "component"),
         ] {
-            let e = Manifest::parse(&GOOD.replace(from, to)).unwrap_err().to_string();
+            let e = Manifest::parse(&GOOD.replace(from, to))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Manifest::parse(&format!("{GOOD}\nbogus = 1\n")).unwrap_err().to_string();
+        let e = Manifest::parse(&format!("{GOOD}\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
     }
 
     #[test]
     fn origins_are_normalised() {
-        assert_eq!(parse_origin("https://API.xero.com").unwrap(), "https://api.xero.com:443");
+        assert_eq!(
+            parse_origin("https://API.xero.com").unwrap(),
+            "https://api.xero.com:443"
+        );
         assert!(parse_origin("https://api.xero.com/path").is_err());
         assert_eq!(contract_line("0.1.7"), Some("0.1"));
         assert_eq!(contract_line("0.2.0"), None);

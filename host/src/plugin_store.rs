@@ -31,8 +31,7 @@ pub fn install(source_manifest: &Path, component: &Path, dir: &Path) -> anyhow::
     // Validate before writing anything.
     Manifest::parse(&out_text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let target = dir.join(&id);
-    std::fs::create_dir_all(&target)
-        .with_context(|| format!("creating {}", target.display()))?;
+    std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
     let tmp = target.join(format!(".{file}.tmp"));
     std::fs::write(&tmp, &bytes)?;
     std::fs::rename(&tmp, target.join(&file))?;

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use ledgerport::runtime::{CallError, LoadError, RuntimeConfig};
 use ledgerport::runtime::v0_1::ledgerport::connector::types::DeliveryError;
+use ledgerport::runtime::{CallError, LoadError, RuntimeConfig};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -49,7 +49,10 @@ async fn example_connector_delivers_with_injected_credential() {
     let manifest = install(dir.path(), "minimal_connector", MINIMAL);
     let rt = runtime(small_config());
     let plugin = rt
-        .load(&manifest, &overrides("https://hooks.example.com", &listener.base))
+        .load(
+            &manifest,
+            &overrides("https://hooks.example.com", &listener.base),
+        )
         .unwrap();
     let ctx = context("secret-token-123", &[]);
     let receipt = rt
@@ -80,11 +83,29 @@ async fn example_connector_classifies_provider_answers() {
     let manifest = install(dir.path(), "minimal_connector", MINIMAL);
     let rt = runtime(small_config());
     let plugin = rt
-        .load(&manifest, &overrides("https://hooks.example.com", &listener.base))
+        .load(
+            &manifest,
+            &overrides("https://hooks.example.com", &listener.base),
+        )
         .unwrap();
-    for (code, want) in [("503", "transient"), ("422", "rejected"), ("403", "reauth"), ("429", "rate")] {
-        let ctx = context("t", &[("endpoint", &format!("https://hooks.example.com/status/{code}"))]);
-        let err = rt.deliver(&plugin, &ctx, delivery("d"), invoice("X")).await.unwrap().unwrap_err();
+    for (code, want) in [
+        ("503", "transient"),
+        ("422", "rejected"),
+        ("403", "reauth"),
+        ("429", "rate"),
+    ] {
+        let ctx = context(
+            "t",
+            &[(
+                "endpoint",
+                &format!("https://hooks.example.com/status/{code}"),
+            )],
+        );
+        let err = rt
+            .deliver(&plugin, &ctx, delivery("d"), invoice("X"))
+            .await
+            .unwrap()
+            .unwrap_err();
         let got = match err {
             DeliveryError::Transient(_) => "transient",
             DeliveryError::Rejected(_) => "rejected",
@@ -99,7 +120,12 @@ async fn example_connector_classifies_provider_answers() {
 /// After each hostile call, the same runtime still delivers a good document.
 async fn still_works(rt: &ledgerport::runtime::Runtime, plugin: &ledgerport::runtime::Plugin) {
     let r = rt
-        .deliver(plugin, &context("t", &[]), delivery("after"), invoice("fine"))
+        .deliver(
+            plugin,
+            &context("t", &[]),
+            delivery("after"),
+            invoice("fine"),
+        )
         .await
         .expect("engine still works")
         .expect("good delivery");
@@ -113,31 +139,53 @@ async fn hostile_connectors_are_contained() {
     let manifest = install(dir.path(), "hostile_connector", HOSTILE);
     let rt = runtime(small_config());
     let plugin = rt
-        .load(&manifest, &overrides("https://allowed.test", &listener.base))
+        .load(
+            &manifest,
+            &overrides("https://allowed.test", &listener.base),
+        )
         .unwrap();
 
     // Infinite loop: stopped soon after the 2 s deadline (generous bound).
     let started = Instant::now();
-    let e = rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("loop")).await.unwrap_err();
+    let e = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), invoice("loop"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, CallError::Deadline { .. }), "{e}");
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(e.to_string().contains("deadline"));
     still_works(&rt, &plugin).await;
 
     // Memory bomb: the memory cap stops it.
-    let e = rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("bomb")).await.unwrap_err();
-    assert!(matches!(e, CallError::MemoryLimit { limit_mib: 32, .. }), "{e}");
+    let e = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), invoice("bomb"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, CallError::MemoryLimit { limit_mib: 32, .. }),
+        "{e}"
+    );
     still_works(&rt, &plugin).await;
 
     // Stack overflow: a clean trap (the shadow stack in linear memory runs
     // out first, which wasm reports as an out-of-bounds access).
-    let e = rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("stack")).await.unwrap_err();
+    let e = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), invoice("stack"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, CallError::Trap { .. }), "{e}");
     assert!(e.to_string().contains("stack overflow"), "{e}");
     still_works(&rt, &plugin).await;
 
     // Panic: a clean error that carries the panic message.
-    let e = rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("panic")).await.unwrap_err();
+    let e = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), invoice("panic"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, CallError::Trap { .. }), "{e}");
     assert!(e.to_string().contains("panicked on purpose"), "{e}");
     still_works(&rt, &plugin).await;
@@ -145,32 +193,67 @@ async fn hostile_connectors_are_contained() {
     // Disallowed host: refused by the host, nothing reaches the listener.
     let before = listener.count();
     let ctx = context("t", &[("target", &format!("{}/steal", listener.base))]);
-    let err = rt.deliver(&plugin, &ctx, delivery("d"), invoice("evil-host")).await.unwrap().unwrap_err();
-    let DeliveryError::Transient(msg) = err else { panic!("{err:?}") };
-    assert!(msg.contains("Denied") && msg.contains("allowed_hosts"), "{msg}");
+    let err = rt
+        .deliver(&plugin, &ctx, delivery("d"), invoice("evil-host"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let DeliveryError::Transient(msg) = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        msg.contains("Denied") && msg.contains("allowed_hosts"),
+        "{msg}"
+    );
     assert_eq!(listener.count(), before, "nothing may arrive");
     still_works(&rt, &plugin).await;
 
     // Forged Authorization header: refused, nothing sent.
     let before = listener.count();
-    let err = rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("auth")).await.unwrap().unwrap_err();
-    let DeliveryError::Transient(msg) = err else { panic!("{err:?}") };
-    assert!(msg.contains("Denied") && msg.contains("authorization"), "{msg}");
+    let err = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), invoice("auth"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let DeliveryError::Transient(msg) = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        msg.contains("Denied") && msg.contains("authorization"),
+        "{msg}"
+    );
     assert_eq!(listener.count(), before);
     still_works(&rt, &plugin).await;
 
     // Call flood: the per-delivery cap stops it at 50.
     let before = listener.count();
-    let err = rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("calls")).await.unwrap().unwrap_err();
-    let DeliveryError::Transient(msg) = err else { panic!("{err:?}") };
-    assert!(msg.contains("after 50 calls") && msg.contains("CallLimit"), "{msg}");
+    let err = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), invoice("calls"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let DeliveryError::Transient(msg) = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        msg.contains("after 50 calls") && msg.contains("CallLimit"),
+        "{msg}"
+    );
     assert_eq!(listener.count() - before, 50);
     still_works(&rt, &plugin).await;
 
     // Log flood: bounded.
     let dropped_before = rt.stats().log_lines_dropped.load(Ordering::Relaxed);
     let lines_before = rt.stats().log_lines.load(Ordering::Relaxed);
-    rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("logflood")).await.unwrap().unwrap();
+    rt.deliver(
+        &plugin,
+        &context("t", &[]),
+        delivery("d"),
+        invoice("logflood"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let emitted = rt.stats().log_lines.load(Ordering::Relaxed) - lines_before;
     let dropped = rt.stats().log_lines_dropped.load(Ordering::Relaxed) - dropped_before;
     assert_eq!(emitted, 200);
@@ -188,17 +271,37 @@ async fn host_bounds_responses_and_hanging_requests() {
     cfg.http.max_response_bytes = 1024 * 1024;
     cfg.http.timeout = Duration::from_millis(500);
     let rt = runtime(cfg);
-    let plugin = rt.load(&manifest, &overrides("https://allowed.test", &listener.base)).unwrap();
+    let plugin = rt
+        .load(
+            &manifest,
+            &overrides("https://allowed.test", &listener.base),
+        )
+        .unwrap();
     let mut doc = invoice("fetch");
     doc.lines[0].description = "huge".into();
-    let err = rt.deliver(&plugin, &context("t", &[]), delivery("d"), doc.clone()).await.unwrap().unwrap_err();
+    let err = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), doc.clone())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(format!("{err:?}").contains("TooLarge"), "{err:?}");
     doc.lines[0].description = "hang".into();
-    let err = rt.deliver(&plugin, &context("t", &[]), delivery("d"), doc.clone()).await.unwrap().unwrap_err();
+    let err = rt
+        .deliver(&plugin, &context("t", &[]), delivery("d"), doc.clone())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(format!("{err:?}").contains("Timeout"), "{err:?}");
     doc.lines[0].description = "hello".into();
-    let ok = rt.deliver(&plugin, &context("tok", &[]), delivery("d"), doc).await.unwrap().unwrap();
-    assert_eq!(ok.external_id, format!("status 200 bytes {}", "{\"id\":\"ext-1\"}".len()));
+    let ok = rt
+        .deliver(&plugin, &context("tok", &[]), delivery("d"), doc)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ok.external_id,
+        format!("status 200 bytes {}", "{\"id\":\"ext-1\"}".len())
+    );
     still_works(&rt, &plugin).await;
 }
 
@@ -221,13 +324,21 @@ async fn manifest_refusals_name_the_cause() {
 
     // Wrong contract version in the manifest.
     let d2 = tempfile::tempdir().unwrap();
-    let m = install(d2.path(), "minimal_connector", &MINIMAL.replace("contract = \"0.1.0\"", "contract = \"0.9.0\""));
+    let m = install(
+        d2.path(),
+        "minimal_connector",
+        &MINIMAL.replace("contract = \"0.1.0\"", "contract = \"0.9.0\""),
+    );
     let e = rt.load(&m, &none).err().unwrap();
     assert!(e.to_string().contains("unknown contract version"), "{e}");
 
     // Extra import outside the contract.
     let d3 = tempfile::tempdir().unwrap();
-    let m = install(d3.path(), "extra_import_connector", &MINIMAL.replace("\"minimal\"", "\"extra\""));
+    let m = install(
+        d3.path(),
+        "extra_import_connector",
+        &MINIMAL.replace("\"minimal\"", "\"extra\""),
+    );
     let e = rt.load(&m, &none).err().unwrap();
     assert!(matches!(e, LoadError::ForbiddenImport { .. }), "{e}");
     assert!(e.to_string().contains("test:extra/backdoor"), "{e}");
@@ -236,7 +347,11 @@ async fn manifest_refusals_name_the_cause() {
     let d4 = tempfile::tempdir().unwrap();
     let m = install(d4.path(), "minimal_connector", MINIMAL);
     let text = std::fs::read_to_string(&m).unwrap();
-    let text: String = text.lines().filter(|l| !l.starts_with("sha256")).collect::<Vec<_>>().join("\n");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("sha256"))
+        .collect::<Vec<_>>()
+        .join("\n");
     std::fs::write(&m, text).unwrap();
     let e = rt.load(&m, &none).err().unwrap();
     assert!(e.to_string().contains("plugin install"), "{e}");
@@ -244,7 +359,13 @@ async fn manifest_refusals_name_the_cause() {
     // An override for a host the manifest does not allow.
     let d5 = tempfile::tempdir().unwrap();
     let m = install(d5.path(), "minimal_connector", MINIMAL);
-    let e = rt.load(&m, &overrides("https://evil.example.com", "http://127.0.0.1:1")).err().unwrap();
+    let e = rt
+        .load(
+            &m,
+            &overrides("https://evil.example.com", "http://127.0.0.1:1"),
+        )
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("does not allow"), "{e}");
 }
 
@@ -253,7 +374,10 @@ async fn second_load_deserializes_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let m = install(dir.path(), "minimal_connector", MINIMAL);
-    let cfg = RuntimeConfig { cache_dir: Some(cache.path().to_path_buf()), ..small_config() };
+    let cfg = RuntimeConfig {
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..small_config()
+    };
     let rt = runtime(cfg.clone());
     let p1 = rt.load(&m, &BTreeMap::new()).unwrap();
     assert!(!p1.from_cache());
@@ -263,7 +387,11 @@ async fn second_load_deserializes_from_the_cache() {
     let rt2 = runtime(cfg);
     let p2 = rt2.load(&m, &BTreeMap::new()).unwrap();
     assert!(p2.from_cache());
-    assert_eq!(rt2.stats().compiled.load(Ordering::Relaxed), 0, "must not compile again");
+    assert_eq!(
+        rt2.stats().compiled.load(Ordering::Relaxed),
+        0,
+        "must not compile again"
+    );
     assert_eq!(rt2.stats().deserialized.load(Ordering::Relaxed), 1);
     let info = rt2.describe(&p2, &context("t", &[])).await.unwrap();
     assert_eq!(info.id, "minimal");

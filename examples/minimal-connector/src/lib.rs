@@ -95,7 +95,10 @@ fn classify(resp: &http::Response) -> DeliveryError {
     match resp.status {
         401 | 403 => errors::needs_reauth(format!("the endpoint answered {}", resp.status)),
         429 => {
-            let secs = resp.header("retry-after").and_then(|v| v.trim().parse().ok()).unwrap_or(60);
+            let secs = resp
+                .header("retry-after")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(60);
             errors::rate_limited(secs, "endpoint")
         }
         400..=499 => errors::rejected(
@@ -118,11 +121,17 @@ impl Connector for Minimal {
     }
 
     fn list_accounts() -> Result<AccountList, DeliveryError> {
-        Ok(AccountList { accounts: vec![], tax_rates: vec![] })
+        Ok(AccountList {
+            accounts: vec![],
+            tax_rates: vec![],
+        })
     }
 
     fn check() -> Result<CheckReport, DeliveryError> {
-        Ok(CheckReport { organisation_name: endpoint(), details: vec![] })
+        Ok(CheckReport {
+            organisation_name: endpoint(),
+            details: vec![],
+        })
     }
 
     fn deliver(delivery: Delivery, doc: Document) -> Result<Receipt, DeliveryError> {
@@ -147,7 +156,11 @@ impl Connector for Minimal {
             .ok()
             .and_then(|v| v.get("id").and_then(|i| i.as_str().map(String::from)))
             .unwrap_or(delivery.key);
-        Ok(Receipt { external_id, external_url: None, notes: vec![] })
+        Ok(Receipt {
+            external_id,
+            external_url: None,
+            notes: vec![],
+        })
     }
 }
 

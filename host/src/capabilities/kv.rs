@@ -41,7 +41,8 @@ impl MemoryKv {
 impl KvStore for MemoryKv {
     async fn get(&self, connection_id: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        Ok(g.get(&(connection_id.to_string(), key.to_string())).cloned())
+        Ok(g.get(&(connection_id.to_string(), key.to_string()))
+            .cloned())
     }
     async fn set(&self, connection_id: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
         let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());

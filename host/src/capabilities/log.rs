@@ -2,8 +2,8 @@
 //! with the plugin id, bounded in count and length per call so a flooding
 //! connector cannot drown the daemon's logs.
 
-use crate::runtime::v0_1::ledgerport::connector::log as wit;
 use crate::runtime::RuntimeStats;
+use crate::runtime::v0_1::ledgerport::connector::log as wit;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 

@@ -44,7 +44,9 @@ impl MemoryMappings {
     /// Set (or replace) one mapping.
     pub fn set(&self, scope: &MappingScope, m: AccountMapping) {
         let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        g.entry(scope.clone()).or_default().insert(m.kind.clone(), m);
+        g.entry(scope.clone())
+            .or_default()
+            .insert(m.kind.clone(), m);
     }
 }
 
@@ -52,7 +54,9 @@ impl MemoryMappings {
 impl MappingStore for MemoryMappings {
     async fn all(&self, scope: &MappingScope) -> anyhow::Result<Vec<AccountMapping>> {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        Ok(g.get(scope).map(|m| m.values().cloned().collect()).unwrap_or_default())
+        Ok(g.get(scope)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
     }
 }
 
@@ -99,7 +103,11 @@ fn to_wit(m: &AccountMapping) -> wit::AccountMapping {
 
 impl wit::Host for MappingCapability {
     async fn lookup(&mut self, kind: String) -> Option<wit::AccountMapping> {
-        self.load().await.iter().find(|m| m.kind == kind).map(to_wit)
+        self.load()
+            .await
+            .iter()
+            .find(|m| m.kind == kind)
+            .map(to_wit)
     }
 
     async fn all(&mut self) -> Vec<wit::AccountMapping> {

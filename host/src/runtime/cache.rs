@@ -47,7 +47,10 @@ pub fn load_component(
     match component.serialize() {
         Ok(data) => {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&tmp, &data).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+            if std::fs::write(&tmp, &data)
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
                 let _ = std::fs::remove_file(&tmp);
                 tracing::warn!(path = %path.display(), "could not write the precompiled component cache");
             }

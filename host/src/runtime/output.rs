@@ -61,7 +61,10 @@ impl OutputTail {
     pub fn flush_to_log(&self) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for (name, buf) in [("stdout", &g.stdout), ("stderr", &g.stderr)] {
-            for line in String::from_utf8_lossy(buf).lines().filter(|l| !l.trim().is_empty()) {
+            for line in String::from_utf8_lossy(buf)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+            {
                 tracing::info!(target: "plugin", plugin = %self.plugin, stream = name, "{line}");
             }
         }
@@ -76,14 +79,20 @@ impl OutputTail {
     fn write(&self, which: &str, data: &[u8]) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let cap = self.cap;
-        let buf = if which == "stdout" { &mut g.stdout } else { &mut g.stderr };
+        let buf = if which == "stdout" {
+            &mut g.stdout
+        } else {
+            &mut g.stderr
+        };
         let room = cap.saturating_sub(buf.len());
         let take = room.min(data.len());
         buf.extend_from_slice(&data[..take]);
         let dropped = (data.len() - take) as u64;
         if dropped > 0 {
             g.dropped += dropped;
-            self.stats.output_bytes_dropped.fetch_add(dropped, Ordering::Relaxed);
+            self.stats
+                .output_bytes_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
         }
     }
 }
@@ -115,7 +124,11 @@ struct Writer {
 }
 
 impl AsyncWrite for Writer {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.tail.write(self.which, buf);
         Poll::Ready(Ok(buf.len()))
     }

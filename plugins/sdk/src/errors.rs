@@ -5,7 +5,11 @@ use crate::http::Error as HttpError;
 use crate::{DeliveryError, FieldError, RateLimit};
 
 /// The provider refused the document for one reason.
-pub fn rejected(field: &str, message: impl Into<String>, provider: Option<String>) -> DeliveryError {
+pub fn rejected(
+    field: &str,
+    message: impl Into<String>,
+    provider: Option<String>,
+) -> DeliveryError {
     DeliveryError::Rejected(vec![FieldError {
         field: field.to_string(),
         message: message.into(),
@@ -51,8 +55,11 @@ pub fn transient(why: impl Into<String>) -> DeliveryError {
 pub fn from_http(err: HttpError) -> DeliveryError {
     match err {
         HttpError::Unauthorized(why) => needs_reauth(why),
-        HttpError::Denied(why) => rejected("connector", format!("the host refused a request: {why}"), None),
+        HttpError::Denied(why) => rejected(
+            "connector",
+            format!("the host refused a request: {why}"),
+            None,
+        ),
         other => transient(other.to_string()),
     }
 }
-

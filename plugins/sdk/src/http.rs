@@ -145,4 +145,3 @@ pub fn encode(s: &str) -> String {
     }
     out
 }
-

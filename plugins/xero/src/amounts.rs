@@ -74,7 +74,11 @@ impl Amount {
         let body = if s == 0 {
             digits
         } else if digits.len() > s {
-            format!("{}.{}", &digits[..digits.len() - s], &digits[digits.len() - s..])
+            format!(
+                "{}.{}",
+                &digits[..digits.len() - s],
+                &digits[digits.len() - s..]
+            )
         } else {
             format!("0.{}{}", "0".repeat(s - digits.len()), digits)
         };
@@ -114,7 +118,14 @@ mod tests {
 
     #[test]
     fn parses_and_writes_exactly() {
-        for t in ["0", "6250.00", "41.3119", "-5.5", "0.01", "123456789012345678.1234"] {
+        for t in [
+            "0",
+            "6250.00",
+            "41.3119",
+            "-5.5",
+            "0.01",
+            "123456789012345678.1234",
+        ] {
             assert_eq!(Amount::parse(t).unwrap().text(), t);
             assert_eq!(Amount::parse(t).unwrap().json().to_string(), t);
         }
@@ -125,7 +136,10 @@ mod tests {
 
     #[test]
     fn compares_across_scales() {
-        assert_eq!(Amount::parse("1.50").unwrap(), Amount::parse("1.5").unwrap());
+        assert_eq!(
+            Amount::parse("1.50").unwrap(),
+            Amount::parse("1.5").unwrap()
+        );
         assert!(Amount::parse("0.1").unwrap() < Amount::parse("0.11").unwrap());
         assert!(Amount::parse("0.00").unwrap().is_zero());
     }

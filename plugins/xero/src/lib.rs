@@ -21,8 +21,8 @@ mod xero;
 use amounts::Amount;
 use ledgerport_sdk::mapping::AccountMapping;
 use ledgerport_sdk::{
-    Account, AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError,
-    Document, DocumentKind, Pdf, Receipt, TaxBasis, TaxRate, connection, errors, kv, log,
+    Account, AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
+    DocumentKind, Pdf, Receipt, TaxBasis, TaxRate, connection, errors, kv, log,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -144,7 +144,11 @@ impl Connector for Xero {
                         doc.number
                     ));
                 }
-                log::info(format!("{} {} already in Xero as {id}", which.noun(), doc.number));
+                log::info(format!(
+                    "{} {} already in Xero as {id}",
+                    which.noun(),
+                    doc.number
+                ));
                 api.get_one(which, &id)?
             }
             None => create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings)?,
@@ -264,7 +268,10 @@ fn build_lines(
         {
             problems.push(errors::field(
                 &format!("lines[{i}].unit_amount"),
-                format!("Xero accepts unit amounts with at most 4 decimals, not {}", l.unit_amount),
+                format!(
+                    "Xero accepts unit amounts with at most 4 decimals, not {}",
+                    l.unit_amount
+                ),
                 None,
             ));
         }
@@ -422,7 +429,10 @@ fn find_existing(
         if s(d, "Url").contains(&mark) {
             return Ok(Some((id, true)));
         }
-        if same_total.is_none() && total.is_some() && d.get("Total").and_then(Amount::from_json) == total {
+        if same_total.is_none()
+            && total.is_some()
+            && d.get("Total").and_then(Amount::from_json) == total
+        {
             same_total = Some(id);
         }
     }
@@ -514,19 +524,31 @@ fn explain_rejection(
     };
     let mut out = Vec::new();
     for fe in errs {
-        let raw = fe.provider_message.clone().unwrap_or_else(|| fe.message.clone());
+        let raw = fe
+            .provider_message
+            .clone()
+            .unwrap_or_else(|| fe.message.clone());
         let mut matched = false;
         for (kind, m) in mappings {
             let code = &m.account_code;
-            let mentions_code = raw.contains(&format!("'{code}'")) || raw.contains(&format!(" {code} "));
+            let mentions_code =
+                raw.contains(&format!("'{code}'")) || raw.contains(&format!(" {code} "));
             if mentions_code && raw.to_ascii_lowercase().contains("account code") {
                 let idx = lines.iter().position(|l| &l.kind == kind).unwrap_or(0);
                 let what = if raw.contains("archived") {
-                    format!("Account code {code} is archived in Xero — choose another account for '{kind}'")
+                    format!(
+                        "Account code {code} is archived in Xero — choose another account for '{kind}'"
+                    )
                 } else {
-                    format!("Account code {code} does not exist in this Xero organisation — choose another account for '{kind}'")
+                    format!(
+                        "Account code {code} does not exist in this Xero organisation — choose another account for '{kind}'"
+                    )
                 };
-                out.push(errors::field(&format!("lines[{idx}].kind"), what, Some(raw.clone())));
+                out.push(errors::field(
+                    &format!("lines[{idx}].kind"),
+                    what,
+                    Some(raw.clone()),
+                ));
                 matched = true;
             }
             if let Some(t) = &m.tax_type
@@ -616,7 +638,11 @@ fn allocate(
     let bill = all
         .iter()
         .filter(|b| matches!(s(b, "Status").as_str(), "AUTHORISED" | "PAID"))
-        .max_by_key(|b| b.get("AmountDue").and_then(Amount::from_json).unwrap_or_default());
+        .max_by_key(|b| {
+            b.get("AmountDue")
+                .and_then(Amount::from_json)
+                .unwrap_or_default()
+        });
     let Some(bill) = bill else {
         if let Some(pending) = all
             .iter()
@@ -631,7 +657,10 @@ fn allocate(
             "bill {invoice_number} is not in Xero, so the credit was left unallocated"
         )));
     };
-    let due = bill.get("AmountDue").and_then(Amount::from_json).unwrap_or_default();
+    let due = bill
+        .get("AmountDue")
+        .and_then(Amount::from_json)
+        .unwrap_or_default();
     if due.is_zero() {
         return Ok(Some(format!(
             "bill {invoice_number} has nothing left to pay, so the credit was left unallocated"
@@ -643,7 +672,11 @@ fn allocate(
         "Date": doc.issue_date,
         "Invoice": { "InvoiceID": s(bill, "InvoiceID") },
     }]});
-    api.put_json(&format!("/CreditNotes/{credit_id}/Allocations"), &body, None)?;
+    api.put_json(
+        &format!("/CreditNotes/{credit_id}/Allocations"),
+        &body,
+        None,
+    )?;
     if amount < remaining {
         Ok(Some(format!(
             "{} of the credit was allocated to bill {invoice_number} (all that was due); the rest stays as credit in Xero",

@@ -141,7 +141,12 @@ impl Api {
     }
 
     /// PUT JSON (create), with an idempotency key when given.
-    pub fn put_json(&self, path: &str, body: &Value, key: Option<&str>) -> Result<Value, DeliveryError> {
+    pub fn put_json(
+        &self,
+        path: &str,
+        body: &Value,
+        key: Option<&str>,
+    ) -> Result<Value, DeliveryError> {
         let mut rb = http::put(format!("{API}{path}")).json(body);
         if let Some(k) = key {
             rb = rb.header("idempotency-key", idempotency_key(k));
@@ -189,20 +194,38 @@ pub fn classify(resp: &Response) -> DeliveryError {
     match resp.status {
         400 => {
             let Some(b) = body else {
-                return errors::rejected("document", format!("Xero refused the request: {}", snippet(&text)), Some(snippet(&text)));
+                return errors::rejected(
+                    "document",
+                    format!("Xero refused the request: {}", snippet(&text)),
+                    Some(snippet(&text)),
+                );
             };
             let mut out: Vec<FieldError> = Vec::new();
             collect_validation(&b, "document", &mut out);
             if out.is_empty() {
-                let msg = b.get("Message").and_then(Value::as_str).unwrap_or("").to_string();
-                let detail = b.get("Detail").and_then(Value::as_str).unwrap_or("").to_string();
+                let msg = b
+                    .get("Message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let detail = b
+                    .get("Detail")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
                 let raw = if msg.is_empty() { detail } else { msg };
                 let raw = if raw.is_empty() { snippet(&text) } else { raw };
-                out.push(errors::field("document", format!("Xero refused the request: {raw}"), Some(raw.clone())));
+                out.push(errors::field(
+                    "document",
+                    format!("Xero refused the request: {raw}"),
+                    Some(raw.clone()),
+                ));
             }
             DeliveryError::Rejected(out)
         }
-        401 => errors::needs_reauth("Xero did not accept the connection's token even after a refresh; reconnect Xero"),
+        401 => errors::needs_reauth(
+            "Xero did not accept the connection's token even after a refresh; reconnect Xero",
+        ),
         403 => {
             let detail = body
                 .as_ref()
@@ -219,7 +242,10 @@ pub fn classify(resp: &Response) -> DeliveryError {
                 .header("retry-after")
                 .and_then(|v| v.trim().parse::<u32>().ok())
                 .unwrap_or(60);
-            let limit = resp.header("x-rate-limit-problem").unwrap_or("unknown").to_string();
+            let limit = resp
+                .header("x-rate-limit-problem")
+                .unwrap_or("unknown")
+                .to_string();
             errors::rate_limited(secs, limit)
         }
         503 => errors::transient(format!("Xero is unavailable (503): {}", snippet(&text))),
@@ -237,7 +263,11 @@ fn collect_validation(v: &Value, field: &str, out: &mut Vec<FieldError>) {
     if let Some(errs) = v.get("ValidationErrors").and_then(Value::as_array) {
         for e in errs {
             if let Some(m) = e.get("Message").and_then(Value::as_str) {
-                out.push(errors::field(field, format!("Xero: {m}"), Some(m.to_string())));
+                out.push(errors::field(
+                    field,
+                    format!("Xero: {m}"),
+                    Some(m.to_string()),
+                ));
             }
         }
     }

@@ -69,7 +69,9 @@ impl SmtpSink {
         let m2 = mails.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((sock, _)) = listener.accept().await else { break };
+                let Ok((sock, _)) = listener.accept().await else {
+                    break;
+                };
                 let m3 = m2.clone();
                 tokio::spawn(async move {
                     if let Err(e) = session(sock, m3).await {
@@ -78,7 +80,11 @@ impl SmtpSink {
                 });
             }
         });
-        Ok(Self { addr, mails, task: Some(task) })
+        Ok(Self {
+            addr,
+            mails,
+            task: Some(task),
+        })
     }
 
     /// Where it listens.
@@ -124,7 +130,8 @@ async fn session(sock: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) -> std::io::Resu
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            w.write_all(b"250-smtp-sink\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 10485760\r\n").await?;
+            w.write_all(b"250-smtp-sink\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 10485760\r\n")
+                .await?;
         } else if upper.starts_with("HELO") {
             w.write_all(b"250 smtp-sink\r\n").await?;
         } else if upper.starts_with("MAIL FROM:") {

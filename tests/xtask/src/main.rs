@@ -15,18 +15,31 @@ use std::process::{Command, ExitCode};
 /// Connector crates built for wasm32-wasip2: (package, artifact stem,
 /// source manifest to install with, if any).
 const CONNECTORS: &[(&str, &str, Option<&str>)] = &[
-    ("minimal-connector", "minimal_connector", Some("examples/minimal-connector/manifest.toml")),
-    ("xero-connector", "xero_connector", Some("plugins/xero/manifest.toml")),
+    (
+        "minimal-connector",
+        "minimal_connector",
+        Some("examples/minimal-connector/manifest.toml"),
+    ),
+    (
+        "xero-connector",
+        "xero_connector",
+        Some("plugins/xero/manifest.toml"),
+    ),
     ("hostile-connector", "hostile_connector", None),
     ("extra-import-connector", "extra_import_connector", None),
 ];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 fn cargo() -> String {
@@ -35,8 +48,15 @@ fn cargo() -> String {
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("xtask: running {:?}", cmd);
-    let status = cmd.current_dir(root()).status().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
 }
 
 fn has_wasm_target() -> bool {
@@ -44,7 +64,11 @@ fn has_wasm_target() -> bool {
         .args(["target", "list", "--installed"])
         .current_dir(root())
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "wasm32-wasip2"))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "wasm32-wasip2")
+        })
         .unwrap_or(false)
 }
 
@@ -55,12 +79,16 @@ fn wasm() -> Result<(), String> {
     let mut build = Command::new(cargo());
     build.args(["build", "--target", "wasm32-wasip2", "--profile", "wasm"]);
     for (pkg, _, _) in CONNECTORS {
-        if root().join(match *pkg {
-            "minimal-connector" => "examples/minimal-connector",
-            "xero-connector" => "plugins/xero",
-            "hostile-connector" => "tests/plugins/hostile",
-            _ => "tests/plugins/extra-import",
-        }).join("src/lib.rs").exists() {
+        if root()
+            .join(match *pkg {
+                "minimal-connector" => "examples/minimal-connector",
+                "xero-connector" => "plugins/xero",
+                "hostile-connector" => "tests/plugins/hostile",
+                _ => "tests/plugins/extra-import",
+            })
+            .join("src/lib.rs")
+            .exists()
+        {
             build.args(["-p", pkg]);
         }
     }
@@ -73,7 +101,11 @@ fn wasm() -> Result<(), String> {
             continue;
         }
         let wasm = target_dir().join(format!("wasm32-wasip2/wasm/{stem}.wasm"));
-        run(Command::new(&ledgerport).args(["plugin", "install", manifest, "--component"]).arg(&wasm).arg("--dir").arg(target_dir().join("plugins")))?;
+        run(Command::new(&ledgerport)
+            .args(["plugin", "install", manifest, "--component"])
+            .arg(&wasm)
+            .arg("--dir")
+            .arg(target_dir().join("plugins")))?;
     }
     Ok(())
 }
@@ -88,7 +120,9 @@ fn python_tests() -> Result<(), String> {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
     let py = venv.join("bin/python");
-    run(Command::new(&py).args(["-m", "pip", "install", "-q", "-r"]).arg(py_dir.join("requirements.txt")))?;
+    run(Command::new(&py)
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(py_dir.join("requirements.txt")))?;
     run(Command::new(cargo()).args(["build", "-p", "xero-sim"]))?;
     run(Command::new(&py)
         .args(["-m", "pytest", "-q"])
@@ -100,8 +134,25 @@ fn test() -> Result<(), String> {
     run(Command::new(cargo()).args(["fmt", "--all", "--check"]))?;
     wasm()?;
     run(Command::new(cargo()).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    run(Command::new(cargo()).args(["clippy", "--target", "wasm32-wasip2", "--profile", "wasm", "-p", "ledgerport-sdk", "-p", "minimal-connector", "--", "-D", "warnings"]))?;
-    let nextest = Command::new(cargo()).args(["nextest", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    run(Command::new(cargo()).args([
+        "clippy",
+        "--target",
+        "wasm32-wasip2",
+        "--profile",
+        "wasm",
+        "-p",
+        "ledgerport-sdk",
+        "-p",
+        "minimal-connector",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let nextest = Command::new(cargo())
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if nextest {
         run(Command::new(cargo()).args(["nextest", "run", "--no-fail-fast"]))?;
         run(Command::new(cargo()).args(["test", "--doc"]))?;
@@ -116,7 +167,8 @@ fn main() -> ExitCode {
     let result = match arg.as_str() {
         "wasm" => wasm(),
         "test" => test(),
-        "demo" => wasm().and_then(|_| run(Command::new(target_dir().join("debug/ledgerport")).arg("demo"))),
+        "demo" => wasm()
+            .and_then(|_| run(Command::new(target_dir().join("debug/ledgerport")).arg("demo"))),
         _ => Err("usage: cargo xtask <wasm|test|demo>".into()),
     };
     match result {

@@ -41,11 +41,17 @@ impl Connector for Hostile {
     }
 
     fn list_accounts() -> Result<AccountList, DeliveryError> {
-        Ok(AccountList { accounts: vec![], tax_rates: vec![] })
+        Ok(AccountList {
+            accounts: vec![],
+            tax_rates: vec![],
+        })
     }
 
     fn check() -> Result<CheckReport, DeliveryError> {
-        Ok(CheckReport { organisation_name: "hostile".into(), details: vec![] })
+        Ok(CheckReport {
+            organisation_name: "hostile".into(),
+            details: vec![],
+        })
     }
 
     fn deliver(delivery: Delivery, doc: Document) -> Result<Receipt, DeliveryError> {
@@ -107,8 +113,15 @@ impl Connector for Hostile {
                 Ok(receipt(&delivery))
             }
             "fetch" => {
-                let path = doc.lines.first().map(|l| l.description.clone()).unwrap_or_default();
-                match http::get(format!("https://allowed.test/{path}")).with_credentials().send() {
+                let path = doc
+                    .lines
+                    .first()
+                    .map(|l| l.description.clone())
+                    .unwrap_or_default();
+                match http::get(format!("https://allowed.test/{path}"))
+                    .with_credentials()
+                    .send()
+                {
                     Ok(resp) => Ok(Receipt {
                         external_id: format!("status {} bytes {}", resp.status, resp.body.len()),
                         external_url: None,
@@ -123,7 +136,11 @@ impl Connector for Hostile {
 }
 
 fn receipt(d: &Delivery) -> Receipt {
-    Receipt { external_id: format!("ok-{}", d.key), external_url: None, notes: vec![] }
+    Receipt {
+        external_id: format!("ok-{}", d.key),
+        external_url: None,
+        notes: vec![],
+    }
 }
 
 ledgerport_sdk::export_connector!(Hostile);
