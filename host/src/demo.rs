@@ -1,19 +1,18 @@
-//! `ledgerport demo`: a zero-setup run of the whole path a document takes,
-//! on embedded defaults. It loads the installed example connector, starts a
-//! local endpoint standing in for the customer's system, delivers the sample
-//! invoice and credit note through the sandbox, and prints what arrived.
+//! `ledgerport demo`: the whole product on embedded defaults, with zero
+//! set-up. It starts the Xero simulator and an SMTP sink on loopback and a
+//! daemon on SQLite; creates a demo tenant; connects it to Xero through the
+//! real OAuth flow; maps the line kinds to accounts (all but one); issues
+//! the sample invoice and credit note plus an invoice with an unmapped kind
+//! (which pauses and produces the e-mail); then prints what happened and
+//! keeps serving until Ctrl-C.
 
-use crate::capabilities::connection::ConnectionInfo;
-use crate::capabilities::http::{ReqwestTransport, StaticCredentials};
-use crate::capabilities::kv::MemoryKv;
-use crate::capabilities::mapping::MemoryMappings;
-use crate::document::Document;
-use crate::runtime::v0_1::ledgerport::connector::types::Delivery;
-use crate::runtime::{CallContext, Runtime, RuntimeConfig};
+use crate::capabilities::mapping::{AccountMapping, MappingScope};
+use crate::connections::Clock;
+use crate::daemon::{Config, Daemon, MailSettings, PluginSettings};
 use anyhow::Context;
-use std::collections::BTreeMap;
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Where installed plugins are looked for: `$LEDGERPORT_PLUGIN_DIR`, else
 /// `target/plugins` (where `cargo xtask wasm` installs them).
@@ -30,102 +29,295 @@ pub fn examples_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("examples/documents"))
 }
 
-fn load_doc(path: &Path) -> anyhow::Result<Document> {
+/// What the demo admin maps (one kind is left out on purpose).
+const DEMO_MAPPINGS: &[(&str, &str, Option<&str>)] = &[
+    ("gross-salary", "477", None),
+    ("employer-social-contributions", "478", None),
+    ("employee-benefits", "479", None),
+    ("allowances-and-bonuses", "477", None),
+    ("statutory-payments", "477", None),
+    ("management-fee", "429", Some("INPUT2")),
+    ("onboarding-fee", "429", Some("INPUT2")),
+    ("fx-fee", "404", None),
+    ("expense-reimbursement", "493", None),
+    ("security-deposit", "620", None),
+    ("deposit-refund", "620", None),
+];
+
+fn load(path: &Path) -> anyhow::Result<Value> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Document::from_json(&bytes)?)
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
-/// Run the demo.
-pub async fn run() -> anyhow::Result<()> {
-    let received: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
-    let r2 = received.clone();
-    let app = axum::Router::new().fallback(
-        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-            let r2 = r2.clone();
-            async move {
-                let auth = headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .map(|v| {
-                        if v.starts_with("Bearer ") {
-                            "Bearer <token>"
-                        } else {
-                            "other"
-                        }
-                    })
-                    .unwrap_or("none")
-                    .to_string();
-                let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-                let mut g = r2.lock().unwrap_or_else(|e| e.into_inner());
-                g.push((auth, json));
-                format!("{{\"id\":\"webhook-{}\"}}", g.len())
-            }
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-
-    let rt = Runtime::new(RuntimeConfig::default(), Arc::new(ReqwestTransport::new()?))?;
-    let manifest = plugin_dir().join("minimal/manifest.toml");
-    let overrides = BTreeMap::from([("https://hooks.example.com".to_string(), base.clone())]);
-    let plugin = rt.load(&manifest, &overrides).with_context(|| {
-        format!(
-            "loading {} (build and install the connectors with `cargo xtask wasm`)",
-            manifest.display()
-        )
-    })?;
-    println!("ledgerport demo");
-    println!(
-        "  connector  {} {} (sha256 {}…)",
-        plugin.manifest().name,
-        plugin.manifest().version,
-        &plugin.sha256()[..12]
-    );
-    println!("  endpoint   {base} (stands in for https://hooks.example.com)");
-    let ctx = CallContext {
-        connection: ConnectionInfo {
-            connection_id: "demo".into(),
-            tenant_id: "acme".into(),
-            ..Default::default()
-        },
-        credentials: Arc::new(StaticCredentials("demo-access-token".into())),
-        mappings: Arc::new(MemoryMappings::default()),
-        kv: Arc::new(MemoryKv::default()),
-        rate: None,
+/// Run the demo. With `exit`, return after the summary.
+pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
+    let sim = xero_sim::Sim::start(xero_sim::SimConfig::default()).await?;
+    sim.set_auto_approve(Some(vec![xero_sim::DEFAULT_TENANT_TRADING]));
+    let smtp = smtp_sink::SmtpSink::start().await?;
+    let work = std::env::temp_dir().join(format!("ledgerport-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let key_file = work.join("secret.key");
+    std::fs::write(&key_file, crate::crypto::generate_key())?;
+    // The asked-for port, or any free one when it is taken.
+    let port = match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(l) => l.local_addr()?.port(),
+        Err(_) => std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port(),
     };
-    for file in ["invoice.json", "credit-note.json"] {
-        let doc = load_doc(&examples_dir().join(file))?;
-        let delivery = Delivery {
-            key: format!("demo-{}", doc.id),
-            attempt: 1,
-        };
-        let started = std::time::Instant::now();
-        match rt.deliver(&plugin, &ctx, delivery, doc.to_wit()?).await {
-            Ok(Ok(r)) => println!(
-                "  delivered  {} {} {} -> {} in {:.1} ms",
-                doc.number,
-                doc.currency,
-                doc.total,
-                r.external_id,
-                started.elapsed().as_secs_f64() * 1000.0
-            ),
-            Ok(Err(e)) => println!("  failed     {}: {e}", doc.number),
-            Err(e) => println!("  crashed    {}: {e}", doc.number),
-        }
+    let mut cfg: Config = toml::from_str("")?;
+    cfg.database = work.join("ledgerport.db").display().to_string();
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.plugin_dir = plugin_dir();
+    cfg.key_file = Some(key_file);
+    cfg.cache_dir = Some(PathBuf::from("target/ledgerport-cache"));
+    cfg.service_keys = vec!["demo-service-key".into()];
+    let mut overrides = std::collections::BTreeMap::new();
+    for h in [
+        "https://login.xero.com",
+        "https://identity.xero.com",
+        "https://api.xero.com",
+    ] {
+        overrides.insert(h.to_string(), sim.base_url());
     }
-    let g = received.lock().unwrap_or_else(|e| e.into_inner());
-    println!("\nthe endpoint received {} request(s):", g.len());
-    for (auth, json) in g.iter() {
+    cfg.plugins.insert(
+        "xero".into(),
+        PluginSettings {
+            base_urls: overrides,
+            client_id: Some(xero_sim::DEFAULT_CLIENT_ID.into()),
+            client_secret: Some(xero_sim::DEFAULT_CLIENT_SECRET.into()),
+            broad_scopes: false,
+        },
+    );
+    cfg.mail = Some(MailSettings {
+        smtp_host: "127.0.0.1".into(),
+        smtp_port: smtp.addr().port(),
+        starttls: false,
+        from: "ledgerport <integrations@globe-eor.example>".into(),
+        username: None,
+        password: None,
+    });
+    let dispatch = crate::dispatch::DispatchConfig {
+        coalesce: Duration::from_secs(1),
+        poll: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let daemon = Daemon::start(cfg, Clock::system(), Some(dispatch))
+        .await
+        .context(
+            "starting the daemon (build and install the connectors first: `cargo xtask wasm`)",
+        )?;
+    let base = format!("http://{}", daemon.addr);
+    println!("ledgerport demo");
+    println!("  xero simulator  {}", sim.base_url());
+    println!("  smtp sink       {}", smtp.addr());
+    println!(
+        "  daemon          {base} (SQLite at {})",
+        work.join("ledgerport.db").display()
+    );
+
+    // The tenant and its admin connect Xero.
+    let store = &daemon.store;
+    store
+        .upsert_tenant(
+            "acme",
+            "Acme Trading GmbH",
+            &["finance@acme.example".to_string()],
+            chrono::Utc::now().timestamp(),
+        )
+        .await?;
+    let url = daemon
+        .connections
+        .begin_connect("acme", "xero", "alice@acme.example")
+        .await?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let consent = client.get(url.as_str()).send().await?;
+    let back = consent
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .context("the simulator did not redirect back")?
+        .to_string();
+    client.get(&back).send().await?;
+    let conn = store
+        .connections(Some("acme"))
+        .await?
+        .into_iter()
+        .next()
+        .context("no connection after the OAuth flow")?;
+    println!(
+        "\n1. connected acme to Xero organisation {:?} (state {}, scopes {})",
+        conn.external_tenant_name.clone().unwrap_or_default(),
+        conn.state,
+        conn.scopes.join(" ")
+    );
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
+    for (kind, code, tax) in DEMO_MAPPINGS {
+        store
+            .set_mapping(
+                &scope,
+                &AccountMapping {
+                    kind: kind.to_string(),
+                    account_code: code.to_string(),
+                    tax_type: tax.map(String::from),
+                },
+                "alice@acme.example",
+                chrono::Utc::now().timestamp(),
+            )
+            .await?;
+    }
+    println!(
+        "2. mapped {} line kinds to Xero accounts (late-payment-fee left unmapped on purpose)",
+        DEMO_MAPPINGS.len()
+    );
+
+    // The platform issues documents.
+    let invoice = load(&examples_dir().join("invoice.json"))?;
+    let credit = load(&examples_dir().join("credit-note.json"))?;
+    let mut late = invoice.clone();
+    late["id"] = json!("doc-inv-0043");
+    late["number"] = json!("INV-2026-0043");
+    late["lines"] = json!([{ "kind": "late-payment-fee", "description": "Late payment fee (October)", "quantity": "1", "unit_amount": "40.00", "tax_amount": "0.00", "line_amount": "40.00" }]);
+    late["subtotal"] = json!("40.00");
+    late["total_tax"] = json!("0.00");
+    late["total"] = json!("40.00");
+    late.as_object_mut().map(|o| o.remove("pdf"));
+    for doc in [&invoice, &credit, &late] {
+        let r = client
+            .post(format!("{base}/v1/documents"))
+            .bearer_auth("demo-service-key")
+            .json(doc)
+            .send()
+            .await?;
         println!(
-            "  {} {} with {} lines, total {} (authorization: {auth}, injected by the host)",
-            json["kind"].as_str().unwrap_or("?"),
-            json["number"].as_str().unwrap_or("?"),
-            json["lines"].as_array().map(|a| a.len()).unwrap_or(0),
-            json["total"].as_str().unwrap_or("?"),
+            "3. issued {} -> HTTP {}",
+            doc["number"].as_str().unwrap_or("?"),
+            r.status().as_u16()
         );
     }
+    // Wait for the outcomes and the e-mail.
+    let started = Instant::now();
+    loop {
+        let counts = store.delivery_counts(None).await?;
+        let busy: i64 = counts
+            .iter()
+            .filter(|(s, _)| s == "pending" || s == "working")
+            .map(|(_, n)| n)
+            .sum();
+        if busy == 0 && !smtp.mails().is_empty() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            println!("(still waiting after 60 s: {counts:?})");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("\n4. what happened:");
+    for r in store
+        .list_deliveries(Some("acme"), None, None, 20)
+        .await?
+        .iter()
+        .rev()
+    {
+        match r.state.as_str() {
+            "delivered" => println!(
+                "   {:<14} delivered to Xero as {} ({})",
+                r.document_number,
+                r.external_id.clone().unwrap_or_default(),
+                r.external_url.clone().unwrap_or_default()
+            ),
+            other => println!(
+                "   {:<14} {other}{}: {}",
+                r.document_number,
+                r.pause_reason
+                    .as_ref()
+                    .map(|p| format!(" ({p})"))
+                    .unwrap_or_default(),
+                r.last_error.clone().unwrap_or_default()
+            ),
+        }
+        for a in store.list_attempts(&r.id).await? {
+            if let Some(m) = a.message.filter(|_| a.outcome == "delivered") {
+                println!("   {:<14}   note: {m}", "");
+            }
+        }
+    }
+    let docs = sim
+        .documents(xero_sim::DEFAULT_TENANT_TRADING)
+        .unwrap_or_default();
+    println!(
+        "   in the simulated Xero: {} bill(s), {} supplier credit note(s), {} attachment(s), {} allocation(s)",
+        docs.invoices.len(),
+        docs.credit_notes.len(),
+        docs.attachments.len(),
+        docs.allocations.len()
+    );
+    println!("\n5. the e-mail the customer received:");
+    for m in smtp.mails() {
+        println!("   To: {}", m.to.join(", "));
+        println!("   Subject: {}", m.header("Subject").unwrap_or_default());
+        let text = plain_part(&m.data);
+        for line in text.lines() {
+            println!("   | {line}");
+        }
+    }
+    println!("\n6. try it:");
+    println!(
+        "   delivery log  curl -H 'Authorization: Bearer demo-service-key' {base}/v1/tenants/acme/deliveries"
+    );
+    println!("   metrics       {base}/metrics");
+    println!("   fix the mapping and watch INV-2026-0043 go out by itself:");
+    println!(
+        "   ledgerport mappings set --database {} --key-file {} --tenant acme late-payment-fee=404",
+        work.join("ledgerport.db").display(),
+        work.join("secret.key").display()
+    );
+    if exit {
+        daemon.stop().await;
+        return Ok(());
+    }
+    println!("\nserving until Ctrl-C ...");
+    let _ = tokio::signal::ctrl_c().await;
+    daemon.stop().await;
     Ok(())
+}
+
+/// The text/plain part of a MIME message, decoded when quoted-printable.
+fn plain_part(data: &str) -> String {
+    let Some(start) = data.find("Content-Type: text/plain") else {
+        return data.to_string();
+    };
+    let rest = &data[start..];
+    let body_start = rest.find("\r\n\r\n").map(|i| i + 4).unwrap_or(0);
+    let qp = rest[..body_start].contains("quoted-printable");
+    let body = &rest[body_start..];
+    let end = body.find("\r\n--").unwrap_or(body.len());
+    let body = &body[..end];
+    if !qp {
+        return body.replace("\r\n", "\n");
+    }
+    let mut out = String::new();
+    let joined = body.replace("=\r\n", "");
+    let bytes = joined.as_bytes();
+    let mut i = 0;
+    let mut buf = Vec::new();
+    while i < bytes.len() {
+        if bytes[i] == b'=' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&joined[i + 1..i + 3], 16) {
+                buf.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        buf.push(bytes[i]);
+        i += 1;
+    }
+    out.push_str(&String::from_utf8_lossy(&buf));
+    out.replace("\r\n", "\n")
 }

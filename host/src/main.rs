@@ -65,11 +65,72 @@ enum Command {
         #[arg(long, default_value = "smoke-1")]
         key: String,
     },
-    /// Run the demo: the example connector delivers the sample documents to
-    /// a local endpoint, and what arrived is printed.
-    Demo,
+    /// Run the demo on embedded defaults: the Xero simulator, an SMTP sink
+    /// and a daemon on SQLite; connect, map, issue, and show what happened.
+    Demo {
+        /// Exit after the summary instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+        /// Port for the daemon (0: any free port).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Run the daemon.
+    Serve {
+        /// The configuration file (TOML); `LEDGERPORT_*` variables override it.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Hand one document to ledgerport, as the platform would.
+    Issue {
+        /// The document (platform JSON).
+        #[arg(long)]
+        file: PathBuf,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// The delivery log.
+    Deliveries {
+        #[command(subcommand)]
+        command: DeliveriesCommand,
+    },
     #[command(flatten)]
     Connections(ledgerport::connections::cli::ConnectionsCommand),
+}
+
+#[derive(Subcommand)]
+enum DeliveriesCommand {
+    /// List deliveries, newest first.
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this document number.
+        #[arg(long)]
+        number: Option<String>,
+        /// Only this state (pending, working, delivered, failed, paused).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Retry one failed delivery, or all of a tenant's.
+    Retry {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// One delivery id (default: all failed).
+        #[arg(long)]
+        id: Option<String>,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -174,7 +235,10 @@ async fn run(cli: Cli) -> ExitCode {
             .await
         }
         Command::Connections(c) => ledgerport::connections::cli::run(c, cli.json).await,
-        Command::Demo => match ledgerport::demo::run().await {
+        Command::Serve { config } => serve(config).await,
+        Command::Issue { file, config } => issue(file, config, cli.json).await,
+        Command::Deliveries { command } => deliveries(command, cli.json).await,
+        Command::Demo { exit, port } => match ledgerport::demo::run(exit, port).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("demo failed: {e:#}");
@@ -340,6 +404,220 @@ async fn deliver(
         Err(e) => {
             eprintln!("connector failed: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<ledgerport::daemon::Config, ExitCode> {
+    ledgerport::daemon::Config::load(path.as_deref()).map_err(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+async fn serve(config: Option<PathBuf>) -> ExitCode {
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let daemon = match ledgerport::daemon::Daemon::start(
+        cfg,
+        ledgerport::connections::Clock::system(),
+        None,
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    eprintln!("ledgerport serving on http://{}", daemon.addr);
+    wait_for_signal().await;
+    eprintln!("shutting down: no new work is claimed; in-flight deliveries finish or are released");
+    daemon.stop().await;
+    ExitCode::SUCCESS
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn issue(file: PathBuf, config: Option<PathBuf>, json: bool) -> ExitCode {
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let body: serde_json::Value = match std::fs::read(&file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| format!("{} is not JSON: {e}", file.display()))
+        }) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match ledgerport::store::Store::open_and_migrate(&cfg.database).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let state = ledgerport::api::ApiState {
+        store,
+        service_key_hashes: Vec::new(),
+        catalogue: None,
+        on_ingest: Box::new(|| {}),
+    };
+    let resp = ledgerport::api::ingest_json(&state, &body).await;
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if json {
+        println!("{v}");
+    } else if status.is_success() {
+        if v["existing"] == true {
+            println!(
+                "{} was already issued (nothing changed)",
+                v["number"].as_str().unwrap_or("?")
+            );
+        } else {
+            println!(
+                "stored {}: {} delivery(ies) queued{}",
+                v["number"].as_str().unwrap_or("?"),
+                v["deliveries"],
+                v["note"]
+                    .as_str()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            );
+        }
+    } else {
+        eprintln!("refused: {}", v["error"].as_str().unwrap_or("error"));
+        for p in v["problems"].as_array().cloned().unwrap_or_default() {
+            eprintln!(
+                "  {}: {}",
+                p["field"].as_str().unwrap_or(""),
+                p["message"].as_str().unwrap_or("")
+            );
+        }
+    }
+    match status.as_u16() {
+        200..=299 => ExitCode::SUCCESS,
+        400..=499 => ExitCode::from(2),
+        _ => ExitCode::from(3),
+    }
+}
+
+async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
+    let config = match &cmd {
+        DeliveriesCommand::List { config, .. } | DeliveriesCommand::Retry { config, .. } => {
+            config.clone()
+        }
+    };
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match ledgerport::store::Store::open_and_migrate(&cfg.database).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match cmd {
+        DeliveriesCommand::List {
+            tenant,
+            number,
+            state,
+            limit,
+            ..
+        } => match store
+            .list_deliveries(
+                tenant.as_deref(),
+                number.as_deref(),
+                state.as_deref(),
+                limit,
+            )
+            .await
+        {
+            Ok(rows) => {
+                if json {
+                    println!("{}", serde_json::json!({ "deliveries": rows }));
+                } else {
+                    for r in &rows {
+                        println!(
+                            "{:<10} {:<22} {:<10} {:<10} attempts {:<2} {}",
+                            r.tenant_id,
+                            r.document_number,
+                            r.connector_id,
+                            r.state,
+                            r.attempts,
+                            r.external_id
+                                .clone()
+                                .or(r.last_error.clone())
+                                .unwrap_or_default()
+                        );
+                    }
+                    if rows.is_empty() {
+                        println!("no deliveries");
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(3)
+            }
+        },
+        DeliveriesCommand::Retry { tenant, id, .. } => {
+            match store
+                .retry_failed(&tenant, id.as_deref(), ledgerport::dispatch::now_ms())
+                .await
+            {
+                Ok(n) => {
+                    if json {
+                        println!("{}", serde_json::json!({ "requeued": n }));
+                    } else {
+                        println!("{n} delivery(ies) queued again");
+                    }
+                    if n == 0 && id.is_some() {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
+                }
+            }
         }
     }
 }

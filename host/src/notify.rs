@@ -54,6 +54,8 @@ pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> E
     let n = incident.documents.len();
     let docs = incident.documents.join(", ");
     let plural = if n == 1 { "document" } else { "documents" };
+    let these = if n == 1 { "This" } else { "These" };
+    let these_lc = if n == 1 { "this" } else { "these" };
     let base = cfg.integrations_url.trim_end_matches('/');
     let (subject, what, todo, link_label, link) = match incident.kind.as_str() {
         "paused-mapping" => (
@@ -62,7 +64,7 @@ pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> E
                 "These {plural} could not be sent to {provider} because some line types are not mapped to an account yet."
             ),
             format!(
-                "Open the Integrations page, choose Configure on the {provider} card and map the line types listed below. The waiting {plural} will then be sent automatically; you do not need to do anything else."
+                "Open the Integrations page, choose Configure on the {provider} card and map the line types listed above. The waiting {plural} will then be sent automatically; you do not need to do anything else."
             ),
             "Map accounts",
             format!("{base}/integrations?configure={}", incident.connection_id),
