@@ -56,12 +56,14 @@ pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> E
     let plural = if n == 1 { "document" } else { "documents" };
     let these = if n == 1 { "This" } else { "These" };
     let these_lc = if n == 1 { "this" } else { "these" };
+    let waiting = if n == 1 { "is waiting" } else { "are waiting" };
+    let them = if n == 1 { "it" } else { "them" };
     let base = cfg.integrations_url.trim_end_matches('/');
     let (subject, what, todo, link_label, link) = match incident.kind.as_str() {
         "paused-mapping" => (
             format!("Action needed: {n} {plural} waiting for account mapping in {provider}"),
             format!(
-                "These {plural} could not be sent to {provider} because some line types are not mapped to an account yet."
+                "{these} {plural} could not be sent to {provider} because some line types are not mapped to an account yet."
             ),
             format!(
                 "Open the Integrations page, choose Configure on the {provider} card and map the line types listed above. The waiting {plural} will then be sent automatically; you do not need to do anything else."
@@ -72,7 +74,7 @@ pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> E
         "paused-reauth" => (
             format!("Action needed: reconnect {provider} ({n} {plural} waiting)"),
             format!(
-                "{provider} no longer accepts ledgerport's access to your organisation (the connection was revoked or has expired), so these {plural} are waiting."
+                "{provider} no longer accepts ledgerport's access to your organisation (the connection was revoked or has expired), so {these_lc} {plural} {waiting}."
             ),
             format!(
                 "Open the Integrations page and choose Connect on the {provider} card. The waiting {plural} will be sent automatically once you have reconnected."
@@ -83,10 +85,10 @@ pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> E
         "retries-exhausted" => (
             format!("{n} {plural} could not be sent to {provider}"),
             format!(
-                "ledgerport tried to send these {plural} to {provider} several times over the last day and {provider} kept failing."
+                "ledgerport tried to send {these_lc} {plural} to {provider} several times and {provider} kept failing."
             ),
             format!(
-                "Check {provider}'s status page; then use Retry on the Integrations page. If it keeps failing, contact support and quote the document numbers below."
+                "Check {provider}'s status page; then use Retry on the Integrations page. If it keeps failing, contact support and quote the document numbers above."
             ),
             "Open the delivery log",
             format!("{base}/integrations?log=failed"),
@@ -94,10 +96,10 @@ pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> E
         _ => (
             format!("{n} {plural} could not be sent to {provider}"),
             format!(
-                "{provider} refused these {plural}; sending them again unchanged will not help."
+                "{provider} refused {these_lc} {plural}; sending {them} again unchanged will not help."
             ),
             format!(
-                "Read what {provider} said below, fix it there or in your mapping, then use Retry on the Integrations page. If you are unsure, contact support and quote the document numbers below."
+                "Read what {provider} said above, fix it there or in your mapping, then use Retry on the Integrations page. If you are unsure, contact support and quote the document numbers above."
             ),
             "Open the delivery log",
             format!("{base}/integrations?log=failed"),
