@@ -40,6 +40,7 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+#[allow(clippy::result_large_err)] // a Response is the natural error of a handler helper
 fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
     let key = headers
         .get("authorization")

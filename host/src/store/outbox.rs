@@ -623,6 +623,7 @@ impl Store {
     }
 
     /// Queue an e-mail.
+    #[allow(clippy::too_many_arguments)]
     pub async fn enqueue_mail(
         &self,
         tenant_id: &str,

@@ -165,10 +165,10 @@ impl Connector for Xero {
                 )),
             }
         }
-        if which == Which::Credit {
-            if let Some(note) = allocate(&api, &created, &doc, &contact_id)? {
-                notes.push(note);
-            }
+        if which == Which::Credit
+            && let Some(note) = allocate(&api, &created, &doc, &contact_id)?
+        {
+            notes.push(note);
         }
         Ok(Receipt {
             external_id: id.clone(),
