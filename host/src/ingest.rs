@@ -332,7 +332,7 @@ mod tests {
     #[test]
     fn totals_must_reconcile() {
         let mut v = sample("invoice.json");
-        v["total"] = "9950.50".into();
+        v["total"] = "9950.60".into();
         v["total_tax"] = "169.81".into();
         let errs = validate(&v, None).unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();

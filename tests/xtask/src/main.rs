@@ -144,6 +144,8 @@ fn test() -> Result<(), String> {
         "ledgerport-sdk",
         "-p",
         "minimal-connector",
+        "-p",
+        "xero-connector",
         "--",
         "-D",
         "warnings",
