@@ -8,7 +8,7 @@ mod storage_support;
 
 use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
 use ledgerport::connections::Clock;
-use ledgerport::daemon::{Config, Daemon, PluginSettings};
+use ledgerport::daemon::{Config, Daemon};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
