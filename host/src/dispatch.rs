@@ -62,6 +62,9 @@ pub struct DispatchConfig {
     /// Use this request rate per minute instead of the manifest's (tests
     /// and benchmarks against a simulator with other limits).
     pub rate_override: Option<u32>,
+    /// The window the per-minute rate applies to (one minute; shorter only
+    /// against a simulator whose clock runs faster).
+    pub rate_window: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -77,6 +80,7 @@ impl Default for DispatchConfig {
             enforce_rate: true,
             per_connection_override: None,
             rate_override: None,
+            rate_window: Duration::from_secs(60),
         }
     }
 }
@@ -85,9 +89,15 @@ fn hostname() -> String {
     std::env::var("HOSTNAME").unwrap_or_else(|_| "ledgerport".into())
 }
 
-/// The store as a [`RateGate`]: a sliding one-minute window per connection,
-/// shared by every daemon on the database.
-pub struct StoreRateGate(pub Store);
+/// The store as a [`RateGate`]: a sliding window (one minute, or shorter in
+/// tests against a simulator on a sped-up clock) per connection, shared by
+/// every daemon on the database.
+pub struct StoreRateGate {
+    /// The store.
+    pub store: Store,
+    /// The window the limit applies to.
+    pub window: Duration,
+}
 
 #[async_trait]
 impl RateGate for StoreRateGate {
@@ -100,8 +110,13 @@ impl RateGate for StoreRateGate {
         let give_up = Instant::now() + max_wait;
         loop {
             match self
-                .0
-                .take_rate_slot(connection_id, i64::from(per_minute), 60_000, now_ms())
+                .store
+                .take_rate_slot(
+                    connection_id,
+                    i64::from(per_minute),
+                    self.window.as_millis() as i64,
+                    now_ms(),
+                )
                 .await
             {
                 Ok(Ok(())) => return Ok(()),
@@ -145,7 +160,10 @@ impl Dispatcher {
         config: DispatchConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
-            rate_gate: Arc::new(StoreRateGate(store.clone())),
+            rate_gate: Arc::new(StoreRateGate {
+                store: store.clone(),
+                window: config.rate_window,
+            }),
             store,
             runtime,
             plugins,
@@ -176,6 +194,9 @@ impl Dispatcher {
         let working: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
         let per_connection = self.per_connection_cap();
         let mut last_resume = Instant::now() - Duration::from_secs(10);
+        // On PostgreSQL, work ingested by another daemon wakes this one
+        // (LISTEN/NOTIFY); polling stays as the fallback.
+        let listener = self.clone().listen_for_work(shutdown.clone());
         loop {
             if *shutdown.borrow() {
                 break;
@@ -236,6 +257,9 @@ impl Dispatcher {
                 }
             }
         }
+        if let Some(l) = listener {
+            l.abort();
+        }
         let deadline = tokio::time::sleep(grace);
         tokio::pin!(deadline);
         loop {
@@ -253,6 +277,30 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    fn listen_for_work(
+        self: Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let crate::store::Pool::Postgres(pool) = self.store.pool().clone() else {
+            return None;
+        };
+        Some(tokio::spawn(async move {
+            while !*shutdown.borrow() {
+                match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(mut l) => {
+                        if l.listen(crate::store::outbox::WORK_CHANNEL).await.is_ok() {
+                            while l.recv().await.is_ok() {
+                                self.wake();
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling only"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }))
     }
 
     /// Resume what a person fixed: deliveries paused for mapping once every

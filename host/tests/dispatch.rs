@@ -657,3 +657,42 @@ async fn two_daemons_on_postgres_exactly_once() {
         load(db, 2, 50).await;
     }
 }
+
+/// The host holds Xero's per-minute limit itself: with the simulator
+/// enforcing it (on a clock six times faster, so a minute is 10 s) and far
+/// more calls to make than one window allows, Xero never answers 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_rate_limit_is_held_so_xero_never_answers_429() {
+    let mut sim_cfg = SimConfig::default();
+    sim_cfg.limits.per_minute = 20;
+    sim_cfg.clock_speed = 6.0;
+    let p = Pipeline::start_with(TestDb::sqlite(), 1, sim_cfg, |d| {
+        d.rate_override = Some(20);
+        // 10 s is the simulator's minute; 5 % margin for network jitter.
+        d.rate_window = Duration::from_millis(10_500);
+    })
+    .await;
+    p.tenant("acme", DEFAULT_TENANT_TRADING).await;
+    let started = Instant::now();
+    for n in 0..8 {
+        let (s, body) = p.post(&invoice("acme", n)).await;
+        assert_eq!(s, 202, "{body}");
+    }
+    let counts = p.settle(Duration::from_secs(120)).await;
+    assert_eq!(counts.get("delivered"), Some(&8), "{counts:?}");
+    let c = p.sim.counters();
+    let limited: u64 = c.rate_limited.values().sum();
+    assert_eq!(limited, 0, "Xero answered 429: {:?}", c.rate_limited);
+    assert!(
+        c.accounting_requests > 30,
+        "the test must need more than one window: {}",
+        c.accounting_requests
+    );
+    // More than one window's worth of calls took at least one window.
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    p.stop().await;
+}

@@ -11,6 +11,9 @@
 use super::{BeginWrite, Pool, Store, StoreError, StoreKind, on_pool};
 use sqlx::Row;
 
+/// The PostgreSQL channel on which new work is announced.
+pub const WORK_CHANNEL: &str = "ledgerport_outbox";
+
 /// Delivery states.
 pub mod state {
     /// Waiting for its turn (maybe after a retry delay).
@@ -270,6 +273,10 @@ impl Store {
                     .bind(&id).bind(tenant_id).bind(document_id).bind(connection_id).bind(connector_id)
                     .bind(number).bind(kind).bind(now)
                     .execute(&mut *tx).await?;
+            }
+            if !connections.is_empty() && matches!(self.kind(), StoreKind::Postgres) {
+                // Delivered with the commit: other daemons wake up.
+                sqlx::query("SELECT pg_notify($1, '')").bind(WORK_CHANNEL).execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(IngestOutcome::Created { deliveries: connections.len() })
