@@ -96,11 +96,17 @@ fn main() {
     println!("|---|---|---|---|---|");
     for (id, label) in [
         ("minimal", "minimal (POST the document as JSON)"),
-        ("xero", "xero (contact cached, look-up, create bill, attach PDF)"),
+        (
+            "xero",
+            "xero (contact cached, look-up, create bill, attach PDF)",
+        ),
     ] {
         let manifest = plugins.join(id).join("manifest.toml");
         if !manifest.exists() {
-            eprintln!("{} missing: run `cargo xtask wasm` first", manifest.display());
+            eprintln!(
+                "{} missing: run `cargo xtask wasm` first",
+                manifest.display()
+            );
             std::process::exit(2);
         }
         let plugin = rt.load(&manifest, &BTreeMap::new()).expect("load");

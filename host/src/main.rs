@@ -89,6 +89,9 @@ enum Command {
         /// The configuration file.
         #[arg(long, short, env = "LEDGERPORT_CONFIG")]
         config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// The delivery log.
     Deliveries {
@@ -118,6 +121,9 @@ enum DeliveriesCommand {
         /// The configuration file.
         #[arg(long, short, env = "LEDGERPORT_CONFIG")]
         config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Retry one failed delivery, or all of a tenant's.
     Retry {
@@ -130,6 +136,9 @@ enum DeliveriesCommand {
         /// The configuration file.
         #[arg(long, short, env = "LEDGERPORT_CONFIG")]
         config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
     },
 }
 
@@ -236,7 +245,11 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Connections(c) => ledgerport::connections::cli::run(c, cli.json).await,
         Command::Serve { config } => serve(config).await,
-        Command::Issue { file, config } => issue(file, config, cli.json).await,
+        Command::Issue {
+            file,
+            config,
+            database,
+        } => issue(file, config, database, cli.json).await,
         Command::Deliveries { command } => deliveries(command, cli.json).await,
         Command::Demo { exit, port } => match ledgerport::demo::run(exit, port).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -408,15 +421,22 @@ async fn deliver(
     }
 }
 
-fn load_config(path: Option<PathBuf>) -> Result<ledgerport::daemon::Config, ExitCode> {
-    ledgerport::daemon::Config::load(path.as_deref()).map_err(|e| {
+fn load_config(
+    path: Option<PathBuf>,
+    database: Option<String>,
+) -> Result<ledgerport::daemon::Config, ExitCode> {
+    let mut cfg = ledgerport::daemon::Config::load(path.as_deref()).map_err(|e| {
         eprintln!("error: {e:#}");
         ExitCode::from(2)
-    })
+    })?;
+    if let Some(db) = database {
+        cfg.database = db;
+    }
+    Ok(cfg)
 }
 
 async fn serve(config: Option<PathBuf>) -> ExitCode {
-    let cfg = match load_config(config) {
+    let cfg = match load_config(config, None) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -463,8 +483,13 @@ async fn wait_for_signal() {
     }
 }
 
-async fn issue(file: PathBuf, config: Option<PathBuf>, json: bool) -> ExitCode {
-    let cfg = match load_config(config) {
+async fn issue(
+    file: PathBuf,
+    config: Option<PathBuf>,
+    database: Option<String>,
+    json: bool,
+) -> ExitCode {
+    let cfg = match load_config(config, database) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -535,12 +560,15 @@ async fn issue(file: PathBuf, config: Option<PathBuf>, json: bool) -> ExitCode {
 }
 
 async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
-    let config = match &cmd {
-        DeliveriesCommand::List { config, .. } | DeliveriesCommand::Retry { config, .. } => {
-            config.clone()
+    let (config, database) = match &cmd {
+        DeliveriesCommand::List {
+            config, database, ..
         }
+        | DeliveriesCommand::Retry {
+            config, database, ..
+        } => (config.clone(), database.clone()),
     };
-    let cfg = match load_config(config) {
+    let cfg = match load_config(config, database) {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -1,0 +1,351 @@
+//! The `ledgerport` command line, run as a real process: plugin checks and
+//! refusals, a smoke delivery, tenants and mappings, `issue` and the
+//! delivery log with retry. Exit codes: 0 ok, 1 failed, 2 bad input.
+
+mod common;
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ledgerport(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ledgerport"));
+    c.args(args)
+        .env_remove("LEDGERPORT_CONFIG")
+        .env("LEDGERPORT_LOG", "error");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run ledgerport")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const MINIMAL: &str = r#"
+id = "minimal"
+name = "Minimal webhook"
+version = "0.1.0"
+contract = "0.1.0"
+allowed_hosts = ["https://hooks.example.com"]
+document_kinds = ["invoice", "credit-note"]
+"#;
+
+#[test]
+fn plugin_check_prints_identity_or_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::install(dir.path(), "minimal_connector", MINIMAL);
+    let o = ledgerport(&["plugin", "check", m.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("Minimal webhook (minimal)")
+            && t.contains("https://hooks.example.com")
+            && t.contains("0.1.0"),
+        "{t}"
+    );
+    // JSON for scripts.
+    let o = ledgerport(&["--json", "plugin", "check", m.to_str().unwrap()], &[]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    // Tampered: exit 2 and the reason.
+    let wasm = dir.path().join("minimal_connector.wasm");
+    let mut b = std::fs::read(&wasm).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 1;
+    std::fs::write(&wasm, b).unwrap();
+    let o = ledgerport(&["plugin", "check", m.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("hash mismatch"), "{}", text(&o));
+}
+
+#[test]
+fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/minimal-connector/manifest.toml");
+    let wasm = common::wasm("minimal_connector");
+    let o = ledgerport(
+        &[
+            "plugin",
+            "install",
+            src.to_str().unwrap(),
+            "--component",
+            wasm.to_str().unwrap(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let installed = dir.path().join("minimal/manifest.toml");
+    assert!(
+        std::fs::read_to_string(&installed)
+            .unwrap()
+            .contains("sha256")
+    );
+    // A delivery to a port nobody listens on: a clear transient failure, exit 1.
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json");
+    let o = ledgerport(
+        &[
+            "deliver",
+            "--plugin",
+            installed.to_str().unwrap(),
+            "--document",
+            doc.to_str().unwrap(),
+            "--base-url",
+            "https://hooks.example.com=http://127.0.0.1:9",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("not delivered"), "{}", text(&o));
+    // A bad argument: exit 2, named.
+    let o = ledgerport(
+        &[
+            "deliver",
+            "--plugin",
+            installed.to_str().unwrap(),
+            "--document",
+            doc.to_str().unwrap(),
+            "--base-url",
+            "nonsense",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("--base-url"), "{}", text(&o));
+}
+
+#[test]
+fn tenants_mappings_issue_and_the_delivery_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lp.db");
+    let db = db.to_str().unwrap();
+    let key = ledgerport::crypto::generate_key();
+    let env = [("LEDGERPORT_SECRET_KEY", key.as_str())];
+    let o = ledgerport(
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--name",
+            "Acme Ltd",
+            "--email",
+            "finance@acme.example",
+            "--database",
+            db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = ledgerport(&["--json", "tenant", "list", "--database", db], &env);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("finance@acme.example"),
+        "{}",
+        text(&o)
+    );
+    // Mappings (not connected: stored unchecked).
+    let o = ledgerport(
+        &[
+            "mappings",
+            "set",
+            "--tenant",
+            "acme",
+            "gross-salary=477",
+            "management-fee=429:INPUT2",
+            "--database",
+            db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = ledgerport(
+        &["mappings", "list", "--tenant", "acme", "--database", db],
+        &env,
+    );
+    let t = text(&o);
+    assert!(
+        t.contains("gross-salary") && t.contains("477") && t.contains("INPUT2"),
+        "{t}"
+    );
+
+    // issue: a bad document is refused naming the fields, exit 2.
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json");
+    let mut bad: Value = serde_json::from_slice(&std::fs::read(&sample).unwrap()).unwrap();
+    bad["currency"] = "EURO".into();
+    let bad_path = dir.path().join("bad.json");
+    std::fs::write(&bad_path, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let o = ledgerport(
+        &[
+            "issue",
+            "--file",
+            bad_path.to_str().unwrap(),
+            "--database",
+            db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("currency"), "{}", text(&o));
+    // A good one is stored (no connection: kept, not sent).
+    let o = ledgerport(
+        &[
+            "issue",
+            "--file",
+            sample.to_str().unwrap(),
+            "--database",
+            db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("not sent: not connected"), "{}", text(&o));
+    // Again: unchanged.
+    let o = ledgerport(
+        &[
+            "issue",
+            "--file",
+            sample.to_str().unwrap(),
+            "--database",
+            db,
+        ],
+        &env,
+    );
+    assert!(text(&o).contains("already issued"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn deliveries_list_and_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("lp.db");
+    let db = db_path.to_str().unwrap().to_string();
+    let store = ledgerport::store::Store::open_and_migrate(&db)
+        .await
+        .unwrap();
+    store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let conns = vec![("conn-1".to_string(), "xero".to_string())];
+    store
+        .ingest_document("acme", "d1", "invoice", "INV-1", None, "{}", "h", &conns, 1)
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_deliveries("w", 10, 60_000, 10, 5)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let failed = ledgerport::store::outbox::Finish {
+        state: "failed",
+        pause_reason: None,
+        pause_detail: None,
+        counts: true,
+        next_attempt_at: 20,
+        outcome: "rejected".into(),
+        message: Some("Xero refused it".into()),
+        details: None,
+        external_id: None,
+        external_url: None,
+    };
+    assert!(
+        store
+            .finish_delivery(&claimed[0].id, "w", 10, 20, &failed)
+            .await
+            .unwrap()
+    );
+    store.close().await;
+
+    let o = ledgerport(
+        &[
+            "--json",
+            "deliveries",
+            "list",
+            "--tenant",
+            "acme",
+            "--number",
+            "INV-1",
+            "--database",
+            &db,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["deliveries"][0]["state"], "failed");
+    assert_eq!(v["deliveries"][0]["last_error"], "Xero refused it");
+    let o = ledgerport(
+        &["deliveries", "retry", "--tenant", "acme", "--database", &db],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("1 delivery(ies) queued again"),
+        "{}",
+        text(&o)
+    );
+    let o = ledgerport(
+        &[
+            "--json",
+            "deliveries",
+            "list",
+            "--tenant",
+            "acme",
+            "--database",
+            &db,
+        ],
+        &[],
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["deliveries"][0]["state"], "pending");
+    // Retrying a delivery that is not failed: exit 1.
+    let o = ledgerport(
+        &[
+            "deliveries",
+            "retry",
+            "--tenant",
+            "acme",
+            "--id",
+            "nope",
+            "--database",
+            &db,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+}
+
+/// The README's first command ends in `ledgerport demo`: it must keep
+/// working end to end (simulator, OAuth, mappings, issue, pause, e-mail).
+#[test]
+fn the_demo_runs_end_to_end() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let plugins = common::target_dir().join("plugins");
+    let o = Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args(["demo", "--exit", "--port", "0"])
+        .current_dir(&root)
+        .env("LEDGERPORT_PLUGIN_DIR", &plugins)
+        .env("LEDGERPORT_LOG", "error")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("INV-2026-0042  delivered to Xero as"), "{t}");
+    assert!(t.contains("CN-2026-0007   delivered to Xero as"), "{t}");
+    assert!(
+        t.contains("the credit was allocated to bill INV-2026-0042"),
+        "{t}"
+    );
+    assert!(t.contains("INV-2026-0043  paused (mapping)"), "{t}");
+    assert!(
+        t.contains("Subject: Action needed: 1 document waiting for account mapping in Xero"),
+        "{t}"
+    );
+    assert!(
+        t.contains("1 bill(s), 1 supplier credit note(s), 1 attachment(s), 1 allocation(s)"),
+        "{t}"
+    );
+}
