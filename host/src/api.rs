@@ -41,7 +41,7 @@ pub fn hash_key(key: &str) -> String {
 }
 
 #[allow(clippy::result_large_err)] // a Response is the natural error of a handler helper
-fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+async fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
     let key = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -57,6 +57,18 @@ fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
             }],
         )),
         Some(k) if state.service_key_hashes.contains(&hash_key(k)) => Ok(()),
+        Some(k)
+            if matches!(
+                state.store.verify_key(k).await,
+                Ok(Some(crate::store::admin::KeyInfo {
+                    scope: crate::store::admin::KeyScope::Ingest
+                        | crate::store::admin::KeyScope::Operator,
+                    ..
+                }))
+            ) =>
+        {
+            Ok(())
+        }
         Some(_) => Err(error(
             StatusCode::UNAUTHORIZED,
             "unknown or revoked service key",
@@ -188,7 +200,7 @@ async fn post_document(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorised(&state, &headers) {
+    if let Err(r) = authorised(&state, &headers).await {
         return r;
     }
     let json: Value = match serde_json::from_slice(&body) {
@@ -220,7 +232,7 @@ async fn list_deliveries(
     Path(tenant): Path<String>,
     Query(q): Query<DeliveryQuery>,
 ) -> Response {
-    if let Err(r) = authorised(&state, &headers) {
+    if let Err(r) = authorised(&state, &headers).await {
         return r;
     }
     match state

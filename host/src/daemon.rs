@@ -413,6 +413,14 @@ impl Daemon {
                 }),
             )
             .merge(crate::api::router(api.clone()))
+            .merge(crate::admin::router(Arc::new(crate::admin::AdminState {
+                store: store.clone(),
+                connections: connections.clone(),
+                on_retry: {
+                    let d = dispatcher.clone();
+                    Box::new(move || d.wake())
+                },
+            })))
             .merge(crate::oauth::oauth_router(connections.clone()));
         let mut rx3 = rx.clone();
         tasks.push(tokio::spawn(async move {

@@ -6,6 +6,7 @@
 //! connector may import, plugin [`manifest`]s and the platform
 //! [`document`] model.
 
+pub mod admin;
 pub mod api;
 pub mod capabilities;
 pub mod connections;

@@ -140,6 +140,28 @@ pub enum KeysCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Issue an API key (shown once; stored hashed).
+    Issue {
+        /// `ingest` (the platform backend), `operator` (everything), or
+        /// `tenant` (one tenant's admin; needs --tenant).
+        #[arg(long)]
+        scope: String,
+        /// The tenant of a tenant key.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A label for people.
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke an API key by id.
+    Revoke {
+        /// The key id (from `keys issue`).
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// The subcommands this module adds to `ledgerport`.
@@ -503,6 +525,56 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
             println!(
                 "restart every daemon so they load the new key; older keys can be removed once no daemon uses them"
             );
+        }
+        ConnectionsCommand::Keys {
+            command:
+                KeysCommand::Issue {
+                    scope,
+                    tenant,
+                    label,
+                    store,
+                },
+        } => {
+            use crate::store::admin::KeyScope;
+            let scope = match (scope.as_str(), tenant) {
+                ("ingest", _) => KeyScope::Ingest,
+                ("operator", _) => KeyScope::Operator,
+                ("tenant", Some(t)) => KeyScope::Tenant(t),
+                ("tenant", None) => return Err(bad("tenant: a tenant key needs --tenant")),
+                (other, _) => {
+                    return Err(bad(format!(
+                        "scope: {other:?} is not ingest, tenant or operator"
+                    )));
+                }
+            };
+            let s = Store::open_and_migrate(&store.database).await?;
+            if let KeyScope::Tenant(t) = &scope
+                && s.tenant(t).await?.is_none()
+            {
+                return Err(bad(format!("tenant: unknown tenant {t:?}")));
+            }
+            let (id, secret) = s
+                .issue_key(&scope, &label, chrono::Utc::now().timestamp())
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": id, "key": secret, "scope": scope})
+                );
+            } else {
+                println!(
+                    "key id {id}\nkey    {secret}\n(shown once; ledgerport keeps only its hash)"
+                );
+            }
+        }
+        ConnectionsCommand::Keys {
+            command: KeysCommand::Revoke { id, store },
+        } => {
+            let s = Store::open_and_migrate(&store.database).await?;
+            if !s.revoke_key(&id, chrono::Utc::now().timestamp()).await? {
+                return Err(bad(format!("id: no active key {id:?}")));
+            }
+            println!("revoked {id}");
         }
     }
     Ok(())

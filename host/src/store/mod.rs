@@ -18,6 +18,7 @@
 //! `host/migrations/sqlite/` and `host/migrations/postgres/` and write
 //! `host/src/store/<name>.rs` with `impl Store { ... }` using `on_pool!`.
 
+pub mod admin;
 pub mod connections;
 pub mod kv;
 pub mod mappings;

@@ -1,0 +1,532 @@
+//! The admin HTTP API behind the platform's Integrations page and for
+//! operators: tenants, connection status, connect / disconnect, mappings
+//! with the organisation's accounts, the delivery log with retry, and the
+//! audit log. Every route needs a bearer key: an operator key reaches every
+//! tenant, a tenant key only its own (anything else is 403 naming the
+//! tenant), an ingest key none.
+//!
+//! Changes act for a named admin that the platform asserts in two headers:
+//! `X-Ledgerport-Admin` (who, e.g. an e-mail) and `X-Ledgerport-Role`, which
+//! must be `super-admin` to connect, configure or disconnect. Every change
+//! is written to the audit log with actor and time.
+
+use crate::api::error;
+use crate::capabilities::mapping::{AccountMapping, MappingScope};
+use crate::connections::Connections;
+use crate::ingest::FieldProblem;
+use crate::store::Store;
+use crate::store::admin::{KeyInfo, KeyScope};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Shared state of the admin API.
+pub struct AdminState {
+    /// The store.
+    pub store: Store,
+    /// The connections service.
+    pub connections: Arc<Connections>,
+    /// Called when deliveries were queued again.
+    pub on_retry: Box<dyn Fn() + Send + Sync>,
+}
+
+type S = State<Arc<AdminState>>;
+
+fn problem(field: &str, message: impl Into<String>) -> Vec<FieldProblem> {
+    vec![FieldProblem {
+        field: field.into(),
+        message: message.into(),
+    }]
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The caller's key, or 401.
+pub async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<KeyInfo, Box<Response>> {
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(key) = key else {
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "missing key",
+            &problem("authorization", "send `Authorization: Bearer <key>`"),
+        )));
+    };
+    match store.verify_key(key).await {
+        Ok(Some(k)) => Ok(k),
+        Ok(None) => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "unknown or revoked key",
+            &problem("authorization", "the key is not valid"),
+        ))),
+        Err(e) => Err(Box::new(unavailable(e))),
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "admin request failed");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "storage is unavailable; retry later"})),
+    )
+        .into_response()
+}
+
+/// May this key act on `tenant`?
+fn allowed(key: &KeyInfo, tenant: &str) -> Result<(), Box<Response>> {
+    match &key.scope {
+        KeyScope::Operator => Ok(()),
+        KeyScope::Tenant(t) if t == tenant => Ok(()),
+        KeyScope::Tenant(_) => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "this key belongs to another tenant",
+            &problem(
+                "tenant",
+                format!("the key may not read or change tenant {tenant:?}"),
+            ),
+        ))),
+        KeyScope::Ingest => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "an ingest key cannot use the admin API",
+            &problem("authorization", "use a tenant or operator key"),
+        ))),
+    }
+}
+
+async fn guard(
+    st: &AdminState,
+    headers: &HeaderMap,
+    tenant: &str,
+) -> Result<KeyInfo, Box<Response>> {
+    let key = authenticate(&st.store, headers).await?;
+    allowed(&key, tenant)?;
+    match st.store.tenant(tenant).await {
+        Ok(Some(_)) => Ok(key),
+        Ok(None) => Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "unknown tenant",
+            &problem("tenant", format!("{tenant:?} is not a tenant")),
+        ))),
+        Err(e) => Err(Box::new(unavailable(e))),
+    }
+}
+
+/// The acting Super Admin, from the platform's headers.
+fn super_admin(headers: &HeaderMap) -> Result<String, Box<Response>> {
+    let who = headers
+        .get("x-ledgerport-admin")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let role = headers
+        .get("x-ledgerport-role")
+        .and_then(|v| v.to_str().ok());
+    match (who, role) {
+        (None, _) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "who is acting must be named",
+            &problem(
+                "x-ledgerport-admin",
+                "the platform must name the acting admin",
+            ),
+        ))),
+        (Some(_), r) if r != Some("super-admin") => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "only a Super Admin may change integrations",
+            &problem("x-ledgerport-role", "must be super-admin"),
+        ))),
+        (Some(w), _) => Ok(w.to_string()),
+    }
+}
+
+macro_rules! try_box {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(r) => return *r,
+        }
+    };
+}
+
+/// The admin routes.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/admin/tenants", get(tenants))
+        .route("/v1/admin/tenants/{tenant}/status", get(status))
+        .route("/v1/admin/tenants/{tenant}/deliveries", get(deliveries))
+        .route("/v1/admin/tenants/{tenant}/deliveries/retry", post(retry))
+        .route("/v1/admin/tenants/{tenant}/mappings", get(mappings))
+        .route(
+            "/v1/admin/tenants/{tenant}/mappings/{kind}",
+            put(set_mapping),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}/connect/{connector}",
+            post(connect),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}/disconnect/{connector}",
+            post(disconnect),
+        )
+        .route("/v1/admin/tenants/{tenant}/audit", get(audit))
+        .with_state(state)
+}
+
+async fn tenants(State(st): S, headers: HeaderMap) -> Response {
+    let key = try_box!(authenticate(&st.store, &headers).await);
+    let all = match st.store.tenants().await {
+        Ok(t) => t,
+        Err(e) => return unavailable(e),
+    };
+    let visible: Vec<Value> = all
+        .into_iter()
+        .filter(|t| allowed(&key, &t.id).is_ok())
+        .map(|t| json!({"id": t.id, "name": t.name, "emails": t.emails}))
+        .collect();
+    if matches!(key.scope, KeyScope::Ingest) {
+        return *allowed(&key, "").unwrap_err();
+    }
+    Json(json!({ "tenants": visible })).into_response()
+}
+
+async fn status(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let conns = match st.store.connections(Some(&tenant)).await {
+        Ok(c) => c,
+        Err(e) => return unavailable(e),
+    };
+    let mut out = Vec::new();
+    for c in conns {
+        let counts = st
+            .store
+            .delivery_counts(Some(&c.id))
+            .await
+            .unwrap_or_default();
+        let n = |s: &str| {
+            counts
+                .iter()
+                .find(|(k, _)| k == s)
+                .map(|(_, n)| *n)
+                .unwrap_or(0)
+        };
+        let delivered = st
+            .store
+            .list_deliveries(Some(&tenant), None, Some("delivered"), 1)
+            .await
+            .unwrap_or_default();
+        let paused = st
+            .store
+            .list_deliveries(Some(&tenant), None, Some("paused"), 50)
+            .await
+            .unwrap_or_default();
+        let mut reasons: Vec<String> = paused
+            .iter()
+            .filter_map(|d| d.pause_reason.clone())
+            .collect();
+        reasons.sort();
+        reasons.dedup();
+        out.push(json!({
+            "connection_id": c.id, "connector": c.connector_id, "state": c.state,
+            "organisation": c.external_tenant_name, "connected_by": c.connected_by,
+            "connected_at": c.connected_at, "reason": c.state_reason,
+            "last_success_at": delivered.first().and_then(|d| d.delivered_at),
+            "backlog": n("pending") + n("working"), "paused": n("paused"), "failed": n("failed"),
+            "paused_reasons": reasons,
+        }));
+    }
+    Json(json!({ "tenant": tenant, "connections": out })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    number: Option<String>,
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn deliveries(
+    State(st): S,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    match st
+        .store
+        .list_deliveries(
+            Some(&tenant),
+            q.number.as_deref(),
+            q.state.as_deref(),
+            q.limit.unwrap_or(100).clamp(1, 1000),
+        )
+        .await
+    {
+        Ok(rows) => {
+            let mut out = Vec::new();
+            for r in rows {
+                let attempts = st.store.list_attempts(&r.id).await.unwrap_or_default();
+                out.push(json!({ "delivery": r, "attempts": attempts }));
+            }
+            Json(json!({ "deliveries": out })).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn retry(
+    State(st): S,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: Option<Json<Value>>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let actor = headers
+        .get("x-ledgerport-admin")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("api")
+        .to_string();
+    let id = body
+        .as_ref()
+        .and_then(|b| b.get("id"))
+        .and_then(Value::as_str)
+        .map(String::from);
+    match st
+        .store
+        .retry_failed(&tenant, id.as_deref(), crate::dispatch::now_ms())
+        .await
+    {
+        Ok(n) => {
+            let _ = st
+                .store
+                .audit(
+                    &actor,
+                    Some(&tenant),
+                    "retry",
+                    &format!(
+                        "{n} delivery(ies){}",
+                        id.map(|i| format!(" ({i})")).unwrap_or_default()
+                    ),
+                    now(),
+                )
+                .await;
+            (st.on_retry)();
+            Json(json!({ "requeued": n })).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn mappings(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let scope = MappingScope {
+        tenant_id: tenant.clone(),
+        connector_id: "xero".into(),
+    };
+    let current = match st.connections.mappings(&scope).await {
+        Ok(m) => m,
+        Err(e) => return unavailable(e),
+    };
+    let accounts = match st.connections.account_list(&scope).await {
+        Ok(Some((org, list))) => json!({
+            "organisation": org,
+            "accounts": list.accounts.iter().map(|a| json!({"code": a.code, "name": a.name, "type": a.account_type, "tax_type": a.tax_type})).collect::<Vec<_>>(),
+            "tax_rates": list.tax_rates.iter().map(|t| json!({"tax_type": t.tax_type, "name": t.name, "rate": t.rate})).collect::<Vec<_>>(),
+        }),
+        Ok(None) => Value::Null,
+        Err(e) => json!({"error": e.to_string()}),
+    };
+    let kinds: Vec<Value> = st
+        .connections
+        .catalogue()
+        .map(|c| {
+            c.kinds
+                .iter()
+                .map(|k| json!({"key": k.key, "name": k.name}))
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(json!({
+        "mappings": current.iter().map(|m| json!({"kind": m.mapping.kind, "account_code": m.mapping.account_code, "tax_type": m.mapping.tax_type, "updated_by": m.updated_by, "updated_at": m.updated_at})).collect::<Vec<_>>(),
+        "choices": accounts,
+        "kinds": kinds,
+    }))
+    .into_response()
+}
+
+async fn set_mapping(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, kind)): Path<(String, String)>,
+    body: Option<Json<Value>>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let actor = try_box!(super_admin(&headers));
+    let Some(Json(body)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a JSON body is required",
+            &problem("body", "send {\"account_code\": \"...\"}"),
+        );
+    };
+    let Some(code) = body.get("account_code").and_then(Value::as_str) else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "account_code is required",
+            &problem("account_code", "is required"),
+        );
+    };
+    let tax = body
+        .get("tax_type")
+        .and_then(Value::as_str)
+        .map(String::from);
+    let scope = MappingScope {
+        tenant_id: tenant.clone(),
+        connector_id: "xero".into(),
+    };
+    let m = AccountMapping {
+        kind: kind.clone(),
+        account_code: code.to_string(),
+        tax_type: tax.clone(),
+    };
+    match st.connections.set_mapping(&scope, m, &actor).await {
+        Ok(outcome) => {
+            let _ = st
+                .store
+                .audit(
+                    &actor,
+                    Some(&tenant),
+                    "mapping.set",
+                    &format!(
+                        "{kind} -> {code}{}",
+                        tax.map(|t| format!(" ({t})")).unwrap_or_default()
+                    ),
+                    now(),
+                )
+                .await;
+            Json(json!({"kind": kind, "account_code": code, "validated_against": outcome.validated_against})).into_response()
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let field = text
+                .split(':')
+                .next()
+                .unwrap_or("mapping")
+                .trim()
+                .to_string();
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the mapping was refused",
+                &problem(&field, text),
+            )
+        }
+    }
+}
+
+async fn connect(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, connector)): Path<(String, String)>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let actor = try_box!(super_admin(&headers));
+    match st
+        .connections
+        .begin_connect(&tenant, &connector, &actor)
+        .await
+    {
+        Ok(url) => {
+            let _ = st
+                .store
+                .audit(&actor, Some(&tenant), "connect.start", &connector, now())
+                .await;
+            Json(json!({"authorize_url": url.to_string()})).into_response()
+        }
+        Err(e) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            "cannot start connecting",
+            &problem("connector", e.to_string()),
+        ),
+    }
+}
+
+async fn disconnect(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, connector)): Path<(String, String)>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let actor = try_box!(super_admin(&headers));
+    let conn = match st.store.connection_for(&tenant, &connector).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not connected",
+                &problem(
+                    "connector",
+                    format!("{tenant} has no {connector} connection"),
+                ),
+            );
+        }
+        Err(e) => return unavailable(e),
+    };
+    match st.connections.disconnect(&conn.id, &actor).await {
+        Ok(report) => {
+            let _ = st
+                .store
+                .audit(&actor, Some(&tenant), "disconnect", &connector, now())
+                .await;
+            Json(json!({"disconnected": true, "report": format!("{report:?}")})).into_response()
+        }
+        Err(e) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            "cannot disconnect",
+            &problem("connector", e.to_string()),
+        ),
+    }
+}
+
+async fn audit(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    match st.store.audit_log(Some(&tenant), 200).await {
+        Ok(entries) => Json(json!({ "audit": entries })).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn openapi() -> Json<Value> {
+    let tenant_param =
+        json!([{"name": "tenant", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let op = |summary: &str| json!({"summary": summary, "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "401": {"description": "no or bad key"}, "403": {"description": "another tenant's key, or not a Super Admin"}}});
+    Json(json!({
+        "openapi": "3.0.3",
+        "info": {"title": "ledgerport", "version": env!("CARGO_PKG_VERSION")},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/v1/documents": {"post": {"summary": "Hand over an issued invoice or credit note (ingest key)", "security": [{"bearer": []}], "responses": {"202": {"description": "stored"}, "200": {"description": "already stored"}, "409": {"description": "a different document with this id"}, "422": {"description": "invalid; every field named"}}}},
+            "/v1/admin/tenants": {"get": {"summary": "Tenants this key may see", "security": [{"bearer": []}], "responses": {"200": {"description": "ok"}}}},
+            "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state, last success, backlog, paused reasons")},
+            "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts; ?number= ?state=")},
+            "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed delivery ({\"id\"}) or all")},
+            "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts")},
+            "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}); Super Admin")},
+            "/v1/admin/tenants/{tenant}/connect/{connector}": {"post": op("Start connecting: the provider's authorization URL; Super Admin")},
+            "/v1/admin/tenants/{tenant}/disconnect/{connector}": {"post": op("Disconnect (revokes at the provider, keeps mappings); Super Admin")},
+            "/v1/admin/tenants/{tenant}/audit": {"get": op("Audit log")},
+            "/oauth/callback": {"get": {"summary": "The provider's redirect (no key)", "responses": {"200": {"description": "connected or organisation picker"}}}},
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "Readiness (database)", "responses": {"200": {"description": "ready"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+        }
+    }))
+}

@@ -1,0 +1,132 @@
+//! API keys (hashed, scoped, revocable) and the audit log of admin changes.
+
+use super::{Store, StoreError, on_pool};
+use sqlx::Row;
+
+/// What a key may do.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum KeyScope {
+    /// Hand over documents (the platform backend).
+    Ingest,
+    /// Administer one tenant (the platform's Integrations page on behalf of it).
+    Tenant(String),
+    /// Everything, every tenant (the platform operator).
+    Operator,
+}
+
+/// A verified key.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyInfo {
+    /// Key id (not secret).
+    pub id: String,
+    /// Scope.
+    pub scope: KeyScope,
+    /// Label.
+    pub label: String,
+}
+
+/// One audit entry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditEntry {
+    /// When (Unix seconds).
+    pub at: i64,
+    /// Who.
+    pub actor: String,
+    /// Which tenant.
+    pub tenant_id: Option<String>,
+    /// What.
+    pub action: String,
+    /// Details.
+    pub detail: String,
+}
+
+fn hash(key: &str) -> String {
+    crate::crypto::sha256_hex(key)
+}
+
+impl Store {
+    /// Issue a key; returns (id, the key itself — shown once, never stored).
+    pub async fn issue_key(
+        &self,
+        scope: &KeyScope,
+        label: &str,
+        now: i64,
+    ) -> Result<(String, String), StoreError> {
+        let id = format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let secret = format!("lp_{}", crate::crypto::random_token(24));
+        let (s, tenant) = match scope {
+            KeyScope::Ingest => ("ingest", None),
+            KeyScope::Tenant(t) => ("tenant", Some(t.clone())),
+            KeyScope::Operator => ("operator", None),
+        };
+        on_pool!(self, p => sqlx::query("INSERT INTO api_keys (id, key_hash, scope, tenant_id, label, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&id).bind(hash(&secret)).bind(s).bind(tenant).bind(label).bind(now)
+            .execute(p).await.map(|_| ()))?;
+        Ok((id, secret))
+    }
+
+    /// The key's scope, if it exists and is not revoked.
+    pub async fn verify_key(&self, secret: &str) -> Result<Option<KeyInfo>, StoreError> {
+        let row: Option<(String, String, Option<String>, String)> = on_pool!(self, p => {
+            match sqlx::query("SELECT id, scope, tenant_id, label FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+                .bind(hash(secret)).fetch_optional(p).await? {
+                Some(r) => Some((r.try_get("id")?, r.try_get("scope")?, r.try_get("tenant_id")?, r.try_get("label")?)),
+                None => None,
+            }
+        });
+        Ok(row.and_then(|(id, scope, tenant, label)| {
+            let scope = match (scope.as_str(), tenant) {
+                ("ingest", _) => KeyScope::Ingest,
+                ("operator", _) => KeyScope::Operator,
+                ("tenant", Some(t)) => KeyScope::Tenant(t),
+                _ => return None,
+            };
+            Some(KeyInfo { id, scope, label })
+        }))
+    }
+
+    /// Revoke a key. False when there was no such active key.
+    pub async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let n = on_pool!(self, p => sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now).bind(id).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
+    /// Record an admin change.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        tenant_id: Option<&str>,
+        action: &str,
+        detail: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("INSERT INTO audit_log (at, actor, tenant_id, action, detail) VALUES ($1, $2, $3, $4, $5)")
+            .bind(now).bind(actor).bind(tenant_id).bind(action).bind(detail)
+            .execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// A tenant's audit log (or everyone's), newest first.
+    pub async fn audit_log(
+        &self,
+        tenant_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        on_pool!(self, p => {
+            let rows = sqlx::query("SELECT at, actor, tenant_id, action, detail FROM audit_log WHERE ($1 IS NULL OR tenant_id = $1) ORDER BY id DESC LIMIT $2")
+                .bind(tenant_id).bind(limit).fetch_all(p).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(AuditEntry {
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    action: r.try_get("action")?,
+                    detail: r.try_get("detail")?,
+                });
+            }
+            Ok(out)
+        })
+    }
+}

@@ -1,0 +1,326 @@
+//! The admin API: keys and scopes (a tenant key never reaches another
+//! tenant, on every route), Super Admin changes with the audit log, and
+//! connect → status → disconnect keeping mappings, against the simulator.
+
+mod common;
+#[allow(dead_code)]
+mod storage_support;
+
+use ledgerport::connections::Clock;
+use ledgerport::daemon::{Config, Daemon, PluginSettings};
+use ledgerport::store::admin::KeyScope;
+use serde_json::{Value, json};
+use storage_support::TestDb;
+use xero_sim::{DEFAULT_TENANT_TRADING, Sim, SimConfig};
+
+const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/admin/tenants/{t}/status"),
+    ("GET", "/v1/admin/tenants/{t}/deliveries"),
+    ("POST", "/v1/admin/tenants/{t}/deliveries/retry"),
+    ("GET", "/v1/admin/tenants/{t}/mappings"),
+    ("PUT", "/v1/admin/tenants/{t}/mappings/gross-salary"),
+    ("POST", "/v1/admin/tenants/{t}/connect/xero"),
+    ("POST", "/v1/admin/tenants/{t}/disconnect/xero"),
+    ("GET", "/v1/admin/tenants/{t}/audit"),
+];
+
+async fn call(
+    http: &reqwest::Client,
+    base: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    admin: bool,
+) -> (u16, Value) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut rb = http.request(m, format!("{base}{path}"));
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    if admin {
+        rb = rb
+            .header("x-ledgerport-admin", "alice@acme.example")
+            .header("x-ledgerport-role", "super-admin");
+    }
+    if method != "GET" {
+        rb = rb.json(&json!({"account_code": "477"}));
+    }
+    let r = rb.send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_scopes_audit_and_the_connection_lifecycle() {
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    sim.set_auto_approve(Some(vec![DEFAULT_TENANT_TRADING]));
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("k");
+    std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg: Config = toml::from_str("").unwrap();
+    cfg.database = db.url();
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.plugin_dir = common::target_dir().join("plugins");
+    cfg.key_file = Some(key_file);
+    cfg.plugins.insert(
+        "xero".into(),
+        PluginSettings {
+            base_urls: storage_support::sim_overrides(&sim),
+            client_id: Some(xero_sim::DEFAULT_CLIENT_ID.into()),
+            client_secret: Some(xero_sim::DEFAULT_CLIENT_SECRET.into()),
+            broad_scopes: false,
+        },
+    );
+    let d = Daemon::start(cfg, Clock::system(), None).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    let http = reqwest::Client::new();
+    let s = &d.store;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    s.upsert_tenant("globex", "Globex", &[], 0).await.unwrap();
+    let (_, operator) = s.issue_key(&KeyScope::Operator, "ops", 0).await.unwrap();
+    let (_, acme) = s
+        .issue_key(&KeyScope::Tenant("acme".into()), "acme page", 0)
+        .await
+        .unwrap();
+    let (_, ingest) = s.issue_key(&KeyScope::Ingest, "backend", 0).await.unwrap();
+    let (revoked_id, revoked) = s
+        .issue_key(&KeyScope::Tenant("acme".into()), "old", 0)
+        .await
+        .unwrap();
+    assert!(s.revoke_key(&revoked_id, 1).await.unwrap());
+
+    // Every tenant route: no key 401, revoked 401, ingest key 403, another
+    // tenant's key 403 naming the tenant (and nothing changed).
+    for (m, tpl) in ROUTES {
+        let path = tpl.replace("{t}", "globex");
+        assert_eq!(
+            call(&http, &base, m, &path, None, true).await.0,
+            401,
+            "{m} {path}"
+        );
+        assert_eq!(
+            call(&http, &base, m, &path, Some(&revoked), true).await.0,
+            401,
+            "{m} {path}"
+        );
+        assert_eq!(
+            call(&http, &base, m, &path, Some(&ingest), true).await.0,
+            403,
+            "{m} {path}"
+        );
+        let (st, body) = call(&http, &base, m, &path, Some(&acme), true).await;
+        assert_eq!(st, 403, "{m} {path}: {body}");
+        assert_eq!(body["problems"][0]["field"], "tenant");
+    }
+    assert!(
+        s.audit_log(Some("globex"), 10).await.unwrap().is_empty(),
+        "nothing was changed"
+    );
+    assert!(
+        s.mappings(&ledgerport::capabilities::mapping::MappingScope {
+            tenant_id: "globex".into(),
+            connector_id: "xero".into()
+        })
+        .await
+        .unwrap()
+        .is_empty()
+    );
+    // Tenant lists: operator sees both, a tenant key only its own.
+    let (_, v) = call(
+        &http,
+        &base,
+        "GET",
+        "/v1/admin/tenants",
+        Some(&operator),
+        false,
+    )
+    .await;
+    assert_eq!(v["tenants"].as_array().unwrap().len(), 2);
+    let (_, v) = call(&http, &base, "GET", "/v1/admin/tenants", Some(&acme), false).await;
+    assert_eq!(v["tenants"].as_array().unwrap().len(), 1);
+    assert_eq!(v["tenants"][0]["id"], "acme");
+
+    // Changes need the Super Admin role, and are audited.
+    let (st, body) = call(
+        &http,
+        &base,
+        "PUT",
+        "/v1/admin/tenants/acme/mappings/gross-salary",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["problems"][0]["field"], "x-ledgerport-admin");
+    let r = http
+        .put(format!(
+            "{base}/v1/admin/tenants/acme/mappings/gross-salary"
+        ))
+        .bearer_auth(&acme)
+        .header("x-ledgerport-admin", "bob@acme.example")
+        .header("x-ledgerport-role", "finance-manager")
+        .json(&json!({"account_code": "477"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let (st, body) = call(
+        &http,
+        &base,
+        "PUT",
+        "/v1/admin/tenants/acme/mappings/gross-salary",
+        Some(&acme),
+        true,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+
+    // Connect through the API and the provider's consent.
+    let (st, body) = call(
+        &http,
+        &base,
+        "POST",
+        "/v1/admin/tenants/acme/connect/xero",
+        Some(&acme),
+        true,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c
+        .get(body["authorize_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let back = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(c.get(&back).send().await.unwrap().status().is_success());
+    let (_, st_body) = call(
+        &http,
+        &base,
+        "GET",
+        "/v1/admin/tenants/acme/status",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert_eq!(st_body["connections"][0]["state"], "active", "{st_body}");
+    assert_eq!(
+        st_body["connections"][0]["organisation"],
+        "Acme Trading GmbH"
+    );
+    // Mappings now come with the organisation's accounts; an archived code is refused.
+    let (_, m) = call(
+        &http,
+        &base,
+        "GET",
+        "/v1/admin/tenants/acme/mappings",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert!(
+        m["choices"]["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["code"] == "477"),
+        "{m}"
+    );
+    let r = http
+        .put(format!(
+            "{base}/v1/admin/tenants/acme/mappings/management-fee"
+        ))
+        .bearer_auth(&acme)
+        .header("x-ledgerport-admin", "alice@acme.example")
+        .header("x-ledgerport-role", "super-admin")
+        .json(&json!({"account_code": "499"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["problems"][0]["field"], "account_code", "{v}");
+    // Disconnect keeps the mappings and shows disconnected.
+    let (st, body) = call(
+        &http,
+        &base,
+        "POST",
+        "/v1/admin/tenants/acme/disconnect/xero",
+        Some(&acme),
+        true,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let (_, st_body) = call(
+        &http,
+        &base,
+        "GET",
+        "/v1/admin/tenants/acme/status",
+        Some(&operator),
+        false,
+    )
+    .await;
+    assert_eq!(st_body["connections"][0]["state"], "disconnected");
+    let (_, m) = call(
+        &http,
+        &base,
+        "GET",
+        "/v1/admin/tenants/acme/mappings",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert_eq!(m["mappings"][0]["kind"], "gross-salary");
+    // The audit log names actor and action for every change.
+    let (_, a) = call(
+        &http,
+        &base,
+        "GET",
+        "/v1/admin/tenants/acme/audit",
+        Some(&acme),
+        false,
+    )
+    .await;
+    let actions: Vec<&str> = a["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        vec!["disconnect", "connect.start", "mapping.set"],
+        "{a}"
+    );
+    assert!(
+        a["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["actor"] == "alice@acme.example")
+    );
+    // Ingest accepts an issued ingest key; the OpenAPI description is served.
+    let (st, _) = call(
+        &http,
+        &base,
+        "GET",
+        "/v1/tenants/acme/deliveries",
+        Some(&ingest),
+        false,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, o) = call(&http, &base, "GET", "/openapi.json", None, false).await;
+    assert_eq!(st, 200);
+    assert!(o["paths"]["/v1/admin/tenants/{tenant}/status"].is_object());
+    d.stop().await;
+}
