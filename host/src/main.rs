@@ -93,6 +93,29 @@ enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Create or upgrade the database schema.
+    Migrate {
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// What support asks for about one tenant: connection states, recent
+    /// errors as the accounting system worded them, documents that did not
+    /// sync. No secrets.
+    SupportReport {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// The delivery log.
     Deliveries {
         #[command(subcommand)]
@@ -144,6 +167,12 @@ enum DeliveriesCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// List the plugins installed in a directory and whether they load.
+    List {
+        /// The plugin directory.
+        #[arg(long, default_value = "target/plugins")]
+        dir: PathBuf,
+    },
     /// Load a plugin and print what it is, or why it is refused.
     Check {
         /// The installed plugin's manifest.
@@ -164,13 +193,27 @@ enum PluginCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LEDGERPORT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEDGERPORT_LOG")
+        .unwrap_or_else(|_| default_level.into());
+    // Structured JSON logs (one object per line, with the delivery span's
+    // fields) when LEDGERPORT_JSON_LOGS is set.
+    if std::env::var("LEDGERPORT_JSON_LOGS").is_ok_and(|v| v == "1" || v == "true") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -200,6 +243,7 @@ async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Plugin { command } => match command {
             PluginCommand::Check { manifest } => plugin_check(manifest, cli.json).await,
+            PluginCommand::List { dir } => plugin_list(dir, cli.json).await,
             PluginCommand::Install {
                 manifest,
                 component,
@@ -251,6 +295,27 @@ async fn run(cli: Cli) -> ExitCode {
             database,
         } => issue(file, config, database, cli.json).await,
         Command::Deliveries { command } => deliveries(command, cli.json).await,
+        Command::Migrate { config, database } => {
+            let cfg = match load_config(config, database) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match ledgerport::store::Store::open_and_migrate(&cfg.database).await {
+                Ok(_) => {
+                    println!("database is up to date");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
+        Command::SupportReport {
+            tenant,
+            config,
+            database,
+        } => support_report(tenant, config, database, cli.json).await,
         Command::Demo { exit, port } => match ledgerport::demo::run(exit, port).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -648,4 +713,155 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
             }
         }
     }
+}
+
+async fn plugin_list(dir: PathBuf, json: bool) -> ExitCode {
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(3);
+        }
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = Vec::new();
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path().join("manifest.toml"))
+        .filter(|p| p.exists())
+        .collect();
+    paths.sort();
+    let mut all_ok = true;
+    for p in paths {
+        match rt.load(&p, &BTreeMap::new()) {
+            Ok(pl) => out.push(serde_json::json!({"id": pl.manifest().id, "name": pl.manifest().name, "version": pl.manifest().version, "contract": pl.manifest().contract, "ok": true})),
+            Err(e) => {
+                all_ok = false;
+                out.push(serde_json::json!({"manifest": p.display().to_string(), "ok": false, "error": e.to_string()}))
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::json!({ "plugins": out }));
+    } else {
+        for p in &out {
+            if p["ok"] == true {
+                println!(
+                    "{:<10} {:<20} {:<8} contract {}",
+                    p["id"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or(""),
+                    p["version"].as_str().unwrap_or(""),
+                    p["contract"].as_str().unwrap_or("")
+                );
+            } else {
+                println!(
+                    "refused    {}: {}",
+                    p["manifest"].as_str().unwrap_or(""),
+                    p["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn support_report(
+    tenant: String,
+    config: Option<PathBuf>,
+    database: Option<String>,
+    json: bool,
+) -> ExitCode {
+    let cfg = match load_config(config, database) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match ledgerport::store::Store::open_and_migrate(&cfg.database).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let t = match store.tenant(&tenant).await {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            eprintln!("error: tenant: unknown tenant {tenant:?}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let conns = store.connections(Some(&tenant)).await.unwrap_or_default();
+    let mut not_synced = Vec::new();
+    for s in ["failed", "paused", "pending"] {
+        not_synced.extend(
+            store
+                .list_deliveries(Some(&tenant), None, Some(s), 200)
+                .await
+                .unwrap_or_default(),
+        );
+    }
+    let mut errors = Vec::new();
+    for d in not_synced.iter().take(20) {
+        for a in store.list_attempts(&d.id).await.unwrap_or_default() {
+            if a.outcome != "delivered" && a.outcome != "waiting" {
+                errors.push(serde_json::json!({"document": d.document_number, "outcome": a.outcome, "message": a.message, "provider": a.details, "at_ms": a.finished_at}));
+            }
+        }
+    }
+    let report = serde_json::json!({
+        "tenant": {"id": t.id, "name": t.name, "notice_addresses": t.emails},
+        "connections": conns.iter().map(|c| serde_json::json!({"id": c.id, "connector": c.connector_id, "state": c.state, "organisation": c.external_tenant_name, "organisation_id": c.external_tenant_id, "connected_by": c.connected_by, "connected_at": c.connected_at, "reason": c.state_reason})).collect::<Vec<_>>(),
+        "documents_not_synced": not_synced.iter().map(|d| serde_json::json!({"number": d.document_number, "kind": d.document_kind, "state": d.state, "reason": d.pause_reason, "last_error": d.last_error, "attempts": d.attempts})).collect::<Vec<_>>(),
+        "recent_errors": errors,
+    });
+    if json {
+        println!("{report}");
+    } else {
+        println!("support report for {} ({})", t.name, t.id);
+        for c in &conns {
+            println!(
+                "  connection {} to {}: {} ({})",
+                c.connector_id,
+                c.external_tenant_name.clone().unwrap_or_default(),
+                c.state,
+                c.state_reason.clone().unwrap_or_default()
+            );
+        }
+        println!("  documents not synced: {}", not_synced.len());
+        for d in &not_synced {
+            println!(
+                "    {} {} {}: {}",
+                d.document_number,
+                d.state,
+                d.pause_reason.clone().unwrap_or_default(),
+                d.last_error.clone().unwrap_or_default()
+            );
+        }
+        println!("  recent errors as the accounting system worded them:");
+        for e in &errors {
+            println!(
+                "    {} {}: {}",
+                e["document"].as_str().unwrap_or(""),
+                e["outcome"].as_str().unwrap_or(""),
+                e["provider"]
+                    .as_str()
+                    .or(e["message"].as_str())
+                    .unwrap_or("")
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }

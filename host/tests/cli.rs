@@ -349,3 +349,91 @@ fn the_demo_runs_end_to_end() {
         "{t}"
     );
 }
+
+#[tokio::test]
+async fn support_report_names_what_did_not_sync_and_no_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lp.db").to_str().unwrap().to_string();
+    let store = ledgerport::store::Store::open_and_migrate(&db)
+        .await
+        .unwrap();
+    store
+        .upsert_tenant("acme", "Acme", &["finance@acme.example".into()], 0)
+        .await
+        .unwrap();
+    let conns = vec![("conn-1".to_string(), "xero".to_string())];
+    store
+        .ingest_document("acme", "d1", "invoice", "INV-9", None, "{}", "h", &conns, 1)
+        .await
+        .unwrap();
+    let c = store
+        .claim_deliveries("w", 10, 60_000, 10, 5)
+        .await
+        .unwrap();
+    let f = ledgerport::store::outbox::Finish {
+        state: "failed",
+        pause_reason: None,
+        pause_detail: None,
+        counts: true,
+        next_attempt_at: 20,
+        outcome: "rejected".into(),
+        message: Some("Account code 499 is archived in Xero".into()),
+        details: Some(
+            "[{\"provider_message\":\"Account code '499' has been archived, or deleted.\"}]".into(),
+        ),
+        external_id: None,
+        external_url: None,
+    };
+    store
+        .finish_delivery(&c[0].id, "w", 10, 20, &f)
+        .await
+        .unwrap();
+    store.close().await;
+    let o = ledgerport(
+        &[
+            "--json",
+            "support-report",
+            "--tenant",
+            "acme",
+            "--database",
+            &db,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["documents_not_synced"][0]["number"], "INV-9");
+    assert!(
+        v["recent_errors"][0]["provider"]
+            .as_str()
+            .unwrap()
+            .contains("has been archived")
+    );
+    let o = ledgerport(
+        &["support-report", "--tenant", "nobody", "--database", &db],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    // plugin list and migrate.
+    let o = ledgerport(
+        &[
+            "--json",
+            "plugin",
+            "list",
+            "--dir",
+            common::target_dir().join("plugins").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "xero" && p["ok"] == true),
+        "{v}"
+    );
+    let o = ledgerport(&["migrate", "--database", &db], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
