@@ -385,6 +385,14 @@ impl Daemon {
             .with_context(|| format!("listening on {} (key `listen`)", cfg.listen))?;
         let addr = listener.local_addr()?;
         let store3 = store.clone();
+        let admin_state = Arc::new(crate::admin::AdminState {
+            store: store.clone(),
+            connections: connections.clone(),
+            on_retry: {
+                let d = dispatcher.clone();
+                Box::new(move || d.wake())
+            },
+        });
         let app = Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route(
@@ -413,14 +421,8 @@ impl Daemon {
                 }),
             )
             .merge(crate::api::router(api.clone()))
-            .merge(crate::admin::router(Arc::new(crate::admin::AdminState {
-                store: store.clone(),
-                connections: connections.clone(),
-                on_retry: {
-                    let d = dispatcher.clone();
-                    Box::new(move || d.wake())
-                },
-            })))
+            .merge(crate::admin::router(admin_state.clone()))
+            .merge(crate::integrations::router(admin_state))
             .merge(crate::oauth::oauth_router(connections.clone()));
         let mut rx3 = rx.clone();
         tasks.push(tokio::spawn(async move {

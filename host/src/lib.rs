@@ -17,6 +17,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod document;
 pub mod ingest;
+pub mod integrations;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;

@@ -560,7 +560,7 @@ fn connected_page(c: &crate::store::Connection) -> Response {
         StatusCode::OK,
         "Connected",
         &format!(
-            "<p id=\"connected\">Connected to {} ({}). You can close this page.</p>",
+            "<p id=\"connected\">Connected to {} ({}).</p><p><a id=\"back\" href=\"/integrations\">Back to Integrations</a></p>",
             escape(c.external_tenant_name.as_deref().unwrap_or("")),
             escape(c.external_tenant_id.as_deref().unwrap_or(""))
         ),

@@ -130,6 +130,36 @@ fn python_tests() -> Result<(), String> {
         .env("XERO_SIM_BIN", target_dir().join("debug/xero-sim")))
 }
 
+/// Debian's Chromium and the npm package that drives it, for the browser
+/// test. Missing pieces are installed; outside CI a failed install only
+/// warns (the test then says it is skipped), under CI it fails.
+fn browser_prereqs() -> Result<(), String> {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    let soft = |r: Result<(), String>| match r {
+        Err(e) if !ci => {
+            eprintln!("xtask: warning: {e}; the browser test will be skipped");
+            Ok(())
+        }
+        other => other,
+    };
+    if !Path::new("/usr/bin/chromium").exists() {
+        soft(
+            run(Command::new("apt-get").args(["update", "-qq"])).and_then(|_| {
+                run(Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "chromium"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"))
+            }),
+        )?;
+    }
+    let browser = root().join("tests/browser");
+    if !browser.join("node_modules/playwright-core").exists() {
+        soft(run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&browser)))?;
+    }
+    Ok(())
+}
+
 fn test() -> Result<(), String> {
     run(Command::new(cargo()).args(["fmt", "--all", "--check"]))?;
     wasm()?;
@@ -150,6 +180,7 @@ fn test() -> Result<(), String> {
         "-D",
         "warnings",
     ]))?;
+    browser_prereqs()?;
     let nextest = Command::new(cargo())
         .args(["nextest", "--version"])
         .output()

@@ -1,0 +1,471 @@
+//! The Integrations page, served by the daemon and rendered on the server
+//! (no front-end build): a Xero card with Connect, a 3-dot menu with
+//! Configure (a mapping form whose choices are the organisation's accounts)
+//! and Disconnect, the connection's status, and the delivery log with
+//! failed items and Retry.
+//!
+//! The platform opens it for a tenant admin with a link to
+//! `/integrations/login?key=<tenant key>&admin=<who>&role=<role>`; the page
+//! keeps those in an HttpOnly cookie. Changes need the `super-admin` role
+//! and are audited, exactly like the admin API.
+
+use crate::admin::AdminState;
+use crate::capabilities::mapping::{AccountMapping, MappingScope};
+use crate::store::admin::KeyScope;
+use axum::Router;
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+type S = State<Arc<AdminState>>;
+
+const COOKIE: &str = "lp_session";
+
+struct Session {
+    tenant: String,
+    admin: String,
+    super_admin: bool,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn page(title: &str, body: &str) -> Response {
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title><style>\
+         body{{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem;color:#1b1f24}}\
+         .card{{border:1px solid #d0d7de;border-radius:10px;padding:1rem 1.25rem;margin:1rem 0;position:relative}}\
+         .state{{display:inline-block;padding:.1rem .5rem;border-radius:1rem;background:#eef}}\
+         .state.active{{background:#dafbe1}}.state.needs-reauth{{background:#fff8c5}}.state.disconnected{{background:#ffebe9}}\
+         details.menu{{position:absolute;right:1rem;top:1rem}} details.menu summary{{list-style:none;cursor:pointer;font-size:1.4rem}}\
+         details.menu div{{position:absolute;right:0;background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:.5rem;min-width:9rem}}\
+         table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee;padding:.35rem;text-align:left;font-size:.9rem}}\
+         .failed{{color:#cf222e}} .delivered{{color:#1a7f37}} .paused{{color:#9a6700}} button{{cursor:pointer}}\
+         </style></head><body><h1>{t}</h1>{body}</body></html>",
+        t = esc(title)
+    ))
+    .into_response()
+}
+
+fn message(status: StatusCode, title: &str, text: &str) -> Response {
+    let mut r = page(
+        title,
+        &format!(
+            "<p id=\"message\">{}</p><p><a href=\"/integrations\">Back</a></p>",
+            esc(text)
+        ),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+fn redirect(to: &str) -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response()
+}
+
+fn cookie_value(headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get(header::COOKIE)?.to_str().ok()?;
+    raw.split(';').find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == COOKIE).then(|| v.to_string())
+    })
+}
+
+async fn session(st: &AdminState, headers: &HeaderMap) -> Result<Session, Response> {
+    let Some(v) = cookie_value(headers) else {
+        return Err(message(
+            StatusCode::UNAUTHORIZED,
+            "Sign in through the platform",
+            "Open Integrations from the platform to sign in.",
+        ));
+    };
+    let parts: BTreeMap<String, String> = url::form_urlencoded::parse(v.as_bytes())
+        .into_owned()
+        .collect();
+    let key = parts.get("k").cloned().unwrap_or_default();
+    match st.store.verify_key(&key).await {
+        Ok(Some(info)) => match info.scope {
+            KeyScope::Tenant(t) => Ok(Session {
+                tenant: t,
+                admin: parts.get("a").cloned().unwrap_or_default(),
+                super_admin: parts.get("r").map(String::as_str) == Some("super-admin"),
+            }),
+            _ => Err(message(
+                StatusCode::FORBIDDEN,
+                "Not a tenant key",
+                "This page needs a tenant key.",
+            )),
+        },
+        Ok(None) => Err(message(
+            StatusCode::UNAUTHORIZED,
+            "Signed out",
+            "The key is not valid any more; open Integrations from the platform again.",
+        )),
+        Err(_) => Err(message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "Storage is unavailable; try again shortly.",
+        )),
+    }
+}
+
+fn require_super_admin(s: &Session) -> Result<(), Response> {
+    if s.super_admin && !s.admin.is_empty() {
+        Ok(())
+    } else {
+        Err(message(
+            StatusCode::FORBIDDEN,
+            "Super Admin only",
+            "Only a Super Admin can connect, configure or disconnect integrations.",
+        ))
+    }
+}
+
+/// The page's routes.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/integrations", get(index))
+        .route("/integrations/login", get(login))
+        .route("/integrations/configure", get(configure))
+        .route("/integrations/mappings", post(save_mappings))
+        .route("/integrations/connect", post(connect))
+        .route("/integrations/disconnect", post(disconnect))
+        .route("/integrations/retry", post(retry))
+        .with_state(state)
+}
+
+async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let key = q.get("key").cloned().unwrap_or_default();
+    match st.store.verify_key(&key).await {
+        Ok(Some(info)) if matches!(info.scope, KeyScope::Tenant(_)) => {}
+        _ => {
+            return message(
+                StatusCode::UNAUTHORIZED,
+                "Sign-in failed",
+                "key: not a valid tenant key",
+            );
+        }
+    }
+    let value = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("k", &key)
+        .append_pair("a", q.get("admin").map(String::as_str).unwrap_or(""))
+        .append_pair("r", q.get("role").map(String::as_str).unwrap_or(""))
+        .finish();
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (
+                header::SET_COOKIE,
+                format!("{COOKIE}={value}; HttpOnly; SameSite=Lax; Path=/"),
+            ),
+            (header::LOCATION, "/integrations".to_string()),
+        ],
+    )
+        .into_response()
+}
+
+async fn index(State(st): S, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let conn = st
+        .store
+        .connection_for(&s.tenant, "xero")
+        .await
+        .ok()
+        .flatten();
+    let (state, org) = match &conn {
+        Some(c) => (
+            c.state.as_str().to_string(),
+            c.external_tenant_name.clone().unwrap_or_default(),
+        ),
+        None => ("not connected".to_string(), String::new()),
+    };
+    let active = state == "active";
+    let mut card = format!(
+        "<div class=\"card\" id=\"xero\"><h2>Xero</h2>\
+         <p>Status: <span class=\"state {cls}\" id=\"status\">{state}</span>{org}</p>",
+        cls = esc(&state.replace(' ', "-")),
+        state = esc(&state),
+        org = if org.is_empty() {
+            String::new()
+        } else {
+            format!(" — <span id=\"organisation\">{}</span>", esc(&org))
+        },
+    );
+    if !active {
+        card.push_str("<form method=\"post\" action=\"/integrations/connect\"><button id=\"connect\" type=\"submit\">Connect</button></form>");
+    }
+    if conn.is_some() {
+        card.push_str("<details class=\"menu\" id=\"menu\"><summary aria-label=\"More\">&#8942;</summary><div>\
+             <p><a id=\"configure\" href=\"/integrations/configure\">Configure</a></p>\
+             <form method=\"post\" action=\"/integrations/disconnect\"><button id=\"disconnect\" type=\"submit\">Disconnect</button></form>\
+             </div></details>");
+    }
+    card.push_str("</div>");
+    let rows = st
+        .store
+        .list_deliveries(Some(&s.tenant), None, None, 50)
+        .await
+        .unwrap_or_default();
+    let mut log = String::from(
+        "<h2>Delivery log</h2><table id=\"log\"><tr><th>Document</th><th>State</th><th>In Xero / what went wrong</th><th></th></tr>",
+    );
+    for r in &rows {
+        let detail = match (&r.external_url, &r.last_error) {
+            (Some(u), _) if r.state == "delivered" => format!(
+                "<a href=\"{}\">{}</a>",
+                esc(u),
+                esc(r.external_id.as_deref().unwrap_or(""))
+            ),
+            (_, Some(e)) => esc(e),
+            _ => String::new(),
+        };
+        let action = if r.state == "failed" {
+            format!(
+                "<form method=\"post\" action=\"/integrations/retry\"><input type=\"hidden\" name=\"id\" value=\"{}\"><button type=\"submit\" class=\"retry\">Retry</button></form>",
+                esc(&r.id)
+            )
+        } else {
+            String::new()
+        };
+        log.push_str(&format!(
+            "<tr data-number=\"{n}\"><td>{n}</td><td class=\"{st}\">{st}{reason}</td><td>{detail}</td><td>{action}</td></tr>",
+            n = esc(&r.document_number),
+            st = esc(&r.state),
+            reason = r.pause_reason.as_ref().map(|p| format!(" ({})", esc(p))).unwrap_or_default(),
+        ));
+    }
+    if rows.is_empty() {
+        log.push_str("<tr><td colspan=\"4\">No documents yet.</td></tr>");
+    }
+    log.push_str("</table>");
+    page("Integrations", &format!("{card}{log}"))
+}
+
+async fn configure(State(st): S, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let scope = MappingScope {
+        tenant_id: s.tenant.clone(),
+        connector_id: "xero".into(),
+    };
+    let list = match st.connections.account_list(&scope).await {
+        Ok(Some((_, l))) => l,
+        Ok(None) => {
+            return message(
+                StatusCode::CONFLICT,
+                "Not connected",
+                "Connect Xero first: the choices are the organisation's accounts.",
+            );
+        }
+        Err(e) => {
+            return message(
+                StatusCode::BAD_GATEWAY,
+                "Xero did not answer",
+                &e.to_string(),
+            );
+        }
+    };
+    let current: BTreeMap<String, String> = st
+        .connections
+        .mappings(&scope)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| (m.mapping.kind, m.mapping.account_code))
+        .collect();
+    let kinds: Vec<(String, String)> = st
+        .connections
+        .catalogue()
+        .map(|c| {
+            c.kinds
+                .iter()
+                .map(|k| (k.key.clone(), k.name.clone()))
+                .collect()
+        })
+        .unwrap_or_else(|| current.keys().map(|k| (k.clone(), k.clone())).collect());
+    let mut form = String::from(
+        "<form method=\"post\" action=\"/integrations/mappings\" id=\"mapping\"><table><tr><th>Line type</th><th>Account</th></tr>",
+    );
+    for (key, name) in kinds {
+        let mut options = String::from("<option value=\"\">— not mapped —</option>");
+        for a in &list.accounts {
+            let sel = if current.get(&key) == Some(&a.code) {
+                " selected"
+            } else {
+                ""
+            };
+            options.push_str(&format!(
+                "<option value=\"{c}\"{sel}>{c} {n}</option>",
+                c = esc(&a.code),
+                n = esc(&a.name)
+            ));
+        }
+        form.push_str(&format!(
+            "<tr><td>{}</td><td><select name=\"{}\">{options}</select></td></tr>",
+            esc(&name),
+            esc(&key)
+        ));
+    }
+    form.push_str(
+        "</table><p><button id=\"save\" type=\"submit\">Save mappings</button></p></form>",
+    );
+    page("Configure Xero", &form)
+}
+
+async fn save_mappings(
+    State(st): S,
+    headers: HeaderMap,
+    Form(f): Form<Vec<(String, String)>>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = require_super_admin(&s) {
+        return r;
+    }
+    let scope = MappingScope {
+        tenant_id: s.tenant.clone(),
+        connector_id: "xero".into(),
+    };
+    let mut saved = 0;
+    for (kind, code) in f.into_iter().filter(|(_, c)| !c.is_empty()) {
+        let m = AccountMapping {
+            kind: kind.clone(),
+            account_code: code.clone(),
+            tax_type: None,
+        };
+        if let Err(e) = st.connections.set_mapping(&scope, m, &s.admin).await {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Mapping refused",
+                &format!("{kind}: {e}"),
+            );
+        }
+        let _ = st
+            .store
+            .audit(
+                &s.admin,
+                Some(&s.tenant),
+                "mapping.set",
+                &format!("{kind} -> {code}"),
+                chrono::Utc::now().timestamp(),
+            )
+            .await;
+        saved += 1;
+    }
+    tracing::info!(tenant = %s.tenant, saved, "mappings saved from the Integrations page");
+    redirect("/integrations")
+}
+
+async fn connect(State(st): S, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = require_super_admin(&s) {
+        return r;
+    }
+    match st
+        .connections
+        .begin_connect(&s.tenant, "xero", &s.admin)
+        .await
+    {
+        Ok(url) => {
+            let _ = st
+                .store
+                .audit(
+                    &s.admin,
+                    Some(&s.tenant),
+                    "connect.start",
+                    "xero",
+                    chrono::Utc::now().timestamp(),
+                )
+                .await;
+            redirect(url.as_str())
+        }
+        Err(e) => message(StatusCode::BAD_REQUEST, "Cannot connect", &e.to_string()),
+    }
+}
+
+async fn disconnect(State(st): S, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = require_super_admin(&s) {
+        return r;
+    }
+    let Ok(Some(conn)) = st.store.connection_for(&s.tenant, "xero").await else {
+        return message(
+            StatusCode::NOT_FOUND,
+            "Not connected",
+            "There is no Xero connection to disconnect.",
+        );
+    };
+    match st.connections.disconnect(&conn.id, &s.admin).await {
+        Ok(_) => {
+            let _ = st
+                .store
+                .audit(
+                    &s.admin,
+                    Some(&s.tenant),
+                    "disconnect",
+                    "xero",
+                    chrono::Utc::now().timestamp(),
+                )
+                .await;
+            redirect("/integrations")
+        }
+        Err(e) => message(StatusCode::BAD_GATEWAY, "Disconnect failed", &e.to_string()),
+    }
+}
+
+async fn retry(
+    State(st): S,
+    headers: HeaderMap,
+    Form(f): Form<BTreeMap<String, String>>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let id = f.get("id").cloned();
+    match st
+        .store
+        .retry_failed(&s.tenant, id.as_deref(), crate::dispatch::now_ms())
+        .await
+    {
+        Ok(n) => {
+            let _ = st
+                .store
+                .audit(
+                    &s.admin,
+                    Some(&s.tenant),
+                    "retry",
+                    &format!("{n}"),
+                    chrono::Utc::now().timestamp(),
+                )
+                .await;
+            (st.on_retry)();
+            redirect("/integrations")
+        }
+        Err(e) => message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Retry failed",
+            &e.to_string(),
+        ),
+    }
+}

@@ -1,0 +1,138 @@
+//! The Integrations page in real headless Chromium (Debian's `chromium`,
+//! driven by `playwright-core` from npm; `tests/browser/integrations.mjs`):
+//! connect -> pick organisation -> map -> issue a document -> see it
+//! delivered -> disconnect, against the Xero simulator. Screenshots land in
+//! `target/screenshots/`. `cargo xtask test` installs Chromium and the npm
+//! package when they are missing; run alone without them, the test says so
+//! and is skipped (under CI=true it fails instead).
+
+mod common;
+#[allow(dead_code)]
+mod storage_support;
+
+use ledgerport::connections::Clock;
+use ledgerport::daemon::{Config, Daemon, PluginSettings};
+use ledgerport::store::admin::KeyScope;
+use std::path::Path;
+use storage_support::TestDb;
+use xero_sim::{DEFAULT_TENANT_TRADING, Sim, SimConfig};
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrations_page_in_headless_chromium() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("tests/browser/integrations.mjs");
+    let have_node_modules = root
+        .join("tests/browser/node_modules/playwright-core")
+        .exists();
+    let have_chromium = Path::new("/usr/bin/chromium").exists();
+    if !(have_node_modules && have_chromium) {
+        let why = format!(
+            "chromium present: {have_chromium}, playwright-core installed: {have_node_modules} (cargo xtask test installs both)"
+        );
+        assert!(!in_ci(), "browser test cannot run: {why}");
+        eprintln!("\n!!!!! SKIPPING the browser test: {why} !!!!!\n");
+        return;
+    }
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("k");
+    std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg: Config = toml::from_str("").unwrap();
+    cfg.database = db.url();
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.plugin_dir = common::target_dir().join("plugins");
+    cfg.key_file = Some(key_file);
+    cfg.catalogue = Some(root.join("examples/catalogue.toml"));
+    cfg.service_keys = vec!["browser-service-key".into()];
+    cfg.plugins.insert(
+        "xero".into(),
+        PluginSettings {
+            base_urls: storage_support::sim_overrides(&sim),
+            client_id: Some(xero_sim::DEFAULT_CLIENT_ID.into()),
+            client_secret: Some(xero_sim::DEFAULT_CLIENT_SECRET.into()),
+            broad_scopes: false,
+        },
+    );
+    let d = Daemon::start(cfg, Clock::system(), None).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    d.store
+        .upsert_tenant("acme", "Acme Trading GmbH", &[], 0)
+        .await
+        .unwrap();
+    let (_, key) = d
+        .store
+        .issue_key(&KeyScope::Tenant("acme".into()), "integrations page", 0)
+        .await
+        .unwrap();
+    let login =
+        format!("{base}/integrations/login?key={key}&admin=alice%40acme.example&role=super-admin");
+    let mappings = serde_json::json!({
+        "gross-salary": "477", "employer-social-contributions": "478", "employee-benefits": "479",
+        "allowances-and-bonuses": "477", "statutory-payments": "477", "management-fee": "429",
+        "onboarding-fee": "429", "fx-fee": "404", "expense-reimbursement": "493", "security-deposit": "620",
+    });
+    let shots = common::target_dir().join("screenshots");
+    let out = tokio::process::Command::new("node")
+        .arg(&script)
+        .env("BASE", &base)
+        .env("LOGIN_URL", &login)
+        .env("SERVICE_KEY", "browser-service-key")
+        .env("DOCUMENT", root.join("examples/documents/invoice.json"))
+        .env("SHOTS", &shots)
+        .env("MAPPINGS", mappings.to_string())
+        .env("ORG_NAME", "Acme Trading GmbH")
+        .output()
+        .await
+        .expect("run node");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "browser flow failed (screenshots in {}):\n{text}",
+        shots.display()
+    );
+    assert!(text.contains("browser flow ok"), "{text}");
+    // What the clicks did, seen from outside the browser.
+    let docs = sim.documents(DEFAULT_TENANT_TRADING).unwrap();
+    assert_eq!(docs.invoices.len(), 1);
+    assert_eq!(docs.invoices[0]["InvoiceNumber"], "INV-2026-0042");
+    let conn = d
+        .store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(conn.state, ledgerport::store::ConnectionState::Disconnected);
+    let audit = d.store.audit_log(Some("acme"), 50).await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    assert!(
+        actions.contains(&"disconnect")
+            && actions.contains(&"mapping.set")
+            && actions.contains(&"connect.start"),
+        "{actions:?}"
+    );
+    for name in [
+        "1-integrations",
+        "2-consent",
+        "3-connected",
+        "4-configure",
+        "5-delivered",
+        "6-disconnected",
+    ] {
+        assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
+    }
+    d.stop().await;
+}

@@ -1,0 +1,84 @@
+// Drives the Integrations page in Debian's headless Chromium through
+// connect -> pick organisation -> map -> issue a document -> see it
+// delivered -> disconnect, against the Xero simulator, saving screenshots.
+// Run by host/tests/browser.rs, which starts the daemon and the simulator
+// and passes BASE, LOGIN_URL, SERVICE_KEY, DOCUMENT, SHOTS and MAPPINGS.
+import { chromium } from 'playwright-core';
+import { readFileSync, mkdirSync } from 'node:fs';
+
+const { BASE, LOGIN_URL, SERVICE_KEY, DOCUMENT, SHOTS, MAPPINGS, ORG_NAME } = process.env;
+mkdirSync(SHOTS, { recursive: true });
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const page = await browser.newPage({ viewport: { width: 1100, height: 800 } });
+const shot = (name) => page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+const fail = async (why) => { await shot('failure'); console.error(why); await browser.close(); process.exit(1); };
+
+try {
+  await page.goto(LOGIN_URL);
+  await page.waitForSelector('#xero');
+  if ((await page.textContent('#status')).trim() !== 'not connected') await fail('expected not connected');
+  await shot('1-integrations');
+
+  // Connect: the provider's consent page with an organisation picker.
+  await page.click('#connect');
+  await page.waitForSelector('#approve');
+  for (const box of await page.$$('input[name=tenant]')) {
+    const label = await box.evaluate((el) => el.parentElement.textContent.trim());
+    if (label === ORG_NAME) await box.check(); else await box.uncheck();
+  }
+  await shot('2-consent');
+  await page.click('#approve');
+  await page.waitForSelector('#connected, #connect', { timeout: 15000 });
+  if (page.url().includes('/oauth/pick')) {
+    await page.check(`input[name=organisation]`);
+    await page.click('#connect');
+  }
+  await page.waitForSelector('#connected');
+  await shot('3-connected');
+  await page.click('#back');
+  await page.waitForSelector('#status');
+  if ((await page.textContent('#status')).trim() !== 'active') await fail('expected active after connecting');
+
+  // Configure: the choices are the organisation's accounts.
+  await page.click('#menu summary');
+  await page.click('#configure');
+  await page.waitForSelector('#mapping');
+  for (const [kind, code] of Object.entries(JSON.parse(MAPPINGS))) {
+    await page.selectOption(`select[name="${kind}"]`, code);
+  }
+  await shot('4-configure');
+  await page.click('#save');
+  await page.waitForSelector('#xero');
+
+  // The platform issues a document; it shows up as delivered.
+  const body = readFileSync(DOCUMENT, 'utf8');
+  const r = await fetch(`${BASE}/v1/documents`, {
+    method: 'POST', body,
+    headers: { authorization: `Bearer ${SERVICE_KEY}`, 'content-type': 'application/json' },
+  });
+  if (r.status !== 202) await fail(`issue answered ${r.status}: ${await r.text()}`);
+  const number = JSON.parse(body).number;
+  let delivered = false;
+  for (let i = 0; i < 150 && !delivered; i++) {
+    await page.reload();
+    delivered = (await page.locator(`tr[data-number="${number}"] td.delivered`).count()) > 0;
+    if (!delivered) await page.waitForTimeout(200);
+  }
+  if (!delivered) await fail(`${number} was not delivered`);
+  await shot('5-delivered');
+
+  // Disconnect from the 3-dot menu.
+  await page.click('#menu summary');
+  await page.click('#disconnect');
+  await page.waitForSelector('#status');
+  if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('expected disconnected');
+  await shot('6-disconnected');
+  console.log('browser flow ok');
+} catch (e) {
+  await fail(`browser flow failed: ${e.stack || e}`);
+}
+await browser.close();
