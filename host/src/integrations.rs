@@ -9,6 +9,9 @@
 //! keeps those in an HttpOnly cookie. Changes need the `super-admin` role
 //! and are audited, exactly like the admin API.
 
+// Handlers return a whole page as their error: boxing it buys nothing here.
+#![allow(clippy::result_large_err)]
+
 use crate::admin::AdminState;
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
 use crate::store::admin::KeyScope;
