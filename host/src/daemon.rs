@@ -412,11 +412,19 @@ impl Daemon {
             )
             .route(
                 "/metrics",
-                get(move || {
-                    let s = store3.clone();
-                    async move {
-                        let q = s.delivery_counts(None).await.unwrap_or_default();
-                        crate::metrics::render(&q)
+                get({
+                    let tokens = connections.tokens();
+                    move || {
+                        let s = store3.clone();
+                        let tokens = tokens.clone();
+                        async move {
+                            let q = s.delivery_counts(None).await.unwrap_or_default();
+                            let refreshes = tokens
+                                .stats()
+                                .refreshes
+                                .load(std::sync::atomic::Ordering::Relaxed);
+                            crate::metrics::render(&q, refreshes)
+                        }
                     }
                 }),
             )
@@ -451,5 +459,48 @@ impl Daemon {
             let _ = t.await;
         }
         self.store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let e = toml::from_str::<Config>("databse = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("databse"), "{e}");
+        let e = toml::from_str::<Config>("[mail]\nsmtp_host = 1\nfrom = \"a@b.c\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smtp_host"), "{e}");
+        let mut c: Config = toml::from_str("").unwrap();
+        let env = |k: &str| match k {
+            "LEDGERPORT_LISTEN" => Some("not an address".to_string()),
+            _ => None,
+        };
+        let e = c.apply_env(env).unwrap_err().to_string();
+        assert!(e.contains("LEDGERPORT_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let mut c: Config =
+            toml::from_str("database = \"sqlite:a.db\"\n[plugins.xero]\nclient_id = \"file\"")
+                .unwrap();
+        c.apply_env(|k| match k {
+            "LEDGERPORT_DATABASE" => Some("postgres://db/x".into()),
+            "LEDGERPORT_XERO_CLIENT_SECRET" => Some("s3cret".into()),
+            "LEDGERPORT_SERVICE_KEY" => Some("k".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.database, "postgres://db/x");
+        assert_eq!(c.plugins["xero"].client_secret.as_deref(), Some("s3cret"));
+        assert_eq!(c.plugins["xero"].client_id.as_deref(), Some("file"));
+        assert_eq!(c.service_keys, vec!["k"]);
+        assert_eq!(c.public_url(), "http://127.0.0.1:8080");
     }
 }

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -564,11 +565,13 @@ impl Dispatcher {
         };
         let span = tracing::info_span!("delivery", id = %c.id, tenant = %c.tenant_id, document = %c.document_number, connector = %c.connector_id);
         let t = Instant::now();
-        let result = {
-            let _e = span.enter();
-            drop(_e);
-            self.runtime.deliver(&plugin, &ctx, delivery, wit_doc).await
-        };
+        // Everything the connector and the capabilities log carries the
+        // delivery's fields (one span per delivery).
+        let result = self
+            .runtime
+            .deliver(&plugin, &ctx, delivery, wit_doc)
+            .instrument(span.clone())
+            .await;
         crate::metrics::PLUGIN_CALL_SECONDS.observe(t.elapsed().as_secs_f64());
         let now = now_ms();
         match result {

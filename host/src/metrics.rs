@@ -117,8 +117,9 @@ pub fn delivery(outcome: &str) {
     }
 }
 
-/// Render everything; `queue` is (state, count) from the store.
-pub fn render(queue: &[(String, i64)]) -> String {
+/// Render everything; `queue` is (state, count) from the store and
+/// `token_refreshes` the token manager's count.
+pub fn render(queue: &[(String, i64)], token_refreshes: u64) -> String {
     let mut out = String::new();
     out.push_str("# HELP ledgerport_deliveries_total Delivery attempts by outcome.\n# TYPE ledgerport_deliveries_total counter\n");
     for (i, o) in OUTCOMES.iter().enumerate() {
@@ -145,12 +146,11 @@ pub fn render(queue: &[(String, i64)]) -> String {
         "Time inside connector calls.",
         &mut out,
     );
+    out.push_str(&format!(
+        "# HELP ledgerport_token_refreshes_total OAuth token refreshes.\n# TYPE ledgerport_token_refreshes_total counter\nledgerport_token_refreshes_total {}\n",
+        token_refreshes + TOKEN_REFRESHES.get()
+    ));
     for (name, help, c) in [
-        (
-            "ledgerport_token_refreshes_total",
-            "OAuth token refreshes.",
-            &TOKEN_REFRESHES,
-        ),
         (
             "ledgerport_smtp_failures_total",
             "Failed SMTP sends.",

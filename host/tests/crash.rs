@@ -219,8 +219,25 @@ async fn kill_9_in_the_middle_loses_nothing_and_sends_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // A graceful stop: SIGTERM, and the daemon exits cleanly by itself.
+    let term = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopped = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "serve exited with {status} after SIGTERM");
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "serve did not stop after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let docs_in_xero = sim.documents(DEFAULT_TENANT_TRADING).unwrap();
     assert_eq!(
         docs_in_xero.invoices.len(),

@@ -398,6 +398,15 @@ async fn end_to_end(db: TestDb) {
         m.contains("ledgerport_deliveries_total{outcome=\"delivered\"}"),
         "{m}"
     );
+    for series in [
+        "ledgerport_queue_depth{state=\"delivered\"} 6",
+        "ledgerport_delivery_seconds_count",
+        "ledgerport_plugin_call_seconds_bucket",
+        "ledgerport_token_refreshes_total",
+        "ledgerport_smtp_failures_total",
+    ] {
+        assert!(m.contains(series), "{series} missing from:\n{m}");
+    }
     p.stop().await;
 }
 
