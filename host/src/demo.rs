@@ -267,7 +267,17 @@ pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
             println!("   | {line}");
         }
     }
+    let (_, page_key) = store
+        .issue_key(
+            &crate::store::admin::KeyScope::Tenant("acme".into()),
+            "demo Integrations page",
+            chrono::Utc::now().timestamp(),
+        )
+        .await?;
     println!("\n6. try it:");
+    println!(
+        "   Integrations  {base}/integrations/login?key={page_key}&admin=alice%40acme.example&role=super-admin"
+    );
     println!(
         "   delivery log  curl -H 'Authorization: Bearer demo-service-key' {base}/v1/tenants/acme/deliveries"
     );
