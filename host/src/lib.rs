@@ -24,4 +24,5 @@ pub mod notify;
 pub mod oauth;
 pub mod plugin_store;
 pub mod runtime;
+pub mod scaffold;
 pub mod store;

@@ -167,6 +167,18 @@ enum DeliveriesCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Start a new connector crate (manifest, connector, passing test).
+    New {
+        /// The connector's name (becomes its plugin id).
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Path to the `ledgerport-sdk` crate (default: plugins/sdk here, or
+        /// the one this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// List the plugins installed in a directory and whether they load.
     List {
         /// The plugin directory.
@@ -244,6 +256,30 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Plugin { command } => match command {
             PluginCommand::Check { manifest } => plugin_check(manifest, cli.json).await,
             PluginCommand::List { dir } => plugin_list(dir, cli.json).await,
+            PluginCommand::New { name, dir, sdk } => {
+                let sdk = sdk.unwrap_or_else(|| {
+                    let here = PathBuf::from("plugins/sdk");
+                    if here.join("Cargo.toml").exists() {
+                        here
+                    } else {
+                        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/sdk"))
+                    }
+                });
+                match ledgerport::scaffold::new_connector(&name, &dir, &sdk) {
+                    Ok(root) => {
+                        println!("created {}", root.display());
+                        println!(
+                            "  cd {} && cargo test && cargo build --target wasm32-wasip2 --release",
+                            root.display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
             PluginCommand::Install {
                 manifest,
                 component,

@@ -437,3 +437,92 @@ async fn support_report_names_what_did_not_sync_and_no_secrets() {
     let o = ledgerport(&["migrate", "--database", &db], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// `plugin new` scaffolds a crate whose own test passes, which builds for
+/// wasm32-wasip2, installs, and loads in the host.
+#[test]
+fn plugin_new_scaffolds_a_connector_that_tests_builds_and_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
+    let o = ledgerport(
+        &[
+            "plugin",
+            "new",
+            "acme-books",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--sdk",
+            sdk.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let root = dir.path().join("acme-books");
+    // Refuses to overwrite, and bad names.
+    let o = ledgerport(
+        &[
+            "plugin",
+            "new",
+            "acme-books",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--sdk",
+            sdk.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let o = ledgerport(
+        &[
+            "plugin",
+            "new",
+            "Acme Books",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("name"), "{}", text(&o));
+    let target = common::target_dir().join("scaffold-test");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let t = Command::new(&cargo)
+        .args(["test", "--quiet"])
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(t.status.success(), "{}", text(&t));
+    assert!(
+        String::from_utf8_lossy(&t.stdout).contains("1 passed"),
+        "{}",
+        text(&t)
+    );
+    let b = Command::new(&cargo)
+        .args(["build", "--quiet", "--target", "wasm32-wasip2", "--release"])
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(b.status.success(), "{}", text(&b));
+    let wasm = target.join("wasm32-wasip2/release/acme_books_connector.wasm");
+    let plugins = dir.path().join("plugins.d");
+    let o = ledgerport(
+        &[
+            "plugin",
+            "install",
+            root.join("manifest.toml").to_str().unwrap(),
+            "--component",
+            wasm.to_str().unwrap(),
+            "--dir",
+            plugins.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("ok: the host will load this plugin"),
+        "{}",
+        text(&o)
+    );
+}

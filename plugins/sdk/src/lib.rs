@@ -69,10 +69,15 @@ impl<T: Connector> bindings::exports::ledgerport::connector::connector::Guest fo
 }
 
 /// Export a [`Connector`] implementation as this component's `connector`.
+///
+/// The export exists only in the wasm build, so the same crate also builds
+/// and unit-tests natively (`cargo test`).
 #[macro_export]
 macro_rules! export_connector {
     ($ty:ty) => {
+        #[cfg(target_arch = "wasm32")]
         type __LedgerportExport = $crate::Export<$ty>;
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_plugin!(__LedgerportExport with_types_in $crate::bindings);
     };
 }
