@@ -129,6 +129,10 @@ pub struct Config {
     /// Log as JSON.
     #[serde(default)]
     pub json_logs: bool,
+    /// Ed25519 public keys (base64) of trusted plugin signers; when set,
+    /// unsigned or otherwise signed plugins are refused.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
 }
 
 fn default_database() -> String {
@@ -244,6 +248,7 @@ impl Daemon {
         let runtime = Arc::new(Runtime::new(
             RuntimeConfig {
                 cache_dir: cfg.cache_dir.clone(),
+                trusted_keys: cfg.trusted_keys.clone(),
                 ..RuntimeConfig::default()
             },
             Arc::new(ReqwestTransport::new()?),

@@ -25,4 +25,5 @@ pub mod oauth;
 pub mod plugin_store;
 pub mod runtime;
 pub mod scaffold;
+pub mod signing;
 pub mod store;

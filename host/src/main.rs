@@ -167,6 +167,29 @@ enum DeliveriesCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Make an Ed25519 signing key: the secret goes to a file, the public
+    /// key (for operators' `trusted_keys`) is printed.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an installed plugin's manifest (covers the component's hash).
+    Sign {
+        /// The installed manifest.
+        manifest: PathBuf,
+        /// The secret key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify an installed plugin's signature against trusted public keys.
+    Verify {
+        /// The installed manifest.
+        manifest: PathBuf,
+        /// A trusted public key, base64 (repeatable).
+        #[arg(long = "trusted", required = true)]
+        trusted: Vec<String>,
+    },
     /// Start a new connector crate (manifest, connector, passing test).
     New {
         /// The connector's name (becomes its plugin id).
@@ -256,6 +279,60 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Plugin { command } => match command {
             PluginCommand::Check { manifest } => plugin_check(manifest, cli.json).await,
             PluginCommand::List { dir } => plugin_list(dir, cli.json).await,
+            PluginCommand::Keygen { out } => {
+                if out.exists() {
+                    eprintln!("error: {} exists; not overwritten", out.display());
+                    return ExitCode::from(2);
+                }
+                let (secret, public) = ledgerport::signing::generate();
+                if let Err(e) = std::fs::write(&out, format!("{secret}\n")) {
+                    eprintln!("error: cannot write {}: {e}", out.display());
+                    return ExitCode::from(2);
+                }
+                println!("secret key written to {} (keep it private)", out.display());
+                println!("public key: {public}");
+                ExitCode::SUCCESS
+            }
+            PluginCommand::Sign { manifest, key } => {
+                let r = (|| -> Result<String, String> {
+                    let mut m = ledgerport::manifest::Manifest::from_file(&manifest)
+                        .map_err(|e| e.to_string())?;
+                    if m.sha256.is_none() {
+                        return Err("sha256: install the plugin first (`plugin install`), then sign the installed manifest".into());
+                    }
+                    let secret = std::fs::read_to_string(&key)
+                        .map_err(|e| format!("key: cannot read {}: {e}", key.display()))?;
+                    ledgerport::signing::sign(&mut m, &secret)?;
+                    let text = toml::to_string(&m).map_err(|e| e.to_string())?;
+                    std::fs::write(&manifest, text).map_err(|e| e.to_string())?;
+                    Ok(m.signed_by.unwrap_or_default())
+                })();
+                match r {
+                    Ok(by) => {
+                        println!("signed {} (signer {by})", manifest.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
+            PluginCommand::Verify { manifest, trusted } => {
+                match ledgerport::manifest::Manifest::from_file(&manifest)
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| ledgerport::signing::verify(&m, &trusted))
+                {
+                    Ok(()) => {
+                        println!("signature ok");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("refused: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
             PluginCommand::New { name, dir, sdk } => {
                 let sdk = sdk.unwrap_or_else(|| {
                     let here = PathBuf::from("plugins/sdk");

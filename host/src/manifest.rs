@@ -122,6 +122,13 @@ pub struct Manifest {
     /// Default connector settings (key -> value), overridable per connection.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// Ed25519 public key (base64) of whoever signed this manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+    /// Ed25519 signature (base64) over the manifest without these two keys
+    /// (which covers the component through `sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 impl Manifest {

@@ -526,3 +526,86 @@ fn plugin_new_scaffolds_a_connector_that_tests_builds_and_loads() {
         text(&o)
     );
 }
+
+/// Signed plugins: keygen, sign, verify; a runtime with a trust list loads
+/// only plugins signed by a trusted key, unchanged since signing.
+#[test]
+fn signed_plugins_and_the_trust_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::install(dir.path(), "minimal_connector", MINIMAL);
+    let key = dir.path().join("signer.key");
+    let o = ledgerport(&["plugin", "keygen", "--out", key.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let public = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("public key: ").map(String::from))
+        .unwrap();
+    let (_, other_public) = ledgerport::signing::generate();
+    // Unsigned: refused under a trust list, fine without one.
+    let rt = |trusted: Vec<String>| {
+        common::runtime(ledgerport::runtime::RuntimeConfig {
+            trusted_keys: trusted,
+            ..Default::default()
+        })
+    };
+    let none = std::collections::BTreeMap::new();
+    let e = rt(vec![public.clone()])
+        .load(&m, &none)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not signed"), "{e}");
+    assert!(rt(vec![]).load(&m, &none).is_ok());
+    let o = ledgerport(
+        &[
+            "plugin",
+            "sign",
+            m.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(rt(vec![public.clone()]).load(&m, &none).is_ok());
+    let o = ledgerport(
+        &[
+            "plugin",
+            "verify",
+            m.to_str().unwrap(),
+            "--trusted",
+            &public,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Signed by someone else.
+    let e = rt(vec![other_public.clone()])
+        .load(&m, &none)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a trusted key"), "{e}");
+    let o = ledgerport(
+        &[
+            "plugin",
+            "verify",
+            m.to_str().unwrap(),
+            "--trusted",
+            &other_public,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    // Changed after signing (a new allowed host): refused.
+    let text_m = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("https://hooks.example.com", "https://evil.example.com");
+    std::fs::write(&m, text_m).unwrap();
+    let e = rt(vec![public.clone()])
+        .load(&m, &none)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("does not match"), "{e}");
+}

@@ -51,6 +51,9 @@ pub struct RuntimeConfig {
     pub log: LogLimits,
     /// Bytes of stdout/stderr kept per call.
     pub output_bytes: usize,
+    /// Ed25519 public keys (base64) whose signatures are trusted; when
+    /// non-empty, unsigned or otherwise signed plugins are refused.
+    pub trusted_keys: Vec<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -63,6 +66,7 @@ impl Default for RuntimeConfig {
             http: HttpLimits::default(),
             log: LogLimits::default(),
             output_bytes: 16 * 1024,
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -152,6 +156,14 @@ pub enum LoadError {
         /// Plugin id.
         id: String,
         /// Details.
+        message: String,
+    },
+    /// A trust list is set and the signature does not satisfy it.
+    #[error("{id}: refused: {message}")]
+    Signature {
+        /// Plugin id.
+        id: String,
+        /// Why.
         message: String,
     },
     /// Operator overrides or hosts are wrong.
@@ -482,6 +494,14 @@ impl Runtime {
         overrides: &BTreeMap<String, String>,
     ) -> Result<Plugin, LoadError> {
         let id = manifest.id.clone();
+        if !self.config.trusted_keys.is_empty() {
+            crate::signing::verify(&manifest, &self.config.trusted_keys).map_err(|message| {
+                LoadError::Signature {
+                    id: id.clone(),
+                    message,
+                }
+            })?;
+        }
         let expected = manifest
             .sha256
             .clone()
