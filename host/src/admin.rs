@@ -184,6 +184,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 async fn tenants(State(st): S, headers: HeaderMap) -> Response {
     let key = try_box!(authenticate(&st.store, &headers).await);
+    if matches!(key.scope, KeyScope::Ingest) {
+        return *allowed(&key, "").unwrap_err();
+    }
     let all = match st.store.tenants().await {
         Ok(t) => t,
         Err(e) => return unavailable(e),
@@ -193,9 +196,6 @@ async fn tenants(State(st): S, headers: HeaderMap) -> Response {
         .filter(|t| allowed(&key, &t.id).is_ok())
         .map(|t| json!({"id": t.id, "name": t.name, "emails": t.emails}))
         .collect();
-    if matches!(key.scope, KeyScope::Ingest) {
-        return *allowed(&key, "").unwrap_err();
-    }
     Json(json!({ "tenants": visible })).into_response()
 }
 
@@ -205,6 +205,17 @@ async fn status(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) ->
         Ok(c) => c,
         Err(e) => return unavailable(e),
     };
+    // The tenant's recent deliveries, read once and split by connection.
+    let delivered = st
+        .store
+        .list_deliveries(Some(&tenant), None, Some("delivered"), 200)
+        .await
+        .unwrap_or_default();
+    let paused = st
+        .store
+        .list_deliveries(Some(&tenant), None, Some("paused"), 200)
+        .await
+        .unwrap_or_default();
     let mut out = Vec::new();
     for c in conns {
         let counts = st
@@ -219,27 +230,23 @@ async fn status(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) ->
                 .map(|(_, n)| *n)
                 .unwrap_or(0)
         };
-        let delivered = st
-            .store
-            .list_deliveries(Some(&tenant), None, Some("delivered"), 1)
-            .await
-            .unwrap_or_default();
-        let paused = st
-            .store
-            .list_deliveries(Some(&tenant), None, Some("paused"), 50)
-            .await
-            .unwrap_or_default();
         let mut reasons: Vec<String> = paused
             .iter()
+            .filter(|d| d.connection_id == c.id)
             .filter_map(|d| d.pause_reason.clone())
             .collect();
+        let last_success = delivered
+            .iter()
+            .filter(|d| d.connection_id == c.id)
+            .filter_map(|d| d.delivered_at)
+            .max();
         reasons.sort();
         reasons.dedup();
         out.push(json!({
             "connection_id": c.id, "connector": c.connector_id, "state": c.state,
             "organisation": c.external_tenant_name, "connected_by": c.connected_by,
             "connected_at": c.connected_at, "reason": c.state_reason,
-            "last_success_at": delivered.first().and_then(|d| d.delivered_at),
+            "last_success_at": last_success,
             "backlog": n("pending") + n("working"), "paused": n("paused"), "failed": n("failed"),
             "paused_reasons": reasons,
         }));

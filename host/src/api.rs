@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -35,11 +34,6 @@ pub fn error(status: StatusCode, message: &str, problems: &[FieldProblem]) -> Re
         .into_response()
 }
 
-/// Hash a key for storage and comparison.
-pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
 #[allow(clippy::result_large_err)] // a Response is the natural error of a handler helper
 async fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
     let key = headers
@@ -56,7 +50,13 @@ async fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Respons
                 message: "send `Authorization: Bearer <service key>`".into(),
             }],
         )),
-        Some(k) if state.service_key_hashes.contains(&hash_key(k)) => Ok(()),
+        Some(k)
+            if state
+                .service_key_hashes
+                .contains(&crate::crypto::sha256_hex(k)) =>
+        {
+            Ok(())
+        }
         Some(k)
             if matches!(
                 state.store.verify_key(k).await,
@@ -118,7 +118,7 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
         Ok(c) => c,
         Err(e) => return server_error(e),
     };
-    let hash = hash_key(&canonical);
+    let hash = crate::crypto::sha256_hex(&canonical);
     let connections: Vec<(String, String)> =
         match state.store.connections(Some(&doc.tenant_id)).await {
             Ok(cs) => cs

@@ -2,7 +2,7 @@
 //! variables, with errors that name the key) and the wiring of store,
 //! runtime, plugins, connections, dispatcher, notifier and HTTP server.
 
-use crate::api::{ApiState, hash_key};
+use crate::api::ApiState;
 use crate::capabilities::http::{CredentialProvider, ReqwestTransport};
 use crate::capabilities::kv::KvStore;
 use crate::capabilities::mapping::MappingStore;
@@ -345,7 +345,11 @@ impl Daemon {
         let d2 = dispatcher.clone();
         let api = Arc::new(ApiState {
             store: store.clone(),
-            service_key_hashes: cfg.service_keys.iter().map(|k| hash_key(k)).collect(),
+            service_key_hashes: cfg
+                .service_keys
+                .iter()
+                .map(|k| crate::crypto::sha256_hex(k))
+                .collect(),
             catalogue: connections
                 .catalogue()
                 .map(|c| c.kinds.iter().map(|k| k.key.clone()).collect()),

@@ -14,6 +14,7 @@
 
 use crate::admin::AdminState;
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
+use crate::oauth::escape as esc;
 use crate::store::admin::KeyScope;
 use axum::Router;
 use axum::extract::{Form, Query, State};
@@ -31,13 +32,6 @@ struct Session {
     tenant: String,
     admin: String,
     super_admin: bool,
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 fn page(title: &str, body: &str) -> Response {

@@ -103,8 +103,6 @@ pub static DELIVERIES: [Counter; 8] = [const { Counter::new() }; 8];
 pub static DELIVERY_SECONDS: Histogram = Histogram::new();
 /// Time spent inside connector calls.
 pub static PLUGIN_CALL_SECONDS: Histogram = Histogram::new();
-/// Token refreshes performed.
-pub static TOKEN_REFRESHES: Counter = Counter::new();
 /// SMTP sends that failed.
 pub static SMTP_FAILURES: Counter = Counter::new();
 /// Documents accepted by ingest.
@@ -148,7 +146,7 @@ pub fn render(queue: &[(String, i64)], token_refreshes: u64) -> String {
     );
     out.push_str(&format!(
         "# HELP ledgerport_token_refreshes_total OAuth token refreshes.\n# TYPE ledgerport_token_refreshes_total counter\nledgerport_token_refreshes_total {}\n",
-        token_refreshes + TOKEN_REFRESHES.get()
+        token_refreshes
     ));
     for (name, help, c) in [
         (

@@ -4,6 +4,7 @@
 //! durable mail outbox and are sent over SMTP (lettre), retried while the
 //! server is down.
 
+use crate::oauth::escape as esc;
 use crate::store::Store;
 use crate::store::outbox::IncidentRow;
 use lettre::message::{Mailbox, MultiPart};
@@ -39,13 +40,6 @@ pub struct Email {
     pub text: String,
     /// HTML.
     pub html: String,
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// Compose the e-mail for an incident.

@@ -520,7 +520,9 @@ impl Providers {
     }
 }
 
-fn escape(s: &str) -> String {
+/// Escape text for HTML (element content and quoted attributes); shared by
+/// every server-rendered page and e-mail.
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

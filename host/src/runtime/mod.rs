@@ -297,18 +297,18 @@ impl wasmtime::ResourceLimiter for HostState {
 }
 
 macro_rules! projection {
-    ($name:ident, $field:ident, $ty:ty) => {
+    ($name:ident, $ty:ty) => {
         struct $name;
         impl HasData for $name {
             type Data<'a> = &'a mut $ty;
         }
     };
 }
-projection!(HttpData, http, HttpCapability);
-projection!(MappingData, mapping, MappingCapability);
-projection!(KvData, kv, KvCapability);
-projection!(LogData, log, LogCapability);
-projection!(ConnectionData, connection, ConnectionCapability);
+projection!(HttpData, HttpCapability);
+projection!(MappingData, MappingCapability);
+projection!(KvData, KvCapability);
+projection!(LogData, LogCapability);
+projection!(ConnectionData, ConnectionCapability);
 struct TypesData;
 impl HasData for TypesData {
     type Data<'a> = &'a mut HostState;
