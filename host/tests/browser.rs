@@ -11,7 +11,7 @@ mod common;
 mod storage_support;
 
 use ledgerport::connections::Clock;
-use ledgerport::daemon::{Config, Daemon, PluginSettings};
+use ledgerport::daemon::Daemon;
 use ledgerport::store::admin::KeyScope;
 use std::path::Path;
 use storage_support::TestDb;
@@ -42,27 +42,9 @@ async fn integrations_page_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("k");
     std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cfg: Config = toml::from_str("").unwrap();
-    cfg.database = db.url();
-    cfg.listen = format!("127.0.0.1:{port}");
-    cfg.plugin_dir = common::target_dir().join("plugins");
-    cfg.key_file = Some(key_file);
+    let mut cfg = storage_support::daemon_config(db.url(), &sim, &key_file);
     cfg.catalogue = Some(root.join("examples/catalogue.toml"));
     cfg.service_keys = vec!["browser-service-key".into()];
-    cfg.plugins.insert(
-        "xero".into(),
-        PluginSettings {
-            base_urls: storage_support::sim_overrides(&sim),
-            client_id: Some(xero_sim::DEFAULT_CLIENT_ID.into()),
-            client_secret: Some(xero_sim::DEFAULT_CLIENT_SECRET.into()),
-            broad_scopes: false,
-        },
-    );
     let d = Daemon::start(cfg, Clock::system(), None).await.unwrap();
     let base = format!("http://{}", d.addr);
     d.store

@@ -8,7 +8,7 @@ mod storage_support;
 
 use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
 use ledgerport::connections::Clock;
-use ledgerport::daemon::{Config, Daemon, MailSettings, PluginSettings};
+use ledgerport::daemon::{Config, Daemon, MailSettings};
 use ledgerport::dispatch::DispatchConfig;
 use serde_json::{Value, json};
 use smtp_sink::SmtpSink;
@@ -43,30 +43,9 @@ struct Pipeline {
     _keys: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn config(db: &TestDb, sim: &SimHandle, smtp: &SmtpSink, key_file: &Path, port: u16) -> Config {
-    let mut cfg: Config = toml::from_str("").unwrap();
-    cfg.database = db.url();
-    cfg.listen = format!("127.0.0.1:{port}");
-    cfg.plugin_dir = common::target_dir().join("plugins");
+fn config(db: &TestDb, sim: &SimHandle, smtp: &SmtpSink, key_file: &Path) -> Config {
+    let mut cfg = storage_support::daemon_config(db.url(), sim, key_file);
     cfg.service_keys = vec![SERVICE_KEY.into()];
-    cfg.key_file = Some(key_file.to_path_buf());
-    cfg.plugins.insert(
-        "xero".into(),
-        PluginSettings {
-            base_urls: storage_support::sim_overrides(sim),
-            client_id: Some(xero_sim::DEFAULT_CLIENT_ID.into()),
-            client_secret: Some(xero_sim::DEFAULT_CLIENT_SECRET.into()),
-            broad_scopes: false,
-        },
-    );
     cfg.mail = Some(MailSettings {
         smtp_host: "127.0.0.1".into(),
         smtp_port: smtp.addr().port(),
@@ -116,7 +95,7 @@ impl Pipeline {
         std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
         let mut ds = Vec::new();
         for i in 0..daemons {
-            let cfg = config(&db, &sim, &smtp, &key_file, free_port());
+            let cfg = config(&db, &sim, &smtp, &key_file);
             let d = Daemon::start(
                 cfg,
                 Clock::system(),

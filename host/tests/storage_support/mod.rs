@@ -389,3 +389,36 @@ pub async fn finish(
     let s = r.status().as_u16();
     (s, r.text().await.unwrap())
 }
+
+/// A daemon configuration for tests: the database at `db_url`, a free
+/// loopback port, the connectors `cargo xtask wasm` installed, and Xero's
+/// three origins pointed at the simulator with its default app.
+pub fn daemon_config(
+    db_url: String,
+    sim: &SimHandle,
+    key_file: &Path,
+) -> ledgerport::daemon::Config {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg: ledgerport::daemon::Config = toml::from_str("").unwrap();
+    cfg.database = db_url;
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.plugin_dir = target.join("plugins");
+    cfg.key_file = Some(key_file.to_path_buf());
+    cfg.plugins.insert(
+        "xero".into(),
+        ledgerport::daemon::PluginSettings {
+            base_urls: sim_overrides(sim),
+            client_id: Some(xero_sim::DEFAULT_CLIENT_ID.into()),
+            client_secret: Some(xero_sim::DEFAULT_CLIENT_SECRET.into()),
+            broad_scopes: false,
+        },
+    );
+    cfg
+}
