@@ -21,6 +21,11 @@ const CONNECTORS: &[(&str, &str, Option<&str>)] = &[
         Some("examples/minimal-connector/manifest.toml"),
     ),
     (
+        "webhook-connector",
+        "webhook_connector",
+        Some("examples/webhook-connector/manifest.toml"),
+    ),
+    (
         "xero-connector",
         "xero_connector",
         Some("plugins/xero/manifest.toml"),
@@ -160,6 +165,8 @@ fn test() -> Result<(), String> {
         "ledgerport-sdk",
         "-p",
         "minimal-connector",
+        "-p",
+        "webhook-connector",
         "-p",
         "xero-connector",
         "--",
