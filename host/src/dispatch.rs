@@ -569,7 +569,7 @@ impl Dispatcher {
         // delivery's fields (one span per delivery).
         let result = self
             .runtime
-            .deliver(&plugin, &ctx, delivery, wit_doc)
+            .deliver_with(&plugin, &ctx, delivery, wit_doc, doc.extras())
             .instrument(span.clone())
             .await;
         crate::metrics::PLUGIN_CALL_SECONDS.observe(t.elapsed().as_secs_f64());

@@ -132,6 +132,10 @@ pub struct Document {
     /// The PDF copy.
     #[serde(default)]
     pub pdf: Option<Pdf>,
+    /// The customer's purchase-order reference. Contract 0.1 has no place
+    /// for it; 0.2 connectors get it through [`Document::extras`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purchase_order: Option<String>,
 }
 
 /// Why a document cannot be converted for a connector.
@@ -151,6 +155,13 @@ impl Document {
             field: "document".into(),
             message: e.to_string(),
         })
+    }
+
+    /// What newer contracts carry beside the canonical (0.1) document.
+    pub fn extras(&self) -> crate::runtime::DocumentExtras {
+        crate::runtime::DocumentExtras {
+            purchase_order: self.purchase_order.clone(),
+        }
     }
 
     /// The contract's view of this document.

@@ -563,7 +563,10 @@ async fn deliver(
     };
     let delivery =
         ledgerport::runtime::v0_1::ledgerport::connector::types::Delivery { key, attempt: 1 };
-    match rt.deliver(&p, &ctx, delivery, wit_doc).await {
+    match rt
+        .deliver_with(&p, &ctx, delivery, wit_doc, doc.extras())
+        .await
+    {
         Ok(Ok(r)) => {
             if json {
                 println!(

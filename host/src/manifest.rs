@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Contract versions this host serves (major.minor; any patch is accepted).
-pub const SUPPORTED_CONTRACTS: &[&str] = &["0.1"];
+pub const SUPPORTED_CONTRACTS: &[&str] = &["0.1", "0.2"];
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -335,6 +335,8 @@ document_kinds = ["invoice", "credit-note"]
         );
         assert!(parse_origin("https://api.xero.com/path").is_err());
         assert_eq!(contract_line("0.1.7"), Some("0.1"));
-        assert_eq!(contract_line("0.2.0"), None);
+        assert_eq!(contract_line("0.2.3"), Some("0.2"));
+        assert_eq!(contract_line("0.3.0"), None);
+        assert_eq!(contract_line("1.0.0"), None);
     }
 }

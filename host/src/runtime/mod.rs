@@ -12,6 +12,7 @@
 mod cache;
 mod output;
 pub mod v0_1;
+pub mod v0_2;
 
 use crate::capabilities::connection::{ConnectionCapability, ConnectionInfo};
 use crate::capabilities::http::{
@@ -33,6 +34,7 @@ use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use output::OutputTail;
+pub use v0_2::DocumentExtras;
 
 /// Settings of the runtime.
 #[derive(Debug, Clone)]
@@ -132,7 +134,7 @@ pub enum LoadError {
     },
     /// The component imports something outside the contract.
     #[error(
-        "{id} imports {import:?}, which is outside the contract (ledgerport:connector@0.1 and the WASI interfaces a wasm32-wasip2 guest needs); refused"
+        "{id} imports {import:?}, which is outside the contract (ledgerport:connector@0.1 or @0.2 and the WASI interfaces a wasm32-wasip2 guest needs); refused"
     )]
     ForbiddenImport {
         /// Plugin id.
@@ -343,11 +345,32 @@ const ALLOWED_WASI: &[&str] = &[
 /// Contract interfaces a connector may import.
 const CONTRACT_IMPORTS: &[&str] = &["types", "http", "mapping", "kv", "log", "connection"];
 
+/// A component pre-linked against the bindings of its contract version.
+enum Pre {
+    V0_1(v0_1::PluginPre<HostState>),
+    V0_2(v0_2::PluginPre<HostState>),
+}
+
+/// A fresh instance of a plugin, by contract version.
+enum Instance {
+    V0_1(v0_1::Plugin),
+    V0_2(v0_2::Plugin),
+}
+
+impl Pre {
+    async fn instantiate_async(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
+        Ok(match self {
+            Pre::V0_1(p) => Instance::V0_1(p.instantiate_async(store).await?),
+            Pre::V0_2(p) => Instance::V0_2(p.instantiate_async(store).await?),
+        })
+    }
+}
+
 /// A loaded, verified plugin, ready to instantiate.
 pub struct Plugin {
     manifest: Manifest,
     sha256: String,
-    pre: v0_1::PluginPre<HostState>,
+    pre: Pre,
     policy: Arc<HttpPolicy>,
     id: Arc<str>,
     from_cache: bool,
@@ -435,6 +458,7 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         c::connection::add_to_linker::<_, ConnectionData>(l, |s| &mut s.connection)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        v0_2::add_to_linker(l).map_err(|e| anyhow::anyhow!("{e}"))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let (e2, s2) = (engine.weak(), stop.clone());
@@ -547,10 +571,15 @@ impl Runtime {
                     id: id.clone(),
                     message: format!("{e:#}"),
                 })?;
-        let pre = v0_1::PluginPre::new(instance_pre).map_err(|e| LoadError::MissingExport {
+        let missing = |e: wasmtime::Error| LoadError::MissingExport {
             id: id.clone(),
             message: format!("{e:#}"),
-        })?;
+        };
+        // check_component made sure the component speaks the manifest's line.
+        let pre = match contract_line(&manifest.contract) {
+            Some("0.2") => Pre::V0_2(v0_2::PluginPre::new(instance_pre).map_err(missing)?),
+            _ => Pre::V0_1(v0_1::PluginPre::new(instance_pre).map_err(missing)?),
+        };
         Ok(Plugin {
             id: Arc::from(manifest.id.as_str()),
             manifest,
@@ -616,7 +645,7 @@ impl Runtime {
     async fn call<R, F>(&self, plugin: &Plugin, ctx: &CallContext, f: F) -> Result<R, CallError>
     where
         F: for<'a> FnOnce(
-            &'a v0_1::Plugin,
+            &'a Instance,
             &'a mut Store<HostState>,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>,
@@ -713,7 +742,12 @@ impl Runtime {
         ctx: &CallContext,
     ) -> Result<wit::ConnectorInfo, CallError> {
         self.call(plugin, ctx, |i, s| {
-            Box::pin(async move { i.ledgerport_connector_connector().call_describe(s).await })
+            Box::pin(async move {
+                match i {
+                    Instance::V0_1(i) => i.ledgerport_connector_connector().call_describe(s).await,
+                    Instance::V0_2(i) => v0_2::describe(i, s).await,
+                }
+            })
         })
         .await
     }
@@ -726,9 +760,14 @@ impl Runtime {
     ) -> Result<Result<wit::AccountList, wit::DeliveryError>, CallError> {
         self.call(plugin, ctx, |i, s| {
             Box::pin(async move {
-                i.ledgerport_connector_connector()
-                    .call_list_accounts(s)
-                    .await
+                match i {
+                    Instance::V0_1(i) => {
+                        i.ledgerport_connector_connector()
+                            .call_list_accounts(s)
+                            .await
+                    }
+                    Instance::V0_2(i) => v0_2::list_accounts(i, s).await,
+                }
             })
         })
         .await
@@ -741,12 +780,17 @@ impl Runtime {
         ctx: &CallContext,
     ) -> Result<Result<wit::CheckReport, wit::DeliveryError>, CallError> {
         self.call(plugin, ctx, |i, s| {
-            Box::pin(async move { i.ledgerport_connector_connector().call_check(s).await })
+            Box::pin(async move {
+                match i {
+                    Instance::V0_1(i) => i.ledgerport_connector_connector().call_check(s).await,
+                    Instance::V0_2(i) => v0_2::check(i, s).await,
+                }
+            })
         })
         .await
     }
 
-    /// Deliver one document.
+    /// Deliver one document (without data only newer contracts carry).
     pub async fn deliver(
         &self,
         plugin: &Plugin,
@@ -754,11 +798,32 @@ impl Runtime {
         delivery: wit::Delivery,
         doc: wit::Document,
     ) -> Result<Result<wit::Receipt, wit::DeliveryError>, CallError> {
+        self.deliver_with(plugin, ctx, delivery, doc, DocumentExtras::default())
+            .await
+    }
+
+    /// Deliver one document with the data the canonical (0.1) document
+    /// cannot carry: a 0.2 connector gets `extras` in its document, a 0.1
+    /// connector never sees them. A 0.2 receipt's warnings come back as
+    /// notes (see [`v0_2::WARNING_PREFIX`]).
+    pub async fn deliver_with(
+        &self,
+        plugin: &Plugin,
+        ctx: &CallContext,
+        delivery: wit::Delivery,
+        doc: wit::Document,
+        extras: DocumentExtras,
+    ) -> Result<Result<wit::Receipt, wit::DeliveryError>, CallError> {
         self.call(plugin, ctx, move |i, s| {
             Box::pin(async move {
-                i.ledgerport_connector_connector()
-                    .call_deliver(s, &delivery, &doc)
-                    .await
+                match i {
+                    Instance::V0_1(i) => {
+                        i.ledgerport_connector_connector()
+                            .call_deliver(s, &delivery, &doc)
+                            .await
+                    }
+                    Instance::V0_2(i) => v0_2::deliver(i, s, &delivery, &doc, &extras).await,
+                }
             })
         })
         .await

@@ -32,6 +32,7 @@ const CONNECTORS: &[(&str, &str, Option<&str>)] = &[
     ),
     ("hostile-connector", "hostile_connector", None),
     ("extra-import-connector", "extra_import_connector", None),
+    ("v02-connector", "v02_connector", None),
 ];
 
 fn root() -> PathBuf {
