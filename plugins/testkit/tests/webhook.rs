@@ -348,3 +348,26 @@ async fn describe_matches_the_manifest() {
     assert_eq!(info.id, kit.manifest().id);
     assert_eq!(info.id, "webhook");
 }
+
+#[tokio::test]
+async fn loads_from_a_source_manifest_and_a_component_without_install() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let wasm = target.join("wasm32-wasip2/wasm/webhook_connector.wasm");
+    assert!(
+        wasm.exists(),
+        "{} is missing: run `cargo xtask wasm`",
+        wasm.display()
+    );
+    let kit = TestKit::from_component(root.join("examples/webhook-connector/manifest.toml"), &wasm)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(kit.connection().describe().await.id, "webhook");
+    // The manifest's default endpoint applies when the connection sets none.
+    let run = connection(&kit).expect(Exchange::post(ENDPOINT).respond(202, json!({"id": 7})));
+    assert_eq!(
+        run.deliver(&sample_invoice()).await.unwrap().external_id,
+        "7"
+    );
+}
