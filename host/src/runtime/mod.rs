@@ -342,6 +342,12 @@ const ALLOWED_WASI: &[&str] = &[
     "wasi:random/insecure-seed",
 ];
 
+/// Core module instances one connector component may create. A Rust
+/// connector has 3; a Python one built with componentize-py has 38
+/// (libpython, libc and its companions, the trapping WASI stubs, the
+/// canonical-ABI shims), all sharing one memory and two tables.
+const MAX_CORE_INSTANCES: u32 = 64;
+
 /// Contract interfaces a connector may import.
 const CONTRACT_IMPORTS: &[&str] = &["types", "http", "mapping", "kv", "log", "connection"];
 
@@ -427,13 +433,16 @@ impl Runtime {
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         let n = config.max_concurrent_instances.max(1);
         pool.total_component_instances(n);
-        pool.total_core_instances(n * 4);
+        // Only a counter (instance metadata is allocated per instance):
+        // sized so that `n` components of any language fit, leaving the
+        // component, memory and stack pools as the real bounds.
+        pool.total_core_instances(n * MAX_CORE_INSTANCES);
         pool.total_memories(n * 2);
         pool.total_tables(n * 4);
         pool.total_stacks(n);
         pool.max_memory_size(config.memory_limit);
         pool.max_memories_per_component(2);
-        pool.max_core_instances_per_component(16);
+        pool.max_core_instances_per_component(MAX_CORE_INSTANCES);
         // Batch decommits (fewer TLB shootdowns); only table pages are kept
         // resident. Measured with the call benchmark: keeping linear-memory
         // and stack pages resident (memset per call) cost more than it saved.
@@ -604,7 +613,7 @@ impl Runtime {
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.config.memory_limit)
-                .instances(32)
+                .instances(MAX_CORE_INSTANCES as usize)
                 .tables(32)
                 .memories(4)
                 .trap_on_grow_failure(true)

@@ -2,7 +2,8 @@
 //! two commands work on a fresh machine.
 //!
 //! - `cargo xtask wasm`: add the wasm32-wasip2 target if missing, build every
-//!   connector component, and install each with its hash into
+//!   connector component (the Python example with componentize-py, from
+//!   PyPI into `target/pyenv`), and install each with its hash into
 //!   `target/plugins/<id>/`.
 //! - `cargo xtask demo`: the above, then `ledgerport demo`.
 //! - `cargo xtask test`: everything CI checks: formatting, lints, the
@@ -99,7 +100,70 @@ fn wasm() -> Result<(), String> {
             .arg("--dir")
             .arg(target_dir().join("plugins")))?;
     }
+    let python = python_connector()?;
+    run(Command::new(&ledgerport)
+        .args([
+            "plugin",
+            "install",
+            "examples/python-connector/manifest.toml",
+            "--component",
+        ])
+        .arg(&python)
+        .arg("--dir")
+        .arg(target_dir().join("plugins")))?;
     Ok(())
+}
+
+/// The project's Python venv (`target/pyenv`), created when missing; returns
+/// its interpreter.
+fn pyenv() -> Result<PathBuf, String> {
+    let venv = target_dir().join("pyenv");
+    if !venv.join("bin/python").exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    Ok(venv.join("bin/python"))
+}
+
+/// The example connector written in Python: componentize-py (pinned in the
+/// example's requirements.txt, installed into the venv) turns `app.py` into
+/// a component against the same WIT as the Rust connectors. WASI imports
+/// are replaced by trapping stubs (`--stub-wasi`): the component imports
+/// the contract only. Rebuilt only when an input is newer than the output.
+fn python_connector() -> Result<PathBuf, String> {
+    let dir = root().join("examples/python-connector");
+    let py = pyenv()?;
+    run(Command::new(&py)
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(dir.join("requirements.txt")))?;
+    let out = target_dir().join("wasm32-wasip2/wasm/python_connector.wasm");
+    let tool = py.with_file_name("componentize-py");
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let inputs = [
+        dir.join("app.py"),
+        dir.join("requirements.txt"),
+        root().join("wit/v0.1/connector.wit"),
+        tool.clone(),
+    ];
+    let fresh = mtime(&out).is_some_and(|built| inputs.iter().all(|i| mtime(i) < Some(built)));
+    if !fresh {
+        std::fs::create_dir_all(out.parent().expect("wasm dir")).map_err(|e| e.to_string())?;
+        run(Command::new(&tool)
+            .args([
+                "-q",
+                "-d",
+                "wit/v0.1",
+                "-w",
+                "plugin",
+                "componentize",
+                "app",
+            ])
+            .args(["--stub-wasi", "-p"])
+            .arg(&dir)
+            .arg("-o")
+            .arg(&out)
+            .env("PYTHONDONTWRITEBYTECODE", "1"))?;
+    }
+    Ok(out)
 }
 
 fn python_tests() -> Result<(), String> {
@@ -107,11 +171,7 @@ fn python_tests() -> Result<(), String> {
     if !py_dir.join("requirements.txt").exists() {
         return Ok(());
     }
-    let venv = target_dir().join("pyenv");
-    if !venv.join("bin/python").exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    let py = venv.join("bin/python");
+    let py = pyenv()?;
     run(Command::new(&py)
         .args(["-m", "pip", "install", "-q", "-r"])
         .arg(py_dir.join("requirements.txt")))?;
