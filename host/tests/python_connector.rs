@@ -35,13 +35,13 @@ fn install_python(dir: &Path) -> PathBuf {
 /// Precompiled components shared by this file's tests (nextest runs each in
 /// its own process): compiling the Python component takes ~20 s, so the
 /// first test compiles it under a file lock and the others deserialize.
-/// Entries older than the built component (earlier builds) are removed.
+/// Entries older than the component or this test binary (so from an earlier
+/// build of either: another hash or another engine) are removed.
 fn cache_dir() -> PathBuf {
     let dir = target_dir().join("test-cache/python-connector");
     std::fs::create_dir_all(&dir).unwrap();
-    let built = std::fs::metadata(wasm("python_connector"))
-        .and_then(|m| m.modified())
-        .unwrap();
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    let built = mtime(&wasm("python_connector")).max(mtime(&std::env::current_exe().unwrap()));
     for entry in std::fs::read_dir(&dir).unwrap().flatten() {
         let stale = entry
             .metadata()
