@@ -1,6 +1,7 @@
 //! Validation of documents handed over by the platform: every problem is
 //! named by its field, all at once, so the platform can fix a document in
-//! one round trip. Amounts are exact decimals; totals must reconcile.
+//! one round trip. Amounts are exact decimals (`-?digits(.digits)?`, never
+//! rounded); totals must reconcile; dates are `YYYY-MM-DD`.
 
 use crate::document::{Document, DocumentKind, TaxBasis};
 use rust_decimal::Decimal;
@@ -33,7 +34,49 @@ pub fn is_currency(code: &str) -> bool {
 }
 
 fn parse_date(s: &str) -> Option<chrono::NaiveDate> {
-    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
+    // chrono alone also takes `2026-1-2` and `+2026-01-02`.
+    let b = s.as_bytes();
+    let shape = b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
+    shape
+        .then(|| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+        .flatten()
+}
+
+/// Parse an amount exactly: `-?digits(.digits)?`, at most 28 decimal places
+/// and within `Decimal`'s range. Anything else (`+1`, `1_000`, `1e3`, `.5`,
+/// spaces, digits that would have to be rounded away) is None.
+pub fn parse_amount(s: &str) -> Option<Decimal> {
+    let body = s.strip_prefix('-').unwrap_or(s);
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let ok = match body.split_once('.') {
+        Some((int, frac)) => digits(int) && digits(frac),
+        None => digits(body),
+    };
+    if !ok {
+        return None;
+    }
+    Decimal::from_str_exact(s).ok()
+}
+
+/// Optional string fields: absent, null or a string.
+fn check_optional_strings(
+    v: &Value,
+    prefix: &str,
+    keys: &[&str],
+    problems: &mut Vec<FieldProblem>,
+) {
+    for key in keys {
+        if !matches!(v.get(*key), None | Some(Value::Null | Value::String(_))) {
+            problems.push(problem(format!("{prefix}{key}"), "must be a string"));
+        }
+    }
 }
 
 fn get_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -121,10 +164,30 @@ pub fn validate(
     }
     for key in ["subtotal", "total_tax", "total"] {
         if let Some(s) = get_str(json, key)
-            && s.parse::<Decimal>().is_err()
+            && parse_amount(s).is_none()
         {
             problems.push(problem(key, format!("{s:?} is not a decimal amount")));
         }
+    }
+    check_optional_strings(json, "", &["url", "credits_invoice_number"], &mut problems);
+    match json.get("tax_basis") {
+        None => {}
+        Some(Value::String(b)) if ["exclusive", "inclusive", "no-tax"].contains(&b.as_str()) => {}
+        Some(_) => problems.push(problem(
+            "tax_basis",
+            "must be \"exclusive\", \"inclusive\" or \"no-tax\"",
+        )),
+    }
+    match json.get("pdf") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o))
+            if o.len() == 1
+                && o.iter()
+                    .all(|(k, v)| (k == "base64" || k == "url") && v.is_string()) => {}
+        Some(_) => problems.push(problem(
+            "pdf",
+            "must be {\"base64\": \"...\"} or {\"url\": \"...\"}",
+        )),
     }
     for party in ["supplier", "customer"] {
         match json.get(party) {
@@ -133,6 +196,20 @@ pub fn validate(
                     if get_str(p, key).is_none_or(|s| s.trim().is_empty()) {
                         problems.push(problem(format!("{party}.{key}"), "is required"));
                     }
+                }
+                check_optional_strings(
+                    p,
+                    &format!("{party}."),
+                    &["tax_number", "email", "country"],
+                    &mut problems,
+                );
+                match p.get("address_lines") {
+                    None => {}
+                    Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
+                    Some(_) => problems.push(problem(
+                        format!("{party}.address_lines"),
+                        "must be a list of strings",
+                    )),
                 }
             }
             _ => problems.push(problem(party, "is required (an object with id and name)")),
@@ -144,6 +221,16 @@ pub fn validate(
         Some(lines) => {
             for (i, l) in lines.iter().enumerate() {
                 let f = |k: &str| format!("lines[{i}].{k}");
+                if !l.is_object() {
+                    problems.push(problem(format!("lines[{i}]"), "must be an object"));
+                    continue;
+                }
+                check_optional_strings(
+                    l,
+                    &format!("lines[{i}]."),
+                    &["employee", "country"],
+                    &mut problems,
+                );
                 match get_str(l, "kind") {
                     None => problems.push(problem(f("kind"), "is required")),
                     Some(k) => {
@@ -167,20 +254,31 @@ pub fn validate(
                 {
                     match get_str(l, key) {
                         None => problems.push(problem(f(key), "is required (a decimal string)")),
-                        Some(s) => match s.parse::<Decimal>() {
-                            Ok(d) => amounts[j] = Some(d),
-                            Err(_) => problems
+                        Some(s) => match parse_amount(s) {
+                            Some(d) => amounts[j] = Some(d),
+                            None => problems
                                 .push(problem(f(key), format!("{s:?} is not a decimal amount"))),
                         },
                     }
                 }
                 if let [Some(q), Some(u), _, Some(la)] = amounts {
-                    let expected = (q * u).round_dp(2);
-                    if (la - expected).abs() > Decimal::new(1, 2) {
-                        problems.push(problem(
+                    // Checked: Decimal's operators panic on overflow.
+                    match q.checked_mul(u).map(|p| p.round_dp(2)) {
+                        None => problems.push(problem(
                             f("line_amount"),
-                            format!("{la} is not quantity x unit_amount ({expected})"),
-                        ));
+                            "quantity x unit_amount is too large",
+                        )),
+                        Some(expected)
+                            if la
+                                .checked_sub(expected)
+                                .is_none_or(|d| d.abs() > Decimal::new(1, 2)) =>
+                        {
+                            problems.push(problem(
+                                f("line_amount"),
+                                format!("{la} is not quantity x unit_amount ({expected})"),
+                            ))
+                        }
+                        Some(_) => {}
                     }
                 }
             }
@@ -193,59 +291,66 @@ pub fn validate(
         Ok(d) => d,
         Err(e) => return Err(vec![problem("document", e.to_string())]),
     };
-    // Totals reconcile.
-    let sum_lines: Decimal = doc.lines.iter().map(|l| l.line_amount).sum();
-    let sum_tax: Decimal = doc.lines.iter().map(|l| l.tax_amount).sum();
-    if sum_tax != doc.total_tax {
-        problems.push(problem(
+    // Totals reconcile. Checked arithmetic: Decimal's operators panic on
+    // overflow, and amounts near its range are valid on their own.
+    fn sum(mut amounts: impl Iterator<Item = Decimal>) -> Option<Decimal> {
+        amounts.try_fold(Decimal::ZERO, |acc, a| acc.checked_add(a))
+    }
+    let too_large = |field: &str| problem(field, "the amounts are too large to add up");
+    let sum_lines = sum(doc.lines.iter().map(|l| l.line_amount));
+    let sum_tax = sum(doc.lines.iter().map(|l| l.tax_amount));
+    match sum_tax {
+        None => problems.push(too_large("total_tax")),
+        Some(sum_tax) if sum_tax != doc.total_tax => problems.push(problem(
             "total_tax",
             format!(
                 "{} is not the sum of the lines' tax ({sum_tax})",
                 doc.total_tax
             ),
-        ));
+        )),
+        Some(_) => {}
     }
     match doc.tax_basis {
         TaxBasis::Exclusive | TaxBasis::NoTax => {
-            if sum_lines != doc.subtotal {
-                problems.push(problem(
+            match sum_lines {
+                None => problems.push(too_large("subtotal")),
+                Some(sum_lines) if sum_lines != doc.subtotal => problems.push(problem(
                     "subtotal",
                     format!(
                         "{} is not the sum of the line amounts ({sum_lines})",
                         doc.subtotal
                     ),
-                ));
+                )),
+                Some(_) => {}
             }
-            if doc.subtotal + doc.total_tax != doc.total {
-                problems.push(problem(
+            match doc.subtotal.checked_add(doc.total_tax) {
+                None => problems.push(too_large("total")),
+                Some(t) if t != doc.total => problems.push(problem(
                     "total",
-                    format!(
-                        "{} is not subtotal + total_tax ({})",
-                        doc.total,
-                        doc.subtotal + doc.total_tax
-                    ),
-                ));
+                    format!("{} is not subtotal + total_tax ({t})", doc.total),
+                )),
+                Some(_) => {}
             }
         }
         TaxBasis::Inclusive => {
-            if sum_lines != doc.total {
-                problems.push(problem(
+            match sum_lines {
+                None => problems.push(too_large("total")),
+                Some(sum_lines) if sum_lines != doc.total => problems.push(problem(
                     "total",
                     format!(
                         "{} is not the sum of the tax-inclusive line amounts ({sum_lines})",
                         doc.total
                     ),
-                ));
+                )),
+                Some(_) => {}
             }
-            if doc.total - doc.total_tax != doc.subtotal {
-                problems.push(problem(
+            match doc.total.checked_sub(doc.total_tax) {
+                None => problems.push(too_large("subtotal")),
+                Some(s) if s != doc.subtotal => problems.push(problem(
                     "subtotal",
-                    format!(
-                        "{} is not total - total_tax ({})",
-                        doc.subtotal,
-                        doc.total - doc.total_tax
-                    ),
-                ));
+                    format!("{} is not total - total_tax ({s})", doc.subtotal),
+                )),
+                Some(_) => {}
             }
         }
     }

@@ -155,6 +155,7 @@ impl Connector for Minimal {
             .json::<Value>()
             .ok()
             .and_then(|v| v.get("id").and_then(|i| i.as_str().map(String::from)))
+            .filter(|id| !id.is_empty())
             .unwrap_or(delivery.key);
         Ok(Receipt {
             external_id,

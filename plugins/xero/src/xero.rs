@@ -170,13 +170,14 @@ impl Api {
     }
 }
 
-/// Xero accepts idempotency keys up to 128 characters.
+/// Xero accepts idempotency keys up to 128 characters: keep the last 128
+/// bytes at most, starting on a character boundary (a key is any string).
 fn idempotency_key(k: &str) -> String {
-    if k.len() <= 128 {
-        k.to_string()
-    } else {
-        k[k.len() - 128..].to_string()
+    let mut start = k.len().saturating_sub(128);
+    while !k.is_char_boundary(start) {
+        start += 1;
     }
+    k[start..].to_string()
 }
 
 fn snippet(s: &str) -> String {
