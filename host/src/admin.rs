@@ -1,7 +1,7 @@
 //! The admin HTTP API behind the platform's Integrations page and for
 //! operators: tenants, connection status, connect / disconnect, mappings
-//! with the organisation's accounts, the delivery log with retry, and the
-//! audit log. Every route needs a bearer key: an operator key reaches every
+//! with the organisation's accounts, connector settings per connection
+//! (secrets write-only), the delivery log with retry, and the audit log. Every route needs a bearer key: an operator key reaches every
 //! tenant, a tenant key only its own (anything else is 403 naming the
 //! tenant), an ingest key none.
 //!
@@ -169,6 +169,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route(
             "/v1/admin/tenants/{tenant}/mappings/{kind}",
             put(set_mapping),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}/settings/{connector}",
+            get(settings),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}/settings/{connector}/{key}",
+            put(set_setting).delete(unset_setting),
         )
         .route(
             "/v1/admin/tenants/{tenant}/connect/{connector}",
@@ -439,6 +447,77 @@ async fn set_mapping(
     }
 }
 
+fn setting_refused(e: crate::connections::SettingError) -> Response {
+    if e.status() >= 500 {
+        return unavailable(e);
+    }
+    error(
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+        "the setting was refused",
+        &problem(e.field(), e.message()),
+    )
+}
+
+async fn settings(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, connector)): Path<(String, String)>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    match st.connections.settings(&tenant, &connector).await {
+        Ok(list) => Json(json!({"connector": connector, "settings": list})).into_response(),
+        Err(e) => setting_refused(e),
+    }
+}
+
+async fn set_setting(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, connector, key)): Path<(String, String, String)>,
+    body: Option<Json<Value>>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let actor = try_box!(super_admin(&headers));
+    let Some(value) = body
+        .as_ref()
+        .and_then(|Json(b)| b.get("value"))
+        .and_then(Value::as_str)
+    else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "value is required",
+            &problem("value", "send {\"value\": \"...\"} (a string)"),
+        );
+    };
+    match st
+        .connections
+        .set_setting(&tenant, &connector, &key, value, &actor)
+        .await
+    {
+        Ok(()) => Json(json!({"connector": connector, "key": key, "stored": true})).into_response(),
+        Err(e) => setting_refused(e),
+    }
+}
+
+async fn unset_setting(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, connector, key)): Path<(String, String, String)>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let actor = try_box!(super_admin(&headers));
+    match st
+        .connections
+        .unset_setting(&tenant, &connector, &key, &actor)
+        .await
+    {
+        Ok(()) => {
+            Json(json!({"connector": connector, "key": key, "stored": false})).into_response()
+        }
+        Err(e) => setting_refused(e),
+    }
+}
+
 async fn connect(
     State(st): S,
     headers: HeaderMap,
@@ -527,6 +606,11 @@ async fn openapi() -> Json<Value> {
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed delivery ({\"id\"}) or all")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts")},
             "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}); Super Admin")},
+            "/v1/admin/tenants/{tenant}/settings/{connector}": {"get": op("The connector's settings: every declared key with description, allowed values, default and the connection's value (secrets only \"set\" / \"not set\")")},
+            "/v1/admin/tenants/{tenant}/settings/{connector}/{key}": {
+                "put": op("Set one setting ({\"value\"}); 422 names the key when it is unknown, not allowed, too short or too long; Super Admin"),
+                "delete": op("Unset one setting (the manifest's default applies again); Super Admin"),
+            },
             "/v1/admin/tenants/{tenant}/connect/{connector}": {"post": op("Start connecting: the provider's authorization URL; Super Admin")},
             "/v1/admin/tenants/{tenant}/disconnect/{connector}": {"post": op("Disconnect (revokes at the provider, keeps mappings); Super Admin")},
             "/v1/admin/tenants/{tenant}/audit": {"get": op("Audit log")},

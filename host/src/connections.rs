@@ -4,7 +4,8 @@
 //! several), disconnect (revocation at the provider, tokens dropped,
 //! mappings and history kept), reconnect (the same connection back to
 //! active), the [`CallContext`] a connector call runs with, and account
-//! mappings validated against the connector's account list ([`mappings`]).
+//! mappings validated against the connector's account list ([`mappings`]),
+//! and the connector settings a connection overrides ([`settings`]).
 //!
 //! [`Connections`] is the service; it owns a [`TokenManager`] (the
 //! connections' `CredentialProvider`) and reports what happens to
@@ -13,8 +14,8 @@
 pub mod catalogue;
 pub mod cli;
 pub mod mappings;
+pub mod settings;
 
-use crate::capabilities::connection::ConnectionInfo;
 use crate::capabilities::http::CredentialProvider;
 use crate::credentials::{RefreshPolicy, TokenManager};
 use crate::crypto::{KeyRing, random_token, sha256_hex};
@@ -32,6 +33,7 @@ use tokio::sync::broadcast;
 
 pub use catalogue::{Catalogue, CatalogueKind};
 pub use mappings::{MappingError, MappingOutcome};
+pub use settings::{SettingError, SettingView};
 
 /// How long a connect `state` is accepted.
 pub const STATE_TTL_SECS: i64 = 600;
@@ -256,6 +258,77 @@ impl Connections {
     fn plugin(&self, connector_id: &str) -> Option<ConnectorRuntime> {
         let g = self.plugins.read().unwrap_or_else(|e| e.into_inner());
         g.get(connector_id).cloned()
+    }
+
+    /// The manifest of a registered connector.
+    pub fn manifest(&self, connector_id: &str) -> Option<crate::manifest::Manifest> {
+        self.plugin(connector_id)
+            .map(|p| p.plugin.manifest().clone())
+    }
+
+    /// The key ring secrets at rest are encrypted with.
+    pub fn keys(&self) -> Arc<KeyRing> {
+        self.keys.clone()
+    }
+
+    /// The settings of `tenant_id`'s `connector_id` as an admin sees them
+    /// (secrets masked).
+    pub async fn settings(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+    ) -> Result<Vec<SettingView>, SettingError> {
+        let m = self
+            .manifest(connector_id)
+            .ok_or_else(|| SettingError::UnknownConnector(connector_id.into()))?;
+        Ok(settings::view(&self.store, &self.keys, &m, tenant_id).await?)
+    }
+
+    /// Check and store one setting of `tenant_id`'s `connector_id` (audited).
+    pub async fn set_setting(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        key: &str,
+        value: &str,
+        actor: &str,
+    ) -> Result<(), SettingError> {
+        let m = self
+            .manifest(connector_id)
+            .ok_or_else(|| SettingError::UnknownConnector(connector_id.into()))?;
+        settings::set(
+            &self.store,
+            &self.keys,
+            &m,
+            tenant_id,
+            key,
+            value,
+            actor,
+            self.clock.now_secs(),
+        )
+        .await
+    }
+
+    /// Remove one stored setting of `tenant_id`'s `connector_id` (audited).
+    pub async fn unset_setting(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        key: &str,
+        actor: &str,
+    ) -> Result<(), SettingError> {
+        if self.plugin(connector_id).is_none() {
+            return Err(SettingError::UnknownConnector(connector_id.into()));
+        }
+        settings::unset(
+            &self.store,
+            connector_id,
+            tenant_id,
+            key,
+            actor,
+            self.clock.now_secs(),
+        )
+        .await
     }
 
     /// The store.
@@ -582,7 +655,8 @@ impl Connections {
     }
 
     /// The context a connector call for this connection runs with: the
-    /// connection's info and settings, its credentials (this service's
+    /// connection's info and settings (manifest defaults overlaid with the
+    /// stored ones, [`settings::connection_info`]), its credentials (this service's
     /// [`TokenManager`]), and the SQL mapping and kv stores.
     pub async fn call_context(&self, connection_id: &str) -> Result<CallContext, ConnectError> {
         let conn = self
@@ -590,18 +664,12 @@ impl Connections {
             .connection(connection_id)
             .await?
             .ok_or_else(|| ConnectError::NotFound(format!("connection {connection_id}")))?;
-        let settings = self
-            .plugin(&conn.connector_id)
-            .map(|p| p.plugin.manifest().settings.clone())
-            .unwrap_or_default();
+        let plugin = self.plugin(&conn.connector_id);
+        let manifest = plugin.as_ref().map(|p| p.plugin.manifest());
+        let connection =
+            settings::connection_info(&self.store, &self.keys, manifest, &conn).await?;
         Ok(CallContext {
-            connection: ConnectionInfo {
-                connection_id: conn.id.clone(),
-                tenant_id: conn.tenant_id.clone(),
-                external_tenant_id: conn.external_tenant_id.clone(),
-                external_tenant_name: conn.external_tenant_name.clone(),
-                settings,
-            },
+            connection,
             credentials: self.tokens.clone() as Arc<dyn CredentialProvider>,
             mappings: Arc::new(self.store.clone()),
             kv: Arc::new(self.store.clone()),

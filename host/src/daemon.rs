@@ -340,6 +340,7 @@ impl Daemon {
             tokens as Arc<dyn CredentialProvider>,
             Arc::new(store.clone()) as Arc<dyn MappingStore>,
             Arc::new(store.clone()) as Arc<dyn KvStore>,
+            connections.keys(),
             dcfg,
         );
         let d2 = dispatcher.clone();

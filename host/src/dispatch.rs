@@ -9,10 +9,10 @@
 //! was delivered on the same connection. Failures open incidents that the
 //! notifier turns into one e-mail each.
 
-use crate::capabilities::connection::ConnectionInfo;
 use crate::capabilities::http::{CredentialProvider, RateGate, RateLimit};
 use crate::capabilities::kv::KvStore;
 use crate::capabilities::mapping::MappingStore;
+use crate::crypto::KeyRing;
 use crate::document::Document;
 use crate::runtime::v0_1::ledgerport::connector::types::{Delivery, DeliveryError};
 use crate::runtime::{CallContext, Plugin, Runtime};
@@ -144,13 +144,16 @@ pub struct Dispatcher {
     credentials: Arc<dyn CredentialProvider>,
     mappings: Arc<dyn MappingStore>,
     kv: Arc<dyn KvStore>,
+    keys: Arc<KeyRing>,
     config: DispatchConfig,
     wake: Notify,
     rate_gate: Arc<dyn RateGate>,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `store` with the loaded `plugins` (by connector id).
+    /// A dispatcher over `store` with the loaded `plugins` (by connector
+    /// id); `keys` decrypt the connections' stored settings.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         runtime: Arc<Runtime>,
@@ -158,6 +161,7 @@ impl Dispatcher {
         credentials: Arc<dyn CredentialProvider>,
         mappings: Arc<dyn MappingStore>,
         kv: Arc<dyn KvStore>,
+        keys: Arc<KeyRing>,
         config: DispatchConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -171,6 +175,7 @@ impl Dispatcher {
             credentials,
             mappings,
             kv,
+            keys,
             config,
             wake: Notify::new(),
         })
@@ -540,14 +545,26 @@ impl Dispatcher {
             Ok(None) => return fail("rejected", "the connection no longer exists".into()),
             Err(e) => return self.transient(c, format!("storage error: {e}"), now),
         };
+        // The manifest's defaults overlaid with the connection's settings.
+        let connection = match crate::connections::settings::connection_info(
+            &self.store,
+            &self.keys,
+            Some(plugin.manifest()),
+            &conn,
+        )
+        .await
+        {
+            Ok(info) => info,
+            Err(e) => {
+                return self.transient(
+                    c,
+                    format!("the connection's settings cannot be read: {e}"),
+                    now,
+                );
+            }
+        };
         let ctx = CallContext {
-            connection: ConnectionInfo {
-                connection_id: conn.id.clone(),
-                tenant_id: conn.tenant_id.clone(),
-                external_tenant_id: conn.external_tenant_id.clone(),
-                external_tenant_name: conn.external_tenant_name.clone(),
-                settings: Default::default(),
-            },
+            connection,
             credentials: self.credentials.clone(),
             mappings: self.mappings.clone(),
             kv: self.kv.clone(),

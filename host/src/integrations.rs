@@ -1,8 +1,9 @@
 //! The Integrations page, served by the daemon and rendered on the server
 //! (no front-end build): a Xero card with Connect, a 3-dot menu with
 //! Configure (a mapping form whose choices are the organisation's accounts)
-//! and Disconnect, the connection's status, and the delivery log with
-//! failed items and Retry.
+//! and Disconnect, the connection's status, its settings (the connector's
+//! declared settings with a small form; secrets write-only), and the
+//! delivery log with failed items and Retry.
 //!
 //! The platform opens it for a tenant admin with a link to
 //! `/integrations/login?key=<tenant key>&admin=<who>&role=<role>`; the page
@@ -132,6 +133,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/integrations/login", get(login))
         .route("/integrations/configure", get(configure))
         .route("/integrations/mappings", post(save_mappings))
+        .route("/integrations/settings", post(save_settings))
         .route("/integrations/connect", post(connect))
         .route("/integrations/disconnect", post(disconnect))
         .route("/integrations/retry", post(retry))
@@ -207,6 +209,7 @@ async fn index(State(st): S, headers: HeaderMap) -> Response {
              <form method=\"post\" action=\"/integrations/disconnect\"><button id=\"disconnect\" type=\"submit\">Disconnect</button></form>\
              </div></details>");
     }
+    card.push_str(&settings_form(&st, &s.tenant).await);
     card.push_str("</div>");
     let rows = st
         .store
@@ -246,6 +249,155 @@ async fn index(State(st): S, headers: HeaderMap) -> Response {
     }
     log.push_str("</table>");
     page("Integrations", &format!("{card}{log}"))
+}
+
+/// The Xero connector's declared settings with a form to change them:
+/// a choice where the manifest lists the allowed values, a text field
+/// otherwise, and for a secret an empty password field (write-only) and a
+/// box to clear it. Empty when the connector declares no settings.
+async fn settings_form(st: &AdminState, tenant: &str) -> String {
+    let Ok(list) = st.connections.settings(tenant, "xero").await else {
+        return String::new();
+    };
+    let list: Vec<_> = list.into_iter().filter(|v| v.declared).collect();
+    if list.is_empty() {
+        return String::new();
+    }
+    let mut f = String::from(
+        "<h3>Settings</h3><form method=\"post\" action=\"/integrations/settings\" id=\"settings\"><table>",
+    );
+    for v in &list {
+        let key = esc(&v.key);
+        let default_label = v
+            .default
+            .as_deref()
+            .map(|d| format!("default ({})", esc(d)))
+            .unwrap_or_else(|| "not set".into());
+        let own = if v.stored { v.value.clone() } else { None };
+        let input = if v.secret {
+            format!(
+                "<input type=\"password\" name=\"{key}\" value=\"\" autocomplete=\"off\" placeholder=\"{p}\"> \
+                 <span class=\"secret-state\" data-key=\"{key}\">{p}</span>{clear}",
+                p = esc(v.value.as_deref().unwrap_or("")),
+                clear = if v.stored {
+                    format!(
+                        " <label><input type=\"checkbox\" name=\"unset\" value=\"{key}\"> clear</label>"
+                    )
+                } else {
+                    String::new()
+                },
+            )
+        } else if !v.allowed.is_empty() {
+            let mut o = format!("<option value=\"\">{default_label}</option>");
+            for a in &v.allowed {
+                let sel = if own.as_deref() == Some(a) {
+                    " selected"
+                } else {
+                    ""
+                };
+                o.push_str(&format!(
+                    "<option value=\"{a}\"{sel}>{a}</option>",
+                    a = esc(a)
+                ));
+            }
+            format!("<select name=\"{key}\">{o}</select>")
+        } else {
+            format!(
+                "<input type=\"text\" name=\"{key}\" value=\"{val}\" placeholder=\"{default_label}\">",
+                val = esc(own.as_deref().unwrap_or(""))
+            )
+        };
+        f.push_str(&format!(
+            "<tr><td><label>{key}</label><br><small>{d}</small></td><td>{input}</td></tr>",
+            d = esc(v.description.as_deref().unwrap_or(""))
+        ));
+    }
+    f.push_str(
+        "</table><p><button id=\"save-settings\" type=\"submit\">Save settings</button></p></form>",
+    );
+    f
+}
+
+/// Apply the settings form: a changed value is stored, an emptied
+/// (non-secret) field or a ticked "clear" removes the stored value, an
+/// empty secret field leaves the secret as it is. Every change is audited.
+async fn save_settings(
+    State(st): S,
+    headers: HeaderMap,
+    Form(f): Form<Vec<(String, String)>>,
+) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(r) = require_super_admin(&s) {
+        return r;
+    }
+    let current = match st.connections.settings(&s.tenant, "xero").await {
+        Ok(c) => c,
+        Err(e) => return message(StatusCode::NOT_FOUND, "No settings", &e.to_string()),
+    };
+    let clear: Vec<&str> = f
+        .iter()
+        .filter(|(k, _)| k == "unset")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let mut changed = 0;
+    for (key, value) in f.iter().filter(|(k, _)| k != "unset") {
+        let Some(v) = current.iter().find(|v| &v.key == key && v.declared) else {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Setting refused",
+                &format!("{key}: unknown setting"),
+            );
+        };
+        let result = if v.secret {
+            if value.is_empty() || clear.contains(&key.as_str()) {
+                continue;
+            }
+            st.connections
+                .set_setting(&s.tenant, "xero", key, value, &s.admin)
+                .await
+        } else if value.is_empty() {
+            if !v.stored {
+                continue;
+            }
+            st.connections
+                .unset_setting(&s.tenant, "xero", key, &s.admin)
+                .await
+        } else {
+            if v.stored && v.value.as_deref() == Some(value.as_str()) {
+                continue;
+            }
+            st.connections
+                .set_setting(&s.tenant, "xero", key, value, &s.admin)
+                .await
+        };
+        if let Err(e) = result {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Setting refused",
+                &e.to_string(),
+            );
+        }
+        changed += 1;
+    }
+    for key in clear {
+        if let Err(e) = st
+            .connections
+            .unset_setting(&s.tenant, "xero", key, &s.admin)
+            .await
+        {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Setting refused",
+                &e.to_string(),
+            );
+        }
+        changed += 1;
+    }
+    tracing::info!(tenant = %s.tenant, changed, "settings saved from the Integrations page");
+    redirect("/integrations")
 }
 
 async fn configure(State(st): S, headers: HeaderMap) -> Response {

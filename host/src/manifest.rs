@@ -92,6 +92,174 @@ pub struct OAuth {
     pub pkce: bool,
 }
 
+/// Longest connector setting value the host stores.
+pub const MAX_SETTING_CHARS: usize = 2048;
+
+/// One connector setting a manifest declares. The plain form
+/// `[settings] key = "value"` declares a default only; the table form
+/// `[settings.key] default = "...", allowed = [...], description = "...",
+/// secret = true, min_length = 16, max_length = 200` says more. A plain
+/// declaration serialises back to the plain form (so signatures over
+/// manifests written before the table form stay valid).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SettingSpec {
+    /// What the connector gets when the connection sets nothing.
+    pub default: Option<String>,
+    /// What it is for, in words for an admin.
+    pub description: Option<String>,
+    /// A secret: encrypted at rest like every stored setting, and never
+    /// shown back (the admin API and page say only whether it is set).
+    pub secret: bool,
+    /// The only values accepted (any value when empty).
+    pub allowed: Vec<String>,
+    /// Shortest value accepted, in characters.
+    pub min_length: Option<u32>,
+    /// Longest value accepted, in characters (at most [`MAX_SETTING_CHARS`]).
+    pub max_length: Option<u32>,
+}
+
+/// The table form of a [`SettingSpec`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    default: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    secret: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    allowed: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_length: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_length: Option<u32>,
+}
+
+impl SettingSpec {
+    /// Only a default: the plain form.
+    fn is_plain(&self) -> bool {
+        self.default.is_some()
+            && self.description.is_none()
+            && !self.secret
+            && self.allowed.is_empty()
+            && self.min_length.is_none()
+            && self.max_length.is_none()
+    }
+
+    /// The longest value accepted, in characters.
+    pub fn max_chars(&self) -> usize {
+        self.max_length
+            .map(|m| (m as usize).min(MAX_SETTING_CHARS))
+            .unwrap_or(MAX_SETTING_CHARS)
+    }
+}
+
+impl Serialize for SettingSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.default {
+            Some(d) if self.is_plain() => s.serialize_str(d),
+            _ => SettingTable {
+                default: self.default.clone(),
+                description: self.description.clone(),
+                secret: self.secret,
+                allowed: self.allowed.clone(),
+                min_length: self.min_length,
+                max_length: self.max_length,
+            }
+            .serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SettingSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SettingSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a default value (string) or a table with default, description, secret, allowed, min_length, max_length")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SettingSpec, E> {
+                Ok(SettingSpec {
+                    default: Some(v.to_string()),
+                    ..SettingSpec::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<SettingSpec, A::Error> {
+                let t =
+                    SettingTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(SettingSpec {
+                    default: t.default,
+                    description: t.description,
+                    secret: t.secret,
+                    allowed: t.allowed,
+                    min_length: t.min_length,
+                    max_length: t.max_length,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The settings a manifest declares, by key. Iterating a `&Settings` yields
+/// the declared defaults as `(key, value)`: what a connection that stores
+/// nothing gets.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Settings(BTreeMap<String, SettingSpec>);
+
+type DefaultsIter<'a> = std::iter::FilterMap<
+    std::collections::btree_map::Iter<'a, String, SettingSpec>,
+    fn((&'a String, &'a SettingSpec)) -> Option<(&'a String, &'a String)>,
+>;
+
+impl Settings {
+    /// The declaration of `key`.
+    pub fn get(&self, key: &str) -> Option<&SettingSpec> {
+        self.0.get(key)
+    }
+    /// Every declaration, by key.
+    pub fn specs(&self) -> impl Iterator<Item = (&String, &SettingSpec)> {
+        self.0.iter()
+    }
+    /// The declared keys.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+    /// Whether nothing is declared.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The declared defaults (key -> value).
+    pub fn defaults(&self) -> BTreeMap<String, String> {
+        self.into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+    /// Declare (or replace) `key`.
+    pub fn insert(&mut self, key: impl Into<String>, spec: SettingSpec) {
+        self.0.insert(key.into(), spec);
+    }
+}
+
+impl<'a> IntoIterator for &'a Settings {
+    type Item = (&'a String, &'a String);
+    type IntoIter = DefaultsIter<'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        fn default_of<'a>(
+            (k, s): (&'a String, &'a SettingSpec),
+        ) -> Option<(&'a String, &'a String)> {
+            s.default.as_ref().map(|d| (k, d))
+        }
+        self.0.iter().filter_map(default_of as fn(_) -> _)
+    }
+}
+
 /// A parsed, validated plugin manifest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -119,9 +287,11 @@ pub struct Manifest {
     /// OAuth settings, for connectors whose provider uses OAuth.
     #[serde(default)]
     pub oauth: Option<OAuth>,
-    /// Default connector settings (key -> value), overridable per connection.
+    /// The connector settings it reads, each with its default, and for the
+    /// declared form its description, allowed values and whether it is a
+    /// secret; an admin overrides them per connection.
     #[serde(default)]
-    pub settings: BTreeMap<String, String>,
+    pub settings: Settings,
     /// Ed25519 public key (base64) of whoever signed this manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_by: Option<String>,
@@ -222,6 +392,11 @@ impl Manifest {
         if self.limits.requests_per_minute == 0 || self.limits.concurrent_per_connection == 0 {
             return invalid("limits", "limits must be at least 1".into());
         }
+        for (key, spec) in self.settings.specs() {
+            if let Err(message) = check_setting(key, spec) {
+                return invalid("settings", format!("{key:?}: {message}"));
+            }
+        }
         if let Some(o) = &self.oauth {
             for (key, u) in [
                 ("oauth.authorize_url", &o.authorize_url),
@@ -234,6 +409,41 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Refuse a setting declaration that contradicts itself.
+fn check_setting(key: &str, s: &SettingSpec) -> Result<(), String> {
+    if key.is_empty()
+        || key.len() > 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err("a setting name is 1-64 of a-z, A-Z, 0-9, '_', '-' and '.'".into());
+    }
+    if s.secret && s.default.is_some() {
+        return Err("a secret has no default (a manifest is not a place for secrets)".into());
+    }
+    if s.max_length == Some(0) || s.max_length.is_some_and(|m| m as usize > MAX_SETTING_CHARS) {
+        return Err(format!("max_length must be 1-{MAX_SETTING_CHARS}"));
+    }
+    if let (Some(min), Some(max)) = (s.min_length, s.max_length)
+        && min > max
+    {
+        return Err("min_length is above max_length".into());
+    }
+    if s.allowed.iter().any(String::is_empty) {
+        return Err("allowed values are not empty".into());
+    }
+    if let Some(d) = &s.default
+        && !s.allowed.is_empty()
+        && !s.allowed.contains(d)
+    {
+        return Err(format!(
+            "the default {d:?} is not one of the allowed values"
+        ));
+    }
+    Ok(())
 }
 
 /// The served contract line ("0.1") a version string belongs to, if any.
@@ -325,6 +535,64 @@ document_kinds = ["invoice", "credit-note"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn settings_plain_and_declared_forms() {
+        let text = format!(
+            "{GOOD}\n[settings]\nregion = \"eu\"\n\n[settings.status]\ndefault = \"AUTHORISED\"\n\
+             allowed = [\"DRAFT\", \"AUTHORISED\"]\ndescription = \"Bill status\"\n\n\
+             [settings.signing_secret]\nsecret = true\nmin_length = 16\n"
+        );
+        let m = Manifest::parse(&text).unwrap();
+        assert_eq!(
+            m.settings.get("region").unwrap().default.as_deref(),
+            Some("eu")
+        );
+        let status = m.settings.get("status").unwrap();
+        assert_eq!(status.allowed, vec!["DRAFT", "AUTHORISED"]);
+        assert_eq!(status.description.as_deref(), Some("Bill status"));
+        assert!(m.settings.get("signing_secret").unwrap().secret);
+        // Iterating yields the defaults only (the secret has none).
+        let defaults: Vec<(String, String)> = (&m.settings)
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(
+            defaults,
+            vec![
+                ("region".to_string(), "eu".to_string()),
+                ("status".to_string(), "AUTHORISED".to_string())
+            ]
+        );
+        // Round trip; the plain form stays plain.
+        let out = toml::to_string(&m).unwrap();
+        assert!(out.contains("region = \"eu\""), "{out}");
+        assert_eq!(Manifest::parse(&out).unwrap(), m);
+    }
+
+    #[test]
+    fn contradictory_settings_are_refused_naming_them() {
+        for (decl, why) in [
+            (
+                "[settings.status]\ndefault = \"FINAL\"\nallowed = [\"DRAFT\"]",
+                "allowed",
+            ),
+            ("[settings.token]\nsecret = true\ndefault = \"x\"", "secret"),
+            ("[settings.x]\nmin_length = 5\nmax_length = 2", "min_length"),
+            ("[settings.x]\nmax_length = 999999", "max_length"),
+            ("[settings.x]\nbogus = 1", "bogus"),
+            ("[settings]\n\"a b\" = \"1\"", "setting name"),
+        ] {
+            let e = Manifest::parse(&format!("{GOOD}\n{decl}\n"))
+                .unwrap_err()
+                .to_string();
+            // A parse error names the key and line; a refusal names `settings`.
+            assert!(
+                e.contains(why) && (e.contains("settings") || e.contains("line")),
+                "{decl}: {e}"
+            );
+        }
     }
 
     #[test]

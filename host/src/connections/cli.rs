@@ -1,6 +1,7 @@
 //! The command-line side of tenants, connections, mappings and keys:
 //! `ledgerport tenant add|list`, `connect` (prints the authorization URL),
-//! `mappings set|list|delete` and `keys rotate`. `main.rs` flattens
+//! `mappings set|list|delete`, `settings get|set|unset` (connector settings
+//! per connection, checked against the plugin's manifest) and `keys rotate`. `main.rs` flattens
 //! [`ConnectionsCommand`] into its subcommands and calls [`run`].
 //!
 //! Exit codes: 0 success, 2 bad input or a refusal, 3 internal error.
@@ -132,6 +133,59 @@ pub enum MappingsCommand {
     },
 }
 
+/// Connector settings subcommands. The plugin's manifest says which keys
+/// exist, which values are allowed and which are secrets.
+#[derive(Subcommand, Debug)]
+pub enum SettingsCommand {
+    /// Show the connector's settings for a tenant (secrets only as "set" / "not set").
+    Get {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The installed plugin's manifest.
+        #[arg(long)]
+        plugin: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Set settings: KEY=VALUE (repeatable; VALUE `-` reads the value from
+    /// standard input, so a secret stays out of the process list). All are
+    /// checked before any is stored.
+    Set {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The installed plugin's manifest.
+        #[arg(long)]
+        plugin: PathBuf,
+        /// KEY=VALUE.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// Who is changing them.
+        #[arg(long, default_value = "cli")]
+        actor: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove stored settings (the manifest's defaults apply again).
+    Unset {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The installed plugin's manifest.
+        #[arg(long)]
+        plugin: PathBuf,
+        /// The keys.
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+        /// Who is changing them.
+        #[arg(long, default_value = "cli")]
+        actor: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
 /// Key subcommands.
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
@@ -189,6 +243,11 @@ pub enum ConnectionsCommand {
     Mappings {
         #[command(subcommand)]
         command: MappingsCommand,
+    },
+    /// Connector settings of a tenant's connection.
+    Settings {
+        #[command(subcommand)]
+        command: SettingsCommand,
     },
     /// Secret keys.
     Keys {
@@ -502,6 +561,7 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                 println!("deleted {kind}");
             }
         },
+        ConnectionsCommand::Settings { command } => settings_cli(command, json, now).await?,
         ConnectionsCommand::Keys {
             command: KeysCommand::Rotate { store },
         } => {
@@ -575,6 +635,97 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                 return Err(bad(format!("id: no active key {id:?}")));
             }
             println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+fn setting_fail(e: super::SettingError) -> Fail {
+    if e.status() < 500 {
+        bad(e.to_string())
+    } else {
+        Fail(3, e.to_string())
+    }
+}
+
+async fn settings_cli(cmd: SettingsCommand, json: bool, now: i64) -> Result<(), Fail> {
+    use super::settings;
+    let manifest_of = |p: &Path| Manifest::from_file(p).map_err(|e| bad(e.to_string()));
+    match cmd {
+        SettingsCommand::Get {
+            tenant,
+            plugin,
+            store,
+        } => {
+            let m = manifest_of(&plugin)?;
+            let (s, keys) = open(&store).await?;
+            let list = settings::view(&s, &keys, &m, &tenant).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for v in list {
+                    println!(
+                        "{}\t{}\t{}",
+                        v.key,
+                        v.value.as_deref().unwrap_or("-"),
+                        if v.stored {
+                            "(this connection)"
+                        } else {
+                            "(default)"
+                        }
+                    );
+                }
+            }
+        }
+        SettingsCommand::Set {
+            tenant,
+            plugin,
+            settings: pairs,
+            actor,
+            store,
+        } => {
+            let m = manifest_of(&plugin)?;
+            let mut parsed = Vec::new();
+            for p in &pairs {
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| bad(format!("setting {p:?} must look like KEY=VALUE")))?;
+                let v = if v == "-" {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                } else {
+                    v.to_string()
+                };
+                settings::validate(&m, k.trim(), &v).map_err(setting_fail)?;
+                parsed.push((k.trim().to_string(), v));
+            }
+            let (s, keys) = open(&store).await?;
+            if s.tenant(&tenant).await?.is_none() {
+                return Err(bad(format!("tenant: unknown tenant {tenant:?}")));
+            }
+            for (k, v) in parsed {
+                settings::set(&s, &keys, &m, &tenant, &k, &v, &actor, now)
+                    .await
+                    .map_err(setting_fail)?;
+                println!("set {k}");
+            }
+        }
+        SettingsCommand::Unset {
+            tenant,
+            plugin,
+            keys: names,
+            actor,
+            store,
+        } => {
+            let m = manifest_of(&plugin)?;
+            let (s, _) = open(&store).await?;
+            for k in names {
+                settings::unset(&s, &m.id, &tenant, &k, &actor, now)
+                    .await
+                    .map_err(setting_fail)?;
+                println!("unset {k}");
+            }
         }
     }
     Ok(())

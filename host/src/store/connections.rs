@@ -1174,6 +1174,8 @@ impl Store {
             });
             n += 1 + u64::from(refresh.is_some());
         }
+        // Connector settings.
+        n += self.reencrypt_settings(keys).await?;
         Ok(n)
     }
 
@@ -1183,7 +1185,8 @@ impl Store {
             sqlx::query_as(
                 "SELECT key_id FROM connection_tokens
                  UNION SELECT key_id FROM oauth_states WHERE pkce_verifier IS NOT NULL
-                 UNION SELECT key_id FROM oauth_pending ORDER BY 1",
+                 UNION SELECT key_id FROM oauth_pending
+                 UNION SELECT key_id FROM connection_settings ORDER BY 1",
             )
             .fetch_all(p)
             .await?

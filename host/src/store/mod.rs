@@ -7,7 +7,8 @@
 //! `Store` wraps a pool of either engine. Every table family lives in its own
 //! submodule that adds `impl Store { ... }` methods: [`tenants`],
 //! [`connections`] (connections, encrypted tokens, events, pending OAuth
-//! flows, key rotation), [`mappings`] and [`kv`]. SQL is written once with
+//! flows, key rotation), [`mappings`], [`settings`] (connector settings
+//! per connection, encrypted) and [`kv`]. SQL is written once with
 //! `$1`-style placeholders, which both engines accept, and run through the
 //! crate-private `on_pool!` macro, which expands the same body for the SQLite
 //! pool and for the PostgreSQL pool. Times are Unix seconds (`i64`) passed in
@@ -23,6 +24,7 @@ pub mod connections;
 pub mod kv;
 pub mod mappings;
 pub mod outbox;
+pub mod settings;
 pub mod tenants;
 
 use sqlx::migrate::Migrator;
@@ -149,6 +151,20 @@ impl Store {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // SQLite rolls a transaction back by itself on some errors (disk
+            // full, I/O error); sqlx still counts the connection as inside
+            // it, its ROLLBACK then fails, and every later BEGIN on that
+            // connection fails too ("begin_with at non-zero transaction
+            // depth") long after the disk has room again. Such a connection
+            // is closed on release instead of going back to the pool (the
+            // ping runs after any rollback still queued for it).
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(opts)
             .await
             .map_err(open_err)?;

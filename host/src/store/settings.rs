@@ -1,0 +1,160 @@
+//! Connector settings a tenant's connection overrides (table
+//! `connection_settings`): per tenant and connector, like mappings, so they
+//! outlive a disconnect and are found again on reconnect. Every value is
+//! encrypted with the [`KeyRing`] (some are secrets, such as a webhook's
+//! signing secret, and which ones is the manifest's business, not the
+//! store's), bound to its row by the associated data
+//! [`ctx_setting`]. Validation against the manifest lives in
+//! `connections::settings`.
+
+use super::{Store, StoreError, on_pool};
+use crate::crypto::{KeyRing, Secret};
+
+/// One stored setting, decrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSetting {
+    /// The setting's key.
+    pub key: String,
+    /// Its value (a [`Secret`]: `Debug` never shows it).
+    pub value: Secret,
+    /// Who set it.
+    pub updated_by: Option<String>,
+    /// When (Unix seconds).
+    pub updated_at: i64,
+}
+
+/// Encryption context of a setting's value: the row it lives in
+/// (unambiguous, whatever the ids contain).
+pub fn ctx_setting(tenant_id: &str, connector_id: &str, key: &str) -> String {
+    format!(
+        "connection_settings.value:{}",
+        serde_json::json!([tenant_id, connector_id, key])
+    )
+}
+
+type SettingRow = (String, String, Option<String>, i64);
+
+impl Store {
+    /// Set (or replace) one setting of `tenant_id`'s `connector_id`,
+    /// encrypted under the newest key.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn set_connection_setting(
+        &self,
+        keys: &KeyRing,
+        tenant_id: &str,
+        connector_id: &str,
+        key: &str,
+        value: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let sealed = keys.encrypt(value, &ctx_setting(tenant_id, connector_id, key));
+        on_pool!(self, p => {
+            sqlx::query(
+                "INSERT INTO connection_settings (tenant_id, connector_id, key, key_id, value, updated_by, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (tenant_id, connector_id, key) DO UPDATE SET
+                   key_id = excluded.key_id, value = excluded.value,
+                   updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+            )
+            .bind(tenant_id)
+            .bind(connector_id)
+            .bind(key)
+            .bind(keys.current_key_id())
+            .bind(&sealed)
+            .bind(actor)
+            .bind(now)
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Remove one setting (the connector gets the manifest's default
+    /// again); returns whether there was one.
+    pub async fn unset_connection_setting(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        let n = on_pool!(self, p => {
+            sqlx::query(
+                "DELETE FROM connection_settings WHERE tenant_id = $1 AND connector_id = $2 AND key = $3",
+            )
+            .bind(tenant_id)
+            .bind(connector_id)
+            .bind(key)
+            .execute(p)
+            .await?
+            .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Every stored setting of `tenant_id`'s `connector_id`, decrypted,
+    /// sorted by key.
+    pub async fn connection_settings(
+        &self,
+        keys: &KeyRing,
+        tenant_id: &str,
+        connector_id: &str,
+    ) -> Result<Vec<StoredSetting>, StoreError> {
+        let rows: Vec<SettingRow> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT key, value, updated_by, updated_at FROM connection_settings
+                 WHERE tenant_id = $1 AND connector_id = $2 ORDER BY key",
+            )
+            .bind(tenant_id)
+            .bind(connector_id)
+            .fetch_all(p)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(key, sealed, updated_by, updated_at)| {
+                let value = keys.decrypt(&sealed, &ctx_setting(tenant_id, connector_id, &key))?;
+                Ok(StoredSetting {
+                    key,
+                    value,
+                    updated_by,
+                    updated_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Re-encrypt every setting not under `keys`' newest key; returns how
+    /// many were rewritten. A value changed meanwhile is left for the next
+    /// pass (compare-and-swap on the old ciphertext).
+    pub(crate) async fn reencrypt_settings(&self, keys: &KeyRing) -> Result<u64, StoreError> {
+        let current = keys.current_key_id().to_string();
+        let rows: Vec<(String, String, String, String)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT tenant_id, connector_id, key, value FROM connection_settings WHERE key_id <> $1",
+            )
+            .bind(&current)
+            .fetch_all(p)
+            .await?
+        });
+        let mut n = 0;
+        for (tenant, connector, key, sealed) in rows {
+            let again = keys.reencrypt(&sealed, &ctx_setting(&tenant, &connector, &key))?;
+            n += on_pool!(self, p => {
+                sqlx::query(
+                    "UPDATE connection_settings SET key_id = $1, value = $2
+                     WHERE tenant_id = $3 AND connector_id = $4 AND key = $5 AND value = $6",
+                )
+                .bind(&current)
+                .bind(&again)
+                .bind(&tenant)
+                .bind(&connector)
+                .bind(&key)
+                .bind(&sealed)
+                .execute(p)
+                .await?
+                .rows_affected()
+            });
+        }
+        Ok(n)
+    }
+}
