@@ -187,12 +187,30 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
 }
 
 fn server_error(e: impl std::fmt::Display) -> Response {
+    let e = e.to_string();
     tracing::error!(error = %e, "request failed");
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": "storage is unavailable; nothing was stored, retry later"})),
+        Json(json!({
+            "error": format!("{}; nothing was stored, retry later", storage_cause(&e))
+        })),
     )
         .into_response()
+}
+
+/// The cause of a storage failure in words an operator can act on (the
+/// full error is logged): disk full, read-only, locked, or unavailable.
+pub fn storage_cause(error: &str) -> &'static str {
+    let e = error.to_ascii_lowercase();
+    if e.contains("disk is full") || e.contains("no space left") {
+        "the database's disk is full"
+    } else if e.contains("readonly") || e.contains("read-only") {
+        "the database is read-only"
+    } else if e.contains("database is locked") {
+        "the database is locked by another process"
+    } else {
+        "storage is unavailable"
+    }
 }
 
 async fn post_document(
@@ -247,5 +265,31 @@ async fn list_deliveries(
     {
         Ok(rows) => Json(json!({ "deliveries": rows })).into_response(),
         Err(e) => server_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storage_cause;
+
+    #[test]
+    fn storage_failures_name_their_cause() {
+        for (error, cause) in [
+            (
+                "database error: error returned from database: (code: 13) database or disk is full",
+                "the database's disk is full",
+            ),
+            (
+                "database error: error returned from database: (code: 8) attempt to write a readonly database",
+                "the database is read-only",
+            ),
+            (
+                "database error: error returned from database: (code: 5) database is locked",
+                "the database is locked by another process",
+            ),
+            ("database error: pool timed out", "storage is unavailable"),
+        ] {
+            assert_eq!(storage_cause(error), cause, "{error}");
+        }
     }
 }
