@@ -22,6 +22,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admin/tenants/{t}/connect/xero"),
     ("POST", "/v1/admin/tenants/{t}/disconnect/xero"),
     ("GET", "/v1/admin/tenants/{t}/audit"),
+    ("GET", "/v1/admin/tenants/{t}/settings/xero"),
+    ("PUT", "/v1/admin/tenants/{t}/settings/xero/status"),
+    ("DELETE", "/v1/admin/tenants/{t}/settings/xero/status"),
 ];
 
 async fn call(

@@ -1,0 +1,595 @@
+//! Connector settings per connection: the store on both engines (round
+//! trip, values encrypted at rest, key rotation), the admin API (secrets
+//! masked, every refusal naming the key, audited, kept across disconnect
+//! and reconnect), and end to end: a connection with `status = DRAFT` makes
+//! the Xero connector create a DRAFT bill in the simulator while another
+//! connection gets the manifest's default, AUTHORISED.
+
+mod common;
+#[allow(dead_code)]
+mod storage_support;
+
+use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
+use ledgerport::connections::Clock;
+use ledgerport::connections::settings;
+use ledgerport::crypto::KeyRing;
+use ledgerport::daemon::Daemon;
+use ledgerport::manifest::Manifest;
+use ledgerport::store::admin::KeyScope;
+use ledgerport::store::{Pool, Store};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use storage_support::{TestDb, keys};
+use xero_sim::{DEFAULT_TENANT_TRADING, Sim, SimConfig, SimHandle};
+
+const SECRET: &str = "whsec-0123456789abcdef-do-not-leak";
+const SERVICE_KEY: &str = "settings-test-service-key";
+
+macro_rules! both {
+    ($sqlite:ident, $pg:ident, $f:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $f(TestDb::sqlite()).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $pg() {
+            if let Some(db) = TestDb::postgres().await {
+                $f(db).await
+            }
+        }
+    };
+}
+
+fn repo_manifest(rel: &str) -> Manifest {
+    Manifest::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)).unwrap()
+}
+
+/// Every stored value as the database holds it.
+async fn raw_values(s: &Store) -> Vec<(String, String, String)> {
+    let q = "SELECT key, key_id, value FROM connection_settings ORDER BY key";
+    match s.pool() {
+        Pool::Sqlite(p) => sqlx::query_as(q).fetch_all(p).await.unwrap(),
+        Pool::Postgres(p) => sqlx::query_as(q).fetch_all(p).await.unwrap(),
+    }
+}
+
+async fn storage_round_trip(db: TestDb) {
+    let s = db.store().await;
+    let ring = keys(7);
+    let webhook = repo_manifest("examples/webhook-connector/manifest.toml");
+    let xero = repo_manifest("plugins/xero/manifest.toml");
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+
+    // Nothing stored: the connector gets the manifest's defaults.
+    let eff = settings::effective(&s, &ring, Some(&xero), "acme", "xero")
+        .await
+        .unwrap();
+    assert_eq!(eff.get("status").map(String::as_str), Some("AUTHORISED"));
+
+    settings::set(&s, &ring, &xero, "acme", "status", "DRAFT", "alice", 10)
+        .await
+        .unwrap();
+    settings::set(
+        &s,
+        &ring,
+        &webhook,
+        "acme",
+        "signing_secret",
+        SECRET,
+        "alice",
+        11,
+    )
+    .await
+    .unwrap();
+    // Replaced in place.
+    settings::set(&s, &ring, &xero, "acme", "status", "SUBMITTED", "bob", 12)
+        .await
+        .unwrap();
+    let stored = s.connection_settings(&ring, "acme", "xero").await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].value.expose(), "SUBMITTED");
+    assert_eq!(
+        (stored[0].updated_by.as_deref(), stored[0].updated_at),
+        (Some("bob"), 12)
+    );
+    let eff = settings::effective(&s, &ring, Some(&webhook), "acme", "webhook")
+        .await
+        .unwrap();
+    assert_eq!(eff["signing_secret"], SECRET);
+    assert_eq!(eff["endpoint"], "https://hooks.example.com/ledgerport");
+    // Another tenant and another connector are apart.
+    assert!(
+        s.connection_settings(&ring, "globex", "xero")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // At rest: ciphertexts under the ring's key, no plaintext anywhere.
+    let raw = raw_values(&s).await;
+    assert_eq!(raw.len(), 2);
+    for (key, key_id, value) in &raw {
+        assert!(value.starts_with("lp1:"), "{key}: {value}");
+        assert_eq!(key_id, ring.current_key_id());
+        assert!(!value.contains(SECRET) && !value.contains("SUBMITTED"));
+    }
+    // A ciphertext copied into another row does not decrypt there.
+    let status_ct = &raw.iter().find(|r| r.0 == "status").unwrap().2;
+    assert!(
+        ring.decrypt(status_ct, &settings_ctx("acme", "webhook", "status"))
+            .is_err()
+    );
+
+    // The admin's view masks the secret.
+    let view = settings::view(&s, &ring, &webhook, "acme").await.unwrap();
+    let secret = view.iter().find(|v| v.key == "signing_secret").unwrap();
+    assert_eq!(
+        (secret.value.as_deref(), secret.stored, secret.secret),
+        (Some("set"), true, true)
+    );
+    assert!(!format!("{view:?}").contains(SECRET));
+
+    // Key rotation re-encrypts settings, and the old key is no longer in use.
+    let rotated = KeyRing::from_keys(&[[7; 32], [8; 32]]).unwrap();
+    assert!(s.reencrypt_all(&rotated).await.unwrap() >= 2);
+    assert_eq!(
+        s.key_ids_in_use().await.unwrap(),
+        vec![rotated.current_key_id().to_string()]
+    );
+    let new_only = KeyRing::from_keys(&[[8; 32]]).unwrap();
+    let eff = settings::effective(&s, &new_only, Some(&webhook), "acme", "webhook")
+        .await
+        .unwrap();
+    assert_eq!(eff["signing_secret"], SECRET);
+
+    // Unset: the default applies again; a second unset names the key.
+    settings::unset(&s, "xero", "acme", "status", "alice", 20)
+        .await
+        .unwrap();
+    let eff = settings::effective(&s, &new_only, Some(&xero), "acme", "xero")
+        .await
+        .unwrap();
+    assert_eq!(eff["status"], "AUTHORISED");
+    let e = settings::unset(&s, "xero", "acme", "status", "alice", 21)
+        .await
+        .unwrap_err();
+    assert_eq!(e.field(), "status");
+    // Audited, the secret's value never.
+    let audit = s.audit_log(Some("acme"), 10).await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        vec!["setting.unset", "setting.set", "setting.set", "setting.set"]
+    );
+    assert!(audit.iter().all(|a| !a.detail.contains(SECRET)));
+    assert!(audit.iter().any(|a| a.detail == "xero status = SUBMITTED"));
+}
+
+both!(
+    storage_round_trip_on_sqlite,
+    storage_round_trip_on_postgres,
+    storage_round_trip
+);
+
+fn settings_ctx(tenant: &str, connector: &str, key: &str) -> String {
+    ledgerport::store::settings::ctx_setting(tenant, connector, key)
+}
+
+/// A daemon on SQLite with every installed connector and the simulator.
+struct Env {
+    sim: SimHandle,
+    d: Daemon,
+    base: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    _db: TestDb,
+}
+
+impl Env {
+    async fn start() -> Self {
+        let sim = Sim::start(SimConfig::default()).await.unwrap();
+        let db = TestDb::sqlite();
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("k");
+        std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
+        let mut cfg = storage_support::daemon_config(db.url(), &sim, &key_file);
+        cfg.service_keys = vec![SERVICE_KEY.into()];
+        // Only the connectors these tests use (compiling every installed
+        // one, the Python connector among them, costs tens of seconds).
+        let plugins = dir.path().join("plugins");
+        for id in ["xero", "webhook"] {
+            let (from, to) = (cfg.plugin_dir.join(id), plugins.join(id));
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(&from)
+                .unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask wasm`", from.display()))
+            {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+        cfg.plugin_dir = plugins;
+        let d = Daemon::start(cfg, Clock::system(), None).await.unwrap();
+        Env {
+            base: format!("http://{}", d.addr),
+            sim,
+            d,
+            http: reqwest::Client::new(),
+            _dir: dir,
+            _db: db,
+        }
+    }
+
+    /// A tenant connected to the simulator's Trading organisation through
+    /// the real OAuth flow, its accounts mapped.
+    async fn tenant(&self, id: &str) {
+        let s = &self.d.store;
+        s.upsert_tenant(id, &format!("{id} Ltd"), &[], 0)
+            .await
+            .unwrap();
+        self.connect(id).await;
+        let scope = MappingScope {
+            tenant_id: id.into(),
+            connector_id: "xero".into(),
+        };
+        for (kind, code, tax) in [
+            ("gross-salary", "477", None),
+            ("employer-social-contributions", "478", None),
+            ("employee-benefits", "479", None),
+            ("allowances-and-bonuses", "477", None),
+            ("statutory-payments", "477", None),
+            ("management-fee", "429", Some("INPUT2")),
+            ("onboarding-fee", "429", Some("INPUT2")),
+            ("fx-fee", "404", None),
+            ("expense-reimbursement", "493", None),
+            ("security-deposit", "620", None),
+            ("deposit-refund", "620", None),
+        ] {
+            let m = AccountMapping {
+                kind: kind.into(),
+                account_code: code.into(),
+                tax_type: tax.map(String::from),
+            };
+            s.set_mapping(&scope, &m, "test", 0).await.unwrap();
+        }
+    }
+
+    async fn connect(&self, tenant: &str) {
+        self.sim
+            .set_auto_approve(Some(vec![DEFAULT_TENANT_TRADING]));
+        let url = self
+            .d
+            .connections
+            .begin_connect(tenant, "xero", "alice@example.com")
+            .await
+            .unwrap();
+        let b = storage_support::browser();
+        let r = b.get(url.as_str()).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 302);
+        let back = r.headers()["location"].to_str().unwrap().to_string();
+        let r = b.get(&back).send().await.unwrap();
+        assert!(r.status().is_success() || r.status().is_redirection());
+        let c = self
+            .d
+            .store
+            .connection_for(tenant, "xero")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.state, ledgerport::store::ConnectionState::Active);
+    }
+
+    async fn key(&self, tenant: &str) -> String {
+        let scope = KeyScope::Tenant(tenant.into());
+        self.d.store.issue_key(&scope, "page", 0).await.unwrap().1
+    }
+
+    /// An admin API call as a Super Admin: status and body.
+    async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self
+            .http
+            .request(m, format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .header("x-ledgerport-admin", "alice@acme.example")
+            .header("x-ledgerport-role", "super-admin");
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let s = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            s,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post(&self, doc: &Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/documents", self.base))
+            .bearer_auth(SERVICE_KEY)
+            .json(doc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+    }
+
+    /// Wait until nothing is pending or working; the counts by state.
+    async fn settle(&self) -> Vec<(String, i64)> {
+        let started = Instant::now();
+        loop {
+            let counts = self.d.store.delivery_counts(None).await.unwrap();
+            if counts
+                .iter()
+                .all(|(s, n)| *n == 0 || (s != "pending" && s != "working"))
+            {
+                return counts;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "not settled: {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The Status of the bill numbered `number` in the simulator.
+    fn bill_status(&self, number: &str) -> String {
+        let docs = self.sim.documents(DEFAULT_TENANT_TRADING).unwrap();
+        let bill = docs
+            .invoices
+            .iter()
+            .find(|i| i["InvoiceNumber"] == number)
+            .unwrap_or_else(|| panic!("no bill {number} in the simulator"));
+        bill["Status"].as_str().unwrap().to_string()
+    }
+}
+
+fn invoice(tenant: &str, n: usize) -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json");
+    let mut d: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+    d["tenant_id"] = json!(tenant);
+    d["id"] = json!(format!("{tenant}-inv-{n}"));
+    d["number"] = json!(format!("INV-{tenant}-{n:04}"));
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
+    let env = Env::start().await;
+    env.d
+        .store
+        .upsert_tenant("acme", "Acme", &[], 0)
+        .await
+        .unwrap();
+    let key = env.key("acme").await;
+    let at = |rest: &str| format!("/v1/admin/tenants/acme/settings/{rest}");
+
+    // Declared settings with their descriptions, defaults and choices.
+    let (s, v) = env.call("GET", &at("xero"), &key, None).await;
+    assert_eq!(s, 200, "{v}");
+    let status = &v["settings"][0];
+    assert_eq!(status["key"], "status");
+    assert_eq!(status["value"], "AUTHORISED");
+    assert_eq!(status["stored"], false);
+    assert_eq!(
+        status["allowed"],
+        json!(["DRAFT", "SUBMITTED", "AUTHORISED"])
+    );
+    assert!(status["description"].as_str().unwrap().contains("DRAFT"));
+
+    // Refusals: 4xx, the key (or field) named, nothing stored.
+    for (path, body, code, field, words) in [
+        (
+            at("xero/status"),
+            json!({"value": "FINAL"}),
+            422,
+            "status",
+            "DRAFT, SUBMITTED, AUTHORISED",
+        ),
+        (
+            at("xero/colour"),
+            json!({"value": "red"}),
+            422,
+            "colour",
+            "unknown setting",
+        ),
+        (
+            at("webhook/endpoint"),
+            json!({"value": "x".repeat(3000)}),
+            422,
+            "endpoint",
+            "too long",
+        ),
+        (
+            at("webhook/signing_secret"),
+            json!({"value": "short"}),
+            422,
+            "signing_secret",
+            "too short",
+        ),
+        (
+            at("xero/status"),
+            json!({"status": "DRAFT"}),
+            422,
+            "value",
+            "value",
+        ),
+        (
+            at("xero/status"),
+            json!({"value": 7}),
+            422,
+            "value",
+            "string",
+        ),
+        (
+            at("nosuch/status"),
+            json!({"value": "DRAFT"}),
+            404,
+            "connector",
+            "not installed",
+        ),
+    ] {
+        let (s, v) = env.call("PUT", &path, &key, Some(body)).await;
+        assert_eq!(s, code, "{path}: {v}");
+        assert_eq!(v["problems"][0]["field"], field, "{path}: {v}");
+        let msg = v["problems"][0]["message"].as_str().unwrap();
+        assert!(msg.contains(words), "{path}: {msg}");
+    }
+    let (s, v) = env.call("DELETE", &at("xero/status"), &key, None).await;
+    assert_eq!(
+        (s, &v["problems"][0]["field"]),
+        (422, &json!("status")),
+        "{v}"
+    );
+    let (s, _) = env.call("GET", &at("nosuch"), &key, None).await;
+    assert_eq!(s, 404);
+    assert!(
+        env.d
+            .store
+            .audit_log(Some("acme"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Only a Super Admin changes settings.
+    let r = env
+        .http
+        .put(format!("{}{}", env.base, at("xero/status")))
+        .bearer_auth(&key)
+        .header("x-ledgerport-admin", "bob@acme.example")
+        .header("x-ledgerport-role", "finance-manager")
+        .json(&json!({"value": "DRAFT"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // A secret is write-only: the API says "set", never the value.
+    let (s, v) = env
+        .call(
+            "PUT",
+            &at("webhook/signing_secret"),
+            &key,
+            Some(json!({"value": SECRET})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = env.call("GET", &at("webhook"), &key, None).await;
+    assert!(!v.to_string().contains(SECRET), "{v}");
+    let secret = v["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == "signing_secret")
+        .unwrap();
+    assert_eq!(
+        (&secret["value"], &secret["secret"]),
+        (&json!("set"), &json!(true))
+    );
+    let (_, audit) = env
+        .call("GET", "/v1/admin/tenants/acme/audit", &key, None)
+        .await;
+    assert_eq!(audit["audit"][0]["action"], "setting.set");
+    assert_eq!(audit["audit"][0]["actor"], "alice@acme.example");
+    assert!(!audit.to_string().contains(SECRET));
+
+    // The Integrations page shows the settings; the secret field is empty.
+    let page_key = env.key("acme").await;
+    let b = storage_support::browser();
+    let r = b
+        .get(format!(
+            "{}/integrations/login?key={page_key}&admin=alice&role=super-admin",
+            env.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let html = b
+        .get(format!("{}/integrations", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("id=\"settings\""), "{html}");
+    assert!(html.contains("<select name=\"status\">"), "{html}");
+    // ... and changes them, audited.
+    let r = b
+        .post(format!("{}/integrations/settings", env.base))
+        .header("cookie", &cookie)
+        .form(&[("status", "DRAFT")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let (_, v) = env.call("GET", &at("xero"), &key, None).await;
+    assert_eq!(v["settings"][0]["value"], "DRAFT");
+    assert_eq!(v["settings"][0]["updated_by"], "alice");
+    let r = b
+        .post(format!("{}/integrations/settings", env.base))
+        .header("cookie", &cookie)
+        .form(&[("status", "LATER")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    assert!(r.text().await.unwrap().contains("status: "));
+    env.d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_connection_creates_draft_bills_and_others_stay_authorised() {
+    let env = Env::start().await;
+    env.tenant("review").await;
+    env.tenant("direct").await;
+    let key = env.key("review").await;
+    let (s, v) = env
+        .call(
+            "PUT",
+            "/v1/admin/tenants/review/settings/xero/status",
+            &key,
+            Some(json!({"value": "DRAFT"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    env.post(&invoice("review", 1)).await;
+    env.post(&invoice("direct", 1)).await;
+    let counts = env.settle().await;
+    assert!(counts.contains(&("delivered".into(), 2)), "{counts:?}");
+    assert_eq!(env.bill_status("INV-review-0001"), "DRAFT");
+    assert_eq!(env.bill_status("INV-direct-0001"), "AUTHORISED");
+
+    // Settings are remembered across disconnect and reconnect, like mappings.
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/admin/tenants/review/disconnect/xero",
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = env
+        .call("GET", "/v1/admin/tenants/review/settings/xero", &key, None)
+        .await;
+    assert_eq!(v["settings"][0]["value"], "DRAFT");
+    env.connect("review").await;
+    env.post(&invoice("review", 2)).await;
+    env.settle().await;
+    assert_eq!(env.bill_status("INV-review-0002"), "DRAFT");
+    env.d.stop().await;
+}
