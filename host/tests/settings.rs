@@ -593,3 +593,90 @@ async fn a_draft_connection_creates_draft_bills_and_others_stay_authorised() {
     assert_eq!(env.bill_status("INV-review-0002"), "DRAFT");
     env.d.stop().await;
 }
+
+/// `ledgerport settings get|set|unset` as a real process.
+fn cli(args: &[&str], key: &str, stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args(args)
+        .env("LEDGERPORT_SECRET_KEY", key)
+        .env_remove("LEDGERPORT_SECRET_KEY_FILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(text) = stdin {
+        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(c.stdin.take());
+    let o = c.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sets_gets_and_unsets_settings() {
+    let db = TestDb::sqlite();
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let key = ledgerport::crypto::generate_key();
+    let url = db.url();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let xero = root.join("plugins/xero/manifest.toml");
+    let webhook = root.join("examples/webhook-connector/manifest.toml");
+    let (xero, webhook) = (xero.to_str().unwrap(), webhook.to_str().unwrap());
+    let run = |args: Vec<&str>, stdin: Option<&str>| {
+        let mut a = vec!["settings"];
+        a.extend(args);
+        a.extend(["--tenant", "acme", "--database", url.as_str()]);
+        cli(&a, &key, stdin)
+    };
+
+    let (code, _, err) = run(vec!["set", "--plugin", xero, "status=FINAL"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("status: \"FINAL\" is not allowed"), "{err}");
+    let (code, out, err) = run(vec!["set", "--plugin", xero, "status=DRAFT"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("set status"), "{out}");
+    // A secret from standard input, never echoed back.
+    let (code, _, err) = run(
+        vec!["set", "--plugin", webhook, "signing_secret=-"],
+        Some(&format!("{SECRET}\n")),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(vec!["get", "--plugin", webhook, "--json"], None);
+    assert_eq!(code, 0);
+    assert!(!out.contains(SECRET), "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[1]["key"], "signing_secret");
+    assert_eq!(v[1]["value"], "set");
+    let eff = settings::effective(
+        &s,
+        &KeyRing::from_base64(&[key.clone()], "test").unwrap(),
+        None,
+        "acme",
+        "webhook",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        eff["signing_secret"], SECRET,
+        "stdin's line, without the newline"
+    );
+    let (code, out, _) = run(vec!["get", "--plugin", xero], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("status\tDRAFT\t(this connection)"), "{out}");
+    let (code, _, _) = run(vec!["unset", "--plugin", xero, "status"], None);
+    assert_eq!(code, 0);
+    let (code, out, _) = run(vec!["get", "--plugin", xero], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("status\tAUTHORISED\t(default)"), "{out}");
+    let (code, _, err) = run(vec!["unset", "--plugin", xero, "status"], None);
+    assert_eq!(code, 2);
+    assert!(err.contains("status: is not set"), "{err}");
+}
