@@ -218,6 +218,7 @@ struct Seen {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
 }
 
 /// The scripted transport: the i-th request gets the i-th reply of the
@@ -322,6 +323,7 @@ impl HttpTransport for Scripted {
             method: req.method.to_string(),
             path: path.clone(),
             headers: req.headers.clone(),
+            body: req.body.clone(),
         });
         let valid = if self.connector == "xero" {
             xero_valid(req.method, &path)
@@ -831,8 +833,14 @@ fn minimal_connector_never_traps_on_any_document_or_response() {
 // Regression cases found by the properties above.
 
 fn sample_doc() -> wit::Document {
+    sample("invoice.json")
+}
+
+fn sample(file: &str) -> wit::Document {
     let bytes = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/documents")
+            .join(file),
     )
     .unwrap();
     ledgerport::document::Document::from_json(&bytes)
@@ -891,4 +899,52 @@ fn regression_minimal_empty_id_falls_back_to_the_delivery_key() {
         Outcome::Deliver(Ok(Ok(r))) => assert_eq!(r.external_id, "delivery-1"),
         other => panic!("{other:?}"),
     }
+}
+
+/// The Xero connector compares amounts by rescaling to a common scale in
+/// i128; with 28 digits on one side and 28 decimals on the other that
+/// overflowed (wrapped in the wasm build), so a tiny remaining credit could
+/// look larger than a huge amount due and the allocation took the wrong one.
+#[test]
+fn regression_xero_compares_amounts_of_extreme_scales_exactly() {
+    let h = Harness::new("xero");
+    let op = Op::Deliver(sample("credit-note.json"), "cn-1".into(), 1);
+    let answer = |v: Value| Reply::Answer {
+        status: 200,
+        headers: vec![],
+        body: BodyGen::Json(v),
+    };
+    // Contact look-up, existing credit notes, create: as Xero would; then
+    // the credit note read again, and the bill it credits.
+    let script = vec![
+        Reply::Valid,
+        Reply::Valid,
+        Reply::Valid,
+        answer(
+            json!({"CreditNotes": [{"CreditNoteID": "c2", "Status": "AUTHORISED",
+            "RemainingCredit": "1.000000000000000000000000001"}]}),
+        ),
+        answer(
+            json!({"Invoices": [{"InvoiceID": "b1", "Status": "AUTHORISED",
+            "AmountDue": "4531102612324095290565716222"}]}),
+        ),
+    ];
+    let out = h.call(&op, &all_mapped(), script);
+    let Outcome::Deliver(Ok(Ok(receipt))) = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(
+        receipt.notes,
+        vec!["the credit was allocated to bill INV-2026-0042".to_string()]
+    );
+    let alloc = h
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/Allocations"))
+        .expect("allocated");
+    let body: Value = serde_json::from_slice(&alloc.body.unwrap()).unwrap();
+    assert_eq!(
+        body["Allocations"][0]["Amount"].to_string(),
+        "1.000000000000000000000000001"
+    );
 }

@@ -62,8 +62,12 @@ impl Amount {
         self.mantissa == 0
     }
 
-    fn rescaled(&self, scale: u32) -> i128 {
-        self.mantissa * 10i128.pow(scale - self.scale)
+    /// The mantissa at a larger scale; None when it does not fit in i128
+    /// (28 digits moved by up to 28 places can reach 10^56).
+    fn rescaled(&self, scale: u32) -> Option<i128> {
+        10i128
+            .checked_pow(scale - self.scale)
+            .and_then(|p| self.mantissa.checked_mul(p))
     }
 
     /// The digits as text.
@@ -108,7 +112,16 @@ impl PartialOrd for Amount {
 impl Ord for Amount {
     fn cmp(&self, other: &Self) -> Ordering {
         let s = self.scale.max(other.scale);
-        self.rescaled(s).cmp(&other.rescaled(s))
+        match (self.rescaled(s), other.rescaled(s)) {
+            (Some(a), Some(b)) => a.cmp(&b),
+            // Only the one with the smaller scale is moved, and the other's
+            // mantissa (< 10^28) fits; the one that overflowed is larger in
+            // magnitude, so its sign decides.
+            (None, _) if self.mantissa < 0 => Ordering::Less,
+            (None, _) => Ordering::Greater,
+            (_, None) if other.mantissa < 0 => Ordering::Greater,
+            (_, None) => Ordering::Less,
+        }
     }
 }
 
@@ -142,5 +155,11 @@ mod tests {
         );
         assert!(Amount::parse("0.1").unwrap() < Amount::parse("0.11").unwrap());
         assert!(Amount::parse("0.00").unwrap().is_zero());
+        // 28 digits against 27 decimals: rescaling overflows i128.
+        let big = Amount::parse("4531102612324095290565716222").unwrap();
+        let small = Amount::parse("1.000000000000000000000000001").unwrap();
+        assert!(big > small && small < big);
+        let neg = Amount::parse("-4531102612324095290565716222").unwrap();
+        assert!(neg < small && small > neg);
     }
 }
