@@ -6,6 +6,11 @@
 //! Prints median, p99 and mean per connector. `BENCH_ITERATIONS` sets the
 //! number of measured calls (default 5000).
 //!
+//! Each connector is also measured natively: the same crate compiled for
+//! this machine, its `deliver` called directly with the SDK's native host
+//! stand-in answering exactly like the stub transport. The ratio (sandboxed
+//! over native median) is what the sandbox costs (issue B1: goal ≤ 3×).
+//!
 //! The stub answers like Xero for the Xero connector (contact found, no
 //! existing bill, bill created, no attachment yet, attachment stored), so
 //! its figure covers the whole exactly-once path: 4 HTTP calls through the
@@ -35,6 +40,23 @@ fn json(body: &str) -> InboundResponse {
     }
 }
 
+/// What the stub answers, by method and path (shared by the sandboxed and
+/// the native runs, so both do the same work).
+fn answer(method: &str, path: &str) -> &'static str {
+    match (method, path) {
+        ("GET", p) if p.ends_with("/Contacts") => {
+            r#"{"Contacts":[{"ContactID":"c0ffee00-0000-0000-0000-000000000001","ContactStatus":"ACTIVE"}]}"#
+        }
+        ("GET", p) if p.ends_with("/Invoices") => r#"{"Invoices":[]}"#,
+        ("PUT", p) if p.ends_with("/Invoices") => {
+            r#"{"Invoices":[{"InvoiceID":"b111b111-0000-0000-0000-000000000001","Status":"AUTHORISED"}]}"#
+        }
+        ("GET", p) if p.ends_with("/Attachments") => r#"{"Attachments":[]}"#,
+        ("PUT", _) => r#"{"Attachments":[{"AttachmentID":"a-1"}]}"#,
+        _ => r#"{"id":"stub-1"}"#,
+    }
+}
+
 #[async_trait]
 impl HttpTransport for Stub {
     async fn send(
@@ -43,19 +65,159 @@ impl HttpTransport for Stub {
         _max: u64,
         _timeout: Duration,
     ) -> Result<InboundResponse, TransportError> {
-        let path = req.url.path();
-        Ok(match (req.method, path) {
-            ("GET", p) if p.ends_with("/Contacts") => json(
-                r#"{"Contacts":[{"ContactID":"c0ffee00-0000-0000-0000-000000000001","ContactStatus":"ACTIVE"}]}"#,
-            ),
-            ("GET", p) if p.ends_with("/Invoices") => json(r#"{"Invoices":[]}"#),
-            ("PUT", p) if p.ends_with("/Invoices") => json(
-                r#"{"Invoices":[{"InvoiceID":"b111b111-0000-0000-0000-000000000001","Status":"AUTHORISED"}]}"#,
-            ),
-            ("GET", p) if p.ends_with("/Attachments") => json(r#"{"Attachments":[]}"#),
-            ("PUT", _) => json(r#"{"Attachments":[{"AttachmentID":"a-1"}]}"#),
-            _ => json(r#"{"id":"stub-1"}"#),
-        })
+        Ok(json(answer(req.method, req.url.path())))
+    }
+}
+
+/// The same connectors compiled natively, against the SDK's host stand-in.
+mod native {
+    use ledgerport::runtime::v0_1::ledgerport::connector::types as host;
+    use ledgerport_sdk::native::{
+        AccountMapping, ConnectionInfo, Error, Host, Method, Request, Response,
+    };
+    use ledgerport_sdk::{Connector, Delivery, Document, DocumentKind, Line, Party, Pdf, TaxBasis};
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    struct StubHost {
+        mappings: Vec<AccountMapping>,
+        kv: HashMap<String, Vec<u8>>,
+    }
+
+    impl Host for StubHost {
+        fn send(&mut self, req: &Request) -> Result<Response, Error> {
+            let method = match req.method {
+                Method::Get => "GET",
+                Method::Post => "POST",
+                Method::Put => "PUT",
+                Method::Patch => "PATCH",
+                Method::Delete => "DELETE",
+            };
+            let path = req.url.split('?').next().unwrap_or_default();
+            Ok(Response {
+                status: 200,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: super::answer(method, path).as_bytes().to_vec(),
+            })
+        }
+        fn mappings(&mut self) -> Vec<AccountMapping> {
+            self.mappings.clone()
+        }
+        fn kv_get(&mut self, key: &str) -> Option<Vec<u8>> {
+            self.kv.get(key).cloned()
+        }
+        fn kv_set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
+            self.kv.insert(key.into(), value.to_vec());
+            Ok(())
+        }
+        fn connection(&mut self) -> ConnectionInfo {
+            ConnectionInfo {
+                connection_id: "bench".into(),
+                tenant_id: "acme".into(),
+                external_tenant_id: Some("5b3ca1e0-0d1f-4c5e-9a11-000000000002".into()),
+                external_tenant_name: None,
+                settings: Vec::new(),
+            }
+        }
+    }
+
+    fn party(p: &host::Party) -> Party {
+        Party {
+            id: p.id.clone(),
+            name: p.name.clone(),
+            tax_number: p.tax_number.clone(),
+            email: p.email.clone(),
+            address_lines: p.address_lines.clone(),
+            country: p.country.clone(),
+        }
+    }
+
+    /// The host's document in the guest SDK's types.
+    fn document(d: &host::Document) -> Document {
+        Document {
+            id: d.id.clone(),
+            kind: match d.kind {
+                host::DocumentKind::Invoice => DocumentKind::Invoice,
+                host::DocumentKind::CreditNote => DocumentKind::CreditNote,
+            },
+            number: d.number.clone(),
+            issue_date: d.issue_date.clone(),
+            due_date: d.due_date.clone(),
+            currency: d.currency.clone(),
+            tax_basis: match d.tax_basis {
+                host::TaxBasis::Exclusive => TaxBasis::Exclusive,
+                host::TaxBasis::Inclusive => TaxBasis::Inclusive,
+                host::TaxBasis::NoTax => TaxBasis::NoTax,
+            },
+            supplier: party(&d.supplier),
+            customer: party(&d.customer),
+            lines: d
+                .lines
+                .iter()
+                .map(|l| Line {
+                    kind: l.kind.clone(),
+                    description: l.description.clone(),
+                    quantity: l.quantity.clone(),
+                    unit_amount: l.unit_amount.clone(),
+                    tax_amount: l.tax_amount.clone(),
+                    line_amount: l.line_amount.clone(),
+                    employee: l.employee.clone(),
+                    country: l.country.clone(),
+                })
+                .collect(),
+            subtotal: d.subtotal.clone(),
+            total_tax: d.total_tax.clone(),
+            total: d.total.clone(),
+            url: d.url.clone(),
+            credits_invoice_number: d.credits_invoice_number.clone(),
+            pdf: d.pdf.as_ref().map(|p| match p {
+                host::Pdf::Bytes(b) => Pdf::Bytes(b.clone()),
+                host::Pdf::Reference(r) => Pdf::Reference(r.clone()),
+            }),
+        }
+    }
+
+    /// Native `deliver` timings of connector `id` (same warm-up and count
+    /// as the sandboxed run).
+    pub fn run(id: &str, doc: &host::Document, kinds: &[&str], iterations: usize) -> Vec<Duration> {
+        let doc = document(doc);
+        let stub = StubHost {
+            mappings: kinds
+                .iter()
+                .map(|k| AccountMapping {
+                    kind: k.to_string(),
+                    account_code: "477".into(),
+                    tax_type: None,
+                })
+                .collect(),
+            kv: HashMap::new(),
+        };
+        let deliver: fn(
+            Delivery,
+            Document,
+        ) -> Result<ledgerport_sdk::Receipt, ledgerport_sdk::DeliveryError> = match id {
+            "xero" => xero_connector::Xero::deliver,
+            _ => minimal_connector::Minimal::deliver,
+        };
+        let (samples, _) = ledgerport_sdk::native::with_host(stub, || {
+            let mut samples = Vec::with_capacity(iterations);
+            for i in 0..(iterations + 500) {
+                let d = Delivery {
+                    key: format!("k{i}"),
+                    attempt: 1,
+                };
+                let doc = doc.clone();
+                let t = Instant::now();
+                let r = deliver(d, doc);
+                let el = t.elapsed();
+                assert!(r.is_ok(), "{r:?}");
+                if i >= 500 {
+                    samples.push(el);
+                }
+            }
+            samples
+        });
+        samples
     }
 }
 
@@ -92,8 +254,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("| connector | calls | median µs | p99 µs | mean µs |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| connector | calls | median µs | p99 µs | mean µs | native median µs | sandboxed / native |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (id, label) in [
         ("minimal", "minimal (POST the document as JSON)"),
         (
@@ -165,12 +329,17 @@ fn main() {
         let median = samples[samples.len() / 2];
         let p99 = samples[samples.len() * 99 / 100];
         let mean: f64 = samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64;
+        let mut native = native::run(id, &doc, KINDS, iterations);
+        native.sort();
+        let native_median = native[native.len() / 2];
         println!(
-            "| {label} | {} | {:.1} | {:.1} | {:.1} |",
+            "| {label} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}× |",
             samples.len(),
             us(median),
             us(p99),
-            mean
+            mean,
+            us(native_median),
+            us(median) / us(native_median).max(0.001)
         );
     }
 }

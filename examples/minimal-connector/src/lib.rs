@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 
 const DEFAULT_ENDPOINT: &str = "https://hooks.example.com/ledgerport";
 
-struct Minimal;
+/// The connector (public so native tests and benchmarks can call it).
+pub struct Minimal;
 
 fn endpoint() -> String {
     connection::setting(&connection::info(), "endpoint").unwrap_or_else(|| DEFAULT_ENDPOINT.into())

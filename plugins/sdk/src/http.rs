@@ -106,7 +106,10 @@ impl RequestBuilder {
 
     /// Send it through the host.
     pub fn send(self) -> Result<Response, Error> {
+        #[cfg(target_arch = "wasm32")]
         let r = wit::send(&self.req)?;
+        #[cfg(not(target_arch = "wasm32"))]
+        let r = crate::native::http::send(&self.req)?;
         Ok(Response {
             status: r.status,
             headers: r.headers,

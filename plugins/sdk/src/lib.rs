@@ -84,10 +84,16 @@ macro_rules! export_connector {
 
 pub mod errors;
 pub mod http;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
 
 /// Account mappings of the connection's tenant.
 pub mod mapping {
-    pub use crate::bindings::ledgerport::connector::mapping::{AccountMapping, all, lookup};
+    pub use crate::bindings::ledgerport::connector::mapping::AccountMapping;
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::bindings::ledgerport::connector::mapping::{all, lookup};
+    #[cfg(not(target_arch = "wasm32"))]
+    pub use crate::native::mapping::{all, lookup};
     use std::collections::BTreeMap;
 
     /// Resolve the mapping of every kind in `kinds`, or return every kind
@@ -123,7 +129,10 @@ pub mod mapping {
 
 /// Per-connection small state, with JSON helpers.
 pub mod kv {
+    #[cfg(target_arch = "wasm32")]
     pub use crate::bindings::ledgerport::connector::kv::{delete, get, set};
+    #[cfg(not(target_arch = "wasm32"))]
+    pub use crate::native::kv::{delete, get, set};
 
     /// Read a UTF-8 string value.
     pub fn get_string(key: &str) -> Option<String> {
@@ -149,7 +158,11 @@ pub mod kv {
 
 /// Logging into the host's logs.
 pub mod log {
-    pub use crate::bindings::ledgerport::connector::log::{Level, log};
+    pub use crate::bindings::ledgerport::connector::log::Level;
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::bindings::ledgerport::connector::log::log;
+    #[cfg(not(target_arch = "wasm32"))]
+    pub use crate::native::log::log;
 
     /// Log at debug level.
     pub fn debug(msg: impl AsRef<str>) {
@@ -171,7 +184,11 @@ pub mod log {
 
 /// Facts about the connection the call runs for.
 pub mod connection {
-    pub use crate::bindings::ledgerport::connector::connection::{ConnectionInfo, info};
+    pub use crate::bindings::ledgerport::connector::connection::ConnectionInfo;
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::bindings::ledgerport::connector::connection::info;
+    #[cfg(not(target_arch = "wasm32"))]
+    pub use crate::native::connection::info;
 
     /// One connector setting by key.
     pub fn setting(info: &ConnectionInfo, key: &str) -> Option<String> {

@@ -98,6 +98,18 @@ impl Amount {
     }
 }
 
+/// Written as a JSON number with exactly these digits (through
+/// `arbitrary_precision`, never a float).
+impl serde::Serialize for Amount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        self.text()
+            .parse::<serde_json::Number>()
+            .map_err(S::Error::custom)?
+            .serialize(s)
+    }
+}
+
 impl PartialEq for Amount {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
@@ -141,6 +153,10 @@ mod tests {
         ] {
             assert_eq!(Amount::parse(t).unwrap().text(), t);
             assert_eq!(Amount::parse(t).unwrap().json().to_string(), t);
+            assert_eq!(
+                serde_json::to_string(&Amount::parse(t).unwrap()).unwrap(),
+                t
+            );
         }
         for bad in ["", "1e5", "12.", ".", "1,5", "abc", "--1", "NaN"] {
             assert!(Amount::parse(bad).is_none(), "{bad}");
@@ -158,8 +174,10 @@ mod tests {
         // 28 digits against 27 decimals: rescaling overflows i128.
         let big = Amount::parse("4531102612324095290565716222").unwrap();
         let small = Amount::parse("1.000000000000000000000000001").unwrap();
-        assert!(big > small && small < big);
+        assert!(big > small);
+        assert!(small < big);
         let neg = Amount::parse("-4531102612324095290565716222").unwrap();
-        assert!(neg < small && small > neg);
+        assert!(neg < small);
+        assert!(small > neg);
     }
 }

@@ -22,7 +22,7 @@ use amounts::Amount;
 use ledgerport_sdk::mapping::AccountMapping;
 use ledgerport_sdk::{
     Account, AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
-    DocumentKind, Pdf, Receipt, TaxBasis, TaxRate, connection, errors, kv, log,
+    DocumentKind, Pdf, Receipt, TaxBasis, TaxRate, errors, kv, log,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -33,7 +33,8 @@ const MAX_DESCRIPTION: usize = 4000;
 /// Xero's limit on an invoice / credit note number.
 const MAX_NUMBER: usize = 255;
 
-struct Xero;
+/// The connector (public so native tests and benchmarks can call it).
+pub struct Xero;
 
 /// Account types a bill line may be posted to.
 const BILL_ACCOUNT_TYPES: &[&str] = &[
@@ -439,6 +440,60 @@ fn find_existing(
     Ok(same_total.map(|id| (id, false)))
 }
 
+/// The create request's envelope: `{"Invoices": [..]}` or `{"CreditNotes": [..]}`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Envelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invoices: Option<[DocumentBody<'a>; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credit_notes: Option<[DocumentBody<'a>; 1]>,
+}
+
+/// A bill or supplier credit note as Xero's create request wants it
+/// (typed, so no JSON tree is built in between).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DocumentBody<'a> {
+    #[serde(rename = "Type")]
+    kind: &'a str,
+    contact: ContactRef<'a>,
+    date: &'a str,
+    currency_code: &'a str,
+    line_amount_types: &'a str,
+    status: &'a str,
+    line_items: Vec<LineItemBody<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invoice_number: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credit_note_number: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    due_date: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    url: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct ContactRef<'a> {
+    #[serde(rename = "ContactID")]
+    contact_id: &'a str,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct LineItemBody<'a> {
+    description: &'a str,
+    quantity: Amount,
+    unit_amount: Amount,
+    line_amount: Amount,
+    account_code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tax_amount: Option<Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tax_type: Option<&'a str>,
+}
+
 fn create(
     api: &Api,
     which: Which,
@@ -448,59 +503,62 @@ fn create(
     lines: &[LineOut],
     mappings: &BTreeMap<String, AccountMapping>,
 ) -> Result<Value, DeliveryError> {
-    let status = connection::setting(&connection::info(), "status")
+    let status = api
+        .status_setting()
         .map(|s| s.to_ascii_uppercase())
         .filter(|s| ["DRAFT", "SUBMITTED", "AUTHORISED"].contains(&s.as_str()))
         .unwrap_or_else(|| "AUTHORISED".into());
-    let line_items: Vec<Value> = lines
+    let line_items: Vec<LineItemBody> = lines
         .iter()
-        .map(|l| {
-            let mut v = json!({
-                "Description": l.description,
-                "Quantity": l.quantity.json(),
-                "UnitAmount": l.unit_amount.json(),
-                "LineAmount": l.line_amount.json(),
-                "AccountCode": l.account_code,
-            });
-            if doc.tax_basis != TaxBasis::NoTax {
-                v["TaxAmount"] = l.tax_amount.json();
-            }
-            if let Some(t) = &l.tax_type {
-                v["TaxType"] = json!(t);
-            }
-            v
+        .map(|l| LineItemBody {
+            description: &l.description,
+            quantity: l.quantity,
+            unit_amount: l.unit_amount,
+            line_amount: l.line_amount,
+            account_code: &l.account_code,
+            tax_amount: (doc.tax_basis != TaxBasis::NoTax).then_some(l.tax_amount),
+            tax_type: l.tax_type.as_deref(),
         })
         .collect();
-    let mut body = json!({
-        "Type": which.xero_type(),
-        "Contact": { "ContactID": contact_id },
-        "Date": doc.issue_date,
-        "CurrencyCode": doc.currency,
-        "LineAmountTypes": match doc.tax_basis {
+    let number = cut(&doc.number, MAX_NUMBER);
+    let url = url_for(doc, delivery);
+    let reference = doc.credits_invoice_number.as_deref().unwrap_or_default();
+    let body = DocumentBody {
+        kind: which.xero_type(),
+        contact: ContactRef {
+            contact_id,
+        },
+        date: &doc.issue_date,
+        currency_code: &doc.currency,
+        line_amount_types: match doc.tax_basis {
             TaxBasis::Exclusive => "Exclusive",
             TaxBasis::Inclusive => "Inclusive",
             TaxBasis::NoTax => "NoTax",
         },
-        "Status": status,
-        "LineItems": line_items,
-    });
-    body[which.number_field()] = json!(cut(&doc.number, MAX_NUMBER));
-    if which == Which::Bill {
-        if let Some(d) = &doc.due_date {
-            body["DueDate"] = json!(d);
-        }
-        body["Url"] = json!(url_for(doc, delivery));
-    } else {
-        body["Reference"] = json!(doc.credits_invoice_number.clone().unwrap_or_default());
-        body["Url"] = json!(url_for(doc, delivery));
-    }
+        status: &status,
+        line_items,
+        invoice_number: (which == Which::Bill).then_some(number),
+        credit_note_number: (which == Which::Credit).then_some(number),
+        due_date: doc.due_date.as_deref().filter(|_| which == Which::Bill),
+        reference: (which == Which::Credit).then_some(reference),
+        url: &url,
+    };
     let unitdp4 = lines.iter().any(|l| l.unit_amount.scale() > 2);
     let path = format!(
         "{}?summarizeErrors=true{}",
         which.path(),
         if unitdp4 { "&unitdp=4" } else { "" }
     );
-    let envelope = json!({ which.collection(): [body] });
+    let envelope = match which {
+        Which::Bill => Envelope {
+            invoices: Some([body]),
+            credit_notes: None,
+        },
+        Which::Credit => Envelope {
+            invoices: None,
+            credit_notes: Some([body]),
+        },
+    };
     let key = format!("{}-create", delivery.key);
     let answer = api
         .put_json(&path, &envelope, Some(&key))

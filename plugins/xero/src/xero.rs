@@ -86,18 +86,26 @@ pub fn quote(s: &str) -> String {
 /// A client bound to the connection's Xero organisation.
 pub struct Api {
     tenant: String,
+    status: Option<String>,
 }
 
 impl Api {
     /// Bind to the connection's organisation, or ask for a reconnect.
     pub fn connect() -> Result<Self, DeliveryError> {
         let info = connection::info();
+        let status = connection::setting(&info, "status");
         match info.external_tenant_id {
-            Some(t) if !t.is_empty() => Ok(Self { tenant: t }),
+            Some(t) if !t.is_empty() => Ok(Self { status, tenant: t }),
             _ => Err(errors::needs_reauth(
                 "the connection has no Xero organisation selected; connect Xero again and pick one",
             )),
         }
+    }
+
+    /// The connection's `status` setting, as configured (read once, with
+    /// the organisation, instead of asking the host again).
+    pub fn status_setting(&self) -> Option<&str> {
+        self.status.as_deref()
     }
 
     fn request(&self, rb: RequestBuilder) -> RequestBuilder {
@@ -144,7 +152,7 @@ impl Api {
     pub fn put_json(
         &self,
         path: &str,
-        body: &Value,
+        body: &impl serde::Serialize,
         key: Option<&str>,
     ) -> Result<Value, DeliveryError> {
         let mut rb = http::put(format!("{API}{path}")).json(body);
