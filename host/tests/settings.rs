@@ -657,7 +657,7 @@ async fn cli_sets_gets_and_unsets_settings() {
     assert_eq!(v[1]["value"], "set");
     let eff = settings::effective(
         &s,
-        &KeyRing::from_base64(&[key.clone()], "test").unwrap(),
+        &KeyRing::from_base64(std::slice::from_ref(&key), "test").unwrap(),
         None,
         "acme",
         "webhook",
