@@ -100,6 +100,9 @@ fn wasm() -> Result<(), String> {
             .arg("--dir")
             .arg(target_dir().join("plugins")))?;
     }
+    // The Python connector is installed beside, not into, the daemon's
+    // plugin directory: its 18 MB component takes ~30 s to compile, which
+    // every daemon start (the demo, each daemon test) would otherwise pay.
     let python = python_connector()?;
     run(Command::new(&ledgerport)
         .args([
@@ -110,7 +113,7 @@ fn wasm() -> Result<(), String> {
         ])
         .arg(&python)
         .arg("--dir")
-        .arg(target_dir().join("plugins")))?;
+        .arg(target_dir().join("plugins-extra")))?;
     Ok(())
 }
 
