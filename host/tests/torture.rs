@@ -129,8 +129,10 @@ async fn kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice() {
 /// A simulator config with `n` organisations like Trading (ids from
 /// `base`), limits out of the way, faults seeded with `seed`.
 fn sim_with_orgs(n: usize, base: u128, seed: u64) -> (SimConfig, Vec<uuid::Uuid>) {
-    let mut sim_cfg = SimConfig::default();
-    sim_cfg.seed = seed;
+    let mut sim_cfg = SimConfig {
+        seed,
+        ..SimConfig::default()
+    };
     sim_cfg.limits.per_minute = 100_000;
     sim_cfg.limits.app_per_minute = 1_000_000;
     sim_cfg.limits.per_day = 1_000_000;
@@ -309,8 +311,8 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
             .into_iter()
             .collect();
         if counts.get("delivered").copied().unwrap_or(0) == (total + 1) as i64
-            && counts.get("pending").is_none()
-            && counts.get("working").is_none()
+            && !counts.contains_key("pending")
+            && !counts.contains_key("working")
         {
             break counts;
         }
