@@ -652,7 +652,10 @@ async fn b2() -> anyhow::Result<()> {
         .iter()
         .map(|s| {
             let path = s.uri.split('?').next().unwrap_or("");
-            let short = path.trim_start_matches("/api.xro/2.0/");
+            let short = path
+                .trim_start_matches("/api.xro/2.0/")
+                .replace(&mix.external_id, "{id}")
+                .replace(&mix.number, "{number}");
             format!("{} {short}", s.method)
         })
         .collect();
