@@ -636,8 +636,19 @@ fn render_docs(t: &TenantData, kind: DocKind, p: &Params) -> Vec<Value> {
     });
     let contact_ids = list("ContactIDs");
     let statuses = list("Statuses");
+    // A `where` that pins the number (what a look-up before create sends)
+    // skips rendering every other document; `list_response` still applies
+    // the whole clause to what is left.
+    let pinned_number = qget(p, "where")
+        .and_then(|w| crate::filter::parse_where(w).ok())
+        .and_then(|e| crate::filter::required_equal(&e, kind.number_field()));
     t.docs(kind)
         .iter()
+        .filter(|d| {
+            pinned_number
+                .as_ref()
+                .is_none_or(|n| d.number.as_deref().unwrap_or_default().to_lowercase() == *n)
+        })
         .filter(|d| ids.as_ref().is_none_or(|l| l.contains(&d.id.to_string())))
         .filter(|d| {
             numbers

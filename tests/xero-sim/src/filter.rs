@@ -315,6 +315,22 @@ fn compare(field: Option<&Value>, lit: &Lit) -> Option<Ordering> {
     }
 }
 
+/// The string `field` must equal (case-insensitively, as [`eval`]
+/// compares strings) for `e` to hold, when `e` is a conjunction with a
+/// `field == "literal"` term at its top level. Lets a list endpoint skip
+/// rendering resources that cannot match; [`eval`] still decides.
+pub fn required_equal(e: &Expr, field: &str) -> Option<String> {
+    match e {
+        Expr::And(a, b) => required_equal(a, field).or_else(|| required_equal(b, field)),
+        Expr::Cmp(path, op, LitPub(Lit::Str(s)))
+            if op == "==" && path.len() == 1 && path[0].eq_ignore_ascii_case(field) =>
+        {
+            Some(s.to_lowercase())
+        }
+        _ => None,
+    }
+}
+
 /// Whether a resource's JSON satisfies the expression.
 pub fn eval(e: &Expr, v: &Value) -> bool {
     match e {
@@ -399,6 +415,23 @@ fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> Ordering {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_pinned_number_is_found_only_in_a_top_level_conjunction() {
+        let e = parse_where(
+            r#"Type=="ACCPAY" AND InvoiceNumber=="INV-7" AND Contact.ContactID==guid("x")"#,
+        )
+        .unwrap();
+        assert_eq!(
+            required_equal(&e, "InvoiceNumber").as_deref(),
+            Some("inv-7")
+        );
+        assert_eq!(required_equal(&e, "CreditNoteNumber"), None);
+        let or = parse_where(r#"InvoiceNumber=="A" OR InvoiceNumber=="B""#).unwrap();
+        assert_eq!(required_equal(&or, "InvoiceNumber"), None);
+        let ne = parse_where(r#"InvoiceNumber!="A""#).unwrap();
+        assert_eq!(required_equal(&ne, "InvoiceNumber"), None);
+    }
 
     #[test]
     fn where_clauses() {
