@@ -948,3 +948,24 @@ fn regression_xero_compares_amounts_of_extreme_scales_exactly() {
         "1.000000000000000000000000001"
     );
 }
+
+/// A 429 whose `X-Rate-Limit-Problem` header was empty gave a rate-limit
+/// outcome that did not say which limit.
+#[test]
+fn regression_xero_429_with_an_empty_limit_header_names_one() {
+    let h = Harness::new("xero");
+    let script = vec![Reply::Answer {
+        status: 429,
+        headers: vec![
+            ("x-rate-limit-problem".into(), " ".into()),
+            ("retry-after".into(), "garbage".into()),
+        ],
+        body: BodyGen::Bytes(vec![]),
+    }];
+    match h.call(&Op::Check, &all_mapped(), script) {
+        Outcome::Check(Ok(Err(wit::DeliveryError::RateLimited(r)))) => {
+            assert_eq!((r.retry_after_seconds, r.limit.as_str()), (60, "unknown"))
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -253,6 +253,8 @@ pub fn classify(resp: &Response) -> DeliveryError {
                 .unwrap_or(60);
             let limit = resp
                 .header("x-rate-limit-problem")
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
                 .unwrap_or("unknown")
                 .to_string();
             errors::rate_limited(secs, limit)
