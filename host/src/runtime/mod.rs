@@ -429,9 +429,9 @@ impl Runtime {
         cfg.max_wasm_stack(1024 * 1024);
         // Copy-on-write memory images: a fresh instance maps its initial
         // memory instead of copying the data segments. Measured with the call
-        // benchmark under the same load: minimal connector 54 -> 48 µs, Xero
-        // 114 -> 103 µs; and a componentize-py connector starts with 12 MiB
-        // of memory that would otherwise be copied on every call.
+        // benchmark, interleaved runs: minimal connector 51 -> 49 µs, Xero
+        // 93 -> 86 µs; and a componentize-py connector starts with 12 MiB of
+        // memory that would otherwise be copied on every call.
         cfg.memory_init_cow(true);
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         let n = config.max_concurrent_instances.max(1);
