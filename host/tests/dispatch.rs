@@ -351,6 +351,25 @@ async fn load(db: TestDb, daemons: usize, docs_per_tenant: usize) {
     eprintln!("ingested {n} documents in {:?}", started.elapsed());
     let counts = p.settle(Duration::from_secs(240)).await;
     eprintln!("settled in {:?}", started.elapsed());
+    if counts.get("delivered").copied().unwrap_or(0) != (20 * docs_per_tenant) as i64 {
+        // Say why: each undelivered delivery with its attempts.
+        let store = &p.d().store;
+        for d in store
+            .list_deliveries(None, None, None, 10_000)
+            .await
+            .unwrap()
+        {
+            if d.state != "delivered" {
+                eprintln!(
+                    "{} {} {}: {:?}",
+                    d.id, d.document_number, d.state, d.last_error
+                );
+                for a in store.list_attempts(&d.id).await.unwrap() {
+                    eprintln!("  attempt {a:?}");
+                }
+            }
+        }
+    }
     assert_eq!(
         counts.get("delivered").copied().unwrap_or(0),
         (20 * docs_per_tenant) as i64,

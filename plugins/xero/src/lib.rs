@@ -525,9 +525,7 @@ fn create(
     let reference = doc.credits_invoice_number.as_deref().unwrap_or_default();
     let body = DocumentBody {
         kind: which.xero_type(),
-        contact: ContactRef {
-            contact_id,
-        },
+        contact: ContactRef { contact_id },
         date: &doc.issue_date,
         currency_code: &doc.currency,
         line_amount_types: match doc.tax_basis {
