@@ -191,7 +191,9 @@ fn python_tests() -> Result<(), String> {
     run(Command::new(&py)
         .args(["-m", "pip", "install", "-q", "-r"])
         .arg(py_dir.join("requirements.txt")))?;
-    run(Command::new(cargo()).args(["build", "-p", "xero-sim"]))?;
+    // The workspace's feature set (what the test run built), not the
+    // package's own: `-p xero-sim` would rebuild its dependencies.
+    run(Command::new(cargo()).args(["build", "--bin", "xero-sim"]))?;
     run(Command::new(&py)
         .args(["-m", "pytest", "-q"])
         .arg(&py_dir)
