@@ -396,7 +396,14 @@ impl Dispatcher {
                         .await
                     {
                         Ok(true) => {}
-                        _ => break,
+                        // Another worker owns it now: nothing left to renew.
+                        Ok(false) => break,
+                        // A busy or briefly unreachable database must not
+                        // end the renewals: the lease would lapse mid-call
+                        // and a second worker start the same delivery.
+                        Err(e) => {
+                            tracing::warn!(delivery = %id, error = %e, "renewing the lease failed; trying again")
+                        }
                     }
                 }
             })
