@@ -72,9 +72,7 @@ impl HttpTransport for Stub {
 /// The same connectors compiled natively, against the SDK's host stand-in.
 mod native {
     use ledgerport::runtime::v0_1::ledgerport::connector::types as host;
-    use ledgerport_sdk::native::{
-        AccountMapping, ConnectionInfo, Error, Host, Method, Request, Response,
-    };
+    use ledgerport_sdk::native::{AccountMapping, ConnectionInfo, Error, Host, Request, Response};
     use ledgerport_sdk::{Connector, Delivery, Document, DocumentKind, Line, Party, Pdf, TaxBasis};
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
@@ -86,13 +84,7 @@ mod native {
 
     impl Host for StubHost {
         fn send(&mut self, req: &Request) -> Result<Response, Error> {
-            let method = match req.method {
-                Method::Get => "GET",
-                Method::Post => "POST",
-                Method::Put => "PUT",
-                Method::Patch => "PATCH",
-                Method::Delete => "DELETE",
-            };
+            let method = req.method.as_str();
             let path = req.url.split('?').next().unwrap_or_default();
             Ok(Response {
                 status: 200,

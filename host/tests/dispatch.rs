@@ -11,7 +11,6 @@ use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
 use pipeline_support::*;
 use serde_json::{Value, json};
 use smtp_sink::SmtpSink;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use storage_support::TestDb;
 use xero_sim::{DEFAULT_TENANT_TRADING, FaultConfig, FaultRule, SimConfig};
@@ -188,22 +187,7 @@ async fn pause_and_resume(db: TestDb) {
         )
         .await
         .unwrap();
-    let started = Instant::now();
-    loop {
-        let counts: BTreeMap<String, i64> = p
-            .d()
-            .store
-            .delivery_counts(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
-        if counts.get("delivered") == Some(&2) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "{counts:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    p.wait_delivered(2, Duration::from_secs(30)).await;
 
     // The grant is revoked at Xero: paused for re-authorisation, e-mail,
     // reconnect, delivered.
@@ -222,22 +206,7 @@ async fn pause_and_resume(db: TestDb) {
     );
     assert!(mails[1].data.contains("INV-acme-0003"));
     p.connect("acme", DEFAULT_TENANT_TRADING).await;
-    let started = Instant::now();
-    loop {
-        let counts: BTreeMap<String, i64> = p
-            .d()
-            .store
-            .delivery_counts(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
-        if counts.get("delivered") == Some(&3) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "{counts:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    p.wait_delivered(3, Duration::from_secs(30)).await;
     assert_eq!(
         p.sim
             .documents(DEFAULT_TENANT_TRADING)

@@ -300,28 +300,17 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
         .await
         .unwrap();
     p.connect("t00", orgs[0]).await;
-    let resumed = Instant::now();
-    let counts = loop {
-        let counts: BTreeMap<String, i64> = p
-            .d()
-            .store
-            .delivery_counts(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
-        if counts.get("delivered").copied().unwrap_or(0) == (total + 1) as i64
-            && !counts.contains_key("pending")
-            && !counts.contains_key("working")
-        {
-            break counts;
-        }
-        assert!(
-            resumed.elapsed() < Duration::from_secs(300),
-            "not resumed (seed {seed}): {counts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let counts = p
+        .wait_counts(
+            Duration::from_secs(300),
+            &format!("not resumed (seed {seed})"),
+            |c| {
+                c.get("delivered").copied().unwrap_or(0) == (total + 1) as i64
+                    && !c.contains_key("pending")
+                    && !c.contains_key("working")
+            },
+        )
+        .await;
     assert_eq!(
         counts.get("failed"),
         Some(&1),

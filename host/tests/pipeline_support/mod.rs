@@ -234,29 +234,53 @@ impl Pipeline {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// Wait until no delivery is pending or working; return counts by state.
-    pub async fn settle(&self, limit: Duration) -> BTreeMap<String, i64> {
+    /// Deliveries by state, now.
+    pub async fn counts(&self) -> BTreeMap<String, i64> {
+        self.d()
+            .store
+            .delivery_counts(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    /// Poll the counts until `done` holds (failing with `what` after
+    /// `limit`); return them.
+    pub async fn wait_counts(
+        &self,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&BTreeMap<String, i64>) -> bool,
+    ) -> BTreeMap<String, i64> {
         let started = Instant::now();
         loop {
-            let counts: BTreeMap<String, i64> = self
-                .d()
-                .store
-                .delivery_counts(None)
-                .await
-                .unwrap()
-                .into_iter()
-                .collect();
-            let busy = counts.get("pending").copied().unwrap_or(0)
-                + counts.get("working").copied().unwrap_or(0);
-            if busy == 0 {
+            let counts = self.counts().await;
+            if done(&counts) {
                 return counts;
             }
             assert!(
                 started.elapsed() < limit,
-                "not settled after {limit:?}: {counts:?}"
+                "{what} after {limit:?}: {counts:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Wait until no delivery is pending or working; return counts by state.
+    pub async fn settle(&self, limit: Duration) -> BTreeMap<String, i64> {
+        self.wait_counts(limit, "not settled", |c| {
+            c.get("pending").copied().unwrap_or(0) + c.get("working").copied().unwrap_or(0) == 0
+        })
+        .await
+    }
+
+    /// Wait until `n` deliveries are delivered; return counts by state.
+    pub async fn wait_delivered(&self, n: i64, limit: Duration) -> BTreeMap<String, i64> {
+        self.wait_counts(limit, &format!("not {n} delivered"), |c| {
+            c.get("delivered") == Some(&n)
+        })
+        .await
     }
 
     /// Wait until the sink holds `n` mails.

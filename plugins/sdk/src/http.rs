@@ -7,6 +7,19 @@
 use crate::bindings::ledgerport::connector::http as wit;
 pub use wit::{Error, Method};
 
+impl Method {
+    /// The method's name on the wire (`"GET"`, `"PUT"`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+        }
+    }
+}
+
 /// A response from the host.
 #[derive(Debug, Clone)]
 pub struct Response {

@@ -724,7 +724,7 @@ fn allocate(
     }
     let amount = if due < remaining { due } else { remaining };
     let body = json!({ "Allocations": [{
-        "Amount": amount.json(),
+        "Amount": amount,
         "Date": doc.issue_date,
         "Invoice": { "InvoiceID": s(bill, "InvoiceID") },
     }]});

@@ -28,14 +28,7 @@ fn ok(body: &str) -> Response {
 
 impl Host for Recorder {
     fn send(&mut self, req: &Request) -> Result<Response, Error> {
-        let method = match req.method {
-            Method::Get => "GET",
-            Method::Put => "PUT",
-            Method::Post => "POST",
-            Method::Patch => "PATCH",
-            Method::Delete => "DELETE",
-        }
-        .to_string();
+        let method = req.method.as_str().to_string();
         let body = req
             .body
             .as_ref()
