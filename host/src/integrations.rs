@@ -114,9 +114,12 @@ async fn session(st: &AdminState, headers: &HeaderMap) -> Result<Session, Respon
     }
 }
 
-fn require_super_admin(s: &Session) -> Result<(), Response> {
+/// The session, when it is a Super Admin's (who alone may connect,
+/// configure or disconnect).
+async fn super_admin_session(st: &AdminState, headers: &HeaderMap) -> Result<Session, Response> {
+    let s = session(st, headers).await?;
     if s.super_admin && !s.admin.is_empty() {
-        Ok(())
+        Ok(s)
     } else {
         Err(message(
             StatusCode::FORBIDDEN,
@@ -326,13 +329,10 @@ async fn save_settings(
     headers: HeaderMap,
     Form(f): Form<Vec<(String, String)>>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = require_super_admin(&s) {
-        return r;
-    }
     let current = match st.connections.settings(&s.tenant, "xero").await {
         Ok(c) => c,
         Err(e) => return message(StatusCode::NOT_FOUND, "No settings", &e.to_string()),
@@ -478,13 +478,10 @@ async fn save_mappings(
     headers: HeaderMap,
     Form(f): Form<Vec<(String, String)>>,
 ) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = require_super_admin(&s) {
-        return r;
-    }
     let scope = MappingScope {
         tenant_id: s.tenant.clone(),
         connector_id: "xero".into(),
@@ -520,13 +517,10 @@ async fn save_mappings(
 }
 
 async fn connect(State(st): S, headers: HeaderMap) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = require_super_admin(&s) {
-        return r;
-    }
     match st
         .connections
         .begin_connect(&s.tenant, "xero", &s.admin)
@@ -550,13 +544,10 @@ async fn connect(State(st): S, headers: HeaderMap) -> Response {
 }
 
 async fn disconnect(State(st): S, headers: HeaderMap) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = require_super_admin(&s) {
-        return r;
-    }
     let Ok(Some(conn)) = st.store.connection_for(&s.tenant, "xero").await else {
         return message(
             StatusCode::NOT_FOUND,
