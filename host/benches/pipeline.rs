@@ -1098,6 +1098,13 @@ fn main() {
         .map(|a| a.to_ascii_lowercase())
         .collect();
     let want = |b: &str| picked.is_empty() || picked.iter().any(|p| p == b);
+    // BENCH_LOG=<filter> (e.g. `sqlx=debug`) logs to stderr while measuring.
+    if let Ok(filter) = std::env::var("BENCH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -100,8 +100,8 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
             );
         }
     };
-    match state.store.tenant(&doc.tenant_id).await {
-        Ok(Some(_)) => {}
+    let connections = match state.store.ingest_targets(&doc.tenant_id).await {
+        Ok(Some(c)) => c,
         Ok(None) => {
             return error(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -113,21 +113,12 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
             );
         }
         Err(e) => return server_error(e),
-    }
+    };
     let canonical = match serde_json::to_string(&doc) {
         Ok(c) => c,
         Err(e) => return server_error(e),
     };
     let hash = crate::crypto::sha256_hex(&canonical);
-    let connections: Vec<(String, String)> =
-        match state.store.connections(Some(&doc.tenant_id)).await {
-            Ok(cs) => cs
-                .into_iter()
-                .filter(|c| c.state != crate::store::ConnectionState::Disconnected)
-                .map(|c| (c.id, c.connector_id))
-                .collect(),
-            Err(e) => return server_error(e),
-        };
     let kind = match doc.kind {
         crate::document::DocumentKind::Invoice => "invoice",
         crate::document::DocumentKind::CreditNote => "credit-note",

@@ -87,6 +87,10 @@ pub struct DispatchSettings {
     /// Enforce provider request rates (default true).
     #[serde(default)]
     pub enforce_rate: Option<bool>,
+    /// Deliveries that may wait for a provider rate slot beyond
+    /// `concurrency` (default 128); each keeps a plugin instance.
+    #[serde(default)]
+    pub max_parked: Option<usize>,
 }
 
 /// The daemon's configuration.
@@ -245,11 +249,36 @@ impl Daemon {
         let keys = Arc::new(KeyRing::load(cfg.key_file.as_deref()).map_err(|e| {
             anyhow::anyhow!("secret key (key `key_file` or LEDGERPORT_SECRET_KEY): {e}")
         })?);
+        let mut dcfg = dispatch.unwrap_or_default();
+        if let Some(c) = cfg.dispatch.concurrency {
+            dcfg.concurrency = c.max(1);
+        }
+        if let Some(l) = &cfg.dispatch.ladder_secs {
+            dcfg.ladder = l.iter().map(|s| Duration::from_secs(*s)).collect();
+        }
+        if let Some(c) = cfg.dispatch.coalesce_secs {
+            dcfg.coalesce = Duration::from_secs(c);
+        }
+        if let Some(l) = cfg.dispatch.lease_secs {
+            dcfg.lease = Duration::from_secs(l.max(3));
+        }
+        if let Some(e) = cfg.dispatch.enforce_rate {
+            dcfg.enforce_rate = e;
+        }
+        if let Some(p) = cfg.dispatch.max_parked {
+            dcfg.max_parked = p;
+        }
+        let runtime_defaults = RuntimeConfig::default();
         let runtime = Arc::new(Runtime::new(
             RuntimeConfig {
                 cache_dir: cfg.cache_dir.clone(),
                 trusted_keys: cfg.trusted_keys.clone(),
-                ..RuntimeConfig::default()
+                // Every delivery alive at once (running or waiting for a
+                // rate slot) holds an instance; admin calls need a few more.
+                max_concurrent_instances: runtime_defaults.max_concurrent_instances.max(
+                    u32::try_from(dcfg.concurrency + dcfg.max_parked + 32).unwrap_or(u32::MAX),
+                ),
+                ..runtime_defaults
             },
             Arc::new(ReqwestTransport::new()?),
         )?);
@@ -315,22 +344,6 @@ impl Daemon {
         let connections = Arc::new(connections);
         for p in plugins.values() {
             connections.register_plugin(runtime.clone(), p.clone());
-        }
-        let mut dcfg = dispatch.unwrap_or_default();
-        if let Some(c) = cfg.dispatch.concurrency {
-            dcfg.concurrency = c.max(1);
-        }
-        if let Some(l) = &cfg.dispatch.ladder_secs {
-            dcfg.ladder = l.iter().map(|s| Duration::from_secs(*s)).collect();
-        }
-        if let Some(c) = cfg.dispatch.coalesce_secs {
-            dcfg.coalesce = Duration::from_secs(c);
-        }
-        if let Some(l) = cfg.dispatch.lease_secs {
-            dcfg.lease = Duration::from_secs(l.max(3));
-        }
-        if let Some(e) = cfg.dispatch.enforce_rate {
-            dcfg.enforce_rate = e;
         }
         let tokens = connections.tokens();
         let dispatcher = Dispatcher::new(

@@ -9,7 +9,7 @@
 //! was delivered on the same connection. Failures open incidents that the
 //! notifier turns into one e-mail each.
 
-use crate::capabilities::http::{CredentialProvider, RateGate, RateLimit};
+use crate::capabilities::http::{CredentialProvider, Parking, RateGate, RateLimit};
 use crate::capabilities::kv::KvStore;
 use crate::capabilities::mapping::MappingStore;
 use crate::crypto::KeyRing;
@@ -20,9 +20,10 @@ use crate::store::Store;
 use crate::store::outbox::{Claimed, Finish, state};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tracing::Instrument;
 
 /// Milliseconds since the Unix epoch.
@@ -66,6 +67,10 @@ pub struct DispatchConfig {
     /// The window the per-minute rate applies to (one minute; shorter only
     /// against a simulator whose clock runs faster).
     pub rate_window: Duration,
+    /// Deliveries waiting for a rate slot, beyond `concurrency`: a waiting
+    /// delivery lends its dispatcher slot to work that can run, but keeps
+    /// its plugin instance (the runtime's pool must hold both).
+    pub max_parked: usize,
 }
 
 impl Default for DispatchConfig {
@@ -82,6 +87,7 @@ impl Default for DispatchConfig {
             per_connection_override: None,
             rate_override: None,
             rate_window: Duration::from_secs(60),
+            max_parked: 128,
         }
     }
 }
@@ -102,36 +108,24 @@ pub struct StoreRateGate {
 
 #[async_trait]
 impl RateGate for StoreRateGate {
-    async fn acquire(
+    async fn try_take(
         &self,
         connection_id: &str,
         per_minute: u32,
-        max_wait: Duration,
-    ) -> Result<(), String> {
-        let give_up = Instant::now() + max_wait;
-        loop {
-            match self
-                .store
-                .take_rate_slot(
-                    connection_id,
-                    i64::from(per_minute),
-                    self.window.as_millis() as i64,
-                    now_ms(),
-                )
-                .await
-            {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(wait_ms)) => {
-                    let wait = Duration::from_millis(wait_ms.clamp(5, 1000) as u64);
-                    if Instant::now() + wait > give_up {
-                        return Err(format!(
-                            "the provider's limit of {per_minute} requests a minute is used up; try later"
-                        ));
-                    }
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(format!("rate gate unavailable: {e}")),
-            }
+    ) -> Result<Option<Duration>, String> {
+        match self
+            .store
+            .take_rate_slot(
+                connection_id,
+                i64::from(per_minute),
+                self.window.as_millis() as i64,
+                now_ms(),
+            )
+            .await
+        {
+            Ok(Ok(())) => Ok(None),
+            Ok(Err(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms.max(1) as u64))),
+            Err(e) => Err(format!("rate gate unavailable: {e}")),
         }
     }
 }
@@ -148,6 +142,47 @@ pub struct Dispatcher {
     config: DispatchConfig,
     wake: Notify,
     rate_gate: Arc<dyn RateGate>,
+    /// Connections whose rate window is full, until when (ms): not claimed
+    /// from until then, so their work does not crowd out the rest.
+    blocked: std::sync::Mutex<HashMap<String, i64>>,
+}
+
+/// A running delivery's dispatcher slot, lent out while the delivery waits
+/// for a rate slot (it keeps its plugin instance and its lease).
+struct Slot {
+    dispatcher: Arc<Dispatcher>,
+    running: Arc<Semaphore>,
+    held: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+#[async_trait]
+impl Parking for Slot {
+    fn park(&self, connection_id: &str, wait: Duration) {
+        drop(self.held.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let until = now_ms() + wait.as_millis() as i64;
+        self.dispatcher
+            .blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(connection_id.to_string())
+            .and_modify(|u| *u = (*u).max(until))
+            .or_insert(until);
+        crate::metrics::PARKED.inc();
+        // The lent slot can take other work now.
+        self.dispatcher.wake.notify_one();
+    }
+
+    async fn unpark(&self) {
+        crate::metrics::PARKED.dec();
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !held && let Ok(p) = self.running.clone().acquire_owned().await {
+            *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        }
+    }
 }
 
 impl Dispatcher {
@@ -165,6 +200,7 @@ impl Dispatcher {
         config: DispatchConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
+            blocked: Default::default(),
             rate_gate: Arc::new(StoreRateGate {
                 store: store.clone(),
                 window: config.rate_window,
@@ -195,7 +231,12 @@ impl Dispatcher {
     /// stop claiming and give in-flight work `grace` to finish; whatever is
     /// left is released for another worker.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
-        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        // Running deliveries; and alive ones (running or waiting for a rate
+        // slot, each holding a plugin instance).
+        let running = Arc::new(Semaphore::new(self.config.concurrency));
+        let alive = Arc::new(Semaphore::new(
+            self.config.concurrency + self.config.max_parked,
+        ));
         let mut in_flight = tokio::task::JoinSet::new();
         let working: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
         let per_connection = self.per_connection_cap();
@@ -215,17 +256,24 @@ impl Dispatcher {
                     Err(e) => tracing::error!(error = %e, "resuming paused deliveries failed"),
                 }
             }
-            let free = permits.available_permits();
+            let free = running.available_permits().min(alive.available_permits());
             let mut claimed = Vec::new();
             if free > 0 {
+                let now = now_ms();
+                let exclude: Vec<String> = {
+                    let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+                    b.retain(|_, until| *until > now);
+                    b.keys().cloned().collect()
+                };
                 match self
                     .store
                     .claim_deliveries(
                         &self.config.worker_id,
-                        now_ms(),
+                        now,
                         self.config.lease.as_millis() as i64,
                         free as i64,
                         per_connection,
+                        &exclude,
                     )
                     .await
                 {
@@ -238,9 +286,17 @@ impl Dispatcher {
             }
             let got = claimed.len();
             for c in claimed {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
+                let (Ok(instance), Ok(permit)) = (
+                    alive.clone().acquire_owned().await,
+                    running.clone().acquire_owned().await,
+                ) else {
                     break;
                 };
+                let slot = Arc::new(Slot {
+                    dispatcher: self.clone(),
+                    running: running.clone(),
+                    held: std::sync::Mutex::new(Some(permit)),
+                });
                 let me = self.clone();
                 let w = working.clone();
                 w.lock()
@@ -248,13 +304,13 @@ impl Dispatcher {
                     .insert(c.id.clone());
                 in_flight.spawn(async move {
                     let id = c.id.clone();
-                    me.work(c).await;
+                    me.work(c, slot).await;
                     w.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-                    drop(permit);
+                    drop(instance);
                 });
             }
             while in_flight.try_join_next().is_some() {}
-            if got == 0 || permits.available_permits() == 0 {
+            if got == 0 || running.available_permits().min(alive.available_permits()) == 0 {
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.config.poll) => {}
@@ -379,7 +435,7 @@ impl Dispatcher {
     }
 
     /// One claimed delivery, start to finish.
-    async fn work(&self, c: Claimed) {
+    async fn work(&self, c: Claimed, slot: Arc<Slot>) {
         let started = now_ms();
         let clock = Instant::now();
         // Renew the lease while working.
@@ -408,7 +464,7 @@ impl Dispatcher {
                 }
             })
         };
-        let f = self.attempt(&c).await;
+        let f = self.attempt(&c, slot).await;
         renew.abort();
         let now = now_ms();
         {
@@ -481,7 +537,7 @@ impl Dispatcher {
     }
 
     /// Run the connector and decide what follows.
-    async fn attempt(&self, c: &Claimed) -> Finish {
+    async fn attempt(&self, c: &Claimed, slot: Arc<Slot>) -> Finish {
         let now = now_ms();
         let fail = |outcome: &str, msg: String| Finish {
             state: state::FAILED,
@@ -581,6 +637,7 @@ impl Dispatcher {
                     .config
                     .rate_override
                     .unwrap_or(plugin.manifest().limits.requests_per_minute),
+                parking: Some(slot as Arc<dyn Parking>),
             }),
         };
         let delivery = Delivery {

@@ -30,6 +30,34 @@ impl Default for Counter {
     }
 }
 
+/// A value that goes up and down.
+pub struct Gauge(std::sync::atomic::AtomicI64);
+
+impl Gauge {
+    /// A zero gauge.
+    pub const fn new() -> Self {
+        Self(std::sync::atomic::AtomicI64::new(0))
+    }
+    /// Add one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Take one.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// The value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Gauge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Upper bounds of the latency histograms, in seconds.
 pub const BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
@@ -107,6 +135,8 @@ pub static PLUGIN_CALL_SECONDS: Histogram = Histogram::new();
 pub static SMTP_FAILURES: Counter = Counter::new();
 /// Documents accepted by ingest.
 pub static DOCUMENTS_INGESTED: Counter = Counter::new();
+/// Deliveries waiting for a rate slot (their dispatcher slot lent out).
+pub static PARKED: Gauge = Gauge::new();
 
 /// Count one attempt outcome.
 pub fn delivery(outcome: &str) {
@@ -165,5 +195,9 @@ pub fn render(queue: &[(String, i64)], token_refreshes: u64) -> String {
             c.get()
         ));
     }
+    out.push_str(&format!(
+        "# HELP ledgerport_deliveries_parked Deliveries waiting for a provider rate slot.\n# TYPE ledgerport_deliveries_parked gauge\nledgerport_deliveries_parked {}\n",
+        PARKED.get()
+    ));
     out
 }

@@ -235,7 +235,7 @@ async fn deliveries_list_and_retry() {
         .await
         .unwrap();
     let claimed = store
-        .claim_deliveries("w", 10, 60_000, 10, 5)
+        .claim_deliveries("w", 10, 60_000, 10, 5, &[])
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -367,7 +367,7 @@ async fn support_report_names_what_did_not_sync_and_no_secrets() {
         .await
         .unwrap();
     let c = store
-        .claim_deliveries("w", 10, 60_000, 10, 5)
+        .claim_deliveries("w", 10, 60_000, 10, 5, &[])
         .await
         .unwrap();
     let f = ledgerport::store::outbox::Finish {

@@ -414,3 +414,77 @@ async fn the_provider_rate_limit_is_held_so_xero_never_answers_429() {
     );
     p.stop().await;
 }
+
+/// A delivery waiting for its connection's next rate window gives its
+/// dispatcher slot to other work: with one slot, tenant A's minute used up
+/// and A still waiting, tenant B's invoice is delivered before the window
+/// opens again (before the lending, B waited the whole window behind A).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_its_rate_window_does_not_hold_up_the_others() {
+    let mut sim_cfg = SimConfig::default();
+    sim_cfg.limits.per_minute = 6;
+    // A Xero minute is 30 s: far longer than B needs.
+    sim_cfg.clock_speed = 2.0;
+    let p = Pipeline::start_with(TestDb::sqlite(), 1, sim_cfg, |d| {
+        d.concurrency = 1;
+        d.rate_override = Some(6);
+        d.rate_window = Duration::from_millis(31_500);
+    })
+    .await;
+    p.tenant("a", DEFAULT_TENANT_TRADING).await;
+    p.tenant("b", xero_sim::DEFAULT_TENANT_HOLDINGS).await;
+    for n in 0..4 {
+        let (s, body) = p.post(&invoice("a", n)).await;
+        assert_eq!(s, 202, "{body}");
+    }
+    // A uses up its 6 calls a window and parks.
+    let started = Instant::now();
+    loop {
+        let a = p
+            .d()
+            .store
+            .list_deliveries(Some("a"), None, Some("delivered"), 10)
+            .await
+            .unwrap();
+        if ledgerport::metrics::PARKED.get() > 0 {
+            assert!(a.len() < 4, "A must need more than one window");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "A never waited for its window"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, body) = p.post(&invoice("b", 0)).await;
+    assert_eq!(s, 202, "{body}");
+    loop {
+        let b = p
+            .d()
+            .store
+            .list_deliveries(Some("b"), None, Some("delivered"), 10)
+            .await
+            .unwrap();
+        let a = p
+            .d()
+            .store
+            .list_deliveries(Some("a"), None, Some("delivered"), 10)
+            .await
+            .unwrap();
+        if b.len() == 1 {
+            assert!(
+                a.len() < 4,
+                "B was delivered only after A's window opened again"
+            );
+            break;
+        }
+        assert!(
+            a.len() < 4,
+            "A's window opened again before B was delivered: B waited behind A"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let limited: u64 = p.sim.counters().rate_limited.values().sum();
+    assert_eq!(limited, 0);
+    p.stop().await;
+}

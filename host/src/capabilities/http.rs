@@ -305,17 +305,28 @@ impl CredentialProvider for StaticCredentials {
 }
 
 /// Holds a provider's request rate per connection (e.g. Xero's 60 per
-/// minute), across every daemon sharing the store. `acquire` waits for a
-/// slot; it fails only when no slot came within `max_wait`.
+/// minute), across every daemon sharing the store.
 #[async_trait]
 pub trait RateGate: Send + Sync {
-    /// Take one request slot for `connection_id` (`per_minute` allowed).
-    async fn acquire(
+    /// Take one request slot for `connection_id` (`per_minute` allowed):
+    /// `Ok(None)` when taken, `Ok(Some(wait))` when the next slot frees in
+    /// `wait`, `Err` when the gate itself is unavailable.
+    async fn try_take(
         &self,
         connection_id: &str,
         per_minute: u32,
-        max_wait: Duration,
-    ) -> Result<(), String>;
+    ) -> Result<Option<Duration>, String>;
+}
+
+/// What a call holds while it runs, given back while it waits for a rate
+/// slot: a delivery waiting for the provider's next minute should not
+/// keep a dispatcher slot that a connection with budget could use.
+#[async_trait]
+pub trait Parking: Send + Sync {
+    /// The call is about to wait `wait` for a slot of `connection_id`.
+    fn park(&self, connection_id: &str, wait: Duration);
+    /// The wait is over: take back what running needs (may wait for it).
+    async fn unpark(&self);
 }
 
 /// A gate and the limit it enforces for one call.
@@ -325,6 +336,36 @@ pub struct RateLimit {
     pub gate: Arc<dyn RateGate>,
     /// Requests per minute.
     pub per_minute: u32,
+    /// Told when the call waits for a slot and when it resumes.
+    pub parking: Option<Arc<dyn Parking>>,
+}
+
+impl RateLimit {
+    /// Wait for a slot: give up at `give_up_after`, parking the call while
+    /// it sleeps.
+    async fn acquire(&self, connection_id: &str, give_up_after: Duration) -> Result<(), String> {
+        let give_up = Instant::now() + give_up_after;
+        loop {
+            let Some(wait) = self.gate.try_take(connection_id, self.per_minute).await? else {
+                return Ok(());
+            };
+            let wait = wait.clamp(Duration::from_millis(5), Duration::from_secs(1));
+            if Instant::now() + wait > give_up {
+                return Err(format!(
+                    "the provider's limit of {} requests a minute is used up; try later",
+                    self.per_minute
+                ));
+            }
+            match &self.parking {
+                Some(p) => {
+                    p.park(connection_id, wait);
+                    tokio::time::sleep(wait).await;
+                    p.unpark().await;
+                }
+                None => tokio::time::sleep(wait).await,
+            }
+        }
+    }
 }
 
 /// Per-call state of the `http` capability.
@@ -337,6 +378,10 @@ pub struct HttpCapability {
     limits: HttpLimits,
     rate: Option<RateLimit>,
     calls: u32,
+    /// The connection's credential, fetched at the first request that
+    /// asks for it and reused by the rest of this call (a delivery makes
+    /// several requests; each fetch reads and decrypts the stored token).
+    credential: Option<Credential>,
 }
 
 impl HttpCapability {
@@ -359,6 +404,7 @@ impl HttpCapability {
             limits,
             rate,
             calls: 0,
+            credential: None,
         }
     }
 
@@ -411,12 +457,15 @@ impl HttpCapability {
         };
         let mut credential = None;
         if req.with_credentials {
-            credential = Some(
-                self.credentials
-                    .bearer(&self.connection_id)
-                    .await
-                    .map_err(cred_error)?,
-            );
+            if self.credential.is_none() {
+                self.credential = Some(
+                    self.credentials
+                        .bearer(&self.connection_id)
+                        .await
+                        .map_err(cred_error)?,
+                );
+            }
+            credential = self.credential.clone();
         }
         let mut out = OutboundRequest {
             method,
@@ -435,6 +484,7 @@ impl HttpCapability {
                 .map_err(cred_error)?;
             out.headers.retain(|(k, _)| k != "authorization");
             resp = self.round_trip(&out, Some(&fresh)).await?;
+            self.credential = Some(fresh);
         }
         Ok(wit::Response {
             status: resp.status,
@@ -449,8 +499,7 @@ impl HttpCapability {
         credential: Option<&Credential>,
     ) -> Result<InboundResponse, wit::Error> {
         if let Some(rl) = &self.rate {
-            rl.gate
-                .acquire(&self.connection_id, rl.per_minute, self.limits.timeout)
+            rl.acquire(&self.connection_id, self.limits.timeout)
                 .await
                 .map_err(wit::Error::Connection)?;
         }

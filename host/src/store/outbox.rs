@@ -248,12 +248,19 @@ impl Store {
     ) -> Result<IngestOutcome, StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
-            let existing = sqlx::query("SELECT body, body_hash FROM documents WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant_id)
-                .bind(document_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = existing {
+            let note = if connections.is_empty() { Some("not sent: not connected") } else { None };
+            // Insert first: the usual case is a new document, and only a
+            // repeated id needs the stored one.
+            let inserted = sqlx::query("INSERT INTO documents (tenant_id, id, kind, number, credits_invoice_number, body, body_hash, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (tenant_id, id) DO NOTHING")
+                .bind(tenant_id).bind(document_id).bind(kind).bind(number).bind(credits_invoice_number)
+                .bind(body).bind(body_hash).bind(note).bind(now)
+                .execute(&mut *tx).await?.rows_affected();
+            if inserted == 0 {
+                let row = sqlx::query("SELECT body, body_hash FROM documents WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant_id)
+                    .bind(document_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
                 let hash: String = row.try_get("body_hash")?;
                 tx.rollback().await?;
                 return Ok(if hash == body_hash {
@@ -262,11 +269,6 @@ impl Store {
                     IngestOutcome::Conflict(row.try_get("body")?)
                 });
             }
-            let note = if connections.is_empty() { Some("not sent: not connected") } else { None };
-            sqlx::query("INSERT INTO documents (tenant_id, id, kind, number, credits_invoice_number, body, body_hash, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                .bind(tenant_id).bind(document_id).bind(kind).bind(number).bind(credits_invoice_number)
-                .bind(body).bind(body_hash).bind(note).bind(now)
-                .execute(&mut *tx).await?;
             for (connection_id, connector_id) in connections {
                 let id = delivery_id(tenant_id, document_id, connection_id);
                 sqlx::query("INSERT INTO deliveries (id, tenant_id, document_id, connection_id, connector_id, document_number, document_kind, state, attempts, next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $8, $8)")
@@ -285,7 +287,8 @@ impl Store {
 
     /// Claim up to `limit` due deliveries (pending and due, or working with
     /// an expired lease) for `worker`, never more than `per_connection`
-    /// working at once on one connection (across every daemon).
+    /// working at once on one connection (across every daemon), none of
+    /// the connections in `exclude` (their provider's rate is used up).
     pub async fn claim_deliveries(
         &self,
         worker: &str,
@@ -293,27 +296,34 @@ impl Store {
         lease_ms: i64,
         limit: i64,
         per_connection: i64,
+        exclude: &[String],
     ) -> Result<Vec<Claimed>, StoreError> {
-        let candidates = "WITH busy AS (
+        let not_excluded = match self.pool() {
+            Pool::Sqlite(_) => "d.connection_id NOT IN (SELECT value FROM json_each($4))",
+            Pool::Postgres(_) => "NOT (d.connection_id = ANY($4))",
+        };
+        let candidates = format!("WITH busy AS (
                 SELECT connection_id, COUNT(*) AS n FROM deliveries
                 WHERE state = 'working' AND lease_until >= $1 GROUP BY connection_id),
             cand AS (
                 SELECT d.id, d.connection_id, d.next_attempt_at,
                        ROW_NUMBER() OVER (PARTITION BY d.connection_id ORDER BY d.next_attempt_at, d.id) AS rn
                 FROM deliveries d
-                WHERE (d.state = 'pending' AND d.next_attempt_at <= $1)
+                WHERE ((d.state = 'pending' AND d.next_attempt_at <= $1)
                    OR (d.state = 'working' AND d.lease_until < $1))
+                  AND {not_excluded})
             SELECT cand.id FROM cand LEFT JOIN busy ON busy.connection_id = cand.connection_id
             WHERE cand.rn + COALESCE(busy.n, 0) <= $2
-            ORDER BY cand.next_attempt_at, cand.id LIMIT $3";
+            ORDER BY cand.next_attempt_at, cand.id LIMIT $3");
         let returning = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number";
         let rows = match self.pool() {
             Pool::Sqlite(p) => {
                 let mut tx = p.begin_write().await?;
-                let ids: Vec<String> = sqlx::query_scalar(candidates)
+                let ids: Vec<String> = sqlx::query_scalar(&candidates)
                     .bind(now)
                     .bind(per_connection)
                     .bind(limit)
+                    .bind(serde_json::to_string(exclude).unwrap_or_else(|_| "[]".into()))
                     .fetch_all(&mut *tx)
                     .await?;
                 let mut rows = Vec::new();
@@ -333,10 +343,11 @@ impl Store {
                 sqlx::query("SELECT pg_advisory_xact_lock(7215001)")
                     .execute(&mut *tx)
                     .await?;
-                let ids: Vec<String> = sqlx::query_scalar(candidates)
+                let ids: Vec<String> = sqlx::query_scalar(&candidates)
                     .bind(now)
                     .bind(per_connection)
                     .bind(limit)
+                    .bind(exclude)
                     .fetch_all(&mut *tx)
                     .await?;
                 let rs = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($4) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) FOR UPDATE SKIP LOCKED) {returning}"))

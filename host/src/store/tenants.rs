@@ -106,6 +106,33 @@ impl Store {
         }))
     }
 
+    /// Where a document of tenant `id` goes, in one query: None when the
+    /// tenant is unknown, else its connections that are not disconnected
+    /// as (connection id, connector id).
+    pub async fn ingest_targets(
+        &self,
+        id: &str,
+    ) -> Result<Option<Vec<(String, String)>>, StoreError> {
+        let rows: Vec<(Option<String>, Option<String>)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT c.id, c.connector_id FROM tenants t
+                 LEFT JOIN connections c ON c.tenant_id = t.id AND c.state <> 'disconnected'
+                 WHERE t.id = $1 ORDER BY c.connector_id",
+            )
+            .bind(id)
+            .fetch_all(p)
+            .await?
+        });
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.into_iter()
+                .filter_map(|(c, k)| Some((c?, k?)))
+                .collect(),
+        ))
+    }
+
     /// The notice addresses of a tenant, sorted.
     pub async fn tenant_emails(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let rows = on_pool!(self, p => {
