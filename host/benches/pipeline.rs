@@ -708,7 +708,6 @@ async fn b3() -> anyhow::Result<()> {
     let per_tenant = env_usize("BENCH_B3_DOCS", 29);
     let speed = env_f64("BENCH_B3_SPEED", 3.0);
     let latency = env_usize("BENCH_B3_LATENCY_MS", 50) as u64;
-    let clients = env_usize("BENCH_CLIENTS", 16);
     let window = Duration::from_secs_f64(60.0 / speed);
     progress(format!(
         "B3: {tenants} tenants x {per_tenant} documents, Xero minute = {window:?}, {latency} ms latency"
@@ -741,6 +740,55 @@ async fn b3() -> anyhow::Result<()> {
         plugins.path(),
         &tmp.path().join("cache"),
     );
+    // Every document is queued before the daemon starts: B3 measures how
+    // well the host uses each organisation's limits, not how fast it
+    // ingests (that is B2). They go through the ingest API's own code.
+    let store = Store::open_and_migrate(&db.url()).await?;
+    for (t, org) in orgs.iter().enumerate() {
+        connect_direct(&store, &keys, &sim, &tenant_name(t), *org).await?;
+    }
+    let api = ledgerport::api::ApiState {
+        store: store.clone(),
+        service_key_hashes: Vec::new(),
+        catalogue: None,
+        on_ingest: Box::new(|| {}),
+    };
+    let sample = sample_invoice();
+    let queued = Instant::now();
+    for i in 0..per_tenant {
+        for t in 0..tenants {
+            let tn = tenant_name(t);
+            let body = invoice(
+                &sample,
+                &tn,
+                &format!("{tn}-d{i}"),
+                &format!("INV-{tn}-{i:04}"),
+            );
+            let r = ledgerport::api::ingest_json(&api, &serde_json::from_slice(&body)?).await;
+            if r.status() != 202 {
+                bail!("queueing document {i} of {tn}: {}", r.status());
+            }
+        }
+    }
+    let ingested = queued.elapsed();
+    store.close().await;
+    // The compiled connector is in the cache, as on any start but the
+    // first (B4 measures the cold start).
+    ledgerport::runtime::Runtime::new(
+        ledgerport::runtime::RuntimeConfig {
+            cache_dir: cfg.cache_dir.clone(),
+            ..Default::default()
+        },
+        Arc::new(ledgerport::capabilities::http::ReqwestTransport::new()?),
+    )?
+    .load(&plugins.path().join("xero/manifest.toml"), &BTreeMap::new())?;
+    // Start on a Xero minute boundary, so the minimum is well defined.
+    let now = sim.now();
+    let next_minute = chrono::DateTime::from_timestamp(now.timestamp().div_euclid(60) * 60 + 60, 0)
+        .context("time")?;
+    sim.clock().set(next_minute);
+    sim.clear_requests();
+    let started = Instant::now();
     let d = Daemon::start(
         cfg,
         Clock::system(),
@@ -756,32 +804,6 @@ async fn b3() -> anyhow::Result<()> {
         }),
     )
     .await?;
-    for (t, org) in orgs.iter().enumerate() {
-        connect_direct(&d.store, &keys, &sim, &tenant_name(t), *org).await?;
-    }
-    let sample = sample_invoice();
-    let bodies: Vec<Vec<u8>> = (0..per_tenant)
-        .flat_map(|i| (0..tenants).map(move |t| (i, t)))
-        .map(|(i, t)| {
-            let tn = tenant_name(t);
-            invoice(
-                &sample,
-                &tn,
-                &format!("{tn}-d{i}"),
-                &format!("INV-{tn}-{i:04}"),
-            )
-        })
-        .collect();
-    // Start on a Xero minute boundary, so the minimum is well defined.
-    let now = sim.now();
-    let next_minute = chrono::DateTime::from_timestamp(now.timestamp().div_euclid(60) * 60 + 60, 0)
-        .context("time")?;
-    sim.clock().set(next_minute);
-    sim.clear_requests();
-    let base = format!("http://{}", d.addr);
-    let started = Instant::now();
-    ingest(&base, bodies, clients).await?;
-    let ingested = started.elapsed();
     wait_delivered(
         &d.store,
         (tenants * per_tenant) as i64,
@@ -820,7 +842,7 @@ async fn b3() -> anyhow::Result<()> {
             window.as_secs_f64()
         ),
         &format!(
-            "{:.1} s over a minimum of {:.1} s = {ratio:.3}x (ingest took {:.1} s); {limited} answers 429 {:?}",
+            "{:.1} s over a minimum of {:.1} s = {ratio:.3}x (documents queued beforehand, in {:.1} s); {limited} answers 429 {:?}",
             took.as_secs_f64(),
             minimum.as_secs_f64(),
             ingested.as_secs_f64(),
