@@ -416,19 +416,21 @@ async fn the_provider_rate_limit_is_held_so_xero_never_answers_429() {
 }
 
 /// A delivery waiting for its connection's next rate window gives its
-/// dispatcher slot to other work: with one slot, tenant A's minute used up
-/// and A still waiting, tenant B's invoice is delivered before the window
-/// opens again (before the lending, B waited the whole window behind A).
+/// dispatcher slot to other work: with one slot, tenant A's window used up
+/// in its second delivery and A waiting, tenant B's first invoice (7 calls,
+/// within B's own window) is delivered before A's window opens again.
+/// Before the lending, B waited behind A's waiting delivery and the rest
+/// of A's queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_waiting_for_its_rate_window_does_not_hold_up_the_others() {
     let mut sim_cfg = SimConfig::default();
-    sim_cfg.limits.per_minute = 6;
-    // A Xero minute is 30 s: far longer than B needs.
-    sim_cfg.clock_speed = 2.0;
+    sim_cfg.limits.per_minute = 8;
+    // A Xero minute is 15 s: far longer than B needs.
+    sim_cfg.clock_speed = 4.0;
     let p = Pipeline::start_with(TestDb::sqlite(), 1, sim_cfg, |d| {
         d.concurrency = 1;
-        d.rate_override = Some(6);
-        d.rate_window = Duration::from_millis(31_500);
+        d.rate_override = Some(8);
+        d.rate_window = Duration::from_millis(15_750);
     })
     .await;
     p.tenant("a", DEFAULT_TENANT_TRADING).await;
@@ -437,54 +439,40 @@ async fn a_connection_waiting_for_its_rate_window_does_not_hold_up_the_others() 
         let (s, body) = p.post(&invoice("a", n)).await;
         assert_eq!(s, 202, "{body}");
     }
-    // A uses up its 6 calls a window and parks.
-    let started = Instant::now();
-    loop {
-        let a = p
-            .d()
+    let p = &p;
+    let delivered = |t: &'static str| async move {
+        p.d()
             .store
-            .list_deliveries(Some("a"), None, Some("delivered"), 10)
+            .list_deliveries(Some(t), None, Some("delivered"), 10)
             .await
-            .unwrap();
-        if ledgerport::metrics::PARKED.get() > 0 {
-            assert!(a.len() < 4, "A must need more than one window");
-            break;
-        }
+            .unwrap()
+            .len()
+    };
+    // A's first invoice takes 7 of its 8 calls; its second one waits.
+    let started = Instant::now();
+    while ledgerport::metrics::PARKED.get() == 0 {
         assert!(
-            started.elapsed() < Duration::from_secs(25),
+            started.elapsed() < Duration::from_secs(14),
             "A never waited for its window"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        delivered("a").await,
+        1,
+        "A's second invoice should be waiting"
+    );
     let (s, body) = p.post(&invoice("b", 0)).await;
     assert_eq!(s, 202, "{body}");
-    loop {
-        let b = p
-            .d()
-            .store
-            .list_deliveries(Some("b"), None, Some("delivered"), 10)
-            .await
-            .unwrap();
-        let a = p
-            .d()
-            .store
-            .list_deliveries(Some("a"), None, Some("delivered"), 10)
-            .await
-            .unwrap();
-        if b.len() == 1 {
-            assert!(
-                a.len() < 4,
-                "B was delivered only after A's window opened again"
-            );
-            break;
-        }
-        assert!(
-            a.len() < 4,
+    while delivered("b").await == 0 {
+        assert_eq!(
+            delivered("a").await,
+            1,
             "A's window opened again before B was delivered: B waited behind A"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(delivered("a").await, 1);
     let limited: u64 = p.sim.counters().rate_limited.values().sum();
     assert_eq!(limited, 0);
-    p.stop().await;
 }
