@@ -238,6 +238,8 @@ pub(crate) struct Shared {
     pub limits: RwLock<RateLimitConfig>,
     pub rate: Mutex<RateState>,
     pub idempotency: Mutex<HashMap<(String, String), IdemEntry>>,
+    /// When expired idempotency entries were last swept (sim clock).
+    pub idempotency_swept: Mutex<DateTime<Utc>>,
     pub counters: CounterState,
     pub log: Mutex<VecDeque<LoggedRequest>>,
     pub log_seq: AtomicU64,
@@ -259,6 +261,7 @@ impl Shared {
             identity: Mutex::new(IdentityState::default()),
             rate: Mutex::new(RateState::default()),
             idempotency: Mutex::new(HashMap::new()),
+            idempotency_swept: Mutex::new(now),
             counters: CounterState::default(),
             log: Mutex::new(VecDeque::new()),
             log_seq: AtomicU64::new(0),
