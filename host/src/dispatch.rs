@@ -153,6 +153,19 @@ struct Slot {
     dispatcher: Arc<Dispatcher>,
     running: Arc<Semaphore>,
     held: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    /// Counted in the parked gauge (until unparked or dropped).
+    parked: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self
+            .parked
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            crate::metrics::PARKED.dec();
+        }
+    }
 }
 
 #[async_trait]
@@ -167,13 +180,20 @@ impl Parking for Slot {
             .entry(connection_id.to_string())
             .and_modify(|u| *u = (*u).max(until))
             .or_insert(until);
-        crate::metrics::PARKED.inc();
+        if !self.parked.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            crate::metrics::PARKED.inc();
+        }
         // The lent slot can take other work now.
         self.dispatcher.wake.notify_one();
     }
 
     async fn unpark(&self) {
-        crate::metrics::PARKED.dec();
+        if self
+            .parked
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            crate::metrics::PARKED.dec();
+        }
         let held = self
             .held
             .lock()
@@ -296,6 +316,7 @@ impl Dispatcher {
                     dispatcher: self.clone(),
                     running: running.clone(),
                     held: std::sync::Mutex::new(Some(permit)),
+                    parked: false.into(),
                 });
                 let me = self.clone();
                 let w = working.clone();
@@ -632,12 +653,16 @@ impl Dispatcher {
             mappings: self.mappings.clone(),
             kv: self.kv.clone(),
             rate: self.config.enforce_rate.then(|| RateLimit {
-                gate: self.rate_gate.clone(),
-                per_minute: self
-                    .config
-                    .rate_override
-                    .unwrap_or(plugin.manifest().limits.requests_per_minute),
                 parking: Some(slot as Arc<dyn Parking>),
+                // A connection whose window is full frees a slot within the
+                // window; twice that is a gate in trouble.
+                ..RateLimit::new(
+                    self.rate_gate.clone(),
+                    self.config
+                        .rate_override
+                        .unwrap_or(plugin.manifest().limits.requests_per_minute),
+                    self.config.rate_window * 2,
+                )
             }),
         };
         let delivery = Delivery {

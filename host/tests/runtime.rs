@@ -396,3 +396,78 @@ async fn second_load_deserializes_from_the_cache() {
     let info = rt2.describe(&p2, &context("t", &[])).await.unwrap();
     assert_eq!(info.id, "minimal");
 }
+
+/// A gate whose slots free slowly: each request waits `waits` times
+/// `step` for its slot.
+struct SlowGate {
+    step: Duration,
+    waits: u32,
+    asked: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl ledgerport::capabilities::http::RateGate for SlowGate {
+    async fn try_take(&self, _: &str, _: u32) -> Result<Option<Duration>, String> {
+        let n = self.asked.fetch_add(1, Ordering::Relaxed);
+        Ok((n < self.waits).then_some(self.step))
+    }
+}
+
+/// Waiting for the provider's rate slots does not count against the call's
+/// deadline (it bounds the connector's own time): a delivery that waits
+/// 3 s for its slot under a 2 s deadline is delivered, and an infinite loop
+/// under the same limit is still stopped.
+#[tokio::test]
+async fn waiting_for_a_rate_slot_does_not_count_against_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start().await;
+    let rt = runtime(small_config());
+    let rate = |waits: u32| {
+        ledgerport::capabilities::http::RateLimit::new(
+            std::sync::Arc::new(SlowGate {
+                step: Duration::from_millis(500),
+                waits,
+                asked: 0.into(),
+            }),
+            60,
+            Duration::from_secs(30),
+        )
+    };
+    let minimal = rt
+        .load(
+            &install(dir.path(), "minimal_connector", MINIMAL),
+            &overrides("https://hooks.example.com", &listener.base),
+        )
+        .unwrap();
+    let mut ctx = context("t", &[]);
+    let limit = rate(6);
+    ctx.rate = Some(limit.clone());
+    let receipt = rt
+        .deliver(&minimal, &ctx, delivery("slow"), invoice("INV-SLOW"))
+        .await
+        .expect("not stopped by the deadline")
+        .expect("delivered");
+    assert_eq!(receipt.external_id, "ext-1");
+    assert!(
+        limit.waited_ms.load(Ordering::Relaxed) >= 2_900,
+        "waited {} ms",
+        limit.waited_ms.load(Ordering::Relaxed)
+    );
+    assert_eq!(listener.count(), 1);
+
+    let hostile = rt
+        .load(
+            &install(dir.path(), "hostile_connector", HOSTILE),
+            &overrides("https://allowed.test", &listener.base),
+        )
+        .unwrap();
+    let mut ctx = context("t", &[]);
+    ctx.rate = Some(rate(0));
+    let started = Instant::now();
+    let e = rt
+        .deliver(&hostile, &ctx, delivery("d"), invoice("loop"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Deadline { .. }), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

@@ -338,13 +338,31 @@ pub struct RateLimit {
     pub per_minute: u32,
     /// Told when the call waits for a slot and when it resumes.
     pub parking: Option<Arc<dyn Parking>>,
+    /// The longest one request waits for a slot before it fails.
+    pub max_wait: Duration,
+    /// Milliseconds this call spent waiting for slots: the runtime adds
+    /// them to the call's deadline (which bounds the connector's own time,
+    /// not the provider's rate).
+    pub waited_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RateLimit {
-    /// Wait for a slot: give up at `give_up_after`, parking the call while
-    /// it sleeps.
-    async fn acquire(&self, connection_id: &str, give_up_after: Duration) -> Result<(), String> {
-        let give_up = Instant::now() + give_up_after;
+    /// A limit of `per_minute` through `gate`, waiting up to `max_wait`.
+    pub fn new(gate: Arc<dyn RateGate>, per_minute: u32, max_wait: Duration) -> Self {
+        Self {
+            gate,
+            per_minute,
+            parking: None,
+            max_wait,
+            waited_ms: Arc::default(),
+        }
+    }
+
+    /// Wait for a slot: give up after `max_wait`, parking the call while it
+    /// sleeps.
+    async fn acquire(&self, connection_id: &str) -> Result<(), String> {
+        let started = Instant::now();
+        let give_up = started + self.max_wait;
         loop {
             let Some(wait) = self.gate.try_take(connection_id, self.per_minute).await? else {
                 return Ok(());
@@ -356,6 +374,7 @@ impl RateLimit {
                     self.per_minute
                 ));
             }
+            let slept = Instant::now();
             match &self.parking {
                 Some(p) => {
                     p.park(connection_id, wait);
@@ -364,6 +383,10 @@ impl RateLimit {
                 }
                 None => tokio::time::sleep(wait).await,
             }
+            self.waited_ms.fetch_add(
+                slept.elapsed().as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     }
 }
@@ -499,7 +522,7 @@ impl HttpCapability {
         credential: Option<&Credential>,
     ) -> Result<InboundResponse, wit::Error> {
         if let Some(rl) = &self.rate {
-            rl.acquire(&self.connection_id, self.limits.timeout)
+            rl.acquire(&self.connection_id)
                 .await
                 .map_err(wit::Error::Connection)?;
         }

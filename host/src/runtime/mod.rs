@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use v0_1::ledgerport::connector::types as wit;
 use wasmtime::component::{Component, HasData, Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use output::OutputTail;
@@ -647,8 +647,27 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
-        store.epoch_deadline_trap();
         let ticks = (self.config.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
+        match ctx.rate.as_ref().map(|r| r.waited_ms.clone()) {
+            // Time spent waiting for the provider's rate slots does not
+            // count against the deadline: when it is reached, the deadline
+            // moves on by the wait not yet credited, and only then traps.
+            Some(waited) => {
+                let mut credited = 0u64;
+                store.epoch_deadline_callback(move |_| {
+                    let total = waited.load(Ordering::Relaxed);
+                    let more = total.saturating_sub(credited);
+                    credited = total;
+                    let extra = (more as u128 / TICK.as_millis()) as u64;
+                    Ok(if extra > 0 {
+                        UpdateDeadline::Continue(extra)
+                    } else {
+                        UpdateDeadline::Interrupt
+                    })
+                });
+            }
+            None => store.epoch_deadline_trap(),
+        }
         store.set_epoch_deadline(ticks);
         (store, tail)
     }
@@ -675,8 +694,26 @@ impl Runtime {
             f(&instance, &mut store).await.map_err(|e| (false, e))
         };
         // The epoch deadline stops guest code; this stops a guest waiting in
-        // a host call that never returns.
-        let outcome = tokio::time::timeout(deadline + Duration::from_secs(1), work).await;
+        // a host call that never returns. Both leave out the time the call
+        // waited for the provider's rate slots.
+        let waited = ctx.rate.as_ref().map(|r| r.waited_ms.clone());
+        let guard = async {
+            let mut until = tokio::time::Instant::now() + deadline + Duration::from_secs(1);
+            let mut credited = 0u64;
+            loop {
+                tokio::time::sleep_until(until).await;
+                let total = waited.as_ref().map_or(0, |w| w.load(Ordering::Relaxed));
+                if total <= credited {
+                    break;
+                }
+                until += Duration::from_millis(total - credited);
+                credited = total;
+            }
+        };
+        let outcome = tokio::select! {
+            r = work => Ok(r),
+            () = guard => Err(()),
+        };
         let memory_denied = store.data().memory_denied;
         let result = match outcome {
             Err(_) => Err(CallError::Deadline {
