@@ -332,3 +332,72 @@ both!(
     unknown_tenant_postgres,
     unknown_tenant_is_refused
 );
+
+/// The outbox claim leaves out the connections it is told to (their rate
+/// window is full), on both engines; a repeated document id is recognised
+/// as the same document or a conflicting one.
+async fn claims_skip_excluded_connections(db: TestDb) {
+    use ledgerport::store::outbox::IngestOutcome;
+    let s = db.store().await;
+    assert_eq!(s.ingest_targets("acme").await.unwrap(), None);
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    assert_eq!(s.ingest_targets("acme").await.unwrap(), Some(vec![]));
+    for (i, conn) in ["conn-a", "conn-a", "conn-a", "conn-b", "conn-b"]
+        .iter()
+        .enumerate()
+    {
+        let conns = vec![(conn.to_string(), "xero".to_string())];
+        let r = s
+            .ingest_document(
+                "acme",
+                &format!("d{i}"),
+                "invoice",
+                &format!("INV-{i}"),
+                None,
+                "{}",
+                "h",
+                &conns,
+                1,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r, IngestOutcome::Created { deliveries: 1 }));
+    }
+    let again = |hash: &'static str| {
+        let s = s.clone();
+        async move {
+            s.ingest_document(
+                "acme",
+                "d0",
+                "invoice",
+                "INV-0",
+                None,
+                "{\"x\":1}",
+                hash,
+                &[],
+                2,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert!(matches!(again("h").await, IngestOutcome::Existing));
+    assert!(matches!(again("other").await, IngestOutcome::Conflict(b) if b == "{}"));
+    let claimed = s
+        .claim_deliveries("w", 10, 60_000, 10, 5, &["conn-a".to_string()])
+        .await
+        .unwrap();
+    let conns: Vec<&str> = claimed.iter().map(|c| c.connection_id.as_str()).collect();
+    assert_eq!(conns, ["conn-b", "conn-b"]);
+    let claimed = s
+        .claim_deliveries("w", 10, 60_000, 10, 5, &[])
+        .await
+        .unwrap();
+    let conns: Vec<&str> = claimed.iter().map(|c| c.connection_id.as_str()).collect();
+    assert_eq!(conns, ["conn-a", "conn-a", "conn-a"]);
+}
+both!(
+    claims_skip_excluded_sqlite,
+    claims_skip_excluded_postgres,
+    claims_skip_excluded_connections
+);
