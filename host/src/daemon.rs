@@ -88,7 +88,7 @@ pub struct DispatchSettings {
     #[serde(default)]
     pub enforce_rate: Option<bool>,
     /// Deliveries that may wait for a provider rate slot beyond
-    /// `concurrency` (default 128); each keeps a plugin instance.
+    /// `concurrency` (default 64); each keeps a plugin instance (its memory).
     #[serde(default)]
     pub max_parked: Option<usize>,
 }

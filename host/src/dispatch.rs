@@ -67,9 +67,10 @@ pub struct DispatchConfig {
     /// The window the per-minute rate applies to (one minute; shorter only
     /// against a simulator whose clock runs faster).
     pub rate_window: Duration,
-    /// Deliveries waiting for a rate slot, beyond `concurrency`: a waiting
-    /// delivery lends its dispatcher slot to work that can run, but keeps
-    /// its plugin instance (the runtime's pool must hold both).
+    /// Deliveries alive beyond `concurrency`: a delivery waiting for a rate
+    /// slot lends its dispatcher slot to work that can run but keeps its
+    /// plugin instance, so at most `concurrency + max_parked` are alive at
+    /// once (the runtime's pool must hold them all).
     pub max_parked: usize,
 }
 
@@ -87,7 +88,7 @@ impl Default for DispatchConfig {
             per_connection_override: None,
             rate_override: None,
             rate_window: Duration::from_secs(60),
-            max_parked: 128,
+            max_parked: 64,
         }
     }
 }
