@@ -131,6 +131,10 @@ impl RateGate for StoreRateGate {
     }
 }
 
+/// How long the dispatcher waits for more deliveries to finish before it
+/// claims for the slots already free.
+const CLAIM_GATHER: Duration = Duration::from_millis(2);
+
 /// Everything the dispatcher needs to run deliveries.
 pub struct Dispatcher {
     store: Store,
@@ -261,6 +265,7 @@ impl Dispatcher {
         let mut in_flight = tokio::task::JoinSet::new();
         let working: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
         let per_connection = self.per_connection_cap();
+        let claim_batch = (self.config.concurrency / 8).max(1);
         let mut last_resume = Instant::now() - Duration::from_secs(10);
         // On PostgreSQL, work ingested by another daemon wakes this one
         // (LISTEN/NOTIFY); polling stays as the fallback.
@@ -337,7 +342,18 @@ impl Dispatcher {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.config.poll) => {}
                     _ = shutdown.changed() => {}
-                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                        // Claim in batches: a claim is a write transaction,
+                        // and one per finished delivery cost more than a
+                        // short wait for a few more to finish.
+                        let until = tokio::time::Instant::now() + CLAIM_GATHER;
+                        while running.available_permits().min(alive.available_permits()) < claim_batch {
+                            match tokio::time::timeout_at(until, in_flight.join_next()).await {
+                                Ok(Some(_)) => {}
+                                _ => break,
+                            }
+                        }
+                    }
                 }
             }
         }
