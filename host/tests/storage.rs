@@ -401,3 +401,79 @@ both!(
     claims_skip_excluded_postgres,
     claims_skip_excluded_connections
 );
+
+/// The claim holds the per-connection cap across claims (live leases count)
+/// and takes lapsed leases back before new work, on both engines.
+async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let mut ids = std::collections::HashMap::new();
+    for (i, conn) in ["conn-a", "conn-a", "conn-a", "conn-b", "conn-b"]
+        .iter()
+        .enumerate()
+    {
+        let conns = vec![(conn.to_string(), "xero".to_string())];
+        s.ingest_document(
+            "acme",
+            &format!("d{i}"),
+            "invoice",
+            &format!("INV-{i}"),
+            None,
+            "{}",
+            "h",
+            &conns,
+            1,
+        )
+        .await
+        .unwrap();
+        ids.insert(
+            ledgerport::store::outbox::delivery_id("acme", &format!("d{i}"), conn),
+            *conn,
+        );
+    }
+    let per_conn = |claimed: &[ledgerport::store::outbox::Claimed]| {
+        let mut n = std::collections::BTreeMap::new();
+        for c in claimed {
+            assert_eq!(ids[&c.id], c.connection_id);
+            *n.entry(c.connection_id.clone()).or_insert(0) += 1;
+        }
+        n
+    };
+    // Cap 2: two of A's three, both of B's.
+    let first = s
+        .claim_deliveries("w1", 10, 1_000, 10, 2, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        per_conn(&first),
+        [("conn-a".into(), 2), ("conn-b".into(), 2)].into()
+    );
+    // Their leases are live: A's third stays where it is.
+    assert!(
+        s.claim_deliveries("w2", 20, 1_000, 10, 2, &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The leases lapse: the four come back (to w3) before A's third.
+    let again = s
+        .claim_deliveries("w3", 5_000, 1_000, 10, 2, &[])
+        .await
+        .unwrap();
+    let mut a: Vec<&str> = again.iter().map(|c| c.id.as_str()).collect();
+    let mut b: Vec<&str> = first.iter().map(|c| c.id.as_str()).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    // A limit smaller than the work: the earliest first, still capped.
+    let last = s
+        .claim_deliveries("w4", 10_000, 1_000, 1, 2, &[])
+        .await
+        .unwrap();
+    assert_eq!(last.len(), 1);
+}
+both!(
+    claims_cap_sqlite,
+    claims_cap_postgres,
+    claims_hold_the_cap_and_take_lapsed_leases_first
+);

@@ -10,6 +10,7 @@
 
 use super::{BeginWrite, Pool, Store, StoreError, StoreKind, on_pool};
 use sqlx::Row;
+use std::collections::HashMap;
 
 /// The PostgreSQL channel on which new work is announced.
 pub const WORK_CHANNEL: &str = "ledgerport_outbox";
@@ -298,34 +299,78 @@ impl Store {
         per_connection: i64,
         exclude: &[String],
     ) -> Result<Vec<Claimed>, StoreError> {
-        let not_excluded = match self.pool() {
-            Pool::Sqlite(_) => "d.connection_id NOT IN (SELECT value FROM json_each($4))",
-            Pool::Postgres(_) => "NOT (d.connection_id = ANY($4))",
-        };
-        let candidates = format!("WITH busy AS (
-                SELECT connection_id, COUNT(*) AS n FROM deliveries
-                WHERE state = 'working' AND lease_until >= $1 GROUP BY connection_id),
-            cand AS (
-                SELECT d.id, d.connection_id, d.next_attempt_at,
-                       ROW_NUMBER() OVER (PARTITION BY d.connection_id ORDER BY d.next_attempt_at, d.id) AS rn
-                FROM deliveries d
-                WHERE ((d.state = 'pending' AND d.next_attempt_at <= $1)
-                   OR (d.state = 'working' AND d.lease_until < $1))
-                  AND {not_excluded})
-            SELECT cand.id FROM cand LEFT JOIN busy ON busy.connection_id = cand.connection_id
-            WHERE cand.rn + COALESCE(busy.n, 0) <= $2
-            ORDER BY cand.next_attempt_at, cand.id LIMIT $3");
+        let exclude: std::collections::HashSet<&str> = exclude.iter().map(String::as_str).collect();
+        // The candidates, under the write lock: lapsed leases first, then
+        // each connection's earliest due deliveries, never more per
+        // connection than its free places, the earliest `limit` of all.
+        // Found by index (a loose scan over the connections with pending
+        // work, then a few rows each), not by ranking every pending row.
+        macro_rules! pick_candidates {
+            ($tx:expr) => {{
+                let mut used: HashMap<String, i64> = HashMap::new();
+                for r in sqlx::query("SELECT connection_id, COUNT(*) AS n FROM deliveries WHERE state = 'working' AND lease_until >= $1 GROUP BY connection_id")
+                    .bind(now).fetch_all(&mut *$tx).await?
+                {
+                    used.insert(r.try_get("connection_id")?, r.try_get("n")?);
+                }
+                let mut picked: Vec<(i64, String)> = Vec::new();
+                for r in sqlx::query("SELECT id, connection_id, next_attempt_at FROM deliveries WHERE state = 'working' AND lease_until < $1 ORDER BY next_attempt_at, id LIMIT $2")
+                    .bind(now).bind(limit).fetch_all(&mut *$tx).await?
+                {
+                    let c: String = r.try_get("connection_id")?;
+                    if exclude.contains(c.as_str()) {
+                        continue;
+                    }
+                    let n = used.entry(c).or_insert(0);
+                    if *n < per_connection {
+                        *n += 1;
+                        picked.push((r.try_get("next_attempt_at")?, r.try_get("id")?));
+                    }
+                }
+                let mut heads: Vec<(i64, String)> = Vec::new();
+                for r in sqlx::query(PENDING_HEADS).fetch_all(&mut *$tx).await? {
+                    let c: String = r.try_get("connection_id")?;
+                    let head: Option<i64> = r.try_get("head")?;
+                    if let Some(h) = head
+                        && h <= now
+                        && !exclude.contains(c.as_str())
+                        && used.get(&c).copied().unwrap_or(0) < per_connection
+                    {
+                        heads.push((h, c));
+                    }
+                }
+                // A connection whose earliest row comes after `limit` other
+                // connections' earliest rows cannot make the cut.
+                heads.sort();
+                heads.truncate(usize::try_from(limit).unwrap_or(0));
+                if !heads.is_empty() {
+                    let sql = (0..heads.len())
+                        .map(|i| format!(
+                            "SELECT * FROM (SELECT id, next_attempt_at FROM deliveries WHERE state = 'pending' AND connection_id = ${} AND next_attempt_at <= $1 ORDER BY next_attempt_at, id LIMIT ${}) AS c{i}",
+                            2 * i + 2,
+                            2 * i + 3
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(" UNION ALL ");
+                    let mut q = sqlx::query(&sql).bind(now);
+                    for (_, c) in &heads {
+                        let room = (per_connection - used.get(c).copied().unwrap_or(0)).min(limit);
+                        q = q.bind(c.clone()).bind(room);
+                    }
+                    for r in q.fetch_all(&mut *$tx).await? {
+                        picked.push((r.try_get("next_attempt_at")?, r.try_get("id")?));
+                    }
+                }
+                picked.sort();
+                picked.truncate(usize::try_from(limit).unwrap_or(0));
+                picked.into_iter().map(|(_, id)| id).collect::<Vec<String>>()
+            }};
+        }
         let returning = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number";
         let rows = match self.pool() {
             Pool::Sqlite(p) => {
                 let mut tx = p.begin_write().await?;
-                let ids: Vec<String> = sqlx::query_scalar(&candidates)
-                    .bind(now)
-                    .bind(per_connection)
-                    .bind(limit)
-                    .bind(serde_json::to_string(exclude).unwrap_or_else(|_| "[]".into()))
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let ids = pick_candidates!(tx);
                 let mut rows = Vec::new();
                 for id in ids {
                     let r = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id = $4 AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {returning}"))
@@ -343,13 +388,7 @@ impl Store {
                 sqlx::query("SELECT pg_advisory_xact_lock(7215001)")
                     .execute(&mut *tx)
                     .await?;
-                let ids: Vec<String> = sqlx::query_scalar(&candidates)
-                    .bind(now)
-                    .bind(per_connection)
-                    .bind(limit)
-                    .bind(exclude)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let ids = pick_candidates!(tx);
                 let rs = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($4) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) FOR UPDATE SKIP LOCKED) {returning}"))
                     .bind(worker).bind(now + lease_ms).bind(now).bind(&ids)
                     .fetch_all(&mut *tx).await?;
@@ -757,6 +796,20 @@ where
         credits_invoice_number: None,
     })
 }
+
+/// Each connection with pending deliveries and its earliest one, by a loose
+/// index scan (`deliveries_pending_by_connection`): two index look-ups per
+/// connection, whatever the backlog.
+const PENDING_HEADS: &str = "WITH RECURSIVE conns(cid) AS (
+        SELECT (SELECT MIN(connection_id) FROM deliveries WHERE state = 'pending')
+        UNION ALL
+        SELECT (SELECT MIN(d.connection_id) FROM deliveries d
+                WHERE d.state = 'pending' AND d.connection_id > conns.cid)
+        FROM conns WHERE conns.cid IS NOT NULL)
+    SELECT cid AS connection_id,
+           (SELECT MIN(d.next_attempt_at) FROM deliveries d
+            WHERE d.state = 'pending' AND d.connection_id = conns.cid) AS head
+    FROM conns WHERE cid IS NOT NULL";
 
 /// The stable id of a delivery: the same on every retry and every daemon,
 /// and the connector's idempotency base.
