@@ -10,6 +10,7 @@ use ledgerport::crypto::{KeyRing, Secret};
 use ledgerport::store::{
     ConnectionState, NewConnection, Organisation, StateRefusal, Store, StoreKind, TokenSet,
 };
+use proptest::strategy::Strategy;
 use storage_support::{TestDb, keys};
 
 macro_rules! both {
@@ -477,3 +478,125 @@ both!(
     claims_cap_postgres,
     claims_hold_the_cap_and_take_lapsed_leases_first
 );
+
+/// One delivery of the claim model: its connection, and pending due at
+/// `at` or working with a lease until `at`.
+#[derive(Debug, Clone)]
+struct ModelRow {
+    conn: usize,
+    working: bool,
+    at: i64,
+}
+
+fn claim_case(rows: &[ModelRow], cap: i64, limit: i64, exclude: &[usize]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let db = TestDb::sqlite();
+        let s = db.store().await;
+        s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+        let ledgerport::store::Pool::Sqlite(pool) = s.pool().clone() else {
+            unreachable!()
+        };
+        let now = 10;
+        // id -> (connection, working, at)
+        let mut model = std::collections::HashMap::new();
+        for (i, r) in rows.iter().enumerate() {
+            let conn = format!("c{}", r.conn);
+            let conns = vec![(conn.clone(), "xero".to_string())];
+            s.ingest_document("acme", &format!("d{i}"), "invoice", &format!("N{i}"), None, "{}", "h", &conns, 0)
+                .await
+                .unwrap();
+            let id = ledgerport::store::outbox::delivery_id("acme", &format!("d{i}"), &conn);
+            let sql = if r.working {
+                "UPDATE deliveries SET state = 'working', lease_owner = 'other', lease_until = $1 WHERE id = $2"
+            } else {
+                "UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2"
+            };
+            sqlx::query(sql).bind(r.at).bind(&id).execute(&pool).await.unwrap();
+            model.insert(id, (conn, r.working, r.at));
+        }
+        let excluded: Vec<String> = exclude.iter().map(|c| format!("c{c}")).collect();
+        let claimed = s
+            .claim_deliveries("w", now, 1_000, limit, cap, &excluded)
+            .await
+            .unwrap();
+        let got: std::collections::HashSet<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(got.len(), claimed.len(), "claimed twice");
+        assert!(claimed.len() as i64 <= limit);
+        let eligible = |id: &str| {
+            let (c, working, at) = &model[id];
+            !excluded.contains(c) && if *working { *at < now } else { *at <= now }
+        };
+        let mut used: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for (id, (c, working, at)) in &model {
+            if *working && *at >= now {
+                *used.entry(c.as_str()).or_default() += 1;
+            }
+            if got.contains(id.as_str()) {
+                assert!(eligible(id), "claimed {id} was not eligible: {:?}", model[id]);
+                *used.entry(c.as_str()).or_default() += 1;
+            }
+        }
+        for (c, n) in &used {
+            let live_before = model.values().filter(|(mc, w, at)| mc == c && *w && *at >= now).count() as i64;
+            assert!(*n <= cap.max(live_before), "connection {c} has {n} working over the cap {cap}");
+        }
+        // Nothing eligible is left behind while there is room and limit.
+        for (id, (c, working, at)) in &model {
+            if got.contains(id.as_str()) || !eligible(id) {
+                continue;
+            }
+            let room = used.get(c.as_str()).copied().unwrap_or(0) < cap;
+            if room {
+                assert_eq!(
+                    claimed.len() as i64, limit,
+                    "{id} ({c}) was eligible with room and the limit was not reached"
+                );
+                // And what was claimed instead came no later (pending; ties
+                // in any order) or was a lapsed lease.
+                if !working {
+                    for e in &claimed {
+                        let (_, ew, eat) = &model[&e.id];
+                        assert!(*ew || *eat <= *at, "{} claimed before earlier {id}", e.id);
+                    }
+                }
+            }
+        }
+        // Within a connection, pending work is claimed earliest first.
+        for (id, (c, working, at)) in &model {
+            if got.contains(id.as_str()) || !eligible(id) || *working {
+                continue;
+            }
+            for e in &claimed {
+                let (ec, ew, eat) = &model[&e.id];
+                if ec == c && !*ew {
+                    assert!(*eat <= *at, "{} claimed before earlier {id} of {c}", e.id);
+                }
+            }
+        }
+    });
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// The index claim against a model: the cap, the limit, exclusions,
+    /// nothing eligible left behind with room, earliest first (found a
+    /// lapsed lease skipped when the first `limit` lapsed ones were all on
+    /// connections at their cap).
+    #[test]
+    fn the_claim_matches_its_model(
+        rows in proptest::collection::vec(
+            (0usize..5, proptest::bool::weighted(0.3), 0i64..20)
+                .prop_map(|(conn, working, at)| ModelRow { conn, working, at }),
+            0..30,
+        ),
+        cap in 1i64..4,
+        limit in 1i64..10,
+        exclude in proptest::collection::vec(0usize..5, 0..2),
+    ) {
+        claim_case(&rows, cap, limit, &exclude);
+    }
+}

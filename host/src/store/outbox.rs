@@ -314,8 +314,10 @@ impl Store {
                     used.insert(r.try_get("connection_id")?, r.try_get("n")?);
                 }
                 let mut picked: Vec<(i64, String)> = Vec::new();
-                for r in sqlx::query("SELECT id, connection_id, next_attempt_at FROM deliveries WHERE state = 'working' AND lease_until < $1 ORDER BY next_attempt_at, id LIMIT $2")
-                    .bind(now).bind(limit).fetch_all(&mut *$tx).await?
+                // Every lapsed lease (few: at most the working ones), not the
+                // first `limit`: those could all be on connections at their cap.
+                for r in sqlx::query("SELECT id, connection_id, next_attempt_at FROM deliveries WHERE state = 'working' AND lease_until < $1 ORDER BY next_attempt_at, id")
+                    .bind(now).fetch_all(&mut *$tx).await?
                 {
                     let c: String = r.try_get("connection_id")?;
                     if exclude.contains(c.as_str()) {
