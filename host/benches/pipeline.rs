@@ -40,7 +40,7 @@ mod storage_support;
 
 use anyhow::{Context, bail};
 use base64::Engine as _;
-use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
+use ledgerport::capabilities::mapping::MappingScope;
 use ledgerport::connections::Clock;
 use ledgerport::crypto::{KeyRing, Secret};
 use ledgerport::daemon::{Config, Daemon};
@@ -57,20 +57,6 @@ use storage_support::TestDb;
 use xero_sim::{FaultConfig, FaultRule, GrantRequest, Sim, SimConfig, SimHandle};
 
 const SERVICE_KEY: &str = "bench-service-key";
-
-const MAPPINGS: &[(&str, &str, Option<&str>)] = &[
-    ("gross-salary", "477", None),
-    ("employer-social-contributions", "478", None),
-    ("employee-benefits", "479", None),
-    ("allowances-and-bonuses", "477", None),
-    ("statutory-payments", "477", None),
-    ("management-fee", "429", Some("INPUT2")),
-    ("onboarding-fee", "429", Some("INPUT2")),
-    ("fx-fee", "404", None),
-    ("expense-reimbursement", "493", None),
-    ("security-deposit", "620", None),
-    ("deposit-refund", "620", None),
-];
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -135,20 +121,7 @@ fn xero_only_plugin_dir() -> anyhow::Result<tempfile::TempDir> {
 /// A simulator configuration with `n` organisations (all the user's).
 fn sim_config(n: usize) -> (SimConfig, Vec<uuid::Uuid>) {
     let mut cfg = SimConfig::default();
-    let orgs: Vec<uuid::Uuid> = (0..n as u128)
-        .map(|i| uuid::Uuid::from_u128(0xbe00_0000 + i))
-        .collect();
-    let template = cfg.orgs[1].clone();
-    cfg.orgs = orgs
-        .iter()
-        .enumerate()
-        .map(|(i, id)| xero_sim::OrgConfig {
-            tenant_id: *id,
-            name: format!("Org {i}"),
-            ..template.clone()
-        })
-        .collect();
-    cfg.user.tenants = orgs.clone();
+    let orgs = cfg.with_orgs(n, 0xbe00_0000);
     (cfg, orgs)
 }
 
@@ -200,19 +173,8 @@ async fn connect_direct(
         tenant_id: tenant.into(),
         connector_id: "xero".into(),
     };
-    for (kind, code, tax) in MAPPINGS {
-        store
-            .set_mapping(
-                &scope,
-                &AccountMapping {
-                    kind: kind.to_string(),
-                    account_code: code.to_string(),
-                    tax_type: tax.map(String::from),
-                },
-                "bench",
-                now,
-            )
-            .await?;
+    for m in ledgerport::demo::sample_mappings() {
+        store.set_mapping(&scope, &m, "bench", now).await?;
     }
     Ok(())
 }

@@ -29,8 +29,10 @@ pub fn examples_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("examples/documents"))
 }
 
-/// What the demo admin maps (one kind is left out on purpose).
-const DEMO_MAPPINGS: &[(&str, &str, Option<&str>)] = &[
+/// What an admin maps for the sample documents (`examples/documents`), on
+/// Xero's demo company: kind, account code, tax type. `late-payment-fee` is
+/// left out on purpose (the demo shows the needs-mapping pause with it).
+const SAMPLE_MAPPINGS: &[(&str, &str, Option<&str>)] = &[
     ("gross-salary", "477", None),
     ("employer-social-contributions", "478", None),
     ("employee-benefits", "479", None),
@@ -43,6 +45,19 @@ const DEMO_MAPPINGS: &[(&str, &str, Option<&str>)] = &[
     ("security-deposit", "620", None),
     ("deposit-refund", "620", None),
 ];
+
+/// [`SAMPLE_MAPPINGS`] as mappings: what the demo, the tests and the
+/// benchmarks set for a tenant.
+pub fn sample_mappings() -> Vec<AccountMapping> {
+    SAMPLE_MAPPINGS
+        .iter()
+        .map(|(kind, code, tax)| AccountMapping {
+            kind: kind.to_string(),
+            account_code: code.to_string(),
+            tax_type: tax.map(String::from),
+        })
+        .collect()
+}
 
 fn load(path: &Path) -> anyhow::Result<Value> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -157,15 +172,11 @@ pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
         tenant_id: "acme".into(),
         connector_id: "xero".into(),
     };
-    for (kind, code, tax) in DEMO_MAPPINGS {
+    for m in sample_mappings() {
         store
             .set_mapping(
                 &scope,
-                &AccountMapping {
-                    kind: kind.to_string(),
-                    account_code: code.to_string(),
-                    tax_type: tax.map(String::from),
-                },
+                &m,
                 "alice@acme.example",
                 chrono::Utc::now().timestamp(),
             )
@@ -173,7 +184,7 @@ pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
     }
     println!(
         "2. mapped {} line kinds to Xero accounts (late-payment-fee left unmapped on purpose)",
-        DEMO_MAPPINGS.len()
+        SAMPLE_MAPPINGS.len()
     );
 
     // The platform issues documents.

@@ -268,20 +268,7 @@ async fn load(db: TestDb, daemons: usize, docs_per_tenant: usize) {
     sim_cfg.limits.app_per_minute = 1_000_000;
     sim_cfg.limits.per_day = 1_000_000;
     // 20 tenants, each with its own Xero organisation.
-    let orgs: Vec<uuid::Uuid> = (0..20u128)
-        .map(|i| uuid::Uuid::from_u128(0xa000 + i))
-        .collect();
-    let template = sim_cfg.orgs[1].clone();
-    sim_cfg.orgs = orgs
-        .iter()
-        .enumerate()
-        .map(|(i, id)| xero_sim::OrgConfig {
-            tenant_id: *id,
-            name: format!("Org {i}"),
-            ..template.clone()
-        })
-        .collect();
-    sim_cfg.user.tenants = orgs.clone();
+    let orgs = sim_cfg.with_orgs(20, 0xa000);
     // Xero's per-minute limit is raised in the simulator and the host alike
     // (the rate gate is tested on its own); concurrency stays at Xero's 5.
     let p = Pipeline::start_with(db, daemons, sim_cfg, |d| d.rate_override = Some(100_000)).await;

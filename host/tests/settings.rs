@@ -9,7 +9,7 @@ mod common;
 #[allow(dead_code)]
 mod storage_support;
 
-use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
+use ledgerport::capabilities::mapping::MappingScope;
 use ledgerport::connections::Clock;
 use ledgerport::connections::settings;
 use ledgerport::crypto::KeyRing;
@@ -232,24 +232,7 @@ impl Env {
             tenant_id: id.into(),
             connector_id: "xero".into(),
         };
-        for (kind, code, tax) in [
-            ("gross-salary", "477", None),
-            ("employer-social-contributions", "478", None),
-            ("employee-benefits", "479", None),
-            ("allowances-and-bonuses", "477", None),
-            ("statutory-payments", "477", None),
-            ("management-fee", "429", Some("INPUT2")),
-            ("onboarding-fee", "429", Some("INPUT2")),
-            ("fx-fee", "404", None),
-            ("expense-reimbursement", "493", None),
-            ("security-deposit", "620", None),
-            ("deposit-refund", "620", None),
-        ] {
-            let m = AccountMapping {
-                kind: kind.into(),
-                account_code: code.into(),
-                tax_type: tax.map(String::from),
-            };
+        for m in ledgerport::demo::sample_mappings() {
             s.set_mapping(&scope, &m, "test", 0).await.unwrap();
         }
     }

@@ -136,20 +136,7 @@ fn sim_with_orgs(n: usize, base: u128, seed: u64) -> (SimConfig, Vec<uuid::Uuid>
     sim_cfg.limits.per_minute = 100_000;
     sim_cfg.limits.app_per_minute = 1_000_000;
     sim_cfg.limits.per_day = 1_000_000;
-    let orgs: Vec<uuid::Uuid> = (0..n as u128)
-        .map(|i| uuid::Uuid::from_u128(base + i))
-        .collect();
-    let template = sim_cfg.orgs[1].clone();
-    sim_cfg.orgs = orgs
-        .iter()
-        .enumerate()
-        .map(|(i, id)| xero_sim::OrgConfig {
-            tenant_id: *id,
-            name: format!("Org {i}"),
-            ..template.clone()
-        })
-        .collect();
-    sim_cfg.user.tenants = orgs.clone();
+    let orgs = sim_cfg.with_orgs(n, base);
     (sim_cfg, orgs)
 }
 

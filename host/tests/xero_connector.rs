@@ -22,21 +22,6 @@ use xero_sim::{
     DEFAULT_TENANT_TRADING, FaultConfig, FaultRule, GrantRequest, Sim, SimConfig, SimHandle,
 };
 
-/// The mappings an admin would set for the sample documents.
-const MAPPINGS: &[(&str, &str, Option<&str>)] = &[
-    ("gross-salary", "477", None),
-    ("employer-social-contributions", "478", None),
-    ("employee-benefits", "479", None),
-    ("allowances-and-bonuses", "477", None),
-    ("statutory-payments", "477", None),
-    ("management-fee", "429", Some("INPUT2")),
-    ("onboarding-fee", "429", Some("INPUT2")),
-    ("fx-fee", "404", None),
-    ("expense-reimbursement", "493", None),
-    ("security-deposit", "620", None),
-    ("deposit-refund", "620", None),
-];
-
 struct Env {
     sim: SimHandle,
     rt: Runtime,
@@ -79,15 +64,8 @@ async fn env() -> Env {
         tenant_id: "acme".into(),
         connector_id: "xero".into(),
     };
-    for (kind, code, tax) in MAPPINGS {
-        mappings.set(
-            &scope,
-            AccountMapping {
-                kind: kind.to_string(),
-                account_code: code.to_string(),
-                tax_type: tax.map(String::from),
-            },
-        );
+    for m in ledgerport::demo::sample_mappings() {
+        mappings.set(&scope, m);
     }
     Env {
         sim,

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use crate::storage_support::{self, TestDb};
-use ledgerport::capabilities::mapping::{AccountMapping, MappingScope};
+use ledgerport::capabilities::mapping::MappingScope;
 use ledgerport::connections::Clock;
 use ledgerport::daemon::{Config, Daemon, MailSettings};
 use ledgerport::dispatch::DispatchConfig;
@@ -19,21 +19,6 @@ use xero_sim::{Sim, SimConfig, SimHandle};
 
 /// The platform's service key.
 pub const SERVICE_KEY: &str = "test-service-key";
-
-/// Every test tenant's mapping: kind, account code, tax type.
-pub const MAPPINGS: &[(&str, &str, Option<&str>)] = &[
-    ("gross-salary", "477", None),
-    ("employer-social-contributions", "478", None),
-    ("employee-benefits", "479", None),
-    ("allowances-and-bonuses", "477", None),
-    ("statutory-payments", "477", None),
-    ("management-fee", "429", Some("INPUT2")),
-    ("onboarding-fee", "429", Some("INPUT2")),
-    ("fx-fee", "404", None),
-    ("expense-reimbursement", "493", None),
-    ("security-deposit", "620", None),
-    ("deposit-refund", "620", None),
-];
 
 /// Daemons on one database, the simulator, the SMTP sink.
 pub struct Pipeline {
@@ -175,18 +160,9 @@ impl Pipeline {
             tenant_id: id.into(),
             connector_id: "xero".into(),
         };
-        for (kind, code, tax) in MAPPINGS {
+        for m in ledgerport::demo::sample_mappings() {
             store
-                .set_mapping(
-                    &scope,
-                    &AccountMapping {
-                        kind: kind.to_string(),
-                        account_code: code.to_string(),
-                        tax_type: tax.map(String::from),
-                    },
-                    "test",
-                    chrono::Utc::now().timestamp(),
-                )
+                .set_mapping(&scope, &m, "test", chrono::Utc::now().timestamp())
                 .await
                 .unwrap();
         }

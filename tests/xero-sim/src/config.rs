@@ -254,4 +254,25 @@ impl SimConfig {
             ..Self::default()
         }
     }
+
+    /// Replace the organisations with `n` like the default Trading one
+    /// (ids `first_id`, `first_id + 1`, ..., names "Org 0", ...), all the
+    /// user's. Returns their tenant ids.
+    pub fn with_orgs(&mut self, n: usize, first_id: u128) -> Vec<Uuid> {
+        let ids: Vec<Uuid> = (0..n as u128)
+            .map(|i| Uuid::from_u128(first_id + i))
+            .collect();
+        let template = SimConfig::default().orgs[1].clone();
+        self.orgs = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| OrgConfig {
+                tenant_id: *id,
+                name: format!("Org {i}"),
+                ..template.clone()
+            })
+            .collect();
+        self.user.tenants = ids.clone();
+        ids
+    }
 }
