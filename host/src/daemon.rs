@@ -87,8 +87,9 @@ pub struct DispatchSettings {
     /// Enforce provider request rates (default true).
     #[serde(default)]
     pub enforce_rate: Option<bool>,
-    /// Deliveries that may wait for a provider rate slot beyond
-    /// `concurrency` (default 64); each keeps a plugin instance (its memory).
+    /// Deliveries alive beyond `concurrency` (default 64): one waiting for
+    /// a provider rate slot lends its place to work that can run but keeps
+    /// its plugin instance and memory.
     #[serde(default)]
     pub max_parked: Option<usize>,
 }

@@ -157,17 +157,19 @@ pub struct Dispatcher {
 struct Slot {
     dispatcher: Arc<Dispatcher>,
     running: Arc<Semaphore>,
+    /// The dispatcher slot; None while lent out (counted as parked).
     held: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
-    /// Counted in the parked gauge (until unparked or dropped).
-    parked: std::sync::atomic::AtomicBool,
+}
+
+impl Slot {
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<OwnedSemaphorePermit>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self
-            .parked
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.held().is_none() {
             crate::metrics::PARKED.dec();
         }
     }
@@ -176,7 +178,9 @@ impl Drop for Slot {
 #[async_trait]
 impl Parking for Slot {
     fn park(&self, connection_id: &str, wait: Duration) {
-        drop(self.held.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if self.held().take().is_some() {
+            crate::metrics::PARKED.inc();
+        }
         let until = now_ms() + wait.as_millis() as i64;
         self.dispatcher
             .blocked
@@ -185,27 +189,17 @@ impl Parking for Slot {
             .entry(connection_id.to_string())
             .and_modify(|u| *u = (*u).max(until))
             .or_insert(until);
-        if !self.parked.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            crate::metrics::PARKED.inc();
-        }
         // The lent slot can take other work now.
         self.dispatcher.wake.notify_one();
     }
 
     async fn unpark(&self) {
-        if self
-            .parked
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        // Still parked while it waits for a slot to run in.
+        if self.held().is_none()
+            && let Ok(p) = self.running.clone().acquire_owned().await
         {
+            *self.held() = Some(p);
             crate::metrics::PARKED.dec();
-        }
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
-        if !held && let Ok(p) = self.running.clone().acquire_owned().await {
-            *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         }
     }
 }
@@ -266,6 +260,8 @@ impl Dispatcher {
         let working: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
         let per_connection = self.per_connection_cap();
         let claim_batch = (self.config.concurrency / 8).max(1);
+        // Deliveries that can start now: a running place and an instance.
+        let free = || running.available_permits().min(alive.available_permits());
         let mut last_resume = Instant::now() - Duration::from_secs(10);
         // On PostgreSQL, work ingested by another daemon wakes this one
         // (LISTEN/NOTIFY); polling stays as the fallback.
@@ -282,9 +278,8 @@ impl Dispatcher {
                     Err(e) => tracing::error!(error = %e, "resuming paused deliveries failed"),
                 }
             }
-            let free = running.available_permits().min(alive.available_permits());
             let mut claimed = Vec::new();
-            if free > 0 {
+            if free() > 0 {
                 let now = now_ms();
                 let exclude: Vec<String> = {
                     let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
@@ -297,7 +292,7 @@ impl Dispatcher {
                         &self.config.worker_id,
                         now,
                         self.config.lease.as_millis() as i64,
-                        free as i64,
+                        free() as i64,
                         per_connection,
                         &exclude,
                     )
@@ -322,7 +317,6 @@ impl Dispatcher {
                     dispatcher: self.clone(),
                     running: running.clone(),
                     held: std::sync::Mutex::new(Some(permit)),
-                    parked: false.into(),
                 });
                 let me = self.clone();
                 let w = working.clone();
@@ -337,7 +331,7 @@ impl Dispatcher {
                 });
             }
             while in_flight.try_join_next().is_some() {}
-            if got == 0 || running.available_permits().min(alive.available_permits()) == 0 {
+            if got == 0 || free() == 0 {
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.config.poll) => {}
@@ -347,7 +341,7 @@ impl Dispatcher {
                         // and one per finished delivery cost more than a
                         // short wait for a few more to finish.
                         let until = tokio::time::Instant::now() + CLAIM_GATHER;
-                        while running.available_permits().min(alive.available_permits()) < claim_batch {
+                        while free() < claim_batch {
                             match tokio::time::timeout_at(until, in_flight.join_next()).await {
                                 Ok(Some(_)) => {}
                                 _ => break,

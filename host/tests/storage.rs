@@ -337,6 +337,35 @@ both!(
 /// The outbox claim leaves out the connections it is told to (their rate
 /// window is full), on both engines; a repeated document id is recognised
 /// as the same document or a conflicting one.
+/// Ingest document `d{i}` of tenant acme with one delivery on `conn`; its
+/// delivery id.
+async fn ingest_on(
+    s: &Store,
+    i: usize,
+    conn: &str,
+) -> (ledgerport::store::outbox::IngestOutcome, String) {
+    let conns = vec![(conn.to_string(), "xero".to_string())];
+    let doc = format!("d{i}");
+    let r = s
+        .ingest_document(
+            "acme",
+            &doc,
+            "invoice",
+            &format!("INV-{i}"),
+            None,
+            "{}",
+            "h",
+            &conns,
+            1,
+        )
+        .await
+        .unwrap();
+    (
+        r,
+        ledgerport::store::outbox::delivery_id("acme", &doc, conn),
+    )
+}
+
 async fn claims_skip_excluded_connections(db: TestDb) {
     use ledgerport::store::outbox::IngestOutcome;
     let s = db.store().await;
@@ -347,21 +376,7 @@ async fn claims_skip_excluded_connections(db: TestDb) {
         .iter()
         .enumerate()
     {
-        let conns = vec![(conn.to_string(), "xero".to_string())];
-        let r = s
-            .ingest_document(
-                "acme",
-                &format!("d{i}"),
-                "invoice",
-                &format!("INV-{i}"),
-                None,
-                "{}",
-                "h",
-                &conns,
-                1,
-            )
-            .await
-            .unwrap();
+        let (r, _) = ingest_on(&s, i, conn).await;
         assert!(matches!(r, IngestOutcome::Created { deliveries: 1 }));
     }
     let again = |hash: &'static str| {
@@ -413,24 +428,7 @@ async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {
         .iter()
         .enumerate()
     {
-        let conns = vec![(conn.to_string(), "xero".to_string())];
-        s.ingest_document(
-            "acme",
-            &format!("d{i}"),
-            "invoice",
-            &format!("INV-{i}"),
-            None,
-            "{}",
-            "h",
-            &conns,
-            1,
-        )
-        .await
-        .unwrap();
-        ids.insert(
-            ledgerport::store::outbox::delivery_id("acme", &format!("d{i}"), conn),
-            *conn,
-        );
+        ids.insert(ingest_on(&s, i, conn).await.1, *conn);
     }
     let per_conn = |claimed: &[ledgerport::store::outbox::Claimed]| {
         let mut n = std::collections::BTreeMap::new();
@@ -505,11 +503,7 @@ fn claim_case(rows: &[ModelRow], cap: i64, limit: i64, exclude: &[usize]) {
         let mut model = std::collections::HashMap::new();
         for (i, r) in rows.iter().enumerate() {
             let conn = format!("c{}", r.conn);
-            let conns = vec![(conn.clone(), "xero".to_string())];
-            s.ingest_document("acme", &format!("d{i}"), "invoice", &format!("N{i}"), None, "{}", "h", &conns, 0)
-                .await
-                .unwrap();
-            let id = ledgerport::store::outbox::delivery_id("acme", &format!("d{i}"), &conn);
+            let (_, id) = ingest_on(&s, i, &conn).await;
             let sql = if r.working {
                 "UPDATE deliveries SET state = 'working', lease_owner = 'other', lease_until = $1 WHERE id = $2"
             } else {

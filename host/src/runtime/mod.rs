@@ -648,17 +648,13 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
         let ticks = (self.config.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
-        match ctx.rate.as_ref().map(|r| r.waited_ms.clone()) {
+        match WaitCredit::of(ctx) {
             // Time spent waiting for the provider's rate slots does not
             // count against the deadline: when it is reached, the deadline
             // moves on by the wait not yet credited, and only then traps.
-            Some(waited) => {
-                let mut credited = 0u64;
+            Some(mut credit) => {
                 store.epoch_deadline_callback(move |_| {
-                    let total = waited.load(Ordering::Relaxed);
-                    let more = total.saturating_sub(credited);
-                    credited = total;
-                    let extra = (more as u128 / TICK.as_millis()) as u64;
+                    let extra = (credit.take().as_millis() / TICK.as_millis()) as u64;
                     Ok(if extra > 0 {
                         UpdateDeadline::Continue(extra)
                     } else {
@@ -696,18 +692,15 @@ impl Runtime {
         // The epoch deadline stops guest code; this stops a guest waiting in
         // a host call that never returns. Both leave out the time the call
         // waited for the provider's rate slots.
-        let waited = ctx.rate.as_ref().map(|r| r.waited_ms.clone());
+        let mut credit = WaitCredit::of(ctx);
         let guard = async {
             let mut until = tokio::time::Instant::now() + deadline + Duration::from_secs(1);
-            let mut credited = 0u64;
             loop {
                 tokio::time::sleep_until(until).await;
-                let total = waited.as_ref().map_or(0, |w| w.load(Ordering::Relaxed));
-                if total <= credited {
-                    break;
+                match credit.as_mut().map(WaitCredit::take) {
+                    Some(more) if !more.is_zero() => until += more,
+                    _ => break,
                 }
-                until += Duration::from_millis(total - credited);
-                credited = total;
             }
         };
         let outcome = tokio::select! {
@@ -876,6 +869,31 @@ impl Runtime {
             })
         })
         .await
+    }
+}
+
+/// The time a call has waited for rate slots, credited once each: what the
+/// deadline moves on by.
+struct WaitCredit {
+    waited_ms: Arc<AtomicU64>,
+    credited_ms: u64,
+}
+
+impl WaitCredit {
+    /// None when the call has no rate limit (it never waits).
+    fn of(ctx: &CallContext) -> Option<Self> {
+        ctx.rate.as_ref().map(|r| Self {
+            waited_ms: r.waited_ms.clone(),
+            credited_ms: 0,
+        })
+    }
+
+    /// The wait since the last call.
+    fn take(&mut self) -> Duration {
+        let total = self.waited_ms.load(Ordering::Relaxed);
+        let more = total.saturating_sub(self.credited_ms);
+        self.credited_ms = total;
+        Duration::from_millis(more)
     }
 }
 

@@ -249,13 +249,13 @@ fn sqlite_write_turn(pool: &SqlitePool) -> Arc<tokio::sync::Mutex<()>> {
     static TURNS: std::sync::LazyLock<
         std::sync::Mutex<HashMap<std::path::PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     > = std::sync::LazyLock::new(Default::default);
-    let file = pool.connect_options().get_filename().to_path_buf();
-    TURNS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(file)
-        .or_default()
-        .clone()
+    let options = pool.connect_options();
+    let file = options.get_filename();
+    let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
+    match turns.get(file) {
+        Some(t) => t.clone(),
+        None => turns.entry(file.to_path_buf()).or_default().clone(),
+    }
 }
 
 /// Start a write transaction. On SQLite it is `BEGIN IMMEDIATE`: taking the
