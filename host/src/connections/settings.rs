@@ -252,12 +252,7 @@ pub async fn set(
     actor: &str,
     now: i64,
 ) -> Result<(), SettingError> {
-    if actor.trim().is_empty() {
-        return Err(SettingError::invalid(
-            "actor",
-            "who is changing the setting must be named",
-        ));
-    }
+    check_actor(actor)?;
     validate(manifest, key, value)?;
     store
         .set_connection_setting(keys, tenant_id, &manifest.id, key, value, actor, now)
@@ -275,6 +270,17 @@ pub async fn set(
     Ok(())
 }
 
+/// Refuse a change by nobody: the audit log names who made each one.
+fn check_actor(actor: &str) -> Result<(), SettingError> {
+    if actor.trim().is_empty() {
+        return Err(SettingError::invalid(
+            "actor",
+            "who is changing the setting must be named",
+        ));
+    }
+    Ok(())
+}
+
 /// Remove the stored value of `key` (the default applies again) and record
 /// it in the audit log. Refused naming the key when nothing is stored.
 pub async fn unset(
@@ -285,12 +291,7 @@ pub async fn unset(
     actor: &str,
     now: i64,
 ) -> Result<(), SettingError> {
-    if actor.trim().is_empty() {
-        return Err(SettingError::invalid(
-            "actor",
-            "who is changing the setting must be named",
-        ));
-    }
+    check_actor(actor)?;
     if !store
         .unset_connection_setting(tenant_id, connector_id, key)
         .await?
