@@ -56,6 +56,11 @@ use std::time::{Duration, Instant};
 use storage_support::TestDb;
 use xero_sim::{FaultConfig, FaultRule, GrantRequest, Sim, SimConfig, SimHandle};
 
+/// The daemon's allocator (see `src/main.rs`), so the bench measures what
+/// runs in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SERVICE_KEY: &str = "bench-service-key";
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -5,6 +5,8 @@
 //! Run: `cargo xtask wasm && cargo bench -p ledgerport --bench plugin_call`.
 //! Prints median, p99 and mean per connector. `BENCH_ITERATIONS` sets the
 //! number of measured calls (default 5000).
+//! `BENCH_ONLY=minimal` (or `xero`) measures one connector, e.g. for `perf`
+//! with `LEDGERPORT_PERFMAP=1` (names the guest functions).
 //!
 //! Each connector is also measured natively: the same crate compiled for
 //! this machine, its `deliver` called directly with the SDK's native host
@@ -29,6 +31,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// mimalloc instead of glibc malloc: a connector call allocates and frees
+/// many small strings (lowering, capability records); glibc's malloc and
+/// free were 12 % of a call in the B1 profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Stub;
 
@@ -257,6 +265,9 @@ fn main() {
             "xero (contact cached, look-up, create bill, attach PDF)",
         ),
     ] {
+        if std::env::var("BENCH_ONLY").is_ok_and(|only| only != id) {
+            continue;
+        }
         let manifest = plugins.join(id).join("manifest.toml");
         if !manifest.exists() {
             eprintln!(

@@ -132,6 +132,37 @@ async fn still_works(rt: &ledgerport::runtime::Runtime, plugin: &ledgerport::run
     assert_eq!(r.external_id, "ok-after");
 }
 
+/// Linear memory is reset in place between calls (dirty pages found with
+/// PAGEMAP_SCAN and kept resident): no call may see what an earlier call in
+/// the same pool slot left behind, on its heap or in its statics.
+#[tokio::test]
+async fn a_call_never_sees_memory_left_by_an_earlier_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = install(dir.path(), "hostile_connector", HOSTILE);
+    // One instance slot: every call reuses the slot the previous one used.
+    let rt = runtime(RuntimeConfig {
+        max_concurrent_instances: 1,
+        ..small_config()
+    });
+    let plugin = rt.load(&manifest, &BTreeMap::new()).unwrap();
+    for i in 0..4 {
+        let r = rt
+            .deliver(
+                &plugin,
+                &context("t", &[]),
+                delivery(&format!("left-{i}")),
+                invoice("leftover"),
+            )
+            .await
+            .expect("call runs")
+            .expect("receipt");
+        assert_eq!(
+            r.external_id, "seen 0",
+            "call {i} saw an earlier call's memory"
+        );
+    }
+}
+
 #[tokio::test]
 async fn hostile_connectors_are_contained() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,8 @@
 //! | `auth`     | sets its own `Authorization` header                        |
 //! | `calls`    | makes HTTP calls until the host stops it                   |
 //! | `fetch`    | GETs `https://allowed.test/<description of line 0>`        |
+//! | `leftover` | counts a marker left by earlier calls anywhere in its linear |
+//! |            | memory, then leaves the marker in a static and on the heap |
 //! | anything else | behaves: returns a receipt                              |
 
 use ledgerport_sdk::{
@@ -130,7 +132,52 @@ impl Connector for Hostile {
                     Err(e) => Err(errors::transient(format!("{e:?}"))),
                 }
             }
+            "leftover" => Ok(Receipt {
+                external_id: format!("seen {}", leftover()),
+                external_url: None,
+                notes: vec![],
+            }),
             _ => Ok(receipt(&delivery)),
+        }
+    }
+}
+
+/// A static the `leftover` case writes its marker into.
+static mut LEFT_IN_STATIC: [u8; 32] = [0; 32];
+
+/// Count the copies of a marker anywhere in this instance's linear memory
+/// (other than the one this call holds), then leave the marker behind on the
+/// heap and in a static. In a fresh instance the count is 0; a call that
+/// found an earlier call's marker would prove memory leaks between calls.
+fn leftover() -> usize {
+    // Built at run time so the marker is not in the data segment.
+    let marker: Vec<u8> = b"REVOTFEL-LLAC-SUOIVERP".iter().rev().copied().collect();
+    let size = core::arch::wasm32::memory_size(0) * 65536;
+    let seen = (16..size - marker.len())
+        .filter(|&at| {
+            // SAFETY: every address below memory_size is in linear memory.
+            let here = unsafe { core::slice::from_raw_parts(at as *const u8, marker.len()) };
+            here == marker.as_slice()
+        })
+        .count()
+        - 1; // this call's own copy
+    leave(&marker);
+    seen
+}
+
+/// Leave `marker` on the heap and in a static, with volatile writes so the
+/// optimiser cannot drop stores nothing reads.
+fn leave(marker: &[u8]) {
+    let heap = Box::leak(vec![0u8; marker.len()].into_boxed_slice());
+    for (i, b) in marker.iter().enumerate() {
+        // SAFETY: both destinations are valid for marker.len() bytes; the
+        // connector is single-threaded, so nothing else touches the static.
+        unsafe {
+            core::ptr::write_volatile(heap.as_mut_ptr().add(i), *b);
+            core::ptr::write_volatile(
+                core::ptr::addr_of_mut!(LEFT_IN_STATIC).cast::<u8>().add(i),
+                *b,
+            );
         }
     }
 }
