@@ -15,8 +15,10 @@
 //!
 //! The stub answers like Xero for the Xero connector (contact found, no
 //! existing bill, bill created, no attachment yet, attachment stored), so
-//! its figure covers the whole exactly-once path: 4 HTTP calls through the
-//! host capability with the contact id cached in kv (steady state).
+//! its figure covers the whole exactly-once path: 3 HTTP calls through the
+//! host capability (look-up, create, attach; a bill created by the call
+//! needs no attachment look-up) with the contact id cached in kv (steady
+//! state).
 
 use async_trait::async_trait;
 use ledgerport::capabilities::connection::ConnectionInfo;

@@ -199,6 +199,15 @@ fn num(v: &Value) -> String {
         .unwrap_or(text)
 }
 
+/// How many times the connector listed a document's attachments.
+fn attachment_lookups(e: &Env) -> usize {
+    e.sim
+        .requests(0)
+        .iter()
+        .filter(|r| r.method == "GET" && r.uri.contains("/Attachments"))
+        .count()
+}
+
 #[tokio::test]
 async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
     let e = env().await;
@@ -238,6 +247,12 @@ async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
     // PDF attached once, named after the number.
     assert_eq!(docs.attachments.len(), 1);
     assert_eq!(docs.attachments[0]["FileName"], "INV-2026-0042.pdf");
+    // The bill was created by this call, so it had no attachment to look for.
+    assert_eq!(
+        attachment_lookups(&e),
+        0,
+        "a fresh bill's attachments were looked up"
+    );
     // Every create carried an idempotency key.
     for w in e.writes() {
         if w.uri.starts_with("/api.xro/2.0/Invoices") {
@@ -264,6 +279,8 @@ async fn a_retry_is_exactly_once_even_after_the_idempotency_window_with_empty_kv
         .await
         .unwrap();
     assert_eq!(first.external_id, again.external_id);
+    // The retry found the bill, so it looked before attaching (and did not).
+    assert_eq!(attachment_lookups(&e), 1);
     // The worker crashed after creating: its kv is gone and Xero forgot the
     // idempotency key (kept 6 minutes).
     e.kv.clear("conn-xero");
