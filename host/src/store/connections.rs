@@ -301,6 +301,14 @@ struct TokenRow {
     generation: i64,
 }
 
+/// A token row with its connection's state (see `Store::token_snapshot`).
+#[derive(sqlx::FromRow)]
+struct SnapshotRow {
+    #[sqlx(flatten)]
+    token: TokenRow,
+    conn_state: Option<String>,
+}
+
 impl TokenRow {
     fn decrypt(self, keys: &KeyRing, connection_id: &str) -> Result<StoredTokens, StoreError> {
         let access_token = keys.decrypt(&self.access_token, &ctx_access(connection_id))?;
@@ -577,6 +585,23 @@ impl Store {
         keys: &KeyRing,
         connection_id: &str,
     ) -> Result<Option<(ConnectionState, Option<StoredTokens>)>, StoreError> {
+        // One statement on the common path (the connection has tokens):
+        // the token row with its connection's state.
+        let row: Option<SnapshotRow> = on_pool!(self, p => {
+            sqlx::query_as(&format!(
+                "SELECT {TOKEN_COLUMNS}, (SELECT c.state FROM connections c WHERE c.id = t.connection_id) AS conn_state \
+                 FROM connection_tokens t WHERE t.connection_id = $1"
+            ))
+            .bind(connection_id)
+            .fetch_optional(p)
+            .await?
+        });
+        if let Some(r) = row
+            && let Some(state) = r.conn_state.as_deref().and_then(ConnectionState::parse)
+        {
+            return Ok(Some((state, Some(r.token.decrypt(keys, connection_id)?))));
+        }
+        // No tokens (or no connection): the connection row says which.
         let Some(conn) = self.connection(connection_id).await? else {
             return Ok(None);
         };

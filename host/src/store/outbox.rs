@@ -398,18 +398,47 @@ impl Store {
                 rs.iter().map(claimed_from).collect::<Result<Vec<_>, _>>()?
             }
         };
-        let mut out = Vec::with_capacity(rows.len());
-        for mut c in rows {
-            let (body, credits): (String, Option<String>) = on_pool!(self, p => {
-                let doc = sqlx::query("SELECT body, credits_invoice_number FROM documents WHERE tenant_id = $1 AND id = $2")
-                    .bind(&c.tenant_id).bind(&c.document_id).fetch_one(p).await?;
-                (doc.try_get("body")?, doc.try_get("credits_invoice_number")?)
-            });
+        self.attach_bodies(rows).await
+    }
+
+    /// Fill in the claimed deliveries' document bodies with one query for
+    /// the whole batch (outside the claim's write turn), not one per
+    /// delivery.
+    async fn attach_bodies(&self, mut rows: Vec<Claimed>) -> Result<Vec<Claimed>, StoreError> {
+        if rows.is_empty() {
+            return Ok(rows);
+        }
+        let terms = (0..rows.len())
+            .map(|i| format!("(tenant_id = ${} AND id = ${})", 2 * i + 1, 2 * i + 2))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let sql = format!(
+            "SELECT tenant_id, id, body, credits_invoice_number FROM documents WHERE {terms}"
+        );
+        let found: Vec<(String, String, String, Option<String>)> = on_pool!(self, p => {
+            let mut q = sqlx::query_as(&sql);
+            for c in &rows {
+                q = q.bind(&c.tenant_id).bind(&c.document_id);
+            }
+            q.fetch_all(p).await?
+        });
+        let by_key: HashMap<(String, String), (String, Option<String>)> = found
+            .into_iter()
+            .map(|(t, id, body, credits)| ((t, id), (body, credits)))
+            .collect();
+        for c in &mut rows {
+            let key = (c.tenant_id.clone(), c.document_id.clone());
+            // Several deliveries of one document (one per connection) share it.
+            let (body, credits) = by_key.get(&key).cloned().ok_or_else(|| {
+                StoreError::NotFound(format!(
+                    "document {} of tenant {} (claimed by delivery {})",
+                    c.document_id, c.tenant_id, c.id
+                ))
+            })?;
             c.body = body;
             c.credits_invoice_number = credits;
-            out.push(c);
         }
-        Ok(out)
+        Ok(rows)
     }
 
     /// Extend a lease the worker still holds. False when it lost it.
