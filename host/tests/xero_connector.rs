@@ -5,6 +5,7 @@
 mod common;
 
 use async_trait::async_trait;
+use base64::Engine as _;
 use ledgerport::capabilities::connection::ConnectionInfo;
 use ledgerport::capabilities::http::{
     Credential, CredentialError, CredentialProvider, ReqwestTransport, StaticCredentials,
@@ -264,6 +265,34 @@ async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
         }
     }
     e.save_requests("invoice");
+}
+
+/// The SDK's allocator starts in a 256 KiB arena and then grows memory: a
+/// PDF many times that size (lowered into the guest, copied into the
+/// request body) goes through whole, byte for byte.
+#[tokio::test]
+async fn a_large_pdf_is_attached_whole() {
+    use ledgerport::runtime::v0_1::ledgerport::connector::types::Pdf;
+    let e = env().await;
+    let mut doc = sample("invoice.json");
+    let pdf: Vec<u8> = (0..6 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    doc.pdf = Some(Pdf::Bytes(pdf.clone()));
+    e.deliver("dlv-big-pdf", doc).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.attachments.len(), 1);
+    assert_eq!(docs.attachments[0]["ContentLength"], pdf.len());
+    let sent = e
+        .writes()
+        .into_iter()
+        .find(|w| w.uri.contains("/Attachments/"))
+        .expect("the attachment upload");
+    let body = sent
+        .body_base64
+        .map(|b| base64::engine::general_purpose::STANDARD.decode(b).unwrap())
+        .expect("a binary body");
+    assert!(body == pdf, "the uploaded PDF differs from the document's");
 }
 
 #[tokio::test]

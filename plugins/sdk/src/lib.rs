@@ -82,8 +82,14 @@ macro_rules! export_connector {
     };
 }
 
+pub mod alloc;
 pub mod errors;
 pub mod http;
+
+/// Every instance lives for one call: see [`alloc`].
+#[cfg(all(target_arch = "wasm32", feature = "bump-alloc"))]
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::allocator();
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 
