@@ -150,14 +150,32 @@ pub fn delete(url: impl Into<String>) -> RequestBuilder {
 
 /// Percent-encode a query component (RFC 3986 unreserved kept as is).
 pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(s.len() + s.len() / 2);
     for b in s.bytes() {
         match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
                 out.push(b as char)
             }
-            _ => out.push_str(&format!("%{b:02X}")),
+            _ => {
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn encode_keeps_unreserved_and_escapes_the_rest_in_upper_hex() {
+        assert_eq!(super::encode("aZ09-_.~"), "aZ09-_.~");
+        assert_eq!(
+            super::encode("Name==\"A&B\" é/?"),
+            "Name%3D%3D%22A%26B%22%20%C3%A9%2F%3F"
+        );
+        assert_eq!(super::encode(""), "");
+    }
 }

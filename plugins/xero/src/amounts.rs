@@ -72,21 +72,30 @@ impl Amount {
 
     /// The digits as text.
     pub fn text(&self) -> String {
-        let neg = self.mantissa < 0;
-        let digits = self.mantissa.unsigned_abs().to_string();
-        let s = self.scale as usize;
-        let body = if s == 0 {
-            digits
-        } else if digits.len() > s {
-            format!(
-                "{}.{}",
-                &digits[..digits.len() - s],
-                &digits[digits.len() - s..]
-            )
-        } else {
-            format!("0.{}{}", "0".repeat(s - digits.len()), digits)
+        let magnitude = self.mantissa.unsigned_abs();
+        // u128 formatting divides in software on wasm32; nearly every
+        // amount fits in 64 bits.
+        let digits = match u64::try_from(magnitude) {
+            Ok(m) => m.to_string(),
+            Err(_) => magnitude.to_string(),
         };
-        if neg { format!("-{body}") } else { body }
+        let s = self.scale as usize;
+        let mut out = String::with_capacity(digits.len() + s + 3);
+        if self.mantissa < 0 {
+            out.push('-');
+        }
+        if s == 0 {
+            out.push_str(&digits);
+        } else if digits.len() > s {
+            out.push_str(&digits[..digits.len() - s]);
+            out.push('.');
+            out.push_str(&digits[digits.len() - s..]);
+        } else {
+            out.push_str("0.");
+            out.extend(std::iter::repeat_n('0', s - digits.len()));
+            out.push_str(&digits);
+        }
+        out
     }
 }
 
