@@ -418,6 +418,130 @@ both!(
     claims_skip_excluded_connections
 );
 
+/// Ingests from many tasks at once share transactions (group commit), and
+/// each still gets its own answer: new, repeated, conflicting; a write that
+/// fails (an unknown tenant) fails alone, and the others sent with it are
+/// stored.
+async fn concurrent_ingests_share_transactions_and_keep_their_answers(db: TestDb) {
+    use ledgerport::store::outbox::IngestOutcome;
+    use std::sync::atomic::Ordering;
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let conns = vec![("conn-a".to_string(), "xero".to_string())];
+    let body = |round: usize| if round == 2 { "{\"v\":2}" } else { "{}" };
+    let hash = |round: usize| if round == 2 { "other" } else { "h" };
+    let mut tasks = tokio::task::JoinSet::new();
+    // 60 documents, each sent twice with the same body, 10 of them a third
+    // time with another body, and 5 for a tenant that does not exist.
+    for round in 0..3 {
+        for i in 0..60 {
+            if round == 2 && i >= 10 {
+                continue;
+            }
+            let (s, conns) = (s.clone(), conns.clone());
+            tasks.spawn(async move {
+                let r = s
+                    .ingest_document(
+                        "acme",
+                        &format!("d{i}"),
+                        "invoice",
+                        &format!("INV-{i}"),
+                        None,
+                        body(round),
+                        hash(round),
+                        &conns,
+                        1,
+                    )
+                    .await;
+                (i, round, r.map_err(|e| e.to_string()))
+            });
+        }
+    }
+    let mut answers: std::collections::BTreeMap<usize, Vec<(usize, IngestOutcome)>> =
+        Default::default();
+    while let Some(r) = tasks.join_next().await {
+        let (i, round, r) = r.unwrap();
+        answers
+            .entry(i)
+            .or_default()
+            .push((round, r.unwrap_or_else(|e| panic!("d{i}: {e}"))));
+    }
+    assert_eq!(answers.len(), 60, "every document answered");
+    for (i, got) in &answers {
+        let winners: Vec<usize> = got
+            .iter()
+            .filter(|(_, o)| matches!(o, IngestOutcome::Created { deliveries: 1 }))
+            .map(|(r, _)| *r)
+            .collect();
+        assert_eq!(winners.len(), 1, "document {i} stored once: {got:?}");
+        let w = winners[0];
+        for (round, o) in got.iter().filter(|(r, _)| *r != w) {
+            match o {
+                IngestOutcome::Existing => assert_eq!(hash(*round), hash(w), "d{i}: {got:?}"),
+                IngestOutcome::Conflict(stored) => {
+                    assert_ne!(hash(*round), hash(w), "d{i}: {got:?}");
+                    assert_eq!(stored, body(w), "the stored body comes back");
+                }
+                other => panic!("d{i}: unexpected {other:?}"),
+            }
+        }
+    }
+    let pending: i64 = s
+        .delivery_counts(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "pending")
+        .map(|(_, n)| n)
+        .unwrap_or(0);
+    assert_eq!(pending, 60, "one delivery per document");
+    let stats = s.group_stats();
+    let writes = stats.writes.load(Ordering::Relaxed);
+    let txs = stats.transactions.load(Ordering::Relaxed);
+    assert_eq!(writes, 130, "every good write committed");
+    assert!(
+        txs < writes,
+        "writes were grouped: {txs} transactions for {writes} writes"
+    );
+    // Writes for a tenant that does not exist fail, each alone; the good
+    // ones sent with them are stored.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let (s, conns) = (s.clone(), conns.clone());
+        tasks.spawn(async move {
+            let tenant = if i % 6 == 0 { "ghost" } else { "acme" };
+            let r = s
+                .ingest_document(
+                    tenant,
+                    &format!("n{i}"),
+                    "invoice",
+                    "N-1",
+                    None,
+                    "{}",
+                    "h",
+                    &conns,
+                    1,
+                )
+                .await;
+            (tenant, r.map_err(|e| e.to_string()))
+        });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            ("acme", Ok(IngestOutcome::Created { deliveries: 1 })) => ok += 1,
+            ("ghost", Err(_)) => failed += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((ok, failed), (25, 5));
+}
+both!(
+    grouped_ingests_sqlite,
+    grouped_ingests_postgres,
+    concurrent_ingests_share_transactions_and_keep_their_answers
+);
+
 /// The claim holds the per-connection cap across claims (live leases count)
 /// and takes lapsed leases back before new work, on both engines.
 async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {

@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod connections;
+pub mod group;
 pub mod kv;
 pub mod mappings;
 pub mod outbox;
@@ -105,6 +106,9 @@ pub(crate) use on_pool;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// The writer task that groups ingests and outcomes into shared
+    /// transactions (see [`group`]).
+    group: Arc<group::Group>,
 }
 
 /// `postgres://user:pw@host/db` without the password, for messages.
@@ -138,6 +142,7 @@ impl Store {
                 .map_err(open_err)?;
             return Ok(Self {
                 pool: Pool::Postgres(pool),
+                group: Arc::default(),
             });
         }
         let opts = if url.starts_with("sqlite:") {
@@ -172,6 +177,7 @@ impl Store {
             .map_err(open_err)?;
         Ok(Self {
             pool: Pool::Sqlite(pool),
+            group: Arc::default(),
         })
     }
 
@@ -197,6 +203,16 @@ impl Store {
             Pool::Sqlite(_) => StoreKind::Sqlite,
             Pool::Postgres(_) => StoreKind::Postgres,
         }
+    }
+
+    /// Write through the group-commit task.
+    pub(crate) async fn grouped(&self, op: group::Op) -> Result<group::Done, StoreError> {
+        self.group.write(&self.pool, op).await
+    }
+
+    /// How grouped writes (ingests, outcomes) shared transactions.
+    pub fn group_stats(&self) -> &group::GroupStats {
+        self.group.stats()
     }
 
     /// The pool, for engine-specific work in store submodules.

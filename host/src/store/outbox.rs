@@ -233,7 +233,9 @@ macro_rules! delivery_row {
 
 impl Store {
     /// Store a document and one delivery per `(connection id, connector id)`
-    /// in one transaction. Idempotent on (tenant, document id).
+    /// in one transaction (shared with other ingests and outcomes queued at
+    /// the same moment: see [`super::group`]). Idempotent on (tenant,
+    /// document id).
     #[allow(clippy::too_many_arguments)]
     pub async fn ingest_document(
         &self,
@@ -247,43 +249,23 @@ impl Store {
         connections: &[(String, String)],
         now: i64,
     ) -> Result<IngestOutcome, StoreError> {
-        on_pool!(self, p => {
-            let mut tx = p.begin_write().await?;
-            let note = if connections.is_empty() { Some("not sent: not connected") } else { None };
-            // Insert first: the usual case is a new document, and only a
-            // repeated id needs the stored one.
-            let inserted = sqlx::query("INSERT INTO documents (tenant_id, id, kind, number, credits_invoice_number, body, body_hash, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (tenant_id, id) DO NOTHING")
-                .bind(tenant_id).bind(document_id).bind(kind).bind(number).bind(credits_invoice_number)
-                .bind(body).bind(body_hash).bind(note).bind(now)
-                .execute(&mut *tx).await?.rows_affected();
-            if inserted == 0 {
-                let row = sqlx::query("SELECT body, body_hash FROM documents WHERE tenant_id = $1 AND id = $2")
-                    .bind(tenant_id)
-                    .bind(document_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let hash: String = row.try_get("body_hash")?;
-                tx.rollback().await?;
-                return Ok(if hash == body_hash {
-                    IngestOutcome::Existing
-                } else {
-                    IngestOutcome::Conflict(row.try_get("body")?)
-                });
+        let op = super::group::Op::Ingest(super::group::IngestOp {
+            tenant_id: tenant_id.to_string(),
+            document_id: document_id.to_string(),
+            kind: kind.to_string(),
+            number: number.to_string(),
+            credits_invoice_number: credits_invoice_number.map(String::from),
+            body: body.to_string(),
+            body_hash: body_hash.to_string(),
+            connections: connections.to_vec(),
+            now,
+        });
+        match self.grouped(op).await? {
+            super::group::Done::Ingest(outcome) => Ok(outcome),
+            super::group::Done::Finish(_) => {
+                unreachable!("an ingest answers with an ingest outcome")
             }
-            for (connection_id, connector_id) in connections {
-                let id = delivery_id(tenant_id, document_id, connection_id);
-                sqlx::query("INSERT INTO deliveries (id, tenant_id, document_id, connection_id, connector_id, document_number, document_kind, state, attempts, next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $8, $8)")
-                    .bind(&id).bind(tenant_id).bind(document_id).bind(connection_id).bind(connector_id)
-                    .bind(number).bind(kind).bind(now)
-                    .execute(&mut *tx).await?;
-            }
-            if !connections.is_empty() && matches!(self.kind(), StoreKind::Postgres) {
-                // Delivered with the commit: other daemons wake up.
-                sqlx::query("SELECT pg_notify($1, '')").bind(WORK_CHANNEL).execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-            Ok(IngestOutcome::Created { deliveries: connections.len() })
-        })
+        }
     }
 
     /// Claim up to `limit` due deliveries (pending and due, or working with
@@ -374,11 +356,23 @@ impl Store {
                 let mut tx = p.begin_write().await?;
                 let ids = pick_candidates!(tx);
                 let mut rows = Vec::new();
-                for id in ids {
-                    let r = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id = $4 AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {returning}"))
-                        .bind(worker).bind(now + lease_ms).bind(now).bind(&id)
-                        .fetch_optional(&mut *tx).await?;
-                    if let Some(r) = r {
+                if !ids.is_empty() {
+                    // One statement for the whole claim.
+                    let list = (0..ids.len())
+                        .map(|i| format!("${}", i + 4))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
+                        "UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN ({list}) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {returning}"
+                    );
+                    let mut q = sqlx::query(&sql)
+                        .bind(worker)
+                        .bind(now + lease_ms)
+                        .bind(now);
+                    for id in &ids {
+                        q = q.bind(id);
+                    }
+                    for r in q.fetch_all(&mut *tx).await? {
                         rows.push(claimed_from(&r)?);
                     }
                 }
@@ -461,7 +455,8 @@ impl Store {
     }
 
     /// Record an attempt and move the delivery on, if the worker still holds
-    /// the lease. Returns false (and records nothing) when it lost it.
+    /// the lease (grouped with other writes: see [`super::group`]). Returns
+    /// false (and records nothing) when it lost it.
     pub async fn finish_delivery(
         &self,
         id: &str,
@@ -470,27 +465,17 @@ impl Store {
         now: i64,
         f: &Finish,
     ) -> Result<bool, StoreError> {
-        on_pool!(self, p => {
-            let mut tx = p.begin_write().await?;
-            let attempt_inc: i64 = if f.counts { 1 } else { 0 };
-            let row = sqlx::query("UPDATE deliveries SET state = $1, pause_reason = $2, attempts = attempts + $3, next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, external_id = COALESCE($5, external_id), external_url = COALESCE($6, external_url), last_error = $7, updated_at = $8, delivered_at = CASE WHEN $1 = 'delivered' THEN $8 ELSE delivered_at END, pause_detail = $11 WHERE id = $9 AND lease_owner = $10 AND state = 'working' RETURNING attempts")
-                .bind(f.state).bind(&f.pause_reason).bind(attempt_inc).bind(f.next_attempt_at)
-                .bind(&f.external_id).bind(&f.external_url)
-                .bind(if f.state == state::DELIVERED { None } else { f.message.clone() })
-                .bind(now).bind(id).bind(worker).bind(&f.pause_detail)
-                .fetch_optional(&mut *tx).await?;
-            let Some(row) = row else {
-                tx.rollback().await?;
-                return Ok(false);
-            };
-            let attempts: i64 = row.try_get("attempts")?;
-            sqlx::query("INSERT INTO delivery_attempts (delivery_id, attempt, worker, started_at, finished_at, outcome, message, details, external_id, external_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                .bind(id).bind(if f.counts { attempts } else { 0 }).bind(worker).bind(started_at).bind(now)
-                .bind(&f.outcome).bind(&f.message).bind(&f.details).bind(&f.external_id).bind(&f.external_url)
-                .execute(&mut *tx).await?;
-            tx.commit().await?;
-            Ok(true)
-        })
+        let op = super::group::Op::Finish(super::group::FinishOp {
+            id: id.to_string(),
+            worker: worker.to_string(),
+            started_at,
+            now,
+            finish: f.clone(),
+        });
+        match self.grouped(op).await? {
+            super::group::Done::Finish(recorded) => Ok(recorded),
+            super::group::Done::Ingest(_) => unreachable!("a finish answers with a finish outcome"),
+        }
     }
 
     /// Where the delivery of invoice `number` on `connection_id` stands:
