@@ -435,6 +435,14 @@ impl CredentialProvider for TokenManager {
         self.access_token(connection_id).await
     }
 
+    /// The same freshness rule as [`TokenManager::access_token`]; a token
+    /// about to expire goes through the refresh path instead.
+    fn ahead(&self, access_token: &str, expires_at: i64) -> Option<Credential> {
+        (expires_at - self.policy.margin_secs > self.clock.now_secs()).then(|| Credential {
+            access_token: access_token.to_string(),
+        })
+    }
+
     async fn refresh(
         &self,
         connection_id: &str,

@@ -14,9 +14,11 @@ use crate::capabilities::kv::KvStore;
 use crate::capabilities::mapping::MappingStore;
 use crate::crypto::KeyRing;
 use crate::document::Document;
+use crate::manifest::Manifest;
 use crate::runtime::v0_1::ledgerport::connector::types::{Delivery, DeliveryError};
 use crate::runtime::{CallContext, Plugin, Runtime};
 use crate::store::Store;
+use crate::store::ahead::CallData;
 use crate::store::outbox::{Claimed, Finish, state};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -128,6 +130,55 @@ impl RateGate for StoreRateGate {
             Ok(Err(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms.max(1) as u64))),
             Err(e) => Err(format!("rate gate unavailable: {e}")),
         }
+    }
+}
+
+/// What a call needs about its connection: the row, the connector's view
+/// of it, credentials and mappings (None: the connection is gone).
+type CallInputs = Option<(
+    crate::store::Connection,
+    crate::capabilities::connection::ConnectionInfo,
+    Arc<dyn CredentialProvider>,
+    Arc<dyn MappingStore>,
+)>;
+
+/// Credentials whose first token was read ahead with the batch; refreshes
+/// (and anything after one) go to the provider.
+struct ReadAheadCredentials {
+    inner: Arc<dyn CredentialProvider>,
+    first: crate::capabilities::http::Credential,
+}
+
+#[async_trait]
+impl CredentialProvider for ReadAheadCredentials {
+    async fn bearer(
+        &self,
+        _connection_id: &str,
+    ) -> Result<crate::capabilities::http::Credential, crate::capabilities::http::CredentialError>
+    {
+        Ok(self.first.clone())
+    }
+
+    async fn refresh(
+        &self,
+        connection_id: &str,
+        rejected: &crate::capabilities::http::Credential,
+    ) -> Result<crate::capabilities::http::Credential, crate::capabilities::http::CredentialError>
+    {
+        self.inner.refresh(connection_id, rejected).await
+    }
+}
+
+/// A tenant's mappings as read ahead with the batch.
+struct ReadAheadMappings(Vec<crate::capabilities::mapping::AccountMapping>);
+
+#[async_trait]
+impl MappingStore for ReadAheadMappings {
+    async fn all(
+        &self,
+        _scope: &crate::capabilities::mapping::MappingScope,
+    ) -> anyhow::Result<Vec<crate::capabilities::mapping::AccountMapping>> {
+        Ok(self.0.clone())
     }
 }
 
@@ -306,6 +357,20 @@ impl Dispatcher {
                 }
             }
             let got = claimed.len();
+            // What these deliveries' calls need, read for the batch at once
+            // (a failure here only means each reads its own).
+            let ahead: HashMap<String, Arc<CallData>> = if claimed.is_empty() {
+                HashMap::new()
+            } else {
+                let ids: Vec<String> = claimed.iter().map(|c| c.connection_id.clone()).collect();
+                match self.store.call_data(&self.keys, &ids).await {
+                    Ok(m) => m.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading ahead for claimed deliveries failed; each reads its own");
+                        HashMap::new()
+                    }
+                }
+            };
             for c in claimed {
                 let (Ok(instance), Ok(permit)) = (
                     alive.clone().acquire_owned().await,
@@ -323,9 +388,10 @@ impl Dispatcher {
                 w.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(c.id.clone());
+                let data = ahead.get(&c.connection_id).cloned();
                 in_flight.spawn(async move {
                     let id = c.id.clone();
-                    me.work(c, slot).await;
+                    me.work(c, slot, data).await;
                     w.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                     drop(instance);
                 });
@@ -467,7 +533,7 @@ impl Dispatcher {
     }
 
     /// One claimed delivery, start to finish.
-    async fn work(&self, c: Claimed, slot: Arc<Slot>) {
+    async fn work(&self, c: Claimed, slot: Arc<Slot>, ahead: Option<Arc<CallData>>) {
         let started = now_ms();
         let clock = Instant::now();
         // Renew the lease while working.
@@ -496,7 +562,7 @@ impl Dispatcher {
                 }
             })
         };
-        let f = self.attempt(&c, slot).await;
+        let f = self.attempt(&c, slot, ahead).await;
         renew.abort();
         let now = now_ms();
         {
@@ -569,7 +635,7 @@ impl Dispatcher {
     }
 
     /// Run the connector and decide what follows.
-    async fn attempt(&self, c: &Claimed, slot: Arc<Slot>) -> Finish {
+    async fn attempt(&self, c: &Claimed, slot: Arc<Slot>, ahead: Option<Arc<CallData>>) -> Finish {
         let now = now_ms();
         let fail = |outcome: &str, msg: String| Finish {
             state: state::FAILED,
@@ -635,33 +701,25 @@ impl Dispatcher {
             Ok(d) => d,
             Err(e) => return fail("rejected", e.to_string()),
         };
-        let conn = match self.store.connection(&c.connection_id).await {
-            Ok(Some(conn)) => conn,
-            Ok(None) => return fail("rejected", "the connection no longer exists".into()),
-            Err(e) => return self.transient(c, format!("storage error: {e}"), now),
+        let read = match ahead {
+            Some(d) => Ok(self.read_ahead(plugin.manifest(), &d)),
+            None => self.read_now(plugin.manifest(), &c.connection_id).await,
         };
-        // The manifest's defaults overlaid with the connection's settings.
-        let connection = match crate::connections::settings::connection_info(
-            &self.store,
-            &self.keys,
-            Some(plugin.manifest()),
-            &conn,
-        )
-        .await
-        {
-            Ok(info) => info,
+        let (conn, connection, credentials, mappings) = match read {
+            Ok(Some(r)) => r,
+            Ok(None) => return fail("rejected", "the connection no longer exists".into()),
             Err(e) => {
                 return self.transient(
                     c,
-                    format!("the connection's settings cannot be read: {e}"),
+                    format!("the connection or its settings cannot be read: {e}"),
                     now,
                 );
             }
         };
         let ctx = CallContext {
             connection,
-            credentials: self.credentials.clone(),
-            mappings: self.mappings.clone(),
+            credentials,
+            mappings,
             kv: self.kv.clone(),
             rate: self.config.enforce_rate.then(|| RateLimit {
                 parking: Some(slot as Arc<dyn Parking>),
@@ -716,6 +774,61 @@ impl Dispatcher {
                 self.transient(c, format!("the connector failed: {call_err}"), now)
             }
         }
+    }
+
+    /// A call's connection, settings, credentials and mappings from the
+    /// batch's read-ahead.
+    fn read_ahead(&self, manifest: &Manifest, d: &CallData) -> CallInputs {
+        let connection = crate::connections::settings::connection_info_with(
+            Some(manifest),
+            &d.connection,
+            d.settings.iter().cloned(),
+        );
+        let first = match (&d.tokens, d.connection.state) {
+            (Some(t), crate::store::ConnectionState::Active) => self
+                .credentials
+                .ahead(t.tokens.access_token.expose(), t.tokens.expires_at),
+            _ => None,
+        };
+        let credentials: Arc<dyn CredentialProvider> = match first {
+            Some(first) => Arc::new(ReadAheadCredentials {
+                inner: self.credentials.clone(),
+                first,
+            }),
+            // Not usable as read (expiring, not active): the provider decides.
+            None => self.credentials.clone(),
+        };
+        Some((
+            d.connection.clone(),
+            connection,
+            credentials,
+            Arc::new(ReadAheadMappings(d.mappings.clone())) as Arc<dyn MappingStore>,
+        ))
+    }
+
+    /// The same, read for this call alone.
+    async fn read_now(
+        &self,
+        manifest: &Manifest,
+        connection_id: &str,
+    ) -> Result<CallInputs, crate::store::StoreError> {
+        let Some(conn) = self.store.connection(connection_id).await? else {
+            return Ok(None);
+        };
+        // The manifest's defaults overlaid with the connection's settings.
+        let connection = crate::connections::settings::connection_info(
+            &self.store,
+            &self.keys,
+            Some(manifest),
+            &conn,
+        )
+        .await?;
+        Ok(Some((
+            conn,
+            connection,
+            self.credentials.clone(),
+            self.mappings.clone(),
+        )))
     }
 
     fn transient(&self, c: &Claimed, msg: String, now: i64) -> Finish {

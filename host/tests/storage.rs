@@ -542,6 +542,95 @@ both!(
     concurrent_ingests_share_transactions_and_keep_their_answers
 );
 
+/// The dispatcher's read-ahead returns, for each connection of a batch, the
+/// same connection, settings, tokens and mappings the per-delivery reads
+/// do, and nothing of other tenants or connectors.
+async fn read_ahead_matches_the_single_reads(db: TestDb) {
+    let s = db.store().await;
+    let k = keys(1);
+    for t in ["acme", "beta"] {
+        s.upsert_tenant(t, t, &[], 1).await.unwrap();
+    }
+    let a = s
+        .finish_connect(&k, &new_conn(tokens("A1", "R1", 1000), "org-a"), 10)
+        .await
+        .unwrap()
+        .connection
+        .id;
+    let mut other = new_conn(tokens("B1", "S1", 2000), "org-b");
+    other.tenant_id = "beta".into();
+    let b = s
+        .finish_connect(&k, &other, 10)
+        .await
+        .unwrap()
+        .connection
+        .id;
+    s.set_connection_setting(&k, "acme", "xero", "status", "DRAFT", "alice", 5)
+        .await
+        .unwrap();
+    s.set_connection_setting(&k, "acme", "webhook", "status", "NO", "alice", 5)
+        .await
+        .unwrap();
+    let map = |kind: &str, code: &str| AccountMapping {
+        kind: kind.into(),
+        account_code: code.into(),
+        tax_type: None,
+    };
+    s.set_mapping(&scope(), &map("fx-fee", "404"), "alice", 5)
+        .await
+        .unwrap();
+    s.set_mapping(&scope(), &map("gross-salary", "477"), "alice", 5)
+        .await
+        .unwrap();
+    let beta = MappingScope {
+        tenant_id: "beta".into(),
+        connector_id: "xero".into(),
+    };
+    s.set_mapping(&beta, &map("gross-salary", "500"), "bob", 5)
+        .await
+        .unwrap();
+    let ids = vec![a.clone(), b.clone(), a.clone(), "no-such".to_string()];
+    let got = s.call_data(&k, &ids).await.unwrap();
+    assert_eq!(got.len(), 2, "the two connections that exist");
+    let da = &got[&a];
+    assert_eq!(
+        Some(&da.connection),
+        s.connection(&a).await.unwrap().as_ref()
+    );
+    let settings: Vec<(String, String)> = da
+        .settings
+        .iter()
+        .map(|x| (x.key.clone(), x.value.expose().to_string()))
+        .collect();
+    assert_eq!(settings, [("status".to_string(), "DRAFT".to_string())]);
+    assert_eq!(
+        da.mappings,
+        [map("fx-fee", "404"), map("gross-salary", "477")],
+        "acme's xero mappings, by kind"
+    );
+    let ta = da.tokens.as_ref().unwrap();
+    let (_, snap) = s.token_snapshot(&k, &a).await.unwrap().unwrap();
+    let snap = snap.unwrap();
+    assert_eq!(ta.tokens.access_token.expose(), "A1");
+    assert_eq!(
+        (ta.tokens.expires_at, ta.generation),
+        (snap.tokens.expires_at, snap.generation)
+    );
+    let db_ = &got[&b];
+    assert!(db_.settings.is_empty());
+    assert_eq!(db_.mappings, [map("gross-salary", "500")]);
+    assert_eq!(
+        db_.tokens.as_ref().unwrap().tokens.access_token.expose(),
+        "B1"
+    );
+    assert!(s.call_data(&k, &[]).await.unwrap().is_empty());
+}
+both!(
+    read_ahead_sqlite,
+    read_ahead_postgres,
+    read_ahead_matches_the_single_reads
+);
+
 /// The claim holds the per-connection cap across claims (live leases count)
 /// and takes lapsed leases back before new work, on both engines.
 async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {

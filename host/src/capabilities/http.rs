@@ -281,6 +281,12 @@ pub trait CredentialProvider: Send + Sync {
         connection_id: &str,
         rejected: &Credential,
     ) -> Result<Credential, CredentialError>;
+    /// A credential from an access token read ahead of the call (the
+    /// dispatcher reads a batch's tokens at once), if it can be used as it
+    /// is; None sends the call through [`CredentialProvider::bearer`].
+    fn ahead(&self, _access_token: &str, _expires_at: i64) -> Option<Credential> {
+        None
+    }
 }
 
 /// A fixed token, for smoke runs and tests.

@@ -13,6 +13,7 @@
 use crate::capabilities::connection::ConnectionInfo;
 use crate::crypto::KeyRing;
 use crate::manifest::{Manifest, SettingSpec};
+use crate::store::settings::StoredSetting;
 use crate::store::{Connection, Store, StoreError};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -324,14 +325,40 @@ pub async fn effective(
     tenant_id: &str,
     connector_id: &str,
 ) -> Result<BTreeMap<String, String>, StoreError> {
+    Ok(overlay(
+        manifest,
+        store
+            .connection_settings(keys, tenant_id, connector_id)
+            .await?,
+    ))
+}
+
+/// The manifest's defaults overlaid with `stored` (see [`effective`]).
+pub fn overlay(
+    manifest: Option<&Manifest>,
+    stored: impl IntoIterator<Item = StoredSetting>,
+) -> BTreeMap<String, String> {
     let mut out = manifest.map(|m| m.settings.defaults()).unwrap_or_default();
-    for s in store
-        .connection_settings(keys, tenant_id, connector_id)
-        .await?
-    {
+    for s in stored {
         out.insert(s.key, s.value.expose().to_string());
     }
-    Ok(out)
+    out
+}
+
+/// [`connection_info`] from settings already read (the dispatcher reads a
+/// batch's ahead: see [`crate::store::ahead`]).
+pub fn connection_info_with(
+    manifest: Option<&Manifest>,
+    conn: &Connection,
+    stored: impl IntoIterator<Item = StoredSetting>,
+) -> ConnectionInfo {
+    ConnectionInfo {
+        connection_id: conn.id.clone(),
+        tenant_id: conn.tenant_id.clone(),
+        external_tenant_id: conn.external_tenant_id.clone(),
+        external_tenant_name: conn.external_tenant_name.clone(),
+        settings: overlay(manifest, stored),
+    }
 }
 
 /// The [`ConnectionInfo`] a connector call on `conn` runs with: its

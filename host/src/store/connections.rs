@@ -84,7 +84,7 @@ pub struct Connection {
 }
 
 #[derive(sqlx::FromRow)]
-struct ConnectionRow {
+pub(super) struct ConnectionRow {
     id: String,
     tenant_id: String,
     connector_id: String,
@@ -101,7 +101,7 @@ struct ConnectionRow {
     updated_at: i64,
 }
 
-const CONNECTION_COLUMNS: &str = "id, tenant_id, connector_id, state, external_tenant_id, \
+pub(super) const CONNECTION_COLUMNS: &str = "id, tenant_id, connector_id, state, external_tenant_id, \
     external_tenant_name, external_connection_id, auth_event_id, scopes, connected_by, \
     connected_at, disconnected_at, state_reason, updated_at";
 
@@ -292,7 +292,7 @@ fn ctx_pending_refresh(h: &str) -> String {
 }
 
 #[derive(sqlx::FromRow)]
-struct TokenRow {
+pub(super) struct TokenRow {
     key_id: String,
     access_token: String,
     refresh_token: Option<String>,
@@ -310,7 +310,11 @@ struct SnapshotRow {
 }
 
 impl TokenRow {
-    fn decrypt(self, keys: &KeyRing, connection_id: &str) -> Result<StoredTokens, StoreError> {
+    pub(super) fn decrypt(
+        self,
+        keys: &KeyRing,
+        connection_id: &str,
+    ) -> Result<StoredTokens, StoreError> {
         let access_token = keys.decrypt(&self.access_token, &ctx_access(connection_id))?;
         let refresh_token = match &self.refresh_token {
             Some(c) => Some(keys.decrypt(c, &ctx_refresh(connection_id))?),
@@ -329,7 +333,7 @@ impl TokenRow {
     }
 }
 
-const TOKEN_COLUMNS: &str =
+pub(super) const TOKEN_COLUMNS: &str =
     "key_id, access_token, refresh_token, expires_at, refreshed_at, generation";
 
 /// Holds a connection's token row for one refresh: on PostgreSQL an open

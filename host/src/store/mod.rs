@@ -20,6 +20,7 @@
 //! `host/src/store/<name>.rs` with `impl Store { ... }` using `on_pool!`.
 
 pub mod admin;
+pub mod ahead;
 pub mod connections;
 pub mod group;
 pub mod kv;

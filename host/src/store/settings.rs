@@ -32,7 +32,7 @@ pub fn ctx_setting(tenant_id: &str, connector_id: &str, key: &str) -> String {
     )
 }
 
-type SettingRow = (String, String, Option<String>, i64);
+pub(super) type SettingRow = (String, String, Option<String>, i64);
 
 impl Store {
     /// Set (or replace) one setting of `tenant_id`'s `connector_id`,

@@ -1,0 +1,139 @@
+//! What a batch of claimed deliveries needs before their connectors run,
+//! read ahead in one go: each connection's row, its stored settings, its
+//! tokens and its tenant's mappings — four statements for the whole batch
+//! instead of four per delivery (each statement is a hand-off to the
+//! driver's connection thread and back).
+//!
+//! The reads are what a delivery would have read a few milliseconds later,
+//! so nothing changes in what a connector sees. The per-connection kv store
+//! is not read ahead: a connector may write to it during its call and the
+//! next delivery must see that.
+
+use super::connections::{CONNECTION_COLUMNS, ConnectionRow, TOKEN_COLUMNS, TokenRow};
+use super::settings::{SettingRow, StoredSetting, ctx_setting};
+use super::{Connection, Store, StoreError, StoredTokens, on_pool};
+use crate::capabilities::mapping::AccountMapping;
+use crate::crypto::KeyRing;
+use std::collections::{BTreeSet, HashMap};
+
+/// One connection's data for a delivery.
+#[derive(Debug, Clone)]
+pub struct CallData {
+    /// The connection.
+    pub connection: Connection,
+    /// Its tenant's stored settings for its connector (decrypted).
+    pub settings: Vec<StoredSetting>,
+    /// Its tokens (decrypted), when it has any.
+    pub tokens: Option<StoredTokens>,
+    /// Its tenant's mappings for its connector.
+    pub mappings: Vec<AccountMapping>,
+}
+
+/// `$first, $first+1, ...` for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Store {
+    /// [`CallData`] of every connection in `ids` that exists, by id.
+    pub async fn call_data(
+        &self,
+        keys: &KeyRing,
+        ids: &[String],
+    ) -> Result<HashMap<String, CallData>, StoreError> {
+        let ids: Vec<&String> = ids.iter().collect::<BTreeSet<_>>().into_iter().collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let in_ids = placeholders(1, ids.len());
+        let conns: Vec<ConnectionRow> = on_pool!(self, p => {
+            let sql = format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id IN ({in_ids})");
+            let mut q = sqlx::query_as(&sql);
+            for id in &ids {
+                q = q.bind(*id);
+            }
+            q.fetch_all(p).await?
+        });
+        let conns: Vec<Connection> = conns.into_iter().map(Into::into).collect();
+        if conns.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let tenants: Vec<&str> = conns
+            .iter()
+            .map(|c| c.tenant_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let in_tenants = placeholders(1, tenants.len());
+        let tokens: Vec<(String, TokenRow)> = on_pool!(self, p => {
+            let sql = format!("SELECT connection_id, {TOKEN_COLUMNS} FROM connection_tokens WHERE connection_id IN ({in_ids})");
+            let mut q = sqlx::query(&sql);
+            for id in &ids {
+                q = q.bind(*id);
+            }
+            let mut out = Vec::new();
+            for r in q.fetch_all(p).await? {
+                use sqlx::{FromRow, Row};
+                out.push((r.try_get("connection_id")?, TokenRow::from_row(&r)?));
+            }
+            out
+        });
+        type Scoped<T> = Vec<(String, String, T)>;
+        let settings: Scoped<SettingRow> = on_pool!(self, p => {
+            let sql = format!("SELECT tenant_id, connector_id, key, value, updated_by, updated_at FROM connection_settings WHERE tenant_id IN ({in_tenants}) ORDER BY key");
+            let mut q = sqlx::query_as::<_, (String, String, String, String, Option<String>, i64)>(&sql);
+            for t in &tenants {
+                q = q.bind(*t);
+            }
+            q.fetch_all(p).await?.into_iter().map(|(t, c, k, v, by, at)| (t, c, (k, v, by, at))).collect()
+        });
+        let mappings: Scoped<AccountMapping> = on_pool!(self, p => {
+            let sql = format!("SELECT tenant_id, connector_id, kind, account_code, tax_type FROM mappings WHERE tenant_id IN ({in_tenants}) ORDER BY kind");
+            let mut q = sqlx::query_as::<_, (String, String, String, String, Option<String>)>(&sql);
+            for t in &tenants {
+                q = q.bind(*t);
+            }
+            q.fetch_all(p).await?.into_iter().map(|(t, c, kind, account_code, tax_type)| (t, c, AccountMapping { kind, account_code, tax_type })).collect()
+        });
+        let mut tokens: HashMap<String, TokenRow> = tokens.into_iter().collect();
+        let mut out = HashMap::with_capacity(conns.len());
+        for connection in conns {
+            let scope =
+                |t: &str, c: &str| t == connection.tenant_id && c == connection.connector_id;
+            let mut stored = Vec::new();
+            for (t, c, (key, sealed, updated_by, updated_at)) in &settings {
+                if scope(t, c) {
+                    let value = keys.decrypt(sealed, &ctx_setting(t, c, key))?;
+                    stored.push(StoredSetting {
+                        key: key.clone(),
+                        value,
+                        updated_by: updated_by.clone(),
+                        updated_at: *updated_at,
+                    });
+                }
+            }
+            let mapped = mappings
+                .iter()
+                .filter(|(t, c, _)| scope(t, c))
+                .map(|(_, _, m)| m.clone())
+                .collect();
+            let tokens = match tokens.remove(&connection.id) {
+                Some(row) => Some(row.decrypt(keys, &connection.id)?),
+                None => None,
+            };
+            out.insert(
+                connection.id.clone(),
+                CallData {
+                    connection,
+                    settings: stored,
+                    tokens,
+                    mappings: mapped,
+                },
+            );
+        }
+        Ok(out)
+    }
+}
