@@ -631,6 +631,89 @@ both!(
     read_ahead_matches_the_single_reads
 );
 
+/// Outcomes recorded at the same moment share transactions and each keeps
+/// its meaning: counted attempts are numbered 1, 2, ... with one attempt
+/// row each, uncounted ones (rate-limited) add a row numbered 0, and an
+/// outcome from a worker that no longer holds the lease records nothing.
+async fn concurrent_finishes_share_transactions_and_number_attempts(db: TestDb) {
+    use ledgerport::store::outbox::{Finish, state};
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    for i in 0..40 {
+        ingest_on(&s, i, &format!("conn-{}", i % 8)).await;
+    }
+    let finish = |st: &'static str, counts: bool| Finish {
+        state: st,
+        pause_reason: None,
+        pause_detail: None,
+        counts,
+        next_attempt_at: 0,
+        outcome: if counts {
+            "transient".into()
+        } else {
+            "rate-limited".into()
+        },
+        message: Some("m".into()),
+        details: None,
+        external_id: None,
+        external_url: None,
+    };
+    for round in 1..=3i64 {
+        let claimed = s
+            .claim_deliveries("w", 10 + round, 60_000, 100, 100, &[])
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 40, "round {round}");
+        let mut tasks = tokio::task::JoinSet::new();
+        for (n, c) in claimed.into_iter().enumerate() {
+            let s = s.clone();
+            let f = match n % 4 {
+                0 => finish(state::PENDING, false),
+                _ => finish(state::PENDING, true),
+            };
+            // Every fifth outcome comes from a worker that lost the lease.
+            let worker = if n % 5 == 4 { "someone-else" } else { "w" };
+            tasks.spawn(async move {
+                let r = s.finish_delivery(&c.id, worker, 1, 2, &f).await.unwrap();
+                (worker, r)
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            let (worker, recorded) = r.unwrap();
+            assert_eq!(recorded, worker == "w");
+        }
+        // The lost ones are still working under w's lease: give them back.
+        for d in s
+            .list_deliveries(None, None, Some("working"), 100)
+            .await
+            .unwrap()
+        {
+            s.release(&d.id, "w", 0).await.unwrap();
+        }
+    }
+    for d in s.list_deliveries(None, None, None, 100).await.unwrap() {
+        let attempts = s.list_attempts(&d.id).await.unwrap();
+        let counted: Vec<i64> = attempts
+            .iter()
+            .map(|a| a.attempt)
+            .filter(|a| *a > 0)
+            .collect();
+        let expected: Vec<i64> = (1..=d.attempts).collect();
+        assert_eq!(counted, expected, "{}: {attempts:?}", d.id);
+        assert!(attempts.iter().all(|a| a.worker == "w"));
+    }
+    let writes = s
+        .group_stats()
+        .transactions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(writes < 160, "outcomes were grouped: {writes} transactions");
+}
+both!(
+    grouped_finishes_sqlite,
+    grouped_finishes_postgres,
+    concurrent_finishes_share_transactions_and_number_attempts
+);
+
 /// The claim holds the per-connection cap across claims (live leases count)
 /// and takes lapsed leases back before new work, on both engines.
 async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {

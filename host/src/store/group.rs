@@ -20,6 +20,7 @@
 use super::outbox::{Finish, IngestOutcome, WORK_CHANNEL, delivery_id, state};
 use super::{BeginWrite, Pool, StoreError};
 use sqlx::Row;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
@@ -170,92 +171,199 @@ async fn writer(
     }
 }
 
-/// The statements of one write, on the batch's transaction (`$tx`), for
-/// either engine.
-macro_rules! write_one {
-    ($tx:expr, $op:expr, $notify:expr) => {
-        match $op {
-            Op::Ingest(i) => {
-                let note = if i.connections.is_empty() {
-                    Some("not sent: not connected")
-                } else {
-                    None
-                };
-                // Insert first: the usual case is a new document, and only
-                // a repeated id needs the stored one.
-                let inserted = sqlx::query("INSERT INTO documents (tenant_id, id, kind, number, credits_invoice_number, body, body_hash, note, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (tenant_id, id) DO NOTHING")
-                    .bind(&i.tenant_id).bind(&i.document_id).bind(&i.kind).bind(&i.number).bind(&i.credits_invoice_number)
-                    .bind(&i.body).bind(&i.body_hash).bind(note).bind(i.now)
-                    .execute(&mut *$tx).await?.rows_affected();
-                if inserted == 0 {
-                    let row = sqlx::query("SELECT body, body_hash FROM documents WHERE tenant_id = $1 AND id = $2")
-                        .bind(&i.tenant_id)
-                        .bind(&i.document_id)
-                        .fetch_one(&mut *$tx)
-                        .await?;
-                    let hash: String = row.try_get("body_hash")?;
-                    Done::Ingest(if hash == i.body_hash {
-                        IngestOutcome::Existing
-                    } else {
-                        IngestOutcome::Conflict(row.try_get("body")?)
-                    })
-                } else {
-                    for (connection_id, connector_id) in &i.connections {
-                        let id = delivery_id(&i.tenant_id, &i.document_id, connection_id);
-                        sqlx::query("INSERT INTO deliveries (id, tenant_id, document_id, connection_id, connector_id, document_number, document_kind, state, attempts, next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $8, $8)")
-                            .bind(&id).bind(&i.tenant_id).bind(&i.document_id).bind(connection_id).bind(connector_id)
-                            .bind(&i.number).bind(&i.kind).bind(i.now)
-                            .execute(&mut *$tx).await?;
-                    }
-                    $notify |= !i.connections.is_empty();
-                    Done::Ingest(IngestOutcome::Created { deliveries: i.connections.len() })
-                }
-            }
-            Op::Finish(f) => {
-                let fin = &f.finish;
-                let attempt_inc: i64 = if fin.counts { 1 } else { 0 };
-                let row = sqlx::query("UPDATE deliveries SET state = $1, pause_reason = $2, attempts = attempts + $3, next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, external_id = COALESCE($5, external_id), external_url = COALESCE($6, external_url), last_error = $7, updated_at = $8, delivered_at = CASE WHEN $1 = 'delivered' THEN $8 ELSE delivered_at END, pause_detail = $11 WHERE id = $9 AND lease_owner = $10 AND state = 'working' RETURNING attempts")
-                    .bind(fin.state).bind(&fin.pause_reason).bind(attempt_inc).bind(fin.next_attempt_at)
-                    .bind(&fin.external_id).bind(&fin.external_url)
-                    .bind(if fin.state == state::DELIVERED { None } else { fin.message.clone() })
-                    .bind(f.now).bind(&f.id).bind(&f.worker).bind(&fin.pause_detail)
-                    .fetch_optional(&mut *$tx).await?;
-                match row {
-                    // Another worker owns it now: nothing is recorded.
-                    None => Done::Finish(false),
-                    Some(row) => {
-                        let attempts: i64 = row.try_get("attempts")?;
-                        sqlx::query("INSERT INTO delivery_attempts (delivery_id, attempt, worker, started_at, finished_at, outcome, message, details, external_id, external_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                            .bind(&f.id).bind(if fin.counts { attempts } else { 0 }).bind(&f.worker).bind(f.started_at).bind(f.now)
-                            .bind(&fin.outcome).bind(&fin.message).bind(&fin.details).bind(&fin.external_id).bind(&fin.external_url)
-                            .execute(&mut *$tx).await?;
-                        Done::Finish(true)
+/// `($first, ..., $first+width-1), (...)` for `rows` rows.
+fn values(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cols = (0..width)
+                .map(|c| format!("${}", r * width + c + 1))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({cols})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows per multi-row `INSERT` of deliveries (8 parameters each).
+const DELIVERY_ROWS: usize = 200;
+
+/// The batch's statements on its transaction (`$tx`), for either engine:
+/// every document in one `INSERT`, every delivery in one more, the stored
+/// copies of repeated documents in one `SELECT`; every outcome in one
+/// `UPDATE ... FROM (VALUES ...)` and the attempts in one `INSERT`. Fills
+/// `$out` (by position in the batch) and sets `$notify` when deliveries
+/// were created.
+macro_rules! write_all {
+    ($tx:expr, $ops:expr, $out:expr, $notify:expr) => {{
+        // --- Ingests. The first write of a (tenant, document) in the batch
+        // is inserted; later ones are repeats of it.
+        let mut firsts: Vec<(usize, &IngestOp)> = Vec::new();
+        let mut repeats: Vec<(usize, &IngestOp, Option<usize>)> = Vec::new();
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        for (at, op) in $ops.iter().enumerate() {
+            if let Op::Ingest(i) = op {
+                match seen.get(&(i.tenant_id.as_str(), i.document_id.as_str())) {
+                    Some(&first) => repeats.push((at, i, Some(first))),
+                    None => {
+                        seen.insert((i.tenant_id.as_str(), i.document_id.as_str()), at);
+                        firsts.push((at, i));
                     }
                 }
             }
         }
-    };
+        let mut inserted: HashSet<(String, String)> = HashSet::new();
+        if !firsts.is_empty() {
+            let sql = format!(
+                "INSERT INTO documents (tenant_id, id, kind, number, credits_invoice_number, body, body_hash, note, received_at) VALUES {} ON CONFLICT (tenant_id, id) DO NOTHING RETURNING tenant_id, id",
+                values(firsts.len(), 9)
+            );
+            let mut q = sqlx::query(&sql);
+            for (_, i) in &firsts {
+                let note = i.connections.is_empty().then_some("not sent: not connected");
+                q = q.bind(&i.tenant_id).bind(&i.document_id).bind(&i.kind).bind(&i.number)
+                    .bind(&i.credits_invoice_number).bind(&i.body).bind(&i.body_hash).bind(note).bind(i.now);
+            }
+            for r in q.fetch_all(&mut *$tx).await? {
+                inserted.insert((r.try_get("tenant_id")?, r.try_get("id")?));
+            }
+        }
+        let mut rows: Vec<(String, &IngestOp, &str, &str)> = Vec::new();
+        for (at, i) in &firsts {
+            if inserted.contains(&(i.tenant_id.clone(), i.document_id.clone())) {
+                for (connection_id, connector_id) in &i.connections {
+                    rows.push((delivery_id(&i.tenant_id, &i.document_id, connection_id), i, connection_id, connector_id));
+                }
+                $notify |= !i.connections.is_empty();
+                $out[*at] = Some(Done::Ingest(IngestOutcome::Created { deliveries: i.connections.len() }));
+            } else {
+                // Stored before this batch: compare with the stored copy.
+                repeats.push((*at, i, None));
+            }
+        }
+        for chunk in rows.chunks(DELIVERY_ROWS) {
+            let sql = format!(
+                "INSERT INTO deliveries (id, tenant_id, document_id, connection_id, connector_id, document_number, document_kind, next_attempt_at, state, attempts, created_at, updated_at) SELECT column1, column2, column3, column4, column5, column6, column7, column8, 'pending', 0, column8, column8 FROM (VALUES {}) AS v",
+                values(chunk.len(), 8)
+            );
+            let mut q = sqlx::query(&sql);
+            for (id, i, connection_id, connector_id) in chunk {
+                q = q.bind(id).bind(&i.tenant_id).bind(&i.document_id).bind(*connection_id).bind(*connector_id)
+                    .bind(&i.number).bind(&i.kind).bind(i.now);
+            }
+            q.execute(&mut *$tx).await?;
+        }
+        // Repeats of a document this batch inserted compare with that write;
+        // the others with what was stored before.
+        let stored_keys: Vec<(&str, &str)> = repeats
+            .iter()
+            .filter(|(_, _, first)| match first {
+                Some(f) => !matches!($out[*f], Some(Done::Ingest(IngestOutcome::Created { .. }))),
+                None => true,
+            })
+            .map(|(_, i, _)| (i.tenant_id.as_str(), i.document_id.as_str()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut stored: HashMap<(String, String), (String, String)> = HashMap::new();
+        if !stored_keys.is_empty() {
+            let terms = (0..stored_keys.len())
+                .map(|k| format!("(tenant_id = ${} AND id = ${})", 2 * k + 1, 2 * k + 2))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let sql = format!("SELECT tenant_id, id, body, body_hash FROM documents WHERE {terms}");
+            let mut q = sqlx::query(&sql);
+            for (t, d) in &stored_keys {
+                q = q.bind(*t).bind(*d);
+            }
+            for r in q.fetch_all(&mut *$tx).await? {
+                stored.insert((r.try_get("tenant_id")?, r.try_get("id")?), (r.try_get("body")?, r.try_get("body_hash")?));
+            }
+        }
+        for (at, i, first) in &repeats {
+            let (body, hash) = match first.filter(|f| matches!($out[*f], Some(Done::Ingest(IngestOutcome::Created { .. })))) {
+                Some(f) => match &$ops[f] {
+                    Op::Ingest(o) => (o.body.clone(), o.body_hash.clone()),
+                    Op::Finish(_) => unreachable!("`first` indexes an ingest"),
+                },
+                None => stored
+                    .get(&(i.tenant_id.clone(), i.document_id.clone()))
+                    .cloned()
+                    .ok_or_else(|| StoreError::NotFound(format!("document {} of tenant {}", i.document_id, i.tenant_id)))?,
+            };
+            $out[*at] = Some(Done::Ingest(if hash == i.body_hash {
+                IngestOutcome::Existing
+            } else {
+                IngestOutcome::Conflict(body)
+            }));
+        }
+        // --- Outcomes, recorded only where the worker still holds the lease.
+        let finishes: Vec<(usize, &FinishOp)> = $ops
+            .iter()
+            .enumerate()
+            .filter_map(|(at, op)| match op {
+                Op::Finish(f) => Some((at, f)),
+                Op::Ingest(_) => None,
+            })
+            .collect();
+        if !finishes.is_empty() {
+            let sql = format!(
+                "UPDATE deliveries SET state = v.column3, pause_reason = v.column4, attempts = attempts + v.column5, next_attempt_at = v.column6, lease_owner = NULL, lease_until = NULL, external_id = COALESCE(v.column7, external_id), external_url = COALESCE(v.column8, external_url), last_error = v.column9, updated_at = v.column10, delivered_at = CASE WHEN v.column3 = 'delivered' THEN v.column10 ELSE delivered_at END, pause_detail = v.column11 FROM (VALUES {}) AS v WHERE deliveries.id = v.column1 AND deliveries.lease_owner = v.column2 AND deliveries.state = 'working' RETURNING id, attempts",
+                values(finishes.len(), 11)
+            );
+            let mut q = sqlx::query(&sql);
+            for (_, f) in &finishes {
+                let fin = &f.finish;
+                q = q.bind(&f.id).bind(&f.worker).bind(fin.state).bind(&fin.pause_reason)
+                    .bind(i64::from(fin.counts)).bind(fin.next_attempt_at)
+                    .bind(&fin.external_id).bind(&fin.external_url)
+                    .bind(if fin.state == state::DELIVERED { None } else { fin.message.clone() })
+                    .bind(f.now).bind(&fin.pause_detail);
+            }
+            let mut attempts: HashMap<String, i64> = HashMap::new();
+            for r in q.fetch_all(&mut *$tx).await? {
+                attempts.insert(r.try_get("id")?, r.try_get("attempts")?);
+            }
+            let recorded: Vec<(&FinishOp, i64)> = finishes
+                .iter()
+                .filter_map(|(_, f)| attempts.get(&f.id).map(|a| (*f, *a)))
+                .collect();
+            if !recorded.is_empty() {
+                let sql = format!(
+                    "INSERT INTO delivery_attempts (delivery_id, attempt, worker, started_at, finished_at, outcome, message, details, external_id, external_url) VALUES {}",
+                    values(recorded.len(), 10)
+                );
+                let mut q = sqlx::query(&sql);
+                for (f, a) in &recorded {
+                    let fin = &f.finish;
+                    q = q.bind(&f.id).bind(if fin.counts { *a } else { 0 }).bind(&f.worker).bind(f.started_at).bind(f.now)
+                        .bind(&fin.outcome).bind(&fin.message).bind(&fin.details).bind(&fin.external_id).bind(&fin.external_url);
+                }
+                q.execute(&mut *$tx).await?;
+            }
+            for (at, f) in &finishes {
+                // Not updated: another worker owns it now; nothing recorded.
+                $out[*at] = Some(Done::Finish(attempts.contains_key(&f.id)));
+            }
+        }
+    }};
 }
 
 /// Write `ops` in one transaction; their results in order.
 async fn run(pool: &Pool, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
-    let mut out = Vec::with_capacity(ops.len());
+    let mut out: Vec<Option<Done>> = (0..ops.len()).map(|_| None).collect();
     let mut notify = false;
     match pool {
         Pool::Sqlite(p) => {
             let mut tx = p.begin_write().await?;
-            for op in ops {
-                out.push(write_one!(tx, op, notify));
-            }
+            write_all!(tx, ops, out, notify);
             // SQLite has no other daemons to wake.
             let _ = notify;
             tx.commit().await?;
         }
         Pool::Postgres(p) => {
             let mut tx = p.begin_write().await?;
-            for op in ops {
-                out.push(write_one!(tx, op, notify));
-            }
+            write_all!(tx, ops, out, notify);
             if notify {
                 // Delivered with the commit: other daemons wake up.
                 sqlx::query("SELECT pg_notify($1, '')")
@@ -266,5 +374,7 @@ async fn run(pool: &Pool, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
             tx.commit().await?;
         }
     }
-    Ok(out)
+    out.into_iter()
+        .map(|d| d.ok_or_else(|| StoreError::Conflict("a grouped write got no answer".into())))
+        .collect()
 }
