@@ -238,20 +238,35 @@ async fn ingest(base: &str, bodies: Vec<Vec<u8>>, clients: usize) -> anyhow::Res
 
 /// Wait until `want` deliveries are delivered and none is pending or
 /// working; fail on a failed or paused one, or after `limit`.
+///
+/// While waiting it only counts the deliveries not yet delivered (a range
+/// of the state index): counting every delivery every 25 ms scanned the
+/// whole table (10,000+ rows) 40 times a second, on the cores the pipeline
+/// it measures runs on. The full count is taken once at the end.
 async fn wait_delivered(store: &Store, want: i64, limit: Duration) -> anyhow::Result<()> {
+    use ledgerport::store::Pool;
     let started = Instant::now();
+    let sql = "SELECT state, COUNT(*) FROM deliveries WHERE state IN ('pending', 'working', 'failed', 'paused') GROUP BY state";
     loop {
-        let counts: BTreeMap<String, i64> =
-            store.delivery_counts(None).await?.into_iter().collect();
-        let get = |k: &str| counts.get(k).copied().unwrap_or(0);
-        if get("failed") > 0 || get("paused") > 0 {
-            bail!("deliveries failed or paused: {counts:?}");
+        let open: BTreeMap<String, i64> = match store.pool() {
+            Pool::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
+            Pool::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
         }
-        if get("delivered") >= want && get("pending") + get("working") == 0 {
-            return Ok(());
+        .into_iter()
+        .collect();
+        let get = |k: &str| open.get(k).copied().unwrap_or(0);
+        if get("failed") > 0 || get("paused") > 0 {
+            bail!("deliveries failed or paused: {open:?}");
+        }
+        if get("pending") + get("working") == 0 {
+            let counts: BTreeMap<String, i64> =
+                store.delivery_counts(None).await?.into_iter().collect();
+            if counts.get("delivered").copied().unwrap_or(0) >= want {
+                return Ok(());
+            }
         }
         if started.elapsed() > limit {
-            bail!("not delivered after {limit:?}: {counts:?}");
+            bail!("not delivered after {limit:?}: {open:?}");
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -100,20 +100,6 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
             );
         }
     };
-    let connections = match state.store.ingest_targets(&doc.tenant_id).await {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown tenant",
-                &[FieldProblem {
-                    field: "tenant_id".into(),
-                    message: format!("{:?} is not a tenant of this daemon", doc.tenant_id),
-                }],
-            );
-        }
-        Err(e) => return server_error(e),
-    };
     let canonical = match serde_json::to_string(&doc) {
         Ok(c) => c,
         Err(e) => return server_error(e),
@@ -125,7 +111,7 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
     };
     let outcome = state
         .store
-        .ingest_document(
+        .ingest_for_tenant(
             &doc.tenant_id,
             &doc.id,
             kind,
@@ -133,7 +119,6 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
             doc.credits_invoice_number.as_deref(),
             &canonical,
             &hash,
-            &connections,
             crate::dispatch::now_ms(),
         )
         .await;
@@ -151,6 +136,14 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
             )
                 .into_response()
         }
+        Ok(IngestOutcome::UnknownTenant) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown tenant",
+            &[FieldProblem {
+                field: "tenant_id".into(),
+                message: format!("{:?} is not a tenant of this daemon", doc.tenant_id),
+            }],
+        ),
         Ok(IngestOutcome::Existing) => (
             StatusCode::OK,
             Json(json!({"tenant_id": doc.tenant_id, "id": doc.id, "number": doc.number, "existing": true})),

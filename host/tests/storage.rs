@@ -714,6 +714,90 @@ both!(
     concurrent_finishes_share_transactions_and_number_attempts
 );
 
+/// Ingest that fans out in its own transaction: one delivery per connection
+/// the tenant has (a disconnected one gets none), a tenant without
+/// connections stores the document with none, an unknown tenant stores
+/// nothing; the same as reading the targets first.
+async fn ingest_fans_out_to_the_tenants_connections_at_commit(db: TestDb) {
+    use ledgerport::store::outbox::IngestOutcome;
+    let s = db.store().await;
+    let k = keys(1);
+    for t in ["acme", "beta"] {
+        s.upsert_tenant(t, t, &[], 1).await.unwrap();
+    }
+    let xero = s
+        .finish_connect(&k, &new_conn(tokens("A", "R", 1000), "org-1"), 10)
+        .await
+        .unwrap()
+        .connection
+        .id;
+    let mut other = new_conn(tokens("B", "S", 1000), "org-2");
+    other.connector_id = "webhook".into();
+    let webhook = s
+        .finish_connect(&k, &other, 10)
+        .await
+        .unwrap()
+        .connection
+        .id;
+    let ingest = |tenant: &'static str, id: &'static str| {
+        let s = s.clone();
+        async move {
+            s.ingest_for_tenant(tenant, id, "invoice", "N-1", None, "{}", "h", 5)
+                .await
+                .unwrap()
+        }
+    };
+    let mut expected = s.ingest_targets("acme").await.unwrap().unwrap();
+    expected.sort();
+    assert_eq!(expected.len(), 2);
+    assert!(matches!(
+        ingest("acme", "a1").await,
+        IngestOutcome::Created { deliveries: 2 }
+    ));
+    let mut made: Vec<(String, String)> = s
+        .list_deliveries(Some("acme"), None, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.connection_id, d.connector_id))
+        .collect();
+    made.sort();
+    assert_eq!(made, expected, "the same targets as the single read");
+    let mut lease = s.lock_tokens(&webhook).await.unwrap();
+    lease.disconnect("alice", "test", 20).await.unwrap();
+    lease.commit().await.unwrap();
+    assert!(matches!(
+        ingest("acme", "a2").await,
+        IngestOutcome::Created { deliveries: 1 }
+    ));
+    let a2: Vec<String> = s
+        .list_deliveries(Some("acme"), None, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.document_id == "a2")
+        .map(|d| d.connection_id)
+        .collect();
+    assert_eq!(a2, [xero]);
+    assert!(matches!(
+        ingest("beta", "b1").await,
+        IngestOutcome::Created { deliveries: 0 }
+    ));
+    assert!(matches!(
+        ingest("beta", "b1").await,
+        IngestOutcome::Existing
+    ));
+    assert!(matches!(
+        ingest("ghost", "g1").await,
+        IngestOutcome::UnknownTenant
+    ));
+}
+both!(
+    fan_out_sqlite,
+    fan_out_postgres,
+    ingest_fans_out_to_the_tenants_connections_at_commit
+);
+
 /// The claim holds the per-connection cap across claims (live leases count)
 /// and takes lapsed leases back before new work, on both engines.
 async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {

@@ -156,6 +156,13 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
+            // The group writer checkpoints beside the write path (see
+            // `group::checkpoint`); SQLite's own checkpoint, inside a
+            // commit, only runs when that falls behind (16 MiB of WAL).
+            .pragma("wal_autocheckpoint", "4000")
+            // Grouped writes are multi-row statements whose text varies
+            // with the batch size: room for every size of each.
+            .statement_cache_capacity(1024)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)

@@ -41,6 +41,8 @@ pub enum IngestOutcome {
     Existing,
     /// A different document with the same id exists; its stored body.
     Conflict(String),
+    /// No such tenant: nothing was stored.
+    UnknownTenant,
 }
 
 /// A delivery a worker claimed.
@@ -257,14 +259,46 @@ impl Store {
             credits_invoice_number: credits_invoice_number.map(String::from),
             body: body.to_string(),
             body_hash: body_hash.to_string(),
-            connections: connections.to_vec(),
+            connections: Some(connections.to_vec()),
             now,
         });
         match self.grouped(op).await? {
             super::group::Done::Ingest(outcome) => Ok(outcome),
-            super::group::Done::Finish(_) => {
-                unreachable!("an ingest answers with an ingest outcome")
-            }
+            _ => unreachable!("an ingest answers with an ingest outcome"),
+        }
+    }
+
+    /// Store a document with one delivery per connection its tenant has
+    /// (not disconnected) at the commit: [`Store::ingest_document`] with
+    /// the fan-out read in the same transaction as the writes (one read
+    /// for every tenant in the group). [`IngestOutcome::UnknownTenant`]
+    /// when there is no such tenant.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn ingest_for_tenant(
+        &self,
+        tenant_id: &str,
+        document_id: &str,
+        kind: &str,
+        number: &str,
+        credits_invoice_number: Option<&str>,
+        body: &str,
+        body_hash: &str,
+        now: i64,
+    ) -> Result<IngestOutcome, StoreError> {
+        let op = super::group::Op::Ingest(super::group::IngestOp {
+            tenant_id: tenant_id.to_string(),
+            document_id: document_id.to_string(),
+            kind: kind.to_string(),
+            number: number.to_string(),
+            credits_invoice_number: credits_invoice_number.map(String::from),
+            body: body.to_string(),
+            body_hash: body_hash.to_string(),
+            connections: None,
+            now,
+        });
+        match self.grouped(op).await? {
+            super::group::Done::Ingest(outcome) => Ok(outcome),
+            _ => unreachable!("an ingest answers with an ingest outcome"),
         }
     }
 
@@ -350,34 +384,31 @@ impl Store {
                 picked.into_iter().map(|(_, id)| id).collect::<Vec<String>>()
             }};
         }
-        let returning = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number";
+        let returning = CLAIM_RETURNING;
         let rows = match self.pool() {
             Pool::Sqlite(p) => {
-                let mut tx = p.begin_write().await?;
-                let ids = pick_candidates!(tx);
-                let mut rows = Vec::new();
-                if !ids.is_empty() {
-                    // One statement for the whole claim.
-                    let list = (0..ids.len())
-                        .map(|i| format!("${}", i + 4))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let sql = format!(
-                        "UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN ({list}) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {returning}"
-                    );
-                    let mut q = sqlx::query(&sql)
-                        .bind(worker)
-                        .bind(now + lease_ms)
-                        .bind(now);
-                    for id in &ids {
-                        q = q.bind(id);
-                    }
-                    for r in q.fetch_all(&mut *tx).await? {
-                        rows.push(claimed_from(&r)?);
-                    }
+                // One daemon claims from a SQLite database, one claim at a
+                // time: the candidates are picked from a plain read (the
+                // working counts it sees can only have gone down since),
+                // and the lease is written with the other grouped writes,
+                // re-checking that each candidate is still due.
+                let ids = {
+                    let mut conn = p.acquire().await?;
+                    pick_candidates!(conn)
+                };
+                if ids.is_empty() {
+                    return Ok(Vec::new());
                 }
-                tx.commit().await?;
-                rows
+                let op = super::group::Op::Claim(super::group::ClaimOp {
+                    worker: worker.to_string(),
+                    now,
+                    lease_until: now + lease_ms,
+                    ids,
+                });
+                match self.grouped(op).await? {
+                    super::group::Done::Claim(rows) => rows,
+                    _ => unreachable!("a claim answers with claimed rows"),
+                }
             }
             Pool::Postgres(p) => {
                 let mut tx = p.begin_write().await?;
@@ -474,7 +505,7 @@ impl Store {
         });
         match self.grouped(op).await? {
             super::group::Done::Finish(recorded) => Ok(recorded),
-            super::group::Done::Ingest(_) => unreachable!("a finish answers with a finish outcome"),
+            _ => unreachable!("a finish answers with a finish outcome"),
         }
     }
 
@@ -793,7 +824,7 @@ impl Store {
     }
 }
 
-fn claimed_from<R: Row>(r: &R) -> Result<Claimed, sqlx::Error>
+pub(super) fn claimed_from<R: Row>(r: &R) -> Result<Claimed, sqlx::Error>
 where
     for<'c> &'c str: sqlx::ColumnIndex<R>,
     for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
@@ -812,6 +843,9 @@ where
         credits_invoice_number: None,
     })
 }
+
+/// The columns a claim returns (see [`claimed_from`]).
+pub(super) const CLAIM_RETURNING: &str = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number";
 
 /// Each connection with pending deliveries and its earliest one, by a loose
 /// index scan (`deliveries_pending_by_connection`): two index look-ups per
