@@ -21,7 +21,7 @@
 //! (`-- b2`, `-- b3 b5`, ... picks some). Sizes come from environment
 //! variables (defaults are the sizes): `BENCH_DOCS` (10000),
 //! `BENCH_TENANTS` (20), `BENCH_CLIENTS` (16 posting tasks),
-//! `BENCH_CONCURRENCY` (32, the daemon's default), `BENCH_B3_TENANTS` (200),
+//! `BENCH_CONCURRENCY` (the daemon's default, 64), `BENCH_B3_TENANTS` (200),
 //! `BENCH_B3_DOCS` (29 per tenant), `BENCH_B3_SPEED` (3: a Xero minute is
 //! 20 s), `BENCH_B3_LATENCY_MS` (50), `BENCH_B4_RUNS` (5),
 //! `BENCH_B5_CONNECTIONS` (1000), `BENCH_B5_INFLIGHT` (100).
@@ -340,7 +340,7 @@ async fn b2_pipeline(db: TestDb, daemons: usize, want_mix: bool) -> anyhow::Resu
     let docs = env_usize("BENCH_DOCS", 10_000);
     let tenants = env_usize("BENCH_TENANTS", 20);
     let clients = env_usize("BENCH_CLIENTS", 16);
-    let concurrency = env_usize("BENCH_CONCURRENCY", 32);
+    let concurrency = env_usize("BENCH_CONCURRENCY", DispatchConfig::default().concurrency);
     let (mut sim_cfg, orgs) = sim_config(tenants);
     sim_cfg.limits.enabled = false;
     sim_cfg.request_log_limit = 1000;
@@ -612,7 +612,7 @@ async fn b2() -> anyhow::Result<()> {
     let docs = env_usize("BENCH_DOCS", 10_000);
     let tenants = env_usize("BENCH_TENANTS", 20);
     let clients = env_usize("BENCH_CLIENTS", 16);
-    let concurrency = env_usize("BENCH_CONCURRENCY", 32);
+    let concurrency = env_usize("BENCH_CONCURRENCY", DispatchConfig::default().concurrency);
     progress(format!(
         "B2: {docs} documents, {tenants} tenants, SQLite, 1 daemon"
     ));

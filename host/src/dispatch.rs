@@ -80,7 +80,13 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
             worker_id: format!("{}-{}", hostname(), std::process::id()),
-            concurrency: 32,
+            // 64: a delivery spends most of its time waiting (on the
+            // provider, on the grouped write of its outcome), and the
+            // dispatcher claims again only as places free up. Measured
+            // with B2 on SQLite: 32 -> 64 places, +8 % documents a second;
+            // each running delivery holds one plugin instance (B5: 100 in
+            // flight cost 58 MiB).
+            concurrency: 64,
             lease: Duration::from_secs(90),
             ladder: default_ladder(),
             jitter: 0.2,
