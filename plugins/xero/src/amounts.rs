@@ -33,10 +33,14 @@ impl Amount {
         if int.len() + frac.len() > 28 || (body.contains('.') && frac.is_empty()) {
             return None;
         }
-        let mut m: i128 = 0;
-        for b in int.bytes().chain(frac.bytes()) {
-            m = m * 10 + i128::from(b - b'0');
-        }
+        // Up to 18 digits fit a u64, whose arithmetic is native on wasm32
+        // (i128's multiply is a library call); longer ones take i128.
+        let digits = int.bytes().chain(frac.bytes());
+        let m: i128 = if int.len() + frac.len() <= 18 {
+            i128::from(digits.fold(0u64, |m, b| m * 10 + u64::from(b - b'0')))
+        } else {
+            digits.fold(0i128, |m, b| m * 10 + i128::from(b - b'0'))
+        };
         Some(Self {
             mantissa: if neg { -m } else { m },
             scale: frac.len() as u32,
@@ -151,6 +155,10 @@ mod tests {
             "-5.5",
             "0.01",
             "123456789012345678.1234",
+            // Both sides of the 18-digit fast path.
+            "99999999999999999.9",
+            "999999999999999999.9",
+            "-9999999999999999.99",
         ] {
             assert_eq!(Amount::parse(t).unwrap().text(), t);
             assert_eq!(
