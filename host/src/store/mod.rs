@@ -15,6 +15,11 @@
 //! by the caller (so tests can drive a simulated clock). Engine-specific SQL
 //! (e.g. `FOR UPDATE`) branches on [`Store::kind`].
 //!
+//! The outbox's busiest writes (ingests, delivery outcomes, SQLite's
+//! claims) go through [`group`], one writer task per store that writes
+//! whatever has queued in one transaction; [`ahead`] reads what a claimed
+//! batch of deliveries needs in a few statements for the whole batch.
+//!
 //! To add tables (e.g. the outbox): put `0002_<name>.sql` in both
 //! `host/migrations/sqlite/` and `host/migrations/postgres/` and write
 //! `host/src/store/<name>.rs` with `impl Store { ... }` using `on_pool!`.
