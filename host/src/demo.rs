@@ -46,7 +46,7 @@ const SAMPLE_MAPPINGS: &[(&str, &str, Option<&str>)] = &[
     ("deposit-refund", "620", None),
 ];
 
-/// [`SAMPLE_MAPPINGS`] as mappings: what the demo, the tests and the
+/// The sample mappings (`SAMPLE_MAPPINGS`) as mappings: what the demo, the tests and the
 /// benchmarks set for a tenant.
 pub fn sample_mappings() -> Vec<AccountMapping> {
     SAMPLE_MAPPINGS
