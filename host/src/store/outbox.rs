@@ -251,7 +251,7 @@ impl Store {
         connections: &[(String, String)],
         now: i64,
     ) -> Result<IngestOutcome, StoreError> {
-        let op = super::group::Op::Ingest(super::group::IngestOp {
+        self.grouped_ingest(super::group::IngestOp {
             tenant_id: tenant_id.to_string(),
             document_id: document_id.to_string(),
             kind: kind.to_string(),
@@ -261,11 +261,8 @@ impl Store {
             body_hash: body_hash.to_string(),
             connections: Some(connections.to_vec()),
             now,
-        });
-        match self.grouped(op).await? {
-            super::group::Done::Ingest(outcome) => Ok(outcome),
-            _ => unreachable!("an ingest answers with an ingest outcome"),
-        }
+        })
+        .await
     }
 
     /// Store a document with one delivery per connection its tenant has
@@ -285,7 +282,7 @@ impl Store {
         body_hash: &str,
         now: i64,
     ) -> Result<IngestOutcome, StoreError> {
-        let op = super::group::Op::Ingest(super::group::IngestOp {
+        self.grouped_ingest(super::group::IngestOp {
             tenant_id: tenant_id.to_string(),
             document_id: document_id.to_string(),
             kind: kind.to_string(),
@@ -295,8 +292,15 @@ impl Store {
             body_hash: body_hash.to_string(),
             connections: None,
             now,
-        });
-        match self.grouped(op).await? {
+        })
+        .await
+    }
+
+    async fn grouped_ingest(
+        &self,
+        op: super::group::IngestOp,
+    ) -> Result<IngestOutcome, StoreError> {
+        match self.grouped(super::group::Op::Ingest(op)).await? {
             super::group::Done::Ingest(outcome) => Ok(outcome),
             _ => unreachable!("an ingest answers with an ingest outcome"),
         }
