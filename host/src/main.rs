@@ -59,7 +59,7 @@ enum Command {
         /// A connector setting: KEY=VALUE (repeatable).
         #[arg(long = "setting", value_name = "KEY=VALUE")]
         settings: Vec<String>,
-        /// Map a line kind to an account: KIND=CODE[:TAXTYPE] (repeatable).
+        /// Map a line kind to an account: KIND=CODE or KIND=CODE:TAXTYPE (repeatable).
         #[arg(long = "map", value_name = "KIND=CODE")]
         maps: Vec<String>,
         /// Bearer token to inject (smoke tests only; read from this env var).

@@ -974,3 +974,53 @@ proptest::proptest! {
         claim_case(&rows, cap, limit, &exclude);
     }
 }
+
+/// The PostgreSQL pool does not ping a connection before every use (a round
+/// trip each time), only one idle for a while: connections the server
+/// dropped while idle (a restart, a firewall) are replaced, not handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_dropped_while_idle_are_replaced() {
+    use sqlx::Connection;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.store().await;
+    let ledgerport::store::Pool::Postgres(pool) = store.pool().clone() else {
+        panic!("a PostgreSQL store");
+    };
+    // Several connections in the pool, all idle afterwards.
+    let mut busy = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let p = pool.clone();
+        busy.spawn(async move { sqlx::query("SELECT pg_sleep(0.2)").execute(&p).await });
+    }
+    while let Some(r) = busy.join_next().await {
+        r.unwrap().unwrap();
+    }
+    assert!(
+        pool.num_idle() >= 2,
+        "idle connections: {}",
+        pool.num_idle()
+    );
+    // The server drops every one of them.
+    let name = match &db {
+        TestDb::Postgres { name, .. } => name.clone(),
+        TestDb::Sqlite { .. } => unreachable!(),
+    };
+    let mut admin = sqlx::PgConnection::connect(&storage_support::pg_admin_url())
+        .await
+        .unwrap();
+    let killed: Vec<(bool,)> =
+        sqlx::query_as("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&name)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+    assert!(killed.len() >= 2, "backends terminated: {}", killed.len());
+    let _ = admin.close().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    // Every use after that gets a live connection.
+    for _ in 0..6 {
+        store.paused_deliveries().await.expect("a live connection");
+    }
+}

@@ -81,7 +81,7 @@ pub enum TenantCommand {
 /// Mapping subcommands.
 #[derive(Subcommand, Debug)]
 pub enum MappingsCommand {
-    /// Set (or replace) mappings: KIND=CODE[:TAXTYPE] (repeatable). Checked
+    /// Set (or replace) mappings: KIND=CODE or KIND=CODE:TAXTYPE (repeatable). Checked
     /// against the connected organisation's accounts when --plugin is given.
     Set {
         /// The tenant.
@@ -90,7 +90,7 @@ pub enum MappingsCommand {
         /// The connector.
         #[arg(long, default_value = "xero")]
         connector: String,
-        /// KIND=CODE[:TAXTYPE].
+        /// KIND=CODE or KIND=CODE:TAXTYPE.
         #[arg(required = true, value_name = "KIND=CODE[:TAXTYPE]")]
         mappings: Vec<String>,
         /// Replace every mapping of the tenant and connector with these.

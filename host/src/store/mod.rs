@@ -128,6 +128,9 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// A PostgreSQL connection idle at least this long is pinged before use.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 impl Store {
     /// Open a database: `postgres://...` / `postgresql://...` for
     /// PostgreSQL; `sqlite:PATH`, `sqlite://PATH` or a plain file path for
@@ -143,6 +146,21 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(30))
+                // sqlx pings every connection it hands out: a round trip
+                // to the server before each statement or transaction. A
+                // connection in steady use is known to be alive; one idle
+                // for a while (the server may have restarted, a firewall
+                // dropped it) is still checked, and replaced if dead.
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IF_IDLE_FOR {
+                            use sqlx::Connection;
+                            conn.ping().await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_with(opts)
                 .await
                 .map_err(open_err)?;
@@ -168,9 +186,18 @@ impl Store {
             // Grouped writes are multi-row statements whose text varies
             // with the batch size: room for every size of each.
             .statement_cache_capacity(1024)
+            // 16 MiB of pages per connection (SQLite's default is 2 MiB):
+            // a claim reads back the bodies of documents ingested moments
+            // before, which otherwise come from the OS by a read() each.
+            .pragma("cache_size", "-16384")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // A SQLite connection is a library handle on a local file: it
+            // cannot go away like a socket, so the ping sqlx makes before
+            // handing one out (a round trip to the connection's thread on
+            // every acquire) checks nothing.
+            .test_before_acquire(false)
             // SQLite rolls a transaction back by itself on some errors (disk
             // full, I/O error); sqlx still counts the connection as inside
             // it, its ROLLBACK then fails, and every later BEGIN on that
