@@ -5,7 +5,7 @@
 //!   it expires within the margin (120 s by default).
 //! - Refreshes are single-flight per connection: an async mutex per
 //!   connection in this process, and across processes the store's
-//!   [`TokenLease`](crate::store::TokenLease) (PostgreSQL: the connection
+//!   [`TokenLease`] (PostgreSQL: the connection
 //!   row `FOR UPDATE` inside a transaction; SQLite is one process). After
 //!   taking the locks the row is re-read, so a refresh another task or
 //!   daemon already did is reused, not repeated.

@@ -9,7 +9,7 @@
 //!   same as 0.1's, so their `Host` impls delegate to the 0.1 impls of the
 //!   same capability structs (`crate::capabilities`), converting the
 //!   (structurally identical) types;
-//! - exports: [`describe`], [`list_accounts`], [`check`] and [`deliver`]
+//! - exports: `describe`, `list_accounts`, `check` and `deliver`
 //!   call the 0.2 export and convert the result to the 0.1 types. A
 //!   document goes in with its 0.2-only data from [`DocumentExtras`]; a
 //!   receipt's 0.2-only `warnings` come back as notes prefixed with
