@@ -281,10 +281,7 @@ macro_rules! write_all {
             .collect();
         let mut targets: HashMap<String, Vec<(String, String)>> = HashMap::new();
         if !tenants.is_empty() {
-            let list = (1..=tenants.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
-            let sql = format!(
-                "SELECT t.id AS tenant_id, c.id AS connection_id, c.connector_id FROM tenants t LEFT JOIN connections c ON c.tenant_id = t.id AND c.state <> 'disconnected' WHERE t.id IN ({list}) ORDER BY c.connector_id"
-            );
+            let sql = super::tenants::ingest_targets_sql(tenants.len());
             let mut q = sqlx::query(&sql);
             for t in &tenants {
                 q = q.bind(*t);

@@ -113,12 +113,9 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Option<Vec<(String, String)>>, StoreError> {
-        let rows: Vec<(Option<String>, Option<String>)> = on_pool!(self, p => {
-            sqlx::query_as(
-                "SELECT c.id, c.connector_id FROM tenants t
-                 LEFT JOIN connections c ON c.tenant_id = t.id AND c.state <> 'disconnected'
-                 WHERE t.id = $1 ORDER BY c.connector_id",
-            )
+        let sql = ingest_targets_sql(1);
+        let rows: Vec<(String, Option<String>, Option<String>)> = on_pool!(self, p => {
+            sqlx::query_as(&sql)
             .bind(id)
             .fetch_all(p)
             .await?
@@ -128,7 +125,7 @@ impl Store {
         }
         Ok(Some(
             rows.into_iter()
-                .filter_map(|(c, k)| Some((c?, k?)))
+                .filter_map(|(_, c, k)| Some((c?, k?)))
                 .collect(),
         ))
     }
@@ -160,4 +157,19 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Where documents of `tenants` tenants (bound as `$1`..`$n`) go: a row
+/// (tenant_id, connection_id, connector_id) for each of their connections
+/// that is not disconnected, and a row with no connection for a tenant that
+/// has none; an unknown tenant has no row. Ingest reads it for its whole
+/// batch in the grouped transaction ([`super::group`]).
+pub(super) fn ingest_targets_sql(tenants: usize) -> String {
+    let list = (1..=tenants)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT t.id AS tenant_id, c.id AS connection_id, c.connector_id FROM tenants t LEFT JOIN connections c ON c.tenant_id = t.id AND c.state <> 'disconnected' WHERE t.id IN ({list}) ORDER BY c.connector_id"
+    )
 }
