@@ -343,6 +343,15 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time of this process since `before` (a [`process_cpu`] reading;
+/// zero where it cannot be read).
+fn cpu_since(before: Option<Duration>) -> Duration {
+    match (before, process_cpu()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => Duration::ZERO,
+    }
+}
+
 fn dispatch_config(worker: &str, concurrency: usize) -> DispatchConfig {
     DispatchConfig {
         worker_id: worker.into(),
@@ -475,10 +484,7 @@ async fn b2_pipeline(db: TestDb, daemons: usize, want_mix: bool) -> anyhow::Resu
     )
     .await?;
     let took = started.elapsed();
-    let cpu = match (cpu_before, process_cpu()) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => Duration::ZERO,
-    };
+    let cpu = cpu_since(cpu_before);
     let c = sim.counters();
     if c.duplicates != 0 {
         bail!("{} duplicates in the simulator", c.duplicates);
@@ -632,10 +638,7 @@ async fn b2_ceiling(mix: &Mix, clients: usize) -> anyhow::Result<(f64, f64)> {
     if c.duplicates != 0 {
         bail!("the ceiling client made {} duplicates", c.duplicates);
     }
-    let cpu = match (cpu_before, process_cpu()) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => Duration::ZERO,
-    };
+    let cpu = cpu_since(cpu_before);
     Ok((
         docs as f64 / took.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / docs as f64,

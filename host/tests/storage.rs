@@ -51,6 +51,11 @@ fn new_conn(tokens: TokenSet, org: &str) -> NewConnection {
     }
 }
 
+/// Connect `c` (at time 10); the new connection's id.
+async fn connected(s: &Store, k: &KeyRing, c: &NewConnection) -> String {
+    s.finish_connect(k, c, 10).await.unwrap().connection.id
+}
+
 fn tokens(a: &str, r: &str, exp: i64) -> TokenSet {
     TokenSet {
         access_token: Secret::new(a),
@@ -551,20 +556,10 @@ async fn read_ahead_matches_the_single_reads(db: TestDb) {
     for t in ["acme", "beta"] {
         s.upsert_tenant(t, t, &[], 1).await.unwrap();
     }
-    let a = s
-        .finish_connect(&k, &new_conn(tokens("A1", "R1", 1000), "org-a"), 10)
-        .await
-        .unwrap()
-        .connection
-        .id;
+    let a = connected(&s, &k, &new_conn(tokens("A1", "R1", 1000), "org-a")).await;
     let mut other = new_conn(tokens("B1", "S1", 2000), "org-b");
     other.tenant_id = "beta".into();
-    let b = s
-        .finish_connect(&k, &other, 10)
-        .await
-        .unwrap()
-        .connection
-        .id;
+    let b = connected(&s, &k, &other).await;
     s.set_connection_setting(&k, "acme", "xero", "status", "DRAFT", "alice", 5)
         .await
         .unwrap();
@@ -725,20 +720,10 @@ async fn ingest_fans_out_to_the_tenants_connections_at_commit(db: TestDb) {
     for t in ["acme", "beta"] {
         s.upsert_tenant(t, t, &[], 1).await.unwrap();
     }
-    let xero = s
-        .finish_connect(&k, &new_conn(tokens("A", "R", 1000), "org-1"), 10)
-        .await
-        .unwrap()
-        .connection
-        .id;
+    let xero = connected(&s, &k, &new_conn(tokens("A", "R", 1000), "org-1")).await;
     let mut other = new_conn(tokens("B", "S", 1000), "org-2");
     other.connector_id = "webhook".into();
-    let webhook = s
-        .finish_connect(&k, &other, 10)
-        .await
-        .unwrap()
-        .connection
-        .id;
+    let webhook = connected(&s, &k, &other).await;
     let ingest = |tenant: &'static str, id: &'static str| {
         let s = s.clone();
         async move {
