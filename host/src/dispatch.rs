@@ -10,7 +10,7 @@
 //! notifier turns into one e-mail each.
 
 use crate::capabilities::http::{CredentialProvider, Parking, RateGate, RateLimit};
-use crate::capabilities::kv::KvStore;
+use crate::capabilities::kv::{KvStore, ReadAheadKv};
 use crate::capabilities::mapping::MappingStore;
 use crate::crypto::KeyRing;
 use crate::document::Document;
@@ -707,6 +707,16 @@ impl Dispatcher {
             Ok(d) => d,
             Err(e) => return fail("rejected", e.to_string()),
         };
+        // The connection's kv values read with the batch, in front of the
+        // store for this call.
+        let kv: Arc<dyn KvStore> = match &ahead {
+            Some(d) if !d.kv.is_empty() => Arc::new(ReadAheadKv::new(
+                self.kv.clone(),
+                c.connection_id.clone(),
+                d.kv.clone(),
+            )),
+            _ => self.kv.clone(),
+        };
         let read = match ahead {
             Some(d) => Ok(self.read_ahead(plugin.manifest(), &d)),
             None => self.read_now(plugin.manifest(), &c.connection_id).await,
@@ -726,7 +736,7 @@ impl Dispatcher {
             connection,
             credentials,
             mappings,
-            kv: self.kv.clone(),
+            kv,
             rate: self.config.enforce_rate.then(|| RateLimit {
                 parking: Some(slot as Arc<dyn Parking>),
                 // A connection whose window is full frees a slot within the

@@ -584,6 +584,18 @@ async fn read_ahead_matches_the_single_reads(db: TestDb) {
     s.set_mapping(&beta, &map("gross-salary", "500"), "bob", 5)
         .await
         .unwrap();
+    // kv: small values are read ahead, a value over the bound is not.
+    {
+        use ledgerport::capabilities::kv::KvStore;
+        use ledgerport::store::ahead::KV_AHEAD_VALUE_BYTES;
+        s.set(&a, "contact", b"c-1").await.unwrap();
+        s.set(&a, "edge", &vec![7u8; KV_AHEAD_VALUE_BYTES])
+            .await
+            .unwrap();
+        s.set(&a, "large", &vec![7u8; KV_AHEAD_VALUE_BYTES + 1])
+            .await
+            .unwrap();
+    }
     let ids = vec![a.clone(), b.clone(), a.clone(), "no-such".to_string()];
     let got = s.call_data(&k, &ids).await.unwrap();
     assert_eq!(got.len(), 2, "the two connections that exist");
@@ -611,7 +623,12 @@ async fn read_ahead_matches_the_single_reads(db: TestDb) {
         (ta.tokens.expires_at, ta.generation),
         (snap.tokens.expires_at, snap.generation)
     );
+    let mut kv_keys: Vec<&String> = da.kv.keys().collect();
+    kv_keys.sort();
+    assert_eq!(kv_keys, ["contact", "edge"], "values up to the bound");
+    assert_eq!(da.kv["contact"], b"c-1");
     let db_ = &got[&b];
+    assert!(db_.kv.is_empty(), "b has no kv values");
     assert!(db_.settings.is_empty());
     assert_eq!(db_.mappings, [map("gross-salary", "500")]);
     assert_eq!(

@@ -4,8 +4,8 @@
 
 use crate::runtime::v0_1::ledgerport::connector::kv as wit;
 use async_trait::async_trait;
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Longest key accepted.
 pub const MAX_KEY_BYTES: usize = 256;
@@ -56,6 +56,78 @@ impl KvStore for MemoryKv {
     }
 }
 
+/// One call's view of the store when its connection's kv values were read
+/// ahead with the delivery's batch (`Store::call_data`). A key found in the
+/// read is answered from it, as of the claim, until this call writes or
+/// deletes that key; from then on, and for any key not in the read (absent,
+/// or left out of it for its size), the store answers. Writes always go to
+/// the store. Other connections' keys are the store's.
+///
+/// A delivery claimed after another of its connection finished sees what
+/// that one wrote (the read follows the claim); deliveries running at the
+/// same time never had an order between them.
+pub struct ReadAheadKv {
+    inner: Arc<dyn KvStore>,
+    connection_id: String,
+    read: Arc<HashMap<String, Vec<u8>>>,
+    written: Mutex<HashSet<String>>,
+}
+
+impl ReadAheadKv {
+    /// `read` (values of `connection_id`) in front of `inner`.
+    pub fn new(
+        inner: Arc<dyn KvStore>,
+        connection_id: String,
+        read: Arc<HashMap<String, Vec<u8>>>,
+    ) -> Self {
+        Self {
+            inner,
+            connection_id,
+            read,
+            written: Mutex::default(),
+        }
+    }
+
+    fn from_read(&self, connection_id: &str, key: &str) -> Option<Vec<u8>> {
+        if connection_id != self.connection_id {
+            return None;
+        }
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if written.contains(key) {
+            return None;
+        }
+        self.read.get(key).cloned()
+    }
+
+    fn mark_written(&self, connection_id: &str, key: &str) {
+        if connection_id == self.connection_id {
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.to_string());
+        }
+    }
+}
+
+#[async_trait]
+impl KvStore for ReadAheadKv {
+    async fn get(&self, connection_id: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        match self.from_read(connection_id, key) {
+            Some(v) => Ok(Some(v)),
+            None => self.inner.get(connection_id, key).await,
+        }
+    }
+    async fn set(&self, connection_id: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        // Marked first: if the write fails half-way, the store is asked.
+        self.mark_written(connection_id, key);
+        self.inner.set(connection_id, key, value).await
+    }
+    async fn delete(&self, connection_id: &str, key: &str) -> anyhow::Result<()> {
+        self.mark_written(connection_id, key);
+        self.inner.delete(connection_id, key).await
+    }
+}
+
 /// Per-call state of the `kv` capability.
 pub struct KvCapability {
     store: Arc<dyn KvStore>,
@@ -103,5 +175,58 @@ impl wit::Host for KvCapability {
         if let Err(e) = self.store.delete(&self.connection_id, &key).await {
             tracing::warn!(error = %e, "kv delete failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(pairs: &[(&str, &str)]) -> Arc<HashMap<String, Vec<u8>>> {
+        Arc::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    async fn get(kv: &dyn KvStore, c: &str, k: &str) -> Option<String> {
+        kv.get(c, k)
+            .await
+            .unwrap()
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+
+    /// The read answers its keys (the store holds something else for
+    /// them, so an answer from the store would show); a key the call wrote
+    /// or deleted, a key not in the read and another connection's keys
+    /// are the store's; writes reach the store.
+    #[tokio::test]
+    async fn read_ahead_answers_until_the_call_writes() {
+        let store = Arc::new(MemoryKv::default());
+        store.set("c1", "contact", b"in-store").await.unwrap();
+        store.set("c1", "big", b"large value").await.unwrap();
+        store.set("c2", "contact", b"other").await.unwrap();
+        let kv = ReadAheadKv::new(
+            store.clone(),
+            "c1".into(),
+            read(&[("contact", "as-read"), ("gone", "as-read")]),
+        );
+        assert_eq!(get(&kv, "c1", "contact").await.as_deref(), Some("as-read"));
+        assert_eq!(get(&kv, "c1", "big").await.as_deref(), Some("large value"));
+        assert_eq!(get(&kv, "c1", "absent").await, None);
+        assert_eq!(get(&kv, "c2", "contact").await.as_deref(), Some("other"));
+        kv.set("c1", "contact", b"new").await.unwrap();
+        assert_eq!(get(&kv, "c1", "contact").await.as_deref(), Some("new"));
+        assert_eq!(get(&*store, "c1", "contact").await.as_deref(), Some("new"));
+        assert_eq!(get(&kv, "c1", "gone").await.as_deref(), Some("as-read"));
+        kv.delete("c1", "gone").await.unwrap();
+        assert_eq!(get(&kv, "c1", "gone").await, None);
+        // A write to another connection leaves this one's read alone.
+        kv.set("c2", "gone", b"x").await.unwrap();
+        let kv2 = ReadAheadKv::new(store.clone(), "c1".into(), read(&[("gone", "as-read")]));
+        kv2.set("c2", "gone", b"y").await.unwrap();
+        assert_eq!(get(&kv2, "c1", "gone").await.as_deref(), Some("as-read"));
     }
 }

@@ -1,13 +1,18 @@
 //! What a batch of claimed deliveries needs before their connectors run,
 //! read ahead in one go: each connection's row, its stored settings, its
-//! tokens and its tenant's mappings — four statements for the whole batch
-//! instead of four per delivery (each statement is a hand-off to the
+//! tokens, its tenant's mappings and its small kv values — five statements
+//! for the whole batch instead of five per delivery (each statement is a hand-off to the
 //! driver's connection thread and back).
 //!
 //! The reads are what a delivery would have read a few milliseconds later,
 //! so nothing changes in what a connector sees. The per-connection kv store
-//! is not read ahead: a connector may write to it during its call and the
-//! next delivery must see that.
+//! is read ahead too, within bounds ([`KV_AHEAD_VALUE_BYTES`],
+//! [`KV_AHEAD_KEYS`]): a key found in the read is answered from it (as of
+//! the claim, when deliveries of the connection that finished before the
+//! claim have written theirs), a key the call itself wrote since, or one
+//! not in the read, from the store (see [`crate::capabilities::kv::ReadAheadKv`]). The
+//! steady-state Xero delivery reads one kv key (its cached contact id): one
+//! statement per delivery less.
 
 use super::connections::{CONNECTION_COLUMNS, ConnectionRow, TOKEN_COLUMNS, TokenRow};
 use super::settings::{SettingRow, StoredSetting, ctx_setting};
@@ -15,6 +20,7 @@ use super::{Connection, Store, StoreError, StoredTokens, on_pool};
 use crate::capabilities::mapping::AccountMapping;
 use crate::crypto::KeyRing;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// One connection's data for a delivery.
 #[derive(Debug, Clone)]
@@ -27,7 +33,17 @@ pub struct CallData {
     pub tokens: Option<StoredTokens>,
     /// Its tenant's mappings for its connector.
     pub mappings: Vec<AccountMapping>,
+    /// Part of its kv store: values of at most [`KV_AHEAD_VALUE_BYTES`],
+    /// at most [`KV_AHEAD_KEYS`] keys a connection in the batch. A key
+    /// missing here may still be in the store.
+    pub kv: Arc<HashMap<String, Vec<u8>>>,
 }
+
+/// Largest kv value read ahead (larger ones are read when asked for).
+pub const KV_AHEAD_VALUE_BYTES: usize = 1024;
+/// Most kv keys read ahead, on average, per connection of a batch (the
+/// statement's `LIMIT`; which ones it keeps is the database's choice).
+pub const KV_AHEAD_KEYS: usize = 16;
 
 /// `$first, $first+1, ...` for `n` values.
 fn placeholders(first: usize, n: usize) -> String {
@@ -98,6 +114,21 @@ impl Store {
             }
             q.fetch_all(p).await?.into_iter().map(|(t, c, kind, account_code, tax_type)| (t, c, AccountMapping { kind, account_code, tax_type })).collect()
         });
+        let kv: Vec<(String, String, Vec<u8>)> = on_pool!(self, p => {
+            let sql = format!(
+                "SELECT connection_id, key, value FROM kv WHERE connection_id IN ({in_ids}) AND length(value) <= {KV_AHEAD_VALUE_BYTES} LIMIT {}",
+                KV_AHEAD_KEYS * ids.len()
+            );
+            let mut q = sqlx::query_as(&sql);
+            for id in &ids {
+                q = q.bind(*id);
+            }
+            q.fetch_all(p).await?
+        });
+        let mut kv_of: HashMap<String, HashMap<String, Vec<u8>>> = HashMap::new();
+        for (connection_id, key, value) in kv {
+            kv_of.entry(connection_id).or_default().insert(key, value);
+        }
         let mut tokens: HashMap<String, TokenRow> = tokens.into_iter().collect();
         let mut out = HashMap::with_capacity(conns.len());
         for connection in conns {
@@ -124,6 +155,7 @@ impl Store {
                 Some(row) => Some(row.decrypt(keys, &connection.id)?),
                 None => None,
             };
+            let kv = Arc::new(kv_of.remove(&connection.id).unwrap_or_default());
             out.insert(
                 connection.id.clone(),
                 CallData {
@@ -131,6 +163,7 @@ impl Store {
                     settings: stored,
                     tokens,
                     mappings: mapped,
+                    kv,
                 },
             );
         }
