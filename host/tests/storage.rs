@@ -589,10 +589,10 @@ async fn read_ahead_matches_the_single_reads(db: TestDb) {
         use ledgerport::capabilities::kv::KvStore;
         use ledgerport::store::ahead::KV_AHEAD_VALUE_BYTES;
         s.set(&a, "contact", b"c-1").await.unwrap();
-        s.set(&a, "edge", &vec![7u8; KV_AHEAD_VALUE_BYTES])
+        s.set(&a, "edge", &[7u8; KV_AHEAD_VALUE_BYTES])
             .await
             .unwrap();
-        s.set(&a, "large", &vec![7u8; KV_AHEAD_VALUE_BYTES + 1])
+        s.set(&a, "large", &[7u8; KV_AHEAD_VALUE_BYTES + 1])
             .await
             .unwrap();
     }
