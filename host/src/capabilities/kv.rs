@@ -88,7 +88,7 @@ impl ReadAheadKv {
         }
     }
 
-    fn from_read(&self, connection_id: &str, key: &str) -> Option<Vec<u8>> {
+    fn read_value(&self, connection_id: &str, key: &str) -> Option<Vec<u8>> {
         if connection_id != self.connection_id {
             return None;
         }
@@ -112,7 +112,7 @@ impl ReadAheadKv {
 #[async_trait]
 impl KvStore for ReadAheadKv {
     async fn get(&self, connection_id: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        match self.from_read(connection_id, key) {
+        match self.read_value(connection_id, key) {
             Some(v) => Ok(Some(v)),
             None => self.inner.get(connection_id, key).await,
         }

@@ -1,18 +1,18 @@
 //! What a batch of claimed deliveries needs before their connectors run,
 //! read ahead in one go: each connection's row, its stored settings, its
 //! tokens, its tenant's mappings and its small kv values — five statements
-//! for the whole batch instead of five per delivery (each statement is a hand-off to the
-//! driver's connection thread and back).
+//! for the whole batch instead of five per delivery (each statement is a
+//! hand-off to the driver's connection thread and back).
 //!
 //! The reads are what a delivery would have read a few milliseconds later,
-//! so nothing changes in what a connector sees. The per-connection kv store
-//! is read ahead too, within bounds ([`KV_AHEAD_VALUE_BYTES`],
-//! [`KV_AHEAD_KEYS`]): a key found in the read is answered from it (as of
-//! the claim, when deliveries of the connection that finished before the
-//! claim have written theirs), a key the call itself wrote since, or one
-//! not in the read, from the store (see [`crate::capabilities::kv::ReadAheadKv`]). The
-//! steady-state Xero delivery reads one kv key (its cached contact id): one
-//! statement per delivery less.
+//! so nothing changes in what a connector sees. The per-connection kv
+//! store is read ahead within bounds ([`KV_AHEAD_VALUE_BYTES`],
+//! [`KV_AHEAD_KEYS`]), as of the claim: what deliveries of the connection
+//! that finished before the claim wrote is in it. A key in the read is
+//! answered from it; a key the call itself wrote since, or one not in the
+//! read, is the store's (see [`crate::capabilities::kv::ReadAheadKv`]).
+//! The steady-state Xero delivery reads one kv key (its cached contact
+//! id): one statement per delivery less.
 
 use super::connections::{CONNECTION_COLUMNS, ConnectionRow, TOKEN_COLUMNS, TokenRow};
 use super::settings::{SettingRow, StoredSetting, ctx_setting};
