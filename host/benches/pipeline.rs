@@ -28,6 +28,8 @@
 //! `BENCH_B3_DOCS` (39 per tenant), `BENCH_B3_SPEED` (3: a Xero minute is
 //! 20 s), `BENCH_B3_LATENCY_MS` (50), `BENCH_B4_RUNS` (5),
 //! `BENCH_B5_CONNECTIONS` (1000), `BENCH_B5_INFLIGHT` (100).
+//! `BENCH_B2_POSTGRES=0` leaves out B2's PostgreSQL rows (for quick A/B
+//! runs of the SQLite row and the ceiling).
 //! `BENCH_LOG=<filter>` (e.g. `sqlx=debug`, to count statements) logs to
 //! stderr while measuring.
 //!
@@ -697,7 +699,8 @@ async fn b2() -> anyhow::Result<()> {
         "pipeline ≥ 50 % of the ceiling",
         Some(sqlite.docs_per_s >= 0.5 * ceiling),
     );
-    for daemons in [1usize, 2] {
+    let postgres = std::env::var("BENCH_B2_POSTGRES").as_deref() != Ok("0");
+    for daemons in [1usize, 2].into_iter().filter(|_| postgres) {
         progress(format!("B2: PostgreSQL, {daemons} daemon(s)"));
         let Some(db) = TestDb::postgres().await else {
             row(
