@@ -111,16 +111,16 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
     };
     let outcome = state
         .store
-        .ingest_for_tenant(
-            &doc.tenant_id,
-            &doc.id,
+        .ingest_for_tenant(crate::store::outbox::NewDocument {
+            tenant_id: &doc.tenant_id,
+            document_id: &doc.id,
             kind,
-            &doc.number,
-            doc.credits_invoice_number.as_deref(),
-            &canonical,
-            &hash,
-            crate::dispatch::now_ms(),
-        )
+            number: &doc.number,
+            credits_invoice_number: doc.credits_invoice_number.as_deref(),
+            body: &canonical,
+            body_hash: &hash,
+            now: crate::dispatch::now_ms(),
+        })
         .await;
     match outcome {
         Ok(IngestOutcome::Created { deliveries }) => {

@@ -4,9 +4,30 @@
 
 mod common;
 
+use ledgerport::store::outbox::NewDocument;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
+/// An invoice to ingest (the tests' shorthand for a [`NewDocument`]).
+fn new_doc<'a>(
+    tenant_id: &'a str,
+    document_id: &'a str,
+    number: &'a str,
+    body: &'a str,
+    body_hash: &'a str,
+    now: i64,
+) -> NewDocument<'a> {
+    NewDocument {
+        tenant_id,
+        document_id,
+        kind: "invoice",
+        number,
+        credits_invoice_number: None,
+        body,
+        body_hash,
+        now,
+    }
+}
 
 fn ledgerport(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ledgerport"));
@@ -231,7 +252,7 @@ async fn deliveries_list_and_retry() {
     store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
     let conns = vec![("conn-1".to_string(), "xero".to_string())];
     store
-        .ingest_document("acme", "d1", "invoice", "INV-1", None, "{}", "h", &conns, 1)
+        .ingest_document(new_doc("acme", "d1", "INV-1", "{}", "h", 1), &conns)
         .await
         .unwrap();
     let claimed = store
@@ -363,7 +384,7 @@ async fn support_report_names_what_did_not_sync_and_no_secrets() {
         .unwrap();
     let conns = vec![("conn-1".to_string(), "xero".to_string())];
     store
-        .ingest_document("acme", "d1", "invoice", "INV-9", None, "{}", "h", &conns, 1)
+        .ingest_document(new_doc("acme", "d1", "INV-9", "{}", "h", 1), &conns)
         .await
         .unwrap();
     let c = store

@@ -7,11 +7,32 @@ mod storage_support;
 use ledgerport::capabilities::kv::KvStore;
 use ledgerport::capabilities::mapping::{AccountMapping, MappingScope, MappingStore};
 use ledgerport::crypto::{KeyRing, Secret};
+use ledgerport::store::outbox::NewDocument;
 use ledgerport::store::{
     ConnectionState, NewConnection, Organisation, StateRefusal, Store, StoreKind, TokenSet,
 };
 use proptest::strategy::Strategy;
 use storage_support::{TestDb, keys};
+/// An invoice to ingest (the tests' shorthand for a [`NewDocument`]).
+fn new_doc<'a>(
+    tenant_id: &'a str,
+    document_id: &'a str,
+    number: &'a str,
+    body: &'a str,
+    body_hash: &'a str,
+    now: i64,
+) -> NewDocument<'a> {
+    NewDocument {
+        tenant_id,
+        document_id,
+        kind: "invoice",
+        number,
+        credits_invoice_number: None,
+        body,
+        body_hash,
+        now,
+    }
+}
 
 macro_rules! both {
     ($sqlite:ident, $pg:ident, $f:ident) => {
@@ -353,15 +374,8 @@ async fn ingest_on(
     let doc = format!("d{i}");
     let r = s
         .ingest_document(
-            "acme",
-            &doc,
-            "invoice",
-            &format!("INV-{i}"),
-            None,
-            "{}",
-            "h",
+            new_doc("acme", &doc, &format!("INV-{i}"), "{}", "h", 1),
             &conns,
-            1,
         )
         .await
         .unwrap();
@@ -387,19 +401,9 @@ async fn claims_skip_excluded_connections(db: TestDb) {
     let again = |hash: &'static str| {
         let s = s.clone();
         async move {
-            s.ingest_document(
-                "acme",
-                "d0",
-                "invoice",
-                "INV-0",
-                None,
-                "{\"x\":1}",
-                hash,
-                &[],
-                2,
-            )
-            .await
-            .unwrap()
+            s.ingest_document(new_doc("acme", "d0", "INV-0", "{\"x\":1}", hash, 2), &[])
+                .await
+                .unwrap()
         }
     };
     assert!(matches!(again("h").await, IngestOutcome::Existing));
@@ -447,15 +451,15 @@ async fn concurrent_ingests_share_transactions_and_keep_their_answers(db: TestDb
             tasks.spawn(async move {
                 let r = s
                     .ingest_document(
-                        "acme",
-                        &format!("d{i}"),
-                        "invoice",
-                        &format!("INV-{i}"),
-                        None,
-                        body(round),
-                        hash(round),
+                        new_doc(
+                            "acme",
+                            &format!("d{i}"),
+                            &format!("INV-{i}"),
+                            body(round),
+                            hash(round),
+                            1,
+                        ),
                         &conns,
-                        1,
                     )
                     .await;
                 (i, round, r.map_err(|e| e.to_string()))
@@ -517,15 +521,8 @@ async fn concurrent_ingests_share_transactions_and_keep_their_answers(db: TestDb
             let tenant = if i % 6 == 0 { "ghost" } else { "acme" };
             let r = s
                 .ingest_document(
-                    tenant,
-                    &format!("n{i}"),
-                    "invoice",
-                    "N-1",
-                    None,
-                    "{}",
-                    "h",
+                    new_doc(tenant, &format!("n{i}"), "N-1", "{}", "h", 1),
                     &conns,
-                    1,
                 )
                 .await;
             (tenant, r.map_err(|e| e.to_string()))
@@ -744,7 +741,7 @@ async fn ingest_fans_out_to_the_tenants_connections_at_commit(db: TestDb) {
     let ingest = |tenant: &'static str, id: &'static str| {
         let s = s.clone();
         async move {
-            s.ingest_for_tenant(tenant, id, "invoice", "N-1", None, "{}", "h", 5)
+            s.ingest_for_tenant(new_doc(tenant, id, "N-1", "{}", "h", 5))
                 .await
                 .unwrap()
         }

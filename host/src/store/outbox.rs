@@ -233,36 +233,56 @@ macro_rules! delivery_row {
     };
 }
 
+/// A document to store: what the ingest API validated, in its canonical
+/// form, with the hash that tells a repeat from a conflicting change.
+#[derive(Debug, Clone, Copy)]
+pub struct NewDocument<'a> {
+    /// The tenant it was issued to.
+    pub tenant_id: &'a str,
+    /// The platform's id of the document (unique within the tenant).
+    pub document_id: &'a str,
+    /// `invoice` or `credit-note`.
+    pub kind: &'a str,
+    /// Its number, as printed.
+    pub number: &'a str,
+    /// For a credit note, the number of the invoice it credits.
+    pub credits_invoice_number: Option<&'a str>,
+    /// The canonical JSON body.
+    pub body: &'a str,
+    /// SHA-256 of `body`, hex.
+    pub body_hash: &'a str,
+    /// When it was received (ms since the epoch).
+    pub now: i64,
+}
+
+impl NewDocument<'_> {
+    fn op(self, connections: Option<Vec<(String, String)>>) -> super::group::IngestOp {
+        super::group::IngestOp {
+            tenant_id: self.tenant_id.to_string(),
+            document_id: self.document_id.to_string(),
+            kind: self.kind.to_string(),
+            number: self.number.to_string(),
+            credits_invoice_number: self.credits_invoice_number.map(String::from),
+            body: self.body.to_string(),
+            body_hash: self.body_hash.to_string(),
+            connections,
+            now: self.now,
+        }
+    }
+}
+
 impl Store {
     /// Store a document and one delivery per `(connection id, connector id)`
     /// in one transaction (shared with other ingests and outcomes queued at
     /// the same moment: see [`super::group`]). Idempotent on (tenant,
     /// document id).
-    #[allow(clippy::too_many_arguments)]
     pub async fn ingest_document(
         &self,
-        tenant_id: &str,
-        document_id: &str,
-        kind: &str,
-        number: &str,
-        credits_invoice_number: Option<&str>,
-        body: &str,
-        body_hash: &str,
+        doc: NewDocument<'_>,
         connections: &[(String, String)],
-        now: i64,
     ) -> Result<IngestOutcome, StoreError> {
-        self.grouped_ingest(super::group::IngestOp {
-            tenant_id: tenant_id.to_string(),
-            document_id: document_id.to_string(),
-            kind: kind.to_string(),
-            number: number.to_string(),
-            credits_invoice_number: credits_invoice_number.map(String::from),
-            body: body.to_string(),
-            body_hash: body_hash.to_string(),
-            connections: Some(connections.to_vec()),
-            now,
-        })
-        .await
+        self.grouped_ingest(doc.op(Some(connections.to_vec())))
+            .await
     }
 
     /// Store a document with one delivery per connection its tenant has
@@ -270,30 +290,11 @@ impl Store {
     /// the fan-out read in the same transaction as the writes (one read
     /// for every tenant in the group). [`IngestOutcome::UnknownTenant`]
     /// when there is no such tenant.
-    #[allow(clippy::too_many_arguments)]
     pub async fn ingest_for_tenant(
         &self,
-        tenant_id: &str,
-        document_id: &str,
-        kind: &str,
-        number: &str,
-        credits_invoice_number: Option<&str>,
-        body: &str,
-        body_hash: &str,
-        now: i64,
+        doc: NewDocument<'_>,
     ) -> Result<IngestOutcome, StoreError> {
-        self.grouped_ingest(super::group::IngestOp {
-            tenant_id: tenant_id.to_string(),
-            document_id: document_id.to_string(),
-            kind: kind.to_string(),
-            number: number.to_string(),
-            credits_invoice_number: credits_invoice_number.map(String::from),
-            body: body.to_string(),
-            body_hash: body_hash.to_string(),
-            connections: None,
-            now,
-        })
-        .await
+        self.grouped_ingest(doc.op(None)).await
     }
 
     async fn grouped_ingest(
