@@ -334,7 +334,13 @@ impl Store {
                 {
                     used.insert(r.try_get("connection_id")?, r.try_get("n")?);
                 }
-                let mut picked: Vec<(i64, String)> = Vec::new();
+                // (0 for a lapsed lease, 1 for pending work; due at; id):
+                // lapsed leases sort first, so the cut to `limit` never
+                // drops one for pending work after it has used up its
+                // connection's room (a pending row of that connection, due
+                // earlier than the pending work taken, would be left
+                // behind: found by `the_claim_matches_its_model`).
+                let mut picked: Vec<(u8, i64, String)> = Vec::new();
                 // Every lapsed lease (few: at most the working ones), not the
                 // first `limit`: those could all be on connections at their cap.
                 for r in sqlx::query("SELECT id, connection_id, next_attempt_at FROM deliveries WHERE state = 'working' AND lease_until < $1 ORDER BY next_attempt_at, id")
@@ -347,7 +353,7 @@ impl Store {
                     let n = used.entry(c).or_insert(0);
                     if *n < per_connection {
                         *n += 1;
-                        picked.push((r.try_get("next_attempt_at")?, r.try_get("id")?));
+                        picked.push((0, r.try_get("next_attempt_at")?, r.try_get("id")?));
                     }
                 }
                 let mut heads: Vec<(i64, String)> = Vec::new();
@@ -381,12 +387,12 @@ impl Store {
                         q = q.bind(c.clone()).bind(room);
                     }
                     for r in q.fetch_all(&mut *$tx).await? {
-                        picked.push((r.try_get("next_attempt_at")?, r.try_get("id")?));
+                        picked.push((1, r.try_get("next_attempt_at")?, r.try_get("id")?));
                     }
                 }
                 picked.sort();
                 picked.truncate(usize::try_from(limit).unwrap_or(0));
-                picked.into_iter().map(|(_, id)| id).collect::<Vec<String>>()
+                picked.into_iter().map(|(_, _, id)| id).collect::<Vec<String>>()
             }};
         }
         let returning = CLAIM_RETURNING;
