@@ -3,31 +3,13 @@
 //! delivery log with retry. Exit codes: 0 ok, 1 failed, 2 bad input.
 
 mod common;
+#[allow(dead_code)]
+mod storage_support;
 
-use ledgerport::store::outbox::NewDocument;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
-/// An invoice to ingest (the tests' shorthand for a [`NewDocument`]).
-fn new_doc<'a>(
-    tenant_id: &'a str,
-    document_id: &'a str,
-    number: &'a str,
-    body: &'a str,
-    body_hash: &'a str,
-    now: i64,
-) -> NewDocument<'a> {
-    NewDocument {
-        tenant_id,
-        document_id,
-        kind: "invoice",
-        number,
-        credits_invoice_number: None,
-        body,
-        body_hash,
-        now,
-    }
-}
+use storage_support::new_doc;
 
 fn ledgerport(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ledgerport"));

@@ -7,32 +7,11 @@ mod storage_support;
 use ledgerport::capabilities::kv::KvStore;
 use ledgerport::capabilities::mapping::{AccountMapping, MappingScope, MappingStore};
 use ledgerport::crypto::{KeyRing, Secret};
-use ledgerport::store::outbox::NewDocument;
 use ledgerport::store::{
     ConnectionState, NewConnection, Organisation, StateRefusal, Store, StoreKind, TokenSet,
 };
 use proptest::strategy::Strategy;
-use storage_support::{TestDb, keys};
-/// An invoice to ingest (the tests' shorthand for a [`NewDocument`]).
-fn new_doc<'a>(
-    tenant_id: &'a str,
-    document_id: &'a str,
-    number: &'a str,
-    body: &'a str,
-    body_hash: &'a str,
-    now: i64,
-) -> NewDocument<'a> {
-    NewDocument {
-        tenant_id,
-        document_id,
-        kind: "invoice",
-        number,
-        credits_invoice_number: None,
-        body,
-        body_hash,
-        now,
-    }
-}
+use storage_support::{TestDb, keys, new_doc};
 
 macro_rules! both {
     ($sqlite:ident, $pg:ident, $f:ident) => {

@@ -15,6 +15,7 @@ use ledgerport::crypto::KeyRing;
 use ledgerport::manifest::Manifest;
 use ledgerport::oauth::{OAuthApp, OAuthProvider, Providers, oauth_router};
 use ledgerport::store::Store;
+use ledgerport::store::outbox::NewDocument;
 use sha2::{Digest, Sha256};
 use sqlx::Connection as _;
 use std::collections::BTreeMap;
@@ -22,6 +23,28 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use xero_sim::{Sim, SimConfig, SimHandle};
+
+/// An invoice to ingest (the tests' shorthand for a [`NewDocument`] with the
+/// ingest fields most tests leave alone: an invoice crediting nothing)).
+fn new_doc<'a>(
+    tenant_id: &'a str,
+    document_id: &'a str,
+    number: &'a str,
+    body: &'a str,
+    body_hash: &'a str,
+    now: i64,
+) -> NewDocument<'a> {
+    NewDocument {
+        tenant_id,
+        document_id,
+        kind: "invoice",
+        number,
+        credits_invoice_number: None,
+        body,
+        body_hash,
+        now,
+    }
+}
 
 /// The maintenance database URL.
 pub fn pg_admin_url() -> String {
