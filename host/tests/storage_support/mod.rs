@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use xero_sim::{Sim, SimConfig, SimHandle};
 
-/// An invoice to ingest (the tests' shorthand for a [`NewDocument`] with the
-/// ingest fields most tests leave alone: an invoice crediting nothing)).
-fn new_doc<'a>(
+/// An invoice to ingest: the tests' shorthand for a [`NewDocument`] of kind
+/// `invoice` crediting nothing.
+pub fn new_doc<'a>(
     tenant_id: &'a str,
     document_id: &'a str,
     number: &'a str,
