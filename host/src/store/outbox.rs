@@ -873,8 +873,7 @@ const LAPSED_LEASES: &str = "SELECT id, connection_id, next_attempt_at FROM deli
 /// connection `$2`.
 const INVOICE_STATE: &str = "SELECT state FROM deliveries WHERE tenant_id = $1 AND connection_id = $2 AND document_number = $3 AND document_kind = 'invoice' ORDER BY created_at DESC LIMIT 1";
 
-/// Paused deliveries, at most `$1` (a bound limit: sqlx keeps only
-/// statements with arguments prepared, and this runs every second).
+/// Paused deliveries, at most `$1`.
 const PAUSED: &str = "SELECT id, tenant_id, connector_id, connection_id, pause_reason, pause_detail FROM deliveries WHERE state = 'paused' ORDER BY id LIMIT $1";
 
 /// Close pause incidents (`$1`: now) whose connection has no delivery
@@ -899,11 +898,8 @@ fn pending_picks_sql(n: usize) -> String {
 /// Each connection with pending deliveries due by `$1` and its earliest
 /// one, by a loose index scan (`deliveries_pending_by_connection`): two
 /// index look-ups per connection, whatever the backlog.
-///
-/// The bound parameter is also what keeps the statement prepared: sqlx
-/// caches only statements that take arguments, and without one this
-/// recursive query was compiled again on every claim (2 % of B2's CPU went
-/// to SQLite's parser).
+/// Connections whose earliest pending row is not due yet are left out here
+/// rather than returned and dropped by the caller.
 const PENDING_HEADS: &str = "WITH RECURSIVE conns(cid) AS (
         SELECT (SELECT MIN(connection_id) FROM deliveries WHERE state = 'pending')
         UNION ALL
