@@ -367,10 +367,9 @@ impl Store {
                     .await?
                 {
                     let c: String = r.try_get("connection_id")?;
-                    let head: Option<i64> = r.try_get("head")?;
-                    if let Some(h) = head
-                        && h <= now
-                        && !exclude.contains(c.as_str())
+                    // Due by `now` (the query's filter), so never NULL.
+                    let h: i64 = r.try_get("head")?;
+                    if !exclude.contains(c.as_str())
                         && used.get(&c).copied().unwrap_or(0) < per_connection
                     {
                         heads.push((h, c));
@@ -541,7 +540,6 @@ impl Store {
     pub async fn paused_deliveries(&self) -> Result<Vec<PausedRow>, StoreError> {
         on_pool!(self, p => {
             let rows = sqlx::query(PAUSED)
-                .bind(10_000_i64)
                 .fetch_all(p).await?;
             let mut out = Vec::new();
             for r in rows {
@@ -873,8 +871,8 @@ const LAPSED_LEASES: &str = "SELECT id, connection_id, next_attempt_at FROM deli
 /// connection `$2`.
 const INVOICE_STATE: &str = "SELECT state FROM deliveries WHERE tenant_id = $1 AND connection_id = $2 AND document_number = $3 AND document_kind = 'invoice' ORDER BY created_at DESC LIMIT 1";
 
-/// Paused deliveries, at most `$1`.
-const PAUSED: &str = "SELECT id, tenant_id, connector_id, connection_id, pause_reason, pause_detail FROM deliveries WHERE state = 'paused' ORDER BY id LIMIT $1";
+/// Paused deliveries, the first 10,000.
+const PAUSED: &str = "SELECT id, tenant_id, connector_id, connection_id, pause_reason, pause_detail FROM deliveries WHERE state = 'paused' ORDER BY id LIMIT 10000";
 
 /// Close pause incidents (`$1`: now) whose connection has no delivery
 /// paused for that reason any more.
@@ -898,8 +896,7 @@ fn pending_picks_sql(n: usize) -> String {
 /// Each connection with pending deliveries due by `$1` and its earliest
 /// one, by a loose index scan (`deliveries_pending_by_connection`): two
 /// index look-ups per connection, whatever the backlog.
-/// Connections whose earliest pending row is not due yet are left out here
-/// rather than returned and dropped by the caller.
+/// Connections whose earliest pending row is not due yet are left out.
 const PENDING_HEADS: &str = "WITH RECURSIVE conns(cid) AS (
         SELECT (SELECT MIN(connection_id) FROM deliveries WHERE state = 'pending')
         UNION ALL
