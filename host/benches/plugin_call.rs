@@ -8,6 +8,11 @@
 //! 5,000-call median moved by several µs from run to run).
 //! `BENCH_ONLY=minimal` (or `xero`) measures one connector, e.g. for `perf`
 //! with `LEDGERPORT_PERFMAP=1` (names the guest functions).
+//! `BENCH_COMPARE=<plugins dir>` also loads each connector from another
+//! installed plugin directory (another build of it: other optimisation
+//! settings, another SDK) and alternates the two call by call, so both
+//! rows see the same machine: on this shared VM the speed moves by half
+//! within minutes, which swamps a comparison of separate runs.
 //!
 //! Each connector is also measured natively: the same crate compiled for
 //! this machine, its `deliver` called directly with the SDK's native host
@@ -282,7 +287,17 @@ fn main() {
             );
             std::process::exit(2);
         }
-        let plugin = rt.load(&manifest, &BTreeMap::new()).expect("load");
+        let mut variants = vec![(
+            label.to_string(),
+            rt.load(&manifest, &BTreeMap::new()).expect("load"),
+        )];
+        if let Ok(other) = std::env::var("BENCH_COMPARE") {
+            let m = Path::new(&other).join(id).join("manifest.toml");
+            let plugin = rt
+                .load(&m, &BTreeMap::new())
+                .expect("load the compared build");
+            variants.push((format!("{label}, {}", m.display()), plugin));
+        }
         let mappings = Arc::new(MemoryMappings::default());
         let scope = MappingScope {
             tenant_id: "acme".into(),
@@ -310,45 +325,49 @@ fn main() {
             kv: Arc::new(MemoryKv::default()),
             rate: None,
         };
-        let mut samples = Vec::with_capacity(iterations);
+        let mut samples: Vec<Vec<Duration>> = variants
+            .iter()
+            .map(|_| Vec::with_capacity(iterations))
+            .collect();
+        let describe = std::env::var("BENCH_DESCRIBE").is_ok();
         tokio.block_on(async {
             for i in 0..(iterations + 500) {
-                let d = Delivery {
-                    key: format!("k{i}"),
-                    attempt: 1,
-                };
-                let doc = doc.clone();
-                let t = Instant::now();
-                if std::env::var("BENCH_DESCRIBE").is_ok() {
-                    let r = rt.describe(&plugin, &ctx).await;
-                    assert!(r.is_ok());
-                    let _ = (d, doc);
-                } else {
-                    let r = rt.deliver(&plugin, &ctx, d, doc).await;
-                    assert!(matches!(r, Ok(Ok(_))), "{r:?}");
-                }
-                let el = t.elapsed();
-                if i >= 500 {
-                    samples.push(el);
+                for ((_, plugin), samples) in variants.iter().zip(samples.iter_mut()) {
+                    let d = Delivery {
+                        key: format!("k{i}"),
+                        attempt: 1,
+                    };
+                    let doc = doc.clone();
+                    let t = Instant::now();
+                    if describe {
+                        let r = rt.describe(plugin, &ctx).await;
+                        assert!(r.is_ok());
+                        let _ = (d, doc);
+                    } else {
+                        let r = rt.deliver(plugin, &ctx, d, doc).await;
+                        assert!(matches!(r, Ok(Ok(_))), "{r:?}");
+                    }
+                    let el = t.elapsed();
+                    if i >= 500 {
+                        samples.push(el);
+                    }
                 }
             }
         });
-        samples.sort();
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
-        let median = samples[samples.len() / 2];
-        let p99 = samples[samples.len() * 99 / 100];
-        let mean: f64 = samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64;
         let mut native = native::run(id, &doc, KINDS, iterations);
         native.sort();
-        let native_median = native[native.len() / 2];
-        println!(
-            "| {label} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}× |",
-            samples.len(),
-            us(median),
-            us(p99),
-            mean,
-            us(native_median),
-            us(median) / us(native_median).max(0.001)
-        );
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let native_median = us(native[native.len() / 2]);
+        for ((label, _), mut samples) in variants.into_iter().zip(samples) {
+            samples.sort();
+            let median = us(samples[samples.len() / 2]);
+            let p99 = us(samples[samples.len() * 99 / 100]);
+            let mean: f64 = samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64;
+            println!(
+                "| {label} | {} | {median:.1} | {p99:.1} | {mean:.1} | {native_median:.1} | {:.1}× |",
+                samples.len(),
+                median / native_median.max(0.001)
+            );
+        }
     }
 }
