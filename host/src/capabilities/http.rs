@@ -171,11 +171,20 @@ pub struct ReqwestTransport {
 
 impl ReqwestTransport {
     /// A client with no redirects and connection pooling.
+    ///
+    /// The pool keeps up to 128 idle connections per host, above the
+    /// dispatcher's default concurrency (64): with 32, as before, every
+    /// burst of deliveries closed the connections over 32 as they came back
+    /// and opened new ones for the next burst. B2 counted 3,447 `connect`
+    /// calls for a 10,000-document run with 32 and 200 with 128 (`perf stat
+    /// -e syscalls:sys_enter_connect`). Over plain HTTP on loopback that
+    /// made no measurable difference to B2's rate; against Xero every new
+    /// connection is a TLS handshake.
     pub fn new() -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ledgerport/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(32)
+            .pool_max_idle_per_host(128)
             .build()?;
         Ok(Self { client })
     }
