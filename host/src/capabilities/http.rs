@@ -587,6 +587,77 @@ impl wit::Host for HttpCapability {
 mod tests {
     use super::*;
 
+    /// A loopback HTTP/1.1 server that answers every request after 50 ms
+    /// (so a burst is really in flight at once) and counts connections.
+    async fn counting_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Ok(n) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        // Requests carry no body: one ends at its blank line.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if sock.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Bursts as wide as the dispatcher's concurrency reuse the connections
+    /// of the burst before (a smaller idle pool closed the surplus and
+    /// opened new ones: against Xero, a TLS handshake each).
+    #[tokio::test]
+    async fn bursts_of_deliveries_reuse_pooled_connections() {
+        let (addr, accepted) = counting_server().await;
+        let transport = Arc::new(ReqwestTransport::new().unwrap());
+        let url = url::Url::parse(&format!("http://{addr}/ping")).unwrap();
+        for _burst in 0..3 {
+            let calls = (0..64).map(|_| {
+                let (t, url) = (transport.clone(), url.clone());
+                tokio::spawn(async move {
+                    let req = OutboundRequest {
+                        method: "GET",
+                        url,
+                        headers: Vec::new(),
+                        body: None,
+                    };
+                    t.send(req, 1024, Duration::from_secs(10)).await
+                })
+            });
+            for call in calls.collect::<Vec<_>>() {
+                let resp = call.await.unwrap().unwrap();
+                assert_eq!((resp.status, resp.body.as_slice()), (200, &b"ok"[..]));
+            }
+        }
+        let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            (33..=64).contains(&n),
+            "3 bursts of 64 requests opened {n} connections (more than 32: the bursts were in flight at once; 64 at most: later bursts reuse them)"
+        );
+    }
+
     #[test]
     fn allow_list_is_fail_closed_and_follows_overrides() {
         let mut o = BTreeMap::new();
