@@ -18,6 +18,8 @@
 //! this machine, its `deliver` called directly with the SDK's native host
 //! stand-in answering exactly like the stub transport. The ratio (sandboxed
 //! over native median) is what the sandbox costs (issue B1: goal ≤ 3×).
+//! Native and sandboxed calls alternate, so the ratio holds still while the
+//! machine's speed moves.
 //!
 //! The stub answers like Xero for the Xero connector (contact found, no
 //! existing bill, bill created, no attachment yet, attachment stored), so
@@ -188,9 +190,16 @@ mod native {
         }
     }
 
-    /// Native `deliver` timings of connector `id` (same warm-up and count
-    /// as the sandboxed run).
-    pub fn run(id: &str, doc: &host::Document, kinds: &[&str], iterations: usize) -> Vec<Duration> {
+    /// Runs `body` with a `call` that times one native `deliver` of
+    /// connector `id` (call `i` gets delivery key `k{i}`), so the native
+    /// calls can be interleaved with the sandboxed ones: both then see the
+    /// same machine, and the ratio does not move with its speed.
+    pub fn interleaved<R>(
+        id: &str,
+        doc: &host::Document,
+        kinds: &[&str],
+        body: impl FnOnce(&mut dyn FnMut(usize) -> Duration) -> R,
+    ) -> R {
         let doc = document(doc);
         let stub = StubHost {
             mappings: kinds
@@ -210,9 +219,8 @@ mod native {
             "xero" => xero_connector::Xero::deliver,
             _ => minimal_connector::Minimal::deliver,
         };
-        let (samples, _) = ledgerport_sdk::native::with_host(stub, || {
-            let mut samples = Vec::with_capacity(iterations);
-            for i in 0..(iterations + 500) {
+        let (out, _) = ledgerport_sdk::native::with_host(stub, || {
+            let mut call = |i: usize| {
                 let d = Delivery {
                     key: format!("k{i}"),
                     attempt: 1,
@@ -222,13 +230,11 @@ mod native {
                 let r = deliver(d, doc);
                 let el = t.elapsed();
                 assert!(r.is_ok(), "{r:?}");
-                if i >= 500 {
-                    samples.push(el);
-                }
-            }
-            samples
+                el
+            };
+            body(&mut call)
         });
-        samples
+        out
     }
 }
 
@@ -330,31 +336,37 @@ fn main() {
             .map(|_| Vec::with_capacity(iterations))
             .collect();
         let describe = std::env::var("BENCH_DESCRIBE").is_ok();
-        tokio.block_on(async {
+        let mut native = Vec::with_capacity(iterations);
+        native::interleaved(id, &doc, KINDS, |native_call| {
             for i in 0..(iterations + 500) {
+                let el = native_call(i);
+                if i >= 500 {
+                    native.push(el);
+                }
                 for ((_, plugin), samples) in variants.iter().zip(samples.iter_mut()) {
                     let d = Delivery {
                         key: format!("k{i}"),
                         attempt: 1,
                     };
                     let doc = doc.clone();
-                    let t = Instant::now();
-                    if describe {
-                        let r = rt.describe(plugin, &ctx).await;
-                        assert!(r.is_ok());
-                        let _ = (d, doc);
-                    } else {
-                        let r = rt.deliver(plugin, &ctx, d, doc).await;
-                        assert!(matches!(r, Ok(Ok(_))), "{r:?}");
-                    }
-                    let el = t.elapsed();
+                    let el = tokio.block_on(async {
+                        let t = Instant::now();
+                        if describe {
+                            let r = rt.describe(plugin, &ctx).await;
+                            assert!(r.is_ok());
+                            let _ = (d, doc);
+                        } else {
+                            let r = rt.deliver(plugin, &ctx, d, doc).await;
+                            assert!(matches!(r, Ok(Ok(_))), "{r:?}");
+                        }
+                        t.elapsed()
+                    });
                     if i >= 500 {
                         samples.push(el);
                     }
                 }
             }
         });
-        let mut native = native::run(id, &doc, KINDS, iterations);
         native.sort();
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         let native_median = us(native[native.len() / 2]);
