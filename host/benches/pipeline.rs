@@ -1077,19 +1077,34 @@ async fn b5() -> anyhow::Result<()> {
     }
     let config = tmp.path().join("ledgerport.toml");
     std::fs::write(&config, cfg)?;
+    // The first start compiles the connector inside the daemon (the cache
+    // is empty), and part of what cranelift allocated stays resident; a
+    // restart loads the compiled component from the cache. Both are
+    // measured: the first start is the worst case, the restart every later
+    // start (and the daemon the in-flight figure below is taken from).
     let mut child = Child::spawn(&config, &addr)?;
-    child.wait_ready(Instant::now(), Duration::from_secs(120))?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (idle, _) = child.memory()?;
-    row(
-        "B5",
-        &format!(
-            "resident memory (VmRSS) of `ledgerport serve`, {n} tenants each with an active Xero connection, idle"
-        ),
-        &format!("{:.1} MiB", idle as f64 / 1024.0),
-        "≤ 100 MB",
-        Some(idle * 1024 <= 100_000_000),
-    );
+    for start in [
+        "first start (compiles the connector: empty compiled-component cache)",
+        "restarted (filled compiled-component cache)",
+    ] {
+        if start.starts_with("restarted") {
+            drop(child);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            child = Child::spawn(&config, &addr)?;
+        }
+        child.wait_ready(Instant::now(), Duration::from_secs(120))?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (idle, _) = child.memory()?;
+        row(
+            "B5",
+            &format!(
+                "resident memory (VmRSS) of `ledgerport serve`, {n} tenants each with an active Xero connection, idle, {start}"
+            ),
+            &format!("{:.1} MiB", idle as f64 / 1024.0),
+            "≤ 100 MB",
+            Some(idle * 1024 <= 100_000_000),
+        );
+    }
     // Deliveries stay in flight: Xero answers after 5 s.
     sim.set_faults(FaultConfig {
         rules: vec![FaultRule {
