@@ -587,7 +587,7 @@ impl wit::Host for HttpCapability {
 mod tests {
     use super::*;
 
-    /// A loopback HTTP/1.1 server that answers every request after 50 ms
+    /// A loopback HTTP/1.1 server that answers every request after 100 ms
     /// (so a burst is really in flight at once) and counts connections.
     async fn counting_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -612,7 +612,7 @@ mod tests {
                         // Requests carry no body: one ends at its blank line.
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             buf.drain(..end + 4);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if sock.write_all(answer).await.is_err() {
                                 return;
@@ -633,7 +633,14 @@ mod tests {
         let (addr, accepted) = counting_server().await;
         let transport = Arc::new(ReqwestTransport::new().unwrap());
         let url = url::Url::parse(&format!("http://{addr}/ping")).unwrap();
-        for _burst in 0..3 {
+        for burst in 0..3 {
+            if burst > 0 {
+                // Between bursts, as between a dispatcher's batches: the
+                // connections are back in the pool (hyper returns one when
+                // its dispatch task has seen the response end, which can
+                // trail the body's last byte).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let calls = (0..64).map(|_| {
                 let (t, url) = (transport.clone(), url.clone());
                 tokio::spawn(async move {
