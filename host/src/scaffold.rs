@@ -39,7 +39,8 @@ pub fn new_connector(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<PathB
              [lib]\ncrate-type = [\"cdylib\", \"rlib\"]\n\n\
              [dependencies]\nledgerport-sdk = {{ path = {sdk:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\nserde_json = \"1\"\n\n\
              # A workspace of its own, so it builds where it lies.\n[workspace]\n\n\
-             [profile.release]\nopt-level = \"s\"\nstrip = true\nlto = true\npanic = \"abort\"\n"
+             # Fast over small: the connector runs, in a fresh instance, on every delivery.\n\
+             [profile.release]\nopt-level = 3\nstrip = true\nlto = true\ncodegen-units = 1\npanic = \"abort\"\n"
         ),
     )?;
     std::fs::write(root.join("src/lib.rs"), LIB.replace("{{ID}}", name))?;
