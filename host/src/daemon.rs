@@ -3,7 +3,7 @@
 //! runtime, plugins, connections, dispatcher, notifier and HTTP server.
 
 use crate::api::ApiState;
-use crate::capabilities::http::{CredentialProvider, ReqwestTransport};
+use crate::capabilities::http::{CredentialProvider, DEFAULT_IDLE_PER_HOST, ReqwestTransport};
 use crate::capabilities::kv::KvStore;
 use crate::capabilities::mapping::MappingStore;
 use crate::connections::{Clock, Connections};
@@ -281,7 +281,11 @@ impl Daemon {
                 ),
                 ..runtime_defaults
             },
-            Arc::new(ReqwestTransport::new()?),
+            Arc::new(ReqwestTransport::with_idle_per_host(
+                dcfg.concurrency
+                    .saturating_mul(2)
+                    .max(DEFAULT_IDLE_PER_HOST),
+            )?),
         )?);
         let public = cfg.public_url();
         let mut providers = Providers::new();
