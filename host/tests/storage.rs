@@ -1009,3 +1009,43 @@ async fn postgres_connections_dropped_while_idle_are_replaced() {
         store.paused_deliveries().await.expect("a live connection");
     }
 }
+
+/// A notice names every document added to its incident before it was taken.
+/// A second failure being recorded is caught half-way (PostgreSQL: the
+/// incident lock held, the longer list written, not yet committed) while
+/// the mail task takes the due incident. The take must wait for it: before
+/// it did, READ COMMITTED let it read the old list and then mark the
+/// incident told once the addition committed, so INV-2 was in no e-mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_taken_while_a_document_is_added_names_it() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.store().await;
+    store
+        .record_incident("acme", "conn-1", "failed", "INV-1", "first", 0, 0)
+        .await
+        .unwrap();
+    let ledgerport::store::Pool::Postgres(pool) = store.pool().clone() else {
+        panic!("a PostgreSQL store");
+    };
+    let mut adding = pool.begin().await.unwrap();
+    sqlx::query(ledgerport::store::outbox::INCIDENT_LOCK)
+        .execute(&mut *adding)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE incidents SET documents = $1 WHERE tenant_id = 'acme'")
+        .bind(r#"["INV-1","INV-2"]"#)
+        .execute(&mut *adding)
+        .await
+        .unwrap();
+    let s2 = store.clone();
+    let taking = tokio::spawn(async move { s2.take_due_incidents(1).await });
+    // Time for the take to reach the database while the addition is open.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    adding.commit().await.unwrap();
+    let taken = taking.await.unwrap().unwrap();
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(taken[0].documents, vec!["INV-1", "INV-2"]);
+    assert!(store.take_due_incidents(2).await.unwrap().is_empty());
+}

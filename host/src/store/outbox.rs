@@ -271,6 +271,11 @@ impl NewDocument<'_> {
     }
 }
 
+/// PostgreSQL: the transaction lock that serialises the writers of
+/// incidents ([`Store::record_incident`], [`Store::take_due_incidents`]).
+/// On SQLite the write lock of `BEGIN IMMEDIATE` does the same.
+pub const INCIDENT_LOCK: &str = "SELECT pg_advisory_xact_lock(7215002)";
+
 impl Store {
     /// Store a document and one delivery per `(connection id, connector id)`
     /// in one transaction (shared with other ingests and outcomes queued at
@@ -663,7 +668,7 @@ impl Store {
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             if matches!(self.kind(), StoreKind::Postgres) {
-                sqlx::query("SELECT pg_advisory_xact_lock(7215002)").execute(&mut *tx).await?;
+                sqlx::query(INCIDENT_LOCK).execute(&mut *tx).await?;
             }
             // An incident not yet told takes more documents; once told, a
             // pause keeps collecting silently, a failure starts a new one.
@@ -705,9 +710,19 @@ impl Store {
 
     /// Incidents due to be told, marked as told in the same step (the mail
     /// itself goes through the durable mail outbox).
+    ///
+    /// Serialised with [`Store::record_incident`] (PostgreSQL: its advisory
+    /// lock; SQLite: the write lock), so a document being added while the
+    /// incident is taken is either in this notice or starts a new incident.
+    /// Without it, PostgreSQL's READ COMMITTED let the take read the list
+    /// before the addition committed and mark the incident told after it:
+    /// the added document was named in no e-mail.
     pub async fn take_due_incidents(&self, now: i64) -> Result<Vec<IncidentRow>, StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
+            if matches!(self.kind(), StoreKind::Postgres) {
+                sqlx::query(INCIDENT_LOCK).execute(&mut *tx).await?;
+            }
             let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, details FROM incidents WHERE notified_at IS NULL AND notify_after <= $1 ORDER BY opened_at")
                 .bind(now).fetch_all(&mut *tx).await?;
             let mut out = Vec::new();
