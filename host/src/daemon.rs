@@ -208,11 +208,13 @@ impl Config {
         Ok(())
     }
 
-    /// The public URL (defaults to `http://<listen>`).
-    pub fn public_url(&self) -> String {
+    /// The public URL of a daemon listening on `bound` (defaults to
+    /// `http://<bound>`: the address really bound, so `listen` on port 0
+    /// gives the port the system chose).
+    pub fn public_url(&self, bound: std::net::SocketAddr) -> String {
         self.public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .unwrap_or_else(|| format!("http://{bound}"))
             .trim_end_matches('/')
             .to_string()
     }
@@ -244,6 +246,13 @@ impl Daemon {
         clock: Clock,
         dispatch: Option<DispatchConfig>,
     ) -> anyhow::Result<Self> {
+        // Bound first: a port in use fails at once, not after the
+        // connectors have compiled, and `listen` on port 0 (any free port)
+        // gets its real address into the public URL.
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("listening on {} (key `listen`)", cfg.listen))?;
+        let addr = listener.local_addr()?;
         let store = Store::open_and_migrate(&cfg.database)
             .await
             .with_context(|| "opening the database (key `database`)")?;
@@ -287,7 +296,7 @@ impl Daemon {
                     .max(DEFAULT_IDLE_PER_HOST),
             )?),
         )?);
-        let public = cfg.public_url();
+        let public = cfg.public_url(addr);
         let mut providers = Providers::new();
         let mut plugins: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
         let dir = std::fs::read_dir(&cfg.plugin_dir)
@@ -407,11 +416,7 @@ impl Daemon {
                 }
             }));
         }
-        // HTTP.
-        let listener = tokio::net::TcpListener::bind(&cfg.listen)
-            .await
-            .with_context(|| format!("listening on {} (key `listen`)", cfg.listen))?;
-        let addr = listener.local_addr()?;
+        // HTTP (the listener was bound at the start).
         let store3 = store.clone();
         let admin_state = Arc::new(crate::admin::AdminState {
             store: store.clone(),
@@ -529,6 +534,9 @@ mod tests {
         assert_eq!(c.plugins["xero"].client_secret.as_deref(), Some("s3cret"));
         assert_eq!(c.plugins["xero"].client_id.as_deref(), Some("file"));
         assert_eq!(c.service_keys, vec!["k"]);
-        assert_eq!(c.public_url(), "http://127.0.0.1:8080");
+        let bound = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(c.public_url(bound), "http://127.0.0.1:8080");
+        c.public_url = Some("https://lp.example.com/".into());
+        assert_eq!(c.public_url(bound), "https://lp.example.com");
     }
 }

@@ -187,6 +187,11 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
         .await
         .unwrap();
     let back = r.headers()["location"].to_str().unwrap().to_string();
+    // `listen` was port 0: the callback names the port really bound.
+    assert!(
+        back.starts_with(&format!("{base}/oauth/callback?")),
+        "{back}"
+    );
     assert!(c.get(&back).send().await.unwrap().status().is_success());
     let (_, st_body) = call(
         &http,
@@ -308,4 +313,28 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     assert_eq!(st, 200);
     assert!(o["paths"]["/v1/admin/tenants/{tenant}/status"].is_object());
     d.stop().await;
+}
+
+/// A port already in use stops the start at once, naming the key, before
+/// the database is opened or any connector compiled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_fails_the_start_first_naming_listen() {
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let db = TestDb::sqlite();
+    let TestDb::Sqlite { path, .. } = &db else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("k");
+    std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = storage_support::daemon_config(db.url(), &sim, &key_file);
+    cfg.listen = taken.local_addr().unwrap().to_string();
+    let Err(e) = Daemon::start(cfg, Clock::system(), None).await else {
+        panic!("started on a port in use");
+    };
+    let e = format!("{e:#}");
+    let port = taken.local_addr().unwrap().port().to_string();
+    assert!(e.contains("key `listen`") && e.contains(&port), "{e}");
+    assert!(!path.exists(), "the database was opened first");
 }
