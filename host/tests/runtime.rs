@@ -168,15 +168,11 @@ async fn hostile_connectors_are_contained() {
     let dir = tempfile::tempdir().unwrap();
     let listener = Listener::start().await;
     let manifest = install(dir.path(), "hostile_connector", HOSTILE);
-    let rt = runtime(small_config());
-    let plugin = rt
-        .load(
-            &manifest,
-            &overrides("https://allowed.test", &listener.base),
-        )
-        .unwrap();
+    let hosts = overrides("https://allowed.test", &listener.base);
 
     // Infinite loop: stopped soon after the 2 s deadline (generous bound).
+    let rt = runtime(small_config());
+    let plugin = rt.load(&manifest, &hosts).unwrap();
     let started = Instant::now();
     let e = rt
         .deliver(&plugin, &context("t", &[]), delivery("d"), invoice("loop"))
@@ -190,6 +186,15 @@ async fn hostile_connectors_are_contained() {
     );
     assert!(e.to_string().contains("deadline"));
     still_works(&rt, &plugin).await;
+
+    // The rest with the default deadline: each must be stopped by its own
+    // bound, and the heavy ones (50 requests, 20,000 log lines) may take
+    // more than 2 s in a debug build on a loaded machine.
+    let rt = runtime(RuntimeConfig {
+        deadline: RuntimeConfig::default().deadline,
+        ..small_config()
+    });
+    let plugin = rt.load(&manifest, &hosts).unwrap();
 
     // Memory bomb: the memory cap stops it.
     let e = rt

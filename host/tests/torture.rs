@@ -222,7 +222,7 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
                 p.sim.set_faults(f);
             }
             if n == total / 2 {
-                // No more hangs (each costs a 30 s timeout); t00's refresh
+                // No more hangs (each costs a 25 s timeout); t00's refresh
                 // token is refused from now on, and every access token
                 // expires at Xero, so every connection refreshes.
                 let mut f = p.sim.faults();

@@ -36,7 +36,10 @@ pub struct HttpLimits {
     pub max_request_bytes: usize,
     /// Calls one delivery may make.
     pub max_calls: u32,
-    /// Time for one request, connect to last byte.
+    /// Time for one request, connect to last byte. The default is shorter
+    /// than the call's default deadline (30 s), so a provider that never
+    /// answers is the request's `Timeout`, which the connector reports in
+    /// its own words, and not the whole call cut off at its deadline.
     pub timeout: Duration,
 }
 
@@ -46,7 +49,7 @@ impl Default for HttpLimits {
             max_response_bytes: 8 * 1024 * 1024,
             max_request_bytes: 32 * 1024 * 1024,
             max_calls: 50,
-            timeout: Duration::from_secs(30),
+            timeout: Duration::from_secs(25),
         }
     }
 }
