@@ -439,7 +439,15 @@ async fn lost_answer_then_revoked(db: TestDb) {
     let proxy = lossy_token_proxy(&sim).await;
     let mut o = sim_overrides(&sim);
     o.insert("https://identity.xero.com".into(), proxy);
-    let d = daemon(&sim, &db.url(), keys(7), Some(o)).await;
+    // A short timeout: the lost answer is only noticed when it runs out.
+    let d = daemon_with_timeout(
+        &sim,
+        &db.url(),
+        keys(7),
+        Some(o),
+        std::time::Duration::from_secs(2),
+    )
+    .await;
     d.store
         .upsert_tenant("acme", "Acme Ltd", &[], 1)
         .await

@@ -43,6 +43,7 @@ async fn kill_9_in_the_middle_loses_nothing_and_sends_nothing_twice() {
     assert_eq!(killed, kills);
     // Wait for everything to arrive (leases of killed workers expire in 3 s).
     wait_bills(&sim, docs, Duration::from_secs(180)).await;
+    wait_attachments(&sim, docs, Duration::from_secs(180)).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     // A graceful stop: SIGTERM, and the daemon exits cleanly by itself.
     sigterm_and_wait(&mut child).await;

@@ -334,19 +334,32 @@ pub fn bills_per_number(sim: &SimHandle) -> std::collections::BTreeMap<String, u
 
 /// Wait until the simulator holds at least `n` bills (`limit` at most).
 pub async fn wait_bills(sim: &SimHandle, n: usize, limit: Duration) {
+    wait_for(sim, n, limit, "bills", |d| d.invoices.len()).await;
+}
+
+/// Wait until the Trading organisation holds `n` attachments (a bill's
+/// PDF is attached after the bill is created, so a delivery killed between
+/// the two is finished by the next claim of its lapsed lease).
+pub async fn wait_attachments(sim: &SimHandle, n: usize, limit: Duration) {
+    wait_for(sim, n, limit, "attachments", |d| d.attachments.len()).await;
+}
+
+async fn wait_for(
+    sim: &SimHandle,
+    n: usize,
+    limit: Duration,
+    what: &str,
+    count: impl Fn(&xero_sim::TenantDocuments) -> usize,
+) {
     let started = Instant::now();
     loop {
-        let have = sim
-            .documents(DEFAULT_TENANT_TRADING)
-            .unwrap()
-            .invoices
-            .len();
+        let have = count(&sim.documents(DEFAULT_TENANT_TRADING).unwrap());
         if have >= n {
             return;
         }
         assert!(
             started.elapsed() < limit,
-            "only {have} of {n} bills arrived"
+            "only {have} of {n} {what} arrived"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

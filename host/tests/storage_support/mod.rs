@@ -179,11 +179,13 @@ pub fn xero_manifest() -> Manifest {
     .unwrap()
 }
 
-/// A Xero provider against the simulator.
+/// A Xero provider against the simulator, giving up on a token request
+/// after `timeout`.
 pub fn xero_provider(
     sim: &SimHandle,
     redirect_uri: &str,
     base_urls: Option<BTreeMap<String, String>>,
+    timeout: Duration,
 ) -> OAuthProvider {
     OAuthProvider::new(
         &xero_manifest(),
@@ -195,7 +197,7 @@ pub fn xero_provider(
             redirect_uri: redirect_uri.into(),
             broad_scopes: false,
             base_urls: base_urls.unwrap_or_else(|| sim_overrides(sim)),
-            timeout: Duration::from_secs(2),
+            timeout,
         },
     )
     .unwrap()
@@ -247,12 +249,30 @@ pub fn test_policy() -> RefreshPolicy {
     }
 }
 
-/// Start a daemon view over `db_url` with `keys`, the clock of `sim`.
+/// The token-request timeout of the test daemons: the daemon's own. A short
+/// one made a token endpoint slowed on purpose (the refresh storm's 300 ms)
+/// look lost on a loaded machine, and the host then asked a second time.
+pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Start a daemon view over `db_url` with `keys`, the clock of `sim`: a
+/// store, the token manager and the OAuth callback, the simulator as Xero.
 pub async fn daemon(
     sim: &Arc<SimHandle>,
     db_url: &str,
     keys: KeyRing,
     base_urls: Option<BTreeMap<String, String>>,
+) -> Daemon {
+    daemon_with_timeout(sim, db_url, keys, base_urls, TOKEN_TIMEOUT).await
+}
+
+/// [`daemon`] whose token requests give up after `timeout` (for a test of
+/// a token answer that never arrives).
+pub async fn daemon_with_timeout(
+    sim: &Arc<SimHandle>,
+    db_url: &str,
+    keys: KeyRing,
+    base_urls: Option<BTreeMap<String, String>>,
+    timeout: Duration,
 ) -> Daemon {
     let store = Store::open_and_migrate(db_url).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -262,6 +282,7 @@ pub async fn daemon(
         sim,
         &format!("{base}/oauth/callback"),
         base_urls,
+        timeout,
     ));
     let s2 = sim.clone();
     let conns = Arc::new(
@@ -413,7 +434,7 @@ pub async fn finish(
     (s, r.text().await.unwrap())
 }
 
-/// A daemon configuration for tests: the database at `db_url`, a free
+/// A daemon configuration for tests: the database at `db_url`, any free
 /// loopback port, the connectors `cargo xtask wasm` installed, and Xero's
 /// three origins pointed at the simulator with its default app.
 pub fn daemon_config(
@@ -424,14 +445,12 @@ pub fn daemon_config(
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut cfg: ledgerport::daemon::Config = toml::from_str("").unwrap();
     cfg.database = db_url;
-    cfg.listen = format!("127.0.0.1:{port}");
+    // Any free port, bound by the daemon itself (`Daemon::addr` tells
+    // which): choosing one here and binding it later let another test take
+    // it in between.
+    cfg.listen = "127.0.0.1:0".into();
     cfg.plugin_dir = target.join("plugins");
     cfg.key_file = Some(key_file.to_path_buf());
     cfg.plugins.insert(
