@@ -208,13 +208,17 @@ impl Config {
         Ok(())
     }
 
-    /// The public URL of a daemon listening on `bound` (defaults to
-    /// `http://<bound>`: the address really bound, so `listen` on port 0
-    /// gives the port the system chose).
-    pub fn public_url(&self, bound: std::net::SocketAddr) -> String {
+    /// The public URL of a daemon listening on `bound`. Defaults to
+    /// `http://<listen>` as written (a host name stays a host name: an
+    /// OAuth redirect must match the registered one exactly), with the
+    /// port the system chose when `listen` asks for port 0.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
         self.public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{bound}"))
+            .unwrap_or_else(|| match self.listen.rsplit_once(':') {
+                Some((host, "0")) => format!("http://{host}:{}", bound.port()),
+                _ => format!("http://{}", self.listen),
+            })
             .trim_end_matches('/')
             .to_string()
     }
@@ -239,8 +243,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Open the store, load plugins, and start serving. `clock` drives OAuth
-    /// and token lifetimes (the system clock outside tests).
+    /// Bind `listen`, open the store, load plugins, and start serving.
+    /// `clock` drives OAuth and token lifetimes (the system clock outside
+    /// tests). The port is bound first, so it accepts connections while
+    /// connectors compile; `/readyz` says when the daemon is ready.
     pub async fn start(
         cfg: Config,
         clock: Clock,
@@ -536,6 +542,15 @@ mod tests {
         assert_eq!(c.service_keys, vec!["k"]);
         let bound = "127.0.0.1:8080".parse().unwrap();
         assert_eq!(c.public_url(bound), "http://127.0.0.1:8080");
+        // A host name is kept as written; port 0 becomes the bound port.
+        c.listen = "localhost:8080".into();
+        assert_eq!(c.public_url(bound), "http://localhost:8080");
+        c.listen = "localhost:0".into();
+        let chosen = "127.0.0.1:41234".parse().unwrap();
+        assert_eq!(c.public_url(chosen), "http://localhost:41234");
+        c.listen = "[::1]:0".into();
+        let chosen = "[::1]:41234".parse().unwrap();
+        assert_eq!(c.public_url(chosen), "http://[::1]:41234");
         c.public_url = Some("https://lp.example.com/".into());
         assert_eq!(c.public_url(bound), "https://lp.example.com");
     }

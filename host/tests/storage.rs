@@ -1041,8 +1041,28 @@ async fn a_notice_taken_while_a_document_is_added_names_it() {
         .unwrap();
     let s2 = store.clone();
     let taking = tokio::spawn(async move { s2.take_due_incidents(1).await });
-    // Time for the take to reach the database while the addition is open.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The addition commits once the take is waiting on a lock in the
+    // database: the advisory lock with the fix, the incident's row lock
+    // without it (having read the old list).
+    let mut watch = pool.acquire().await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut *watch)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the take never reached the database"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(watch);
     adding.commit().await.unwrap();
     let taken = taking.await.unwrap().unwrap();
     assert_eq!(taken.len(), 1, "{taken:?}");

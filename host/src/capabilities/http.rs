@@ -602,6 +602,15 @@ impl wit::Host for HttpCapability {
 mod tests {
     use super::*;
 
+    /// A request that hangs ends as the connector's `Timeout` (which it
+    /// reports in its own words), not as the call cut off at its deadline.
+    #[test]
+    fn a_request_times_out_before_the_call_does() {
+        let request = HttpLimits::default().timeout;
+        let call = crate::runtime::RuntimeConfig::default().deadline;
+        assert!(request < call, "{request:?} against {call:?}");
+    }
+
     /// A loopback HTTP/1.1 server that answers every request after 100 ms
     /// (so a burst is really in flight at once) and counts connections.
     async fn counting_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {

@@ -271,9 +271,10 @@ impl NewDocument<'_> {
     }
 }
 
-/// PostgreSQL: the transaction lock that serialises the writers of
-/// incidents ([`Store::record_incident`], [`Store::take_due_incidents`]).
-/// On SQLite the write lock of `BEGIN IMMEDIATE` does the same.
+/// PostgreSQL: the transaction lock that serialises adding documents to
+/// incidents ([`Store::record_incident`]) with taking them to be told
+/// ([`Store::take_due_incidents`]). On SQLite the write lock of
+/// `BEGIN IMMEDIATE` does the same. Public for the test that holds it.
 pub const INCIDENT_LOCK: &str = "SELECT pg_advisory_xact_lock(7215002)";
 
 impl Store {
