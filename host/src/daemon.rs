@@ -341,7 +341,7 @@ impl Daemon {
                         redirect_uri: format!("{public}/oauth/callback"),
                         broad_scopes: settings.broad_scopes,
                         base_urls: settings.base_urls.clone(),
-                        timeout: Duration::from_secs(30),
+                        timeout: crate::oauth::TOKEN_REQUEST_TIMEOUT,
                     };
                     providers.insert(
                         OAuthProvider::new(plugin.manifest(), app)

@@ -24,12 +24,6 @@ use std::sync::Arc;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Return freed memory that mimalloc still holds to the system.
-fn mimalloc_collect() {
-    // SAFETY: mi_collect takes no pointers and may be called at any time.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
-
 #[derive(Parser)]
 #[command(
     name = "ledgerport",
@@ -652,7 +646,8 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
     // Starting may have compiled connectors in-process (an empty compiled-
     // component cache): give the compiler's freed memory back now rather
     // than whenever mimalloc next purges.
-    mimalloc_collect();
+    // SAFETY: mi_collect takes no pointers and may be called at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     eprintln!("ledgerport serving on http://{}", daemon.addr);
     wait_for_signal().await;
     eprintln!("shutting down: no new work is claimed; in-flight deliveries finish or are released");

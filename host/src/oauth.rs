@@ -34,6 +34,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Time for one request to a provider's token endpoint in the daemon and
+/// the CLI: the same as the connector call's default deadline. A refresh
+/// answer that does not come in time is treated as lost.
+pub const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How ledgerport is registered with a provider, and where the provider
 /// really is.
 #[derive(Clone)]

@@ -1030,7 +1030,8 @@ async fn a_notice_taken_while_a_document_is_added_names_it() {
         panic!("a PostgreSQL store");
     };
     let mut adding = pool.begin().await.unwrap();
-    sqlx::query(ledgerport::store::outbox::INCIDENT_LOCK)
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ledgerport::store::outbox::INCIDENT_LOCK)
         .execute(&mut *adding)
         .await
         .unwrap();

@@ -18,7 +18,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Where the database and the secret keys are.
 #[derive(Args, Debug, Clone)]
@@ -311,7 +310,7 @@ async fn service(
                         redirect_uri: redirect.clone(),
                         broad_scopes: p.broad_scopes,
                         base_urls: base_urls.clone(),
-                        timeout: Duration::from_secs(30),
+                        timeout: crate::oauth::TOKEN_REQUEST_TIMEOUT,
                     },
                 )
                 .map_err(|e| bad(e.to_string()))?,

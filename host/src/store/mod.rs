@@ -343,6 +343,16 @@ pub(crate) trait BeginWrite {
     fn begin_write(
         &self,
     ) -> impl std::future::Future<Output = Result<WriteTx<Self::Db>, sqlx::Error>> + Send;
+
+    /// Begin, holding `lock` until the transaction ends, so that writers
+    /// taking the same lock run one after another. PostgreSQL: the advisory
+    /// transaction lock with that key (a writer not taking it still runs
+    /// beside). SQLite: every write transaction holds the one write lock
+    /// already, so this is [`BeginWrite::begin_write`].
+    fn begin_write_locked(
+        &self,
+        lock: i64,
+    ) -> impl std::future::Future<Output = Result<WriteTx<Self::Db>, sqlx::Error>> + Send;
 }
 
 impl BeginWrite for SqlitePool {
@@ -354,6 +364,10 @@ impl BeginWrite for SqlitePool {
             _turn: Some(turn),
         })
     }
+
+    async fn begin_write_locked(&self, _lock: i64) -> Result<WriteTx<sqlx::Sqlite>, sqlx::Error> {
+        self.begin_write().await
+    }
 }
 
 impl BeginWrite for PgPool {
@@ -363,5 +377,14 @@ impl BeginWrite for PgPool {
             tx: self.begin().await?,
             _turn: None,
         })
+    }
+
+    async fn begin_write_locked(&self, lock: i64) -> Result<WriteTx<sqlx::Postgres>, sqlx::Error> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
     }
 }

@@ -271,11 +271,15 @@ impl NewDocument<'_> {
     }
 }
 
-/// PostgreSQL: the transaction lock that serialises adding documents to
-/// incidents ([`Store::record_incident`]) with taking them to be told
-/// ([`Store::take_due_incidents`]). On SQLite the write lock of
-/// `BEGIN IMMEDIATE` does the same. Public for the test that holds it.
-pub const INCIDENT_LOCK: &str = "SELECT pg_advisory_xact_lock(7215002)";
+/// The lock that serialises claims on PostgreSQL.
+const CLAIM_LOCK: i64 = 7215001;
+
+/// The lock that serialises adding documents to incidents
+/// ([`Store::record_incident`]) with taking them to be told
+/// ([`Store::take_due_incidents`]): PostgreSQL's advisory lock with this
+/// key; on SQLite the write lock does the same. Public for the test that
+/// holds it.
+pub const INCIDENT_LOCK: i64 = 7215002;
 
 impl Store {
     /// Store a document and one delivery per `(connection id, connector id)`
@@ -431,10 +435,7 @@ impl Store {
                 }
             }
             Pool::Postgres(p) => {
-                let mut tx = p.begin_write().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock(7215001)")
-                    .execute(&mut *tx)
-                    .await?;
+                let mut tx = p.begin_write_locked(CLAIM_LOCK).await?;
                 let ids = pick_candidates!(tx);
                 let rs = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($4) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) FOR UPDATE SKIP LOCKED) {returning}"))
                     .bind(worker).bind(now + lease_ms).bind(now).bind(&ids)
@@ -667,10 +668,7 @@ impl Store {
         coalesce_ms: i64,
     ) -> Result<(), StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin_write().await?;
-            if matches!(self.kind(), StoreKind::Postgres) {
-                sqlx::query(INCIDENT_LOCK).execute(&mut *tx).await?;
-            }
+            let mut tx = p.begin_write_locked(INCIDENT_LOCK).await?;
             // An incident not yet told takes more documents; once told, a
             // pause keeps collecting silently, a failure starts a new one.
             let open = sqlx::query("SELECT id, documents, details, notified_at FROM incidents WHERE tenant_id = $1 AND connection_id = $2 AND kind = $3 AND closed_at IS NULL ORDER BY opened_at DESC LIMIT 1")
@@ -720,10 +718,7 @@ impl Store {
     /// the added document was named in no e-mail.
     pub async fn take_due_incidents(&self, now: i64) -> Result<Vec<IncidentRow>, StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin_write().await?;
-            if matches!(self.kind(), StoreKind::Postgres) {
-                sqlx::query(INCIDENT_LOCK).execute(&mut *tx).await?;
-            }
+            let mut tx = p.begin_write_locked(INCIDENT_LOCK).await?;
             let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, details FROM incidents WHERE notified_at IS NULL AND notify_after <= $1 ORDER BY opened_at")
                 .bind(now).fetch_all(&mut *tx).await?;
             let mut out = Vec::new();

@@ -249,20 +249,25 @@ pub fn test_policy() -> RefreshPolicy {
     }
 }
 
-/// The token-request timeout of the test daemons: the daemon's own. A short
-/// one made a token endpoint slowed on purpose (the refresh storm's 300 ms)
-/// look lost on a loaded machine, and the host then asked a second time.
-pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Start a daemon view over `db_url` with `keys`, the clock of `sim`: a
 /// store, the token manager and the OAuth callback, the simulator as Xero.
+/// Token requests wait as long as the daemon's own: a short timeout made a
+/// token endpoint slowed on purpose (the refresh storm's 300 ms) look lost
+/// on a loaded machine, and the host then asked a second time.
 pub async fn daemon(
     sim: &Arc<SimHandle>,
     db_url: &str,
     keys: KeyRing,
     base_urls: Option<BTreeMap<String, String>>,
 ) -> Daemon {
-    daemon_with_timeout(sim, db_url, keys, base_urls, TOKEN_TIMEOUT).await
+    daemon_with_timeout(
+        sim,
+        db_url,
+        keys,
+        base_urls,
+        ledgerport::oauth::TOKEN_REQUEST_TIMEOUT,
+    )
+    .await
 }
 
 /// [`daemon`] whose token requests give up after `timeout` (for a test of
