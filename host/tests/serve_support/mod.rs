@@ -19,13 +19,11 @@ use xero_sim::{DEFAULT_TENANT_TRADING, FaultConfig, FaultRule, Sim, SimConfig, S
 /// The service key the platform uses in these tests.
 pub const KEY: &str = "serve-service-key";
 
-/// A free loopback port.
+/// A free loopback port for a daemon that is killed and started again on
+/// it: below the kernel's ephemeral range, so no outgoing connection of a
+/// parallel test takes it while the daemon is down.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    smtp_sink::restartable_port().expect("a free loopback port")
 }
 
 /// A simulator with its limits out of the way, auto-approving the Trading

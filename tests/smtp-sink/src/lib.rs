@@ -4,7 +4,9 @@
 //! real socket, then read back envelope, headers and body.
 //!
 //! It can be stopped and started again on the same port, to play an SMTP
-//! server that is down for a while.
+//! server that is down for a while. Its port lies below the kernel's
+//! ephemeral range (see [`restartable_port`]), so no outgoing connection of
+//! another test can take it while the sink is down.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -56,9 +58,10 @@ pub struct SmtpSink {
 }
 
 impl SmtpSink {
-    /// Start on a free loopback port.
+    /// Start on a free loopback port that a restart can have again (see
+    /// [`restartable_port`]).
     pub async fn start() -> std::io::Result<Self> {
-        Self::start_on("127.0.0.1:0".parse().expect("loopback address")).await
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], restartable_port()?))).await
     }
 
     /// Start on a given address (e.g. the port of a stopped sink).
@@ -109,6 +112,41 @@ impl Drop for SmtpSink {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A free loopback port below the kernel's ephemeral range, for a server
+/// that is stopped and started again on the same port (a killed daemon, an
+/// SMTP server that is down for a while).
+///
+/// A port the kernel hands out for `127.0.0.1:0` comes from the ephemeral
+/// range, the same range it picks the local ports of outgoing connections
+/// from: while the server is down, any client connection on the machine
+/// (other tests run in parallel) may take that port, and the restart then
+/// fails with "address in use". Below the range only another explicit
+/// bind can take it. The port is chosen at random and checked free by
+/// binding it; an error only if none of 200 tries was free.
+pub fn restartable_port() -> std::io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    // Linux's default range starts at 32768; a narrowed range moves it.
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16;
+    let high = ephemeral_start.max(low + 1_000);
+    let mut last = None;
+    for i in 0..200u64 {
+        // RandomState is randomly keyed per process; hashing the try's
+        // number gives a fresh pick each time without a rand dependency.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        let port = low + (h.finish() % u64::from(high - low)) as u16;
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => return Ok(port),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
 async fn session(sock: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) -> std::io::Result<()> {
