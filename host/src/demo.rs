@@ -73,12 +73,11 @@ pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let key_file = work.join("secret.key");
     std::fs::write(&key_file, crate::crypto::generate_key())?;
-    // The asked-for port, or any free one when it is taken.
+    // The asked-for port, or any free one when it is taken (port 0: the
+    // daemon binds whatever the kernel gives and its public URL follows).
     let port = match std::net::TcpListener::bind(("127.0.0.1", port)) {
         Ok(l) => l.local_addr()?.port(),
-        Err(_) => std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port(),
+        Err(_) => 0,
     };
     let mut cfg: Config = toml::from_str("")?;
     cfg.database = work.join("ledgerport.db").display().to_string();

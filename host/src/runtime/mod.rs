@@ -415,6 +415,12 @@ const LINEAR_MEMORY_KEEP_RESIDENT: usize = 512 * 1024;
 /// Epoch tick length: the deadline's resolution.
 const TICK: Duration = Duration::from_millis(10);
 
+/// Epoch ticks due `elapsed` after the ticker started: whole ticks only,
+/// so a deadline of n ticks never fires before n ticks of wall time.
+fn ticks_due(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_nanos() / TICK.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The plugin runtime. Cheap to share behind an `Arc`.
 pub struct Runtime {
     engine: Engine,
@@ -497,11 +503,18 @@ impl Runtime {
         std::thread::Builder::new()
             .name("ledgerport-epoch".into())
             .spawn(move || {
+                // Ticks follow the wall clock, not the count of sleeps: a
+                // sleep on a loaded machine overruns, and a ticker that
+                // only counted its sleeps would let deadlines drift late.
+                let start = std::time::Instant::now();
+                let mut sent = 0u64;
                 while !s2.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
-                    match e2.upgrade() {
-                        Some(e) => e.increment_epoch(),
-                        None => break,
+                    let Some(e) = e2.upgrade() else { break };
+                    let due = ticks_due(start.elapsed());
+                    while sent < due {
+                        e.increment_epoch();
+                        sent += 1;
                     }
                 }
             })?;
@@ -989,5 +1002,22 @@ fn check_component(
             found: format!("exports ledgerport:connector/connector@{v}"),
         }),
         Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_ticks_follow_the_wall_clock() {
+        assert_eq!(ticks_due(Duration::ZERO), 0);
+        assert_eq!(ticks_due(TICK - Duration::from_nanos(1)), 0);
+        assert_eq!(ticks_due(TICK), 1);
+        // A ticker whose sleeps overran (here 3.5 ticks of wall time after
+        // the first) owes the missed ticks at once.
+        assert_eq!(ticks_due(TICK * 4 + TICK / 2), 4);
+        // The call deadline of 30 s is 3,000 ticks of wall time.
+        assert_eq!(ticks_due(RuntimeConfig::default().deadline), 3_000);
     }
 }
