@@ -76,7 +76,7 @@ pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
     // The asked-for port, or any free one when it is taken (port 0: the
     // daemon binds whatever the kernel gives and its public URL follows).
     let port = match std::net::TcpListener::bind(("127.0.0.1", port)) {
-        Ok(l) => l.local_addr()?.port(),
+        Ok(_) => port,
         Err(_) => 0,
     };
     let mut cfg: Config = toml::from_str("")?;

@@ -322,13 +322,16 @@ async fn deliveries_list_and_retry() {
 }
 
 /// The README's first command ends in `ledgerport demo`: it must keep
-/// working end to end (simulator, OAuth, mappings, issue, pause, e-mail).
+/// working end to end (simulator, OAuth, mappings, issue, pause, e-mail),
+/// also when its port is taken (it then takes any free one).
 #[test]
 fn the_demo_runs_end_to_end() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let plugins = common::target_dir().join("plugins");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
     let o = Command::new(env!("CARGO_BIN_EXE_ledgerport"))
-        .args(["demo", "--exit", "--port", "0"])
+        .args(["demo", "--exit", "--port", &taken_port])
         .current_dir(&root)
         .env("LEDGERPORT_PLUGIN_DIR", &plugins)
         .env("LEDGERPORT_LOG", "error")
@@ -336,6 +339,15 @@ fn the_demo_runs_end_to_end() {
         .unwrap();
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
+    let daemon = t
+        .lines()
+        .find(|l| l.trim_start().starts_with("daemon "))
+        .unwrap_or_else(|| panic!("no daemon line: {t}"));
+    assert!(
+        daemon.contains("http://127.0.0.1:") && !daemon.contains(&format!(":{taken_port} ")),
+        "the demo fell back to another port: {daemon}"
+    );
+    drop(taken);
     assert!(t.contains("INV-2026-0042  delivered to Xero as"), "{t}");
     assert!(t.contains("CN-2026-0007   delivered to Xero as"), "{t}");
     assert!(
