@@ -66,6 +66,15 @@ fn load(path: &Path) -> anyhow::Result<Value> {
 
 /// Run the demo. With `exit`, return after the summary.
 pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
+    // Checked first: without it the daemon starts fine and the demo would
+    // only fail later, on connecting, with a less helpful message.
+    let xero = plugin_dir().join("xero").join("manifest.toml");
+    if !xero.is_file() {
+        anyhow::bail!(
+            "the Xero connector is not installed ({} is missing): build and install the connectors with `cargo xtask wasm`, or run the demo with `cargo xtask demo`",
+            xero.display()
+        );
+    }
     let sim = xero_sim::Sim::start(xero_sim::SimConfig::default()).await?;
     sim.set_auto_approve(Some(vec![xero_sim::DEFAULT_TENANT_TRADING]));
     let smtp = smtp_sink::SmtpSink::start().await?;
@@ -118,9 +127,7 @@ pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
     };
     let daemon = Daemon::start(cfg, Clock::system(), Some(dispatch))
         .await
-        .context(
-            "starting the daemon (build and install the connectors first: `cargo xtask wasm`)",
-        )?;
+        .context("starting the daemon")?;
     let base = format!("http://{}", daemon.addr);
     println!("ledgerport demo");
     println!("  xero simulator  {}", sim.base_url());

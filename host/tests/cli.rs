@@ -365,6 +365,24 @@ fn the_demo_runs_end_to_end() {
     );
 }
 
+/// Without the Xero connector installed the demo says what to run, before
+/// it starts anything.
+#[test]
+fn the_demo_without_connectors_says_how_to_build_them() {
+    let empty = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args(["demo", "--exit", "--port", "0"])
+        .env("LEDGERPORT_PLUGIN_DIR", empty.path())
+        .env("LEDGERPORT_LOG", "error")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("the Xero connector is not installed"), "{t}");
+    assert!(t.contains("cargo xtask wasm"), "{t}");
+    assert!(!t.contains("xero simulator"), "nothing was started: {t}");
+}
+
 #[tokio::test]
 async fn support_report_names_what_did_not_sync_and_no_secrets() {
     let dir = tempfile::tempdir().unwrap();
