@@ -354,6 +354,10 @@ impl Daemon {
             tracing::info!(plugin = %id, from_cache = plugin.from_cache(), "plugin loaded");
             plugins.insert(plugin.manifest().id.clone(), Arc::new(plugin));
         }
+        if plugins.is_empty() {
+            tracing::warn!(plugin_dir = %cfg.plugin_dir.display(),
+                "no connector in plugin_dir (each is a directory holding manifest.toml and its .wasm): nothing can be connected or delivered");
+        }
         let mut connections = Connections::new(store.clone(), keys, Arc::new(providers), clock);
         if let Some(cat) = &cfg.catalogue {
             connections = connections.with_catalogue(

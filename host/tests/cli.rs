@@ -383,6 +383,64 @@ fn the_demo_without_connectors_says_how_to_build_them() {
     assert!(!t.contains("xero simulator"), "nothing was started: {t}");
 }
 
+/// A daemon whose plugin_dir holds no connector still serves (an operator
+/// may install connectors later) but says so at the start.
+#[test]
+fn serve_with_no_connector_warns_naming_plugin_dir() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let key_file = dir.path().join("secret.key");
+    std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
+    let config = dir.path().join("ledgerport.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"{}\"\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"{}\"\nkey_file = \"{}\"\n",
+            dir.path().join("lp.db").display(),
+            plugins.display(),
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("LEDGERPORT_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let warned = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(line) if line.contains("no connector in plugin_dir") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => break String::new(),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!warned.is_empty(), "no warning; stderr: {seen:?}");
+    assert!(
+        warned.contains(&plugins.display().to_string()),
+        "the warning names the directory: {warned}"
+    );
+}
+
 #[tokio::test]
 async fn support_report_names_what_did_not_sync_and_no_secrets() {
     let dir = tempfile::tempdir().unwrap();
