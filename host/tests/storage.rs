@@ -1070,3 +1070,44 @@ async fn a_notice_taken_while_a_document_is_added_names_it() {
     assert_eq!(taken[0].documents, vec!["INV-1", "INV-2"]);
     assert!(store.take_due_incidents(2).await.unwrap().is_empty());
 }
+
+/// A connection's rate-window lock cannot be another lock of the store's.
+/// `rl-41385eef` is a connection id whose `hashtext` is 7215002, the
+/// incident lock's key (found by brute force over `hashtext`); with the
+/// rate lock in the single-key space it waited for every incident
+/// being recorded or told, on every daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_slot_never_waits_on_the_incident_lock() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.store().await;
+    let ledgerport::store::Pool::Postgres(pool) = store.pool().clone() else {
+        panic!("a PostgreSQL store");
+    };
+    let id = "rl-41385eef";
+    let (h,): (i32,) = sqlx::query_as("SELECT hashtext($1)")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        i64::from(h),
+        ledgerport::store::outbox::INCIDENT_LOCK,
+        "the id no longer collides: the test proves nothing"
+    );
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ledgerport::store::outbox::INCIDENT_LOCK)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let taken = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.take_rate_slot(id, 5, 60_000, 1_000),
+    )
+    .await
+    .expect("the rate slot waited on the incident lock");
+    assert_eq!(taken.unwrap(), Ok(()));
+    holder.rollback().await.unwrap();
+}

@@ -281,6 +281,13 @@ const CLAIM_LOCK: i64 = 7215001;
 /// holds it.
 pub const INCIDENT_LOCK: i64 = 7215002;
 
+/// The first key of the two-key advisory locks that serialise one
+/// connection's rate-window updates across daemons (the second key is the
+/// connection id's `hashtext`). PostgreSQL keeps two-key locks apart from
+/// single-key ones, so no connection id can hash onto [`CLAIM_LOCK`] or
+/// [`INCIDENT_LOCK`] and wait on every daemon's claims or notices.
+const RATE_LOCK_SPACE: i32 = 7215003;
+
 impl Store {
     /// Store a document and one delivery per `(connection id, connector id)`
     /// in one transaction (shared with other ingests and outcomes queued at
@@ -827,7 +834,7 @@ impl Store {
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             if matches!(self.kind(), StoreKind::Postgres) {
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(connection_id).execute(&mut *tx).await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(RATE_LOCK_SPACE).bind(connection_id).execute(&mut *tx).await?;
             }
             sqlx::query("DELETE FROM rate_log WHERE connection_id = $1 AND at <= $2")
                 .bind(connection_id).bind(now - window_ms).execute(&mut *tx).await?;
