@@ -507,3 +507,70 @@ async fn waiting_for_a_rate_slot_does_not_count_against_the_deadline() {
     assert!(matches!(e, CallError::Deadline { .. }), "{e}");
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// Credentials whose token endpoint never answers (bearer and refresh
+/// wait forever).
+struct HungTokenEndpoint;
+
+#[async_trait::async_trait]
+impl ledgerport::capabilities::http::CredentialProvider for HungTokenEndpoint {
+    async fn bearer(
+        &self,
+        _: &str,
+    ) -> Result<
+        ledgerport::capabilities::http::Credential,
+        ledgerport::capabilities::http::CredentialError,
+    > {
+        std::future::pending().await
+    }
+    async fn refresh(
+        &self,
+        _: &str,
+        _: &ledgerport::capabilities::http::Credential,
+    ) -> Result<
+        ledgerport::capabilities::http::Credential,
+        ledgerport::capabilities::http::CredentialError,
+    > {
+        std::future::pending().await
+    }
+}
+
+/// A token endpoint that never answers fails the request within the
+/// per-request timeout, and the connector reports it (a retryable error
+/// that says the token endpoint did not answer); the call is not held until
+/// its deadline stops the connector as if the connector had hung, and
+/// nothing is sent without a token.
+#[tokio::test]
+async fn a_hung_token_endpoint_is_a_request_error_not_the_connectors_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start().await;
+    let mut cfg = small_config();
+    cfg.deadline = Duration::from_secs(20);
+    cfg.http.timeout = Duration::from_millis(300);
+    let rt = runtime(cfg);
+    let minimal = rt
+        .load(
+            &install(dir.path(), "minimal_connector", MINIMAL),
+            &overrides("https://hooks.example.com", &listener.base),
+        )
+        .unwrap();
+    let mut ctx = context("unused", &[]);
+    ctx.credentials = std::sync::Arc::new(HungTokenEndpoint);
+    let started = Instant::now();
+    let outcome = rt
+        .deliver(&minimal, &ctx, delivery("d"), invoice("INV-HUNG"))
+        .await
+        .expect("the connector returned (not stopped at its deadline)");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    match outcome {
+        Err(DeliveryError::Transient(why)) => {
+            assert!(why.contains("token endpoint did not answer"), "{why}")
+        }
+        other => panic!("expected a transient error naming the token endpoint: {other:?}"),
+    }
+    assert_eq!(listener.count(), 0, "nothing is sent without a token");
+}

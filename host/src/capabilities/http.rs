@@ -511,12 +511,8 @@ impl HttpCapability {
         let mut credential = None;
         if req.with_credentials {
             if self.credential.is_none() {
-                self.credential = Some(
-                    self.credentials
-                        .bearer(&self.connection_id)
-                        .await
-                        .map_err(cred_error)?,
-                );
+                let bearer = self.credentials.bearer(&self.connection_id);
+                self.credential = Some(self.bounded(bearer).await?);
             }
             credential = self.credential.clone();
         }
@@ -531,10 +527,8 @@ impl HttpCapability {
             && let Some(old) = &credential
         {
             let fresh = self
-                .credentials
-                .refresh(&self.connection_id, old)
-                .await
-                .map_err(cred_error)?;
+                .bounded(self.credentials.refresh(&self.connection_id, old))
+                .await?;
             out.headers.retain(|(k, _)| k != "authorization");
             resp = self.round_trip(&out, Some(&fresh)).await?;
             self.credential = Some(fresh);
@@ -544,6 +538,32 @@ impl HttpCapability {
             headers: resp.headers,
             body: resp.body,
         })
+    }
+
+    /// A credential, within the per-request timeout: a token endpoint
+    /// that does not answer fails this request with an error that says
+    /// so (the connector sees a connection error, retried later) instead
+    /// of holding the call until its deadline stops it as if the connector
+    /// had hung. A refresh cut off here is safe: its answer, if it came,
+    /// is fetched again with the same refresh token (see `credentials`).
+    async fn bounded(
+        &self,
+        get: impl std::future::Future<Output = Result<Credential, CredentialError>>,
+    ) -> Result<Credential, wit::Error> {
+        match tokio::time::timeout(self.limits.timeout, get).await {
+            Ok(r) => r.map_err(cred_error),
+            Err(_) => {
+                tracing::warn!(
+                    plugin = %self.plugin_id, connection = %self.connection_id,
+                    timeout_s = self.limits.timeout.as_secs_f32(),
+                    "no access token in time: the token endpoint did not answer"
+                );
+                Err(wit::Error::Connection(format!(
+                    "no access token within {}s: the provider's token endpoint did not answer",
+                    self.limits.timeout.as_secs_f32()
+                )))
+            }
+        }
     }
 
     async fn round_trip(
