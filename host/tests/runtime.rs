@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use ledgerport::capabilities::http::{Credential, CredentialError, CredentialProvider};
 use ledgerport::runtime::v0_1::ledgerport::connector::types::DeliveryError;
 use ledgerport::runtime::{CallError, LoadError, RuntimeConfig};
 use std::collections::BTreeMap;
@@ -513,24 +514,11 @@ async fn waiting_for_a_rate_slot_does_not_count_against_the_deadline() {
 struct HungTokenEndpoint;
 
 #[async_trait::async_trait]
-impl ledgerport::capabilities::http::CredentialProvider for HungTokenEndpoint {
-    async fn bearer(
-        &self,
-        _: &str,
-    ) -> Result<
-        ledgerport::capabilities::http::Credential,
-        ledgerport::capabilities::http::CredentialError,
-    > {
+impl CredentialProvider for HungTokenEndpoint {
+    async fn bearer(&self, _: &str) -> Result<Credential, CredentialError> {
         std::future::pending().await
     }
-    async fn refresh(
-        &self,
-        _: &str,
-        _: &ledgerport::capabilities::http::Credential,
-    ) -> Result<
-        ledgerport::capabilities::http::Credential,
-        ledgerport::capabilities::http::CredentialError,
-    > {
+    async fn refresh(&self, _: &str, _: &Credential) -> Result<Credential, CredentialError> {
         std::future::pending().await
     }
 }
