@@ -370,6 +370,10 @@ impl Daemon {
             connections.register_plugin(runtime.clone(), p.clone());
         }
         let tokens = connections.tokens();
+        let provider_names: BTreeMap<String, String> = plugins
+            .iter()
+            .map(|(id, p)| (id.clone(), p.manifest().name.clone()))
+            .collect();
         let dispatcher = Dispatcher::new(
             store.clone(),
             runtime.clone(),
@@ -408,7 +412,7 @@ impl Daemon {
                 credentials: m.username.clone().zip(m.password.clone()),
                 from: m.from.clone(),
                 integrations_url: public.clone(),
-                provider_name: "Xero".into(),
+                provider_names,
             };
             let mailer = Mailer::new(&mail_cfg)?;
             let store2 = store.clone();

@@ -235,6 +235,18 @@ enum PluginCommand {
     },
 }
 
+/// Whether logs are JSON: `serve` reads its config's `json_logs` (which
+/// LEDGERPORT_JSON_LOGS overrides); other commands read only the variable.
+/// A config that does not load is reported by the command itself.
+fn json_logs(command: &Command) -> bool {
+    if let Command::Serve { config } = command
+        && let Ok(cfg) = ledgerport::daemon::Config::load(config.as_deref())
+    {
+        return cfg.json_logs;
+    }
+    std::env::var("LEDGERPORT_JSON_LOGS").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Serve { .. }) {
@@ -245,8 +257,9 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEDGERPORT_LOG")
         .unwrap_or_else(|_| default_level.into());
     // Structured JSON logs (one object per line, with the delivery span's
-    // fields) when LEDGERPORT_JSON_LOGS is set.
-    if std::env::var("LEDGERPORT_JSON_LOGS").is_ok_and(|v| v == "1" || v == "true") {
+    // fields) when `serve`'s config says `json_logs = true` or
+    // LEDGERPORT_JSON_LOGS is 1, true or yes (the config's own rule).
+    if json_logs(&cli.command) {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -706,10 +719,22 @@ async fn issue(
             return ExitCode::from(3);
         }
     };
+    // The daemon's catalogue, so that `issue` refuses what the ingest API
+    // would (a line kind the platform does not have).
+    let catalogue = match &cfg.catalogue {
+        Some(path) => match ledgerport::connections::Catalogue::from_file(path) {
+            Ok(c) => Some(c.kinds.iter().map(|k| k.key.clone()).collect()),
+            Err(e) => {
+                eprintln!("error: catalogue {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let state = ledgerport::api::ApiState {
         store,
         service_key_hashes: Vec::new(),
-        catalogue: None,
+        catalogue,
         on_ingest: Box::new(|| {}),
     };
     let resp = ledgerport::api::ingest_json(&state, &body).await;

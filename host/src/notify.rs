@@ -10,6 +10,7 @@ use crate::store::outbox::IncidentRow;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::client::Tls;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Where mail goes and what it links to.
@@ -27,8 +28,21 @@ pub struct MailConfig {
     pub from: String,
     /// Base URL of the Integrations page (links in e-mails).
     pub integrations_url: String,
-    /// The connector's display name (e.g. "Xero").
-    pub provider_name: String,
+    /// Display names of the installed connectors by connector id (each
+    /// manifest's `name`, e.g. "xero" -> "Xero"): a notice names the
+    /// system its documents were meant for.
+    pub provider_names: BTreeMap<String, String>,
+}
+
+impl MailConfig {
+    /// The display name of a connector, or its id when it is not installed
+    /// (any more): a notice still says where its documents were going.
+    pub fn provider_name<'a>(&'a self, connector_id: &'a str) -> &'a str {
+        self.provider_names
+            .get(connector_id)
+            .map(String::as_str)
+            .unwrap_or(connector_id)
+    }
 }
 
 /// A composed e-mail.
@@ -42,9 +56,15 @@ pub struct Email {
     pub html: String,
 }
 
-/// Compose the e-mail for an incident.
-pub fn compose(incident: &IncidentRow, tenant_name: &str, cfg: &MailConfig) -> Email {
-    let provider = &cfg.provider_name;
+/// Compose the e-mail for an incident; `provider` is the display name of
+/// the system the documents were meant for (see
+/// [`MailConfig::provider_name`]).
+pub fn compose(
+    incident: &IncidentRow,
+    tenant_name: &str,
+    provider: &str,
+    cfg: &MailConfig,
+) -> Email {
     let n = incident.documents.len();
     let docs = incident.documents.join(", ");
     let plural = if n == 1 { "document" } else { "documents" };
@@ -206,7 +226,13 @@ pub async fn pump(
             tracing::warn!(tenant = %inc.tenant_id, kind = %inc.kind, "no notification address for this tenant; incident not e-mailed");
             continue;
         }
-        let email = compose(&inc, &name, cfg);
+        // The connection row outlives a disconnect, so its connector is
+        // known; a row gone entirely leaves only the connection id.
+        let connector = match store.connection(&inc.connection_id).await {
+            Ok(Some(c)) => c.connector_id,
+            _ => inc.connection_id.clone(),
+        };
+        let email = compose(&inc, &name, cfg.provider_name(&connector), cfg);
         store
             .enqueue_mail(
                 &inc.tenant_id,
@@ -242,4 +268,57 @@ pub async fn pump(
         }
     }
     Ok((queued, sent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> MailConfig {
+        MailConfig {
+            smtp_host: "127.0.0.1".into(),
+            smtp_port: 25,
+            starttls: false,
+            credentials: None,
+            from: "ledgerport@platform.example".into(),
+            integrations_url: "https://platform.example/".into(),
+            provider_names: [
+                ("xero".to_string(), "Xero".to_string()),
+                ("webhook".to_string(), "JSON webhook".to_string()),
+            ]
+            .into(),
+        }
+    }
+
+    fn incident(kind: &str) -> IncidentRow {
+        IncidentRow {
+            id: "inc-1".into(),
+            tenant_id: "acme".into(),
+            connection_id: "conn-1".into(),
+            kind: kind.into(),
+            documents: vec!["INV-1".into(), "INV-2".into()],
+            details: vec!["the endpoint answered 500".into()],
+        }
+    }
+
+    #[test]
+    fn a_notice_names_the_connector_its_documents_were_for() {
+        let cfg = config();
+        assert_eq!(cfg.provider_name("xero"), "Xero");
+        assert_eq!(cfg.provider_name("webhook"), "JSON webhook");
+        // A connector no longer installed is named by its id.
+        assert_eq!(cfg.provider_name("acme-books"), "acme-books");
+        for kind in [
+            "paused-mapping",
+            "paused-reauth",
+            "retries-exhausted",
+            "failed",
+        ] {
+            let m = compose(&incident(kind), "Acme", cfg.provider_name("webhook"), &cfg);
+            assert!(m.subject.contains("JSON webhook"), "{kind}: {}", m.subject);
+            assert!(!m.subject.contains("Xero"), "{kind}: {}", m.subject);
+            assert!(!m.text.contains("Xero"), "{kind}: {}", m.text);
+            assert!(m.text.contains("INV-1") && m.text.contains("INV-2"));
+        }
+    }
 }

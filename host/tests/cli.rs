@@ -221,6 +221,60 @@ fn tenants_mappings_issue_and_the_delivery_log() {
         &env,
     );
     assert!(text(&o).contains("already issued"), "{}", text(&o));
+
+    // With the daemon's config, `issue` refuses what the ingest API would:
+    // a line kind the platform's catalogue does not have.
+    let catalogue = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/catalogue.toml");
+    let config = dir.path().join("ledgerport.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = {:?}\ncatalogue = {:?}\n",
+            db,
+            catalogue.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut odd: Value = serde_json::from_slice(&std::fs::read(&sample).unwrap()).unwrap();
+    odd["id"] = "doc-odd-kind".into();
+    odd["number"] = "INV-ODD-1".into();
+    odd["lines"][0]["kind"] = "yacht-rental".into();
+    let odd_path = dir.path().join("odd.json");
+    std::fs::write(&odd_path, serde_json::to_vec(&odd).unwrap()).unwrap();
+    let o = ledgerport(
+        &[
+            "issue",
+            "--file",
+            odd_path.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("lines[0].kind") || text(&o).contains("yacht-rental"),
+        "{}",
+        text(&o)
+    );
+    // A catalogue that cannot be read is an error naming it, not "no catalogue".
+    std::fs::write(
+        &config,
+        format!("database = {:?}\ncatalogue = \"/nonexistent/c.toml\"\n", db),
+    )
+    .unwrap();
+    let o = ledgerport(
+        &[
+            "issue",
+            "--file",
+            odd_path.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("/nonexistent/c.toml"), "{}", text(&o));
 }
 
 #[tokio::test]
@@ -387,6 +441,29 @@ fn the_demo_without_connectors_says_how_to_build_them() {
 /// may install connectors later) but says so at the start.
 #[test]
 fn serve_with_no_connector_warns_naming_plugin_dir() {
+    let (warned, plugins) = serve_until_no_connector_warning("");
+    assert!(
+        warned.contains(&plugins.display().to_string()),
+        "the warning names the directory: {warned}"
+    );
+}
+
+#[test]
+fn serve_logs_json_when_its_config_says_json_logs() {
+    let (warned, plugins) = serve_until_no_connector_warning("json_logs = true\n");
+    let v: Value = serde_json::from_str(&warned)
+        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {warned}"));
+    assert_eq!(v["level"], "WARN", "{v}");
+    assert_eq!(
+        v["fields"]["plugin_dir"].as_str(),
+        Some(plugins.display().to_string().as_str()),
+        "{v}"
+    );
+}
+
+/// Start `serve` on an empty plugin directory with `extra` config lines and
+/// return the warning about it (the whole stderr line) and the directory.
+fn serve_until_no_connector_warning(extra: &str) -> (String, std::path::PathBuf) {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
@@ -397,7 +474,7 @@ fn serve_with_no_connector_warns_naming_plugin_dir() {
     std::fs::write(
         &config,
         format!(
-            "database = \"{}\"\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"{}\"\nkey_file = \"{}\"\n",
+            "database = \"{}\"\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"{}\"\nkey_file = \"{}\"\n{extra}",
             dir.path().join("lp.db").display(),
             plugins.display(),
             key_file.display()
@@ -408,6 +485,7 @@ fn serve_with_no_connector_warns_naming_plugin_dir() {
         .args(["serve", "--config"])
         .arg(&config)
         .env("LEDGERPORT_LOG", "warn")
+        .env_remove("LEDGERPORT_JSON_LOGS")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -435,10 +513,7 @@ fn serve_with_no_connector_warns_naming_plugin_dir() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(!warned.is_empty(), "no warning; stderr: {seen:?}");
-    assert!(
-        warned.contains(&plugins.display().to_string()),
-        "the warning names the directory: {warned}"
-    );
+    (warned, plugins)
 }
 
 #[tokio::test]
