@@ -186,6 +186,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/v1/admin/tenants/{tenant}/disconnect/{connector}",
             post(disconnect),
         )
+        .route("/v1/admin/tenants/{tenant}/check/{connector}", post(check))
         .route("/v1/admin/tenants/{tenant}/audit", get(audit))
         .with_state(state)
 }
@@ -582,6 +583,32 @@ async fn disconnect(
     }
 }
 
+/// "Test connection": the connector's `check` on the live connection. Any
+/// admin of the tenant may run it (it changes nothing); the answer names
+/// the organisation, or says why the connection does not work.
+async fn check(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, connector)): Path<(String, String)>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    match st.connections.check_connection(&tenant, &connector).await {
+        Ok(report) => Json(json!({
+            "ok": true,
+            "connector": connector,
+            "organisation": report.organisation_name,
+            "details": report.details,
+        }))
+        .into_response(),
+        Err(crate::connections::CheckError::Store(e)) => unavailable(e),
+        Err(e) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            "connection check failed",
+            &problem("connector", e.to_string()),
+        ),
+    }
+}
+
 async fn audit(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
     match st.store.audit_log(Some(&tenant), 200).await {
@@ -613,6 +640,7 @@ async fn openapi() -> Json<Value> {
             },
             "/v1/admin/tenants/{tenant}/connect/{connector}": {"post": op("Start connecting: the provider's authorization URL; Super Admin")},
             "/v1/admin/tenants/{tenant}/disconnect/{connector}": {"post": op("Disconnect (revokes at the provider, keeps mappings); Super Admin")},
+            "/v1/admin/tenants/{tenant}/check/{connector}": {"post": op("Test the connection: the connector's check on the live connection; 200 names the organisation, 404 not connected, 409 not active or not installed, 502 what the provider said")},
             "/v1/admin/tenants/{tenant}/audit": {"get": op("Audit log")},
             "/oauth/callback": {"get": {"summary": "The provider's redirect (no key)", "responses": {"200": {"description": "connected or organisation picker"}}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},

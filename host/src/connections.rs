@@ -12,6 +12,7 @@
 //! connections on an [`EventBus`] (and in the `connection_events` table).
 
 pub mod catalogue;
+pub mod check;
 pub mod cli;
 pub mod mappings;
 pub mod settings;
@@ -32,6 +33,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::broadcast;
 
 pub use catalogue::{Catalogue, CatalogueKind};
+pub use check::CheckError;
 pub use mappings::{MappingError, MappingOutcome};
 pub use settings::{SettingError, SettingView};
 

@@ -21,6 +21,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/admin/tenants/{t}/mappings/gross-salary"),
     ("POST", "/v1/admin/tenants/{t}/connect/xero"),
     ("POST", "/v1/admin/tenants/{t}/disconnect/xero"),
+    ("POST", "/v1/admin/tenants/{t}/check/xero"),
     ("GET", "/v1/admin/tenants/{t}/audit"),
     ("GET", "/v1/admin/tenants/{t}/settings/xero"),
     ("PUT", "/v1/admin/tenants/{t}/settings/xero/status"),
@@ -166,6 +167,26 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     .await;
     assert_eq!(st, 200, "{body}");
 
+    // Test connection before there is one: 404 naming the connector.
+    let (st, body) = call(
+        &http,
+        &base,
+        "POST",
+        "/v1/admin/tenants/acme/check/xero",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert_eq!(st, 404, "{body}");
+    assert_eq!(body["problems"][0]["field"], "connector", "{body}");
+    assert!(
+        body["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no xero connection"),
+        "{body}"
+    );
+
     // Connect through the API and the provider's consent.
     let (st, body) = call(
         &http,
@@ -207,6 +228,21 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
         st_body["connections"][0]["organisation"],
         "Acme Trading GmbH"
     );
+    // Test connection: the connector's check reaches the organisation
+    // (any admin of the tenant; it changes nothing).
+    let (st, body) = call(
+        &http,
+        &base,
+        "POST",
+        "/v1/admin/tenants/acme/check/xero",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["ok"], true, "{body}");
+    assert_eq!(body["organisation"], "Acme Trading GmbH", "{body}");
+    assert!(!body["details"].as_array().unwrap().is_empty(), "{body}");
     // Mappings now come with the organisation's accounts; an archived code is refused.
     let (_, m) = call(
         &http,
@@ -260,6 +296,24 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     )
     .await;
     assert_eq!(st_body["connections"][0]["state"], "disconnected");
+    // Test connection after the disconnect: 409 saying so.
+    let (st, body) = call(
+        &http,
+        &base,
+        "POST",
+        "/v1/admin/tenants/acme/check/xero",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert_eq!(st, 409, "{body}");
+    assert!(
+        body["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disconnected"),
+        "{body}"
+    );
     let (_, m) = call(
         &http,
         &base,
@@ -312,6 +366,7 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     let (st, o) = call(&http, &base, "GET", "/openapi.json", None, false).await;
     assert_eq!(st, 200);
     assert!(o["paths"]["/v1/admin/tenants/{tenant}/status"].is_object());
+    assert!(o["paths"]["/v1/admin/tenants/{tenant}/check/{connector}"]["post"].is_object());
     d.stop().await;
 }
 
