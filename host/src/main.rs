@@ -472,10 +472,24 @@ async fn plugin_check(manifest: PathBuf, json: bool) -> ExitCode {
     match rt.load(&manifest, &BTreeMap::new()) {
         Ok(p) => {
             let m = p.manifest();
+            // The connector's own account of itself must agree with its
+            // manifest: the host routes by the manifest, the connector acts
+            // on what it believes it is.
+            let info = match describe(&rt, &p).await {
+                Ok(info) => info,
+                Err(e) => {
+                    if json {
+                        println!("{}", serde_json::json!({"ok": false, "error": e}));
+                    } else {
+                        eprintln!("refused: {e}");
+                    }
+                    return ExitCode::from(2);
+                }
+            };
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": true, "manifest": m, "sha256": p.sha256()})
+                    serde_json::json!({"ok": true, "manifest": m, "sha256": p.sha256(), "describe": info})
                 );
             } else {
                 println!("{} ({}) version {}", m.name, m.id, m.version);
@@ -490,6 +504,12 @@ async fn plugin_check(manifest: PathBuf, json: bool) -> ExitCode {
                 if let Some(o) = &m.oauth {
                     println!("  oauth scopes   {}", o.scopes.join(" "));
                 }
+                println!(
+                    "  describe()     {} version {}, documents {}",
+                    info["name"].as_str().unwrap_or_default(),
+                    info["version"].as_str().unwrap_or_default(),
+                    m.document_kinds.join(", ")
+                );
                 println!("ok: the host will load this plugin");
             }
             ExitCode::SUCCESS
@@ -506,6 +526,66 @@ async fn plugin_check(manifest: PathBuf, json: bool) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Call the connector's `describe` (outside any connection) and check it
+/// against the manifest: the same id and the same document kinds. The
+/// answer as JSON, or why the plugin is refused.
+async fn describe(
+    rt: &Runtime,
+    plugin: &ledgerport::runtime::Plugin,
+) -> Result<serde_json::Value, String> {
+    use ledgerport::runtime::v0_1::ledgerport::connector::types::DocumentKind;
+    let m = plugin.manifest();
+    let ctx = CallContext {
+        connection: ConnectionInfo {
+            connection_id: "plugin-check".into(),
+            tenant_id: "plugin-check".into(),
+            external_tenant_id: None,
+            external_tenant_name: None,
+            settings: BTreeMap::new(),
+        },
+        credentials: Arc::new(StaticCredentials(String::new())),
+        mappings: Arc::new(MemoryMappings::default()),
+        kv: Arc::new(MemoryKv::default()),
+        rate: None,
+    };
+    let info = rt
+        .describe(plugin, &ctx)
+        .await
+        .map_err(|e| format!("describe() failed: {e}"))?;
+    if info.id != m.id {
+        return Err(format!(
+            "describe() says the connector is {:?} but the manifest's id is {:?}",
+            info.id, m.id
+        ));
+    }
+    let mut said: Vec<&str> = info
+        .document_kinds
+        .iter()
+        .map(|k| match k {
+            DocumentKind::Invoice => "invoice",
+            DocumentKind::CreditNote => "credit-note",
+        })
+        .collect();
+    said.sort_unstable();
+    said.dedup();
+    let mut declared: Vec<&str> = m.document_kinds.iter().map(String::as_str).collect();
+    declared.sort_unstable();
+    declared.dedup();
+    if said != declared {
+        return Err(format!(
+            "describe() accepts documents [{}] but the manifest's document_kinds are [{}]",
+            said.join(", "),
+            declared.join(", ")
+        ));
+    }
+    Ok(serde_json::json!({
+        "id": info.id,
+        "name": info.name,
+        "version": info.version,
+        "document_kinds": said,
+    }))
 }
 
 #[allow(clippy::too_many_arguments)]

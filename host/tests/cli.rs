@@ -52,10 +52,35 @@ fn plugin_check_prints_identity_or_the_refusal() {
             && t.contains("0.1.0"),
         "{t}"
     );
+    // The connector's describe() was called and agrees with the manifest.
+    assert!(t.contains("describe()     Minimal webhook version"), "{t}");
     // JSON for scripts.
     let o = ledgerport(&["--json", "plugin", "check", m.to_str().unwrap()], &[]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ok"], true);
+    assert_eq!(v["describe"]["id"], "minimal", "{v}");
+    // A manifest that disagrees with the connector's describe(): refused,
+    // saying what each says (id, then document kinds).
+    for (manifest, said) in [
+        (
+            MINIMAL.replace("id = \"minimal\"", "id = \"webhook\""),
+            "\"webhook\"",
+        ),
+        (
+            MINIMAL.replace("[\"invoice\", \"credit-note\"]", "[\"invoice\"]"),
+            "document_kinds are [invoice]",
+        ),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let m = common::install(d.path(), "minimal_connector", &manifest);
+        let o = ledgerport(&["plugin", "check", m.to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(
+            text(&o).contains("describe()") && text(&o).contains(said),
+            "{}",
+            text(&o)
+        );
+    }
     // Tampered: exit 2 and the reason.
     let wasm = dir.path().join("minimal_connector.wasm");
     let mut b = std::fs::read(&wasm).unwrap();
