@@ -383,16 +383,34 @@ async fn run(cli: Cli) -> ExitCode {
                 manifest,
                 component,
                 dir,
-            } => match ledgerport::plugin_store::install(&manifest, &component, &dir) {
-                Ok(path) => {
-                    println!("installed {}", path.display());
-                    plugin_check(path, cli.json).await
+            } => {
+                // Checked where the daemon cannot see it first: a refused
+                // connector never replaces what is installed.
+                let staging = dir.join(format!(".staging-{}", std::process::id()));
+                let staged = ledgerport::plugin_store::install(&manifest, &component, &staging);
+                let code = match staged {
+                    Ok(path) => plugin_check(path, cli.json).await,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(2)
+                    }
+                };
+                let _ = std::fs::remove_dir_all(&staging);
+                if code != ExitCode::SUCCESS {
+                    eprintln!("not installed");
+                    return code;
                 }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(2)
+                match ledgerport::plugin_store::install(&manifest, &component, &dir) {
+                    Ok(path) => {
+                        println!("installed {}", path.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(2)
+                    }
                 }
-            },
+            }
         },
         Command::Deliver {
             plugin,

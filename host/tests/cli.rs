@@ -117,6 +117,46 @@ fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
             .unwrap()
             .contains("sha256")
     );
+    // An upgrade whose manifest disagrees with the connector's describe()
+    // is refused and leaves the installed version as it was.
+    let before = std::fs::read_to_string(&installed).unwrap();
+    let bad = dir.path().join("bad-manifest.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&src)
+            .unwrap()
+            .replace("[\"invoice\", \"credit-note\"]", "[\"invoice\"]"),
+    )
+    .unwrap();
+    assert_ne!(
+        std::fs::read_to_string(&bad).unwrap(),
+        std::fs::read_to_string(&src).unwrap()
+    );
+    let o = ledgerport(
+        &[
+            "plugin",
+            "install",
+            bad.to_str().unwrap(),
+            "--component",
+            wasm.to_str().unwrap(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("document_kinds") && text(&o).contains("not installed"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".staging"))
+        .collect();
+    assert!(left.is_empty(), "staging left behind: {left:?}");
     // A delivery to a port nobody listens on: a clear transient failure, exit 1.
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json");
     let o = ledgerport(
