@@ -1,7 +1,7 @@
 //! The Integrations page, served by the daemon and rendered on the server
 //! (no front-end build): a Xero card with Connect, a 3-dot menu with
-//! Configure (a mapping form whose choices are the organisation's accounts)
-//! and Disconnect, the connection's status, its settings (the connector's
+//! Configure (a mapping form whose choices are the organisation's accounts),
+//! Test connection and Disconnect, the connection's status, its settings (the connector's
 //! declared settings with a small form; secrets write-only), and the
 //! delivery log with failed items and Retry.
 //!
@@ -139,6 +139,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/integrations/settings", post(save_settings))
         .route("/integrations/connect", post(connect))
         .route("/integrations/disconnect", post(disconnect))
+        .route("/integrations/check", post(check))
         .route("/integrations/retry", post(retry))
         .with_state(state)
 }
@@ -209,6 +210,7 @@ async fn index(State(st): S, headers: HeaderMap) -> Response {
     if conn.is_some() {
         card.push_str("<details class=\"menu\" id=\"menu\"><summary aria-label=\"More\">&#8942;</summary><div>\
              <p><a id=\"configure\" href=\"/integrations/configure\">Configure</a></p>\
+             <form method=\"post\" action=\"/integrations/check\"><button id=\"check\" type=\"submit\">Test connection</button></form>\
              <form method=\"post\" action=\"/integrations/disconnect\"><button id=\"disconnect\" type=\"submit\">Disconnect</button></form>\
              </div></details>");
     }
@@ -540,6 +542,38 @@ async fn connect(State(st): S, headers: HeaderMap) -> Response {
             redirect(url.as_str())
         }
         Err(e) => message(StatusCode::BAD_REQUEST, "Cannot connect", &e.to_string()),
+    }
+}
+
+/// Test connection: the connector's `check` on the live connection, shown
+/// as the organisation it reaches (and the connector's facts about it) or
+/// what is wrong. Any admin of the tenant may run it: it changes nothing.
+async fn check(State(st): S, headers: HeaderMap) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match st.connections.check_connection(&s.tenant, "xero").await {
+        Ok(report) => {
+            let details: String = report
+                .details
+                .iter()
+                .map(|d| format!("<li>{}</li>", esc(d)))
+                .collect();
+            page(
+                "Connection works",
+                &format!(
+                    "<p id=\"message\">ledgerport reaches <strong id=\"organisation\">{}</strong> in Xero.</p>\
+                     <ul id=\"details\">{details}</ul><p><a href=\"/integrations\">Back</a></p>",
+                    esc(&report.organisation_name)
+                ),
+            )
+        }
+        Err(e) => message(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            "Connection check failed",
+            &e.to_string(),
+        ),
     }
 }
 

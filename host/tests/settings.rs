@@ -531,6 +531,64 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 422);
     assert!(r.text().await.unwrap().contains("status: "));
+    // Not connected: the menu has no Test connection, and a check says why.
+    assert!(!html.contains("id=\"check\""), "{html}");
+    let r = b
+        .post(format!("{}/integrations/check", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(r.text().await.unwrap().contains("no xero connection"));
+    // Connected: Test connection from the menu shows the organisation the
+    // connection reaches, for any admin of the tenant.
+    env.connect("acme").await;
+    let html = b
+        .get(format!("{}/integrations", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("id=\"check\""), "{html}");
+    let r = b
+        .post(format!("{}/integrations/check", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("<strong id=\"organisation\">Acme Trading GmbH</strong>"),
+        "{html}"
+    );
+    // After a disconnect it says so instead.
+    env.d
+        .connections
+        .disconnect(
+            &env.d
+                .store
+                .connection_for("acme", "xero")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            "alice",
+        )
+        .await
+        .unwrap();
+    let r = b
+        .post(format!("{}/integrations/check", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    assert!(r.text().await.unwrap().contains("disconnected"));
     env.d.stop().await;
 }
 
