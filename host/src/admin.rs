@@ -584,8 +584,9 @@ async fn disconnect(
 }
 
 /// "Test connection": the connector's `check` on the live connection. Any
-/// admin of the tenant may run it (it changes nothing); the answer names
-/// the organisation, or says why the connection does not work.
+/// admin of the tenant may run it (it writes nothing in the accounting
+/// system; see [`crate::connections::check`]); the answer names the
+/// organisation, or says why the connection does not work.
 async fn check(
     State(st): S,
     headers: HeaderMap,
@@ -640,7 +641,7 @@ async fn openapi() -> Json<Value> {
             },
             "/v1/admin/tenants/{tenant}/connect/{connector}": {"post": op("Start connecting: the provider's authorization URL; Super Admin")},
             "/v1/admin/tenants/{tenant}/disconnect/{connector}": {"post": op("Disconnect (revokes at the provider, keeps mappings); Super Admin")},
-            "/v1/admin/tenants/{tenant}/check/{connector}": {"post": op("Test the connection: the connector's check on the live connection; 200 names the organisation, 404 not connected, 409 not active or not installed, 502 what the provider said")},
+            "/v1/admin/tenants/{tenant}/check/{connector}": {"post": op("Test the connection: the connector's check on the live connection; 200 names the organisation, 404 not connected, 409 not active, needing re-authorisation or not installed, 429 checked less than 5 s ago, 502 what the provider said, 503 database unavailable")},
             "/v1/admin/tenants/{tenant}/audit": {"get": op("Audit log")},
             "/oauth/callback": {"get": {"summary": "The provider's redirect (no key)", "responses": {"200": {"description": "connected or organisation picker"}}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},

@@ -207,6 +207,8 @@ pub struct Connections {
     events: EventBus,
     plugins: RwLock<BTreeMap<String, ConnectorRuntime>>,
     catalogue: Option<Catalogue>,
+    /// When each connection was last checked (see [`check`]).
+    checked: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl Connections {
@@ -241,6 +243,7 @@ impl Connections {
             events,
             plugins: RwLock::new(BTreeMap::new()),
             catalogue: None,
+            checked: std::sync::Mutex::default(),
         }
     }
 

@@ -547,7 +547,8 @@ async fn connect(State(st): S, headers: HeaderMap) -> Response {
 
 /// Test connection: the connector's `check` on the live connection, shown
 /// as the organisation it reaches (and the connector's facts about it) or
-/// what is wrong. Any admin of the tenant may run it: it changes nothing.
+/// what is wrong. Any admin of the tenant may run it: it writes nothing in
+/// the accounting system (see [`crate::connections::check`]).
 async fn check(State(st): S, headers: HeaderMap) -> Response {
     let s = match session(&st, &headers).await {
         Ok(s) => s,
@@ -567,6 +568,14 @@ async fn check(State(st): S, headers: HeaderMap) -> Response {
                      <ul id=\"details\">{details}</ul><p><a href=\"/integrations\">Back</a></p>",
                     esc(&report.organisation_name)
                 ),
+            )
+        }
+        Err(crate::connections::CheckError::Store(e)) => {
+            tracing::error!(error = %e, "connection check: the store failed");
+            message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Connection check failed",
+                "ledgerport's database is not available right now; try again shortly.",
             )
         }
         Err(e) => message(

@@ -383,34 +383,7 @@ async fn run(cli: Cli) -> ExitCode {
                 manifest,
                 component,
                 dir,
-            } => {
-                // Checked where the daemon cannot see it first: a refused
-                // connector never replaces what is installed.
-                let staging = dir.join(format!(".staging-{}", std::process::id()));
-                let staged = ledgerport::plugin_store::install(&manifest, &component, &staging);
-                let code = match staged {
-                    Ok(path) => plugin_check(path, cli.json).await,
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        ExitCode::from(2)
-                    }
-                };
-                let _ = std::fs::remove_dir_all(&staging);
-                if code != ExitCode::SUCCESS {
-                    eprintln!("not installed");
-                    return code;
-                }
-                match ledgerport::plugin_store::install(&manifest, &component, &dir) {
-                    Ok(path) => {
-                        println!("installed {}", path.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        ExitCode::from(2)
-                    }
-                }
-            }
+            } => install(&manifest, &component, &dir, cli.json).await,
         },
         Command::Deliver {
             plugin,
@@ -477,6 +450,78 @@ async fn run(cli: Cli) -> ExitCode {
             }
         },
     }
+}
+
+/// `plugin install`: the connector is installed and checked in a staging
+/// directory beside the installed ones (which the daemon does not load:
+/// it has no manifest at its top), and only a connector that passes is
+/// moved into place, by renaming, so the checked bytes are the installed
+/// ones and a refused upgrade leaves the installed version as it was.
+async fn install(
+    manifest: &std::path::Path,
+    component: &std::path::Path,
+    dir: &std::path::Path,
+    json: bool,
+) -> ExitCode {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let staging = dir.join(format!(".staging-{}-{nanos}", std::process::id()));
+    let code = match ledgerport::plugin_store::install(manifest, component, &staging) {
+        Ok(path) => match plugin_check(path.clone(), json).await {
+            c if c == ExitCode::SUCCESS => match commit_install(&path, dir) {
+                Ok(installed) => {
+                    if !json {
+                        println!("installed {}", installed.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
+                }
+            },
+            c => {
+                eprintln!("not installed");
+                c
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    code
+}
+
+/// Move a checked, staged plugin (`<staging>/<id>/manifest.toml`) to
+/// `dir/<id>`: the installed version is moved aside first and removed
+/// after. Returns the installed manifest's path.
+fn commit_install(
+    staged_manifest: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<PathBuf, String> {
+    let staged = staged_manifest
+        .parent()
+        .ok_or("the staged plugin has no directory")?;
+    let staging = staged
+        .parent()
+        .ok_or("the staged plugin has no staging directory")?;
+    let id = staged.file_name().ok_or("the staged plugin has no id")?;
+    let target = dir.join(id);
+    let old = staging.join(".replaced");
+    if target.exists() {
+        std::fs::rename(&target, &old)
+            .map_err(|e| format!("cannot move {} aside: {e}", target.display()))?;
+    }
+    if let Err(e) = std::fs::rename(staged, &target) {
+        // Put the installed version back.
+        let _ = std::fs::rename(&old, &target);
+        return Err(format!("cannot install into {}: {e}", target.display()));
+    }
+    Ok(target.join("manifest.toml"))
 }
 
 async fn plugin_check(manifest: PathBuf, json: bool) -> ExitCode {
@@ -810,24 +855,25 @@ async fn issue(
             return ExitCode::from(2);
         }
     };
+    // The daemon's catalogue, so that `issue` refuses what the ingest API
+    // would (a line kind the platform does not have); read before the
+    // database is opened, so a bad path changes nothing.
+    let catalogue = match &cfg.catalogue {
+        Some(path) => match ledgerport::connections::Catalogue::from_file(path) {
+            Ok(c) => Some(c.kinds.iter().map(|k| k.key.clone()).collect()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let store = match ledgerport::store::Store::open_and_migrate(&cfg.database).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(3);
         }
-    };
-    // The daemon's catalogue, so that `issue` refuses what the ingest API
-    // would (a line kind the platform does not have).
-    let catalogue = match &cfg.catalogue {
-        Some(path) => match ledgerport::connections::Catalogue::from_file(path) {
-            Ok(c) => Some(c.kinds.iter().map(|k| k.key.clone()).collect()),
-            Err(e) => {
-                eprintln!("error: catalogue {}: {e}", path.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
     };
     let state = ledgerport::api::ApiState {
         store,

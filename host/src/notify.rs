@@ -227,12 +227,19 @@ pub async fn pump(
             continue;
         }
         // The connection row outlives a disconnect, so its connector is
-        // known; a row gone entirely leaves only the connection id.
-        let connector = match store.connection(&inc.connection_id).await {
-            Ok(Some(c)) => c.connector_id,
-            _ => inc.connection_id.clone(),
+        // known; without it the notice says "your accounting system"
+        // rather than an id the customer has never seen.
+        let connector = store
+            .connection(&inc.connection_id)
+            .await
+            .ok()
+            .flatten()
+            .map(|c| c.connector_id);
+        let provider = match &connector {
+            Some(id) => cfg.provider_name(id),
+            None => "your accounting system",
         };
-        let email = compose(&inc, &name, cfg.provider_name(&connector), cfg);
+        let email = compose(&inc, &name, provider, cfg);
         store
             .enqueue_mail(
                 &inc.tenant_id,

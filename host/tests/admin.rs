@@ -243,6 +243,24 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     assert_eq!(body["ok"], true, "{body}");
     assert_eq!(body["organisation"], "Acme Trading GmbH", "{body}");
     assert!(!body["details"].as_array().unwrap().is_empty(), "{body}");
+    // Again at once: 429 (the provider's request budget is the deliveries').
+    let (st, body) = call(
+        &http,
+        &base,
+        "POST",
+        "/v1/admin/tenants/acme/check/xero",
+        Some(&acme),
+        false,
+    )
+    .await;
+    assert_eq!(st, 429, "{body}");
+    assert!(
+        body["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("checked moments ago"),
+        "{body}"
+    );
     // Mappings now come with the organisation's accounts; an archived code is refused.
     let (_, m) = call(
         &http,

@@ -2,6 +2,17 @@
 //! connection, so an admin can see that ledgerport reaches their
 //! organisation (and which one) before any document depends on it, and an
 //! operator can tell a broken grant from a broken connector.
+//!
+//! A check writes nothing in the accounting system, but it is a real call
+//! with the connection's credentials: it may refresh the access token, and
+//! a grant the provider refuses marks the connection needs-reauth, as a
+//! delivery would. It spends the provider's request budget, so a connection
+//! is checked at most once every [`CHECK_COOLDOWN`].
+
+use std::time::{Duration, Instant};
+
+/// The shortest time between two checks of one connection.
+pub const CHECK_COOLDOWN: Duration = Duration::from_secs(5);
 
 use super::{ConnectError, Connections};
 use crate::runtime::v0_1::ledgerport::connector::types as wit;
@@ -23,9 +34,16 @@ pub enum CheckError {
     NotActive {
         /// The connector.
         connector: String,
-        /// Its state ("needs-reauth", "disconnected").
+        /// Its state in words ("disconnected", "waiting for re-authorisation").
         state: &'static str,
     },
+    /// The provider no longer accepts the grant (409): connect again.
+    #[error("the connection needs re-authorisation: {0}")]
+    NeedsReauth(String),
+    /// Checked moments ago (429): the provider's request budget is shared
+    /// with deliveries.
+    #[error("this connection was checked moments ago; try again in {0} s")]
+    TooSoon(u64),
     /// The connector is not installed on this daemon (409).
     #[error("the {0} connector is not installed on this daemon")]
     NotInstalled(String),
@@ -33,7 +51,7 @@ pub enum CheckError {
     /// it or the provider said.
     #[error("{0}")]
     Failed(String),
-    /// Storage failed (500).
+    /// Storage failed (503).
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -43,9 +61,12 @@ impl CheckError {
     pub fn status(&self) -> u16 {
         match self {
             CheckError::NotConnected { .. } => 404,
-            CheckError::NotActive { .. } | CheckError::NotInstalled(_) => 409,
+            CheckError::NotActive { .. }
+            | CheckError::NotInstalled(_)
+            | CheckError::NeedsReauth(_) => 409,
+            CheckError::TooSoon(_) => 429,
             CheckError::Failed(_) => 502,
-            CheckError::Store(_) => 500,
+            CheckError::Store(_) => 503,
         }
     }
 }
@@ -53,7 +74,8 @@ impl CheckError {
 impl Connections {
     /// Run the connector's `check` on the tenant's connection to
     /// `connector`: the organisation it writes to and the connector's facts
-    /// about it. Nothing is written, here or at the provider.
+    /// about it. Nothing is written at the provider (see the module's
+    /// comment for what the credentials may do).
     pub async fn check_connection(
         &self,
         tenant: &str,
@@ -67,25 +89,41 @@ impl Connections {
                 tenant: tenant.to_string(),
                 connector: connector.to_string(),
             })?;
-        if conn.state != ConnectionState::Active {
+        let state = match conn.state {
+            ConnectionState::Active => None,
+            ConnectionState::NeedsReauth => Some("waiting for re-authorisation"),
+            ConnectionState::Disconnected => Some("disconnected"),
+        };
+        if let Some(state) = state {
             return Err(CheckError::NotActive {
                 connector: connector.to_string(),
-                state: conn.state.as_str(),
+                state,
             });
         }
         let p = self
             .plugin(connector)
             .ok_or_else(|| CheckError::NotInstalled(connector.to_string()))?;
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if let Some(at) = checked.get(&conn.id)
+                && let Some(left) = CHECK_COOLDOWN.checked_sub(now.duration_since(*at))
+                && !left.is_zero()
+            {
+                return Err(CheckError::TooSoon(left.as_secs().max(1)));
+            }
+            checked.retain(|_, at| now.duration_since(*at) < CHECK_COOLDOWN);
+            checked.insert(conn.id.clone(), now);
+        }
         let ctx = self.call_context(&conn.id).await.map_err(|e| match e {
             ConnectError::Store(s) => CheckError::Store(s),
             other => CheckError::Failed(other.to_string()),
         })?;
         match p.runtime.check(&p.plugin, &ctx).await {
             Ok(Ok(report)) => Ok(report),
+            Ok(Err(wit::DeliveryError::NeedsReauth(m))) => Err(CheckError::NeedsReauth(m)),
             Ok(Err(e)) => Err(CheckError::Failed(match e {
-                wit::DeliveryError::NeedsReauth(m) => {
-                    format!("the connection needs re-authorisation: {m}")
-                }
+                wit::DeliveryError::NeedsReauth(m) => m,
                 wit::DeliveryError::Transient(m) => m,
                 wit::DeliveryError::RateLimited(_) => {
                     "the accounting system is rate-limiting; try again shortly".into()
