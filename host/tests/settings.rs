@@ -566,6 +566,28 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         html.contains("<strong id=\"organisation\">Acme Trading GmbH</strong>"),
         "{html}"
     );
+    // Xero down: the check says what Xero answered (502), once the 5 s
+    // between two checks of a connection have passed.
+    env.sim.set_faults(xero_sim::FaultConfig {
+        rules: vec![xero_sim::FaultRule {
+            route: Some("GET /api.xro/2.0/Organisation".into()),
+            error_503_rate: 1.0,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    tokio::time::sleep(ledgerport::connections::check::CHECK_COOLDOWN).await;
+    let r = b
+        .post(format!("{}/integrations/check", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 502);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("Connection check failed"), "{html}");
+    assert!(html.contains("503"), "what Xero answered: {html}");
+    env.sim.set_faults(xero_sim::FaultConfig::default());
     // After a disconnect it says so instead.
     env.d
         .connections
