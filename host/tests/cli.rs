@@ -92,24 +92,29 @@ fn plugin_check_prints_identity_or_the_refusal() {
     assert!(text(&o).contains("hash mismatch"), "{}", text(&o));
 }
 
+/// `ledgerport plugin install <manifest> --component <wasm> --dir <dir>`.
+fn plugin_install(manifest: &Path, wasm: &Path, dir: &Path) -> Output {
+    ledgerport(
+        &[
+            "plugin",
+            "install",
+            manifest.to_str().unwrap(),
+            "--component",
+            wasm.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 #[test]
 fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let src =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/minimal-connector/manifest.toml");
     let wasm = common::wasm("minimal_connector");
-    let o = ledgerport(
-        &[
-            "plugin",
-            "install",
-            src.to_str().unwrap(),
-            "--component",
-            wasm.to_str().unwrap(),
-            "--dir",
-            dir.path().to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = plugin_install(&src, &wasm, dir.path());
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let installed = dir.path().join("minimal/manifest.toml");
     assert!(
@@ -132,18 +137,7 @@ fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
         std::fs::read_to_string(&bad).unwrap(),
         std::fs::read_to_string(&src).unwrap()
     );
-    let o = ledgerport(
-        &[
-            "plugin",
-            "install",
-            bad.to_str().unwrap(),
-            "--component",
-            wasm.to_str().unwrap(),
-            "--dir",
-            dir.path().to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = plugin_install(&bad, &wasm, dir.path());
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("document_kinds") && text(&o).contains("not installed"),

@@ -531,14 +531,14 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 422);
     assert!(r.text().await.unwrap().contains("status: "));
+    let check = || {
+        b.post(format!("{}/integrations/check", env.base))
+            .header("cookie", &cookie)
+            .send()
+    };
     // Not connected: the menu has no Test connection, and a check says why.
     assert!(!html.contains("id=\"check\""), "{html}");
-    let r = b
-        .post(format!("{}/integrations/check", env.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = check().await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
     assert!(r.text().await.unwrap().contains("no xero connection"));
     // Connected: Test connection from the menu shows the organisation the
@@ -554,12 +554,7 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         .await
         .unwrap();
     assert!(html.contains("id=\"check\""), "{html}");
-    let r = b
-        .post(format!("{}/integrations/check", env.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = check().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let html = r.text().await.unwrap();
     assert!(
@@ -577,12 +572,7 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         ..Default::default()
     });
     tokio::time::sleep(ledgerport::connections::check::CHECK_COOLDOWN).await;
-    let r = b
-        .post(format!("{}/integrations/check", env.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = check().await.unwrap();
     assert_eq!(r.status().as_u16(), 502);
     let html = r.text().await.unwrap();
     assert!(html.contains("Connection check failed"), "{html}");
@@ -603,12 +593,7 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         )
         .await
         .unwrap();
-    let r = b
-        .post(format!("{}/integrations/check", env.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = check().await.unwrap();
     assert_eq!(r.status().as_u16(), 409);
     assert!(r.text().await.unwrap().contains("disconnected"));
     env.d.stop().await;
