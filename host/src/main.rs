@@ -467,6 +467,7 @@ async fn install(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or_default();
+    remove_stale_staging(dir);
     let staging = dir.join(format!(".staging-{}-{nanos}", std::process::id()));
     let code = match ledgerport::plugin_store::install(manifest, component, &staging) {
         Ok(path) => match plugin_check(path.clone(), json).await {
@@ -494,6 +495,26 @@ async fn install(
     };
     let _ = std::fs::remove_dir_all(&staging);
     code
+}
+
+/// Staging directories an interrupted `plugin install` left in `dir` (the
+/// daemon ignores them), removed once they are an hour old: younger ones
+/// may belong to an install still running.
+fn remove_stale_staging(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if stale && e.file_name().to_string_lossy().starts_with(".staging-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Move a checked, staged plugin (`<staging>/<id>/manifest.toml`) to

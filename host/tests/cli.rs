@@ -114,8 +114,21 @@ fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
     let src =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/minimal-connector/manifest.toml");
     let wasm = common::wasm("minimal_connector");
+    // What an interrupted install left: removed once an hour old, kept
+    // while it may still be in use.
+    let stale = dir.path().join(".staging-1-1");
+    let fresh = dir.path().join(".staging-2-2");
+    for d in [&stale, &fresh] {
+        std::fs::create_dir_all(d.join("minimal")).unwrap();
+    }
+    std::fs::File::open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
     let o = plugin_install(&src, &wasm, dir.path());
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!stale.exists() && fresh.exists());
+    std::fs::remove_dir_all(&fresh).unwrap();
     let installed = dir.path().join("minimal/manifest.toml");
     assert!(
         std::fs::read_to_string(&installed)
