@@ -147,6 +147,25 @@ impl ConnectError {
     }
 }
 
+/// What a connector's answer to a call made for an admin (an account list,
+/// a connection check) says, in words for that admin.
+pub(crate) fn connector_said(
+    e: crate::runtime::v0_1::ledgerport::connector::types::DeliveryError,
+) -> String {
+    use crate::runtime::v0_1::ledgerport::connector::types::DeliveryError as E;
+    match e {
+        E::NeedsReauth(m) => format!("the connection needs re-authorisation: {m}"),
+        E::Transient(m) => m,
+        E::RateLimited(_) => "the accounting system is rate-limiting; try again shortly".into(),
+        E::Rejected(problems) => problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        E::NeedsMapping(kinds) => format!("unmapped line kinds: {}", kinds.join(", ")),
+    }
+}
+
 /// The query of the provider's redirect to `/oauth/callback`.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct CallbackQuery {

@@ -168,15 +168,17 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     assert_eq!(st, 200, "{body}");
 
     // Test connection before there is one: 404 naming the connector.
-    let (st, body) = call(
-        &http,
-        &base,
-        "POST",
-        "/v1/admin/tenants/acme/check/xero",
-        Some(&acme),
-        false,
-    )
-    .await;
+    let check = || {
+        call(
+            &http,
+            &base,
+            "POST",
+            "/v1/admin/tenants/acme/check/xero",
+            Some(&acme),
+            false,
+        )
+    };
+    let (st, body) = check().await;
     assert_eq!(st, 404, "{body}");
     assert_eq!(body["problems"][0]["field"], "connector", "{body}");
     assert!(
@@ -230,29 +232,13 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     );
     // Test connection: the connector's check reaches the organisation
     // (any admin of the tenant; it changes nothing).
-    let (st, body) = call(
-        &http,
-        &base,
-        "POST",
-        "/v1/admin/tenants/acme/check/xero",
-        Some(&acme),
-        false,
-    )
-    .await;
+    let (st, body) = check().await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["ok"], true, "{body}");
     assert_eq!(body["organisation"], "Acme Trading GmbH", "{body}");
     assert!(!body["details"].as_array().unwrap().is_empty(), "{body}");
     // Again at once: 429 (the provider's request budget is the deliveries').
-    let (st, body) = call(
-        &http,
-        &base,
-        "POST",
-        "/v1/admin/tenants/acme/check/xero",
-        Some(&acme),
-        false,
-    )
-    .await;
+    let (st, body) = check().await;
     assert_eq!(st, 429, "{body}");
     assert!(
         body["problems"][0]["message"]
@@ -315,15 +301,7 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
     .await;
     assert_eq!(st_body["connections"][0]["state"], "disconnected");
     // Test connection after the disconnect: 409 saying so.
-    let (st, body) = call(
-        &http,
-        &base,
-        "POST",
-        "/v1/admin/tenants/acme/check/xero",
-        Some(&acme),
-        false,
-    )
-    .await;
+    let (st, body) = check().await;
     assert_eq!(st, 409, "{body}");
     assert!(
         body["problems"][0]["message"]

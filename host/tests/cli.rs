@@ -313,16 +313,19 @@ fn tenants_mappings_issue_and_the_delivery_log() {
     odd["lines"][0]["kind"] = "yacht-rental".into();
     let odd_path = dir.path().join("odd.json");
     std::fs::write(&odd_path, serde_json::to_vec(&odd).unwrap()).unwrap();
-    let o = ledgerport(
-        &[
-            "issue",
-            "--file",
-            odd_path.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let issue_odd = || {
+        ledgerport(
+            &[
+                "issue",
+                "--file",
+                odd_path.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &env,
+        )
+    };
+    let o = issue_odd();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("lines[0].kind") || text(&o).contains("yacht-rental"),
@@ -335,16 +338,7 @@ fn tenants_mappings_issue_and_the_delivery_log() {
         format!("database = {:?}\ncatalogue = \"/nonexistent/c.toml\"\n", db),
     )
     .unwrap();
-    let o = ledgerport(
-        &[
-            "issue",
-            "--file",
-            odd_path.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let o = issue_odd();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("/nonexistent/c.toml"), "{}", text(&o));
 }

@@ -499,15 +499,17 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         .next()
         .unwrap()
         .to_string();
-    let html = b
-        .get(format!("{}/integrations", env.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let integrations_page = || async {
+        b.get(format!("{}/integrations", env.base))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let html = integrations_page().await;
     assert!(html.contains("id=\"settings\""), "{html}");
     assert!(html.contains("<select name=\"status\">"), "{html}");
     // ... and changes them, audited.
@@ -544,15 +546,7 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
     // Connected: Test connection from the menu shows the organisation the
     // connection reaches, for any admin of the tenant.
     env.connect("acme").await;
-    let html = b
-        .get(format!("{}/integrations", env.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = integrations_page().await;
     assert!(html.contains("id=\"check\""), "{html}");
     let r = check().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);

@@ -9,14 +9,13 @@
 //! delivery would. It spends the provider's request budget, so a connection
 //! is checked at most once every [`CHECK_COOLDOWN`].
 
+use super::{ConnectError, Connections, connector_said};
+use crate::runtime::v0_1::ledgerport::connector::types as wit;
+use crate::store::{ConnectionState, StoreError};
 use std::time::{Duration, Instant};
 
 /// The shortest time between two checks of one connection.
 pub const CHECK_COOLDOWN: Duration = Duration::from_secs(5);
-
-use super::{ConnectError, Connections};
-use crate::runtime::v0_1::ledgerport::connector::types as wit;
-use crate::store::{ConnectionState, StoreError};
 
 /// Why a connection could not be checked, or what the check found wrong.
 #[derive(Debug, thiserror::Error)]
@@ -122,21 +121,7 @@ impl Connections {
         match p.runtime.check(&p.plugin, &ctx).await {
             Ok(Ok(report)) => Ok(report),
             Ok(Err(wit::DeliveryError::NeedsReauth(m))) => Err(CheckError::NeedsReauth(m)),
-            Ok(Err(e)) => Err(CheckError::Failed(match e {
-                wit::DeliveryError::NeedsReauth(m) => m,
-                wit::DeliveryError::Transient(m) => m,
-                wit::DeliveryError::RateLimited(_) => {
-                    "the accounting system is rate-limiting; try again shortly".into()
-                }
-                wit::DeliveryError::Rejected(problems) => problems
-                    .iter()
-                    .map(|p| format!("{}: {}", p.field, p.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                wit::DeliveryError::NeedsMapping(kinds) => {
-                    format!("unmapped line kinds: {}", kinds.join(", "))
-                }
-            })),
+            Ok(Err(e)) => Err(CheckError::Failed(connector_said(e))),
             Err(e) => Err(CheckError::Failed(e.to_string())),
         }
     }

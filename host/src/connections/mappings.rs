@@ -218,16 +218,7 @@ impl Connections {
             .unwrap_or_else(|| scope.connector_id.clone());
         match p.runtime.list_accounts(&p.plugin, &ctx).await {
             Ok(Ok(list)) => Ok(Some((org, list))),
-            Ok(Err(e)) => Err(MappingError::Unverifiable(match e {
-                wit::DeliveryError::NeedsReauth(m) => {
-                    format!("the connection needs re-authorisation: {m}")
-                }
-                wit::DeliveryError::Transient(m) => m,
-                wit::DeliveryError::RateLimited(_) => {
-                    "the accounting system is rate-limiting; try again shortly".into()
-                }
-                other => format!("{other:?}"),
-            })),
+            Ok(Err(e)) => Err(MappingError::Unverifiable(super::connector_said(e))),
             Err(e) => Err(MappingError::Unverifiable(e.to_string())),
         }
     }
