@@ -172,11 +172,11 @@ async fn connect_direct(
             connection_id: None,
         },
         auth_event_id: Some(g.auth_event_id.to_string()),
-        tokens: TokenSet {
+        tokens: Some(TokenSet {
             access_token: Secret::new(g.tokens.access_token),
             refresh_token: g.tokens.refresh_token.map(Secret::new),
             expires_at: now + g.tokens.expires_in,
-        },
+        }),
     };
     store.finish_connect(keys, &new, now).await?;
     let scope = MappingScope {

@@ -342,12 +342,46 @@ async fn retry(
     }
 }
 
-async fn mappings(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
+/// `?connector=` of the mapping routes: whose mappings (default `xero`,
+/// the first connector, for callers written before there were others).
+#[derive(Debug, serde::Deserialize)]
+struct ConnectorQuery {
+    connector: Option<String>,
+}
+
+/// The mapping scope of `tenant` and the query's connector, or 404 naming
+/// `connector` when no such connector is installed (a typo must not file
+/// mappings nobody reads).
+fn mapping_scope(
+    st: &AdminState,
+    tenant: &str,
+    q: ConnectorQuery,
+) -> Result<MappingScope, Box<Response>> {
+    let connector = q.connector.unwrap_or_else(|| "xero".into());
+    if st.connections.manifest(&connector).is_none() {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "no such connector",
+            &problem(
+                "connector",
+                format!("{connector:?} is not installed on this daemon"),
+            ),
+        )));
+    }
+    Ok(MappingScope {
+        tenant_id: tenant.to_string(),
+        connector_id: connector,
+    })
+}
+
+async fn mappings(
+    State(st): S,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Query(q): Query<ConnectorQuery>,
+) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
-    let scope = MappingScope {
-        tenant_id: tenant.clone(),
-        connector_id: "xero".into(),
-    };
+    let scope = try_box!(mapping_scope(&st, &tenant, q));
     let current = match st.connections.mappings(&scope).await {
         Ok(m) => m,
         Err(e) => return unavailable(e),
@@ -383,10 +417,12 @@ async fn set_mapping(
     State(st): S,
     headers: HeaderMap,
     Path((tenant, kind)): Path<(String, String)>,
+    Query(q): Query<ConnectorQuery>,
     body: Option<Json<Value>>,
 ) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
+    let scope = try_box!(mapping_scope(&st, &tenant, q));
     let Some(Json(body)) = body else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -405,10 +441,6 @@ async fn set_mapping(
         .get("tax_type")
         .and_then(Value::as_str)
         .map(String::from);
-    let scope = MappingScope {
-        tenant_id: tenant.clone(),
-        connector_id: "xero".into(),
-    };
     let m = AccountMapping {
         kind: kind.clone(),
         account_code: code.to_string(),
@@ -423,13 +455,14 @@ async fn set_mapping(
                     Some(&tenant),
                     "mapping.set",
                     &format!(
-                        "{kind} -> {code}{}",
+                        "{} {kind} -> {code}{}",
+                        scope.connector_id,
                         tax.map(|t| format!(" ({t})")).unwrap_or_default()
                     ),
                     now(),
                 )
                 .await;
-            Json(json!({"kind": kind, "account_code": code, "validated_against": outcome.validated_against})).into_response()
+            Json(json!({"connector": scope.connector_id, "kind": kind, "account_code": code, "validated_against": outcome.validated_against})).into_response()
         }
         Err(e) => {
             let text = e.to_string();
@@ -526,6 +559,46 @@ async fn connect(
 ) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
+    if st.connections.connects_without_grant(&connector) == Some(true) {
+        // No consent screen: check the settings and connect now.
+        return match st
+            .connections
+            .connect_without_grant(&tenant, &connector, &actor)
+            .await
+        {
+            Ok(done) => {
+                let c = &done.connection;
+                let _ = st
+                    .store
+                    .audit(&actor, Some(&tenant), "connect", &connector, now())
+                    .await;
+                Json(json!({
+                    "connected": true, "reconnected": done.reconnected,
+                    "connection_id": c.id, "connector": c.connector_id, "state": c.state,
+                    "organisation": c.external_tenant_name, "connected_by": c.connected_by,
+                    "connected_at": c.connected_at,
+                }))
+                .into_response()
+            }
+            Err(crate::connections::ConnectError::Store(e))
+                if !matches!(e, crate::store::StoreError::NotFound(_)) =>
+            {
+                unavailable(e)
+            }
+            Err(e) => error(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                "cannot connect",
+                &problem(
+                    match &e {
+                        crate::connections::ConnectError::BadRequest { field, .. } => field,
+                        crate::connections::ConnectError::Refused(_) => "settings",
+                        _ => "connector",
+                    },
+                    e.to_string(),
+                ),
+            ),
+        };
+    }
     match st
         .connections
         .begin_connect(&tenant, &connector, &actor)
@@ -632,14 +705,14 @@ async fn openapi() -> Json<Value> {
             "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state, last success, backlog, paused reasons")},
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts; ?number= ?state=")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed delivery ({\"id\"}) or all")},
-            "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts")},
-            "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}); Super Admin")},
+            "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
+            "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one; Super Admin")},
             "/v1/admin/tenants/{tenant}/settings/{connector}": {"get": op("The connector's settings: every declared key with description, allowed values, default and the connection's value (secrets only \"set\" / \"not set\")")},
             "/v1/admin/tenants/{tenant}/settings/{connector}/{key}": {
                 "put": op("Set one setting ({\"value\"}); 422 names the key when it is unknown, not allowed, too short or too long; Super Admin"),
                 "delete": op("Unset one setting (the manifest's default applies again); Super Admin"),
             },
-            "/v1/admin/tenants/{tenant}/connect/{connector}": {"post": op("Start connecting: the provider's authorization URL; Super Admin")},
+            "/v1/admin/tenants/{tenant}/connect/{connector}": {"post": op("Connect; Super Admin. A connector with OAuth: 200 {authorize_url}, where to send the admin. One without (e.g. the JSON webhook): the connector checks the tenant's settings and the connection is made at once, 200 {connected, reconnected, state, organisation}; 422 names what the connector refused (e.g. a missing setting), 502 what it could not reach, 404 not installed")},
             "/v1/admin/tenants/{tenant}/disconnect/{connector}": {"post": op("Disconnect (revokes at the provider, keeps mappings); Super Admin")},
             "/v1/admin/tenants/{tenant}/check/{connector}": {"post": op("Test the connection: the connector's check on the live connection; 200 names the organisation, 404 not connected, 409 not active, needing re-authorisation or not installed, 429 checked less than 5 s ago, 502 what the provider said, 503 database unavailable")},
             "/v1/admin/tenants/{tenant}/audit": {"get": op("Audit log")},

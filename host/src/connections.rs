@@ -14,6 +14,7 @@
 pub mod catalogue;
 pub mod check;
 pub mod cli;
+pub mod direct;
 pub mod mappings;
 pub mod settings;
 
@@ -122,6 +123,14 @@ pub enum ConnectError {
     /// The provider refused or failed (502).
     #[error("the accounting system: {0}")]
     Provider(#[from] OAuthError),
+    /// The connector refused the connection as configured (422): what it
+    /// said (e.g. a setting it needs is missing).
+    #[error("the connector refuses this configuration: {0}")]
+    Refused(String),
+    /// The connector ran and could not confirm the connection (502): what
+    /// it or the system it calls said.
+    #[error("the connector could not confirm the connection: {0}")]
+    Unconfirmed(String),
     /// Storage failed (500).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -140,7 +149,8 @@ impl ConnectError {
         match self {
             ConnectError::BadRequest { .. } => 400,
             ConnectError::NotFound(_) => 404,
-            ConnectError::Provider(_) => 502,
+            ConnectError::Refused(_) => 422,
+            ConnectError::Provider(_) | ConnectError::Unconfirmed(_) => 502,
             ConnectError::Store(StoreError::NotFound(_)) => 404,
             ConnectError::Store(_) => 500,
         }
@@ -288,6 +298,12 @@ impl Connections {
     pub fn manifest(&self, connector_id: &str) -> Option<crate::manifest::Manifest> {
         self.plugin(connector_id)
             .map(|p| p.plugin.manifest().clone())
+    }
+
+    /// The manifests of every registered connector, ordered by id.
+    pub fn connectors(&self) -> Vec<crate::manifest::Manifest> {
+        let g = self.plugins.read().unwrap_or_else(|e| e.into_inner());
+        g.values().map(|p| p.plugin.manifest().clone()).collect()
     }
 
     /// The key ring secrets at rest are encrypted with.
@@ -529,7 +545,7 @@ impl Connections {
                         }
                     }),
                     auth_event_id: answer.auth_event_id,
-                    tokens,
+                    tokens: Some(tokens),
                 };
                 Ok(CallbackOutcome::Connected(Box::new(
                     self.finish(new).await?,
@@ -625,7 +641,7 @@ impl Connections {
             scopes: p.scopes,
             organisation,
             auth_event_id: p.auth_event_id,
-            tokens: p.tokens,
+            tokens: Some(p.tokens),
         })
         .await
     }

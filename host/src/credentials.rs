@@ -378,8 +378,12 @@ impl TokenManager {
         if conn.state == ConnectionState::Disconnected {
             return Ok((report, None));
         }
+        let held_grant = stored.is_some();
         match (provider, stored) {
-            (None, _) => report.problems.push(format!(
+            // A connection without a grant (a connector that needs no
+            // OAuth): nothing to revoke anywhere.
+            (None, None) => {}
+            (None, Some(_)) => report.problems.push(format!(
                 "no OAuth provider is configured for {}; nothing was revoked there",
                 conn.connector_id
             )),
@@ -413,7 +417,9 @@ impl TokenManager {
                 }
             }
         }
-        let detail = if report.problems.is_empty() {
+        let detail = if !held_grant && report.problems.is_empty() {
+            format!("{actor} disconnected")
+        } else if report.problems.is_empty() {
             format!("{actor} disconnected; the grant was revoked at the accounting system")
         } else {
             format!(

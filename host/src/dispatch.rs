@@ -783,6 +783,28 @@ impl Dispatcher {
                 }
             }
             Ok(Err(err)) => {
+                if let DeliveryError::NeedsReauth(why) = &err
+                    && let Some(seen) = conn.connected_at
+                {
+                    // The connection itself must be connected again (its
+                    // grant or its settings no longer work): say so on the
+                    // connection, not only on this document, so the admin
+                    // sees it and is offered Connect.
+                    match self
+                        .store
+                        .mark_needs_reauth_if_unchanged(&conn.id, seen, why, now / 1000)
+                        .await
+                    {
+                        Ok(Some(_)) => {
+                            tracing::warn!(parent: &span, connection = %conn.id, reason = %why,
+                                "the connector says the connection needs re-authorisation")
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(parent: &span, error = %e, "recording needs-reauth failed")
+                        }
+                    }
+                }
                 self.classified(c, &plugin.manifest().name, conn.connected_at, err, now)
             }
             Err(call_err) => {

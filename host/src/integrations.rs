@@ -1,9 +1,18 @@
 //! The Integrations page, served by the daemon and rendered on the server
-//! (no front-end build): a Xero card with Connect, a 3-dot menu with
-//! Configure (a mapping form whose choices are the organisation's accounts),
-//! Test connection and Disconnect, the connection's status, its settings (the connector's
-//! declared settings with a small form; secrets write-only), and the
-//! delivery log with failed items and Retry.
+//! (no front-end build): one card per installed connector (Xero first) with
+//! Connect, a 3-dot menu with Configure (a mapping form whose choices are
+//! the organisation's accounts, or typed codes for a connector without a
+//! chart of accounts), Test connection and Disconnect, the connection's
+//! status, its settings (the connector's declared settings with a small
+//! form; secrets write-only), and the delivery log with failed items and
+//! Retry.
+//!
+//! Connect sends the admin to the provider's consent screen for an OAuth
+//! connector; one without OAuth (the JSON webhook) is checked with the
+//! tenant's settings and connected at once. A card's actions name their
+//! connector with `?connector=<id>` (absent: `xero`); the Xero card's
+//! elements keep unprefixed ids (`#status`, `#connect`, ...), another
+//! card's are prefixed with its id (`#webhook-status`).
 //!
 //! The platform opens it for a tenant admin with a link to
 //! `/integrations/login?key=<tenant key>&admin=<who>&role=<role>`; the page
@@ -26,6 +35,26 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 type S = State<Arc<AdminState>>;
+
+/// `?connector=` of a card's actions: which connector (absent: `xero`).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Which {
+    connector: Option<String>,
+}
+
+impl Which {
+    fn id(&self) -> &str {
+        self.connector.as_deref().unwrap_or("xero")
+    }
+}
+
+/// What admins call connector `id`: its manifest's name, else the id.
+fn display_name(st: &AdminState, id: &str) -> String {
+    st.connections
+        .manifest(id)
+        .map(|m| m.name)
+        .unwrap_or_else(|| id.to_string())
+}
 
 const COOKIE: &str = "lp_session";
 
@@ -179,50 +208,22 @@ async fn index(State(st): S, headers: HeaderMap) -> Response {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let conn = st
-        .store
-        .connection_for(&s.tenant, "xero")
-        .await
-        .ok()
-        .flatten();
-    let (state, org) = match &conn {
-        Some(c) => (
-            c.state.as_str().to_string(),
-            c.external_tenant_name.clone().unwrap_or_default(),
-        ),
-        None => ("not connected".to_string(), String::new()),
-    };
-    let active = state == "active";
-    let mut card = format!(
-        "<div class=\"card\" id=\"xero\"><h2>Xero</h2>\
-         <p>Status: <span class=\"state {cls}\" id=\"status\">{state}</span>{org}</p>",
-        cls = esc(&state.replace(' ', "-")),
-        state = esc(&state),
-        org = if org.is_empty() {
-            String::new()
-        } else {
-            format!(" — <span id=\"organisation\">{}</span>", esc(&org))
-        },
-    );
-    if !active {
-        card.push_str("<form method=\"post\" action=\"/integrations/connect\"><button id=\"connect\" type=\"submit\">Connect</button></form>");
+    let mut connectors = st.connections.connectors();
+    connectors.sort_by_key(|m| (m.id != "xero", m.id.clone()));
+    let mut cards = String::new();
+    for m in &connectors {
+        cards.push_str(&card(&st, &s.tenant, m).await);
     }
-    if conn.is_some() {
-        card.push_str("<details class=\"menu\" id=\"menu\"><summary aria-label=\"More\">&#8942;</summary><div>\
-             <p><a id=\"configure\" href=\"/integrations/configure\">Configure</a></p>\
-             <form method=\"post\" action=\"/integrations/check\"><button id=\"check\" type=\"submit\">Test connection</button></form>\
-             <form method=\"post\" action=\"/integrations/disconnect\"><button id=\"disconnect\" type=\"submit\">Disconnect</button></form>\
-             </div></details>");
+    if connectors.is_empty() {
+        cards.push_str("<p id=\"no-connectors\">No connector is installed on this daemon yet; ask the operator.</p>");
     }
-    card.push_str(&settings_form(&st, &s.tenant).await);
-    card.push_str("</div>");
     let rows = st
         .store
         .list_deliveries(Some(&s.tenant), None, None, 50)
         .await
         .unwrap_or_default();
     let mut log = String::from(
-        "<h2>Delivery log</h2><table id=\"log\"><tr><th>Document</th><th>State</th><th>In Xero / what went wrong</th><th></th></tr>",
+        "<h2>Delivery log</h2><table id=\"log\"><tr><th>Document</th><th>To</th><th>State</th><th>In the accounting system / what went wrong</th><th></th></tr>",
     );
     for r in &rows {
         let detail = match (&r.external_url, &r.last_error) {
@@ -232,6 +233,7 @@ async fn index(State(st): S, headers: HeaderMap) -> Response {
                 esc(r.external_id.as_deref().unwrap_or(""))
             ),
             (_, Some(e)) => esc(e),
+            (None, None) if r.state == "delivered" => esc(r.external_id.as_deref().unwrap_or("")),
             _ => String::new(),
         };
         let action = if r.state == "failed" {
@@ -243,33 +245,110 @@ async fn index(State(st): S, headers: HeaderMap) -> Response {
             String::new()
         };
         log.push_str(&format!(
-            "<tr data-number=\"{n}\"><td>{n}</td><td class=\"{st}\">{st}{reason}</td><td>{detail}</td><td>{action}</td></tr>",
+            "<tr data-number=\"{n}\" data-connector=\"{c}\"><td>{n}</td><td>{to}</td><td class=\"{st}\">{st}{reason}</td><td>{detail}</td><td>{action}</td></tr>",
             n = esc(&r.document_number),
+            c = esc(&r.connector_id),
+            to = esc(&display_name(&st, &r.connector_id)),
             st = esc(&r.state),
             reason = r.pause_reason.as_ref().map(|p| format!(" ({})", esc(p))).unwrap_or_default(),
         ));
     }
     if rows.is_empty() {
-        log.push_str("<tr><td colspan=\"4\">No documents yet.</td></tr>");
+        log.push_str("<tr><td colspan=\"5\">No documents yet.</td></tr>");
     }
     log.push_str("</table>");
-    page("Integrations", &format!("{card}{log}"))
+    page("Integrations", &format!("{cards}{log}"))
 }
 
-/// The Xero connector's declared settings with a form to change them:
+/// One connector's card: status and organisation, Connect while not
+/// active, the menu once there is a connection, and the settings form.
+async fn card(st: &AdminState, tenant: &str, m: &crate::manifest::Manifest) -> String {
+    let id = m.id.as_str();
+    let xero = id == "xero";
+    // Element ids: the Xero card's unprefixed (what the page always had).
+    let el = |name: &str| {
+        if xero {
+            name.to_string()
+        } else {
+            format!("{}-{name}", esc(id))
+        }
+    };
+    let q = if xero {
+        String::new()
+    } else {
+        format!("?connector={}", esc(id))
+    };
+    let conn = st.store.connection_for(tenant, id).await.ok().flatten();
+    let (state, org) = match &conn {
+        Some(c) => (
+            c.state.as_str().to_string(),
+            c.external_tenant_name.clone().unwrap_or_default(),
+        ),
+        None => ("not connected".to_string(), String::new()),
+    };
+    let mut card = format!(
+        "<div class=\"card\" id=\"{cid}\"><h2>{name}</h2>\
+         <p>Status: <span class=\"state {cls}\" id=\"{sid}\">{state}</span>{org}</p>",
+        cid = esc(id),
+        name = esc(&m.name),
+        cls = esc(&state.replace(' ', "-")),
+        sid = el("status"),
+        state = esc(&state),
+        org = if org.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " — <span id=\"{}\">{}</span>",
+                el("organisation"),
+                esc(&org)
+            )
+        },
+    );
+    if state != "active" {
+        card.push_str(&format!(
+            "<form method=\"post\" action=\"/integrations/connect{q}\"><button id=\"{}\" type=\"submit\">Connect</button></form>",
+            el("connect")
+        ));
+    }
+    if conn.is_some() {
+        card.push_str(&format!(
+            "<details class=\"menu\" id=\"{menu}\"><summary aria-label=\"More\">&#8942;</summary><div>\
+             <p><a id=\"{configure}\" href=\"/integrations/configure{q}\">Configure</a></p>\
+             <form method=\"post\" action=\"/integrations/check{q}\"><button id=\"{check}\" type=\"submit\">Test connection</button></form>\
+             <form method=\"post\" action=\"/integrations/disconnect{q}\"><button id=\"{disconnect}\" type=\"submit\">Disconnect</button></form>\
+             </div></details>",
+            menu = el("menu"),
+            configure = el("configure"),
+            check = el("check"),
+            disconnect = el("disconnect"),
+        ));
+    }
+    card.push_str(&settings_form(st, tenant, id, &el, &q).await);
+    card.push_str("</div>");
+    card
+}
+
+/// A connector's declared settings with a form to change them:
 /// a choice where the manifest lists the allowed values, a text field
 /// otherwise, and for a secret an empty password field (write-only) and a
 /// box to clear it. Empty when the connector declares no settings.
-async fn settings_form(st: &AdminState, tenant: &str) -> String {
-    let Ok(list) = st.connections.settings(tenant, "xero").await else {
+async fn settings_form(
+    st: &AdminState,
+    tenant: &str,
+    connector: &str,
+    el: &(dyn Fn(&str) -> String + Sync),
+    q: &str,
+) -> String {
+    let Ok(list) = st.connections.settings(tenant, connector).await else {
         return String::new();
     };
     let list: Vec<_> = list.into_iter().filter(|v| v.declared).collect();
     if list.is_empty() {
         return String::new();
     }
-    let mut f = String::from(
-        "<h3>Settings</h3><form method=\"post\" action=\"/integrations/settings\" id=\"settings\"><table>",
+    let mut f = format!(
+        "<h3>Settings</h3><form method=\"post\" action=\"/integrations/settings{q}\" id=\"{}\"><table>",
+        el("settings")
     );
     for v in &list {
         let key = esc(&v.key);
@@ -317,9 +396,10 @@ async fn settings_form(st: &AdminState, tenant: &str) -> String {
             d = esc(v.description.as_deref().unwrap_or(""))
         ));
     }
-    f.push_str(
-        "</table><p><button id=\"save-settings\" type=\"submit\">Save settings</button></p></form>",
-    );
+    f.push_str(&format!(
+        "</table><p><button id=\"{}\" type=\"submit\">Save settings</button></p></form>",
+        el("save-settings")
+    ));
     f
 }
 
@@ -329,13 +409,15 @@ async fn settings_form(st: &AdminState, tenant: &str) -> String {
 async fn save_settings(
     State(st): S,
     headers: HeaderMap,
+    Query(which): Query<Which>,
     Form(f): Form<Vec<(String, String)>>,
 ) -> Response {
     let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let current = match st.connections.settings(&s.tenant, "xero").await {
+    let connector = which.id();
+    let current = match st.connections.settings(&s.tenant, connector).await {
         Ok(c) => c,
         Err(e) => return message(StatusCode::NOT_FOUND, "No settings", &e.to_string()),
     };
@@ -358,21 +440,21 @@ async fn save_settings(
                 continue;
             }
             st.connections
-                .set_setting(&s.tenant, "xero", key, value, &s.admin)
+                .set_setting(&s.tenant, connector, key, value, &s.admin)
                 .await
         } else if value.is_empty() {
             if !v.stored {
                 continue;
             }
             st.connections
-                .unset_setting(&s.tenant, "xero", key, &s.admin)
+                .unset_setting(&s.tenant, connector, key, &s.admin)
                 .await
         } else {
             if v.stored && v.value.as_deref() == Some(value.as_str()) {
                 continue;
             }
             st.connections
-                .set_setting(&s.tenant, "xero", key, value, &s.admin)
+                .set_setting(&s.tenant, connector, key, value, &s.admin)
                 .await
         };
         if let Err(e) = result {
@@ -387,7 +469,7 @@ async fn save_settings(
     for key in clear {
         if let Err(e) = st
             .connections
-            .unset_setting(&s.tenant, "xero", key, &s.admin)
+            .unset_setting(&s.tenant, connector, key, &s.admin)
             .await
         {
             return message(
@@ -398,18 +480,19 @@ async fn save_settings(
         }
         changed += 1;
     }
-    tracing::info!(tenant = %s.tenant, changed, "settings saved from the Integrations page");
+    tracing::info!(tenant = %s.tenant, connector, changed, "settings saved from the Integrations page");
     redirect("/integrations")
 }
 
-async fn configure(State(st): S, headers: HeaderMap) -> Response {
+async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -> Response {
     let s = match session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
+    let name = display_name(&st, which.id());
     let scope = MappingScope {
         tenant_id: s.tenant.clone(),
-        connector_id: "xero".into(),
+        connector_id: which.id().to_string(),
     };
     let list = match st.connections.account_list(&scope).await {
         Ok(Some((_, l))) => l,
@@ -417,13 +500,13 @@ async fn configure(State(st): S, headers: HeaderMap) -> Response {
             return message(
                 StatusCode::CONFLICT,
                 "Not connected",
-                "Connect Xero first: the choices are the organisation's accounts.",
+                &format!("Connect {name} first: the choices are the organisation's accounts."),
             );
         }
         Err(e) => {
             return message(
                 StatusCode::BAD_GATEWAY,
-                "Xero did not answer",
+                &format!("{name} did not answer"),
                 &e.to_string(),
             );
         }
@@ -446,10 +529,25 @@ async fn configure(State(st): S, headers: HeaderMap) -> Response {
                 .collect()
         })
         .unwrap_or_else(|| current.keys().map(|k| (k.clone(), k.clone())).collect());
-    let mut form = String::from(
-        "<form method=\"post\" action=\"/integrations/mappings\" id=\"mapping\"><table><tr><th>Line type</th><th>Account</th></tr>",
+    let q = which
+        .connector
+        .as_deref()
+        .map(|c| format!("?connector={}", esc(c)))
+        .unwrap_or_default();
+    let mut form = format!(
+        "<form method=\"post\" action=\"/integrations/mappings{q}\" id=\"mapping\"><table><tr><th>Line type</th><th>Account</th></tr>",
     );
     for (key, name) in kinds {
+        if list.accounts.is_empty() {
+            // No chart of accounts to choose from: the admin types codes.
+            form.push_str(&format!(
+                "<tr><td>{}</td><td><input type=\"text\" name=\"{}\" value=\"{}\" placeholder=\"account code\"></td></tr>",
+                esc(&name),
+                esc(&key),
+                esc(current.get(&key).map(String::as_str).unwrap_or(""))
+            ));
+            continue;
+        }
         let mut options = String::from("<option value=\"\">— not mapped —</option>");
         for a in &list.accounts {
             let sel = if current.get(&key) == Some(&a.code) {
@@ -472,21 +570,29 @@ async fn configure(State(st): S, headers: HeaderMap) -> Response {
     form.push_str(
         "</table><p><button id=\"save\" type=\"submit\">Save mappings</button></p></form>",
     );
-    page("Configure Xero", &form)
+    page(&format!("Configure {name}"), &form)
 }
 
 async fn save_mappings(
     State(st): S,
     headers: HeaderMap,
+    Query(which): Query<Which>,
     Form(f): Form<Vec<(String, String)>>,
 ) -> Response {
     let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
+    if st.connections.manifest(which.id()).is_none() {
+        return message(
+            StatusCode::NOT_FOUND,
+            "No such connector",
+            &format!("connector: {:?} is not installed", which.id()),
+        );
+    }
     let scope = MappingScope {
         tenant_id: s.tenant.clone(),
-        connector_id: "xero".into(),
+        connector_id: which.id().to_string(),
     };
     let mut saved = 0;
     for (kind, code) in f.into_iter().filter(|(_, c)| !c.is_empty()) {
@@ -508,7 +614,7 @@ async fn save_mappings(
                 &s.admin,
                 Some(&s.tenant),
                 "mapping.set",
-                &format!("{kind} -> {code}"),
+                &format!("{} {kind} -> {code}", scope.connector_id),
                 chrono::Utc::now().timestamp(),
             )
             .await;
@@ -518,14 +624,56 @@ async fn save_mappings(
     redirect("/integrations")
 }
 
-async fn connect(State(st): S, headers: HeaderMap) -> Response {
+async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -> Response {
     let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
+    let connector = which.id();
+    if st.connections.connects_without_grant(connector) == Some(true) {
+        // No consent screen: the connector checks the settings, and the
+        // connection is made now.
+        let name = display_name(&st, connector);
+        return match st
+            .connections
+            .connect_without_grant(&s.tenant, connector, &s.admin)
+            .await
+        {
+            Ok(done) => {
+                let _ = st
+                    .store
+                    .audit(
+                        &s.admin,
+                        Some(&s.tenant),
+                        "connect",
+                        connector,
+                        chrono::Utc::now().timestamp(),
+                    )
+                    .await;
+                page(
+                    "Connected",
+                    &format!(
+                        "<p id=\"connected\">{name} is connected: documents go to <strong id=\"organisation\">{}</strong>.</p>\
+                         <p><a id=\"back\" href=\"/integrations\">Back to Integrations</a></p>",
+                        esc(done
+                            .connection
+                            .external_tenant_name
+                            .as_deref()
+                            .unwrap_or("")),
+                        name = esc(&name),
+                    ),
+                )
+            }
+            Err(e) => message(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                "Cannot connect",
+                &e.to_string(),
+            ),
+        };
+    }
     match st
         .connections
-        .begin_connect(&s.tenant, "xero", &s.admin)
+        .begin_connect(&s.tenant, connector, &s.admin)
         .await
     {
         Ok(url) => {
@@ -535,7 +683,7 @@ async fn connect(State(st): S, headers: HeaderMap) -> Response {
                     &s.admin,
                     Some(&s.tenant),
                     "connect.start",
-                    "xero",
+                    connector,
                     chrono::Utc::now().timestamp(),
                 )
                 .await;
@@ -549,12 +697,13 @@ async fn connect(State(st): S, headers: HeaderMap) -> Response {
 /// as the organisation it reaches (and the connector's facts about it) or
 /// what is wrong. Any admin of the tenant may run it: it writes nothing in
 /// the accounting system (see [`crate::connections::check`]).
-async fn check(State(st): S, headers: HeaderMap) -> Response {
+async fn check(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -> Response {
     let s = match session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    match st.connections.check_connection(&s.tenant, "xero").await {
+    let name = display_name(&st, which.id());
+    match st.connections.check_connection(&s.tenant, which.id()).await {
         Ok(report) => {
             let details: String = report
                 .details
@@ -564,9 +713,10 @@ async fn check(State(st): S, headers: HeaderMap) -> Response {
             page(
                 "Connection works",
                 &format!(
-                    "<p id=\"message\">ledgerport reaches <strong id=\"organisation\">{}</strong> in Xero.</p>\
+                    "<p id=\"message\">ledgerport reaches <strong id=\"organisation\">{}</strong> in {}.</p>\
                      <ul id=\"details\">{details}</ul><p><a href=\"/integrations\">Back</a></p>",
-                    esc(&report.organisation_name)
+                    esc(&report.organisation_name),
+                    esc(&name)
                 ),
             )
         }
@@ -586,16 +736,20 @@ async fn check(State(st): S, headers: HeaderMap) -> Response {
     }
 }
 
-async fn disconnect(State(st): S, headers: HeaderMap) -> Response {
+async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -> Response {
     let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let Ok(Some(conn)) = st.store.connection_for(&s.tenant, "xero").await else {
+    let connector = which.id();
+    let Ok(Some(conn)) = st.store.connection_for(&s.tenant, connector).await else {
         return message(
             StatusCode::NOT_FOUND,
             "Not connected",
-            "There is no Xero connection to disconnect.",
+            &format!(
+                "There is no {} connection to disconnect.",
+                display_name(&st, connector)
+            ),
         );
     };
     match st.connections.disconnect(&conn.id, &s.admin).await {
@@ -606,7 +760,7 @@ async fn disconnect(State(st): S, headers: HeaderMap) -> Response {
                     &s.admin,
                     Some(&s.tenant),
                     "disconnect",
-                    "xero",
+                    connector,
                     chrono::Utc::now().timestamp(),
                 )
                 .await;

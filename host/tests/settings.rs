@@ -3,7 +3,10 @@
 //! masked, every refusal naming the key, audited, kept across disconnect
 //! and reconnect), and end to end: a connection with `status = DRAFT` makes
 //! the Xero connector create a DRAFT bill in the simulator while another
-//! connection gets the manifest's default, AUTHORISED.
+//! connection gets the manifest's default, AUTHORISED. And a connector
+//! without OAuth (the JSON webhook): connected at once once its settings
+//! pass the connector's check, delivering signed documents to a loopback
+//! receiver, pausing when its secret goes and resuming on reconnect.
 
 mod common;
 #[allow(dead_code)]
@@ -179,6 +182,8 @@ fn settings_ctx(tenant: &str, connector: &str, key: &str) -> String {
 /// A daemon on SQLite with every installed connector and the simulator.
 struct Env {
     sim: SimHandle,
+    /// The webhook connector's receiver (its allowed origin points here).
+    hooks: common::Listener,
     d: Daemon,
     base: String,
     http: reqwest::Client,
@@ -195,6 +200,16 @@ impl Env {
         std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
         let mut cfg = storage_support::daemon_config(db.url(), &sim, &key_file);
         cfg.service_keys = vec![SERVICE_KEY.into()];
+        let hooks = common::Listener::start().await;
+        cfg.plugins.insert(
+            "webhook".into(),
+            ledgerport::daemon::PluginSettings {
+                base_urls: [("https://hooks.example.com".to_string(), hooks.base.clone())].into(),
+                client_id: None,
+                client_secret: None,
+                broad_scopes: false,
+            },
+        );
         // Only the connectors these tests use (compiling every installed
         // one, the Python connector among them, costs tens of seconds).
         let plugins = dir.path().join("plugins");
@@ -213,6 +228,7 @@ impl Env {
         Env {
             base: format!("http://{}", d.addr),
             sim,
+            hooks,
             d,
             http: reqwest::Client::new(),
             _dir: dir,
@@ -685,12 +701,49 @@ async fn cli_sets_gets_and_unsets_settings() {
     let (code, out, err) = run(vec!["set", "--plugin", xero, "status=DRAFT"], None);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("set status"), "{out}");
+    // `connect` of a connector without OAuth: refused with the connector's
+    // words while the secret is missing, exit 2, nothing stored.
+    let installed = common::target_dir().join("plugins/webhook/manifest.toml");
+    let connect = || {
+        cli(
+            &[
+                "connect",
+                "--tenant",
+                "acme",
+                "--admin",
+                "ops@platform.example",
+                "--plugin",
+                installed.to_str().unwrap(),
+                "--database",
+                url.as_str(),
+            ],
+            &key,
+            None,
+        )
+    };
+    let (code, out, err) = connect();
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("signing_secret"), "{err}");
+    assert!(s.connection_for("acme", "webhook").await.unwrap().is_none());
     // A secret from standard input, never echoed back.
     let (code, _, err) = run(
         vec!["set", "--plugin", webhook, "signing_secret=-"],
         Some(&format!("{SECRET}\n")),
     );
     assert_eq!(code, 0, "{err}");
+    // Now it connects at once, and again reconnects.
+    let (code, out, err) = connect();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("connected acme to webhook (https://hooks.example.com/ledgerport)"),
+        "{out}"
+    );
+    let (code, out, err) = connect();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("reconnected acme"), "{out}");
+    let c = s.connection_for("acme", "webhook").await.unwrap().unwrap();
+    assert_eq!(c.state, ledgerport::store::ConnectionState::Active);
+    assert_eq!(c.connected_by.as_deref(), Some("ops@platform.example"));
     let (code, out, _) = run(vec!["get", "--plugin", webhook, "--json"], None);
     assert_eq!(code, 0);
     assert!(!out.contains(SECRET), "{out}");
@@ -721,4 +774,328 @@ async fn cli_sets_gets_and_unsets_settings() {
     let (code, _, err) = run(vec!["unset", "--plugin", xero, "status"], None);
     assert_eq!(code, 2);
     assert!(err.contains("status: is not set"), "{err}");
+}
+
+/// Sign in to the Integrations page as a Super Admin of `tenant`: the
+/// session cookie.
+async fn page_session(env: &Env, b: &reqwest::Client, tenant: &str) -> String {
+    let page_key = env.key(tenant).await;
+    let r = b
+        .get(format!(
+            "{}/integrations/login?key={page_key}&admin=alice&role=super-admin",
+            env.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A connector without OAuth, end to end through the admin API and the
+/// Integrations page: connecting is refused (and stores nothing) while the
+/// connector's check refuses the settings; once they pass it connects at
+/// once without tokens; its mappings are its own and unchecked (no chart of
+/// accounts); a document reaches the loopback receiver signed with the
+/// tenant's secret; without the secret the connection pauses, and
+/// reconnecting from the page resumes it with nothing lost; disconnecting
+/// has nothing to revoke and keeps the mappings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconnect() {
+    use hmac::{Hmac, Mac};
+    let env = Env::start().await;
+    env.d
+        .store
+        .upsert_tenant("acme", "Acme", &[], 0)
+        .await
+        .unwrap();
+    let key = env.key("acme").await;
+    let at = |rest: &str| format!("/v1/admin/tenants/acme/{rest}");
+    let secret = |v: Option<&str>| {
+        let env = &env;
+        let key = &key;
+        let path = at("settings/webhook/signing_secret");
+        let v = v.map(|v| json!({ "value": v }));
+        async move {
+            let method = if v.is_some() { "PUT" } else { "DELETE" };
+            let (s, body) = env.call(method, &path, key, v).await;
+            assert_eq!(s, 200, "{body}");
+        }
+    };
+
+    // No signing secret: refused with the connector's words, nothing stored.
+    let (s, v) = env.call("POST", &at("connect/webhook"), &key, None).await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["problems"][0]["field"], "settings", "{v}");
+    assert!(
+        v["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("signing_secret"),
+        "{v}"
+    );
+    let store = &env.d.store;
+    assert!(
+        store
+            .connection_for("acme", "webhook")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // An unknown connector is refused naming it; Xero still answers with the
+    // consent screen's URL.
+    let (s, v) = env.call("POST", &at("connect/nope"), &key, None).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["problems"][0]["field"], "connector", "{v}");
+    let (s, v) = env.call("POST", &at("connect/xero"), &key, None).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["authorize_url"].as_str().is_some(), "{v}");
+
+    // With the secret: connected at once, active, no tokens stored.
+    secret(Some(SECRET)).await;
+    let (s, v) = env.call("POST", &at("connect/webhook"), &key, None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["connected"], true);
+    assert_eq!(v["reconnected"], false);
+    assert_eq!(v["state"], "active");
+    assert_eq!(v["organisation"], "https://hooks.example.com/ledgerport");
+    assert!(!v.to_string().contains(SECRET));
+    let conn_id = v["connection_id"].as_str().unwrap().to_string();
+    let snap = store
+        .token_snapshot(&env.d.connections.keys(), &conn_id)
+        .await
+        .unwrap();
+    assert!(matches!(snap, Some((_, None))), "no tokens: {snap:?}");
+
+    // Its mappings: typed codes, not checked against a chart of accounts
+    // (it has none), kept apart from Xero's; an unknown connector is 404.
+    let (s, v) = env
+        .call(
+            "PUT",
+            &at("mappings/gross-salary?connector=nope"),
+            &key,
+            Some(json!({"account_code": "6000"})),
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["problems"][0]["field"], "connector");
+    let doc = invoice("acme", 1);
+    let kinds: Vec<String> = doc["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap().to_string())
+        .collect();
+    for (i, kind) in kinds.iter().enumerate() {
+        let (s, v) = env
+            .call(
+                "PUT",
+                &at(&format!("mappings/{kind}?connector=webhook")),
+                &key,
+                Some(json!({"account_code": format!("6{i:03}")})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["connector"], "webhook");
+        assert_eq!(v["validated_against"], Value::Null, "{v}");
+    }
+    let (_, v) = env.call("GET", &at("mappings"), &key, None).await;
+    assert_eq!(v["mappings"].as_array().unwrap().len(), 0, "Xero's: {v}");
+    let (_, v) = env
+        .call("GET", &at("mappings?connector=webhook"), &key, None)
+        .await;
+    assert_eq!(v["mappings"].as_array().unwrap().len(), kinds.len(), "{v}");
+
+    // A document reaches the receiver, signed with the tenant's secret.
+    env.post(&doc).await;
+    let counts = env.settle().await;
+    assert!(counts.contains(&("delivered".into(), 1)), "{counts:?}");
+    let got = env.hooks.all();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = &got[0];
+    assert_eq!(r.path, "/ledgerport");
+    let sig = r.header("x-ledgerport-signature").unwrap();
+    let (t, v1) = sig
+        .split_once(",v1=")
+        .and_then(|(t, v1)| Some((t.strip_prefix("t=")?, v1)))
+        .unwrap_or_else(|| panic!("signature header {sig:?}"));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&r.body);
+    assert_eq!(hex::encode(mac.finalize().into_bytes()), v1, "signature");
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["document"]["number"], "INV-acme-0001");
+    assert_eq!(body["document"]["lines"][0]["account_code"], "6000");
+    assert!(!String::from_utf8_lossy(&r.body).contains(SECRET));
+
+    // Without its secret the connector cannot sign: the connection pauses
+    // and the document waits.
+    secret(None).await;
+    env.post(&invoice("acme", 2)).await;
+    let started = Instant::now();
+    loop {
+        let c = store
+            .connection_for("acme", "webhook")
+            .await
+            .unwrap()
+            .unwrap();
+        if c.state == ledgerport::store::ConnectionState::NeedsReauth {
+            assert!(
+                c.state_reason
+                    .unwrap_or_default()
+                    .contains("signing_secret"),
+                "the reason names the setting"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{c:?} {:?} {:?}",
+            store.delivery_counts(None).await,
+            store.list_deliveries(Some("acme"), None, None, 5).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.hooks.count(), 1);
+
+    // The page: the webhook's own card, waiting; reconnecting from it is
+    // refused while the secret is missing, then connects and resumes.
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let get = |path: &str| {
+        b.get(format!("{}{path}", env.base))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let post = |path: &str| {
+        b.post(format!("{}{path}", env.base))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let html = get("/integrations").await.unwrap().text().await.unwrap();
+    assert!(
+        html.contains("<div class=\"card\" id=\"webhook\"><h2>JSON webhook</h2>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("id=\"webhook-status\">needs-reauth</span>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("id=\"status\">not connected</span>"),
+        "Xero's card: {html}"
+    );
+    assert!(
+        html.contains("action=\"/integrations/connect?connector=webhook\""),
+        "{html}"
+    );
+    let r = post("/integrations/connect?connector=webhook")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    assert!(r.text().await.unwrap().contains("signing_secret"));
+    secret(Some(SECRET)).await;
+    let r = post("/integrations/connect?connector=webhook")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("id=\"connected\">JSON webhook is connected"),
+        "{html}"
+    );
+    // The paused document resumes by itself (the dispatcher looks each
+    // second) and is delivered.
+    let started = Instant::now();
+    loop {
+        let counts = store.delivery_counts(None).await.unwrap();
+        if counts.contains(&("delivered".into(), 2)) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = env.hooks.all();
+    assert_eq!(got.len(), 2, "the paused document, once");
+    let body: Value = serde_json::from_slice(&got[1].body).unwrap();
+    assert_eq!(body["document"]["number"], "INV-acme-0002");
+    let html = get("/integrations").await.unwrap().text().await.unwrap();
+    assert!(
+        html.contains("id=\"webhook-status\">active</span>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<tr data-number=\"INV-acme-0002\" data-connector=\"webhook\"><td>INV-acme-0002</td><td>JSON webhook</td><td class=\"delivered\">"),
+        "{html}"
+    );
+    // Test connection and Configure on its card.
+    let r = post("/integrations/check?connector=webhook").await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("<strong id=\"organisation\">https://hooks.example.com/ledgerport</strong> in JSON webhook"),
+        "{html}"
+    );
+    let html = get("/integrations/configure?connector=webhook")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("<input type=\"text\" name=\"gross-salary\" value=\"6000\""),
+        "typed codes: {html}"
+    );
+
+    // Disconnect: nothing to revoke, no problems; the mappings stay.
+    let (s, v) = env
+        .call("POST", &at("disconnect/webhook"), &key, None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["report"].as_str().unwrap().contains("problems: []"),
+        "{v}"
+    );
+    let c = store
+        .connection_for("acme", "webhook")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.state, ledgerport::store::ConnectionState::Disconnected);
+    let (_, v) = env
+        .call("GET", &at("mappings?connector=webhook"), &key, None)
+        .await;
+    assert_eq!(v["mappings"].as_array().unwrap().len(), kinds.len(), "{v}");
+    let events = store.connection_events(&conn_id).await.unwrap();
+    let kinds_of: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(kinds_of.contains(&"connected"), "{kinds_of:?}");
+    assert!(kinds_of.contains(&"reconnected"), "{kinds_of:?}");
+    assert_eq!(
+        events.last().map(|e| e.detail.as_str()),
+        Some("alice@acme.example disconnected"),
+        "{events:?}"
+    );
+    let (_, audit) = env.call("GET", &at("audit"), &key, None).await;
+    let actions: Vec<(&str, &str)> = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["action"].as_str().unwrap(),
+                a["detail"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(actions.contains(&("connect", "webhook")), "{actions:?}");
+    assert!(
+        actions.contains(&("mapping.set", "webhook gross-salary -> 6000")),
+        "{actions:?}"
+    );
+    env.d.stop().await;
 }

@@ -47,7 +47,7 @@ fn new_conn(tokens: TokenSet, org: &str) -> NewConnection {
             connection_id: Some("link-1".into()),
         },
         auth_event_id: Some(format!("grant-{org}")),
-        tokens,
+        tokens: Some(tokens),
     }
 }
 

@@ -659,11 +659,11 @@ async fn hostile_tenant(p: &Pipeline, keys: &KeyRing, tenant: &str) {
                     connection_id: None,
                 },
                 auth_event_id: None,
-                tokens: TokenSet {
+                tokens: Some(TokenSet {
                     access_token: Secret::new("hostile-token"),
                     refresh_token: None,
                     expires_at: now + 10 * 365 * 86_400,
-                },
+                }),
             },
             now,
         )

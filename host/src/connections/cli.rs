@@ -1,5 +1,6 @@
 //! The command-line side of tenants, connections, mappings and keys:
-//! `ledgerport tenant add|list`, `connect` (prints the authorization URL),
+//! `ledgerport tenant add|list`, `connect` (prints the authorization URL, or
+//! connects at once a connector that needs no OAuth grant),
 //! `mappings set|list|delete`, `settings get|set|unset` (connector settings
 //! per connection, checked against the plugin's manifest) and `keys rotate`. `main.rs` flattens
 //! [`ConnectionsCommand`] into its subcommands and calls [`run`].
@@ -225,7 +226,9 @@ pub enum ConnectionsCommand {
         #[command(subcommand)]
         command: TenantCommand,
     },
-    /// Start connecting a tenant: prints the URL to open in the admin's browser.
+    /// Connect a tenant: for an OAuth connector, prints the URL to open in
+    /// the admin's browser; for one without OAuth (the JSON webhook), checks
+    /// the tenant's settings with the connector and connects at once.
     Connect {
         /// The tenant.
         #[arg(long)]
@@ -443,20 +446,43 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                 .plugin
                 .clone()
                 .ok_or_else(|| bad("plugin: --plugin <manifest> is needed"))?;
-            let id = Manifest::from_file(&path)
-                .map_err(|e| bad(e.to_string()))?
-                .id;
+            let manifest = Manifest::from_file(&path).map_err(|e| bad(e.to_string()))?;
+            let id = manifest.id;
+            let fail = |e: super::ConnectError| {
+                if e.status() < 500 || e.status() == 502 {
+                    bad(e.to_string())
+                } else {
+                    Fail(3, e.to_string())
+                }
+            };
+            if manifest.oauth.is_none() {
+                // No consent screen: the connector checks the settings and
+                // the connection is made now.
+                let conns = service(s, keys, Some(&provider), false).await?;
+                let done = conns
+                    .connect_without_grant(&tenant, &id, &admin)
+                    .await
+                    .map_err(fail)?;
+                println!(
+                    "{} {tenant} to {id} ({}); connection {}",
+                    if done.reconnected {
+                        "reconnected"
+                    } else {
+                        "connected"
+                    },
+                    done.connection
+                        .external_tenant_name
+                        .as_deref()
+                        .unwrap_or_default(),
+                    done.connection.id
+                );
+                return Ok(());
+            }
             let conns = service(s, keys, Some(&provider), true).await?;
             let url = conns
                 .begin_connect(&tenant, &id, &admin)
                 .await
-                .map_err(|e| {
-                    if e.status() < 500 {
-                        bad(e.to_string())
-                    } else {
-                        Fail(3, e.to_string())
-                    }
-                })?;
+                .map_err(fail)?;
             println!("{url}");
         }
         ConnectionsCommand::Mappings { command } => match command {

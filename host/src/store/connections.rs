@@ -177,8 +177,10 @@ pub struct NewConnection {
     pub organisation: Organisation,
     /// The provider's grant id.
     pub auth_event_id: Option<String>,
-    /// The tokens.
-    pub tokens: TokenSet,
+    /// The tokens; `None` for a connector that authenticates without an
+    /// OAuth grant (its requests carry no bearer token; see
+    /// [`crate::connections::Connections::connect_without_grant`]).
+    pub tokens: Option<TokenSet>,
 }
 
 /// The outcome of [`Store::finish_connect`].
@@ -649,12 +651,27 @@ impl Store {
     /// Store a completed authorisation: create the tenant's connection to the
     /// connector, or reuse the earlier one (state back to active; mappings,
     /// which are keyed by tenant and connector, stay), replace its tokens and
-    /// record `connected` / `reconnected`. When the organisation changed, the
+    /// record `connected` / `reconnected`. `connected_at` strictly grows
+    /// with every reconnect (by a second when two fall in one), so it tells
+    /// calls made before a reconnect from those after it. When the organisation changed, the
     /// connection's kv cache is cleared (its ids belong to the old one).
     pub async fn finish_connect(
         &self,
         keys: &KeyRing,
         new: &NewConnection,
+        now: i64,
+    ) -> Result<Connected, StoreError> {
+        self.finish_connect_as(keys, new, None, now).await
+    }
+
+    /// As [`Store::finish_connect`]; a new connection (the tenant has none
+    /// to this connector yet) gets the id `id_if_new` when given (the id a
+    /// call made before connecting ran under).
+    pub async fn finish_connect_as(
+        &self,
+        keys: &KeyRing,
+        new: &NewConnection,
+        id_if_new: Option<&str>,
         now: i64,
     ) -> Result<Connected, StoreError> {
         if self.tenant(&new.tenant_id).await?.is_none() {
@@ -666,6 +683,7 @@ impl Store {
         let id = existing
             .as_ref()
             .map(|c| c.id.clone())
+            .or_else(|| id_if_new.map(String::from))
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Tokens of an earlier, different grant: returned for revocation.
         let mut replaced = None;
@@ -679,21 +697,26 @@ impl Store {
             .as_ref()
             .is_some_and(|c| c.external_tenant_id.as_deref() != Some(&new.organisation.tenant_id));
         let scopes = new.scopes.join(" ");
-        let access = keys.encrypt(new.tokens.access_token.expose(), &ctx_access(&id));
-        let refresh = new
-            .tokens
-            .refresh_token
-            .as_ref()
-            .map(|r| keys.encrypt(r.expose(), &ctx_refresh(&id)));
+        let sealed = new.tokens.as_ref().map(|t| {
+            (
+                keys.encrypt(t.access_token.expose(), &ctx_access(&id)),
+                t.refresh_token
+                    .as_ref()
+                    .map(|r| keys.encrypt(r.expose(), &ctx_refresh(&id))),
+                t.expires_at,
+            )
+        });
         let kind = if existing.is_some() {
             event_kind::RECONNECTED
         } else {
             event_kind::CONNECTED
         };
-        let detail = format!(
-            "{} connected {} ({})",
-            new.admin, new.organisation.name, new.organisation.tenant_id
-        );
+        let org = &new.organisation;
+        let detail = if org.name == org.tenant_id {
+            format!("{} connected {}", new.admin, org.name)
+        } else {
+            format!("{} connected {} ({})", new.admin, org.name, org.tenant_id)
+        };
         let event = on_pool!(self, p => {
             let mut tx = p.begin().await?;
             sqlx::query(
@@ -706,7 +729,9 @@ impl Store {
                    external_tenant_name = excluded.external_tenant_name,
                    external_connection_id = excluded.external_connection_id,
                    auth_event_id = excluded.auth_event_id, scopes = excluded.scopes,
-                   connected_by = excluded.connected_by, connected_at = excluded.connected_at,
+                   connected_by = excluded.connected_by,
+                   connected_at = CASE WHEN connections.connected_at >= excluded.connected_at
+                     THEN connections.connected_at + 1 ELSE excluded.connected_at END,
                    disconnected_at = NULL, state_reason = NULL, updated_at = excluded.updated_at",
             )
             .bind(&id)
@@ -721,24 +746,32 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO connection_tokens
-                   (connection_id, key_id, access_token, refresh_token, expires_at, refreshed_at, generation)
-                 VALUES ($1, $2, $3, $4, $5, $6, 1)
-                 ON CONFLICT (connection_id) DO UPDATE SET
-                   key_id = excluded.key_id, access_token = excluded.access_token,
-                   refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
-                   refreshed_at = excluded.refreshed_at,
-                   generation = connection_tokens.generation + 1",
-            )
-            .bind(&id)
-            .bind(keys.current_key_id())
-            .bind(&access)
-            .bind(&refresh)
-            .bind(new.tokens.expires_at)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            if let Some((access, refresh, expires_at)) = &sealed {
+                sqlx::query(
+                    "INSERT INTO connection_tokens
+                       (connection_id, key_id, access_token, refresh_token, expires_at, refreshed_at, generation)
+                     VALUES ($1, $2, $3, $4, $5, $6, 1)
+                     ON CONFLICT (connection_id) DO UPDATE SET
+                       key_id = excluded.key_id, access_token = excluded.access_token,
+                       refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
+                       refreshed_at = excluded.refreshed_at,
+                       generation = connection_tokens.generation + 1",
+                )
+                .bind(&id)
+                .bind(keys.current_key_id())
+                .bind(access)
+                .bind(refresh)
+                .bind(expires_at)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                // No grant: no tokens may linger from an earlier one.
+                sqlx::query("DELETE FROM connection_tokens WHERE connection_id = $1")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             if org_changed {
                 sqlx::query("DELETE FROM kv WHERE connection_id = $1")
                     .bind(&id)
@@ -759,6 +792,48 @@ impl Store {
             replaced,
             event,
         })
+    }
+
+    /// The connector said the connection must be connected again: mark it
+    /// `needs-reauth` with `reason` and record the event, but only while it
+    /// is still the connection the call ran on (active, connected at
+    /// `seen_connected_at`): a reconnect since then wins. Returns the event
+    /// when the state changed.
+    pub async fn mark_needs_reauth_if_unchanged(
+        &self,
+        connection_id: &str,
+        seen_connected_at: i64,
+        reason: &str,
+        now: i64,
+    ) -> Result<Option<ConnectionEvent>, StoreError> {
+        Ok(on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let tenant: Option<String> = sqlx::query(
+                "UPDATE connections SET state = 'needs-reauth', state_reason = $2, updated_at = $3
+                 WHERE id = $1 AND state = 'active' AND connected_at = $4 RETURNING tenant_id",
+            )
+            .bind(connection_id)
+            .bind(reason)
+            .bind(now)
+            .bind(seen_connected_at)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+            let ev = match tenant {
+                Some(t) => Some(insert_event!(
+                    &mut *tx,
+                    connection_id,
+                    &t,
+                    event_kind::NEEDS_REAUTH,
+                    reason,
+                    now
+                )),
+                None => None,
+            };
+            tx.commit().await?;
+            ev
+        }))
     }
 
     /// Record an event by hand (e.g. a provider-side failure during disconnect).

@@ -1,0 +1,141 @@
+//! Connecting a connector that needs no OAuth grant: one whose manifest has
+//! no `[oauth]` table, such as the JSON webhook connector, which signs its
+//! requests with a secret kept in the connection's settings.
+//!
+//! There is no consent screen to send the admin to, so connecting is one
+//! step: the host runs the connector's `check` with the tenant's settings
+//! (a refusal, e.g. a missing signing secret, is returned and nothing is
+//! stored), then records the connection as active without tokens. Doing it
+//! again reconnects: a connection paused because its settings were wrong
+//! resumes, and mappings (kept per tenant and connector) stay.
+
+use super::{ConnectError, Connections, connector_said, settings};
+use crate::capabilities::http::CredentialProvider;
+use crate::runtime::CallContext;
+use crate::runtime::v0_1::ledgerport::connector::types as wit;
+use crate::store::{Connected, Connection, ConnectionState, NewConnection, Organisation};
+use std::sync::Arc;
+
+impl Connections {
+    /// Whether `connector_id` is installed here and connects without an
+    /// OAuth grant (see the module's comment). `None` when not installed.
+    pub fn connects_without_grant(&self, connector_id: &str) -> Option<bool> {
+        self.manifest(connector_id).map(|m| m.oauth.is_none())
+    }
+
+    /// Connect `tenant_id` to `connector_id`, a connector that needs no
+    /// OAuth grant, on `admin`'s behalf: check the configuration with the
+    /// connector, then store the connection as active (or reactivate the
+    /// earlier one). Refusals name their field or quote the connector.
+    pub async fn connect_without_grant(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        admin: &str,
+    ) -> Result<Connected, ConnectError> {
+        if admin.trim().is_empty() {
+            return Err(ConnectError::bad(
+                "admin",
+                "who is connecting must be named",
+            ));
+        }
+        if self.store().tenant(tenant_id).await?.is_none() {
+            return Err(ConnectError::bad(
+                "tenant",
+                format!("unknown tenant {tenant_id:?}"),
+            ));
+        }
+        let p = self.plugin(connector_id).ok_or_else(|| {
+            ConnectError::NotFound(format!("connector {connector_id:?} (not installed)"))
+        })?;
+        if p.plugin.manifest().oauth.is_some() {
+            return Err(ConnectError::bad(
+                "connector",
+                format!(
+                    "{connector_id} connects through its provider's consent screen (OAuth), \
+                     not directly"
+                ),
+            ));
+        }
+        // The connection as it will be stored, so that the check sees the
+        // same id, tenant and settings a delivery will.
+        let existing = self.store().connection_for(tenant_id, connector_id).await?;
+        let now = self.clock().now_secs();
+        let prospective = existing.clone().unwrap_or_else(|| Connection {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: tenant_id.to_string(),
+            connector_id: connector_id.to_string(),
+            state: ConnectionState::Active,
+            external_tenant_id: None,
+            external_tenant_name: None,
+            external_connection_id: None,
+            auth_event_id: None,
+            scopes: Vec::new(),
+            connected_by: None,
+            connected_at: None,
+            disconnected_at: None,
+            state_reason: None,
+            updated_at: now,
+        });
+        let connection = settings::connection_info(
+            self.store(),
+            &self.keys,
+            Some(p.plugin.manifest()),
+            &prospective,
+        )
+        .await?;
+        let ctx = CallContext {
+            connection,
+            credentials: self.tokens() as Arc<dyn CredentialProvider>,
+            mappings: Arc::new(self.store().clone()),
+            kv: Arc::new(self.store().clone()),
+            rate: None,
+        };
+        let report = match p.runtime.check(&p.plugin, &ctx).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(e @ (wit::DeliveryError::NeedsReauth(_) | wit::DeliveryError::Rejected(_)))) => {
+                // Its words without the "needs re-authorisation" framing:
+                // there is no grant here, only settings to fix.
+                let said = match e {
+                    wit::DeliveryError::NeedsReauth(m) => m,
+                    other => connector_said(other),
+                };
+                return Err(ConnectError::Refused(said));
+            }
+            Ok(Err(e)) => return Err(ConnectError::Unconfirmed(connector_said(e))),
+            Err(e) => return Err(ConnectError::Unconfirmed(e.to_string())),
+        };
+        let reached = report.organisation_name.trim();
+        let reached = if reached.is_empty() {
+            p.plugin.manifest().name.clone()
+        } else {
+            reached.to_string()
+        };
+        let done = self
+            .store()
+            .finish_connect_as(
+                &self.keys,
+                &NewConnection {
+                    tenant_id: tenant_id.to_string(),
+                    connector_id: connector_id.to_string(),
+                    admin: admin.to_string(),
+                    scopes: Vec::new(),
+                    // What the connector reaches stands for the organisation:
+                    // when it changes (a new endpoint), the connection's kv
+                    // cache, which belongs to the old one, is cleared.
+                    organisation: Organisation {
+                        tenant_id: reached.clone(),
+                        name: reached,
+                        connection_id: None,
+                    },
+                    auth_event_id: None,
+                    tokens: None,
+                },
+                Some(&prospective.id),
+                now,
+            )
+            .await?;
+        self.events().emit(done.event.clone());
+        Ok(done)
+    }
+}
