@@ -325,6 +325,72 @@ both!(
     connections_tokens_events
 );
 
+/// A connection without a grant (a connector without OAuth) and the
+/// generation `connected_at` gives: it grows with every reconnect, even two
+/// in one second, and a connector's needs-reauth lands only on the
+/// generation the call ran on.
+async fn grantless_connections_and_reconnect_generations(db: TestDb) {
+    let s = db.store().await;
+    let k = keys(1);
+    s.upsert_tenant("acme", "Acme", &[], 1).await.unwrap();
+    // An OAuth grant first, then the same tenant and connector without one:
+    // the row is reused and no token lingers.
+    let id = connected(&s, &k, &new_conn(tokens("A1", "R1", 1000), "org-1")).await;
+    let mut grantless = new_conn(tokens("x", "y", 0), "https://hooks.example.com/in");
+    grantless.tokens = None;
+    grantless.auth_event_id = None;
+    grantless.organisation.name = grantless.organisation.tenant_id.clone();
+    let again = s.finish_connect(&k, &grantless, 10).await.unwrap();
+    assert_eq!(again.connection.id, id);
+    assert!(again.reconnected && again.replaced.is_some());
+    assert!(matches!(
+        s.token_snapshot(&k, &id).await.unwrap(),
+        Some((_, None))
+    ));
+    assert_eq!(again.connection.connected_at, Some(11), "10 was taken");
+    assert_eq!(
+        again.event.detail,
+        "alice@acme.test connected https://hooks.example.com/in"
+    );
+    // A call that ran on generation 10 cannot mark generation 11.
+    assert!(
+        s.mark_needs_reauth_if_unchanged(&id, 10, "stale", 12)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let c = s.connection(&id).await.unwrap().unwrap();
+    assert_eq!(c.state, ConnectionState::Active);
+    let ev = s
+        .mark_needs_reauth_if_unchanged(&id, 11, "set signing_secret", 12)
+        .await
+        .unwrap()
+        .expect("marked");
+    assert_eq!(
+        (ev.kind.as_str(), ev.detail.as_str()),
+        ("needs-reauth", "set signing_secret")
+    );
+    let c = s.connection(&id).await.unwrap().unwrap();
+    assert_eq!(c.state, ConnectionState::NeedsReauth);
+    assert_eq!(c.state_reason.as_deref(), Some("set signing_secret"));
+    // Marked once: a second call finds it no longer active.
+    assert!(
+        s.mark_needs_reauth_if_unchanged(&id, 11, "again", 13)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Reconnecting (at an earlier clock even) moves past every generation.
+    let back = s.finish_connect(&k, &grantless, 5).await.unwrap();
+    assert_eq!(back.connection.state, ConnectionState::Active);
+    assert_eq!(back.connection.connected_at, Some(12));
+}
+both!(
+    grantless_sqlite,
+    grantless_postgres,
+    grantless_connections_and_reconnect_generations
+);
+
 async fn unknown_tenant_is_refused(db: TestDb) {
     let s = db.store().await;
     let e = s
