@@ -374,6 +374,11 @@ impl Daemon {
             .iter()
             .map(|(id, p)| (id.clone(), p.manifest().name.clone()))
             .collect();
+        let grantless: std::collections::BTreeSet<String> = plugins
+            .iter()
+            .filter(|(_, p)| p.manifest().oauth.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
         let dispatcher = Dispatcher::new(
             store.clone(),
             runtime.clone(),
@@ -413,6 +418,7 @@ impl Daemon {
                 from: m.from.clone(),
                 integrations_url: public.clone(),
                 provider_names,
+                grantless,
             };
             let mailer = Mailer::new(&mail_cfg)?;
             let store2 = store.clone();

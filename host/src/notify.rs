@@ -10,7 +10,7 @@ use crate::store::outbox::IncidentRow;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::client::Tls;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// Where mail goes and what it links to.
@@ -32,6 +32,11 @@ pub struct MailConfig {
     /// manifest's `name`, e.g. "xero" -> "Xero"): a notice names the
     /// system its documents were meant for.
     pub provider_names: BTreeMap<String, String>,
+    /// Connectors that connect without an OAuth grant (no `[oauth]` in the
+    /// manifest, e.g. the JSON webhook): when they pause for
+    /// re-authorisation it is their settings that need fixing, and the
+    /// notice says so instead of speaking of revoked access.
+    pub grantless: BTreeSet<String>,
 }
 
 impl MailConfig {
@@ -58,11 +63,13 @@ pub struct Email {
 
 /// Compose the e-mail for an incident; `provider` is the display name of
 /// the system the documents were meant for (see
-/// [`MailConfig::provider_name`]).
+/// [`MailConfig::provider_name`]), `grantless` whether its connector
+/// connects without OAuth (see [`MailConfig::grantless`]).
 pub fn compose(
     incident: &IncidentRow,
     tenant_name: &str,
     provider: &str,
+    grantless: bool,
     cfg: &MailConfig,
 ) -> Email {
     let n = incident.documents.len();
@@ -84,6 +91,17 @@ pub fn compose(
             ),
             "Map accounts",
             format!("{base}/integrations?configure={}", incident.connection_id),
+        ),
+        "paused-reauth" if grantless => (
+            format!("Action needed: fix the {provider} connection ({n} {plural} waiting)"),
+            format!(
+                "ledgerport cannot send to {provider} with the connection's current settings, so {these_lc} {plural} {waiting}."
+            ),
+            format!(
+                "Open the Integrations page, correct the settings on the {provider} card as described above, then choose Connect on the card. The waiting {plural} will be sent automatically once it is connected again."
+            ),
+            "Fix the connection",
+            format!("{base}/integrations"),
         ),
         "paused-reauth" => (
             format!("Action needed: reconnect {provider} ({n} {plural} waiting)"),
@@ -239,7 +257,10 @@ pub async fn pump(
             Some(id) => cfg.provider_name(id),
             None => "your accounting system",
         };
-        let email = compose(&inc, &name, provider, cfg);
+        let grantless = connector
+            .as_ref()
+            .is_some_and(|id| cfg.grantless.contains(id));
+        let email = compose(&inc, &name, provider, grantless, cfg);
         store
             .enqueue_mail(
                 &inc.tenant_id,
@@ -294,6 +315,7 @@ mod tests {
                 ("webhook".to_string(), "JSON webhook".to_string()),
             ]
             .into(),
+            grantless: ["webhook".to_string()].into(),
         }
     }
 
@@ -321,11 +343,43 @@ mod tests {
             "retries-exhausted",
             "failed",
         ] {
-            let m = compose(&incident(kind), "Acme", cfg.provider_name("webhook"), &cfg);
+            let m = compose(
+                &incident(kind),
+                "Acme",
+                cfg.provider_name("webhook"),
+                true,
+                &cfg,
+            );
             assert!(m.subject.contains("JSON webhook"), "{kind}: {}", m.subject);
             assert!(!m.subject.contains("Xero"), "{kind}: {}", m.subject);
             assert!(!m.text.contains("Xero"), "{kind}: {}", m.text);
             assert!(m.text.contains("INV-1") && m.text.contains("INV-2"));
         }
+    }
+
+    #[test]
+    fn a_paused_connection_without_oauth_asks_for_its_settings_not_a_reauthorisation() {
+        let cfg = config();
+        let mut inc = incident("paused-reauth");
+        inc.details = vec!["set the connection setting `signing_secret`".into()];
+        let grant = compose(&inc, "Acme", "Xero", false, &cfg);
+        assert!(grant.subject.starts_with("Action needed: reconnect Xero"));
+        assert!(grant.text.contains("no longer accepts ledgerport's access"));
+        let settings = compose(&inc, "Acme", "JSON webhook", true, &cfg);
+        assert_eq!(
+            settings.subject,
+            "Action needed: fix the JSON webhook connection (2 documents waiting)"
+        );
+        assert!(!settings.text.contains("access"), "{}", settings.text);
+        assert!(
+            settings
+                .text
+                .contains("correct the settings on the JSON webhook card")
+        );
+        assert!(
+            settings.text.contains("`signing_secret`"),
+            "what went wrong is quoted"
+        );
+        assert!(settings.html.contains("Fix the connection"));
     }
 }

@@ -184,6 +184,8 @@ struct Env {
     sim: SimHandle,
     /// The webhook connector's receiver (its allowed origin points here).
     hooks: common::Listener,
+    /// Where the daemon's notices go (incidents mailed at once).
+    smtp: smtp_sink::SmtpSink,
     d: Daemon,
     base: String,
     http: reqwest::Client,
@@ -201,6 +203,16 @@ impl Env {
         let mut cfg = storage_support::daemon_config(db.url(), &sim, &key_file);
         cfg.service_keys = vec![SERVICE_KEY.into()];
         let hooks = common::Listener::start().await;
+        let smtp = smtp_sink::SmtpSink::start().await.unwrap();
+        cfg.mail = Some(ledgerport::daemon::MailSettings {
+            smtp_host: "127.0.0.1".into(),
+            smtp_port: smtp.addr().port(),
+            starttls: false,
+            from: "ledgerport <integrations@platform.example>".into(),
+            username: None,
+            password: None,
+        });
+        cfg.dispatch.coalesce_secs = Some(0);
         cfg.plugins.insert(
             "webhook".into(),
             ledgerport::daemon::PluginSettings {
@@ -229,6 +241,7 @@ impl Env {
             base: format!("http://{}", d.addr),
             sim,
             hooks,
+            smtp,
             d,
             http: reqwest::Client::new(),
             _dir: dir,
@@ -811,7 +824,7 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
     let env = Env::start().await;
     env.d
         .store
-        .upsert_tenant("acme", "Acme", &[], 0)
+        .upsert_tenant("acme", "Acme", &["finance@acme.example".into()], 0)
         .await
         .unwrap();
     let key = env.key("acme").await;
@@ -962,6 +975,22 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(env.hooks.count(), 1);
+    // The tenant is told to fix the connection, not to re-authorise.
+    let started = Instant::now();
+    let mail = loop {
+        if let Some(m) = env.smtp.mails().pop() {
+            break m;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no notice");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(mail.to, vec!["finance@acme.example".to_string()]);
+    let subject = mail.header("subject").unwrap_or_default();
+    assert!(
+        subject.starts_with("Action needed: fix the JSON webhook connection"),
+        "{subject}"
+    );
+    assert!(!mail.data.contains(SECRET));
 
     // The page: the webhook's own card, waiting; reconnecting from it is
     // refused while the secret is missing, then connects and resumes.
