@@ -1,7 +1,8 @@
 //! The Integrations page in real headless Chromium (Debian's `chromium`,
 //! driven by `playwright-core` from npm; `tests/browser/integrations.mjs`):
 //! connect -> pick organisation -> map -> issue a document -> see it
-//! delivered -> disconnect, against the Xero simulator. Screenshots land in
+//! delivered -> disconnect, against the Xero simulator, then the JSON
+//! webhook (no OAuth) connected from its own card. Screenshots land in
 //! `target/screenshots/`. `cargo xtask test` installs Chromium and the npm
 //! package when they are missing; run alone without them, the test says so
 //! and is skipped (under CI=true it fails instead).
@@ -73,6 +74,7 @@ async fn integrations_page_in_headless_chromium() {
         .env("SHOTS", &shots)
         .env("MAPPINGS", mappings.to_string())
         .env("ORG_NAME", "Acme Trading GmbH")
+        .env("WEBHOOK_SECRET", "whsec-browser-0123456789")
         .output()
         .await
         .expect("run node");
@@ -98,12 +100,22 @@ async fn integrations_page_in_headless_chromium() {
         .unwrap()
         .unwrap();
     assert_eq!(conn.state, ledgerport::store::ConnectionState::Disconnected);
+    let hook = d
+        .store
+        .connection_for("acme", "webhook")
+        .await
+        .unwrap()
+        .expect("the webhook was connected from its card");
+    assert_eq!(hook.state, ledgerport::store::ConnectionState::Active);
+    assert_eq!(hook.connected_by.as_deref(), Some("alice@acme.example"));
     let audit = d.store.audit_log(Some("acme"), 50).await.unwrap();
     let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
     assert!(
         actions.contains(&"disconnect")
             && actions.contains(&"mapping.set")
-            && actions.contains(&"connect.start"),
+            && actions.contains(&"connect.start")
+            && actions.contains(&"connect")
+            && actions.contains(&"setting.set"),
         "{actions:?}"
     );
     for name in [
@@ -113,6 +125,7 @@ async fn integrations_page_in_headless_chromium() {
         "4-configure",
         "5-delivered",
         "6-disconnected",
+        "7-webhook-connected",
     ] {
         assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
     }

@@ -1,12 +1,14 @@
 // Drives the Integrations page in Debian's headless Chromium through
 // connect -> pick organisation -> map -> issue a document -> see it
-// delivered -> disconnect, against the Xero simulator, saving screenshots.
+// delivered -> disconnect, against the Xero simulator; then connects the
+// JSON webhook (no OAuth) from its own card; saving screenshots.
 // Run by host/tests/browser.rs, which starts the daemon and the simulator
-// and passes BASE, LOGIN_URL, SERVICE_KEY, DOCUMENT, SHOTS and MAPPINGS.
+// and passes BASE, LOGIN_URL, SERVICE_KEY, DOCUMENT, SHOTS, MAPPINGS,
+// ORG_NAME and WEBHOOK_SECRET.
 import { chromium } from 'playwright-core';
 import { readFileSync, mkdirSync } from 'node:fs';
 
-const { BASE, LOGIN_URL, SERVICE_KEY, DOCUMENT, SHOTS, MAPPINGS, ORG_NAME } = process.env;
+const { BASE, LOGIN_URL, SERVICE_KEY, DOCUMENT, SHOTS, MAPPINGS, ORG_NAME, WEBHOOK_SECRET } = process.env;
 mkdirSync(SHOTS, { recursive: true });
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -77,6 +79,24 @@ try {
   await page.waitForSelector('#status');
   if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('expected disconnected');
   await shot('6-disconnected');
+
+  // A connector without OAuth on its own card: Connect checks its settings
+  // (refused, naming the missing secret), then connects at once.
+  await page.click('#webhook-connect');
+  await page.waitForSelector('#message');
+  const refusal = await page.textContent('#message');
+  if (!refusal.includes('signing_secret')) await fail(`expected the missing secret named: ${refusal}`);
+  await page.goto(`${BASE}/integrations`);
+  await page.fill('#webhook-settings input[name=signing_secret]', WEBHOOK_SECRET);
+  await page.click('#webhook-save-settings');
+  await page.waitForSelector('#webhook');
+  await page.click('#webhook-connect');
+  await page.waitForSelector('#connected');
+  await shot('7-webhook-connected');
+  await page.click('#back');
+  await page.waitForSelector('#webhook-status');
+  if ((await page.textContent('#webhook-status')).trim() !== 'active') await fail('expected the webhook active');
+  if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('Xero\'s card is its own');
   console.log('browser flow ok');
 } catch (e) {
   await fail(`browser flow failed: ${e.stack || e}`);
