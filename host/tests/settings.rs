@@ -511,23 +511,8 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
     assert!(!audit.to_string().contains(SECRET));
 
     // The Integrations page shows the settings; the secret field is empty.
-    let page_key = env.key("acme").await;
     let b = storage_support::browser();
-    let r = b
-        .get(format!(
-            "{}/integrations/login?key={page_key}&admin=alice&role=super-admin",
-            env.base
-        ))
-        .send()
-        .await
-        .unwrap();
-    let cookie = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = page_session(&env, &b, "acme").await;
     let integrations_page = || async {
         b.get(format!("{}/integrations", env.base))
             .header("cookie", &cookie)

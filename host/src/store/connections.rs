@@ -101,6 +101,18 @@ pub(super) struct ConnectionRow {
     updated_at: i64,
 }
 
+/// Store a connection's (encrypted) tokens, bumping their generation:
+/// `$1` connection, `$2` key id, `$3` access, `$4` refresh, `$5` expiry,
+/// `$6` now.
+const UPSERT_TOKENS: &str = "INSERT INTO connection_tokens
+       (connection_id, key_id, access_token, refresh_token, expires_at, refreshed_at, generation)
+     VALUES ($1, $2, $3, $4, $5, $6, 1)
+     ON CONFLICT (connection_id) DO UPDATE SET
+       key_id = excluded.key_id, access_token = excluded.access_token,
+       refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
+       refreshed_at = excluded.refreshed_at,
+       generation = connection_tokens.generation + 1";
+
 pub(super) const CONNECTION_COLUMNS: &str = "id, tenant_id, connector_id, state, external_tenant_id, \
     external_tenant_name, external_connection_id, auth_event_id, scopes, connected_by, \
     connected_at, disconnected_at, state_reason, updated_at";
@@ -450,14 +462,7 @@ impl TokenLease {
         let key_id = keys.current_key_id().to_string();
         on_lease!(self, c => {
             sqlx::query(
-                "INSERT INTO connection_tokens
-                   (connection_id, key_id, access_token, refresh_token, expires_at, refreshed_at, generation)
-                 VALUES ($1, $2, $3, $4, $5, $6, 1)
-                 ON CONFLICT (connection_id) DO UPDATE SET
-                   key_id = excluded.key_id, access_token = excluded.access_token,
-                   refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
-                   refreshed_at = excluded.refreshed_at,
-                   generation = connection_tokens.generation + 1",
+                UPSERT_TOKENS,
             )
             .bind(&id)
             .bind(&key_id)
@@ -748,14 +753,7 @@ impl Store {
             .await?;
             if let Some((access, refresh, expires_at)) = &sealed {
                 sqlx::query(
-                    "INSERT INTO connection_tokens
-                       (connection_id, key_id, access_token, refresh_token, expires_at, refreshed_at, generation)
-                     VALUES ($1, $2, $3, $4, $5, $6, 1)
-                     ON CONFLICT (connection_id) DO UPDATE SET
-                       key_id = excluded.key_id, access_token = excluded.access_token,
-                       refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
-                       refreshed_at = excluded.refreshed_at,
-                       generation = connection_tokens.generation + 1",
+                    UPSERT_TOKENS,
                 )
                 .bind(&id)
                 .bind(keys.current_key_id())
