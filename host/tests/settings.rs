@@ -774,6 +774,25 @@ async fn cli_sets_gets_and_unsets_settings() {
     assert!(err.contains("status: is not set"), "{err}");
 }
 
+/// What `probe` finds, polling every 100 ms for at most 30 s (then the
+/// test fails naming `what`).
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sign in to the Integrations page as a Super Admin of `tenant`: the
 /// session cookie.
 async fn page_session(env: &Env, b: &reqwest::Client, tenant: &str) -> String {
@@ -935,40 +954,20 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
     // and the document waits.
     secret(None).await;
     env.post(&invoice("acme", 2)).await;
-    let started = Instant::now();
-    loop {
-        let c = store
-            .connection_for("acme", "webhook")
-            .await
-            .unwrap()
-            .unwrap();
-        if c.state == ledgerport::store::ConnectionState::NeedsReauth {
-            assert!(
-                c.state_reason
-                    .unwrap_or_default()
-                    .contains("signing_secret"),
-                "the reason names the setting"
-            );
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{c:?} {:?} {:?}",
-            store.delivery_counts(None).await,
-            store.list_deliveries(Some("acme"), None, None, 5).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let c = eventually("the connection needs re-authorisation", || async {
+        let c = store.connection_for("acme", "webhook").await.unwrap()?;
+        (c.state == ledgerport::store::ConnectionState::NeedsReauth).then_some(c)
+    })
+    .await;
+    assert!(
+        c.state_reason
+            .unwrap_or_default()
+            .contains("signing_secret"),
+        "the reason names the setting"
+    );
     assert_eq!(env.hooks.count(), 1);
     // The tenant is told to fix the connection, not to re-authorise.
-    let started = Instant::now();
-    let mail = loop {
-        if let Some(m) = env.smtp.mails().pop() {
-            break m;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "no notice");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mail = eventually("a notice", || async { env.smtp.mails().pop() }).await;
     assert_eq!(mail.to, vec!["finance@acme.example".to_string()]);
     let subject = mail.header("subject").unwrap_or_default();
     assert!(
@@ -1025,15 +1024,11 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
     );
     // The paused document resumes by itself (the dispatcher looks each
     // second) and is delivered.
-    let started = Instant::now();
-    loop {
+    eventually("both documents delivered", || async {
         let counts = store.delivery_counts(None).await.unwrap();
-        if counts.contains(&("delivered".into(), 2)) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "{counts:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        counts.contains(&("delivered".into(), 2)).then_some(())
+    })
+    .await;
     let got = env.hooks.all();
     assert_eq!(got.len(), 2, "the paused document, once");
     let body: Value = serde_json::from_slice(&got[1].body).unwrap();
