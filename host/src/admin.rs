@@ -342,6 +342,18 @@ async fn retry(
     }
 }
 
+/// 404 naming `connector`: no such connector is installed here.
+fn not_installed(connector: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such connector",
+        &problem(
+            "connector",
+            format!("{connector:?} is not installed on this daemon"),
+        ),
+    )
+}
+
 /// `?connector=` of the mapping routes: whose mappings (default `xero`,
 /// the first connector, for callers written before there were others).
 #[derive(Debug, serde::Deserialize)]
@@ -359,14 +371,7 @@ fn mapping_scope(
 ) -> Result<MappingScope, Box<Response>> {
     let connector = q.connector.unwrap_or_else(|| "xero".into());
     if st.connections.manifest(&connector).is_none() {
-        return Err(Box::new(error(
-            StatusCode::NOT_FOUND,
-            "no such connector",
-            &problem(
-                "connector",
-                format!("{connector:?} is not installed on this daemon"),
-            ),
-        )));
+        return Err(Box::new(not_installed(&connector)));
     }
     Ok(MappingScope {
         tenant_id: tenant.to_string(),
@@ -559,7 +564,10 @@ async fn connect(
 ) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
-    if st.connections.connects_without_grant(&connector) == Some(true) {
+    let Some(grantless) = st.connections.connects_without_grant(&connector) else {
+        return not_installed(&connector);
+    };
+    if grantless {
         // No consent screen: check the settings and connect now.
         return match st
             .connections

@@ -203,11 +203,26 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
         .into_response()
 }
 
-async fn index(State(st): S, headers: HeaderMap) -> Response {
+async fn index(
+    State(st): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     let s = match session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
+    // A mapping notice links `?configure=<connection id>`: straight to that
+    // connection's Configure, when it is this tenant's.
+    if let Some(id) = q.get("configure")
+        && let Ok(Some(c)) = st.store.connection(id).await
+        && c.tenant_id == s.tenant
+    {
+        return redirect(&format!(
+            "/integrations/configure?connector={}",
+            url::form_urlencoded::byte_serialize(c.connector_id.as_bytes()).collect::<String>()
+        ));
+    }
     let mut connectors = st.connections.connectors();
     connectors.sort_by_key(|m| (m.id != "xero", m.id.clone()));
     let mut cards = String::new();

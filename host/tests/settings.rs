@@ -864,10 +864,10 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
             .unwrap()
             .is_none()
     );
-    // An unknown connector is refused naming it; Xero still answers with the
+    // An unknown connector is 404 naming it; Xero still answers with the
     // consent screen's URL.
     let (s, v) = env.call("POST", &at("connect/nope"), &key, None).await;
-    assert_eq!(s, 400, "{v}");
+    assert_eq!(s, 404, "{v}");
     assert_eq!(v["problems"][0]["field"], "connector", "{v}");
     let (s, v) = env.call("POST", &at("connect/xero"), &key, None).await;
     assert_eq!(s, 200, "{v}");
@@ -1050,6 +1050,18 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
         html.contains("<strong id=\"organisation\">https://hooks.example.com/ledgerport</strong> in JSON webhook"),
         "{html}"
     );
+    // A mapping notice's link opens that connection's Configure; an id that
+    // is not this tenant's connection just shows the page.
+    let r = get(&format!("/integrations?configure={conn_id}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        "/integrations/configure?connector=webhook"
+    );
+    let r = get("/integrations?configure=someone-elses").await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     let html = get("/integrations/configure?connector=webhook")
         .await
         .unwrap()
