@@ -732,6 +732,24 @@ impl Dispatcher {
                 );
             }
         };
+        if conn.state != crate::store::ConnectionState::Active {
+            // Disconnected or waiting for re-authorisation: nothing is sent
+            // until it is connected again, then this resumes. Tokens kept
+            // this for OAuth connectors; one without (a webhook) has none.
+            let why = conn.state_reason.clone().unwrap_or_else(|| {
+                format!(
+                    "the connection is {}; connect it again",
+                    conn.state.as_str()
+                )
+            });
+            return self.classified(
+                c,
+                &plugin.manifest().name,
+                conn.connected_at,
+                DeliveryError::NeedsReauth(why),
+                now_ms(),
+            );
+        }
         let ctx = CallContext {
             connection,
             credentials,

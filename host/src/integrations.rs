@@ -11,8 +11,8 @@
 //! connector; one without OAuth (the JSON webhook) is checked with the
 //! tenant's settings and connected at once. A card's actions name their
 //! connector with `?connector=<id>` (absent: `xero`); the Xero card's
-//! elements keep unprefixed ids (`#status`, `#connect`, ...), another
-//! card's are prefixed with its id (`#webhook-status`).
+//! elements keep unprefixed ids (`#xero`, `#status`, `#connect`, ...),
+//! another card's are `<id>_<name>` (`#webhook_card`, `#webhook_status`).
 //!
 //! The platform opens it for a tenant admin with a link to
 //! `/integrations/login?key=<tenant key>&admin=<who>&role=<role>`; the page
@@ -280,12 +280,14 @@ async fn index(
 async fn card(st: &AdminState, tenant: &str, m: &crate::manifest::Manifest) -> String {
     let id = m.id.as_str();
     let xero = id == "xero";
-    // Element ids: the Xero card's unprefixed (what the page always had).
+    // Element ids: the Xero card's unprefixed (what the page always had);
+    // another card's `<id>_<name>`. Connector ids never hold '_', and no
+    // unprefixed id does, so no two cards' elements can share an id.
     let el = |name: &str| {
         if xero {
             name.to_string()
         } else {
-            format!("{}-{name}", esc(id))
+            format!("{}_{name}", esc(id))
         }
     };
     let q = if xero {
@@ -304,7 +306,7 @@ async fn card(st: &AdminState, tenant: &str, m: &crate::manifest::Manifest) -> S
     let mut card = format!(
         "<div class=\"card\" id=\"{cid}\"><h2>{name}</h2>\
          <p>Status: <span class=\"state {cls}\" id=\"{sid}\">{state}</span>{org}</p>",
-        cid = esc(id),
+        cid = if xero { "xero".to_string() } else { el("card") },
         name = esc(&m.name),
         cls = esc(&state.replace(' ', "-")),
         sid = el("status"),
@@ -645,7 +647,14 @@ async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -
         Err(r) => return r,
     };
     let connector = which.id();
-    if st.connections.connects_without_grant(connector) == Some(true) {
+    let Some(grantless) = st.connections.connects_without_grant(connector) else {
+        return message(
+            StatusCode::NOT_FOUND,
+            "No such connector",
+            &format!("connector: {connector:?} is not installed"),
+        );
+    };
+    if grantless {
         // No consent screen: the connector checks the settings, and the
         // connection is made now.
         let name = display_name(&st, connector);

@@ -391,6 +391,35 @@ both!(
     grantless_connections_and_reconnect_generations
 );
 
+/// Two first connects of one tenant and connector at once (a double click
+/// on Connect): both succeed, one row, the second a reconnect.
+async fn concurrent_first_connects_make_one_connection(db: TestDb) {
+    let s = db.store().await;
+    let k = keys(1);
+    s.upsert_tenant("acme", "Acme", &[], 1).await.unwrap();
+    for round in 0..5 {
+        let mut c = new_conn(tokens("A", "R", 1000), "org-1");
+        c.connector_id = format!("hook-{round}");
+        c.tokens = None;
+        let (ida, idb) = (format!("a-{round}"), format!("b-{round}"));
+        let (a, b) = tokio::join!(
+            s.finish_connect_as(&k, &c, Some(&ida), 10),
+            s.finish_connect_as(&k, &c, Some(&idb), 10)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.connection.id, b.connection.id);
+        assert!(
+            a.reconnected != b.reconnected,
+            "one connected, one reconnected"
+        );
+    }
+}
+both!(
+    concurrent_connects_sqlite,
+    concurrent_connects_postgres,
+    concurrent_first_connects_make_one_connection
+);
+
 async fn unknown_tenant_is_refused(db: TestDb) {
     let s = db.store().await;
     let e = s

@@ -82,20 +82,20 @@ try {
 
   // A connector without OAuth on its own card: Connect checks its settings
   // (refused, naming the missing secret), then connects at once.
-  await page.click('#webhook-connect');
+  await page.click('#webhook_connect');
   await page.waitForSelector('#message');
   const refusal = await page.textContent('#message');
   if (!refusal.includes('signing_secret')) await fail(`expected the missing secret named: ${refusal}`);
   await page.goto(`${BASE}/integrations`);
-  await page.fill('#webhook-settings input[name=signing_secret]', WEBHOOK_SECRET);
-  await page.click('#webhook-save-settings');
-  await page.waitForSelector('#webhook');
-  await page.click('#webhook-connect');
+  await page.fill('#webhook_settings input[name=signing_secret]', WEBHOOK_SECRET);
+  await page.click('#webhook_save-settings');
+  await page.waitForSelector('#webhook_card');
+  await page.click('#webhook_connect');
   await page.waitForSelector('#connected');
   await shot('7-webhook-connected');
   await page.click('#back');
-  await page.waitForSelector('#webhook-status');
-  if ((await page.textContent('#webhook-status')).trim() !== 'active') await fail('expected the webhook active');
+  await page.waitForSelector('#webhook_status');
+  if ((await page.textContent('#webhook_status')).trim() !== 'active') await fail('expected the webhook active');
   if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('Xero\'s card is its own');
   console.log('browser flow ok');
 } catch (e) {

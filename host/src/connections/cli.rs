@@ -303,7 +303,11 @@ async fn service(
     {
         let manifest = Manifest::from_file(path).map_err(|e| bad(e.to_string()))?;
         let base_urls = parse_pairs(&p.base_urls)?;
-        if let (Some(id), Some(redirect)) = (&p.client_id, &p.redirect_uri) {
+        // A connector without `[oauth]` has no provider, whatever the
+        // OAuth variables of this host (set for Xero) say.
+        if manifest.oauth.is_some()
+            && let (Some(id), Some(redirect)) = (&p.client_id, &p.redirect_uri)
+        {
             providers.insert(
                 OAuthProvider::new(
                     &manifest,

@@ -679,6 +679,23 @@ impl Store {
         id_if_new: Option<&str>,
         now: i64,
     ) -> Result<Connected, StoreError> {
+        match self.finish_connect_once(keys, new, id_if_new, now).await {
+            // Another first connect of this tenant and connector (a double
+            // click) created the row in between: this one reconnects it.
+            Err(StoreError::Db(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                self.finish_connect_once(keys, new, None, now).await
+            }
+            other => other,
+        }
+    }
+
+    async fn finish_connect_once(
+        &self,
+        keys: &KeyRing,
+        new: &NewConnection,
+        id_if_new: Option<&str>,
+        now: i64,
+    ) -> Result<Connected, StoreError> {
         if self.tenant(&new.tenant_id).await?.is_none() {
             return Err(StoreError::NotFound(format!("tenant {}", new.tenant_id)));
         }
