@@ -704,10 +704,15 @@ impl Connections {
             .connection(connection_id)
             .await?
             .ok_or_else(|| ConnectError::NotFound(format!("connection {connection_id}")))?;
+        Ok(self.context_for(&conn).await?)
+    }
+
+    /// As [`Connections::call_context`], for a connection in hand (also one
+    /// not stored yet: the check before a connection without a grant).
+    async fn context_for(&self, conn: &Connection) -> Result<CallContext, StoreError> {
         let plugin = self.plugin(&conn.connector_id);
         let manifest = plugin.as_ref().map(|p| p.plugin.manifest());
-        let connection =
-            settings::connection_info(&self.store, &self.keys, manifest, &conn).await?;
+        let connection = settings::connection_info(&self.store, &self.keys, manifest, conn).await?;
         Ok(CallContext {
             connection,
             credentials: self.tokens.clone() as Arc<dyn CredentialProvider>,

@@ -370,15 +370,8 @@ impl Daemon {
             connections.register_plugin(runtime.clone(), p.clone());
         }
         let tokens = connections.tokens();
-        let provider_names: BTreeMap<String, String> = plugins
-            .iter()
-            .map(|(id, p)| (id.clone(), p.manifest().name.clone()))
-            .collect();
-        let grantless: std::collections::BTreeSet<String> = plugins
-            .iter()
-            .filter(|(_, p)| p.manifest().oauth.is_none())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let notice_connectors =
+            crate::notify::NoticeConnector::of(plugins.values().map(|p| p.manifest()));
         let dispatcher = Dispatcher::new(
             store.clone(),
             runtime.clone(),
@@ -397,9 +390,7 @@ impl Daemon {
                 .iter()
                 .map(|k| crate::crypto::sha256_hex(k))
                 .collect(),
-            catalogue: connections
-                .catalogue()
-                .map(|c| c.kinds.iter().map(|k| k.key.clone()).collect()),
+            catalogue: connections.catalogue().map(|c| c.keys()),
             on_ingest: Box::new(move || d2.wake()),
         });
         let (tx, rx) = watch::channel(false);
@@ -417,8 +408,7 @@ impl Daemon {
                 credentials: m.username.clone().zip(m.password.clone()),
                 from: m.from.clone(),
                 integrations_url: public.clone(),
-                provider_names,
-                grantless,
+                connectors: notice_connectors,
             };
             let mailer = Mailer::new(&mail_cfg)?;
             let store2 = store.clone();

@@ -225,6 +225,11 @@ async fn index(
     }
     let mut connectors = st.connections.connectors();
     connectors.sort_by_key(|m| (m.id != "xero", m.id.clone()));
+    // Display names for the delivery log, looked up once.
+    let names: BTreeMap<&str, &str> = connectors
+        .iter()
+        .map(|m| (m.id.as_str(), m.name.as_str()))
+        .collect();
     let mut cards = String::new();
     for m in &connectors {
         cards.push_str(&card(&st, &s.tenant, m).await);
@@ -263,7 +268,10 @@ async fn index(
             "<tr data-number=\"{n}\" data-connector=\"{c}\"><td>{n}</td><td>{to}</td><td class=\"{st}\">{st}{reason}</td><td>{detail}</td><td>{action}</td></tr>",
             n = esc(&r.document_number),
             c = esc(&r.connector_id),
-            to = esc(&display_name(&st, &r.connector_id)),
+            to = esc(names
+                .get(r.connector_id.as_str())
+                .copied()
+                .unwrap_or(&r.connector_id)),
             st = esc(&r.state),
             reason = r.pause_reason.as_ref().map(|p| format!(" ({})", esc(p))).unwrap_or_default(),
         ));

@@ -881,7 +881,7 @@ async fn issue(
     // database is opened, so a bad path changes nothing.
     let catalogue = match &cfg.catalogue {
         Some(path) => match ledgerport::connections::Catalogue::from_file(path) {
-            Ok(c) => Some(c.kinds.iter().map(|k| k.key.clone()).collect()),
+            Ok(c) => Some(c.keys()),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);

@@ -10,7 +10,7 @@ use crate::store::outbox::IncidentRow;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::client::Tls;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Where mail goes and what it links to.
@@ -28,24 +28,50 @@ pub struct MailConfig {
     pub from: String,
     /// Base URL of the Integrations page (links in e-mails).
     pub integrations_url: String,
-    /// Display names of the installed connectors by connector id (each
-    /// manifest's `name`, e.g. "xero" -> "Xero"): a notice names the
-    /// system its documents were meant for.
-    pub provider_names: BTreeMap<String, String>,
-    /// Connectors that connect without an OAuth grant (no `[oauth]` in the
-    /// manifest, e.g. the JSON webhook): when they pause for
-    /// re-authorisation it is their settings that need fixing, and the
-    /// notice says so instead of speaking of revoked access.
-    pub grantless: BTreeSet<String>,
+    /// The installed connectors by id, as notices speak of them.
+    pub connectors: BTreeMap<String, NoticeConnector>,
+}
+
+/// How notices speak of one installed connector, from its manifest.
+#[derive(Debug, Clone)]
+pub struct NoticeConnector {
+    /// Its display name (the manifest's `name`, e.g. "Xero"): a notice
+    /// names the system its documents were meant for.
+    pub name: String,
+    /// It connects without an OAuth grant (no `[oauth]`, e.g. the JSON
+    /// webhook): when it pauses for re-authorisation it is its settings
+    /// that need fixing, and the notice says so instead of speaking of
+    /// revoked access.
+    pub grantless: bool,
+}
+
+impl NoticeConnector {
+    /// The connectors of `manifests`, by id.
+    pub fn of<'a>(
+        manifests: impl IntoIterator<Item = &'a crate::manifest::Manifest>,
+    ) -> BTreeMap<String, NoticeConnector> {
+        manifests
+            .into_iter()
+            .map(|m| {
+                (
+                    m.id.clone(),
+                    NoticeConnector {
+                        name: m.name.clone(),
+                        grantless: m.oauth.is_none(),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 impl MailConfig {
     /// The display name of a connector, or its id when it is not installed
     /// (any more): a notice still says where its documents were going.
     pub fn provider_name<'a>(&'a self, connector_id: &'a str) -> &'a str {
-        self.provider_names
+        self.connectors
             .get(connector_id)
-            .map(String::as_str)
+            .map(|c| c.name.as_str())
             .unwrap_or(connector_id)
     }
 }
@@ -64,7 +90,7 @@ pub struct Email {
 /// Compose the e-mail for an incident; `provider` is the display name of
 /// the system the documents were meant for (see
 /// [`MailConfig::provider_name`]), `grantless` whether its connector
-/// connects without OAuth (see [`MailConfig::grantless`]).
+/// connects without OAuth (see [`NoticeConnector::grantless`]).
 pub fn compose(
     incident: &IncidentRow,
     tenant_name: &str,
@@ -259,7 +285,8 @@ pub async fn pump(
         };
         let grantless = connector
             .as_ref()
-            .is_some_and(|id| cfg.grantless.contains(id));
+            .and_then(|id| cfg.connectors.get(id))
+            .is_some_and(|c| c.grantless);
         let email = compose(&inc, &name, provider, grantless, cfg);
         store
             .enqueue_mail(
@@ -310,12 +337,18 @@ mod tests {
             credentials: None,
             from: "ledgerport@platform.example".into(),
             integrations_url: "https://platform.example/".into(),
-            provider_names: [
-                ("xero".to_string(), "Xero".to_string()),
-                ("webhook".to_string(), "JSON webhook".to_string()),
-            ]
-            .into(),
-            grantless: ["webhook".to_string()].into(),
+            connectors: [("xero", "Xero", false), ("webhook", "JSON webhook", true)]
+                .into_iter()
+                .map(|(id, name, grantless)| {
+                    (
+                        id.to_string(),
+                        NoticeConnector {
+                            name: name.into(),
+                            grantless,
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 

@@ -204,14 +204,7 @@ impl Env {
         cfg.service_keys = vec![SERVICE_KEY.into()];
         let hooks = common::Listener::start().await;
         let smtp = smtp_sink::SmtpSink::start().await.unwrap();
-        cfg.mail = Some(ledgerport::daemon::MailSettings {
-            smtp_host: "127.0.0.1".into(),
-            smtp_port: smtp.addr().port(),
-            starttls: false,
-            from: "ledgerport <integrations@platform.example>".into(),
-            username: None,
-            password: None,
-        });
+        cfg.mail = Some(storage_support::sink_mail(smtp.addr().port()));
         cfg.dispatch.coalesce_secs = Some(0);
         cfg.plugins.insert(
             "webhook".into(),

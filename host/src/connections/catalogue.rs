@@ -70,6 +70,11 @@ impl Catalogue {
         Self::parse(SAMPLE).unwrap_or(Catalogue { kinds: Vec::new() })
     }
 
+    /// Every kind's key: what the ingest API accepts on a line.
+    pub fn keys(&self) -> std::collections::BTreeSet<String> {
+        self.kinds.iter().map(|k| k.key.clone()).collect()
+    }
+
     /// A kind by key.
     pub fn get(&self, key: &str) -> Option<&CatalogueKind> {
         self.kinds.iter().find(|k| k.key == key)

@@ -9,12 +9,9 @@
 //! again reconnects: a connection paused because its settings were wrong
 //! resumes, and mappings (kept per tenant and connector) stay.
 
-use super::{ConnectError, Connections, connector_said, settings};
-use crate::capabilities::http::CredentialProvider;
-use crate::runtime::CallContext;
+use super::{ConnectError, Connections, connector_said};
 use crate::runtime::v0_1::ledgerport::connector::types as wit;
 use crate::store::{Connected, Connection, ConnectionState, NewConnection, Organisation};
-use std::sync::Arc;
 
 impl Connections {
     /// Whether `connector_id` is installed here and connects without an
@@ -77,30 +74,14 @@ impl Connections {
             state_reason: None,
             updated_at: now,
         });
-        let connection = settings::connection_info(
-            self.store(),
-            &self.keys,
-            Some(p.plugin.manifest()),
-            &prospective,
-        )
-        .await?;
-        let ctx = CallContext {
-            connection,
-            credentials: self.tokens() as Arc<dyn CredentialProvider>,
-            mappings: Arc::new(self.store().clone()),
-            kv: Arc::new(self.store().clone()),
-            rate: None,
-        };
+        let ctx = self.context_for(&prospective).await?;
         let report = match p.runtime.check(&p.plugin, &ctx).await {
             Ok(Ok(report)) => report,
-            Ok(Err(e @ (wit::DeliveryError::NeedsReauth(_) | wit::DeliveryError::Rejected(_)))) => {
-                // Its words without the "needs re-authorisation" framing:
-                // there is no grant here, only settings to fix.
-                let said = match e {
-                    wit::DeliveryError::NeedsReauth(m) => m,
-                    other => connector_said(other),
-                };
-                return Err(ConnectError::Refused(said));
+            // Its words without the "needs re-authorisation" framing: there
+            // is no grant here, only settings to fix.
+            Ok(Err(wit::DeliveryError::NeedsReauth(m))) => return Err(ConnectError::Refused(m)),
+            Ok(Err(e @ wit::DeliveryError::Rejected(_))) => {
+                return Err(ConnectError::Refused(connector_said(e)));
             }
             Ok(Err(e)) => return Err(ConnectError::Unconfirmed(connector_said(e))),
             Err(e) => return Err(ConnectError::Unconfirmed(e.to_string())),

@@ -461,9 +461,7 @@ impl TokenLease {
             .map(|r| keys.encrypt(r.expose(), &ctx_refresh(&id)));
         let key_id = keys.current_key_id().to_string();
         on_lease!(self, c => {
-            sqlx::query(
-                UPSERT_TOKENS,
-            )
+            sqlx::query(UPSERT_TOKENS)
             .bind(&id)
             .bind(&key_id)
             .bind(&access)
@@ -769,9 +767,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             if let Some((access, refresh, expires_at)) = &sealed {
-                sqlx::query(
-                    UPSERT_TOKENS,
-                )
+                sqlx::query(UPSERT_TOKENS)
                 .bind(&id)
                 .bind(keys.current_key_id())
                 .bind(access)

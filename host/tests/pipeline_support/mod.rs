@@ -8,7 +8,7 @@
 use crate::storage_support::{self, TestDb};
 use ledgerport::capabilities::mapping::MappingScope;
 use ledgerport::connections::Clock;
-use ledgerport::daemon::{Config, Daemon, MailSettings};
+use ledgerport::daemon::{Config, Daemon};
 use ledgerport::dispatch::DispatchConfig;
 use serde_json::{Value, json};
 use smtp_sink::SmtpSink;
@@ -39,14 +39,7 @@ pub struct Pipeline {
 pub fn config(db: &TestDb, sim: &SimHandle, smtp: &SmtpSink, key_file: &Path) -> Config {
     let mut cfg = storage_support::daemon_config(db.url(), sim, key_file);
     cfg.service_keys = vec![SERVICE_KEY.into()];
-    cfg.mail = Some(MailSettings {
-        smtp_host: "127.0.0.1".into(),
-        smtp_port: smtp.addr().port(),
-        starttls: false,
-        from: "ledgerport <integrations@platform.example>".into(),
-        username: None,
-        password: None,
-    });
+    cfg.mail = Some(storage_support::sink_mail(smtp.addr().port()));
     cfg
 }
 

@@ -442,6 +442,19 @@ pub async fn finish(
 /// A daemon configuration for tests: the database at `db_url`, any free
 /// loopback port, the connectors `cargo xtask wasm` installed, and Xero's
 /// three origins pointed at the simulator with its default app.
+/// Mail settings for a daemon whose notices go to the SMTP sink listening
+/// on `port` of loopback.
+pub fn sink_mail(port: u16) -> ledgerport::daemon::MailSettings {
+    ledgerport::daemon::MailSettings {
+        smtp_host: "127.0.0.1".into(),
+        smtp_port: port,
+        starttls: false,
+        from: "ledgerport <integrations@platform.example>".into(),
+        username: None,
+        password: None,
+    }
+}
+
 pub fn daemon_config(
     db_url: String,
     sim: &SimHandle,
