@@ -237,6 +237,21 @@ async fn list_deliveries(
     if let Err(r) = authorised(&state, &headers).await {
         return r;
     }
+    if let Some(s) = q.state.as_deref()
+        && !crate::store::outbox::state::ALL.contains(&s)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "unknown delivery state",
+            &[FieldProblem {
+                field: "state".into(),
+                message: format!(
+                    "{s:?} is not a delivery state; use one of {}",
+                    crate::store::outbox::state::ALL.join(", ")
+                ),
+            }],
+        );
+    }
     match state
         .store
         .list_deliveries(

@@ -26,6 +26,7 @@ use crate::admin::AdminState;
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
 use crate::oauth::escape as esc;
 use crate::store::admin::KeyScope;
+use crate::store::outbox::state;
 use axum::Router;
 use axum::extract::{Form, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -223,6 +224,23 @@ async fn index(
             url::form_urlencoded::byte_serialize(c.connector_id.as_bytes()).collect::<String>()
         ));
     }
+    // The delivery log's filters: `?log=<state>` (a notice links
+    // `?log=failed`) and `?number=<document number>`.
+    let filter = match q.get("log").map(String::as_str) {
+        None | Some("") | Some("all") => None,
+        Some(s) if state::ALL.contains(&s) => Some(s),
+        Some(other) => {
+            return message(
+                StatusCode::BAD_REQUEST,
+                "Delivery log",
+                &format!(
+                    "log: {other:?} is not a delivery state; use all, {}",
+                    state::ALL.join(", ")
+                ),
+            );
+        }
+    };
+    let number = q.get("number").map(|n| n.trim()).filter(|n| !n.is_empty());
     let mut connectors = st.connections.connectors();
     connectors.sort_by_key(|m| (m.id != "xero", m.id.clone()));
     // Display names for the delivery log, looked up once.
@@ -239,11 +257,19 @@ async fn index(
     }
     let rows = st
         .store
-        .list_deliveries(Some(&s.tenant), None, None, 50)
+        .list_deliveries(Some(&s.tenant), number, filter, LOG_ROWS)
         .await
         .unwrap_or_default();
-    let mut log = String::from(
-        "<h2>Delivery log</h2><table id=\"log\"><tr><th>Document</th><th>To</th><th>State</th><th>In the accounting system / what went wrong</th><th></th></tr>",
+    let counts: BTreeMap<String, i64> = st
+        .store
+        .tenant_delivery_counts(&s.tenant)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut log = log_filters(filter, number, &counts);
+    log.push_str(
+        "<table id=\"log\"><tr><th>Document</th><th>To</th><th>State</th><th>In the accounting system / what went wrong</th><th></th></tr>",
     );
     for r in &rows {
         let detail = match (&r.external_url, &r.last_error) {
@@ -277,10 +303,76 @@ async fn index(
         ));
     }
     if rows.is_empty() {
-        log.push_str("<tr><td colspan=\"5\">No documents yet.</td></tr>");
+        let none = match (filter, number) {
+            (_, Some(n)) => format!("No document numbered {} here.", esc(n)),
+            (Some(f), None) => format!("No {f} documents."),
+            (None, None) => "No documents yet.".to_string(),
+        };
+        log.push_str(&format!(
+            "<tr><td colspan=\"5\" id=\"log-empty\">{none}</td></tr>"
+        ));
     }
     log.push_str("</table>");
+    if rows.len() as i64 == LOG_ROWS {
+        log.push_str(&format!(
+            "<p id=\"log-more\">The latest {LOG_ROWS} are shown; filter by state or find a document by its number for older ones.</p>"
+        ));
+    }
     page("Integrations", &format!("{cards}{log}"))
+}
+
+/// How many rows the delivery log shows at once (the latest first).
+const LOG_ROWS: i64 = 50;
+
+/// The delivery log's heading and filters: one link per state with its
+/// count (the current one marked), a search by document number, and Retry
+/// for every failed document when there are any.
+fn log_filters(
+    filter: Option<&str>,
+    number: Option<&str>,
+    counts: &BTreeMap<String, i64>,
+) -> String {
+    let title = match (filter, number) {
+        (_, Some(n)) => format!("Delivery log: {}", esc(n)),
+        (Some(f), None) => format!("Delivery log: {f}"),
+        (None, None) => "Delivery log".to_string(),
+    };
+    let mut out = format!("<h2 id=\"log-heading\">{title}</h2><p id=\"log-filter\">Show:");
+    let all: i64 = counts.values().sum();
+    let link = |key: &str, label: &str, n: i64, current: bool| {
+        format!(
+            " <a href=\"/integrations?log={key}#log-heading\" id=\"log-{key}\"{}>{label} ({n})</a>",
+            if current {
+                " class=\"current\" aria-current=\"page\""
+            } else {
+                ""
+            }
+        )
+    };
+    out.push_str(&link(
+        "all",
+        "All",
+        all,
+        filter.is_none() && number.is_none(),
+    ));
+    for st in state::ALL {
+        let mut label = st.to_string();
+        label[..1].make_ascii_uppercase();
+        let n = counts.get(st).copied().unwrap_or(0);
+        out.push_str(&link(st, &label, n, filter == Some(st) && number.is_none()));
+    }
+    out.push_str(&format!(
+        "</p><form method=\"get\" action=\"/integrations\" id=\"log-find\"><input type=\"hidden\" name=\"log\" value=\"{}\"><input type=\"search\" name=\"number\" value=\"{}\" placeholder=\"Document number\" aria-label=\"Document number\"> <button type=\"submit\">Find</button></form>",
+        filter.unwrap_or("all"),
+        esc(number.unwrap_or(""))
+    ));
+    let failed = counts.get(state::FAILED).copied().unwrap_or(0);
+    if filter == Some(state::FAILED) && failed > 0 {
+        out.push_str(&format!(
+            "<form method=\"post\" action=\"/integrations/retry\" id=\"retry-all\"><button type=\"submit\">Retry all {failed} failed</button></form>"
+        ));
+    }
+    out
 }
 
 /// One connector's card: status and organisation, Connect while not

@@ -149,7 +149,7 @@ pub fn compose(
                 "Check {provider}'s status page; then use Retry on the Integrations page. If it keeps failing, contact support and quote the document numbers above."
             ),
             "Open the delivery log",
-            format!("{base}/integrations?log=failed"),
+            format!("{base}/integrations?log=failed#log-heading"),
         ),
         _ => (
             format!("{n} {plural} could not be sent to {provider}"),
@@ -160,7 +160,7 @@ pub fn compose(
                 "Read what {provider} said above, fix it there or in your mapping, then use Retry on the Integrations page. If you are unsure, contact support and quote the document numbers above."
             ),
             "Open the delivery log",
-            format!("{base}/integrations?log=failed"),
+            format!("{base}/integrations?log=failed#log-heading"),
         ),
     };
     let pdf_note = "Your PDF copies still arrive by e-mail as always; only the copy in your accounting system is missing.";

@@ -1139,3 +1139,127 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
     );
     env.d.stop().await;
 }
+
+/// The delivery log on the Integrations page filters by state (the link in
+/// a failure notice, `?log=failed`, shows just the failed documents) and
+/// finds a document by its number; each filter shows its count; an unknown
+/// state is refused naming `log` (the API's list naming `state`), never an
+/// empty list that reads as "nothing failed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_filters_by_state_and_finds_by_number() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    env.post(&invoice("acme", 1)).await;
+    env.post(&invoice("acme", 2)).await;
+    let mut yen = invoice("acme", 3);
+    yen["currency"] = json!("JPY"); // not enabled in the organisation
+    env.post(&yen).await;
+    let counts = env.settle().await;
+    assert!(counts.contains(&("delivered".into(), 2)), "{counts:?}");
+    assert!(counts.contains(&("failed".into(), 1)), "{counts:?}");
+
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let get = |path: String| {
+        let b = b.clone();
+        let cookie = cookie.clone();
+        let url = format!("{}{path}", env.base);
+        async move {
+            let r = b.get(url).header("cookie", cookie).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let row = |n: usize| format!("<tr data-number=\"INV-acme-{n:04}\"");
+
+    // Everything, with a count per state.
+    let (s, html) = get("/integrations".into()).await;
+    assert_eq!(s, 200);
+    for n in 1..=3 {
+        assert!(html.contains(&row(n)), "{n}: {html}");
+    }
+    assert!(
+        html.contains("id=\"log-all\" class=\"current\" aria-current=\"page\">All (3)</a>"),
+        "{html}"
+    );
+    assert!(html.contains("id=\"log-failed\">Failed (1)</a>"), "{html}");
+    assert!(
+        html.contains("id=\"log-delivered\">Delivered (2)</a>"),
+        "{html}"
+    );
+    assert!(html.contains("id=\"log-paused\">Paused (0)</a>"), "{html}");
+    assert!(!html.contains("id=\"retry-all\""), "{html}");
+
+    // The notice's link: only the failed one, and Retry for all of them.
+    let (s, html) = get("/integrations?log=failed".into()).await;
+    assert_eq!(s, 200);
+    assert!(html.contains(&row(3)), "{html}");
+    assert!(!html.contains(&row(1)) && !html.contains(&row(2)), "{html}");
+    assert!(
+        html.contains("<h2 id=\"log-heading\">Delivery log: failed</h2>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("class=\"current\" aria-current=\"page\">Failed (1)</a>"),
+        "{html}"
+    );
+    assert!(html.contains("Retry all 1 failed"), "{html}");
+    assert!(html.contains("JPY"), "Xero's words in the row: {html}");
+    let (_, html) = get("/integrations?log=delivered".into()).await;
+    assert!(html.contains(&row(1)) && html.contains(&row(2)), "{html}");
+    assert!(!html.contains(&row(3)), "{html}");
+    let (_, html) = get("/integrations?log=paused".into()).await;
+    assert!(
+        html.contains("id=\"log-empty\">No paused documents."),
+        "{html}"
+    );
+
+    // Find by number (whitespace around it ignored); escaped when shown.
+    let (_, html) = get("/integrations?log=all&number=+INV-acme-0002+".into()).await;
+    assert!(html.contains(&row(2)), "{html}");
+    assert!(!html.contains(&row(1)) && !html.contains(&row(3)), "{html}");
+    assert!(
+        html.contains("value=\"INV-acme-0002\""),
+        "kept in the box: {html}"
+    );
+    let (_, html) = get("/integrations?number=%3Cb%3Enope".into()).await;
+    assert!(
+        html.contains("No document numbered &lt;b&gt;nope here."),
+        "{html}"
+    );
+
+    // An unknown state is refused, naming the parameter.
+    let (s, html) = get("/integrations?log=broken".into()).await;
+    assert_eq!(s, 400);
+    assert!(
+        html.contains("log: &quot;broken&quot; is not a delivery state"),
+        "{html}"
+    );
+    let r = env
+        .http
+        .get(format!(
+            "{}/v1/tenants/acme/deliveries?state=broken",
+            env.base
+        ))
+        .bearer_auth(SERVICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["problems"][0]["field"], "state", "{v}");
+    let r = env
+        .http
+        .get(format!(
+            "{}/v1/tenants/acme/deliveries?state=failed",
+            env.base
+        ))
+        .bearer_auth(SERVICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let rows = v["deliveries"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v}");
+    assert_eq!(rows[0]["document_number"], "INV-acme-0003");
+    env.d.stop().await;
+}

@@ -342,13 +342,20 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
             c.faults
         );
     }
-    // SMTP has been down all along: the notices wait in the outbox.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let unsent = p.d().store.unsent_mail_count().await.unwrap();
-    assert!(
-        unsent >= 3,
-        "reauth, rejected and mapping notices: {unsent}"
-    );
+    // SMTP has been down all along: the notices wait in the outbox. Polled,
+    // not slept for: a loaded machine can take longer than any fixed pause.
+    let waiting = Instant::now();
+    loop {
+        let unsent = p.d().store.unsent_mail_count().await.unwrap();
+        if unsent >= 3 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "reauth, rejected and mapping notices: {unsent}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(p.smtp.mails().is_empty());
     // SMTP comes back: every notice goes out (the retry backoff is at most
     // 5 minutes), none twice.
@@ -805,6 +812,67 @@ async fn hostile_connectors_fail_alone_and_other_tenants_keep_delivering() {
         hostile.len(),
         bills,
         started.elapsed()
+    );
+
+    // A first connect refused by the connector's check stores nothing, not
+    // even what the check wrote to its kv store (the connector writes at
+    // every check).
+    let store = &p.d().store;
+    let kv_rows = || async {
+        match store.pool() {
+            ledgerport::store::Pool::Sqlite(pool) => {
+                sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM kv")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            }
+            ledgerport::store::Pool::Postgres(_) => unreachable!("SQLite here"),
+        }
+    };
+    store
+        .upsert_tenant("refuse-1", "Refused Ltd", &[], 0)
+        .await
+        .unwrap();
+    let before = kv_rows().await;
+    let e = p
+        .d()
+        .connections
+        .connect_without_grant("refuse-1", "hostile", "mallory")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("refused by the check"), "{e}");
+    assert!(
+        store
+            .connection_for("refuse-1", "hostile")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(kv_rows().await, before, "the refused check left kv values");
+    // Accepted: a first connect's values are dropped with the scratch
+    // store; a reconnect's check runs on the connection and keeps them.
+    store
+        .upsert_tenant("fine-1", "Fine Ltd", &[], 0)
+        .await
+        .unwrap();
+    let connect = || {
+        p.d()
+            .connections
+            .connect_without_grant("fine-1", "hostile", "mallory")
+    };
+    let first = connect().await.unwrap();
+    assert!(!first.reconnected);
+    assert_eq!(
+        kv_rows().await,
+        before,
+        "a first connect's check keeps nothing"
+    );
+    let again = connect().await.unwrap();
+    assert!(again.reconnected);
+    assert_eq!(again.connection.id, first.connection.id);
+    assert_eq!(
+        store.kv_keys(&first.connection.id).await.unwrap(),
+        ["checked"]
     );
     p.stop().await;
 }

@@ -7,9 +7,13 @@
 //! (a refusal, e.g. a missing signing secret, is returned and nothing is
 //! stored), then records the connection as active without tokens. Doing it
 //! again reconnects: a connection paused because its settings were wrong
-//! resumes, and mappings (kept per tenant and connector) stay.
+//! resumes, and mappings (kept per tenant and connector) stay. The check of
+//! a connection that does not exist yet keeps its kv values in a scratch
+//! store that is dropped: they are a cache, and a refusal must leave no
+//! trace under an id that never becomes a connection.
 
 use super::{ConnectError, Connections, connector_said};
+use crate::capabilities::kv::MemoryKv;
 use crate::runtime::v0_1::ledgerport::connector::types as wit;
 use crate::store::{Connected, Connection, ConnectionState, NewConnection, Organisation};
 
@@ -74,7 +78,13 @@ impl Connections {
             state_reason: None,
             updated_at: now,
         });
-        let ctx = self.context_for(&prospective).await?;
+        let mut ctx = self.context_for(&prospective).await?;
+        if existing.is_none() {
+            // Not a connection yet: what the check keeps goes to a scratch
+            // store, dropped afterwards, so that a refused first connect
+            // leaves nothing under an id that never becomes a connection.
+            ctx.kv = std::sync::Arc::new(MemoryKv::default());
+        }
         let report = match p.runtime.check(&p.plugin, &ctx).await {
             Ok(Ok(report)) => report,
             // Its words without the "needs re-authorisation" framing: there

@@ -27,6 +27,8 @@ pub mod state {
     pub const FAILED: &str = "failed";
     /// Waiting for a person (mapping, re-authorisation).
     pub const PAUSED: &str = "paused";
+    /// Every state, in the order a delivery log offers them.
+    pub const ALL: [&str; 5] = [FAILED, PAUSED, PENDING, WORKING, DELIVERED];
 }
 
 /// What ingest did with a document.
@@ -652,6 +654,22 @@ impl Store {
         on_pool!(self, p => {
             let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries WHERE ($1 IS NULL OR connection_id = $1) GROUP BY state ORDER BY state")
                 .bind(connection_id).fetch_all(p).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push((r.try_get("state")?, r.try_get("n")?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Count one tenant's deliveries by state (the delivery log's filters).
+    pub async fn tenant_delivery_counts(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        on_pool!(self, p => {
+            let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries WHERE tenant_id = $1 GROUP BY state ORDER BY state")
+                .bind(tenant_id).fetch_all(p).await?;
             let mut out = Vec::new();
             for r in rows {
                 out.push((r.try_get("state")?, r.try_get("n")?));

@@ -15,10 +15,13 @@
 //! | `leftover` | counts a marker left by earlier calls anywhere in its linear |
 //! |            | memory, then leaves the marker in a static and on the heap |
 //! | anything else | behaves: returns a receipt                              |
+//!
+//! Its `check` writes to its kv store every time, and refuses a tenant whose
+//! id starts with `refuse`.
 
 use ledgerport_sdk::{
     AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
-    DocumentKind, Receipt, connection, errors, http, log,
+    DocumentKind, Receipt, connection, errors, http, kv, log,
 };
 
 struct Hostile;
@@ -49,7 +52,15 @@ impl Connector for Hostile {
         })
     }
 
+    /// Leaves a value in its kv store at every check, and refuses tenants
+    /// whose id starts with `refuse`: a refused first connect must leave
+    /// nothing behind.
     fn check() -> Result<CheckReport, DeliveryError> {
+        let info = connection::info();
+        let _ = kv::set_string("checked", &info.connection_id);
+        if info.tenant_id.starts_with("refuse") {
+            return Err(errors::needs_reauth("this tenant is refused by the check"));
+        }
         Ok(CheckReport {
             organisation_name: "hostile".into(),
             details: vec![],
