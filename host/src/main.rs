@@ -145,7 +145,7 @@ enum DeliveriesCommand {
         #[arg(long)]
         number: Option<String>,
         /// Only this state (pending, working, delivered, failed, paused).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ledgerport::store::outbox::state::ALL))]
         state: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]

@@ -424,6 +424,17 @@ async fn deliveries_list_and_retry() {
     );
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["deliveries"][0]["state"], "pending");
+    // A state that does not exist is refused, not an empty list.
+    let o = ledgerport(
+        &["deliveries", "list", "--state", "broken", "--database", &db],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("invalid value 'broken' for '--state <STATE>'"),
+        "{}",
+        text(&o)
+    );
     // Retrying a delivery that is not failed: exit 1.
     let o = ledgerport(
         &[
