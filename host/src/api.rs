@@ -226,6 +226,8 @@ struct DeliveryQuery {
     number: Option<String>,
     state: Option<String>,
     limit: Option<i64>,
+    /// The `next` of the previous page.
+    after: Option<String>,
 }
 
 async fn list_deliveries(
@@ -252,17 +254,44 @@ async fn list_deliveries(
             }],
         );
     }
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(a) => match crate::store::outbox::LogCursor::parse(a) {
+            Some(c) => Some(c),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "not a page cursor",
+                    &[FieldProblem {
+                        field: "after".into(),
+                        message: format!("{a:?} is not the `next` of an earlier page of this list"),
+                    }],
+                );
+            }
+        },
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     match state
         .store
-        .list_deliveries(
+        .list_deliveries_page(
             Some(&tenant),
             q.number.as_deref(),
             q.state.as_deref(),
-            q.limit.unwrap_or(100).clamp(1, 1000),
+            after.as_ref(),
+            limit,
         )
         .await
     {
-        Ok(rows) => Json(json!({ "deliveries": rows })).into_response(),
+        Ok(rows) => {
+            // A full page may have more after it: its last row's cursor.
+            let next = (rows.len() as i64 == limit)
+                .then(|| {
+                    rows.last()
+                        .map(|r| crate::store::outbox::LogCursor::after(r).to_string())
+                })
+                .flatten();
+            Json(json!({ "deliveries": rows, "next": next })).into_response()
+        }
         Err(e) => server_error(e),
     }
 }

@@ -26,7 +26,7 @@ use crate::admin::AdminState;
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
 use crate::oauth::escape as esc;
 use crate::store::admin::KeyScope;
-use crate::store::outbox::state;
+use crate::store::outbox::{LogCursor, state};
 use axum::Router;
 use axum::extract::{Form, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -241,6 +241,21 @@ async fn index(
         }
     };
     let number = q.get("number").map(|n| n.trim()).filter(|n| !n.is_empty());
+    let after = match q.get("after").map(String::as_str) {
+        None | Some("") => None,
+        Some(a) => match LogCursor::parse(a) {
+            Some(c) => Some(c),
+            None => {
+                return message(
+                    StatusCode::BAD_REQUEST,
+                    "Delivery log",
+                    &format!(
+                        "after: {a:?} is not a page of the delivery log; start from the newest"
+                    ),
+                );
+            }
+        },
+    };
     let mut connectors = st.connections.connectors();
     connectors.sort_by_key(|m| (m.id != "xero", m.id.clone()));
     // Display names for the delivery log, looked up once.
@@ -257,7 +272,7 @@ async fn index(
     }
     let rows = st
         .store
-        .list_deliveries(Some(&s.tenant), number, filter, LOG_ROWS)
+        .list_deliveries_page(Some(&s.tenant), number, filter, after.as_ref(), LOG_ROWS)
         .await
         .unwrap_or_default();
     let counts: BTreeMap<String, i64> = st
@@ -313,10 +328,35 @@ async fn index(
         ));
     }
     log.push_str("</table>");
-    if rows.len() as i64 == LOG_ROWS {
-        log.push_str(&format!(
-            "<p id=\"log-more\">The latest {LOG_ROWS} are shown; filter by state or find a document by its number for older ones.</p>"
+    // Paging: older rows after the last one shown, and back to the newest.
+    let here = |after: Option<&LogCursor>| {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query.append_pair("log", filter.unwrap_or("all"));
+        if let Some(n) = number {
+            query.append_pair("number", n);
+        }
+        if let Some(a) = after {
+            query.append_pair("after", &a.to_string());
+        }
+        esc(&format!("/integrations?{}#log-heading", query.finish()))
+    };
+    let mut pages = Vec::new();
+    if after.is_some() {
+        pages.push(format!(
+            "<a href=\"{}\" id=\"log-newest\">Newest</a>",
+            here(None)
         ));
+    }
+    if rows.len() as i64 == LOG_ROWS
+        && let Some(last) = rows.last()
+    {
+        pages.push(format!(
+            "<a href=\"{}\" id=\"log-older\">Older</a>",
+            here(Some(&LogCursor::after(last)))
+        ));
+    }
+    if !pages.is_empty() {
+        log.push_str(&format!("<p id=\"log-pages\">{}</p>", pages.join(" · ")));
     }
     page("Integrations", &format!("{cards}{log}"))
 }

@@ -1144,7 +1144,8 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
 /// a failure notice, `?log=failed`, shows just the failed documents) and
 /// finds a document by its number; each filter shows its count; an unknown
 /// state is refused naming `log` (the API's list naming `state`), never an
-/// empty list that reads as "nothing failed".
+/// empty list that reads as "nothing failed". The page and the API page
+/// through older deliveries, each exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_delivery_log_filters_by_state_and_finds_by_number() {
     let env = Env::start().await;
@@ -1261,5 +1262,79 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
     let rows = v["deliveries"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{v}");
     assert_eq!(rows[0]["document_number"], "INV-acme-0003");
+
+    // The API pages with `next`: every delivery once, then no `next`.
+    let list = |query: String| {
+        let url = format!("{}/v1/tenants/acme/deliveries?{query}", env.base);
+        let http = env.http.clone();
+        async move {
+            let r = http.get(url).bearer_auth(SERVICE_KEY).send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, first) = list("limit=2".into()).await;
+    assert_eq!(s, 200);
+    assert_eq!(first["deliveries"].as_array().unwrap().len(), 2, "{first}");
+    let next = first["next"].as_str().expect("a full page has a next");
+    let (_, second) = list(format!("limit=2&after={next}")).await;
+    assert_eq!(
+        second["deliveries"].as_array().unwrap().len(),
+        1,
+        "{second}"
+    );
+    assert_eq!(second["next"], Value::Null, "{second}");
+    let mut seen: Vec<String> = [&first, &second]
+        .iter()
+        .flat_map(|p| p["deliveries"].as_array().unwrap().clone())
+        .map(|r| r["document_number"].as_str().unwrap().to_string())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["INV-acme-0001", "INV-acme-0002", "INV-acme-0003"]);
+    let (s, v) = list("after=yesterday".into()).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["problems"][0]["field"], "after", "{v}");
+
+    // The page shows the latest 50, then older ones a page at a time. (The
+    // grant is revoked first, so that the 50 more pause at once instead of
+    // waiting on Xero's rate limit.)
+    for g in env.sim.grants() {
+        env.sim.revoke_grant(g.auth_event_id);
+    }
+    for n in 4..=53 {
+        env.post(&invoice("acme", n)).await;
+    }
+    let counts = env.settle().await;
+    assert!(counts.contains(&("paused".into(), 50)), "{counts:?}");
+    let numbers = |html: &str| -> Vec<String> {
+        html.split("<tr data-number=\"")
+            .skip(1)
+            .map(|r| r.split('"').next().unwrap().to_string())
+            .collect()
+    };
+    let (_, html) = get("/integrations".into()).await;
+    let mut shown = numbers(&html);
+    assert_eq!(shown.len(), 50, "{html}");
+    assert!(!html.contains("id=\"log-newest\""), "{html}");
+    let older = html
+        .split(" id=\"log-older\"")
+        .next()
+        .and_then(|h| h.rsplit("<a href=\"").next())
+        .map(|h| h.trim_end_matches('"').replace("&amp;", "&"))
+        .unwrap_or_else(|| panic!("no Older link: {html}"));
+    assert!(older.starts_with("/integrations?log=all&after="), "{older}");
+    let (s, html) = get(older).await;
+    assert_eq!(s, 200);
+    let rest = numbers(&html);
+    assert_eq!(rest.len(), 3, "{html}");
+    assert!(html.contains("id=\"log-newest\">Newest</a>"), "{html}");
+    assert!(!html.contains("id=\"log-older\""), "{html}");
+    shown.extend(rest);
+    shown.sort();
+    shown.dedup();
+    assert_eq!(shown.len(), 53, "every delivery on one page or the other");
+    let (s, html) = get("/integrations?after=nope".into()).await;
+    assert_eq!(s, 400);
+    assert!(html.contains("after: &quot;nope&quot;"), "{html}");
     env.d.stop().await;
 }

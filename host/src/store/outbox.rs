@@ -31,6 +31,46 @@ pub mod state {
     pub const ALL: [&str; 5] = [FAILED, PAUSED, PENDING, WORKING, DELIVERED];
 }
 
+/// Where a page of the delivery log ends: the last row's change time and
+/// id (the log's order), written `<updated_at>.<id>` in links and the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogCursor {
+    /// The row's last change (ms).
+    pub updated_at: i64,
+    /// The row's id (ties on the time are broken by id).
+    pub id: String,
+}
+
+impl LogCursor {
+    /// The cursor after `row`.
+    pub fn after(row: &DeliveryRow) -> Self {
+        LogCursor {
+            updated_at: row.updated_at,
+            id: row.id.clone(),
+        }
+    }
+
+    /// Read a cursor written by [`LogCursor::to_string`]; `None` when it
+    /// is not one.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (at, id) = s.split_once('.')?;
+        let updated_at = at.parse().ok()?;
+        if id.is_empty() || id.len() > 64 {
+            return None;
+        }
+        Some(LogCursor {
+            updated_at,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for LogCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.updated_at, self.id)
+    }
+}
+
 /// What ingest did with a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngestOutcome {
@@ -602,7 +642,8 @@ impl Store {
         Ok(n)
     }
 
-    /// Deliveries of a tenant, optionally of one document number, newest first.
+    /// List deliveries, the latest change first (for the log, the API and
+    /// the CLI).
     pub async fn list_deliveries(
         &self,
         tenant_id: Option<&str>,
@@ -610,11 +651,29 @@ impl Store {
         state: Option<&str>,
         limit: i64,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
+        self.list_deliveries_page(tenant_id, number, state, None, limit)
+            .await
+    }
+
+    /// One page of [`Store::list_deliveries`]: the rows after `after` (a
+    /// [`LogCursor`] taken from the last row of the previous page).
+    pub async fn list_deliveries_page(
+        &self,
+        tenant_id: Option<&str>,
+        number: Option<&str>,
+        state: Option<&str>,
+        after: Option<&LogCursor>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
         let sql = format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR document_number = $2) AND ($3 IS NULL OR state = $3) ORDER BY updated_at DESC, id LIMIT $4"
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR document_number = $2) AND ($3 IS NULL OR state = $3) AND ($4 IS NULL OR updated_at < $4 OR (updated_at = $4 AND id > $5)) ORDER BY updated_at DESC, id LIMIT $6"
         );
+        let (at, id) = match after {
+            Some(c) => (Some(c.updated_at), Some(c.id.as_str())),
+            None => (None, None),
+        };
         on_pool!(self, p => {
-            let rows = sqlx::query(&sql).bind(tenant_id).bind(number).bind(state).bind(limit).fetch_all(p).await?;
+            let rows = sqlx::query(&sql).bind(tenant_id).bind(number).bind(state).bind(at).bind(id).bind(limit).fetch_all(p).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 out.push(delivery_row!(r));
