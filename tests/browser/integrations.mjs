@@ -73,6 +73,21 @@ try {
   if (!delivered) await fail(`${number} was not delivered`);
   await shot('5-delivered');
 
+  // The log's filters: Failed shows nothing here, Delivered shows it; a
+  // search by its number finds it.
+  await page.click('#log-failed');
+  await page.waitForSelector('#log-empty');
+  if ((await page.textContent('#log-heading')).trim() !== 'Delivery log: failed') await fail('expected the failed view');
+  if ((await page.locator(`tr[data-number="${number}"]`).count()) !== 0) await fail(`${number} listed as failed`);
+  await page.click('#log-delivered');
+  await page.waitForSelector(`tr[data-number="${number}"] td.delivered`);
+  if ((await page.getAttribute('#log-delivered', 'aria-current')) !== 'page') await fail('the Delivered link is not marked current');
+  await page.fill('#log-find input[name=number]', number);
+  await page.click('#log-find button');
+  await page.waitForSelector(`tr[data-number="${number}"]`);
+  if (!(await page.textContent('#log-heading')).includes(number)) await fail('the heading does not name the search');
+  await page.goto(`${BASE}/integrations`);
+
   // Disconnect from the 3-dot menu.
   await page.click('#menu summary');
   await page.click('#disconnect');
