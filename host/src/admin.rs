@@ -268,6 +268,8 @@ struct LogQuery {
     number: Option<String>,
     state: Option<String>,
     limit: Option<i64>,
+    /// The `next` of the previous page.
+    after: Option<String>,
 }
 
 async fn deliveries(
@@ -277,23 +279,30 @@ async fn deliveries(
     Query(q): Query<LogQuery>,
 ) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
+    let after = match crate::api::log_query(q.state.as_deref(), q.after.as_deref()) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     match st
         .store
-        .list_deliveries(
+        .list_deliveries_page(
             Some(&tenant),
             q.number.as_deref(),
             q.state.as_deref(),
-            q.limit.unwrap_or(100).clamp(1, 1000),
+            after.as_ref(),
+            limit,
         )
         .await
     {
         Ok(rows) => {
+            let next = crate::api::next_page(&rows, limit);
             let mut out = Vec::new();
             for r in rows {
                 let attempts = st.store.list_attempts(&r.id).await.unwrap_or_default();
                 out.push(json!({ "delivery": r, "attempts": attempts }));
             }
-            Json(json!({ "deliveries": out })).into_response()
+            Json(json!({ "deliveries": out, "next": next })).into_response()
         }
         Err(e) => unavailable(e),
     }
@@ -711,7 +720,8 @@ async fn openapi() -> Json<Value> {
             "/v1/documents": {"post": {"summary": "Hand over an issued invoice or credit note (ingest key)", "security": [{"bearer": []}], "responses": {"202": {"description": "stored"}, "200": {"description": "already stored"}, "409": {"description": "a different document with this id"}, "422": {"description": "invalid; every field named"}}}},
             "/v1/admin/tenants": {"get": {"summary": "Tenants this key may see", "security": [{"bearer": []}], "responses": {"200": {"description": "ok"}}}},
             "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state, last success, backlog, paused reasons")},
-            "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts; ?number= ?state=")},
+            "/v1/tenants/{tenant}/deliveries": {"get": {"summary": "The tenant's deliveries, the latest change first (ingest key); ?number= ?state= ?limit= (1-1000, default 100) ?after=<next of the previous page>; answers {deliveries, next}, next null on the last page; 400 names state or after when it is not one", "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "400": {"description": "the parameter named"}, "401": {"description": "no or bad key"}}}},
+            "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts, the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed delivery ({\"id\"}) or all")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
             "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one; Super Admin")},

@@ -4,6 +4,7 @@
 use crate::ingest::{self, FieldProblem};
 use crate::store::Store;
 use crate::store::outbox::IngestOutcome;
+use crate::store::outbox::{DeliveryRow, LogCursor, state as delivery_state};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -221,6 +222,53 @@ async fn post_document(
     ingest_json(&state, &json).await
 }
 
+/// A delivery log query's state filter and page cursor, checked: a 400
+/// naming `state` or `after` when either is not one.
+#[allow(clippy::result_large_err)] // a Response is the natural error of a handler helper
+pub(crate) fn log_query(
+    state: Option<&str>,
+    after: Option<&str>,
+) -> Result<Option<LogCursor>, Response> {
+    if let Some(s) = state
+        && !delivery_state::ALL.contains(&s)
+    {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "unknown delivery state",
+            &[FieldProblem {
+                field: "state".into(),
+                message: format!(
+                    "{s:?} is not a delivery state; use one of {}",
+                    delivery_state::ALL.join(", ")
+                ),
+            }],
+        ));
+    }
+    match after {
+        None => Ok(None),
+        Some(a) => LogCursor::parse(a).map(Some).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "not a page cursor",
+                &[FieldProblem {
+                    field: "after".into(),
+                    message: format!("{a:?} is not the `next` of an earlier page of this list"),
+                }],
+            )
+        }),
+    }
+}
+
+/// The cursor of the page after `rows`, when it was full (there may be
+/// more); `None` on the last page.
+pub(crate) fn next_page(rows: &[DeliveryRow], limit: i64) -> Option<String> {
+    if rows.len() as i64 == limit {
+        rows.last().map(|r| LogCursor::after(r).to_string())
+    } else {
+        None
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct DeliveryQuery {
     number: Option<String>,
@@ -239,36 +287,9 @@ async fn list_deliveries(
     if let Err(r) = authorised(&state, &headers).await {
         return r;
     }
-    if let Some(s) = q.state.as_deref()
-        && !crate::store::outbox::state::ALL.contains(&s)
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "unknown delivery state",
-            &[FieldProblem {
-                field: "state".into(),
-                message: format!(
-                    "{s:?} is not a delivery state; use one of {}",
-                    crate::store::outbox::state::ALL.join(", ")
-                ),
-            }],
-        );
-    }
-    let after = match q.after.as_deref() {
-        None => None,
-        Some(a) => match crate::store::outbox::LogCursor::parse(a) {
-            Some(c) => Some(c),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "not a page cursor",
-                    &[FieldProblem {
-                        field: "after".into(),
-                        message: format!("{a:?} is not the `next` of an earlier page of this list"),
-                    }],
-                );
-            }
-        },
+    let after = match log_query(q.state.as_deref(), q.after.as_deref()) {
+        Ok(a) => a,
+        Err(r) => return r,
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     match state
@@ -283,13 +304,7 @@ async fn list_deliveries(
         .await
     {
         Ok(rows) => {
-            // A full page may have more after it: its last row's cursor.
-            let next = (rows.len() as i64 == limit)
-                .then(|| {
-                    rows.last()
-                        .map(|r| crate::store::outbox::LogCursor::after(r).to_string())
-                })
-                .flatten();
+            let next = next_page(&rows, limit);
             Json(json!({ "deliveries": rows, "next": next })).into_response()
         }
         Err(e) => server_error(e),

@@ -1294,6 +1294,33 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
     let (s, v) = list("after=yesterday".into()).await;
     assert_eq!(s, 400);
     assert_eq!(v["problems"][0]["field"], "after", "{v}");
+    // The admin API's log (with attempts) checks and pages the same way.
+    let key = env.key("acme").await;
+    let at = |q: &str| format!("/v1/admin/tenants/acme/deliveries?{q}");
+    let (s, v) = env.call("GET", &at("state=broken"), &key, None).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["problems"][0]["field"], "state", "{v}");
+    let (s, v) = env.call("GET", &at("after=x"), &key, None).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["problems"][0]["field"], "after", "{v}");
+    let (s, page) = env.call("GET", &at("limit=2"), &key, None).await;
+    assert_eq!(s, 200, "{page}");
+    assert_eq!(page["deliveries"].as_array().unwrap().len(), 2);
+    assert!(page["deliveries"][0]["attempts"].is_array(), "{page}");
+    let next = page["next"].as_str().unwrap();
+    let (_, last) = env
+        .call("GET", &at(&format!("limit=2&after={next}")), &key, None)
+        .await;
+    assert_eq!(last["deliveries"].as_array().unwrap().len(), 1, "{last}");
+    assert_eq!(last["next"], Value::Null);
+    let (_, api) = env.call("GET", "/openapi.json", &key, None).await;
+    assert!(
+        api["paths"]["/v1/tenants/{tenant}/deliveries"]["get"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("?after="),
+        "{api}"
+    );
 
     // The page shows the latest 50, then older ones a page at a time. (The
     // grant is revoked first, so that the 50 more pause at once instead of
