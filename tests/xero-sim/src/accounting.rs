@@ -1153,7 +1153,15 @@ fn plan_line(
     };
     let mut quantity = dec_field(li, "Quantity", msgs);
     let unit = dec_field(li, "UnitAmount", msgs).map(|u| u.round_dp(if dp4 { 4 } else { 2 }));
-    let discount = dec_field(li, "DiscountRate", msgs);
+    // A rate outside 0-100 is refused (it would also let a line's amount
+    // outgrow the bound dec_field keeps for line arithmetic).
+    let discount = dec_field(li, "DiscountRate", msgs).filter(|d| {
+        let ok = (Decimal::ZERO..=Decimal::ONE_HUNDRED).contains(d);
+        if !ok {
+            msgs.push("Discount rate must be between 0 and 100".into());
+        }
+        ok
+    });
     let given_line = dec_field(li, "LineAmount", msgs);
     if let Some(q) = quantity
         && q.scale() > 4

@@ -33,7 +33,7 @@ pub enum ScopeMode {
 
 /// A registered OAuth app.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AppConfig {
     /// OAuth client id.
     pub client_id: String,
@@ -61,7 +61,7 @@ impl Default for AppConfig {
 
 /// A Xero organisation (tenant).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct OrgConfig {
     /// The tenant id (`xero-tenant-id` header, `OrganisationID`).
     pub tenant_id: Uuid,
@@ -94,7 +94,7 @@ impl Default for OrgConfig {
 
 /// The (single) Xero user who logs in on the consent page.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct UserConfig {
     /// Xero user id (the id_token `xero_userid`).
     pub user_id: Uuid,
@@ -122,7 +122,7 @@ impl Default for UserConfig {
 
 /// Xero's API rate limits.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// `false` turns every limit off (benchmarks).
     pub enabled: bool,
@@ -150,7 +150,7 @@ impl Default for RateLimitConfig {
 
 /// Token, code and key lifetimes, in sim-clock seconds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LifetimeConfig {
     /// Access token lifetime (Xero: 1800).
     pub access_token_secs: i64,
@@ -178,7 +178,7 @@ impl Default for LifetimeConfig {
 
 /// Everything a simulator run is started with.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
     /// Port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
@@ -243,8 +243,40 @@ impl Default for SimConfig {
 
 impl SimConfig {
     /// Parse a TOML configuration (missing fields take their defaults).
+    /// Values that would break the simulator's arithmetic (a page size of
+    /// 0 divides by zero; a lifetime near `i64::MAX` overflows a time) are
+    /// refused, naming the key.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        Ok(toml::from_str(text)?)
+        let config: SimConfig = toml::from_str(text)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Refuse values outside what the simulator can compute with.
+    pub fn check(&self) -> anyhow::Result<()> {
+        const TEN_YEARS: i64 = 10 * 366 * 24 * 3600;
+        if self.page_size == 0 || self.page_size > 10_000 {
+            anyhow::bail!("page_size: must be 1 to 10000, not {}", self.page_size);
+        }
+        if self.max_attachment_bytes > 1 << 30 {
+            anyhow::bail!(
+                "max_attachment_bytes: must be at most 1 GiB, not {}",
+                self.max_attachment_bytes
+            );
+        }
+        let l = &self.lifetimes;
+        for (key, secs) in [
+            ("lifetimes.access_token_secs", l.access_token_secs),
+            ("lifetimes.auth_code_secs", l.auth_code_secs),
+            ("lifetimes.refresh_grace_secs", l.refresh_grace_secs),
+            ("lifetimes.refresh_token_secs", l.refresh_token_secs),
+            ("lifetimes.idempotency_secs", l.idempotency_secs),
+        ] {
+            if !(0..=TEN_YEARS).contains(&secs) {
+                anyhow::bail!("{key}: must be 0 to ten years in seconds, not {secs}");
+            }
+        }
+        Ok(())
     }
 
     /// The default config with auto-approval of all the user's organisations switched on.

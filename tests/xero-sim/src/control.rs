@@ -45,7 +45,7 @@ pub struct IssuedGrant {
 
 /// Request body of `POST /_sim/grants`.
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct GrantRequest {
     /// Client id (default `ledgerport-demo`).
     pub client_id: Option<String>,
@@ -245,7 +245,7 @@ pub(crate) async fn grants_revoke(State(s): S, Path(id): Path<String>) -> Respon
 
 /// Body of `POST /_sim/clock`.
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClockRequest {
     /// Seconds to move forward (negative: back).
     pub advance_secs: Option<i64>,
@@ -305,7 +305,7 @@ pub(crate) async fn faults_delete(State(s): S) -> Response {
 
 /// Body of `POST /_sim/auto-approve`.
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AutoApproveRequest {
     /// `null`: show the consent page; `[]`: approve all the user's tenants; a list: those tenants.
     pub tenants: Option<Vec<Uuid>>,

@@ -39,7 +39,7 @@ impl RateProblem {
 /// pattern matches one path segment (`"PUT /api.xro/2.0/Invoices/*/Attachments"`).
 /// `/_sim` requests are never faulted.
 #[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FaultRule {
     /// Route pattern (see the type docs).
     pub route: Option<String>,
@@ -63,7 +63,7 @@ pub struct FaultRule {
 
 /// All faults in force.
 #[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FaultConfig {
     /// Rules, all of which are checked in order for every request.
     pub rules: Vec<FaultRule>,

@@ -117,7 +117,15 @@ pub struct LitPub(Lit);
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    /// How many `NOT`s and `(`s enclose the current position.
+    depth: usize,
 }
+
+/// The most tokens a `where` clause may have, and the deepest it may nest
+/// `NOT` and parentheses: the parser, the evaluator and dropping the tree
+/// all recurse, so a clause of 200,000 `!`s would overflow the stack.
+const MAX_TOKENS: usize = 2_000;
+const MAX_DEPTH: usize = 64;
 
 impl Parser {
     fn peek(&self) -> Option<&Tok> {
@@ -152,6 +160,17 @@ impl Parser {
         Ok(l)
     }
     fn unary(&mut self) -> Result<Expr, String> {
+        self.depth += 1;
+        let e = self.unary_inner();
+        self.depth -= 1;
+        e
+    }
+    fn unary_inner(&mut self) -> Result<Expr, String> {
+        if self.depth > MAX_DEPTH {
+            return Err(format!(
+                "the clause nests NOT and parentheses deeper than {MAX_DEPTH}"
+            ));
+        }
         if self.is_kw("NOT", "!") {
             self.pos += 1;
             return Ok(Expr::Not(Box::new(self.unary()?)));
@@ -271,7 +290,17 @@ pub fn parse_where(s: &str) -> Result<Expr, String> {
     if toks.is_empty() {
         return Err("empty where clause".into());
     }
-    let mut p = Parser { toks, pos: 0 };
+    if toks.len() > MAX_TOKENS {
+        return Err(format!(
+            "the clause has {} terms; at most {MAX_TOKENS} are read",
+            toks.len()
+        ));
+    }
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        depth: 0,
+    };
     let e = p.or()?;
     if p.pos < p.toks.len() {
         return Err(format!("unexpected {:?}", p.toks[p.pos]));
@@ -390,25 +419,36 @@ pub fn sort_by_order(items: &mut [Value], order: &str) {
     });
 }
 
-fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> Ordering {
-    match (a, b) {
-        (Some(Value::Number(_)), Some(Value::Number(_))) => {
-            as_decimal(a.unwrap_or(&Value::Null)).cmp(&as_decimal(b.unwrap_or(&Value::Null)))
-        }
-        (Some(Value::String(x)), Some(Value::String(y))) => {
-            match (
-                parse_day(x).filter(|_| x.starts_with("/Date")),
-                parse_day(y),
-            ) {
-                (Some(dx), Some(dy)) => dx.cmp(&dy),
-                _ => x.to_lowercase().cmp(&y.to_lowercase()),
-            }
-        }
-        (Some(Value::Bool(x)), Some(Value::Bool(y))) => x.cmp(y),
-        (None, Some(_)) => Ordering::Less,
-        (Some(_), None) => Ordering::Greater,
-        _ => Ordering::Equal,
+/// What a value sorts by: missing first, then null, booleans, numbers,
+/// Xero dates, and other strings ignoring case. One rank per kind of value
+/// keeps the order total (`sort_by` may panic on one that is not).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum SortKey {
+    Missing,
+    Null,
+    Bool(bool),
+    Number(Option<Decimal>),
+    Date(NaiveDate),
+    Text(String),
+    Other,
+}
+
+fn sort_key(v: Option<&Value>) -> SortKey {
+    match v {
+        None => SortKey::Missing,
+        Some(Value::Null) => SortKey::Null,
+        Some(Value::Bool(b)) => SortKey::Bool(*b),
+        Some(n @ Value::Number(_)) => SortKey::Number(as_decimal(n)),
+        Some(Value::String(s)) => match parse_day(s).filter(|_| s.starts_with("/Date")) {
+            Some(d) => SortKey::Date(d),
+            None => SortKey::Text(s.to_lowercase()),
+        },
+        Some(_) => SortKey::Other,
     }
+}
+
+fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    sort_key(a).cmp(&sort_key(b))
 }
 
 #[cfg(test)]
@@ -462,5 +502,67 @@ mod tests {
         ];
         sort_by_order(&mut items, "Code DESC");
         assert_eq!(items[0]["Code"], "c");
+    }
+
+    #[test]
+    fn a_clause_nested_past_the_limit_is_refused_not_a_stack_overflow() {
+        let deep = format!("{}Name==\"x\"", "!".repeat(200_000));
+        assert!(parse_where(&deep).unwrap_err().contains("at most"));
+        let deep = format!("{}Name==\"x\"", "!".repeat(100));
+        assert!(parse_where(&deep).unwrap_err().contains("deeper than"));
+        let parens = format!("{}Name==\"x\"{}", "(".repeat(100), ")".repeat(100));
+        assert!(parse_where(&parens).unwrap_err().contains("deeper than"));
+        let long = vec!["Name==\"x\""; 1_000].join(" AND ");
+        assert!(parse_where(&long).unwrap_err().contains("at most"));
+        // Within the limits, still parsed.
+        let ok = format!("{}Name==\"x\"{}", "(".repeat(30), ")".repeat(30));
+        assert!(parse_where(&ok).is_ok());
+        assert!(eval(
+            &parse_where(&format!("{}Name==\"x\"", "NOT NOT ".repeat(20))).unwrap(),
+            &json!({"Name": "x"})
+        ));
+    }
+
+    #[test]
+    fn ordering_mixed_values_is_a_total_order() {
+        // Dates, text that is not a date, numbers, booleans, nulls and
+        // missing fields, many of each: sort_by panics on an order that
+        // is not total once it notices, so this sorts them repeatedly.
+        let mut items: Vec<Value> = Vec::new();
+        for i in 0..40 {
+            items.push(match i % 7 {
+                0 => json!({"Name": format!("/Date({}00000+0000)/", 99999 - i)}),
+                1 => json!({"Name": format!("2000-01-0{} {i}", i % 9 + 1)}),
+                2 => json!({"Name": i}),
+                3 => json!({"Name": format!("b{i}")}),
+                4 => json!({"Name": i % 2 == 0}),
+                5 => json!({"Name": null}),
+                _ => json!({}),
+            });
+        }
+        for order in ["Name", "Name DESC"] {
+            let mut sorted = items.clone();
+            sort_by_order(&mut sorted, order);
+            for w in sorted.windows(2) {
+                let o = cmp_values(w[0].get("Name"), w[1].get("Name"));
+                let want = if order == "Name" {
+                    Ordering::Greater
+                } else {
+                    Ordering::Less
+                };
+                assert_ne!(o, want, "{order}: {} before {}", w[0], w[1]);
+            }
+        }
+        assert_eq!(
+            cmp_values(
+                Some(&json!("/Date(99999999999999)/")),
+                Some(&json!("2000-01-01 1"))
+            ),
+            cmp_values(
+                Some(&json!("2000-01-01 1")),
+                Some(&json!("/Date(99999999999999)/"))
+            )
+            .reverse()
+        );
     }
 }

@@ -234,6 +234,12 @@ async fn validation_exceptions() {
             "GBP",
             "The line total 25 does not match the expected line total 20",
         ),
+        // Once a panic ("Multiplication overflowed"): 1e10 x 1e10 x 1e10.
+        (
+            json!([{"Description": "a", "Quantity": 9999999999u64, "UnitAmount": 9999999999u64, "DiscountRate": -9999999999i64, "AccountCode": "412"}]),
+            "GBP",
+            "Discount rate must be between 0 and 100",
+        ),
     ];
     for (lines, cur, msg) in cases {
         let mut body = bill(&c, "B-1", lines);
@@ -269,6 +275,37 @@ async fn validation_exceptions() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // The simulator is still up and answering.
+    assert_eq!(api.get("/Organisation").await.0, 200);
+}
+
+#[tokio::test]
+async fn hostile_where_and_order_are_answered_not_a_crash() {
+    let (sim, at) = start_with_token(SimConfig::default()).await;
+    let api = Api::new(&sim, &at, HOLDINGS);
+    // 60,000 `!`s (a URI stays under 64 KiB) once overflowed the parser's
+    // stack and took the process (and the demo's daemon with it) down.
+    let deep = format!("/Contacts?where={}Name%3D%3D%22x%22", "!".repeat(60_000));
+    let r = api.req(Method::GET, &deep).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    // Names that once made the order inconsistent (a date against text
+    // that looks like one), over the 20 items where sort_by checks.
+    for i in 0..25 {
+        let name = if i % 2 == 0 {
+            format!("/Date({}000+0000)/", 99999999999u64 - i)
+        } else {
+            format!("2000-01-01 {i}")
+        };
+        let (s, b) = api
+            .put("/Contacts", json!({"Contacts": [{"Name": name}]}))
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (s, b) = api.get("/Contacts?order=Name").await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["Contacts"].as_array().unwrap().len() >= 25);
+    let (s, _) = api.get("/Contacts?order=Name%20DESC").await;
+    assert_eq!(s, 200);
 }
 
 #[tokio::test]

@@ -386,6 +386,24 @@ async fn control_api_roundtrip() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // A misspelt control field is refused naming it, not ignored (a test
+    // that advanced the clock by `advance` would silently not advance it).
+    let r = http
+        .post(format!("{base}/_sim/clock"))
+        .json(&json!({"advance": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("advance"), "{v}");
+    let r = http
+        .post(format!("{base}/_sim/faults"))
+        .json(&json!({"rules": [{"route": "POST /x", "error_500": 1.0}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 }
 
 #[tokio::test]
@@ -441,4 +459,25 @@ fn config_from_toml() {
     assert_eq!(cfg.apps[0].client_id, "other");
     assert_eq!(cfg.orgs.len(), 2);
     assert_eq!(cfg.faults.rules[0].error_500_rate, 0.1);
+    // Values the simulator cannot compute with are refused by name.
+    for (text, key) in [
+        ("page_size = 0", "page_size"),
+        (
+            "max_attachment_bytes = 9223372036854775807",
+            "max_attachment_bytes",
+        ),
+        (
+            "[lifetimes]\naccess_token_secs = 9223372036854775807",
+            "lifetimes.access_token_secs",
+        ),
+        (
+            "[lifetimes]\nidempotency_secs = -1",
+            "lifetimes.idempotency_secs",
+        ),
+    ] {
+        let e = xero_sim::SimConfig::from_toml(text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(&format!("{key}:")), "{text}: {e}");
+    }
 }
