@@ -14,6 +14,7 @@ use crate::api::error;
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
 use crate::connections::Connections;
 use crate::ingest::FieldProblem;
+use crate::rejections::JsonObject;
 use crate::store::Store;
 use crate::store::admin::{KeyInfo, KeyScope};
 use axum::extract::{Path, Query, State};
@@ -49,12 +50,7 @@ fn now() -> i64 {
 
 /// The caller's key, or 401.
 pub async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<KeyInfo, Box<Response>> {
-    let key = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(key) = key else {
+    let Some(key) = crate::api::bearer(headers) else {
         return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "missing key",
@@ -168,7 +164,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/admin/tenants/{tenant}/mappings", get(mappings))
         .route(
             "/v1/admin/tenants/{tenant}/mappings/{kind}",
-            put(set_mapping),
+            put(set_mapping).delete(unset_mapping),
         )
         .route(
             "/v1/admin/tenants/{tenant}/settings/{connector}",
@@ -188,6 +184,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/admin/tenants/{tenant}/check/{connector}", post(check))
         .route("/v1/admin/tenants/{tenant}/audit", get(audit))
+        .layer(axum::middleware::from_fn(crate::rejections::as_json))
         .with_state(state)
 }
 
@@ -312,7 +309,7 @@ async fn retry(
     State(st): S,
     headers: HeaderMap,
     Path(tenant): Path<String>,
-    body: Option<Json<Value>>,
+    body: JsonObject,
 ) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
     let actor = headers
@@ -320,16 +317,39 @@ async fn retry(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("api")
         .to_string();
-    let id = body
-        .as_ref()
-        .and_then(|b| b.get("id"))
-        .and_then(Value::as_str)
-        .map(String::from);
-    match st
-        .store
-        .retry_failed(&tenant, id.as_deref(), crate::dispatch::now_ms())
-        .await
-    {
+    // No body (or `{}`) retries every failed delivery; `{"id"}` one. A body
+    // that says anything else is refused rather than read as "all".
+    if let Err(r) = body.only(&["id"]) {
+        return r;
+    }
+    let id = match body.string("id") {
+        Ok(id) => id.map(String::from),
+        Err(r) => return r,
+    };
+    let now_ms = crate::dispatch::now_ms();
+    match st.store.retry_failed(&tenant, id.as_deref(), now_ms).await {
+        Ok(0) if id.is_some() => {
+            let id = id.unwrap_or_default();
+            match st.store.delivery_state(&tenant, &id).await {
+                Ok(None) => error(
+                    StatusCode::NOT_FOUND,
+                    "no such delivery",
+                    &problem(
+                        "id",
+                        format!("{id:?} is not a delivery of tenant {tenant:?}"),
+                    ),
+                ),
+                Ok(Some(state)) => error(
+                    StatusCode::CONFLICT,
+                    "the delivery is not failed",
+                    &problem(
+                        "id",
+                        format!("{id:?} is {state}; only failed or paused deliveries are retried"),
+                    ),
+                ),
+                Err(e) => unavailable(e),
+            }
+        }
         Ok(n) => {
             let _ = st
                 .store
@@ -432,32 +452,35 @@ async fn set_mapping(
     headers: HeaderMap,
     Path((tenant, kind)): Path<(String, String)>,
     Query(q): Query<ConnectorQuery>,
-    body: Option<Json<Value>>,
+    body: JsonObject,
 ) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
     let scope = try_box!(mapping_scope(&st, &tenant, q));
-    let Some(Json(body)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a JSON body is required",
-            &problem("body", "send {\"account_code\": \"...\"}"),
-        );
+    if let Err(r) = body.only(&["account_code", "tax_type"]) {
+        return r;
+    }
+    let code = match body.string("account_code") {
+        Ok(Some(code)) => code.to_string(),
+        Ok(None) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "account_code is required",
+                &problem(
+                    "account_code",
+                    "is required: send {\"account_code\": \"...\"}",
+                ),
+            );
+        }
+        Err(r) => return r,
     };
-    let Some(code) = body.get("account_code").and_then(Value::as_str) else {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "account_code is required",
-            &problem("account_code", "is required"),
-        );
+    let tax = match body.string("tax_type") {
+        Ok(t) => t.map(String::from),
+        Err(r) => return r,
     };
-    let tax = body
-        .get("tax_type")
-        .and_then(Value::as_str)
-        .map(String::from);
     let m = AccountMapping {
         kind: kind.clone(),
-        account_code: code.to_string(),
+        account_code: code.clone(),
         tax_type: tax.clone(),
     };
     match st.connections.set_mapping(&scope, m, &actor).await {
@@ -478,20 +501,57 @@ async fn set_mapping(
                 .await;
             Json(json!({"connector": scope.connector_id, "kind": kind, "account_code": code, "validated_against": outcome.validated_against})).into_response()
         }
+        Err(e) if e.status() == 500 => unavailable(e),
         Err(e) => {
-            let text = e.to_string();
-            let field = text
-                .split(':')
-                .next()
-                .unwrap_or("mapping")
-                .trim()
-                .to_string();
+            // 503: the account list could not be read to check the code;
+            // the mapping may be fine, so the caller should retry later.
+            let status = if e.status() == 503 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
             error(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                status,
                 "the mapping was refused",
-                &problem(&field, text),
+                &problem(e.field(), e.message()),
             )
         }
+    }
+}
+
+async fn unset_mapping(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, kind)): Path<(String, String)>,
+    Query(q): Query<ConnectorQuery>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let actor = try_box!(super_admin(&headers));
+    let scope = try_box!(mapping_scope(&st, &tenant, q));
+    match st.connections.delete_mapping(&scope, &kind).await {
+        Ok(true) => {
+            let _ = st
+                .store
+                .audit(
+                    &actor,
+                    Some(&tenant),
+                    "mapping.delete",
+                    &format!("{} {kind}", scope.connector_id),
+                    now(),
+                )
+                .await;
+            Json(json!({"connector": scope.connector_id, "kind": kind, "deleted": true}))
+                .into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "no such mapping",
+            &problem(
+                "kind",
+                format!("{kind:?} has no mapping for {}", scope.connector_id),
+            ),
+        ),
+        Err(e) => unavailable(e),
     }
 }
 
@@ -522,20 +582,23 @@ async fn set_setting(
     State(st): S,
     headers: HeaderMap,
     Path((tenant, connector, key)): Path<(String, String, String)>,
-    body: Option<Json<Value>>,
+    body: JsonObject,
 ) -> Response {
     try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
-    let Some(value) = body
-        .as_ref()
-        .and_then(|Json(b)| b.get("value"))
-        .and_then(Value::as_str)
-    else {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "value is required",
-            &problem("value", "send {\"value\": \"...\"} (a string)"),
-        );
+    if let Err(r) = body.only(&["value"]) {
+        return r;
+    }
+    let value = match body.string("value") {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "value is required",
+                &problem("value", "send {\"value\": \"...\"} (a string)"),
+            );
+        }
+        Err(r) => return r,
     };
     match st
         .connections
@@ -722,9 +785,9 @@ async fn openapi() -> Json<Value> {
             "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state, last success, backlog, paused reasons")},
             "/v1/tenants/{tenant}/deliveries": {"get": {"summary": "The tenant's deliveries, the latest change first (ingest key); ?number= ?state= ?limit= (1-1000, default 100) ?after=<next of the previous page>; answers {deliveries, next}, next null on the last page; 400 names state or after when it is not one", "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "400": {"description": "the parameter named"}, "401": {"description": "no or bad key"}}}},
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts, the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
-            "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed delivery ({\"id\"}) or all")},
+            "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
-            "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one; Super Admin")},
+            "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one (422 naming the field; 503 when the chart cannot be read); Super Admin"), "delete": op("Remove a kind's mapping for ?connector= (404 naming kind when there is none); Super Admin")},
             "/v1/admin/tenants/{tenant}/settings/{connector}": {"get": op("The connector's settings: every declared key with description, allowed values, default and the connection's value (secrets only \"set\" / \"not set\")")},
             "/v1/admin/tenants/{tenant}/settings/{connector}/{key}": {
                 "put": op("Set one setting ({\"value\"}); 422 names the key when it is unknown, not allowed, too short or too long; Super Admin"),

@@ -35,13 +35,20 @@ pub fn error(status: StatusCode, message: &str, problems: &[FieldProblem]) -> Re
         .into_response()
 }
 
+/// The key of an `Authorization: Bearer <key>` header (the scheme's case
+/// does not matter, RFC 9110 §11.1).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?.trim_start();
+    let (scheme, key) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
+}
+
 #[allow(clippy::result_large_err)] // a Response is the natural error of a handler helper
 async fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
-    let key = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let key = bearer(headers);
     match key {
         None => Err(error(
             StatusCode::UNAUTHORIZED,
@@ -84,8 +91,14 @@ async fn authorised(state: &ApiState, headers: &HeaderMap) -> Result<(), Respons
 /// The ingest and delivery-status routes.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
-        .route("/v1/documents", post(post_document))
+        .route(
+            "/v1/documents",
+            post(post_document).layer(axum::extract::DefaultBodyLimit::max(
+                crate::rejections::INGEST_BODY_LIMIT,
+            )),
+        )
         .route("/v1/tenants/{tenant}/deliveries", get(list_deliveries))
+        .layer(axum::middleware::from_fn(crate::rejections::as_json))
         .with_state(state)
 }
 
@@ -291,6 +304,20 @@ async fn list_deliveries(
         Ok(a) => a,
         Err(r) => return r,
     };
+    match state.store.tenant(&tenant).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown tenant",
+                &[FieldProblem {
+                    field: "tenant".into(),
+                    message: format!("{tenant:?} is not a tenant"),
+                }],
+            );
+        }
+        Err(e) => return server_error(e),
+    }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     match state
         .store
@@ -314,6 +341,56 @@ async fn list_deliveries(
 #[cfg(test)]
 mod tests {
     use super::storage_cause;
+
+    /// The ingest route's body limit and what is answered past it: a 413
+    /// naming `body` in the API's JSON (axum's own is plain text), while a
+    /// body just under it is read (here refused as not JSON, a 400).
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_a_413_naming_body() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("db").display());
+        let store = crate::store::Store::open_and_migrate(&url).await.unwrap();
+        let key = "k";
+        let app = super::router(std::sync::Arc::new(super::ApiState {
+            store,
+            service_key_hashes: vec![crate::crypto::sha256_hex(key)],
+            catalogue: None,
+            on_ingest: Box::new(|| {}),
+        }));
+        let post = |len: usize| {
+            Request::post("/v1/documents")
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Body::from(vec![b'x'; len]))
+                .unwrap()
+        };
+        let limit = crate::rejections::INGEST_BODY_LIMIT;
+        for (len, status, field) in [(limit + 1, 413, "body"), (limit, 400, "body")] {
+            let r = app.clone().oneshot(post(len)).await.unwrap();
+            assert_eq!(r.status().as_u16(), status, "{len}");
+            let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["problems"][0]["field"], field, "{len}: {v}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        let with = |v: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert("authorization", v.parse().unwrap());
+            super::bearer(&h).map(str::to_owned)
+        };
+        assert_eq!(with("Bearer k1").as_deref(), Some("k1"));
+        assert_eq!(with("bearer k1 ").as_deref(), Some("k1"));
+        assert_eq!(with("BEARER  k1").as_deref(), Some("k1"));
+        assert_eq!(with("Basic k1"), None);
+        assert_eq!(with("Bearer "), None);
+        assert_eq!(with("Bearerk1"), None);
+    }
 
     #[test]
     fn storage_failures_name_their_cause() {

@@ -349,6 +349,20 @@ impl Connections {
         .await
     }
 
+    /// Check a setting's value as [`Connections::set_setting`] would,
+    /// without storing it (a form checks every value before saving any).
+    pub fn check_setting(
+        &self,
+        connector_id: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), SettingError> {
+        let m = self
+            .manifest(connector_id)
+            .ok_or_else(|| SettingError::UnknownConnector(connector_id.into()))?;
+        settings::validate(&m, key, value)
+    }
+
     /// Remove one stored setting of `tenant_id`'s `connector_id` (audited).
     pub async fn unset_setting(
         &self,
@@ -443,13 +457,28 @@ impl Connections {
         &self,
         q: &CallbackQuery,
     ) -> Result<CallbackOutcome, ConnectError> {
+        // What the provider said, when it refused: shown even when the
+        // state is also bad, so the admin learns why (access_denied, ...).
+        let refused = q.error.as_deref().filter(|e| !e.is_empty()).map(|err| {
+            format!(
+                "{err}{}",
+                q.error_description
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            )
+        });
+        let also = |m: &str| match &refused {
+            Some(r) => format!("{m}; the accounting system also answered: {r}"),
+            None => m.to_string(),
+        };
         let state = q
             .state
             .as_deref()
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| ConnectError::bad("state", "is missing"))?;
+            .ok_or_else(|| ConnectError::bad("state", also("is missing")))?;
         if state.len() > 512 {
-            return Err(ConnectError::bad("state", "is unknown"));
+            return Err(ConnectError::bad("state", also("is unknown")));
         }
         let now = self.clock.now_secs();
         let record = self
@@ -457,21 +486,12 @@ impl Connections {
             .consume_oauth_state(&self.keys, &sha256_hex(state), now)
             .await?
             .map_err(|r| {
-                ConnectError::bad(
-                    "state",
-                    r.to_string().trim_start_matches("state ").to_string(),
-                )
+                ConnectError::bad("state", also(r.to_string().trim_start_matches("state ")))
             })?;
-        if let Some(err) = q.error.as_deref().filter(|e| !e.is_empty()) {
+        if let Some(refused) = refused {
             return Err(ConnectError::bad(
                 "error",
-                format!(
-                    "the accounting system did not authorise the connection: {err}{}",
-                    q.error_description
-                        .as_deref()
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ),
+                format!("the accounting system did not authorise the connection: {refused}"),
             ));
         }
         let code = q
@@ -509,7 +529,7 @@ impl Connections {
         let tokens = TokenSet {
             access_token: answer.access_token.clone(),
             refresh_token: answer.refresh_token.clone(),
-            expires_at: now + answer.expires_in.unwrap_or(DEFAULT_EXPIRES_IN),
+            expires_at: now.saturating_add(answer.expires_in.unwrap_or(DEFAULT_EXPIRES_IN)),
         };
         let scopes = answer
             .scopes

@@ -295,7 +295,7 @@ impl TokenManager {
             access_token: answer.access_token,
             // A provider that does not rotate keeps the old refresh token valid.
             refresh_token: answer.refresh_token.or(Some(refresh_token)),
-            expires_at: now + answer.expires_in.unwrap_or(DEFAULT_EXPIRES_IN),
+            expires_at: now.saturating_add(answer.expires_in.unwrap_or(DEFAULT_EXPIRES_IN)),
         };
         if let Err(e) = lease.save(&self.keys, &tokens, now).await {
             // Not stored: the old refresh token stays valid for the grace period.

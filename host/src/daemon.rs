@@ -94,6 +94,48 @@ pub struct DispatchSettings {
     pub max_parked: Option<usize>,
 }
 
+impl DispatchSettings {
+    /// Refuse values the dispatcher cannot work with, naming the key: a
+    /// lease or retry step of centuries overflows the time it is added to,
+    /// and a concurrency of millions the instance pool's size.
+    pub fn check(&self) -> anyhow::Result<()> {
+        const DAY: u64 = 86_400;
+        let within = |key: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "dispatch.{key}: must be {lo} to {hi}, not {v}"
+                ))
+            }
+        };
+        if let Some(c) = self.concurrency {
+            within("concurrency", c as u64, 0, 4_096)?;
+        }
+        if let Some(p) = self.max_parked {
+            within("max_parked", p as u64, 0, 100_000)?;
+        }
+        if let Some(l) = self.lease_secs {
+            within("lease_secs", l, 1, DAY)?;
+        }
+        if let Some(c) = self.coalesce_secs {
+            within("coalesce_secs", c, 0, DAY)?;
+        }
+        if let Some(ladder) = &self.ladder_secs {
+            if ladder.is_empty() || ladder.len() > 100 {
+                anyhow::bail!(
+                    "dispatch.ladder_secs: must list 1 to 100 steps, not {}",
+                    ladder.len()
+                );
+            }
+            for step in ladder {
+                within("ladder_secs", *step, 0, 30 * DAY)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The daemon's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,6 +201,12 @@ impl Config {
             None => String::new(),
         };
         let mut cfg: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config {}: {e}",
+                path.map(|p| p.display().to_string()).unwrap_or_default()
+            )
+        })?;
+        cfg.dispatch.check().map_err(|e| {
             anyhow::anyhow!(
                 "config {}: {e}",
                 path.map(|p| p.display().to_string()).unwrap_or_default()
@@ -526,6 +574,39 @@ mod tests {
         };
         let e = c.apply_env(env).unwrap_err().to_string();
         assert!(e.contains("LEDGERPORT_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn dispatch_values_that_would_overflow_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, key) in [
+            (
+                "ladder_secs = [9223372036854775807]",
+                "dispatch.ladder_secs",
+            ),
+            ("ladder_secs = []", "dispatch.ladder_secs"),
+            ("lease_secs = 9223372036854775", "dispatch.lease_secs"),
+            ("lease_secs = 0", "dispatch.lease_secs"),
+            ("coalesce_secs = 9223372036854775", "dispatch.coalesce_secs"),
+            ("concurrency = 67108864", "dispatch.concurrency"),
+            ("max_parked = 9223372036854775807", "dispatch.max_parked"),
+        ] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, format!("[dispatch]\n{text}\n")).unwrap();
+            let e = Config::load(Some(&path)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{key}: must be")) || e.contains(&format!("{key}: must list")),
+                "{text}: {e}"
+            );
+        }
+        // The defaults and ordinary values pass.
+        let path = dir.path().join("ok.toml");
+        std::fs::write(
+            &path,
+            "[dispatch]\nladder_secs = [0, 5, 300]\nlease_secs = 90\nconcurrency = 16\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&path)).is_ok());
     }
 
     #[test]

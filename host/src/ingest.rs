@@ -79,6 +79,58 @@ fn check_optional_strings(
     }
 }
 
+/// Every key of the object `v` that is not in `known` is a problem: a
+/// misspelt field (`purchse_order`) must not be dropped silently.
+fn check_known(v: &Value, prefix: &str, known: &[&str], problems: &mut Vec<FieldProblem>) {
+    if let Some(o) = v.as_object() {
+        for key in o.keys().filter(|k| !known.contains(&k.as_str())) {
+            problems.push(problem(
+                format!("{prefix}{key}"),
+                format!("is not a field here; the fields are {}", known.join(", ")),
+            ));
+        }
+    }
+}
+
+const DOCUMENT_FIELDS: &[&str] = &[
+    "id",
+    "tenant_id",
+    "kind",
+    "number",
+    "issue_date",
+    "due_date",
+    "currency",
+    "tax_basis",
+    "supplier",
+    "customer",
+    "lines",
+    "subtotal",
+    "total_tax",
+    "total",
+    "url",
+    "credits_invoice_number",
+    "pdf",
+    "purchase_order",
+];
+const PARTY_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "tax_number",
+    "email",
+    "address_lines",
+    "country",
+];
+const LINE_FIELDS: &[&str] = &[
+    "kind",
+    "description",
+    "quantity",
+    "unit_amount",
+    "tax_amount",
+    "line_amount",
+    "employee",
+    "country",
+];
+
 fn get_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
@@ -169,7 +221,13 @@ pub fn validate(
             problems.push(problem(key, format!("{s:?} is not a decimal amount")));
         }
     }
-    check_optional_strings(json, "", &["url", "credits_invoice_number"], &mut problems);
+    check_known(json, "", DOCUMENT_FIELDS, &mut problems);
+    check_optional_strings(
+        json,
+        "",
+        &["url", "credits_invoice_number", "purchase_order"],
+        &mut problems,
+    );
     match json.get("tax_basis") {
         None => {}
         Some(Value::String(b)) if ["exclusive", "inclusive", "no-tax"].contains(&b.as_str()) => {}
@@ -192,6 +250,7 @@ pub fn validate(
     for party in ["supplier", "customer"] {
         match json.get(party) {
             Some(p) if p.is_object() => {
+                check_known(p, &format!("{party}."), PARTY_FIELDS, &mut problems);
                 for key in ["id", "name"] {
                     if get_str(p, key).is_none_or(|s| s.trim().is_empty()) {
                         problems.push(problem(format!("{party}.{key}"), "is required"));
@@ -225,6 +284,7 @@ pub fn validate(
                     problems.push(problem(format!("lines[{i}]"), "must be an object"));
                     continue;
                 }
+                check_known(l, &format!("lines[{i}]."), LINE_FIELDS, &mut problems);
                 check_optional_strings(
                     l,
                     &format!("lines[{i}]."),
@@ -432,6 +492,27 @@ mod tests {
                 "lines[2].line_amount"
             ]
         );
+    }
+
+    #[test]
+    fn a_misspelt_or_mistyped_field_is_named_not_dropped() {
+        let mut v = sample("invoice.json");
+        v["purchse_order"] = "PO-1".into();
+        v["supplier"]["vat_number"] = "GB1".into();
+        v["lines"][0]["amount"] = "1.00".into();
+        let errs = validate(&v, None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["purchse_order", "supplier.vat_number", "lines[0].amount"]
+        );
+        assert!(errs[0].message.contains("purchase_order"), "{errs:?}");
+        // A purchase order of the wrong type is named, not "document".
+        let mut v = sample("invoice.json");
+        v["purchase_order"] = 123.into();
+        let errs = validate(&v, None).unwrap_err();
+        assert_eq!(errs[0].field, "purchase_order", "{errs:?}");
+        assert_eq!(errs[0].message, "must be a string");
     }
 
     #[test]

@@ -148,7 +148,14 @@ async fn session(st: &AdminState, headers: &HeaderMap) -> Result<Session, Respon
 /// configure or disconnect).
 async fn super_admin_session(st: &AdminState, headers: &HeaderMap) -> Result<Session, Response> {
     let s = session(st, headers).await?;
-    if s.super_admin && !s.admin.is_empty() {
+    if s.super_admin && s.admin.trim().is_empty() {
+        // A Super Admin nobody named: the audit log could not say who.
+        Err(message(
+            StatusCode::FORBIDDEN,
+            "Who is acting?",
+            "admin: the page was opened without naming the admin (…&admin=<who>); open it again from the platform",
+        ))
+    } else if s.super_admin {
         Ok(s)
     } else {
         Err(message(
@@ -171,7 +178,50 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/integrations/disconnect", post(disconnect))
         .route("/integrations/check", post(check))
         .route("/integrations/retry", post(retry))
+        .route_layer(axum::middleware::from_fn(same_origin))
         .with_state(state)
+}
+
+/// Forms are taken only from this site's own pages: a POST whose `Origin`
+/// (current browsers send one with every form) names another site, or
+/// `null`, is refused, on top of the session cookie's `SameSite=Lax`. A
+/// request without `Origin` (a script, not a browser) passes to the
+/// session check as before.
+async fn same_origin(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.method() == axum::http::Method::POST
+        && let Some(origin) = req.headers().get(header::ORIGIN)
+    {
+        let origin = origin
+            .to_str()
+            .ok()
+            .and_then(|o| url::Url::parse(o).ok())
+            .and_then(|u| {
+                let host = u.host_str()?.to_ascii_lowercase();
+                Some(match u.port() {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host,
+                })
+            });
+        let ours = |name: header::HeaderName| {
+            req.headers()
+                .get(name)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.trim().to_ascii_lowercase())
+        };
+        let hosts = [
+            ours(header::HOST),
+            ours(header::HeaderName::from_static("x-forwarded-host")),
+        ];
+        let same = origin.is_some_and(|o| hosts.iter().flatten().any(|h| *h == o));
+        if !same {
+            return message(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "origin: this form was sent from another site; open the Integrations page from the platform and try again",
+            );
+        }
+    }
+    next.run(req).await
 }
 
 async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Response {
@@ -576,6 +626,13 @@ async fn save_settings(
     let connector = which.id();
     let current = match st.connections.settings(&s.tenant, connector).await {
         Ok(c) => c,
+        Err(e) if e.status() >= 500 => {
+            return message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Settings not saved",
+                &e.to_string(),
+            );
+        }
         Err(e) => return message(StatusCode::NOT_FOUND, "No settings", &e.to_string()),
     };
     let clear: Vec<&str> = f
@@ -583,57 +640,61 @@ async fn save_settings(
         .filter(|(k, _)| k == "unset")
         .map(|(_, v)| v.as_str())
         .collect();
-    let mut changed = 0;
+    // Every change is worked out and checked first, then made: one bad
+    // value refuses the form, naming its key, with nothing changed (they
+    // were once saved one by one up to the bad one).
+    let mut changes: Vec<(&str, Option<&str>)> = Vec::new();
     for (key, value) in f.iter().filter(|(k, _)| k != "unset") {
         let Some(v) = current.iter().find(|v| &v.key == key && v.declared) else {
             return message(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "Setting refused",
-                &format!("{key}: unknown setting"),
+                "Settings not saved",
+                &format!("{key}: unknown setting. Nothing was changed."),
             );
         };
-        let result = if v.secret {
-            if value.is_empty() || clear.contains(&key.as_str()) {
-                continue;
-            }
-            st.connections
-                .set_setting(&s.tenant, connector, key, value, &s.admin)
-                .await
+        let change = if v.secret {
+            (!value.is_empty() && !clear.contains(&key.as_str())).then_some(Some(value.as_str()))
         } else if value.is_empty() {
-            if !v.stored {
-                continue;
-            }
-            st.connections
-                .unset_setting(&s.tenant, connector, key, &s.admin)
-                .await
+            v.stored.then_some(None)
         } else {
-            if v.stored && v.value.as_deref() == Some(value.as_str()) {
-                continue;
+            (!(v.stored && v.value.as_deref() == Some(value.as_str())))
+                .then_some(Some(value.as_str()))
+        };
+        if let Some(change) = change {
+            if let Some(value) = change
+                && let Err(e) = st.connections.check_setting(connector, key, value)
+            {
+                return message(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Settings not saved",
+                    &format!("{e} Nothing was changed."),
+                );
             }
-            st.connections
-                .set_setting(&s.tenant, connector, key, value, &s.admin)
-                .await
+            changes.push((key.as_str(), change));
+        }
+    }
+    changes.extend(clear.into_iter().map(|key| (key, None)));
+    let mut changed = 0;
+    for (key, value) in changes {
+        let result = match value {
+            Some(value) => {
+                st.connections
+                    .set_setting(&s.tenant, connector, key, value, &s.admin)
+                    .await
+            }
+            None => {
+                st.connections
+                    .unset_setting(&s.tenant, connector, key, &s.admin)
+                    .await
+            }
         };
         if let Err(e) = result {
-            return message(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Setting refused",
-                &e.to_string(),
-            );
-        }
-        changed += 1;
-    }
-    for key in clear {
-        if let Err(e) = st
-            .connections
-            .unset_setting(&s.tenant, connector, key, &s.admin)
-            .await
-        {
-            return message(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Setting refused",
-                &e.to_string(),
-            );
+            let status = if e.status() >= 500 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            return message(status, "Setting refused", &e.to_string());
         }
         changed += 1;
     }
@@ -706,6 +767,16 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
             continue;
         }
         let mut options = String::from("<option value=\"\">— not mapped —</option>");
+        // A mapped code that is no longer an active account stays chosen
+        // (saving the form must not clear it unasked), marked as such.
+        if let Some(code) = current.get(&key)
+            && !list.accounts.iter().any(|a| &a.code == code)
+        {
+            options.push_str(&format!(
+                "<option value=\"{c}\" selected>{c} (not an active account)</option>",
+                c = esc(code)
+            ));
+        }
         for a in &list.accounts {
             let sel = if current.get(&key) == Some(&a.code) {
                 " selected"
@@ -751,33 +822,81 @@ async fn save_mappings(
         tenant_id: s.tenant.clone(),
         connector_id: which.id().to_string(),
     };
-    let mut saved = 0;
-    for (kind, code) in f.into_iter().filter(|(_, c)| !c.is_empty()) {
-        let m = AccountMapping {
-            kind: kind.clone(),
-            account_code: code.clone(),
-            tax_type: None,
-        };
-        if let Err(e) = st.connections.set_mapping(&scope, m, &s.admin).await {
+    let current: BTreeMap<String, AccountMapping> = match st.connections.mappings(&scope).await {
+        Ok(list) => list
+            .into_iter()
+            .map(|m| (m.mapping.kind.clone(), m.mapping))
+            .collect(),
+        Err(e) => {
             return message(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Mapping refused",
-                &format!("{kind}: {e}"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Mappings not saved",
+                &e.to_string(),
             );
         }
+    };
+    // Only the rows the admin changed: a changed code is set (and
+    // checked), "not mapped" clears a mapping, an unchanged row is left
+    // as it is (with its tax type and who set it).
+    let mut set: Vec<AccountMapping> = Vec::new();
+    let mut clear: Vec<String> = Vec::new();
+    for (kind, code) in f {
+        let code = code.trim();
+        set.retain(|m| m.kind != kind);
+        clear.retain(|k| k != &kind);
+        match current.get(&kind) {
+            Some(m) if m.account_code == code => {}
+            Some(_) if code.is_empty() => clear.push(kind),
+            None if code.is_empty() => {}
+            _ => set.push(AccountMapping {
+                kind,
+                account_code: code.to_string(),
+                tax_type: None,
+            }),
+        }
+    }
+    if let Err((kind, e)) = st
+        .connections
+        .change_mappings(&scope, &set, &clear, &s.admin)
+        .await
+    {
+        let status = match e.status() {
+            500 | 503 => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        let about = kind.map(|k| format!("{k}: ")).unwrap_or_default();
+        return message(
+            status,
+            "Mappings not saved",
+            &format!("{about}{e} Nothing was changed."),
+        );
+    }
+    let now = chrono::Utc::now().timestamp();
+    for m in &set {
         let _ = st
             .store
             .audit(
                 &s.admin,
                 Some(&s.tenant),
                 "mapping.set",
-                &format!("{} {kind} -> {code}", scope.connector_id),
-                chrono::Utc::now().timestamp(),
+                &format!("{} {} -> {}", scope.connector_id, m.kind, m.account_code),
+                now,
             )
             .await;
-        saved += 1;
     }
-    tracing::info!(tenant = %s.tenant, saved, "mappings saved from the Integrations page");
+    for kind in &clear {
+        let _ = st
+            .store
+            .audit(
+                &s.admin,
+                Some(&s.tenant),
+                "mapping.delete",
+                &format!("{} {kind}", scope.connector_id),
+                now,
+            )
+            .await;
+    }
+    tracing::info!(tenant = %s.tenant, set = set.len(), cleared = clear.len(), "mappings saved from the Integrations page");
     redirect("/integrations")
 }
 
@@ -949,6 +1068,26 @@ async fn retry(
         .retry_failed(&s.tenant, id.as_deref(), crate::dispatch::now_ms())
         .await
     {
+        Ok(0) if id.is_some() => {
+            let id = id.unwrap_or_default();
+            match st.store.delivery_state(&s.tenant, &id).await {
+                Ok(None) => message(
+                    StatusCode::NOT_FOUND,
+                    "Retry failed",
+                    &format!("id: {id:?} is not one of your deliveries"),
+                ),
+                Ok(Some(state)) => message(
+                    StatusCode::CONFLICT,
+                    "Retry failed",
+                    &format!("id: {id:?} is {state}; only failed or paused documents are retried"),
+                ),
+                Err(e) => message(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Retry failed",
+                    &e.to_string(),
+                ),
+            }
+        }
         Ok(n) => {
             let _ = st
                 .store

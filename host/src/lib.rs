@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod notify;
 pub mod oauth;
 pub mod plugin_store;
+pub mod rejections;
 pub mod runtime;
 pub mod scaffold;
 pub mod signing;

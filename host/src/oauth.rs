@@ -317,9 +317,11 @@ impl OAuthProvider {
             auth_event_id: auth_event_of(&access),
             access_token: Secret::new(access),
             refresh_token: t.refresh_token().map(|r| Secret::new(r.secret().clone())),
+            // A provider's lifetime is believed up to a year: a larger one
+            // (u64::MAX, "forever") would overflow the expiry time.
             expires_in: t
                 .expires_in()
-                .map(|d| d.as_secs().min(i64::MAX as u64) as i64),
+                .map(|d| d.as_secs().min(MAX_EXPIRES_IN as u64) as i64),
             scopes: t
                 .scopes()
                 .map(|s| s.iter().map(|x| x.to_string()).collect()),
@@ -664,9 +666,31 @@ pub fn oauth_router(state: Arc<Connections>) -> Router {
         .with_state(state)
 }
 
+/// The longest access-token lifetime believed from a token endpoint: a
+/// year, in seconds.
+pub const MAX_EXPIRES_IN: i64 = 365 * 24 * 3600;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_lifetime_past_a_year_is_taken_as_a_year() {
+        for (expires_in, believed) in [
+            ("1800", Some(1800)),
+            ("18446744073709551615", Some(MAX_EXPIRES_IN)),
+            ("9223372036854775807", Some(MAX_EXPIRES_IN)),
+        ] {
+            let t: oauth2::basic::BasicTokenResponse = serde_json::from_str(&format!(
+                r#"{{"access_token":"a","token_type":"Bearer","expires_in":{expires_in}}}"#
+            ))
+            .unwrap();
+            let answer = OAuthProvider::answer(&t);
+            assert_eq!(answer.expires_in, believed, "{expires_in}");
+            // And the expiry time it gives cannot overflow.
+            assert!(i64::MAX - answer.expires_in.unwrap() > 4_102_444_800);
+        }
+    }
 
     #[test]
     fn rewrites_follow_overrides() {

@@ -279,6 +279,23 @@ async fn bad_expired_states_and_codes_refused(db: TestDb) {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.text().await.unwrap().contains("access_denied"));
+    // Refused with a state already used (the back button): the state is
+    // named, and what the provider said is still shown.
+    let r = b
+        .get(format!(
+            "{}/oauth/callback?error=access_denied&error_description=The+user+cancelled&state={state}",
+            d.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("state"), "{text}");
+    assert!(
+        text.contains("access_denied (The user cancelled)"),
+        "{text}"
+    );
     // Unknown tenant / connector are refused naming the field.
     let e = d
         .conns

@@ -57,11 +57,26 @@ async fn end_to_end(db: TestDb) {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // A 4 MiB PDF (over axum's default 2 MiB body once in base64; such a
+    // document was refused) is taken and attached whole (a body over the
+    // route's limit: `api::tests`).
+    use base64::Engine as _;
+    let pdf: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut big = invoice("acme", 6);
+    big["pdf"] = json!({"base64": base64::engine::general_purpose::STANDARD.encode(&pdf)});
+    let (s, body) = p.post(&big).await;
+    assert_eq!(s, 202, "{body}");
 
     let counts = p.settle(Duration::from_secs(60)).await;
-    assert_eq!(counts.get("delivered"), Some(&6), "{counts:?}");
+    assert_eq!(counts.get("delivered"), Some(&7), "{counts:?}");
     let docs = p.sim.documents(DEFAULT_TENANT_TRADING).unwrap();
-    assert_eq!(docs.invoices.len(), 5);
+    assert_eq!(docs.invoices.len(), 6);
+    assert!(
+        docs.attachments
+            .iter()
+            .any(|a| a["ContentLength"] == json!(pdf.len())),
+        "the 4 MiB PDF is attached whole"
+    );
     assert_eq!(docs.credit_notes.len(), 1);
     assert_eq!(
         docs.allocations.len(),
@@ -119,7 +134,7 @@ async fn end_to_end(db: TestDb) {
         "{m}"
     );
     for series in [
-        "ledgerport_queue_depth{state=\"delivered\"} 6",
+        "ledgerport_queue_depth{state=\"delivered\"} 7",
         "ledgerport_delivery_seconds_count",
         "ledgerport_plugin_call_seconds_bucket",
         "ledgerport_token_refreshes_total",

@@ -420,8 +420,8 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
             at("xero/status"),
             json!({"status": "DRAFT"}),
             422,
-            "value",
-            "value",
+            "status",
+            "the fields are value",
         ),
         (
             at("xero/status"),
@@ -540,6 +540,60 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 422);
     assert!(r.text().await.unwrap().contains("status: "));
+    // A form is saved whole or not at all: a good endpoint beside a secret
+    // too short leaves both as they were (the endpoint was once saved).
+    let r = b
+        .post(format!(
+            "{}/integrations/settings?connector=webhook",
+            env.base
+        ))
+        .header("cookie", &cookie)
+        .form(&[
+            ("endpoint", "https://hooks.example.com/other"),
+            ("signing_secret", "short"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("signing_secret: "), "{text}");
+    assert!(text.contains("Nothing was changed."), "{text}");
+    let (_, v) = env.call("GET", &at("webhook"), &key, None).await;
+    let endpoint = v["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == "endpoint")
+        .unwrap();
+    assert_eq!(endpoint["stored"], false, "{v}");
+    // A Super Admin the platform did not name cannot change anything: the
+    // audit log could not say who.
+    let r = b
+        .get(format!(
+            "{}/integrations/login?key={}&role=super-admin",
+            env.base,
+            env.key("acme").await
+        ))
+        .send()
+        .await
+        .unwrap();
+    let nameless = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = b
+        .post(format!("{}/integrations/settings", env.base))
+        .header("cookie", &nameless)
+        .form(&[("status", "SUBMITTED")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.text().await.unwrap().contains("admin: "));
     let check = || {
         b.post(format!("{}/integrations/check", env.base))
             .header("cookie", &cookie)
@@ -928,6 +982,38 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
         .await;
     assert_eq!(v["mappings"].as_array().unwrap().len(), kinds.len(), "{v}");
 
+    // A mapping's fields are checked by name (a code that is not a string,
+    // a misspelt key: once stored without it); one kind's mapping can be
+    // removed (404 naming kind when there is none) and set again.
+    let one = at(&format!("mappings/{}?connector=webhook", kinds[0]));
+    for (body, field) in [
+        (json!({"account_code": 6000}), "account_code"),
+        (json!({"account_code": "6000", "tax_tipe": "X"}), "tax_tipe"),
+        (json!({"account_code": "6000", "tax_type": 7}), "tax_type"),
+    ] {
+        let (s, v) = env.call("PUT", &one, &key, Some(body.clone())).await;
+        assert_eq!(s, 422, "{body}: {v}");
+        assert_eq!(v["problems"][0]["field"], field, "{body}: {v}");
+    }
+    let (s, v) = env.call("DELETE", &one, &key, None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["deleted"], true);
+    let (s, v) = env.call("DELETE", &one, &key, None).await;
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["problems"][0]["field"], "kind", "{v}");
+    let (_, v) = env
+        .call("GET", &at("mappings?connector=webhook"), &key, None)
+        .await;
+    assert_eq!(
+        v["mappings"].as_array().unwrap().len(),
+        kinds.len() - 1,
+        "{v}"
+    );
+    let (s, v) = env
+        .call("PUT", &one, &key, Some(json!({"account_code": "6000"})))
+        .await;
+    assert_eq!(s, 200, "{v}");
+
     // A document reaches the receiver, signed with the tenant's secret.
     env.post(&doc).await;
     let counts = env.settle().await;
@@ -1313,6 +1399,97 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
         .await;
     assert_eq!(last["deliveries"].as_array().unwrap().len(), 1, "{last}");
     assert_eq!(last["next"], Value::Null);
+    // Retry refuses a body that says something else (`{"id": 42}` once
+    // requeued every failed delivery), an id that is not the tenant's (404)
+    // and one that is not failed (409), each naming id; a body that is not
+    // JSON names body, one sent as a form content-type.
+    let retry = "/v1/admin/tenants/acme/deliveries/retry";
+    let delivered = page["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(last["deliveries"].as_array().unwrap())
+        .find(|d| d["delivery"]["state"] == "delivered")
+        .map(|d| d["delivery"]["id"].as_str().unwrap().to_string())
+        .expect("a delivered row");
+    for (body, status, field) in [
+        (json!({"id": 42}), 422, "id"),
+        (json!({"ids": ["x"]}), 422, "ids"),
+        (json!({"id": "dlv-nope"}), 404, "id"),
+        (json!({"id": delivered}), 409, "id"),
+        (json!([1]), 400, "body"),
+    ] {
+        let (s, v) = env.call("POST", retry, &key, Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert_eq!(v["problems"][0]["field"], field, "{body}: {v}");
+    }
+    for (content_type, body, status, field) in [
+        ("application/json", "{nope", 400, "body"),
+        (
+            "application/x-www-form-urlencoded",
+            "id=x",
+            415,
+            "content-type",
+        ),
+    ] {
+        let r = env
+            .http
+            .post(format!("{}{retry}", env.base))
+            .bearer_auth(&key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["problems"][0]["field"], field, "{body}: {v}");
+    }
+    let (_, v) = env.call("GET", &at("state=failed"), &key, None).await;
+    assert_eq!(
+        v["deliveries"].as_array().unwrap().len(),
+        1,
+        "the refusals requeued nothing: {v}"
+    );
+    // What axum itself refuses is JSON naming the field too: a query value
+    // of the wrong type, a method the route does not take.
+    let (s, v) = env.call("GET", &at("limit=many"), &key, None).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["problems"][0]["field"], "limit", "{v}");
+    let (s, v) = list("limit=many".into()).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["problems"][0]["field"], "limit", "{v}");
+    let r = env
+        .http
+        .get(format!("{}{retry}", env.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["problems"][0]["field"], "method", "{v}");
+    assert!(
+        v["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET"),
+        "{v}"
+    );
+    // The platform's list answers 404 for a tenant that does not exist
+    // (it answered an empty list, as for a tenant with nothing sent).
+    let r = env
+        .http
+        .get(format!("{}/v1/tenants/nobody/deliveries", env.base))
+        .bearer_auth(SERVICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["problems"][0]["field"], "tenant", "{v}");
+
     let (_, api) = env.call("GET", "/openapi.json", &key, None).await;
     assert!(
         api["paths"]["/v1/tenants/{tenant}/deliveries"]["get"]["summary"]
@@ -1363,5 +1540,170 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
     let (s, html) = get("/integrations?after=nope".into()).await;
     assert_eq!(s, 400);
     assert!(html.contains("after: &quot;nope&quot;"), "{html}");
+    env.d.stop().await;
+}
+
+/// The page's Configure form saves the rows the admin changed, all or
+/// none: one code that is not an account refuses the whole form, naming
+/// its line type, and changes nothing (the rows before it were saved one
+/// by one); "not mapped" clears a mapping; an unchanged row keeps its tax
+/// type and who set it; a mapped code that is no longer an active account
+/// is shown chosen, so saving the form does not clear it unasked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mapping_form_saves_every_changed_row_or_none() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
+    let mapped = || async {
+        env.d
+            .store
+            .mappings(&scope)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.mapping.kind.clone(), m))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let post = |form: Vec<(&'static str, &'static str)>| {
+        let b = b.clone();
+        let cookie = cookie.clone();
+        let url = format!("{}/integrations/mappings", env.base);
+        async move {
+            let r = b
+                .post(url)
+                .header("cookie", cookie)
+                .form(&form)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap())
+        }
+    };
+    let before = mapped().await;
+    assert_eq!(before["gross-salary"].mapping.account_code, "477");
+
+    // A form posted from another site (its Origin) is refused, even with
+    // the admin's cookie; one from the page's own origin is taken.
+    for origin in ["http://evil.example", "null"] {
+        let r = b
+            .post(format!("{}/integrations/mappings", env.base))
+            .header("cookie", &cookie)
+            .header("origin", origin)
+            .form(&[("gross-salary", "478")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{origin}");
+        assert!(r.text().await.unwrap().contains("origin: "));
+    }
+    assert_eq!(mapped().await["gross-salary"].mapping.account_code, "477");
+    let r = b
+        .post(format!("{}/integrations/retry", env.base))
+        .header("cookie", &cookie)
+        .header("origin", &env.base)
+        .form(&[("id", "dlv-none")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404, "same origin: on to the handler");
+
+    // A good change, then a code that is not an account: nothing is saved.
+    let (s, html) = post(vec![
+        ("gross-salary", "478"),
+        ("fx-fee", "999"),
+        ("management-fee", "429"),
+    ])
+    .await;
+    assert_eq!(s, 422, "{html}");
+    assert!(html.contains("fx-fee: "), "{html}");
+    assert!(html.contains("999"), "{html}");
+    assert!(html.contains("Nothing was changed."), "{html}");
+    let after = mapped().await;
+    assert_eq!(
+        after["gross-salary"].mapping.account_code, "477",
+        "not half saved"
+    );
+    assert_eq!(after["fx-fee"].mapping.account_code, "404");
+
+    // A change and a clear, with an unchanged row beside them.
+    let (s, html) = post(vec![
+        ("gross-salary", "478"),
+        ("fx-fee", ""),
+        ("management-fee", "429"),
+    ])
+    .await;
+    assert_eq!(s, 303, "{html}");
+    let after = mapped().await;
+    assert_eq!(after["gross-salary"].mapping.account_code, "478");
+    assert_eq!(after["gross-salary"].updated_by.as_deref(), Some("alice"));
+    assert!(!after.contains_key("fx-fee"), "cleared: {:?}", after.keys());
+    let fee = &after["management-fee"];
+    assert_eq!(
+        fee.mapping.tax_type.as_deref(),
+        Some("INPUT2"),
+        "tax type kept"
+    );
+    assert_eq!(
+        fee.updated_by.as_deref(),
+        Some("test"),
+        "an unchanged row is not rewritten"
+    );
+    let actions: Vec<(String, String)> = env
+        .d
+        .store
+        .audit_log(Some("acme"), 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.action, e.detail))
+        .collect();
+    assert!(
+        actions.contains(&("mapping.set".into(), "xero gross-salary -> 478".into())),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("mapping.delete".into(), "xero fx-fee".into())),
+        "{actions:?}"
+    );
+    assert!(
+        !actions.iter().any(|(_, d)| d.contains("management-fee")),
+        "{actions:?}"
+    );
+
+    // A code archived since it was mapped (401 is archived in the
+    // simulator's chart) stays chosen on the form, marked, and a save that
+    // leaves it alone keeps it.
+    let archived = ledgerport::capabilities::mapping::AccountMapping {
+        kind: "security-deposit".into(),
+        account_code: "401".into(),
+        tax_type: None,
+    };
+    env.d
+        .store
+        .set_mapping(&scope, &archived, "test", 0)
+        .await
+        .unwrap();
+    let r = b
+        .get(format!("{}/integrations/configure", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("<option value=\"401\" selected>401 (not an active account)</option>"),
+        "{html}"
+    );
+    let (s, html) = post(vec![("security-deposit", "401"), ("fx-fee", "404")]).await;
+    assert_eq!(s, 303, "{html}");
+    let after = mapped().await;
+    assert_eq!(after["security-deposit"].mapping.account_code, "401");
+    assert_eq!(after["fx-fee"].mapping.account_code, "404");
     env.d.stop().await;
 }

@@ -67,6 +67,26 @@ impl MappingError {
             _ => 400,
         }
     }
+
+    /// The field at fault (`account_code`, `tax_type`, `kind`, ...).
+    pub fn field(&self) -> &'static str {
+        match self {
+            MappingError::Invalid { field, .. } => field,
+            MappingError::UnknownKind { .. } => "kind",
+            MappingError::UnknownAccount { .. } | MappingError::Unverifiable(_) => "account_code",
+            MappingError::UnknownTaxType { .. } => "tax_type",
+            MappingError::Store(_) => "storage",
+        }
+    }
+
+    /// What is wrong, without the field's name in front.
+    pub fn message(&self) -> String {
+        let text = self.to_string();
+        let prefix = format!("{}: ", self.field());
+        text.strip_prefix(&prefix)
+            .map(str::to_owned)
+            .unwrap_or(text)
+    }
 }
 
 impl From<ConnectError> for MappingError {
@@ -290,6 +310,56 @@ impl Connections {
         self.replace_or_set(scope, mappings, actor, true).await
     }
 
+    /// Set `set` and delete the mappings of the kinds in `clear`, all or
+    /// nothing: every mapping in `set` is checked (against the live
+    /// account list when there is one) before anything is written, and the
+    /// writes are one transaction. A refusal names the kind it is about.
+    pub async fn change_mappings(
+        &self,
+        scope: &MappingScope,
+        set: &[AccountMapping],
+        clear: &[String],
+        actor: &str,
+    ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
+        let validated_against = if set.is_empty() {
+            None
+        } else {
+            self.check_all(scope, set).await?
+        };
+        self.store()
+            .change_mappings(scope, set, clear, actor, self.clock().now_secs())
+            .await
+            .map_err(|e| (None, MappingError::from(e)))?;
+        Ok(MappingOutcome { validated_against })
+    }
+
+    /// Check every mapping; the organisation whose account list checked
+    /// them (None: none to check against). A refusal carries its kind.
+    async fn check_all(
+        &self,
+        scope: &MappingScope,
+        mappings: &[AccountMapping],
+    ) -> Result<Option<String>, (Option<String>, MappingError)> {
+        for m in mappings {
+            check_fields(m).map_err(|e| (Some(m.kind.clone()), e))?;
+            self.check_kind(&m.kind)
+                .map_err(|e| (Some(m.kind.clone()), e))?;
+        }
+        // A connector with no chart of accounts (an empty list, e.g. the
+        // JSON webhook's) leaves the codes to the admin: nothing to check.
+        let list = self
+            .account_list(scope)
+            .await
+            .map_err(|e| (None, e))?
+            .filter(|(_, l)| !l.accounts.is_empty());
+        if let Some((org, l)) = &list {
+            for m in mappings {
+                Self::check_against(org, l, m).map_err(|e| (Some(m.kind.clone()), e))?;
+            }
+        }
+        Ok(list.map(|(o, _)| o))
+    }
+
     async fn replace_or_set(
         &self,
         scope: &MappingScope,
@@ -297,21 +367,7 @@ impl Connections {
         actor: &str,
         replace: bool,
     ) -> Result<MappingOutcome, MappingError> {
-        for m in mappings {
-            check_fields(m)?;
-            self.check_kind(&m.kind)?;
-        }
-        // A connector with no chart of accounts (an empty list, e.g. the
-        // JSON webhook's) leaves the codes to the admin: nothing to check.
-        let list = self
-            .account_list(scope)
-            .await?
-            .filter(|(_, l)| !l.accounts.is_empty());
-        if let Some((org, l)) = &list {
-            for m in mappings {
-                Self::check_against(org, l, m)?;
-            }
-        }
+        let validated_against = self.check_all(scope, mappings).await.map_err(|(_, e)| e)?;
         let now = self.clock().now_secs();
         if replace {
             self.store()
@@ -322,9 +378,7 @@ impl Connections {
                 self.store().set_mapping(scope, m, actor, now).await?;
             }
         }
-        Ok(MappingOutcome {
-            validated_against: list.map(|(o, _)| o),
-        })
+        Ok(MappingOutcome { validated_against })
     }
 
     /// Delete the mapping of one kind; returns whether there was one.

@@ -88,6 +88,49 @@ impl Store {
         Ok(())
     }
 
+    /// Set some mappings and delete others, in one transaction: the
+    /// Integrations page's form saves all of its rows or none.
+    pub async fn change_mappings(
+        &self,
+        scope: &MappingScope,
+        set: &[AccountMapping],
+        clear: &[String],
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            for kind in clear {
+                sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2 AND kind = $3")
+                    .bind(&scope.tenant_id)
+                    .bind(&scope.connector_id)
+                    .bind(kind)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for m in set {
+                sqlx::query(
+                    "INSERT INTO mappings (tenant_id, connector_id, kind, account_code, tax_type, updated_by, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (tenant_id, connector_id, kind) DO UPDATE SET
+                       account_code = excluded.account_code, tax_type = excluded.tax_type,
+                       updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                )
+                .bind(&scope.tenant_id)
+                .bind(&scope.connector_id)
+                .bind(&m.kind)
+                .bind(&m.account_code)
+                .bind(&m.tax_type)
+                .bind(actor)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
     /// Delete the mapping of one kind; returns whether there was one.
     pub async fn delete_mapping(
         &self,

@@ -642,6 +642,18 @@ impl Store {
         Ok(n)
     }
 
+    /// The state of one of a tenant's deliveries (`None`: no such delivery
+    /// of that tenant).
+    pub async fn delivery_state(
+        &self,
+        tenant_id: &str,
+        delivery_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = on_pool!(self, p => sqlx::query_as("SELECT state FROM deliveries WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id).bind(delivery_id).fetch_optional(p).await?);
+        Ok(row.map(|(s,)| s))
+    }
+
     /// List deliveries, the latest change first (for the log, the API and
     /// the CLI).
     pub async fn list_deliveries(
