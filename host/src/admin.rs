@@ -184,6 +184,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/admin/tenants/{tenant}/check/{connector}", post(check))
         .route("/v1/admin/tenants/{tenant}/audit", get(audit))
+        .route(
+            "/v1/admin/tenants/{tenant}/page-sessions",
+            post(page_session),
+        )
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
         .with_state(state)
 }
@@ -555,6 +559,73 @@ async fn unset_mapping(
     }
 }
 
+/// How long a sign-in link of the Integrations page may wait to be
+/// opened, and how long the session it opens lasts (seconds).
+pub const PAGE_TICKET_TTL: i64 = 120;
+/// See [`PAGE_TICKET_TTL`].
+pub const PAGE_SESSION_TTL: i64 = 8 * 3600;
+
+/// `POST /page-sessions`: a one-time sign-in link to the Integrations page
+/// for a named admin (`{"admin": "...", "role": "super-admin"}`), asked for
+/// by the platform's backend with the tenant's key. The link carries a
+/// ticket, not the key: the browser never sees the key, and the admin and
+/// role are kept by the daemon, not in a cookie the browser could edit.
+async fn page_session(
+    State(st): S,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: JsonObject,
+) -> Response {
+    let key = try_box!(guard(&st, &headers, &tenant).await);
+    if let Err(r) = body.only(&["admin", "role"]) {
+        return r;
+    }
+    let admin = match body.string("admin") {
+        Ok(Some(a)) if !a.trim().is_empty() && a.len() <= 320 => a.trim().to_string(),
+        Ok(Some(_)) | Ok(None) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "who signs in must be named",
+                &problem(
+                    "admin",
+                    "is required: the admin the page acts for (at most 320 characters), as the audit log will name them",
+                ),
+            );
+        }
+        Err(r) => return r,
+    };
+    let role = match body.string("role") {
+        Ok(r) if r.is_none_or(|r| r.len() <= 64) => r.unwrap_or("").trim().to_string(),
+        Ok(_) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "role too long",
+                &problem(
+                    "role",
+                    "at most 64 characters; \"super-admin\" may change integrations",
+                ),
+            );
+        }
+        Err(r) => return r,
+    };
+    match st
+        .store
+        .create_page_ticket(&tenant, &admin, &role, &key.id, PAGE_TICKET_TTL, now())
+        .await
+    {
+        Ok(ticket) => (
+            StatusCode::CREATED,
+            Json(json!({
+                "login": format!("/integrations/login?ticket={ticket}"),
+                "expires_in": PAGE_TICKET_TTL,
+                "session_seconds": PAGE_SESSION_TTL,
+            })),
+        )
+            .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
 fn setting_refused(e: crate::connections::SettingError) -> Response {
     if e.status() >= 500 {
         return unavailable(e);
@@ -787,6 +858,7 @@ async fn openapi() -> Json<Value> {
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts, the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
+            "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h or until the key that asked is revoked)")},
             "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one (422 naming the field; 503 when the chart cannot be read); Super Admin"), "delete": op("Remove a kind's mapping for ?connector= (404 naming kind when there is none); Super Admin")},
             "/v1/admin/tenants/{tenant}/settings/{connector}": {"get": op("The connector's settings: every declared key with description, allowed values, default and the connection's value (secrets only \"set\" / \"not set\")")},
             "/v1/admin/tenants/{tenant}/settings/{connector}/{key}": {

@@ -284,17 +284,28 @@ pub async fn run(exit: bool, port: u16) -> anyhow::Result<()> {
             println!("   | {line}");
         }
     }
-    let (_, page_key) = store
+    let (page_key_id, _) = store
         .issue_key(
             &crate::store::admin::KeyScope::Tenant("acme".into()),
             "demo Integrations page",
             chrono::Utc::now().timestamp(),
         )
         .await?;
+    // What the platform would ask for when an admin opens Integrations
+    // (POST /v1/admin/tenants/acme/page-sessions); one-time, and valid
+    // for a day here so there is time to open it.
+    let ticket = store
+        .create_page_ticket(
+            "acme",
+            "alice@acme.example",
+            "super-admin",
+            &page_key_id,
+            24 * 3600,
+            chrono::Utc::now().timestamp(),
+        )
+        .await?;
     println!("\n6. try it:");
-    println!(
-        "   Integrations  {base}/integrations/login?key={page_key}&admin=alice%40acme.example&role=super-admin"
-    );
+    println!("   Integrations  {base}/integrations/login?ticket={ticket}  (one-time sign-in link)");
     println!(
         "   delivery log  curl -H 'Authorization: Bearer demo-service-key' {base}/v1/tenants/acme/deliveries"
     );

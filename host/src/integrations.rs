@@ -14,10 +14,12 @@
 //! elements keep unprefixed ids (`#xero`, `#status`, `#connect`, ...),
 //! another card's are `<id>_<name>` (`#webhook_card`, `#webhook_status`).
 //!
-//! The platform opens it for a tenant admin with a link to
-//! `/integrations/login?key=<tenant key>&admin=<who>&role=<role>`; the page
-//! keeps those in an HttpOnly cookie. Changes need the `super-admin` role
-//! and are audited, exactly like the admin API.
+//! The platform opens it for a tenant admin with a one-time sign-in link
+//! it asks for server to server (`POST /v1/admin/tenants/{t}/page-sessions`
+//! with the tenant's key, naming the admin and role): the link's ticket
+//! becomes a session whose token is the page's HttpOnly cookie, so the
+//! browser never sees the key and cannot change who it acts as. Changes
+//! need the `super-admin` role and are audited, exactly like the admin API.
 
 // Handlers return a whole page as their error: boxing it buys nothing here.
 #![allow(clippy::result_large_err)]
@@ -25,7 +27,6 @@
 use crate::admin::AdminState;
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
 use crate::oauth::escape as esc;
-use crate::store::admin::KeyScope;
 use crate::store::outbox::{LogCursor, state};
 use axum::Router;
 use axum::extract::{Form, Query, State};
@@ -114,27 +115,20 @@ async fn session(st: &AdminState, headers: &HeaderMap) -> Result<Session, Respon
             "Open Integrations from the platform to sign in.",
         ));
     };
-    let parts: BTreeMap<String, String> = url::form_urlencoded::parse(v.as_bytes())
-        .into_owned()
-        .collect();
-    let key = parts.get("k").cloned().unwrap_or_default();
-    match st.store.verify_key(&key).await {
-        Ok(Some(info)) => match info.scope {
-            KeyScope::Tenant(t) => Ok(Session {
-                tenant: t,
-                admin: parts.get("a").cloned().unwrap_or_default(),
-                super_admin: parts.get("r").map(String::as_str) == Some("super-admin"),
-            }),
-            _ => Err(message(
-                StatusCode::FORBIDDEN,
-                "Not a tenant key",
-                "This page needs a tenant key.",
-            )),
-        },
+    match st
+        .store
+        .page_session(&v, chrono::Utc::now().timestamp())
+        .await
+    {
+        Ok(Some((tenant, admin, role))) => Ok(Session {
+            tenant,
+            admin,
+            super_admin: role == "super-admin",
+        }),
         Ok(None) => Err(message(
             StatusCode::UNAUTHORIZED,
             "Signed out",
-            "The key is not valid any more; open Integrations from the platform again.",
+            "The session has ended (it expired, or the key it was opened with was revoked); open Integrations from the platform again.",
         )),
         Err(_) => Err(message(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -225,33 +219,54 @@ async fn same_origin(req: axum::extract::Request, next: axum::middleware::Next) 
 }
 
 async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Response {
-    let key = q.get("key").cloned().unwrap_or_default();
-    match st.store.verify_key(&key).await {
-        Ok(Some(info)) if matches!(info.scope, KeyScope::Tenant(_)) => {}
-        _ => {
-            return message(
-                StatusCode::UNAUTHORIZED,
-                "Sign-in failed",
-                "key: not a valid tenant key",
-            );
-        }
+    if q.contains_key("key") {
+        // The old link put the tenant's key in the address bar and the
+        // admin and role in a cookie the browser could edit.
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "key: the page no longer signs in with a key in the address; the platform asks for a sign-in link (POST /v1/admin/tenants/{tenant}/page-sessions) and opens it",
+        );
     }
-    let value = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("k", &key)
-        .append_pair("a", q.get("admin").map(String::as_str).unwrap_or(""))
-        .append_pair("r", q.get("role").map(String::as_str).unwrap_or(""))
-        .finish();
-    (
-        StatusCode::SEE_OTHER,
-        [
-            (
-                header::SET_COOKIE,
-                format!("{COOKIE}={value}; HttpOnly; SameSite=Lax; Path=/"),
-            ),
-            (header::LOCATION, "/integrations".to_string()),
-        ],
-    )
-        .into_response()
+    let ticket = q.get("ticket").map(String::as_str).unwrap_or("");
+    if ticket.is_empty() || ticket.len() > 128 {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "ticket: is missing; open Integrations from the platform",
+        );
+    }
+    let now = chrono::Utc::now().timestamp();
+    match st
+        .store
+        .redeem_page_ticket(ticket, crate::admin::PAGE_SESSION_TTL, now)
+        .await
+    {
+        Ok(Some(token)) => (
+            StatusCode::SEE_OTHER,
+            [
+                (
+                    header::SET_COOKIE,
+                    format!(
+                        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
+                        crate::admin::PAGE_SESSION_TTL
+                    ),
+                ),
+                (header::LOCATION, "/integrations".to_string()),
+            ],
+        )
+            .into_response(),
+        Ok(None) => message(
+            StatusCode::UNAUTHORIZED,
+            "Sign-in failed",
+            "ticket: this sign-in link was used already or has expired; open Integrations from the platform again",
+        ),
+        Err(_) => message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "Storage is unavailable; try again shortly.",
+        ),
+    }
 }
 
 async fn index(

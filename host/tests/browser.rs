@@ -57,8 +57,18 @@ async fn integrations_page_in_headless_chromium() {
         .issue_key(&KeyScope::Tenant("acme".into()), "integrations page", 0)
         .await
         .unwrap();
-    let login =
-        format!("{base}/integrations/login?key={key}&admin=alice%40acme.example&role=super-admin");
+    // As the platform does: ask for a one-time sign-in link, server to
+    // server, with the tenant's key (the browser never sees the key).
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/admin/tenants/acme/page-sessions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"admin": "alice@acme.example", "role": "super-admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let login = format!("{base}{}", v["login"].as_str().unwrap());
     let mappings = serde_json::json!({
         "gross-salary": "477", "employer-social-contributions": "478", "employee-benefits": "479",
         "allowances-and-bonuses": "477", "statutory-payments": "477", "management-fee": "429",

@@ -567,33 +567,6 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         .find(|s| s["key"] == "endpoint")
         .unwrap();
     assert_eq!(endpoint["stored"], false, "{v}");
-    // A Super Admin the platform did not name cannot change anything: the
-    // audit log could not say who.
-    let r = b
-        .get(format!(
-            "{}/integrations/login?key={}&role=super-admin",
-            env.base,
-            env.key("acme").await
-        ))
-        .send()
-        .await
-        .unwrap();
-    let nameless = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let r = b
-        .post(format!("{}/integrations/settings", env.base))
-        .header("cookie", &nameless)
-        .form(&[("status", "SUBMITTED")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 403);
-    assert!(r.text().await.unwrap().contains("admin: "));
     let check = || {
         b.post(format!("{}/integrations/check", env.base))
             .header("cookie", &cookie)
@@ -850,15 +823,34 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
 /// Sign in to the Integrations page as a Super Admin of `tenant`: the
 /// session cookie.
 async fn page_session(env: &Env, b: &reqwest::Client, tenant: &str) -> String {
+    page_session_as(env, b, tenant, "alice", "super-admin").await
+}
+
+/// Sign in to the Integrations page as the platform does: ask for a
+/// one-time link with the tenant's key, open it; the session cookie.
+async fn page_session_as(
+    env: &Env,
+    b: &reqwest::Client,
+    tenant: &str,
+    admin: &str,
+    role: &str,
+) -> String {
     let page_key = env.key(tenant).await;
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("/v1/admin/tenants/{tenant}/page-sessions"),
+            &page_key,
+            Some(json!({"admin": admin, "role": role})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
     let r = b
-        .get(format!(
-            "{}/integrations/login?key={page_key}&admin=alice&role=super-admin",
-            env.base
-        ))
+        .get(format!("{}{}", env.base, v["login"].as_str().unwrap()))
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
     r.headers()["set-cookie"]
         .to_str()
         .unwrap()
@@ -1705,5 +1697,124 @@ async fn the_mapping_form_saves_every_changed_row_or_none() {
     let after = mapped().await;
     assert_eq!(after["security-deposit"].mapping.account_code, "401");
     assert_eq!(after["fx-fee"].mapping.account_code, "404");
+    env.d.stop().await;
+}
+
+/// The page signs in with a one-time link the platform asks for server to
+/// server, not with the tenant's key in the address: the key never reaches
+/// the browser, the cookie holds a random token (once it held the key, the
+/// admin and the role, so anyone the platform let open the page could make
+/// themselves a Super Admin by editing it), a link works once and for two
+/// minutes, and revoking the key ends its sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_signs_in_with_a_one_time_link_not_the_key() {
+    let env = Env::start().await;
+    let store = &env.d.store;
+    store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    store
+        .upsert_tenant("globex", "Globex", &[], 0)
+        .await
+        .unwrap();
+    let (key_id, key) = store
+        .issue_key(&KeyScope::Tenant("acme".into()), "platform", 0)
+        .await
+        .unwrap();
+    let links = "/v1/admin/tenants/acme/page-sessions";
+    // Who signs in must be named; the role is short; another tenant's key
+    // cannot ask.
+    for (body, status, field) in [
+        (json!({"role": "super-admin"}), 422, "admin"),
+        (json!({"admin": "  ", "role": "super-admin"}), 422, "admin"),
+        (json!({"admin": "a", "role": "x".repeat(65)}), 422, "role"),
+        (json!({"admin": "a", "rank": "super-admin"}), 422, "rank"),
+    ] {
+        let (s, v) = env.call("POST", links, &key, Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert_eq!(v["problems"][0]["field"], field, "{body}: {v}");
+    }
+    let globex = env.key("globex").await;
+    let (s, v) = env
+        .call("POST", links, &globex, Some(json!({"admin": "a"})))
+        .await;
+    assert_eq!(s, 403, "{v}");
+
+    let (s, v) = env
+        .call(
+            "POST",
+            links,
+            &key,
+            Some(json!({"admin": "alice", "role": "super-admin"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["expires_in"], 120);
+    let login = format!("{}{}", env.base, v["login"].as_str().unwrap());
+    assert!(!login.contains(&key), "the key is not in the link");
+    let b = storage_support::browser();
+    let r = b.get(&login).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let set_cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for secret in [key.as_str(), "alice", "super-admin"] {
+        assert!(!set_cookie.contains(secret), "{secret} in {set_cookie}");
+    }
+    assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let page = |cookie: String| {
+        let b = b.clone();
+        let url = format!("{}/integrations", env.base);
+        async move {
+            let r = b.get(url).header("cookie", cookie).send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap())
+        }
+    };
+    assert_eq!(page(cookie.clone()).await.0, 200);
+    // Once only.
+    let r = b.get(&login).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.text().await.unwrap().contains("ticket: "));
+    // The old link with the key in the address is refused naming key.
+    let r = b
+        .get(format!(
+            "{}/integrations/login?key={key}&admin=mallory&role=super-admin",
+            env.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(r.text().await.unwrap().contains("key: "));
+    // A cookie made up in the browser is no session.
+    let (s, _) = page("lp_session=ps_forged".into()).await;
+    assert_eq!(s, 401);
+    // An expired link (asked for three minutes ago) does not sign in.
+    let now = chrono::Utc::now().timestamp();
+    let stale = store
+        .create_page_ticket("acme", "alice", "super-admin", &key_id, 120, now - 180)
+        .await
+        .unwrap();
+    let r = b
+        .get(format!("{}/integrations/login?ticket={stale}", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // An admin without the Super Admin role reads but cannot change.
+    let viewer = page_session_as(&env, &b, "acme", "bob", "finance-manager").await;
+    assert_eq!(page(viewer.clone()).await.0, 200);
+    let r = b
+        .post(format!("{}/integrations/settings", env.base))
+        .header("cookie", &viewer)
+        .form(&[("status", "DRAFT")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    // Revoking the key that asked for a session ends it.
+    assert!(store.revoke_key(&key_id, now).await.unwrap());
+    let (s, html) = page(cookie).await;
+    assert_eq!(s, 401, "{html}");
+    assert!(html.contains("revoked"), "{html}");
     env.d.stop().await;
 }

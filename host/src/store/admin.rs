@@ -107,6 +107,84 @@ impl Store {
         Ok(())
     }
 
+    /// A one-time sign-in ticket for the Integrations page, for `admin`
+    /// acting as `role` in `tenant_id`, asked for with the key `key_id`;
+    /// valid `ttl` seconds. Returns the ticket (only its hash is stored).
+    pub async fn create_page_ticket(
+        &self,
+        tenant_id: &str,
+        admin: &str,
+        role: &str,
+        key_id: &str,
+        ttl: i64,
+        now: i64,
+    ) -> Result<String, StoreError> {
+        let ticket = format!("pt_{}", crate::crypto::random_token(24));
+        on_pool!(self, p => {
+            // Expired tickets and sessions go as new ones come.
+            sqlx::query("DELETE FROM page_sessions WHERE expires_at <= $1")
+                .bind(now).execute(p).await?;
+            sqlx::query("INSERT INTO page_sessions (token_hash, kind, tenant_id, admin, role, key_id, expires_at) VALUES ($1, 'ticket', $2, $3, $4, $5, $6)")
+                .bind(hash(&ticket)).bind(tenant_id).bind(admin).bind(role).bind(key_id).bind(now.saturating_add(ttl))
+                .execute(p).await.map(|_| ())
+        })?;
+        Ok(ticket)
+    }
+
+    /// Use a sign-in ticket: it is spent at once (a second use finds
+    /// nothing), and when it was still valid a session of `ttl` seconds
+    /// for the same tenant, admin and role is made. Returns the session
+    /// token, or `None` for a ticket unknown, spent or expired.
+    pub async fn redeem_page_ticket(
+        &self,
+        ticket: &str,
+        ttl: i64,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let row: Option<(String, String, String, String, i64)> = on_pool!(self, p => {
+            match sqlx::query("DELETE FROM page_sessions WHERE token_hash = $1 AND kind = 'ticket' RETURNING tenant_id, admin, role, key_id, expires_at")
+                .bind(hash(ticket)).fetch_optional(p).await? {
+                Some(r) => Some((r.try_get("tenant_id")?, r.try_get("admin")?, r.try_get("role")?, r.try_get("key_id")?, r.try_get("expires_at")?)),
+                None => None,
+            }
+        });
+        let Some((tenant, admin, role, key_id, expires_at)) = row else {
+            return Ok(None);
+        };
+        if expires_at <= now {
+            return Ok(None);
+        }
+        let token = format!("ps_{}", crate::crypto::random_token(24));
+        on_pool!(self, p => sqlx::query("INSERT INTO page_sessions (token_hash, kind, tenant_id, admin, role, key_id, expires_at) VALUES ($1, 'session', $2, $3, $4, $5, $6)")
+            .bind(hash(&token)).bind(&tenant).bind(&admin).bind(&role).bind(&key_id).bind(now.saturating_add(ttl))
+            .execute(p).await.map(|_| ()))?;
+        Ok(Some(token))
+    }
+
+    /// The page session a token names: (tenant, admin, role), while it has
+    /// not expired and the key that asked for it is not revoked.
+    pub async fn page_session(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Option<(String, String, String)>, StoreError> {
+        let row = on_pool!(self, p => {
+            match sqlx::query("SELECT s.tenant_id, s.admin, s.role FROM page_sessions s JOIN api_keys k ON k.id = s.key_id WHERE s.token_hash = $1 AND s.kind = 'session' AND s.expires_at > $2 AND k.revoked_at IS NULL")
+                .bind(hash(token)).bind(now).fetch_optional(p).await? {
+                Some(r) => Some((r.try_get("tenant_id")?, r.try_get("admin")?, r.try_get("role")?)),
+                None => None,
+            }
+        });
+        Ok(row)
+    }
+
+    /// End a page session (sign out). False when there was none.
+    pub async fn end_page_session(&self, token: &str) -> Result<bool, StoreError> {
+        let n = on_pool!(self, p => sqlx::query("DELETE FROM page_sessions WHERE token_hash = $1 AND kind = 'session'")
+            .bind(hash(token)).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
     /// A tenant's audit log (or everyone's), newest first.
     pub async fn audit_log(
         &self,
