@@ -33,6 +33,10 @@ pub struct AdminState {
     pub connections: Arc<Connections>,
     /// Called when deliveries were queued again.
     pub on_retry: Box<dyn Fn() + Send + Sync>,
+    /// The daemon's public URL (`https://ledgerport.example.com`): the
+    /// origin the Integrations page's forms must come from, and whether
+    /// its cookie is `Secure`.
+    pub public_url: String,
 }
 
 type S = State<Arc<AdminState>>;
@@ -186,7 +190,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/admin/tenants/{tenant}/audit", get(audit))
         .route(
             "/v1/admin/tenants/{tenant}/page-sessions",
-            post(page_session),
+            post(page_session).delete(end_page_sessions),
         )
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
         .with_state(state)
@@ -325,6 +329,20 @@ async fn retry(
     // that says anything else is refused rather than read as "all".
     if let Err(r) = body.only(&["id"]) {
         return r;
+    }
+    if body
+        .0
+        .as_ref()
+        .is_some_and(|m| m.get("id") == Some(&Value::Null))
+    {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wrong type",
+            &problem(
+                "id",
+                "must be a delivery's id (a string); send no body to retry every failed delivery",
+            ),
+        );
     }
     let id = match body.string("id") {
         Ok(id) => id.map(String::from),
@@ -626,6 +644,39 @@ async fn page_session(
     }
 }
 
+/// `?admin=` of `DELETE /page-sessions`.
+#[derive(Debug, serde::Deserialize)]
+struct AdminQuery {
+    admin: Option<String>,
+}
+
+/// `DELETE /page-sessions[?admin=<who>]`: sign out one admin (or every
+/// admin) of the tenant from the Integrations page, at once: the platform
+/// removed or demoted them. Unused sign-in links go too.
+async fn end_page_sessions(
+    State(st): S,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Query(q): Query<AdminQuery>,
+) -> Response {
+    try_box!(guard(&st, &headers, &tenant).await);
+    let admin = q.admin.as_deref().map(str::trim);
+    if admin == Some("") {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty admin",
+            &problem(
+                "admin",
+                "name the admin to sign out, or leave ?admin= out for everyone",
+            ),
+        );
+    }
+    match st.store.end_page_sessions(&tenant, admin).await {
+        Ok(n) => Json(json!({"ended": n})).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
 fn setting_refused(e: crate::connections::SettingError) -> Response {
     if e.status() >= 500 {
         return unavailable(e);
@@ -858,7 +909,7 @@ async fn openapi() -> Json<Value> {
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts, the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
-            "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h or until the key that asked is revoked)")},
+            "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h, until the admin signs out or is signed out, or until the key that asked is revoked)"), "delete": op("Sign out ?admin= (or every admin of the tenant) from the Integrations page at once")},
             "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one (422 naming the field; 503 when the chart cannot be read); Super Admin"), "delete": op("Remove a kind's mapping for ?connector= (404 naming kind when there is none); Super Admin")},
             "/v1/admin/tenants/{tenant}/settings/{connector}": {"get": op("The connector's settings: every declared key with description, allowed values, default and the connection's value (secrets only \"set\" / \"not set\")")},
             "/v1/admin/tenants/{tenant}/settings/{connector}/{key}": {

@@ -98,8 +98,26 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )),
         )
         .route("/v1/tenants/{tenant}/deliveries", get(list_deliveries))
+        // The key is checked before a body is read: an anonymous client
+        // cannot make the daemon buffer 16 MiB.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            service_key,
+        ))
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
         .with_state(state)
+}
+
+/// Middleware: the service key (or an ingest or operator key), or 401.
+async fn service_key(
+    State(state): State<Arc<ApiState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorised(&state, req.headers()).await {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
 }
 
 /// Store a document and fan it out to the tenant's active connections.
@@ -211,14 +229,7 @@ pub fn storage_cause(error: &str) -> &'static str {
     }
 }
 
-async fn post_document(
-    State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Err(r) = authorised(&state, &headers).await {
-        return r;
-    }
+async fn post_document(State(state): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
     let json: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -293,13 +304,9 @@ struct DeliveryQuery {
 
 async fn list_deliveries(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
     Query(q): Query<DeliveryQuery>,
 ) -> Response {
-    if let Err(r) = authorised(&state, &headers).await {
-        return r;
-    }
     let after = match log_query(q.state.as_deref(), q.after.as_deref()) {
         Ok(a) => a,
         Err(r) => return r,
@@ -368,6 +375,11 @@ mod tests {
                 .unwrap()
         };
         let limit = crate::rejections::INGEST_BODY_LIMIT;
+        // Without the key: 401 before the body is read.
+        let mut anonymous = post(limit + 1);
+        anonymous.headers_mut().remove("authorization");
+        let r = app.clone().oneshot(anonymous).await.unwrap();
+        assert_eq!(r.status().as_u16(), 401);
         for (len, status, field) in [(limit + 1, 413, "body"), (limit, 400, "body")] {
             let r = app.clone().oneshot(post(len)).await.unwrap();
             assert_eq!(r.status().as_u16(), status, "{len}");

@@ -468,8 +468,13 @@ impl Connections {
                     .unwrap_or_default()
             )
         });
-        let also = |m: &str| match &refused {
-            Some(r) => format!("{m}; the accounting system also answered: {r}"),
+        // Without a valid state anyone could have written the link: only
+        // the error's code is shown then, cut short, not its free text.
+        let also = |m: &str| match q.error.as_deref().filter(|e| !e.is_empty()) {
+            Some(code) => format!(
+                "{m}; the accounting system also answered: {}",
+                code.chars().take(64).collect::<String>()
+            ),
             None => m.to_string(),
         };
         let state = q

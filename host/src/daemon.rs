@@ -479,6 +479,7 @@ impl Daemon {
         let admin_state = Arc::new(crate::admin::AdminState {
             store: store.clone(),
             connections: connections.clone(),
+            public_url: public.clone(),
             on_retry: {
                 let d = dispatcher.clone();
                 Box::new(move || d.wake())

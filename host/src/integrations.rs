@@ -59,6 +59,9 @@ fn display_name(st: &AdminState, id: &str) -> String {
 }
 
 const COOKIE: &str = "lp_session";
+/// Prefix of the Configure form's hidden fields that carry the code each
+/// row was shown with.
+const WAS: &str = "shown:";
 
 struct Session {
     tenant: String,
@@ -147,7 +150,7 @@ async fn super_admin_session(st: &AdminState, headers: &HeaderMap) -> Result<Ses
         Err(message(
             StatusCode::FORBIDDEN,
             "Who is acting?",
-            "admin: the page was opened without naming the admin (…&admin=<who>); open it again from the platform",
+            "admin: the session names no admin; open Integrations again from the platform",
         ))
     } else if s.super_admin {
         Ok(s)
@@ -172,41 +175,70 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/integrations/disconnect", post(disconnect))
         .route("/integrations/check", post(check))
         .route("/integrations/retry", post(retry))
-        .route_layer(axum::middleware::from_fn(same_origin))
+        .route("/integrations/logout", post(logout))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            same_origin,
+        ))
         .with_state(state)
 }
 
 /// Forms are taken only from this site's own pages: a POST whose `Origin`
-/// (current browsers send one with every form) names another site, or
-/// `null`, is refused, on top of the session cookie's `SameSite=Lax`. A
-/// request without `Origin` (a script, not a browser) passes to the
-/// session check as before.
-async fn same_origin(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// (current browsers send one with every form) is not the daemon's, or is
+/// `null`, is refused, on top of the session cookie's `SameSite=Lax`. The
+/// daemon's origin is its public URL (behind a reverse proxy the `Host`
+/// it sees is the proxy's upstream), or the host the request was sent to
+/// (`Host`, the first `X-Forwarded-Host`, or the URI's authority), default
+/// ports filled in on both sides. A request without `Origin` (a script,
+/// not a browser) passes to the session check as before.
+async fn same_origin(
+    State(st): S,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     if req.method() == axum::http::Method::POST
         && let Some(origin) = req.headers().get(header::ORIGIN)
     {
-        let origin = origin
-            .to_str()
-            .ok()
-            .and_then(|o| url::Url::parse(o).ok())
-            .and_then(|u| {
-                let host = u.host_str()?.to_ascii_lowercase();
-                Some(match u.port() {
-                    Some(p) => format!("{host}:{p}"),
-                    None => host,
-                })
-            });
-        let ours = |name: header::HeaderName| {
-            req.headers()
-                .get(name)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| h.trim().to_ascii_lowercase())
-        };
-        let hosts = [
-            ours(header::HOST),
-            ours(header::HeaderName::from_static("x-forwarded-host")),
-        ];
-        let same = origin.is_some_and(|o| hosts.iter().flatten().any(|h| *h == o));
+        let origin = origin.to_str().ok().and_then(|o| url::Url::parse(o).ok());
+        let same = origin.is_some_and(|o| {
+            if !matches!(o.scheme(), "http" | "https") {
+                return false;
+            }
+            let port = o.port_or_known_default();
+            let theirs = o.host_str().map(|h| (h.to_ascii_lowercase(), port));
+            // The public URL: scheme, host and port.
+            if let Ok(public) = url::Url::parse(&st.public_url)
+                && public.scheme() == o.scheme()
+                && public
+                    .host_str()
+                    .map(|h| (h.to_ascii_lowercase(), public.port_or_known_default()))
+                    == theirs
+            {
+                return true;
+            }
+            // The host the request was sent to, with the Origin's scheme's
+            // default port when it names none.
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.split(',').next().unwrap_or("").trim().to_string())
+            };
+            let sent_to = [
+                header("host"),
+                header("x-forwarded-host"),
+                req.uri().authority().map(|a| a.to_string()),
+            ];
+            sent_to.into_iter().flatten().any(|h| {
+                url::Url::parse(&format!("{}://{h}", o.scheme()))
+                    .ok()
+                    .and_then(|u| {
+                        u.host_str()
+                            .map(|x| (x.to_ascii_lowercase(), u.port_or_known_default()))
+                    })
+                    == theirs
+            })
+        });
         if !same {
             return message(
                 StatusCode::FORBIDDEN,
@@ -229,11 +261,18 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
         );
     }
     let ticket = q.get("ticket").map(String::as_str).unwrap_or("");
-    if ticket.is_empty() || ticket.len() > 128 {
+    if ticket.is_empty() {
         return message(
             StatusCode::BAD_REQUEST,
             "Sign-in failed",
             "ticket: is missing; open Integrations from the platform",
+        );
+    }
+    if ticket.len() > 128 {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "ticket: is not a sign-in ticket; open Integrations from the platform",
         );
     }
     let now = chrono::Utc::now().timestamp();
@@ -248,8 +287,14 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
                 (
                     header::SET_COOKIE,
                     format!(
-                        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
-                        crate::admin::PAGE_SESSION_TTL
+                        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{}",
+                        crate::admin::PAGE_SESSION_TTL,
+                        // Over https, never sent over plain http.
+                        if st.public_url.starts_with("https:") {
+                            "; Secure"
+                        } else {
+                            ""
+                        }
                     ),
                 ),
                 (header::LOCATION, "/integrations".to_string()),
@@ -267,6 +312,25 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
             "Storage is unavailable; try again shortly.",
         ),
     }
+}
+
+/// Sign out: the session ends here (not only in this browser) and its
+/// cookie is cleared.
+async fn logout(State(st): S, headers: HeaderMap) -> Response {
+    if let Some(token) = cookie_value(&headers) {
+        let _ = st.store.end_page_session(&token).await;
+    }
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (
+                header::SET_COOKIE,
+                format!("{COOKIE}=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0"),
+            ),
+            (header::LOCATION, "/integrations".to_string()),
+        ],
+    )
+        .into_response()
 }
 
 async fn index(
@@ -423,7 +487,12 @@ async fn index(
     if !pages.is_empty() {
         log.push_str(&format!("<p id=\"log-pages\">{}</p>", pages.join(" · ")));
     }
-    page("Integrations", &format!("{cards}{log}"))
+    let who = format!(
+        "<form method=\"post\" action=\"/integrations/logout\" id=\"who\"><small>Signed in as <strong>{}</strong>{} <button type=\"submit\" id=\"logout\">Sign out</button></small></form>",
+        esc(&s.admin),
+        if s.super_admin { " (Super Admin)" } else { "" }
+    );
+    page("Integrations", &format!("{who}{cards}{log}"))
 }
 
 /// How many rows the delivery log shows at once (the latest first).
@@ -688,6 +757,18 @@ async fn save_settings(
             changes.push((key.as_str(), change));
         }
     }
+    for key in &clear {
+        if !current
+            .iter()
+            .any(|v| v.key == *key && v.declared && v.stored)
+        {
+            return message(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Settings not saved",
+                &format!("{key}: has no stored value to clear. Nothing was changed."),
+            );
+        }
+    }
     changes.extend(clear.into_iter().map(|key| (key, None)));
     let mut changed = 0;
     for (key, value) in changes {
@@ -744,14 +825,20 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
             );
         }
     };
-    let current: BTreeMap<String, String> = st
-        .connections
-        .mappings(&scope)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|m| (m.mapping.kind, m.mapping.account_code))
-        .collect();
+    // Not read: no form (shown empty, saving it would clear every row).
+    let current: BTreeMap<String, String> = match st.connections.mappings(&scope).await {
+        Ok(list) => list
+            .into_iter()
+            .map(|m| (m.mapping.kind, m.mapping.account_code))
+            .collect(),
+        Err(e) => {
+            return message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Mappings unavailable",
+                &e.to_string(),
+            );
+        }
+    };
     let kinds: Vec<(String, String)> = st
         .connections
         .catalogue()
@@ -767,6 +854,16 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
         .as_deref()
         .map(|c| format!("?connector={}", esc(c)))
         .unwrap_or_default();
+    // Each row carries the code it was shown with: saving changes only
+    // the rows the admin changed, so a row another admin changed since is
+    // left as they set it.
+    let was = |key: &str| {
+        format!(
+            "<input type=\"hidden\" name=\"{WAS}{}\" value=\"{}\">",
+            esc(key),
+            esc(current.get(key).map(String::as_str).unwrap_or(""))
+        )
+    };
     let mut form = format!(
         "<form method=\"post\" action=\"/integrations/mappings{q}\" id=\"mapping\"><table><tr><th>Line type</th><th>Account</th></tr>",
     );
@@ -774,10 +871,11 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
         if list.accounts.is_empty() {
             // No chart of accounts to choose from: the admin types codes.
             form.push_str(&format!(
-                "<tr><td>{}</td><td><input type=\"text\" name=\"{}\" value=\"{}\" placeholder=\"account code\"></td></tr>",
+                "<tr><td>{}</td><td><input type=\"text\" name=\"{}\" value=\"{}\" placeholder=\"account code\">{}</td></tr>",
                 esc(&name),
                 esc(&key),
-                esc(current.get(&key).map(String::as_str).unwrap_or(""))
+                esc(current.get(&key).map(String::as_str).unwrap_or("")),
+                was(&key)
             ));
             continue;
         }
@@ -805,9 +903,10 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
             ));
         }
         form.push_str(&format!(
-            "<tr><td>{}</td><td><select name=\"{}\">{options}</select></td></tr>",
+            "<tr><td>{}</td><td><select name=\"{}\">{options}</select>{}</td></tr>",
             esc(&name),
-            esc(&key)
+            esc(&key),
+            was(&key)
         ));
     }
     form.push_str(
@@ -853,14 +952,29 @@ async fn save_mappings(
     // Only the rows the admin changed: a changed code is set (and
     // checked), "not mapped" clears a mapping, an unchanged row is left
     // as it is (with its tax type and who set it).
+    let shown: BTreeMap<String, String> = f
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(WAS)?.to_string(), v.trim().to_string())))
+        .collect();
     let mut set: Vec<AccountMapping> = Vec::new();
     let mut clear: Vec<String> = Vec::new();
-    for (kind, code) in f {
+    for (kind, code) in f.into_iter().filter(|(k, _)| !k.starts_with(WAS)) {
         let code = code.trim();
         set.retain(|m| m.kind != kind);
         clear.retain(|k| k != &kind);
-        match current.get(&kind) {
-            Some(m) if m.account_code == code => {}
+        // Unchanged on the form (or, from a form without the shown codes,
+        // unchanged in storage): left as it is now.
+        let now = current.get(&kind).map(|m| m.account_code.as_str());
+        if shown
+            .get(&kind)
+            .map(String::as_str)
+            .unwrap_or(now.unwrap_or(""))
+            == code
+        {
+            continue;
+        }
+        match now {
+            Some(c) if c == code => {}
             Some(_) if code.is_empty() => clear.push(kind),
             None if code.is_empty() => {}
             _ => set.push(AccountMapping {

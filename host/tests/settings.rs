@@ -567,6 +567,18 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
         .find(|s| s["key"] == "endpoint")
         .unwrap();
     assert_eq!(endpoint["stored"], false, "{v}");
+    // Clearing a value that is not stored refuses the form before anything
+    // is saved (the status change beside it was once made first).
+    let r = b
+        .post(format!("{}/integrations/settings", env.base))
+        .header("cookie", &cookie)
+        .form(&[("status", "SUBMITTED"), ("unset", "status_of_nothing")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let (_, v) = env.call("GET", &at("xero"), &key, None).await;
+    assert_eq!(v["settings"][0]["value"], "DRAFT", "{v}");
     let check = || {
         b.post(format!("{}/integrations/check", env.base))
             .header("cookie", &cookie)
@@ -1406,6 +1418,7 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
         .expect("a delivered row");
     for (body, status, field) in [
         (json!({"id": 42}), 422, "id"),
+        (json!({"id": null}), 422, "id"),
         (json!({"ids": ["x"]}), 422, "ids"),
         (json!({"id": "dlv-nope"}), 404, "id"),
         (json!({"id": delivered}), 409, "id"),
@@ -1668,6 +1681,48 @@ async fn the_mapping_form_saves_every_changed_row_or_none() {
         "{actions:?}"
     );
 
+    // A form shown before another admin changed a row, saved with that
+    // row untouched, leaves their change (the row carries the code it was
+    // shown with).
+    let (s, v) = env
+        .call(
+            "PUT",
+            "/v1/admin/tenants/acme/mappings/employee-benefits",
+            &env.key("acme").await,
+            Some(json!({"account_code": "477"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, html) = post(vec![
+        ("employee-benefits", "479"),
+        ("shown:employee-benefits", "479"),
+        ("gross-salary", "477"),
+        ("shown:gross-salary", "478"),
+    ])
+    .await;
+    assert_eq!(s, 303, "{html}");
+    let after = mapped().await;
+    assert_eq!(
+        after["employee-benefits"].mapping.account_code, "477",
+        "theirs kept"
+    );
+    assert_eq!(
+        after["gross-salary"].mapping.account_code, "477",
+        "mine saved"
+    );
+    // The form the page renders carries those fields.
+    let r = b
+        .get(format!("{}/integrations/configure", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("<input type=\"hidden\" name=\"shown:gross-salary\" value=\"477\">"),
+        "{html}"
+    );
+
     // A code archived since it was mapped (401 is archived in the
     // simulator's chart) stays chosen on the form, marked, and a save that
     // leaves it alone keeps it.
@@ -1811,10 +1866,126 @@ async fn the_page_signs_in_with_a_one_time_link_not_the_key() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
-    // Revoking the key that asked for a session ends it.
+    // Behind a reverse proxy the daemon sees the proxy's upstream as Host:
+    // a form from the public URL's origin is taken, with default ports
+    // written or not; one from elsewhere is still refused.
+    let post_from = |origin: &'static str, host: &'static str, forwarded: Option<&'static str>| {
+        let b = b.clone();
+        let cookie = viewer.clone();
+        let url = format!("{}/integrations/retry", env.base);
+        async move {
+            let mut rb = b
+                .post(url)
+                .header("cookie", cookie)
+                .header("origin", origin)
+                .header("host", host)
+                .form(&[("id", "dlv-none")]);
+            if let Some(f) = forwarded {
+                rb = rb.header("x-forwarded-host", f);
+            }
+            rb.send().await.unwrap().status().as_u16()
+        }
+    };
+    // (404: past the origin check, the id is unknown.)
+    assert_eq!(
+        post_from(
+            "https://lp.example.com",
+            "upstream:8080",
+            Some("lp.example.com, internal")
+        )
+        .await,
+        404
+    );
+    assert_eq!(
+        post_from(
+            "https://lp.example.com:443",
+            "upstream:8080",
+            Some("lp.example.com")
+        )
+        .await,
+        404
+    );
+    assert_eq!(
+        post_from("http://lp.example.com", "lp.example.com:80", None).await,
+        404
+    );
+    assert_eq!(
+        post_from(
+            "https://evil.example",
+            "upstream:8080",
+            Some("lp.example.com")
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        post_from(
+            "https://lp.example.com:8443",
+            "upstream:8080",
+            Some("lp.example.com")
+        )
+        .await,
+        403
+    );
+    let public = env.base.clone();
+    let r = b
+        .post(format!("{}/integrations/retry", env.base))
+        .header("cookie", &viewer)
+        .header("origin", &public)
+        .header("host", "upstream:8080")
+        .form(&[("id", "dlv-none")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        404,
+        "the public URL's origin, whatever Host says"
+    );
+
+    // The platform signs an admin out (removed or demoted): their sessions
+    // end at once, others' stay; signing out ends the session, not only the
+    // cookie.
+    let carol = page_session_as(&env, &b, "acme", "carol", "super-admin").await;
+    let (s, v) = env
+        .call(
+            "DELETE",
+            &format!("{links}?admin=bob"),
+            &env.key("acme").await,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["ended"], 1);
+    assert_eq!(page(viewer).await.0, 401);
+    assert_eq!(page(carol.clone()).await.0, 200);
+    let r = b
+        .post(format!("{}/integrations/logout", env.base))
+        .header("cookie", &carol)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert_eq!(page(carol).await.0, 401, "the token itself no longer works");
+
+    // Revoking the key that asked for a session ends it, and a link it
+    // asked for no longer signs in.
+    let (s, v) = env
+        .call("POST", links, &key, Some(json!({"admin": "alice"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let unused = format!("{}{}", env.base, v["login"].as_str().unwrap());
     assert!(store.revoke_key(&key_id, now).await.unwrap());
     let (s, html) = page(cookie).await;
     assert_eq!(s, 401, "{html}");
     assert!(html.contains("revoked"), "{html}");
+    let r = b.get(&unused).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
     env.d.stop().await;
 }

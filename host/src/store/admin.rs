@@ -1,6 +1,6 @@
 //! API keys (hashed, scoped, revocable) and the audit log of admin changes.
 
-use super::{Store, StoreError, on_pool};
+use super::{BeginWrite, Store, StoreError, on_pool};
 use sqlx::Row;
 
 /// What a key may do.
@@ -141,24 +141,48 @@ impl Store {
         ttl: i64,
         now: i64,
     ) -> Result<Option<String>, StoreError> {
-        let row: Option<(String, String, String, String, i64)> = on_pool!(self, p => {
-            match sqlx::query("DELETE FROM page_sessions WHERE token_hash = $1 AND kind = 'ticket' RETURNING tenant_id, admin, role, key_id, expires_at")
-                .bind(hash(ticket)).fetch_optional(p).await? {
-                Some(r) => Some((r.try_get("tenant_id")?, r.try_get("admin")?, r.try_get("role")?, r.try_get("key_id")?, r.try_get("expires_at")?)),
-                None => None,
-            }
-        });
-        let Some((tenant, admin, role, key_id, expires_at)) = row else {
-            return Ok(None);
-        };
-        if expires_at <= now {
-            return Ok(None);
-        }
         let token = format!("ps_{}", crate::crypto::random_token(24));
-        on_pool!(self, p => sqlx::query("INSERT INTO page_sessions (token_hash, kind, tenant_id, admin, role, key_id, expires_at) VALUES ($1, 'session', $2, $3, $4, $5, $6)")
-            .bind(hash(&token)).bind(&tenant).bind(&admin).bind(&role).bind(&key_id).bind(now.saturating_add(ttl))
-            .execute(p).await.map(|_| ()))?;
-        Ok(Some(token))
+        // One transaction: a failure after the ticket is spent leaves it
+        // unspent. The key that asked must still be valid.
+        let made = on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            let row = sqlx::query("DELETE FROM page_sessions WHERE token_hash = $1 AND kind = 'ticket' RETURNING tenant_id, admin, role, key_id, expires_at")
+                .bind(hash(ticket)).fetch_optional(&mut *tx).await?;
+            let mut made = false;
+            if let Some(r) = row {
+                let expires_at: i64 = r.try_get("expires_at")?;
+                let key_id: String = r.try_get("key_id")?;
+                let live: Option<(String,)> = sqlx::query_as("SELECT id FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
+                    .bind(&key_id).fetch_optional(&mut *tx).await?;
+                if expires_at > now && live.is_some() {
+                    sqlx::query("INSERT INTO page_sessions (token_hash, kind, tenant_id, admin, role, key_id, expires_at) VALUES ($1, 'session', $2, $3, $4, $5, $6)")
+                        .bind(hash(&token))
+                        .bind(r.try_get::<String, _>("tenant_id")?)
+                        .bind(r.try_get::<String, _>("admin")?)
+                        .bind(r.try_get::<String, _>("role")?)
+                        .bind(&key_id)
+                        .bind(now.saturating_add(ttl))
+                        .execute(&mut *tx).await?;
+                    made = true;
+                }
+            }
+            tx.commit().await?;
+            made
+        });
+        Ok(made.then_some(token))
+    }
+
+    /// End the page sessions of `tenant_id` (of one admin, when named), and
+    /// their unused tickets: the platform signs out an admin it removed or
+    /// demoted. Returns how many ended.
+    pub async fn end_page_sessions(
+        &self,
+        tenant_id: &str,
+        admin: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let n = on_pool!(self, p => sqlx::query("DELETE FROM page_sessions WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2)")
+            .bind(tenant_id).bind(admin).execute(p).await?.rows_affected());
+        Ok(n)
     }
 
     /// The page session a token names: (tenant, admin, role), while it has
