@@ -644,8 +644,10 @@ async fn page_session(
     }
 }
 
-/// `?admin=` of `DELETE /page-sessions`.
+/// `?admin=` of `DELETE /page-sessions` (a misspelt parameter must not
+/// read as "everyone").
 #[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AdminQuery {
     admin: Option<String>,
 }

@@ -470,11 +470,10 @@ impl Connections {
         });
         // Without a valid state anyone could have written the link: only
         // the error's code is shown then, cut short, not its free text.
-        let also = |m: &str| match q.error.as_deref().filter(|e| !e.is_empty()) {
-            Some(code) => format!(
-                "{m}; the accounting system also answered: {}",
-                code.chars().take(64).collect::<String>()
-            ),
+        let also = |m: &str| match q.error.as_deref().filter(|e| {
+            !e.is_empty() && e.len() <= 64 && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        }) {
+            Some(code) => format!("{m}; the accounting system also answered: {code}"),
             None => m.to_string(),
         };
         let state = q

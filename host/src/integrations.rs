@@ -217,7 +217,29 @@ async fn same_origin(
                 return true;
             }
             // The host the request was sent to, with the Origin's scheme's
-            // default port when it names none.
+            // default port when it names none; only for the scheme the
+            // daemon is reached by (the proxy's X-Forwarded-Proto, else its
+            // public URL's), so a page on plain http for the same host
+            // cannot post to an https daemon.
+            let reached_by = req
+                .headers()
+                .get("x-forwarded-proto")
+                .and_then(|h| h.to_str().ok())
+                .map(|h| {
+                    h.split(',')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                })
+                .or_else(|| {
+                    url::Url::parse(&st.public_url)
+                        .ok()
+                        .map(|u| u.scheme().to_string())
+                });
+            if reached_by.as_deref() != Some(o.scheme()) {
+                return false;
+            }
             let header = |name: &str| {
                 req.headers()
                     .get(name)
@@ -284,19 +306,7 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
         Ok(Some(token)) => (
             StatusCode::SEE_OTHER,
             [
-                (
-                    header::SET_COOKIE,
-                    format!(
-                        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{}",
-                        crate::admin::PAGE_SESSION_TTL,
-                        // Over https, never sent over plain http.
-                        if st.public_url.starts_with("https:") {
-                            "; Secure"
-                        } else {
-                            ""
-                        }
-                    ),
-                ),
+                (header::SET_COOKIE, session_cookie(&token, &st.public_url)),
                 (header::LOCATION, "/integrations".to_string()),
             ],
         )
@@ -312,6 +322,21 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
             "Storage is unavailable; try again shortly.",
         ),
     }
+}
+
+/// The page's session cookie: HttpOnly, SameSite=Lax, for the session's
+/// life, and `Secure` when the daemon is reached over https (never sent
+/// over plain http).
+fn session_cookie(token: &str, public_url: &str) -> String {
+    format!(
+        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{}",
+        crate::admin::PAGE_SESSION_TTL,
+        if public_url.starts_with("https:") {
+            "; Secure"
+        } else {
+            ""
+        }
+    )
 }
 
 /// Sign out: the session ends here (not only in this browser) and its
@@ -757,19 +782,21 @@ async fn save_settings(
             changes.push((key.as_str(), change));
         }
     }
-    for key in &clear {
-        if !current
-            .iter()
-            .any(|v| v.key == *key && v.declared && v.stored)
-        {
+    // Clears: a key the connector does not declare refuses the form; one
+    // with nothing stored (another admin cleared it since this form was
+    // shown) is already as asked; each key once.
+    for key in clear {
+        let Some(v) = current.iter().find(|v| v.key == key && v.declared) else {
             return message(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Settings not saved",
-                &format!("{key}: has no stored value to clear. Nothing was changed."),
+                &format!("{key}: unknown setting. Nothing was changed."),
             );
+        };
+        if v.stored && !changes.iter().any(|(k, _)| *k == key) {
+            changes.push((key, None));
         }
     }
-    changes.extend(clear.into_iter().map(|key| (key, None)));
     let mut changed = 0;
     for (key, value) in changes {
         let result = match value {
@@ -1236,5 +1263,17 @@ async fn retry(
             "Retry failed",
             &e.to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_session_cookie_is_secure_over_https() {
+        let c = super::session_cookie("ps_x", "https://lp.example.com");
+        assert!(c.contains("; Secure"), "{c}");
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax"), "{c}");
+        let c = super::session_cookie("ps_x", "http://127.0.0.1:8080");
+        assert!(!c.contains("Secure"), "{c}");
     }
 }

@@ -297,6 +297,17 @@ async fn bad_expired_states_and_codes_refused(db: TestDb) {
         !text.contains("The user cancelled"),
         "free text is shown only with a valid state: {text}"
     );
+    let r = b
+        .get(format!(
+            "{}/oauth/callback?error=Your+account+is+locked,+call+0800&state=made-up",
+            d.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("locked"), "not an error code: {text}");
     // Unknown tenant / connector are refused naming the field.
     let e = d
         .conns

@@ -579,6 +579,19 @@ async fn api_masks_secrets_and_names_the_key_of_every_refusal() {
     assert_eq!(r.status().as_u16(), 422);
     let (_, v) = env.call("GET", &at("xero"), &key, None).await;
     assert_eq!(v["settings"][0]["value"], "DRAFT", "{v}");
+    // Clearing what another admin cleared since the form was shown is
+    // already done, not a refusal.
+    let r = b
+        .post(format!(
+            "{}/integrations/settings?connector=webhook",
+            env.base
+        ))
+        .header("cookie", &cookie)
+        .form(&[("unset", "endpoint"), ("unset", "endpoint")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
     let check = || {
         b.post(format!("{}/integrations/check", env.base))
             .header("cookie", &cookie)
@@ -1869,7 +1882,11 @@ async fn the_page_signs_in_with_a_one_time_link_not_the_key() {
     // Behind a reverse proxy the daemon sees the proxy's upstream as Host:
     // a form from the public URL's origin is taken, with default ports
     // written or not; one from elsewhere is still refused.
-    let post_from = |origin: &'static str, host: &'static str, forwarded: Option<&'static str>| {
+    // (A proxy sends X-Forwarded-Host and X-Forwarded-Proto; `None`: no
+    // header.)
+    let post_from = |origin: &'static str,
+                     host: &'static str,
+                     forwarded: Option<(&'static str, &'static str)>| {
         let b = b.clone();
         let cookie = viewer.clone();
         let url = format!("{}/integrations/retry", env.base);
@@ -1880,53 +1897,57 @@ async fn the_page_signs_in_with_a_one_time_link_not_the_key() {
                 .header("origin", origin)
                 .header("host", host)
                 .form(&[("id", "dlv-none")]);
-            if let Some(f) = forwarded {
-                rb = rb.header("x-forwarded-host", f);
+            if let Some((fhost, proto)) = forwarded {
+                rb = rb
+                    .header("x-forwarded-host", fhost)
+                    .header("x-forwarded-proto", proto);
             }
             rb.send().await.unwrap().status().as_u16()
         }
     };
-    // (404: past the origin check, the id is unknown.)
-    assert_eq!(
-        post_from(
+    // 404: past the origin check (the id is unknown); 403: refused.
+    for (origin, host, forwarded, status) in [
+        (
             "https://lp.example.com",
             "upstream:8080",
-            Some("lp.example.com, internal")
-        )
-        .await,
-        404
-    );
-    assert_eq!(
-        post_from(
+            Some(("lp.example.com, internal", "https")),
+            404,
+        ),
+        (
             "https://lp.example.com:443",
             "upstream:8080",
-            Some("lp.example.com")
-        )
-        .await,
-        404
-    );
-    assert_eq!(
-        post_from("http://lp.example.com", "lp.example.com:80", None).await,
-        404
-    );
-    assert_eq!(
-        post_from(
+            Some(("lp.example.com", "https")),
+            404,
+        ),
+        ("http://lp.example.com", "lp.example.com:80", None, 404),
+        (
             "https://evil.example",
             "upstream:8080",
-            Some("lp.example.com")
-        )
-        .await,
-        403
-    );
-    assert_eq!(
-        post_from(
+            Some(("lp.example.com", "https")),
+            403,
+        ),
+        (
             "https://lp.example.com:8443",
             "upstream:8080",
-            Some("lp.example.com")
-        )
-        .await,
-        403
-    );
+            Some(("lp.example.com", "https")),
+            403,
+        ),
+        // A page on plain http for the host an https daemon is reached at.
+        (
+            "http://lp.example.com",
+            "upstream:8080",
+            Some(("lp.example.com", "https")),
+            403,
+        ),
+        // https without a proxy saying so, to a daemon whose URL is http.
+        ("https://lp.example.com", "lp.example.com", None, 403),
+    ] {
+        assert_eq!(
+            post_from(origin, host, forwarded).await,
+            status,
+            "{origin} {host} {forwarded:?}"
+        );
+    }
     let public = env.base.clone();
     let r = b
         .post(format!("{}/integrations/retry", env.base))
@@ -1947,6 +1968,17 @@ async fn the_page_signs_in_with_a_one_time_link_not_the_key() {
     // end at once, others' stay; signing out ends the session, not only the
     // cookie.
     let carol = page_session_as(&env, &b, "acme", "carol", "super-admin").await;
+    // A misspelt parameter is refused naming it, not read as "everyone".
+    let (s, v) = env
+        .call(
+            "DELETE",
+            &format!("{links}?admn=bob"),
+            &env.key("acme").await,
+            None,
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["problems"][0]["field"], "admn", "{v}");
     let (s, v) = env
         .call(
             "DELETE",

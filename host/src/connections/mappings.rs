@@ -181,6 +181,16 @@ fn check_fields(m: &AccountMapping) -> Result<(), MappingError> {
     if m.kind.trim().is_empty() || m.kind.len() > 64 {
         return bad("kind", "must be 1-64 characters");
     }
+    // A line-item kind is a key like the catalogue's (`gross-salary`):
+    // letters, digits, '-', '_' and '.', also when no catalogue is loaded
+    // (the Configure form's own fields are named `shown:<kind>`).
+    if !m
+        .kind
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return bad("kind", "may hold only letters, digits, '-', '_' and '.'");
+    }
     if m.account_code.trim().is_empty() || m.account_code.len() > 64 {
         return bad("account_code", "must be 1-64 characters");
     }
@@ -399,6 +409,21 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kind_is_a_key_not_any_text() {
+        let m = |kind: &str| AccountMapping {
+            kind: kind.into(),
+            account_code: "477".into(),
+            tax_type: None,
+        };
+        assert!(check_fields(&m("gross-salary")).is_ok());
+        assert!(check_fields(&m("fx_fee.v2")).is_ok());
+        for bad in ["shown:gross-salary", "a b", "kind/1", "ü"] {
+            let e = check_fields(&m(bad)).unwrap_err();
+            assert_eq!(e.field(), "kind", "{bad}");
+        }
+    }
 
     #[test]
     fn nearest_prefers_small_edits_then_prefixes() {
