@@ -112,6 +112,14 @@ try {
   await page.waitForSelector('#webhook_status');
   if ((await page.textContent('#webhook_status')).trim() !== 'active') await fail('expected the webhook active');
   if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('Xero\'s card is its own');
+
+  // Sign out: the session ends; the one-time link does not sign in again.
+  if (!(await page.textContent('#who')).includes('alice@acme.example')) await fail('the page does not say who is signed in');
+  await page.click('#logout');
+  await page.waitForSelector('#message');
+  if (!(await page.textContent('h1')).includes('Sign in through the platform')) await fail('still signed in after Sign out');
+  const again = await page.goto(LOGIN_URL);
+  if (again.status() !== 401) await fail(`a spent sign-in link answered ${again.status()}`);
   console.log('browser flow ok');
 } catch (e) {
   await fail(`browser flow failed: ${e.stack || e}`);

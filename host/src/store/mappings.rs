@@ -20,6 +20,15 @@ pub struct StoredMapping {
     pub updated_at: i64,
 }
 
+/// Set one kind's mapping (insert, or replace the one there), with who
+/// and when: `$1` tenant, `$2` connector, `$3` kind, `$4` code, `$5` tax
+/// type, `$6` actor, `$7` time.
+const UPSERT: &str = "INSERT INTO mappings (tenant_id, connector_id, kind, account_code, tax_type, updated_by, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (tenant_id, connector_id, kind) DO UPDATE SET
+       account_code = excluded.account_code, tax_type = excluded.tax_type,
+       updated_by = excluded.updated_by, updated_at = excluded.updated_at";
+
 impl Store {
     /// Set or replace the mapping of one kind.
     pub async fn set_mapping(
@@ -30,13 +39,7 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         on_pool!(self, p => {
-            sqlx::query(
-                "INSERT INTO mappings (tenant_id, connector_id, kind, account_code, tax_type, updated_by, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (tenant_id, connector_id, kind) DO UPDATE SET
-                   account_code = excluded.account_code, tax_type = excluded.tax_type,
-                   updated_by = excluded.updated_by, updated_at = excluded.updated_at",
-            )
+            sqlx::query(UPSERT)
             .bind(&scope.tenant_id)
             .bind(&scope.connector_id)
             .bind(&mapping.kind)
@@ -66,13 +69,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             for m in mappings {
-                sqlx::query(
-                    "INSERT INTO mappings (tenant_id, connector_id, kind, account_code, tax_type, updated_by, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (tenant_id, connector_id, kind) DO UPDATE SET
-                       account_code = excluded.account_code, tax_type = excluded.tax_type,
-                       updated_by = excluded.updated_by, updated_at = excluded.updated_at",
-                )
+                sqlx::query(UPSERT)
                 .bind(&scope.tenant_id)
                 .bind(&scope.connector_id)
                 .bind(&m.kind)
@@ -109,13 +106,7 @@ impl Store {
                     .await?;
             }
             for m in set {
-                sqlx::query(
-                    "INSERT INTO mappings (tenant_id, connector_id, kind, account_code, tax_type, updated_by, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (tenant_id, connector_id, kind) DO UPDATE SET
-                       account_code = excluded.account_code, tax_type = excluded.tax_type,
-                       updated_by = excluded.updated_by, updated_at = excluded.updated_at",
-                )
+                sqlx::query(UPSERT)
                 .bind(&scope.tenant_id)
                 .bind(&scope.connector_id)
                 .bind(&m.kind)
