@@ -1128,7 +1128,16 @@ async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -
                 .await;
             redirect(url.as_str())
         }
-        Err(e) => message(StatusCode::BAD_REQUEST, "Cannot connect", &e.to_string()),
+        // The connect error's own status: a bad request is 400, but a
+        // storage failure is 503 and a provider that did not answer 502.
+        Err(e) => message(
+            match e.status() {
+                500 => StatusCode::SERVICE_UNAVAILABLE,
+                s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST),
+            },
+            "Cannot connect",
+            &e.to_string(),
+        ),
     }
 }
 
