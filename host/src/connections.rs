@@ -363,6 +363,30 @@ impl Connections {
         settings::validate(&m, key, value)
     }
 
+    /// Set and remove several settings of `tenant_id`'s `connector_id` in
+    /// one transaction, all checked first (audited; `None`: remove).
+    pub async fn change_settings(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        changes: &[(&str, Option<&str>)],
+        actor: &str,
+    ) -> Result<(), SettingError> {
+        let m = self
+            .manifest(connector_id)
+            .ok_or_else(|| SettingError::UnknownConnector(connector_id.into()))?;
+        settings::change(
+            &self.store,
+            &self.keys,
+            &m,
+            tenant_id,
+            changes,
+            actor,
+            self.clock.now_secs(),
+        )
+        .await
+    }
+
     /// Remove one stored setting of `tenant_id`'s `connector_id` (audited).
     pub async fn unset_setting(
         &self,

@@ -797,30 +797,24 @@ async fn save_settings(
             changes.push((key, None));
         }
     }
-    let mut changed = 0;
-    for (key, value) in changes {
-        let result = match value {
-            Some(value) => {
-                st.connections
-                    .set_setting(&s.tenant, connector, key, value, &s.admin)
-                    .await
-            }
-            None => {
-                st.connections
-                    .unset_setting(&s.tenant, connector, key, &s.admin)
-                    .await
-            }
+    // Written in one transaction with their audit entries.
+    if let Err(e) = st
+        .connections
+        .change_settings(&s.tenant, connector, &changes, &s.admin)
+        .await
+    {
+        let status = if e.status() >= 500 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
         };
-        if let Err(e) = result {
-            let status = if e.status() >= 500 {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::UNPROCESSABLE_ENTITY
-            };
-            return message(status, "Setting refused", &e.to_string());
-        }
-        changed += 1;
+        return message(
+            status,
+            "Settings not saved",
+            &format!("{e} Nothing was changed."),
+        );
     }
+    let changed = changes.len();
     tracing::info!(tenant = %s.tenant, connector, changed, "settings saved from the Integrations page");
     redirect("/integrations")
 }

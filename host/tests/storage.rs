@@ -1267,3 +1267,91 @@ both!(
     delivery_log_pages_postgres,
     delivery_log_pages
 );
+
+/// A form's setting changes and their audit entries are written in one
+/// transaction: all of them, or (when a statement fails part-way) none.
+/// The failure is made with a NUL byte in an audit entry, which PostgreSQL
+/// refuses in text (SQLite stores it, so there only the whole is checked).
+async fn setting_changes_are_all_or_nothing(db: TestDb) {
+    let s = db.store().await;
+    let k = keys(1);
+    s.upsert_tenant("acme", "Acme", &[], 1).await.unwrap();
+    s.set_connection_setting(
+        &k,
+        "acme",
+        "webhook",
+        "endpoint",
+        "https://a.example/x",
+        "alice",
+        5,
+    )
+    .await
+    .unwrap();
+    let stored = |s: Store| {
+        let k = k.clone();
+        async move {
+            s.connection_settings(&k, "acme", "webhook")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|v| (v.key, v.value.expose().to_string()))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Set one, remove another, with their audit entries.
+    s.change_connection_settings(
+        &k,
+        "acme",
+        "webhook",
+        &[
+            ("signing_secret", Some("0123456789abcdef")),
+            ("endpoint", None),
+        ],
+        &[
+            (
+                "setting.set",
+                "webhook signing_secret (secret, changed)".into(),
+            ),
+            ("setting.unset", "webhook endpoint".into()),
+        ],
+        "bob",
+        6,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stored(s.clone()).await,
+        vec![("signing_secret".to_string(), "0123456789abcdef".to_string())]
+    );
+    let audit = s.audit_log(Some("acme"), 10).await.unwrap();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert!(audit.iter().all(|e| e.actor == "bob"));
+    if s.kind() == StoreKind::Postgres {
+        let r = s
+            .change_connection_settings(
+                &k,
+                "acme",
+                "webhook",
+                &[
+                    ("endpoint", Some("https://b.example/y")),
+                    ("signing_secret", None),
+                ],
+                &[("setting.set", "webhook endpoint = \0".into())],
+                "carol",
+                7,
+            )
+            .await;
+        assert!(r.is_err(), "PostgreSQL refuses NUL in text");
+        assert_eq!(
+            stored(s.clone()).await,
+            vec![("signing_secret".to_string(), "0123456789abcdef".to_string())],
+            "nothing of the failed change was kept"
+        );
+        assert_eq!(s.audit_log(Some("acme"), 10).await.unwrap().len(), 2);
+    }
+}
+both!(
+    setting_changes_are_all_or_nothing_sqlite,
+    setting_changes_are_all_or_nothing_postgres,
+    setting_changes_are_all_or_nothing
+);

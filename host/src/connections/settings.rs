@@ -282,6 +282,57 @@ fn check_actor(actor: &str) -> Result<(), SettingError> {
     Ok(())
 }
 
+/// Set and remove several settings at once (`None`: remove), each checked
+/// against the declaration first, then written with their audit entries in
+/// one transaction: all or nothing.
+#[allow(clippy::too_many_arguments)]
+pub async fn change(
+    store: &Store,
+    keys: &KeyRing,
+    manifest: &Manifest,
+    tenant_id: &str,
+    changes: &[(&str, Option<&str>)],
+    actor: &str,
+    now: i64,
+) -> Result<(), SettingError> {
+    check_actor(actor)?;
+    let mut audit = Vec::new();
+    for (key, value) in changes {
+        match value {
+            Some(value) => {
+                validate(manifest, key, value)?;
+                let secret = manifest.settings.get(key).is_some_and(|s| s.secret);
+                audit.push((
+                    "setting.set",
+                    if secret {
+                        format!("{} {key} (secret, changed)", manifest.id)
+                    } else {
+                        format!("{} {key} = {value}", manifest.id)
+                    },
+                ));
+            }
+            None => {
+                if manifest.settings.get(key).is_none() {
+                    return Err(SettingError::invalid(key, "unknown setting"));
+                }
+                audit.push(("setting.unset", format!("{} {key}", manifest.id)));
+            }
+        }
+    }
+    store
+        .change_connection_settings(keys, tenant_id, &manifest.id, changes, &audit, actor, now)
+        .await?;
+    for (key, value) in changes {
+        let what = if value.is_some() {
+            "changed"
+        } else {
+            "removed"
+        };
+        tracing::info!(tenant = %tenant_id, connector = %manifest.id, key, actor, "connection setting {what}");
+    }
+    Ok(())
+}
+
 /// Remove the stored value of `key` (the default applies again) and record
 /// it in the audit log. Refused naming the key when nothing is stored.
 pub async fn unset(

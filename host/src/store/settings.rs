@@ -7,7 +7,7 @@
 //! [`ctx_setting`]. Validation against the manifest lives in
 //! `connections::settings`.
 
-use super::{Store, StoreError, on_pool};
+use super::{BeginWrite, Store, StoreError, on_pool};
 use crate::crypto::{KeyRing, Secret};
 
 /// One stored setting, decrypted.
@@ -66,6 +66,65 @@ impl Store {
             .bind(now)
             .execute(p)
             .await?;
+        });
+        Ok(())
+    }
+
+    /// Set and remove several settings of `tenant_id`'s `connector_id`
+    /// (`None`: remove) and record `audit` entries (action, detail), all in
+    /// one transaction: a form's changes are saved whole or not at all.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn change_connection_settings(
+        &self,
+        keys: &KeyRing,
+        tenant_id: &str,
+        connector_id: &str,
+        changes: &[(&str, Option<&str>)],
+        audit: &[(&str, String)],
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            for (key, value) in changes {
+                match value {
+                    Some(value) => {
+                        let sealed = keys.encrypt(value, &ctx_setting(tenant_id, connector_id, key));
+                        sqlx::query(
+                            "INSERT INTO connection_settings (tenant_id, connector_id, key, key_id, value, updated_by, updated_at)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                             ON CONFLICT (tenant_id, connector_id, key) DO UPDATE SET
+                               key_id = excluded.key_id, value = excluded.value,
+                               updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                        )
+                        .bind(tenant_id)
+                        .bind(connector_id)
+                        .bind(key)
+                        .bind(keys.current_key_id())
+                        .bind(&sealed)
+                        .bind(actor)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    None => {
+                        sqlx::query(
+                            "DELETE FROM connection_settings WHERE tenant_id = $1 AND connector_id = $2 AND key = $3",
+                        )
+                        .bind(tenant_id)
+                        .bind(connector_id)
+                        .bind(key)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+            for (action, detail) in audit {
+                sqlx::query("INSERT INTO audit_log (at, actor, tenant_id, action, detail) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(now).bind(actor).bind(tenant_id).bind(action).bind(detail)
+                    .execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         });
         Ok(())
     }
