@@ -1050,6 +1050,20 @@ async fn save_mappings(
     redirect("/integrations")
 }
 
+/// A connect error's page, with the error's own status: a bad request 400,
+/// a refusal 422, a provider that did not answer 502, a storage failure
+/// 503 (not 500: it passes).
+fn connect_refused(e: &crate::connections::ConnectError) -> Response {
+    message(
+        match e.status() {
+            500 => StatusCode::SERVICE_UNAVAILABLE,
+            s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST),
+        },
+        "Cannot connect",
+        &e.to_string(),
+    )
+}
+
 async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -> Response {
     let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
@@ -1097,11 +1111,7 @@ async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -
                     ),
                 )
             }
-            Err(e) => message(
-                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-                "Cannot connect",
-                &e.to_string(),
-            ),
+            Err(e) => connect_refused(&e),
         };
     }
     match st
@@ -1122,16 +1132,7 @@ async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -
                 .await;
             redirect(url.as_str())
         }
-        // The connect error's own status: a bad request is 400, but a
-        // storage failure is 503 and a provider that did not answer 502.
-        Err(e) => message(
-            match e.status() {
-                500 => StatusCode::SERVICE_UNAVAILABLE,
-                s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST),
-            },
-            "Cannot connect",
-            &e.to_string(),
-        ),
+        Err(e) => connect_refused(&e),
     }
 }
 

@@ -7,6 +7,7 @@ mod storage_support;
 use ledgerport::capabilities::kv::KvStore;
 use ledgerport::capabilities::mapping::{AccountMapping, MappingScope, MappingStore};
 use ledgerport::crypto::{KeyRing, Secret};
+use ledgerport::store::settings::SettingChange;
 use ledgerport::store::{
     ConnectionState, NewConnection, Organisation, StateRefusal, Store, StoreKind, TokenSet,
 };
@@ -1272,6 +1273,7 @@ both!(
 /// transaction: all of them, or (when a statement fails part-way) none.
 /// The failure is made with a NUL byte in an audit entry, which PostgreSQL
 /// refuses in text (SQLite stores it, so there only the whole is checked).
+/// Removing a key with nothing stored does nothing and is not audited.
 async fn setting_changes_are_all_or_nothing(db: TestDb) {
     let s = db.store().await;
     let k = keys(1);
@@ -1298,27 +1300,34 @@ async fn setting_changes_are_all_or_nothing(db: TestDb) {
                 .collect::<Vec<_>>()
         }
     };
+    let change = |key, value, action, detail: &str| SettingChange {
+        key,
+        value,
+        action,
+        detail: detail.to_string(),
+    };
     // Set one, remove another, with their audit entries.
-    s.change_connection_settings(
-        &k,
-        "acme",
-        "webhook",
-        &[
-            ("signing_secret", Some("0123456789abcdef")),
-            ("endpoint", None),
-        ],
-        &[
-            (
-                "setting.set",
-                "webhook signing_secret (secret, changed)".into(),
-            ),
-            ("setting.unset", "webhook endpoint".into()),
-        ],
-        "bob",
-        6,
-    )
-    .await
-    .unwrap();
+    let done = s
+        .change_connection_settings(
+            &k,
+            "acme",
+            "webhook",
+            &[
+                change(
+                    "signing_secret",
+                    Some("0123456789abcdef"),
+                    "setting.set",
+                    "webhook signing_secret (secret, changed)",
+                ),
+                change("endpoint", None, "setting.unset", "webhook endpoint"),
+                change("retries", None, "setting.unset", "webhook retries"),
+            ],
+            "bob",
+            6,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, vec!["signing_secret", "endpoint"]);
     assert_eq!(
         stored(s.clone()).await,
         vec![("signing_secret".to_string(), "0123456789abcdef".to_string())]
@@ -1326,6 +1335,7 @@ async fn setting_changes_are_all_or_nothing(db: TestDb) {
     let audit = s.audit_log(Some("acme"), 10).await.unwrap();
     assert_eq!(audit.len(), 2, "{audit:?}");
     assert!(audit.iter().all(|e| e.actor == "bob"));
+    assert!(!audit.iter().any(|e| e.detail.contains("retries")));
     if s.kind() == StoreKind::Postgres {
         let r = s
             .change_connection_settings(
@@ -1333,10 +1343,19 @@ async fn setting_changes_are_all_or_nothing(db: TestDb) {
                 "acme",
                 "webhook",
                 &[
-                    ("endpoint", Some("https://b.example/y")),
-                    ("signing_secret", None),
+                    change(
+                        "signing_secret",
+                        None,
+                        "setting.unset",
+                        "webhook signing_secret",
+                    ),
+                    change(
+                        "endpoint",
+                        Some("https://b.example/y"),
+                        "setting.set",
+                        "webhook endpoint = \0",
+                    ),
                 ],
-                &[("setting.set", "webhook endpoint = \0".into())],
                 "carol",
                 7,
             )

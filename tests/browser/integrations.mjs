@@ -113,13 +113,17 @@ try {
   if ((await page.textContent('#webhook_status')).trim() !== 'active') await fail('expected the webhook active');
   if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('Xero\'s card is its own');
 
-  // Sign out: the session ends; the one-time link does not sign in again.
+  // Sign out ends the session on the daemon, not only in this browser: the
+  // session cookie, put back afterwards, no longer signs in.
   if (!(await page.textContent('#who')).includes('alice@acme.example')) await fail('the page does not say who is signed in');
+  const session = await page.context().cookies();
   await page.click('#logout');
   await page.waitForSelector('#message');
   if (!(await page.textContent('h1')).includes('Sign in through the platform')) await fail('still signed in after Sign out');
-  const again = await page.goto(LOGIN_URL);
-  if (again.status() !== 401) await fail(`a spent sign-in link answered ${again.status()}`);
+  await page.context().addCookies(session);
+  const after = await page.goto(`${BASE}/integrations`);
+  if (after.status() !== 401) await fail(`the signed-out session answered ${after.status()}`);
+  if (!(await page.textContent('h1')).includes('Signed out')) await fail('expected the session to be over');
   console.log('browser flow ok');
 } catch (e) {
   await fail(`browser flow failed: ${e.stack || e}`);

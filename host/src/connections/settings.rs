@@ -13,7 +13,7 @@
 use crate::capabilities::connection::ConnectionInfo;
 use crate::crypto::KeyRing;
 use crate::manifest::{Manifest, SettingSpec};
-use crate::store::settings::StoredSetting;
+use crate::store::settings::{SettingChange, StoredSetting};
 use crate::store::{Connection, Store, StoreError};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -296,39 +296,41 @@ pub async fn change(
     now: i64,
 ) -> Result<(), SettingError> {
     check_actor(actor)?;
-    let mut audit = Vec::new();
+    let mut planned = Vec::new();
     for (key, value) in changes {
         match value {
             Some(value) => {
                 validate(manifest, key, value)?;
                 let secret = manifest.settings.get(key).is_some_and(|s| s.secret);
-                audit.push((
-                    "setting.set",
-                    if secret {
+                planned.push(SettingChange {
+                    key,
+                    value: Some(value),
+                    action: "setting.set",
+                    detail: if secret {
                         format!("{} {key} (secret, changed)", manifest.id)
                     } else {
                         format!("{} {key} = {value}", manifest.id)
                     },
-                ));
+                });
             }
             None => {
                 if manifest.settings.get(key).is_none() {
                     return Err(SettingError::invalid(key, "unknown setting"));
                 }
-                audit.push(("setting.unset", format!("{} {key}", manifest.id)));
+                planned.push(SettingChange {
+                    key,
+                    value: None,
+                    action: "setting.unset",
+                    detail: format!("{} {key}", manifest.id),
+                });
             }
         }
     }
-    store
-        .change_connection_settings(keys, tenant_id, &manifest.id, changes, &audit, actor, now)
+    let done = store
+        .change_connection_settings(keys, tenant_id, &manifest.id, &planned, actor, now)
         .await?;
-    for (key, value) in changes {
-        let what = if value.is_some() {
-            "changed"
-        } else {
-            "removed"
-        };
-        tracing::info!(tenant = %tenant_id, connector = %manifest.id, key, actor, "connection setting {what}");
+    for key in done {
+        tracing::info!(tenant = %tenant_id, connector = %manifest.id, key, actor, "connection setting changed");
     }
     Ok(())
 }

@@ -32,6 +32,19 @@ pub fn ctx_setting(tenant_id: &str, connector_id: &str, key: &str) -> String {
     )
 }
 
+/// One change of [`Store::change_connection_settings`].
+#[derive(Debug, Clone)]
+pub struct SettingChange<'a> {
+    /// The setting.
+    pub key: &'a str,
+    /// Its new value (`None`: remove it).
+    pub value: Option<&'a str>,
+    /// The audit log's action (`setting.set`, `setting.unset`).
+    pub action: &'static str,
+    /// The audit log's detail (never a secret's value).
+    pub detail: String,
+}
+
 pub(super) type SettingRow = (String, String, Option<String>, i64);
 
 impl Store {
@@ -71,25 +84,30 @@ impl Store {
     }
 
     /// Set and remove several settings of `tenant_id`'s `connector_id`
-    /// (`None`: remove) and record `audit` entries (action, detail), all in
-    /// one transaction: a form's changes are saved whole or not at all.
+    /// (`value` `None`: remove), each with its audit entry (action,
+    /// detail), all in one transaction: a form's changes are saved whole or
+    /// not at all. A removal of a key with nothing stored does nothing and
+    /// is not audited. Returns the keys that changed.
     #[allow(clippy::too_many_arguments)]
     pub async fn change_connection_settings(
         &self,
         keys: &KeyRing,
         tenant_id: &str,
         connector_id: &str,
-        changes: &[(&str, Option<&str>)],
-        audit: &[(&str, String)],
+        changes: &[SettingChange<'_>],
         actor: &str,
         now: i64,
-    ) -> Result<(), StoreError> {
-        on_pool!(self, p => {
+    ) -> Result<Vec<String>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let done = on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
-            for (key, value) in changes {
-                match value {
+            let mut done = Vec::new();
+            for c in changes {
+                let changed = match c.value {
                     Some(value) => {
-                        let sealed = keys.encrypt(value, &ctx_setting(tenant_id, connector_id, key));
+                        let sealed = keys.encrypt(value, &ctx_setting(tenant_id, connector_id, c.key));
                         sqlx::query(
                             "INSERT INTO connection_settings (tenant_id, connector_id, key, key_id, value, updated_by, updated_at)
                              VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -99,13 +117,14 @@ impl Store {
                         )
                         .bind(tenant_id)
                         .bind(connector_id)
-                        .bind(key)
+                        .bind(c.key)
                         .bind(keys.current_key_id())
                         .bind(&sealed)
                         .bind(actor)
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
+                        true
                     }
                     None => {
                         sqlx::query(
@@ -113,20 +132,24 @@ impl Store {
                         )
                         .bind(tenant_id)
                         .bind(connector_id)
-                        .bind(key)
+                        .bind(c.key)
                         .execute(&mut *tx)
-                        .await?;
+                        .await?
+                        .rows_affected()
+                            > 0
                     }
+                };
+                if changed {
+                    sqlx::query("INSERT INTO audit_log (at, actor, tenant_id, action, detail) VALUES ($1, $2, $3, $4, $5)")
+                        .bind(now).bind(actor).bind(tenant_id).bind(c.action).bind(&c.detail)
+                        .execute(&mut *tx).await?;
+                    done.push(c.key.to_string());
                 }
             }
-            for (action, detail) in audit {
-                sqlx::query("INSERT INTO audit_log (at, actor, tenant_id, action, detail) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(now).bind(actor).bind(tenant_id).bind(action).bind(detail)
-                    .execute(&mut *tx).await?;
-            }
             tx.commit().await?;
+            done
         });
-        Ok(())
+        Ok(done)
     }
 
     /// Remove one setting (the connector gets the manifest's default
