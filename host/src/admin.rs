@@ -17,7 +17,7 @@ use crate::ingest::FieldProblem;
 use crate::rejections::JsonObject;
 use crate::store::Store;
 use crate::store::admin::{KeyInfo, KeyScope};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -160,7 +160,6 @@ macro_rules! try_box {
 /// The admin routes.
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
-        .route("/openapi.json", get(openapi))
         .route("/v1/admin/tenants", get(tenants))
         .route("/v1/admin/tenants/{tenant}/status", get(status))
         .route("/v1/admin/tenants/{tenant}/deliveries", get(deliveries))
@@ -192,12 +191,42 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/v1/admin/tenants/{tenant}/page-sessions",
             post(page_session).delete(end_page_sessions),
         )
+        // The key is checked before any query or body is read: a caller
+        // without one gets 401, not a 400 about its input.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin_key,
+        ))
+        // Described without a key.
+        .route("/openapi.json", get(openapi))
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
         .with_state(state)
 }
 
-async fn tenants(State(st): S, headers: HeaderMap) -> Response {
-    let key = try_box!(authenticate(&st.store, &headers).await);
+/// Every admin route's key check, run before the route's extractors: the
+/// key (401), its scope over the route's `{tenant}` (403) and that tenant
+/// (404), as [`guard`]; without a `{tenant}`, the key alone. The verified
+/// key reaches the handler as an extension.
+async fn admin_key(
+    State(st): S,
+    Path(params): Path<std::collections::HashMap<String, String>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let key = match params.get("tenant") {
+        Some(tenant) => guard(&st, req.headers(), tenant).await,
+        None => authenticate(&st.store, req.headers()).await,
+    };
+    match key {
+        Ok(key) => {
+            req.extensions_mut().insert(key);
+            next.run(req).await
+        }
+        Err(r) => *r,
+    }
+}
+
+async fn tenants(Extension(key): Extension<KeyInfo>, State(st): S) -> Response {
     if matches!(key.scope, KeyScope::Ingest) {
         return *allowed(&key, "").unwrap_err();
     }
@@ -213,8 +242,7 @@ async fn tenants(State(st): S, headers: HeaderMap) -> Response {
     Json(json!({ "tenants": visible })).into_response()
 }
 
-async fn status(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
+async fn status(State(st): S, Path(tenant): Path<String>) -> Response {
     let conns = match st.store.connections(Some(&tenant)).await {
         Ok(c) => c,
         Err(e) => return unavailable(e),
@@ -279,11 +307,9 @@ struct LogQuery {
 
 async fn deliveries(
     State(st): S,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let after = match crate::api::log_query(q.state.as_deref(), q.after.as_deref()) {
         Ok(a) => a,
         Err(r) => return r,
@@ -319,7 +345,6 @@ async fn retry(
     Path(tenant): Path<String>,
     body: JsonObject,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let actor = headers
         .get("x-ledgerport-admin")
         .and_then(|v| v.to_str().ok())
@@ -432,11 +457,9 @@ fn mapping_scope(
 
 async fn mappings(
     State(st): S,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
     Query(q): Query<ConnectorQuery>,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let scope = try_box!(mapping_scope(&st, &tenant, q));
     let current = match st.connections.mappings(&scope).await {
         Ok(m) => m,
@@ -476,7 +499,6 @@ async fn set_mapping(
     Query(q): Query<ConnectorQuery>,
     body: JsonObject,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
     let scope = try_box!(mapping_scope(&st, &tenant, q));
     if let Err(r) = body.only(&["account_code", "tax_type"]) {
@@ -547,7 +569,6 @@ async fn unset_mapping(
     Path((tenant, kind)): Path<(String, String)>,
     Query(q): Query<ConnectorQuery>,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
     let scope = try_box!(mapping_scope(&st, &tenant, q));
     match st.connections.delete_mapping(&scope, &kind).await {
@@ -589,12 +610,11 @@ pub const PAGE_SESSION_TTL: i64 = 8 * 3600;
 /// ticket, not the key: the browser never sees the key, and the admin and
 /// role are kept by the daemon, not in a cookie the browser could edit.
 async fn page_session(
+    Extension(key): Extension<KeyInfo>,
     State(st): S,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
     body: JsonObject,
 ) -> Response {
-    let key = try_box!(guard(&st, &headers, &tenant).await);
     if let Err(r) = body.only(&["admin", "role"]) {
         return r;
     }
@@ -657,11 +677,9 @@ struct AdminQuery {
 /// removed or demoted them. Unused sign-in links go too.
 async fn end_page_sessions(
     State(st): S,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
     Query(q): Query<AdminQuery>,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let admin = q.admin.as_deref().map(str::trim);
     if admin == Some("") {
         return error(
@@ -690,12 +708,7 @@ fn setting_refused(e: crate::connections::SettingError) -> Response {
     )
 }
 
-async fn settings(
-    State(st): S,
-    headers: HeaderMap,
-    Path((tenant, connector)): Path<(String, String)>,
-) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
+async fn settings(State(st): S, Path((tenant, connector)): Path<(String, String)>) -> Response {
     match st.connections.settings(&tenant, &connector).await {
         Ok(list) => Json(json!({"connector": connector, "settings": list})).into_response(),
         Err(e) => setting_refused(e),
@@ -708,7 +721,6 @@ async fn set_setting(
     Path((tenant, connector, key)): Path<(String, String, String)>,
     body: JsonObject,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
     if let Err(r) = body.only(&["value"]) {
         return r;
@@ -739,7 +751,6 @@ async fn unset_setting(
     headers: HeaderMap,
     Path((tenant, connector, key)): Path<(String, String, String)>,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
     match st
         .connections
@@ -758,7 +769,6 @@ async fn connect(
     headers: HeaderMap,
     Path((tenant, connector)): Path<(String, String)>,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
     let Some(grantless) = st.connections.connects_without_grant(&connector) else {
         return not_installed(&connector);
@@ -828,7 +838,6 @@ async fn disconnect(
     headers: HeaderMap,
     Path((tenant, connector)): Path<(String, String)>,
 ) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
     let actor = try_box!(super_admin(&headers));
     let conn = match st.store.connection_for(&tenant, &connector).await {
         Ok(Some(c)) => c,
@@ -864,12 +873,7 @@ async fn disconnect(
 /// admin of the tenant may run it (it writes nothing in the accounting
 /// system; see [`crate::connections::check`]); the answer names the
 /// organisation, or says why the connection does not work.
-async fn check(
-    State(st): S,
-    headers: HeaderMap,
-    Path((tenant, connector)): Path<(String, String)>,
-) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
+async fn check(State(st): S, Path((tenant, connector)): Path<(String, String)>) -> Response {
     match st.connections.check_connection(&tenant, &connector).await {
         Ok(report) => Json(json!({
             "ok": true,
@@ -887,8 +891,7 @@ async fn check(
     }
 }
 
-async fn audit(State(st): S, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
-    try_box!(guard(&st, &headers, &tenant).await);
+async fn audit(State(st): S, Path(tenant): Path<String>) -> Response {
     match st.store.audit_log(Some(&tenant), 200).await {
         Ok(entries) => Json(json!({ "audit": entries })).into_response(),
         Err(e) => unavailable(e),

@@ -1474,6 +1474,27 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
     let (s, v) = env.call("GET", &at("limit=many"), &key, None).await;
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["problems"][0]["field"], "limit", "{v}");
+    // Without a key the answer is 401, before the input is looked at (and
+    // a body is never read).
+    for (method, path) in [
+        ("GET", at("limit=many")),
+        (
+            "POST",
+            "/v1/admin/tenants/acme/deliveries/retry".to_string(),
+        ),
+    ] {
+        let r = env
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", env.base))
+            .header("content-type", "application/json")
+            .body("{nope")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{method} {path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["problems"][0]["field"], "authorization", "{v}");
+    }
     let (s, v) = list("limit=many".into()).await;
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["problems"][0]["field"], "limit", "{v}");
