@@ -349,20 +349,6 @@ impl Connections {
         .await
     }
 
-    /// Check a setting's value as [`Connections::set_setting`] would,
-    /// without storing it (a form checks every value before saving any).
-    pub fn check_setting(
-        &self,
-        connector_id: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<(), SettingError> {
-        let m = self
-            .manifest(connector_id)
-            .ok_or_else(|| SettingError::UnknownConnector(connector_id.into()))?;
-        settings::validate(&m, key, value)
-    }
-
     /// Set and remove several settings of `tenant_id`'s `connector_id` in
     /// one transaction, all checked first (audited; `None`: remove).
     pub async fn change_settings(

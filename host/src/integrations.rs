@@ -769,16 +769,8 @@ async fn save_settings(
             (!(v.stored && v.value.as_deref() == Some(value.as_str())))
                 .then_some(Some(value.as_str()))
         };
+        // Values are checked with the writes (all before any).
         if let Some(change) = change {
-            if let Some(value) = change
-                && let Err(e) = st.connections.check_setting(connector, key, value)
-            {
-                return message(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Settings not saved",
-                    &format!("{e} Nothing was changed."),
-                );
-            }
             changes.push((key.as_str(), change));
         }
     }

@@ -306,8 +306,9 @@ impl Connections {
         mapping: AccountMapping,
         actor: &str,
     ) -> Result<MappingOutcome, MappingError> {
-        self.replace_or_set(scope, std::slice::from_ref(&mapping), actor, false)
+        self.change_mappings(scope, std::slice::from_ref(&mapping), &[], actor)
             .await
+            .map_err(|(_, e)| e)
     }
 
     /// Replace every mapping of the scope at once (all checked first).
@@ -317,7 +318,11 @@ impl Connections {
         mappings: &[AccountMapping],
         actor: &str,
     ) -> Result<MappingOutcome, MappingError> {
-        self.replace_or_set(scope, mappings, actor, true).await
+        let validated_against = self.check_all(scope, mappings).await.map_err(|(_, e)| e)?;
+        self.store()
+            .replace_mappings(scope, mappings, actor, self.clock().now_secs())
+            .await?;
+        Ok(MappingOutcome { validated_against })
     }
 
     /// Set `set` and delete the mappings of the kinds in `clear`, all or
@@ -368,27 +373,6 @@ impl Connections {
             }
         }
         Ok(list.map(|(o, _)| o))
-    }
-
-    async fn replace_or_set(
-        &self,
-        scope: &MappingScope,
-        mappings: &[AccountMapping],
-        actor: &str,
-        replace: bool,
-    ) -> Result<MappingOutcome, MappingError> {
-        let validated_against = self.check_all(scope, mappings).await.map_err(|(_, e)| e)?;
-        let now = self.clock().now_secs();
-        if replace {
-            self.store()
-                .replace_mappings(scope, mappings, actor, now)
-                .await?;
-        } else {
-            for m in mappings {
-                self.store().set_mapping(scope, m, actor, now).await?;
-            }
-        }
-        Ok(MappingOutcome { validated_against })
     }
 
     /// Delete the mapping of one kind; returns whether there was one.

@@ -253,22 +253,16 @@ pub async fn set(
     actor: &str,
     now: i64,
 ) -> Result<(), SettingError> {
-    check_actor(actor)?;
-    validate(manifest, key, value)?;
-    store
-        .set_connection_setting(keys, tenant_id, &manifest.id, key, value, actor, now)
-        .await?;
-    let secret = manifest.settings.get(key).is_some_and(|s| s.secret);
-    let detail = if secret {
-        format!("{} {key} (secret, changed)", manifest.id)
-    } else {
-        format!("{} {key} = {value}", manifest.id)
-    };
-    store
-        .audit(actor, Some(tenant_id), "setting.set", &detail, now)
-        .await?;
-    tracing::info!(tenant = %tenant_id, connector = %manifest.id, key, actor, "connection setting changed");
-    Ok(())
+    change(
+        store,
+        keys,
+        manifest,
+        tenant_id,
+        &[(key, Some(value))],
+        actor,
+        now,
+    )
+    .await
 }
 
 /// Refuse a change by nobody: the audit log names who made each one.

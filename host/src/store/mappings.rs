@@ -61,28 +61,7 @@ impl Store {
         actor: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        on_pool!(self, p => {
-            let mut tx = p.begin_write().await?;
-            sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2")
-                .bind(&scope.tenant_id)
-                .bind(&scope.connector_id)
-                .execute(&mut *tx)
-                .await?;
-            for m in mappings {
-                sqlx::query(UPSERT)
-                .bind(&scope.tenant_id)
-                .bind(&scope.connector_id)
-                .bind(&m.kind)
-                .bind(&m.account_code)
-                .bind(&m.tax_type)
-                .bind(actor)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-        });
-        Ok(())
+        self.write_mappings(scope, mappings, None, actor, now).await
     }
 
     /// Set some mappings and delete others, in one transaction: the
@@ -95,15 +74,40 @@ impl Store {
         actor: &str,
         now: i64,
     ) -> Result<(), StoreError> {
+        self.write_mappings(scope, set, Some(clear), actor, now)
+            .await
+    }
+
+    /// One transaction: delete the kinds in `clear` (`None`: every
+    /// mapping of the scope), then set `set`.
+    async fn write_mappings(
+        &self,
+        scope: &MappingScope,
+        set: &[AccountMapping],
+        clear: Option<&[String]>,
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
-            for kind in clear {
-                sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2 AND kind = $3")
-                    .bind(&scope.tenant_id)
-                    .bind(&scope.connector_id)
-                    .bind(kind)
-                    .execute(&mut *tx)
-                    .await?;
+            match clear {
+                None => {
+                    sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2")
+                        .bind(&scope.tenant_id)
+                        .bind(&scope.connector_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Some(kinds) => {
+                    for kind in kinds {
+                        sqlx::query("DELETE FROM mappings WHERE tenant_id = $1 AND connector_id = $2 AND kind = $3")
+                            .bind(&scope.tenant_id)
+                            .bind(&scope.connector_id)
+                            .bind(kind)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
             }
             for m in set {
                 sqlx::query(UPSERT)

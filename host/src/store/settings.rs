@@ -32,6 +32,15 @@ pub fn ctx_setting(tenant_id: &str, connector_id: &str, key: &str) -> String {
     )
 }
 
+/// Set one setting (insert, or replace the one there): `$1` tenant, `$2`
+/// connector, `$3` key, `$4` the sealing key's id, `$5` the sealed value,
+/// `$6` actor, `$7` time.
+const UPSERT: &str = "INSERT INTO connection_settings (tenant_id, connector_id, key, key_id, value, updated_by, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (tenant_id, connector_id, key) DO UPDATE SET
+       key_id = excluded.key_id, value = excluded.value,
+       updated_by = excluded.updated_by, updated_at = excluded.updated_at";
+
 /// One change of [`Store::change_connection_settings`].
 #[derive(Debug, Clone)]
 pub struct SettingChange<'a> {
@@ -63,13 +72,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let sealed = keys.encrypt(value, &ctx_setting(tenant_id, connector_id, key));
         on_pool!(self, p => {
-            sqlx::query(
-                "INSERT INTO connection_settings (tenant_id, connector_id, key, key_id, value, updated_by, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (tenant_id, connector_id, key) DO UPDATE SET
-                   key_id = excluded.key_id, value = excluded.value,
-                   updated_by = excluded.updated_by, updated_at = excluded.updated_at",
-            )
+            sqlx::query(UPSERT)
             .bind(tenant_id)
             .bind(connector_id)
             .bind(key)
@@ -108,13 +111,7 @@ impl Store {
                 let changed = match c.value {
                     Some(value) => {
                         let sealed = keys.encrypt(value, &ctx_setting(tenant_id, connector_id, c.key));
-                        sqlx::query(
-                            "INSERT INTO connection_settings (tenant_id, connector_id, key, key_id, value, updated_by, updated_at)
-                             VALUES ($1, $2, $3, $4, $5, $6, $7)
-                             ON CONFLICT (tenant_id, connector_id, key) DO UPDATE SET
-                               key_id = excluded.key_id, value = excluded.value,
-                               updated_by = excluded.updated_by, updated_at = excluded.updated_at",
-                        )
+                        sqlx::query(UPSERT)
                         .bind(tenant_id)
                         .bind(connector_id)
                         .bind(c.key)
