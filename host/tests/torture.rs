@@ -219,6 +219,13 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
                     retry_after_secs: 1,
                     ..Default::default()
                 });
+                // And a few resets whatever the seed draws (the rates are
+                // reseeded with each change, so a seed could draw none).
+                f.rules.push(FaultRule {
+                    route: Some("/api.xro".into()),
+                    force_reset: 3,
+                    ..Default::default()
+                });
                 p.sim.set_faults(f);
             }
             if n == total / 2 {

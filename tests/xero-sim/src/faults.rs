@@ -53,6 +53,10 @@ pub struct FaultRule {
     pub hang_rate: f64,
     /// Probability (0..=1) that the connection is reset instead of answered.
     pub reset_rate: f64,
+    /// The next N matching requests have their connection reset (like
+    /// `force_429`: a test that must see resets gets them whatever the
+    /// seed draws).
+    pub force_reset: u32,
     /// The next N matching requests are refused with 429.
     pub force_429: u32,
     /// Which limit the forced 429s claim to hit.
@@ -130,6 +134,10 @@ impl FaultState {
                 d.hang = true;
             }
             if roll(rule.reset_rate) {
+                d.reset = true;
+            }
+            if rule.force_reset > 0 {
+                rule.force_reset -= 1;
                 d.reset = true;
             }
             if roll(rule.error_503_rate) && d.error_status.is_none() {

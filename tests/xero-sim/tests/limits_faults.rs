@@ -277,6 +277,28 @@ async fn latency_hang_and_reset_faults() {
     let c = sim.counters();
     assert_eq!(c.faults["hang"], 1);
     assert_eq!(c.faults["reset"], 1);
+
+    // Forced resets: exactly the next N matching requests.
+    sim.set_faults(FaultConfig {
+        rules: vec![FaultRule {
+            route: Some("/api.xro/2.0/Organisation".into()),
+            force_reset: 2,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let get = || {
+        client()
+            .get(format!("{}/api.xro/2.0/Organisation", sim.base_url()))
+            .bearer_auth(&at)
+            .header("xero-tenant-id", HOLDINGS.to_string())
+            .timeout(Duration::from_secs(5))
+            .send()
+    };
+    assert!(get().await.is_err());
+    assert!(get().await.is_err());
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(sim.counters().faults["reset"], 3);
 }
 
 #[tokio::test]
