@@ -6,7 +6,7 @@
 
 use crate::oauth::escape as esc;
 use crate::store::Store;
-use crate::store::outbox::IncidentRow;
+use crate::store::outbox::{IncidentRow, NewMail};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::client::Tls;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -251,6 +251,13 @@ impl Mailer {
     }
 }
 
+/// Mails one round sends at most.
+const MAILS_PER_ROUND: usize = 50;
+
+/// How long a claimed mail is this daemon's to send (its SMTP exchange is
+/// bounded by 10 s a command): another daemon sends it only after that.
+const MAIL_LEASE_MS: i64 = 120_000;
+
 /// Turn due incidents into queued mails, then send what is due.
 /// Returns (mails queued, mails sent).
 pub async fn pump(
@@ -260,14 +267,18 @@ pub async fn pump(
     now_ms: i64,
 ) -> anyhow::Result<(usize, usize)> {
     let mut queued = 0;
-    for inc in store.take_due_incidents(now_ms).await? {
-        let tenant = store.tenant(&inc.tenant_id).await.ok().flatten();
+    for inc in store.due_incidents(now_ms).await? {
+        // A storage error is this round's failure (the incident stays due),
+        // not "no address": that would mark it told and lose the notice.
+        let tenant = store.tenant(&inc.tenant_id).await?;
         let (name, emails) = match tenant {
             Some(t) => (t.name, t.emails),
             None => (inc.tenant_id.clone(), Vec::new()),
         };
         if emails.is_empty() {
-            tracing::warn!(tenant = %inc.tenant_id, kind = %inc.kind, "no notification address for this tenant; incident not e-mailed");
+            if store.tell_incident(&inc, None, now_ms).await? {
+                tracing::warn!(tenant = %inc.tenant_id, kind = %inc.kind, "no notification address for this tenant; incident not e-mailed");
+            }
             continue;
         }
         // The connection row outlives a disconnect, so its connector is
@@ -275,9 +286,7 @@ pub async fn pump(
         // rather than an id the customer has never seen.
         let connector = store
             .connection(&inc.connection_id)
-            .await
-            .ok()
-            .flatten()
+            .await?
             .map(|c| c.connector_id);
         let provider = match &connector {
             Some(id) => cfg.provider_name(id),
@@ -288,21 +297,21 @@ pub async fn pump(
             .and_then(|id| cfg.connectors.get(id))
             .is_some_and(|c| c.grantless);
         let email = compose(&inc, &name, provider, grantless, cfg);
-        store
-            .enqueue_mail(
-                &inc.tenant_id,
-                Some(&inc.id),
-                &emails,
-                &email.subject,
-                &email.text,
-                &email.html,
-                now_ms,
-            )
-            .await?;
-        queued += 1;
+        let mail = NewMail {
+            recipients: emails,
+            subject: email.subject,
+            text: email.text,
+            html: email.html,
+        };
+        if store.tell_incident(&inc, Some(&mail), now_ms).await? {
+            queued += 1;
+        }
     }
     let mut sent = 0;
-    for m in store.due_mail(now_ms, 50).await? {
+    for _ in 0..MAILS_PER_ROUND {
+        let Some(m) = store.claim_due_mail(now_ms, now_ms + MAIL_LEASE_MS).await? else {
+            break;
+        };
         match mailer
             .send(&m.recipients, &m.subject, &m.text_body, &m.html_body)
             .await
@@ -360,6 +369,7 @@ mod tests {
             kind: kind.into(),
             documents: vec!["INV-1".into(), "INV-2".into()],
             details: vec!["the endpoint answered 500".into()],
+            read_as: Default::default(),
         }
     }
 

@@ -367,14 +367,19 @@ impl OAuthProvider {
         let Some(url) = &self.revoke_url else {
             return Ok(false);
         };
-        let mut req = self.http.post(url.clone()).form(&[
+        // One form: reqwest's `form` replaces the body, so a public
+        // (PKCE) client's id must go in the same call as the token.
+        let mut form = vec![
             ("token", refresh_token.expose()),
             ("token_type_hint", "refresh_token"),
-        ]);
-        req = match &self.client_secret {
-            Some(s) => req.basic_auth(&self.client_id, Some(s.expose())),
-            None => req.form(&[("client_id", self.client_id.as_str())]),
-        };
+        ];
+        if self.client_secret.is_none() {
+            form.push(("client_id", self.client_id.as_str()));
+        }
+        let mut req = self.http.post(url.clone()).form(&form);
+        if let Some(s) = &self.client_secret {
+            req = req.basic_auth(&self.client_id, Some(s.expose()));
+        }
         let resp = req
             .send()
             .await

@@ -841,3 +841,48 @@ both!(
     no_plaintext_postgres,
     no_token_text_in_the_database
 );
+
+/// A public (PKCE-only) client revokes with its `client_id` in the same form
+/// as the token: the form used to be replaced by a second one holding only
+/// the client id, so the provider got no token, answered 400, and the
+/// refresh token stayed valid after "disconnect".
+#[tokio::test]
+async fn a_public_client_revokes_its_refresh_token() {
+    let mut config = xero_sim::SimConfig::default();
+    config.apps.push(xero_sim::AppConfig {
+        client_id: "public-app".into(),
+        client_secret: String::new(),
+        ..xero_sim::AppConfig::default()
+    });
+    let sim = xero_sim::Sim::start(config).await.unwrap();
+    let grant = sim
+        .issue_grant(xero_sim::GrantRequest {
+            client_id: Some("public-app".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let refresh = grant.tokens.refresh_token.clone().unwrap();
+    let provider = ledgerport::oauth::OAuthProvider::new(
+        &xero_manifest(),
+        ledgerport::oauth::OAuthApp {
+            client_id: "public-app".into(),
+            client_secret: None,
+            redirect_uri: "http://127.0.0.1:1/callback".into(),
+            broad_scopes: false,
+            base_urls: sim_overrides(&sim),
+            timeout: std::time::Duration::from_secs(10),
+        },
+    )
+    .unwrap();
+    let revoked = provider
+        .revoke(&ledgerport::crypto::Secret::new(&refresh))
+        .await;
+    assert!(matches!(revoked, Ok(true)), "{revoked:?}");
+    let g = sim
+        .grants()
+        .into_iter()
+        .find(|g| g.auth_event_id == grant.auth_event_id)
+        .unwrap();
+    assert!(g.revoked, "the provider still holds the grant: {g:?}");
+    assert!(!accepted(&sim, &grant.tokens.access_token).await);
+}

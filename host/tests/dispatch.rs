@@ -157,6 +157,60 @@ async fn end_to_end_on_postgres() {
     }
 }
 
+/// A credit note behind a paused invoice looks at it again once a minute:
+/// each look is a claim and a row in its attempts, and at the old fixed 2 s
+/// a paused invoice (a mapping nobody makes) cost 43,000 of each a day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_note_behind_a_paused_invoice_waits_quietly() {
+    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    p.tenant("acme", DEFAULT_TENANT_TRADING).await;
+    let mut d = invoice("acme", 1);
+    d["lines"][9]["kind"] = json!("late-payment-fee");
+    let (s, _) = p.post(&d).await;
+    assert_eq!(s, 202);
+    p.wait_counts(Duration::from_secs(30), "the invoice not paused", |c| {
+        c.get("paused") == Some(&1)
+    })
+    .await;
+    let (s, _) = p.post(&credit_note("acme", 1, 1)).await;
+    assert_eq!(s, 202);
+    let store = &p.d().store;
+    let started = std::time::Instant::now();
+    let cn = loop {
+        let rows = store
+            .list_deliveries(Some("acme"), Some("CN-acme-0001"), None, 10)
+            .await
+            .unwrap();
+        if let Some(r) = rows.first()
+            && !store.list_attempts(&r.id).await.unwrap().is_empty()
+        {
+            break r.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the credit note was never looked at"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let waited_from = chrono::Utc::now().timestamp_millis();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let attempts = store.list_attempts(&cn.id).await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].outcome, "waiting");
+    let row = &store
+        .list_deliveries(Some("acme"), Some("CN-acme-0001"), None, 10)
+        .await
+        .unwrap()[0];
+    assert_eq!(row.state, "pending");
+    assert!(
+        row.next_attempt_at >= waited_from + 45_000,
+        "looks again at {} ({} ms from now)",
+        row.next_attempt_at,
+        row.next_attempt_at - waited_from
+    );
+    p.stop().await;
+}
+
 async fn pause_and_resume(db: TestDb) {
     // Notices are grouped for 3 s rather than the tests' usual 300 ms: the
     // two invoices below must pause inside one grouping window, and on a

@@ -1102,16 +1102,20 @@ async fn postgres_connections_dropped_while_idle_are_replaced() {
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
     // Every use after that gets a live connection.
     for _ in 0..6 {
-        store.paused_deliveries().await.expect("a live connection");
+        store
+            .paused_deliveries("")
+            .await
+            .expect("a live connection");
     }
 }
 
 /// A notice names every document added to its incident before it was taken.
 /// A second failure being recorded is caught half-way (PostgreSQL: the
 /// incident lock held, the longer list written, not yet committed) while
-/// the mail task takes the due incident. The take must wait for it: before
-/// it did, READ COMMITTED let it read the old list and then mark the
-/// incident told once the addition committed, so INV-2 was in no e-mail.
+/// the mail task tells the incident it read before. The telling must wait
+/// for it and then leave the incident for the next round: before, READ
+/// COMMITTED let it mark the incident told with the old list once the
+/// addition committed, so INV-2 was in no e-mail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_taken_while_a_document_is_added_names_it() {
     let Some(db) = TestDb::postgres().await else {
@@ -1122,6 +1126,9 @@ async fn a_notice_taken_while_a_document_is_added_names_it() {
         .record_incident("acme", "conn-1", "failed", "INV-1", "first", 0, 0)
         .await
         .unwrap();
+    let read = store.due_incidents(1).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].documents, vec!["INV-1"]);
     let ledgerport::store::Pool::Postgres(pool) = store.pool().clone() else {
         panic!("a PostgreSQL store");
     };
@@ -1137,10 +1144,10 @@ async fn a_notice_taken_while_a_document_is_added_names_it() {
         .await
         .unwrap();
     let s2 = store.clone();
-    let taking = tokio::spawn(async move { s2.take_due_incidents(1).await });
-    // The addition commits once the take is waiting on a lock in the
-    // database: the advisory lock with the fix, the incident's row lock
-    // without it (having read the old list).
+    let inc = read[0].clone();
+    let telling = tokio::spawn(async move { s2.tell_incident(&inc, Some(&mail()), 1).await });
+    // The addition commits once the telling is waiting on a lock in the
+    // database.
     let mut watch = pool.acquire().await.unwrap();
     let started = std::time::Instant::now();
     loop {
@@ -1155,16 +1162,197 @@ async fn a_notice_taken_while_a_document_is_added_names_it() {
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),
-            "the take never reached the database"
+            "the telling never reached the database"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     drop(watch);
     adding.commit().await.unwrap();
-    let taken = taking.await.unwrap().unwrap();
-    assert_eq!(taken.len(), 1, "{taken:?}");
-    assert_eq!(taken[0].documents, vec!["INV-1", "INV-2"]);
-    assert!(store.take_due_incidents(2).await.unwrap().is_empty());
+    assert!(
+        !telling.await.unwrap().unwrap(),
+        "told with a list that no longer holds"
+    );
+    assert!(store.claim_due_mail(1, 2).await.unwrap().is_none());
+    let again = store.due_incidents(2).await.unwrap();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].documents, vec!["INV-1", "INV-2"]);
+    assert!(
+        store
+            .tell_incident(&again[0], Some(&mail()), 2)
+            .await
+            .unwrap()
+    );
+    assert!(store.due_incidents(3).await.unwrap().is_empty());
+}
+
+fn mail() -> ledgerport::store::outbox::NewMail {
+    ledgerport::store::outbox::NewMail {
+        recipients: vec!["ap@acme.test".into()],
+        subject: "Documents could not be sent".into(),
+        text: "text".into(),
+        html: "<p>html</p>".into(),
+    }
+}
+
+/// Telling an incident and queueing its mail are one step: a mail that
+/// cannot be queued leaves the incident due (before, it was marked told
+/// first and the notice was lost); an incident is told once, however many
+/// daemons try; one resolved before it was told (a pause the admin fixed
+/// within the grouping window) is not told at all; and a queued mail is
+/// leased to one sender at a time (before, every daemon's poll read it and
+/// each sent it).
+async fn incidents_are_told_once_and_never_lost(db: TestDb) {
+    let store = db.store().await;
+    let other = db.store().await;
+    store
+        .record_incident(
+            "acme",
+            "conn-1",
+            "failed",
+            "INV-1",
+            "the endpoint answered 422",
+            0,
+            0,
+        )
+        .await
+        .unwrap();
+    let due = store.due_incidents(1).await.unwrap();
+    assert_eq!(due.len(), 1);
+
+    // The mail cannot be queued (a full disk, say): nothing is told.
+    let break_it = match store.kind() {
+        StoreKind::Sqlite => {
+            "CREATE TRIGGER refuse_mail BEFORE INSERT ON mail_outbox BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        }
+        StoreKind::Postgres => {
+            "ALTER TABLE mail_outbox ADD CONSTRAINT refuse_mail CHECK (subject = '') NOT VALID"
+        }
+    };
+    let mend = match store.kind() {
+        StoreKind::Sqlite => "DROP TRIGGER refuse_mail",
+        StoreKind::Postgres => "ALTER TABLE mail_outbox DROP CONSTRAINT refuse_mail",
+    };
+    exec(&store, break_it).await;
+    assert!(
+        store
+            .tell_incident(&due[0], Some(&mail()), 1)
+            .await
+            .is_err()
+    );
+    exec(&store, mend).await;
+    let due = store.due_incidents(2).await.unwrap();
+    assert_eq!(due.len(), 1, "the failed queueing lost the notice");
+
+    // Two daemons tell it: one mail.
+    assert!(
+        store
+            .tell_incident(&due[0], Some(&mail()), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !other
+            .tell_incident(&due[0], Some(&mail()), 2)
+            .await
+            .unwrap()
+    );
+    assert!(store.due_incidents(3).await.unwrap().is_empty());
+    assert_eq!(store.unsent_mail_count().await.unwrap(), 1);
+
+    // The mail is leased to one sender; the other gets it only once the
+    // lease has run out without a result.
+    let m = store.claim_due_mail(3, 1_000).await.unwrap().expect("due");
+    assert_eq!(m.subject, "Documents could not be sent");
+    assert!(other.claim_due_mail(3, 1_000).await.unwrap().is_none());
+    assert!(other.claim_due_mail(999, 2_000).await.unwrap().is_none());
+    let again = other
+        .claim_due_mail(1_000, 2_000)
+        .await
+        .unwrap()
+        .expect("lease ran out");
+    assert_eq!(again.id, m.id);
+    other.mail_result(&again.id, 1_000, Ok(())).await.unwrap();
+    assert!(
+        store
+            .claim_due_mail(10_000, 20_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.unsent_mail_count().await.unwrap(), 0);
+
+    // A pause resolved within the grouping window is not told.
+    store
+        .record_incident(
+            "acme",
+            "conn-1",
+            "paused-mapping",
+            "INV-2",
+            "fx-fee is not mapped",
+            10_000,
+            60_000,
+        )
+        .await
+        .unwrap();
+    exec(
+        &store,
+        "UPDATE incidents SET closed_at = 20000 WHERE kind = 'paused-mapping'",
+    )
+    .await;
+    assert!(store.due_incidents(100_000).await.unwrap().is_empty());
+}
+both!(
+    incidents_told_once_sqlite,
+    incidents_told_once_postgres,
+    incidents_are_told_once_and_never_lost
+);
+
+/// Paused deliveries are read page by page in id order, so every one is
+/// seen (before, only the first 10,000 by id were: the rest, random ids
+/// of any tenant, never resumed after the admin fixed what paused them).
+async fn paused_deliveries_are_paged(db: TestDb) {
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(ingest_on(&s, i, "conn-a").await.1);
+    }
+    ids.sort();
+    exec(
+        &s,
+        "UPDATE deliveries SET state = 'paused', pause_reason = 'mapping', pause_detail = '{}'",
+    )
+    .await;
+    let all: Vec<String> = s
+        .paused_deliveries("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(all, ids);
+    let rest: Vec<String> = s
+        .paused_deliveries(&ids[0])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(rest, ids[1..]);
+    assert!(s.paused_deliveries(&ids[2]).await.unwrap().is_empty());
+}
+both!(
+    paused_paged_sqlite,
+    paused_paged_postgres,
+    paused_deliveries_are_paged
+);
+
+async fn exec(store: &Store, sql: &str) {
+    match store.pool() {
+        ledgerport::store::Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        ledgerport::store::Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+    }
+    .unwrap();
 }
 
 /// A connection's rate-window lock cannot be another lock of the store's.

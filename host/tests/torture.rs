@@ -650,8 +650,8 @@ allowed_hosts = ["https://allowed.test"]
 document_kinds = ["invoice"]
 "#;
 
-/// Connect `tenant` to the hostile connector (no OAuth: tokens written
-/// directly, valid for years).
+/// Connect `tenant` to the hostile connector (its modes here send no
+/// token; one is written anyway, valid for years, as a connection has).
 async fn hostile_tenant(p: &Pipeline, keys: &KeyRing, tenant: &str) {
     let store = &p.d().store;
     let now = chrono::Utc::now().timestamp();
@@ -750,6 +750,9 @@ async fn hostile_connectors_fail_alone_and_other_tenants_keep_delivering() {
         ("h-hang", "fetch", "hang", &["Timeout"]),
         ("h-bomb", "bomb", "", &["memory"]),
         ("h-panic", "panic", "", &["panicked on purpose"]),
+        // Needs-mapping naming no kind: failed, not paused (it would resume
+        // at once, every kind it named being mapped, and pause again).
+        ("h-mapping", "unnamed-mapping", "", &["without naming"]),
     ];
     for (t, ..) in hostile {
         hostile_tenant(&p, &keys, t).await;

@@ -248,6 +248,22 @@ pub struct IncidentRow {
     pub documents: Vec<String>,
     /// Details (JSON array of strings: what went wrong, what the provider said).
     pub details: Vec<String>,
+    /// The two lists as stored when read: telling the incident checks
+    /// that nothing was added since.
+    pub(crate) read_as: (String, String),
+}
+
+/// A mail to queue with an incident (see [`Store::tell_incident`]).
+#[derive(Debug, Clone)]
+pub struct NewMail {
+    /// Recipients.
+    pub recipients: Vec<String>,
+    /// Subject.
+    pub subject: String,
+    /// Plain text.
+    pub text: String,
+    /// HTML.
+    pub html: String,
 }
 
 const DELIVERY_COLUMNS: &str = "id, tenant_id, document_id, document_number, document_kind, connection_id, connector_id, state, pause_reason, attempts, next_attempt_at, external_id, external_url, last_error, delivered_at, updated_at";
@@ -318,7 +334,7 @@ const CLAIM_LOCK: i64 = 7215001;
 
 /// The lock that serialises adding documents to incidents
 /// ([`Store::record_incident`]) with taking them to be told
-/// ([`Store::take_due_incidents`]): PostgreSQL's advisory lock with this
+/// ([`Store::tell_incident`]): PostgreSQL's advisory lock with this
 /// key; on SQLite the write lock does the same. Public for the test that
 /// holds it.
 pub const INCIDENT_LOCK: i64 = 7215002;
@@ -586,17 +602,20 @@ impl Store {
         tenant_id: &str,
         connection_id: &str,
         number: &str,
-    ) -> Result<Option<String>, StoreError> {
-        let r: Option<String> = on_pool!(self, p => sqlx::query_scalar(INVOICE_STATE)
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        let r: Option<(String, i64)> = on_pool!(self, p => sqlx::query_as(INVOICE_STATE)
             .bind(tenant_id).bind(connection_id).bind(number).fetch_optional(p).await)?;
         Ok(r)
     }
 
     /// Paused deliveries: (id, tenant, connector, connection, reason, detail).
-    pub async fn paused_deliveries(&self) -> Result<Vec<PausedRow>, StoreError> {
+    /// Paused deliveries in id order after `after` (`""` for the first),
+    /// at most [`PAUSED_PAGE`]: read page by page, every paused delivery is
+    /// seen however many there are.
+    pub async fn paused_deliveries(&self, after: &str) -> Result<Vec<PausedRow>, StoreError> {
         on_pool!(self, p => {
             let rows = sqlx::query(PAUSED)
-                .fetch_all(p).await?;
+                .bind(after).fetch_all(p).await?;
             let mut out = Vec::new();
             for r in rows {
                 out.push(PausedRow {
@@ -803,40 +822,59 @@ impl Store {
         })
     }
 
-    /// Incidents due to be told, marked as told in the same step (the mail
-    /// itself goes through the durable mail outbox).
-    ///
-    /// Serialised with [`Store::record_incident`] (PostgreSQL: its advisory
-    /// lock; SQLite: the write lock), so a document being added while the
-    /// incident is taken is either in this notice or starts a new incident.
-    /// Without it, PostgreSQL's READ COMMITTED let the take read the list
-    /// before the addition committed and mark the incident told after it:
-    /// the added document was named in no e-mail.
-    pub async fn take_due_incidents(&self, now: i64) -> Result<Vec<IncidentRow>, StoreError> {
+    /// Incidents due to be told: open, not told yet, past their grouping
+    /// window. Only read: [`Store::tell_incident`] marks each one told
+    /// together with queueing its mail.
+    pub async fn due_incidents(&self, now: i64) -> Result<Vec<IncidentRow>, StoreError> {
         on_pool!(self, p => {
-            let mut tx = p.begin_write_locked(INCIDENT_LOCK).await?;
-            let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, details FROM incidents WHERE notified_at IS NULL AND notify_after <= $1 ORDER BY opened_at")
-                .bind(now).fetch_all(&mut *tx).await?;
+            let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, details FROM incidents WHERE notified_at IS NULL AND closed_at IS NULL AND notify_after <= $1 ORDER BY opened_at LIMIT 500")
+                .bind(now).fetch_all(p).await?;
             let mut out = Vec::new();
             for r in rows {
-                let id: String = r.try_get("id")?;
-                let kind: String = r.try_get("kind")?;
-                let n = sqlx::query("UPDATE incidents SET notified_at = $1, closed_at = CASE WHEN kind LIKE 'paused%' THEN closed_at ELSE $1 END WHERE id = $2 AND notified_at IS NULL")
-                    .bind(now).bind(&id).execute(&mut *tx).await?.rows_affected();
-                if n == 0 {
-                    continue;
-                }
+                let documents: String = r.try_get("documents")?;
+                let details: String = r.try_get("details")?;
                 out.push(IncidentRow {
-                    id,
+                    id: r.try_get("id")?,
                     tenant_id: r.try_get("tenant_id")?,
                     connection_id: r.try_get("connection_id")?,
-                    kind,
-                    documents: serde_json::from_str(&r.try_get::<String, _>("documents")?).unwrap_or_default(),
-                    details: serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default(),
+                    kind: r.try_get("kind")?,
+                    documents: serde_json::from_str(&documents).unwrap_or_default(),
+                    details: serde_json::from_str(&details).unwrap_or_default(),
+                    read_as: (documents, details),
                 });
             }
-            tx.commit().await?;
             Ok(out)
+        })
+    }
+
+    /// Mark an incident told and queue its mail (`None`: nobody to tell)
+    /// in one transaction, so a notice is neither lost (told, mail never
+    /// queued: a crash or a failed insert in between) nor queued twice
+    /// (two daemons telling the same incident). Done only if the incident
+    /// is still untold, open, and exactly as `inc` was read: a document
+    /// added since (or a pause resolved since) leaves it for the next
+    /// round, which reads it anew. Serialised with
+    /// [`Store::record_incident`] by the incident lock (PostgreSQL's
+    /// advisory lock; SQLite's write lock). Returns whether it was told.
+    pub async fn tell_incident(
+        &self,
+        inc: &IncidentRow,
+        mail: Option<&NewMail>,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin_write_locked(INCIDENT_LOCK).await?;
+            let told = sqlx::query("UPDATE incidents SET notified_at = $1, closed_at = CASE WHEN kind LIKE 'paused%' THEN closed_at ELSE $1 END WHERE id = $2 AND notified_at IS NULL AND closed_at IS NULL AND documents = $3 AND details = $4")
+                .bind(now).bind(&inc.id).bind(&inc.read_as.0).bind(&inc.read_as.1)
+                .execute(&mut *tx).await?.rows_affected() == 1;
+            if told && let Some(m) = mail {
+                sqlx::query(INSERT_MAIL)
+                    .bind(uuid::Uuid::new_v4().to_string()).bind(&inc.tenant_id).bind(&inc.id)
+                    .bind(m.recipients.join(",")).bind(&m.subject).bind(&m.text).bind(&m.html).bind(now)
+                    .execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(told)
         })
     }
 
@@ -847,43 +885,32 @@ impl Store {
         Ok(())
     }
 
-    /// Queue an e-mail.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn enqueue_mail(
+    /// Lease the oldest mail due to be (re)sent to this caller until
+    /// `lease_until` (its next attempt moves there), so that another
+    /// daemon polling meanwhile does not send it too; a daemon that dies
+    /// mid-send leaves it to be sent again once the lease ends.
+    pub async fn claim_due_mail(
         &self,
-        tenant_id: &str,
-        incident_id: Option<&str>,
-        recipients: &[String],
-        subject: &str,
-        text: &str,
-        html: &str,
         now: i64,
-    ) -> Result<(), StoreError> {
-        on_pool!(self, p => sqlx::query("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)")
-            .bind(uuid::Uuid::new_v4().to_string()).bind(tenant_id).bind(incident_id)
-            .bind(recipients.join(",")).bind(subject).bind(text).bind(html).bind(now)
-            .execute(p).await.map(|_| ()))?;
-        Ok(())
-    }
-
-    /// Mails due to be (re)sent.
-    pub async fn due_mail(&self, now: i64, limit: i64) -> Result<Vec<OutgoingMail>, StoreError> {
+        lease_until: i64,
+    ) -> Result<Option<OutgoingMail>, StoreError> {
+        let sql = claim_mail_sql(match self.kind() {
+            StoreKind::Sqlite => "",
+            StoreKind::Postgres => " FOR UPDATE SKIP LOCKED",
+        });
         on_pool!(self, p => {
-            let rows = sqlx::query("SELECT id, tenant_id, recipients, subject, text_body, html_body, attempts FROM mail_outbox WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at LIMIT $2")
-                .bind(now).bind(limit).fetch_all(p).await?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push(OutgoingMail {
-                    id: r.try_get("id")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    recipients: r.try_get::<String, _>("recipients")?.split(',').filter(|s| !s.is_empty()).map(String::from).collect(),
-                    subject: r.try_get("subject")?,
-                    text_body: r.try_get("text_body")?,
-                    html_body: r.try_get("html_body")?,
-                    attempts: r.try_get("attempts")?,
-                });
-            }
-            Ok(out)
+            let Some(r) = sqlx::query(&sql).bind(now).bind(lease_until).fetch_optional(p).await? else {
+                return Ok(None);
+            };
+            Ok(Some(OutgoingMail {
+                id: r.try_get("id")?,
+                tenant_id: r.try_get("tenant_id")?,
+                recipients: r.try_get::<String, _>("recipients")?.split(',').filter(|s| !s.is_empty()).map(String::from).collect(),
+                subject: r.try_get("subject")?,
+                text_body: r.try_get("text_body")?,
+                html_body: r.try_get("html_body")?,
+                attempts: r.try_get("attempts")?,
+            }))
         })
     }
 
@@ -976,13 +1003,29 @@ const LAPSED_LEASES: &str = "SELECT id, connection_id, next_attempt_at FROM deli
 
 /// The state of the latest delivery of invoice `$3` of tenant `$1` on
 /// connection `$2`.
-const INVOICE_STATE: &str = "SELECT state FROM deliveries WHERE tenant_id = $1 AND connection_id = $2 AND document_number = $3 AND document_kind = 'invoice' ORDER BY created_at DESC LIMIT 1";
+const INVOICE_STATE: &str = "SELECT state, next_attempt_at FROM deliveries WHERE tenant_id = $1 AND connection_id = $2 AND document_number = $3 AND document_kind = 'invoice' ORDER BY created_at DESC LIMIT 1";
 
-/// Paused deliveries, the first 10,000.
-const PAUSED: &str = "SELECT id, tenant_id, connector_id, connection_id, pause_reason, pause_detail FROM deliveries WHERE state = 'paused' ORDER BY id LIMIT 10000";
+/// Most paused deliveries read in one page.
+pub const PAUSED_PAGE: usize = 5_000;
+
+/// Paused deliveries after id `$1`, one page.
+const PAUSED: &str = "SELECT id, tenant_id, connector_id, connection_id, pause_reason, pause_detail FROM deliveries WHERE state = 'paused' AND id > $1 ORDER BY id LIMIT 5000";
 
 /// Close pause incidents (`$1`: now) whose connection has no delivery
 /// paused for that reason any more.
+/// Queue a mail: id, tenant, incident, recipients, subject, text, html, now.
+const INSERT_MAIL: &str = "INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
+
+/// Lease the oldest due mail (`$1` now, `$2` the lease's end); `lock` is
+/// PostgreSQL's row lock clause. The outer conditions repeat the inner
+/// ones so that an update that waited for another daemon's lease
+/// re-checks the row as that lease left it.
+fn claim_mail_sql(lock: &str) -> String {
+    format!(
+        "UPDATE mail_outbox SET next_attempt_at = $2 WHERE id = (SELECT id FROM mail_outbox WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at LIMIT 1{lock}) AND sent_at IS NULL AND next_attempt_at <= $1 RETURNING id, tenant_id, recipients, subject, text_body, html_body, attempts"
+    )
+}
+
 const CLOSE_RESUMED_INCIDENTS: &str = "UPDATE incidents SET closed_at = $1 WHERE closed_at IS NULL AND kind LIKE 'paused%' AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.connection_id = incidents.connection_id AND d.state = 'paused' AND ('paused-' || d.pause_reason) = incidents.kind)";
 
 /// The earliest due pending deliveries of `n` connections: `$1` is now,

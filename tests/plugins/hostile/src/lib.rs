@@ -131,10 +131,7 @@ impl Connector for Hostile {
                     .first()
                     .map(|l| l.description.clone())
                     .unwrap_or_default();
-                match http::get(format!("https://allowed.test/{path}"))
-                    .with_credentials()
-                    .send()
-                {
+                match http::get(format!("https://allowed.test/{path}")).send() {
                     Ok(resp) => Ok(Receipt {
                         external_id: format!("status {} bytes {}", resp.status, resp.body.len()),
                         external_url: None,
@@ -142,6 +139,22 @@ impl Connector for Hostile {
                     }),
                     Err(e) => Err(errors::transient(format!("{e:?}"))),
                 }
+            }
+            // Needs a mapping, but names no line kind: nothing an admin
+            // maps can ever satisfy it.
+            "unnamed-mapping" => Err(DeliveryError::NeedsMapping(vec![])),
+            "credentials" => {
+                // Not hostile: asks for the connection's token the way a
+                // connector should (the SDK's classification of the answer).
+                let resp = http::get("https://allowed.test/whoami")
+                    .with_credentials()
+                    .send()
+                    .map_err(errors::from_http)?;
+                Ok(Receipt {
+                    external_id: format!("status {}", resp.status),
+                    external_url: None,
+                    notes: vec![],
+                })
             }
             "leftover" => Ok(Receipt {
                 external_id: format!("seen {}", leftover()),
