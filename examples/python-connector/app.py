@@ -169,7 +169,7 @@ class Connector(exports.Connector):
             url,
             [("idempotency-key", delivery.key), ("content-type", "application/json")],
             to_json(doc, accounts),
-            True,
+            False,  # no [oauth] in the manifest: the connection holds no token
         )
         try:
             resp = http.send(req)

@@ -307,7 +307,7 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
                 let (secret, public) = ledgerport::signing::generate();
-                if let Err(e) = std::fs::write(&out, format!("{secret}\n")) {
+                if let Err(e) = write_private(&out, format!("{secret}\n").as_bytes()) {
                     eprintln!("error: cannot write {}: {e}", out.display());
                     return ExitCode::from(2);
                 }
@@ -1184,4 +1184,15 @@ async fn support_report(
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Create `path` readable by its owner only (a signing key), refusing to
+/// follow or replace anything already there.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)?.write_all(bytes)
 }

@@ -398,13 +398,30 @@ impl Manifest {
             }
         }
         if let Some(o) = &self.oauth {
-            for (key, u) in [
-                ("oauth.authorize_url", &o.authorize_url),
-                ("oauth.token_url", &o.token_url),
-            ] {
-                if url::Url::parse(u).is_err() {
+            let optional = [
+                ("oauth.revoke_url", &o.revoke_url),
+                ("oauth.connections_url", &o.connections_url),
+            ];
+            let urls = [
+                ("oauth.authorize_url", Some(&o.authorize_url)),
+                ("oauth.token_url", Some(&o.token_url)),
+            ]
+            .into_iter()
+            .chain(optional.into_iter().map(|(k, u)| (k, u.as_ref())));
+            for (key, u) in urls {
+                if let Some(u) = u
+                    && url::Url::parse(u).is_err()
+                {
                     return invalid(key, format!("{u:?} is not a URL"));
                 }
+            }
+            // The daemon would refuse to start with it once an operator
+            // configures the client: say so at install instead.
+            if o.scopes.is_empty() || o.scopes.iter().any(|s| s.trim().is_empty()) {
+                return invalid(
+                    "oauth.scopes",
+                    "must name at least one scope, none of them empty".into(),
+                );
             }
         }
         Ok(())
@@ -504,6 +521,34 @@ document_kinds = ["invoice", "credit-note"]
         let m = Manifest::parse(GOOD).unwrap();
         assert_eq!(m.id, "xero");
         assert_eq!(m.limits, Limits::default());
+    }
+
+    /// An `[oauth]` table the daemon could not use is refused at install,
+    /// naming the key (an empty scope list used to pass here and then stop
+    /// `serve` once the operator configured the client).
+    #[test]
+    fn refuses_an_unusable_oauth_table_naming_the_key() {
+        let oauth = |scopes: &str, extra: &str| {
+            format!(
+                "{GOOD}\n[oauth]\nauthorize_url = \"https://login.xero.com/a\"\ntoken_url = \"https://identity.xero.com/t\"\nscopes = {scopes}\n{extra}"
+            )
+        };
+        assert!(Manifest::parse(&oauth("[\"offline_access\"]", "")).is_ok());
+        for (scopes, extra, key) in [
+            ("[]", "", "oauth.scopes"),
+            ("[\" \"]", "", "oauth.scopes"),
+            ("[\"a\"]", "revoke_url = \"not a url\"", "oauth.revoke_url"),
+            (
+                "[\"a\"]",
+                "connections_url = \"::\"",
+                "oauth.connections_url",
+            ),
+        ] {
+            let e = Manifest::parse(&oauth(scopes, extra))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{scopes} {extra}: {e}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `ledgerport plugin new <name>`: a connector crate to start from — a
 //! manifest, a connector built on the SDK (it POSTs each document as JSON to
-//! a configurable endpoint, with the connection's credentials and an
-//! idempotency key), and a passing test of its pure parts.
+//! a configurable endpoint with an idempotency key), and a passing test of
+//! its pure parts.
 
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -11,14 +11,17 @@ const LIB: &str = include_str!("scaffold/lib.rs.txt");
 /// Write a new connector crate `<dir>/<name>`; `sdk` is the path to the
 /// `ledgerport-sdk` crate. Returns the crate's directory.
 pub fn new_connector(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<PathBuf> {
-    if name.is_empty()
+    // The crate is `<name>-connector`: cargo refuses a package name that
+    // starts with a digit, so the name starts with a letter.
+    if !name.starts_with(|c: char| c.is_ascii_lowercase())
         || name.len() > 48
         || !name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        || name.starts_with('-')
     {
-        bail!("name: {name:?} must be 1-48 of a-z, 0-9 and '-' (it becomes the plugin id)");
+        bail!(
+            "name: {name:?} must be 1-48 of a-z, 0-9 and '-', starting with a letter (it becomes the plugin id and the crate `<name>-connector`)"
+        );
     }
     let root = dir.join(name);
     if root.exists() {

@@ -727,6 +727,20 @@ fn plugin_new_scaffolds_a_connector_that_tests_builds_and_loads() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("name"), "{}", text(&o));
+    // Cargo refuses a package named `2books-connector`: refused here first.
+    let o = ledgerport(
+        &[
+            "plugin",
+            "new",
+            "2books",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("starting with a letter"), "{}", text(&o));
+    assert!(!dir.path().join("2books").exists());
     let target = common::target_dir().join("scaffold-test");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let t = Command::new(&cargo)
@@ -768,6 +782,74 @@ fn plugin_new_scaffolds_a_connector_that_tests_builds_and_loads() {
         "{}",
         text(&o)
     );
+    // And it delivers as scaffolded: to its `endpoint` setting's default,
+    // asking for no token (its manifest has no [oauth]; before, it asked
+    // for one and every delivery paused the connection for a reconnect).
+    let (port, seen) = answer_once("201 Created", r#"{"id":"b-1"}"#);
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json");
+    let o = ledgerport(
+        &[
+            "deliver",
+            "--plugin",
+            plugins.join("acme-books/manifest.toml").to_str().unwrap(),
+            "--document",
+            doc.to_str().unwrap(),
+            "--base-url",
+            &format!("https://api.example.com=http://127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let request = seen.join().unwrap().to_ascii_lowercase();
+    assert!(request.starts_with("post /documents "), "{request}");
+    assert!(!request.contains("authorization:"), "{request}");
+    assert!(
+        request.contains("\"number\":\"inv-2026-0042\""),
+        "{request}"
+    );
+}
+
+/// A one-request HTTP server on a free loopback port: answers `status`
+/// with `body` and hands back the request it read (head and body).
+fn answer_once(status: &'static str, body: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = s.read(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(answer.as_bytes()).unwrap();
+        String::from_utf8_lossy(&buf).to_string()
+    });
+    (port, handle)
 }
 
 /// Signed plugins: keygen, sign, verify; a runtime with a trust list loads
@@ -779,6 +861,10 @@ fn signed_plugins_and_the_trust_list() {
     let key = dir.path().join("signer.key");
     let o = ledgerport(&["plugin", "keygen", "--out", key.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The secret key is readable by its owner only, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
     let public = String::from_utf8_lossy(&o.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("public key: ").map(String::from))

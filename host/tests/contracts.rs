@@ -33,6 +33,11 @@ version = "0.1.0"
 contract = "0.2.0"
 allowed_hosts = ["https://hooks.example.com"]
 document_kinds = ["invoice", "credit-note"]
+
+[oauth]
+authorize_url = "https://login.hooks.example.com/authorize"
+token_url = "https://login.hooks.example.com/token"
+scopes = ["bills.write"]
 "#;
 
 fn hooks(listener: &Listener) -> BTreeMap<String, String> {

@@ -170,7 +170,8 @@ async fn python_connector_delivers_the_sample_invoice_with_injected_credential()
     let r = &reqs[0];
     assert_eq!(r.method, "POST");
     assert_eq!(r.path, "/documents");
-    assert_eq!(r.header("authorization"), Some("Bearer secret-token-py"));
+    // No [oauth] in its manifest: it asks for no token, and gets none.
+    assert_eq!(r.header("authorization"), None);
     assert_eq!(r.header("idempotency-key"), Some("dlv-py-1"));
     assert_eq!(r.header("content-type"), Some("application/json"));
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();

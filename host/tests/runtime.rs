@@ -30,6 +30,14 @@ allowed_hosts = ["https://hooks.example.com"]
 document_kinds = ["invoice", "credit-note"]
 "#;
 
+/// The hostile connector's manifest with an `[oauth]` table, so its
+/// connections hold a token for `with-credentials`.
+fn hostile_with_oauth() -> String {
+    format!(
+        "{HOSTILE}\n[oauth]\nauthorize_url = \"https://login.allowed.test/authorize\"\ntoken_url = \"https://login.allowed.test/token\"\nscopes = [\"bills.write\"]\n"
+    )
+}
+
 fn overrides(from: &str, to: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(from.to_string(), to.to_string())])
 }
@@ -43,8 +51,11 @@ fn small_config() -> RuntimeConfig {
     }
 }
 
+/// The example connector delivers; its manifest declares no `[oauth]`, so
+/// it asks for no token and none is sent (the injected credential's path
+/// is `a_token_is_attached_only_for_a_connector_that_declares_oauth`).
 #[tokio::test]
-async fn example_connector_delivers_with_injected_credential() {
+async fn example_connector_delivers() {
     let dir = tempfile::tempdir().unwrap();
     let listener = Listener::start().await;
     let manifest = install(dir.path(), "minimal_connector", MINIMAL);
@@ -67,14 +78,65 @@ async fn example_connector_delivers_with_injected_credential() {
     let r = &reqs[0];
     assert_eq!(r.method, "POST");
     assert_eq!(r.path, "/ledgerport");
-    assert_eq!(r.header("authorization"), Some("Bearer secret-token-123"));
+    assert_eq!(r.header("authorization"), None);
     assert_eq!(r.header("idempotency-key"), Some("dlv-1"));
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["number"], "INV-2026-0042");
     assert_eq!(body["lines"].as_array().unwrap().len(), 10);
     assert_eq!(body["total"], "9950.49");
-    // The guest never saw the token: it is nowhere in what it sent.
-    assert!(!String::from_utf8_lossy(&r.body).contains("secret-token-123"));
+}
+
+/// `with-credentials` gets the connection's token attached by the host (the
+/// guest never sees it) only for a connector whose manifest declares
+/// `[oauth]`. Without it the connection holds no token, and the request is
+/// refused saying so: before, the token look-up answered "reconnect", the
+/// connection paused, a reconnect (which cannot bring a token) resumed it,
+/// and it paused again, for ever.
+#[tokio::test]
+async fn a_token_is_attached_only_for_a_connector_that_declares_oauth() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start().await;
+    let oauth = hostile_with_oauth();
+    let rt = runtime(small_config());
+    let allowed = overrides("https://allowed.test", &listener.base);
+    let with = rt
+        .load(&install(dir.path(), "hostile_connector", &oauth), &allowed)
+        .unwrap();
+    let ctx = context("secret-token-123", &[]);
+    let receipt = rt
+        .deliver(&with, &ctx, delivery("dlv-1"), invoice("credentials"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(receipt.external_id, "status 200");
+    let reqs = listener.all();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(
+        reqs[0].header("authorization"),
+        Some("Bearer secret-token-123")
+    );
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let without = rt
+        .load(
+            &install(dir2.path(), "hostile_connector", HOSTILE),
+            &allowed,
+        )
+        .unwrap();
+    let err = rt
+        .deliver(&without, &ctx, delivery("dlv-2"), invoice("credentials"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let DeliveryError::Rejected(fields) = &err else {
+        panic!("a connector bug is no reason to pause the connection: {err:?}");
+    };
+    let why = format!("{fields:?}");
+    assert!(
+        why.contains("[oauth]") && why.contains("with-credentials"),
+        "{why}"
+    );
+    assert_eq!(listener.all().len(), 1, "nothing left the host");
 }
 
 #[tokio::test]
@@ -380,6 +442,20 @@ async fn manifest_refusals_name_the_cause() {
     assert!(matches!(e, LoadError::ForbiddenImport { .. }), "{e}");
     assert!(e.to_string().contains("test:extra/backdoor"), "{e}");
 
+    // A core module (built for the wrong target) says what to do, not only
+    // that wasmtime could not parse it.
+    let core = b"\0asm\x01\0\0\0".to_vec();
+    let mut manifest =
+        ledgerport::manifest::Manifest::parse(&format!("component = \"c.wasm\"\n{MINIMAL}"))
+            .unwrap();
+    manifest.sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&core)));
+    let e = rt.load_bytes(manifest, &core, &none).err().unwrap();
+    assert!(matches!(e, LoadError::Invalid { .. }), "{e}");
+    assert!(
+        e.to_string().contains("not a component") && e.to_string().contains("wasm32-wasip2"),
+        "{e}"
+    );
+
     // No hash at all.
     let d4 = tempfile::tempdir().unwrap();
     let m = install(d4.path(), "minimal_connector", MINIMAL);
@@ -536,17 +612,17 @@ async fn a_hung_token_endpoint_is_a_request_error_not_the_connectors_deadline() 
     cfg.deadline = Duration::from_secs(20);
     cfg.http.timeout = Duration::from_millis(300);
     let rt = runtime(cfg);
-    let minimal = rt
+    let plugin = rt
         .load(
-            &install(dir.path(), "minimal_connector", MINIMAL),
-            &overrides("https://hooks.example.com", &listener.base),
+            &install(dir.path(), "hostile_connector", &hostile_with_oauth()),
+            &overrides("https://allowed.test", &listener.base),
         )
         .unwrap();
     let mut ctx = context("unused", &[]);
     ctx.credentials = std::sync::Arc::new(HungTokenEndpoint);
     let started = Instant::now();
     let outcome = rt
-        .deliver(&minimal, &ctx, delivery("d"), invoice("INV-HUNG"))
+        .deliver(&plugin, &ctx, delivery("d"), invoice("credentials"))
         .await
         .expect("the connector returned (not stopped at its deadline)");
     assert!(

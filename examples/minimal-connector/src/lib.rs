@@ -1,8 +1,10 @@
 //! The smallest useful ledgerport connector: it POSTs each document as JSON
 //! to an endpoint (connection setting `endpoint`, default
-//! `https://hooks.example.com/ledgerport`), with the connection's credentials
-//! and an `Idempotency-Key` derived from the delivery. Start a new connector
-//! from this file.
+//! `https://hooks.example.com/ledgerport`, declared in its manifest), with an
+//! `Idempotency-Key` derived from the delivery. It asks for no credentials:
+//! its manifest declares no `[oauth]`, so its connections hold no tokens (a
+//! receiver's key would be a secret setting, as in the webhook example).
+//! Start a new connector from this file.
 
 use ledgerport_sdk::{
     AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
@@ -146,7 +148,6 @@ impl Connector for Minimal {
             .header("idempotency-key", &delivery.key)
             .header("content-type", "application/json")
             .body(to_json(&doc, &accounts))
-            .with_credentials()
             .send()
             .map_err(errors::from_http)?;
         if !resp.is_success() {

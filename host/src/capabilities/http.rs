@@ -61,6 +61,9 @@ pub struct HttpPolicy {
     allowed: BTreeSet<String>,
     /// Canonical origin -> the base URL requests really go to.
     rewrite: BTreeMap<String, url::Url>,
+    /// Whether the plugin declares `[oauth]`: only then do its connections
+    /// hold tokens for `with-credentials` to attach.
+    oauth: bool,
 }
 
 impl HttpPolicy {
@@ -87,7 +90,17 @@ impl HttpPolicy {
             let to_url = url::Url::parse(to).map_err(|e| format!("override target {to:?}: {e}"))?;
             rewrite.insert(from, to_url);
         }
-        Ok(Self { allowed, rewrite })
+        Ok(Self {
+            allowed,
+            rewrite,
+            oauth: false,
+        })
+    }
+
+    /// Say whether the plugin declares `[oauth]` (see [`HttpPolicy`]).
+    pub fn with_oauth(mut self, declared: bool) -> Self {
+        self.oauth = declared;
+        self
     }
 
     /// The URL to really send to, or why not.
@@ -481,8 +494,14 @@ impl HttpCapability {
         for (k, v) in req.headers {
             let name = k.to_ascii_lowercase();
             if FORBIDDEN_HEADERS.contains(&name.as_str()) {
+                let instead = match name.as_str() {
+                    "authorization" | "proxy-authorization" | "cookie" => {
+                        "ask for the connection's token with with-credentials"
+                    }
+                    _ => "the host sets it",
+                };
                 return Err(self.denied(format!(
-                    "a connector may not set the {name:?} header; ask for credentials with with-credentials"
+                    "a connector may not set the {name:?} header; {instead}"
                 )));
             }
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
@@ -510,6 +529,15 @@ impl HttpCapability {
         };
         let mut credential = None;
         if req.with_credentials {
+            if !self.policy.oauth {
+                // Without [oauth] a connection never holds tokens: asking
+                // for them would answer "reconnect" forever, and the
+                // connection would pause, resume on reconnect, and pause
+                // again.
+                return Err(self.denied(
+                    "with-credentials asks for the connection's OAuth token, but this connector's manifest declares no [oauth], so its connections hold none; send the request without it (an API key belongs in a secret setting)".into(),
+                ));
+            }
             if self.credential.is_none() {
                 let bearer = self.credentials.bearer(&self.connection_id);
                 self.credential = Some(self.bounded(bearer).await?);

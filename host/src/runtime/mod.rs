@@ -152,6 +152,16 @@ pub enum LoadError {
         /// What the component uses.
         found: String,
     },
+    /// An import does not match what the host provides.
+    #[error(
+        "{id} imports something the host does not provide in that shape (a WIT edited by hand, or a newer WASI than the host's?): {message}"
+    )]
+    Import {
+        /// Plugin id.
+        id: String,
+        /// wasmtime's explanation, naming the import.
+        message: String,
+    },
     /// A required export is missing or has the wrong type.
     #[error("{id} does not export the contract's connector interface correctly: {message}")]
     MissingExport {
@@ -587,12 +597,22 @@ impl Runtime {
                 actual,
             });
         }
-        let policy = HttpPolicy::new(&manifest.allowed_hosts, overrides).map_err(|message| {
-            LoadError::Policy {
+        let policy = HttpPolicy::new(&manifest.allowed_hosts, overrides)
+            .map_err(|message| LoadError::Policy {
                 id: id.clone(),
                 message,
-            }
-        })?;
+            })?
+            .with_oauth(manifest.oauth.is_some());
+        // A core module (a build for wasm32-wasip1 or -unknown-unknown) has
+        // the same magic as a component but layer 0 and version 1; wasmtime's
+        // own words for it ("failed to parse WebAssembly module") do not say
+        // what to do.
+        if bytes.get(0..8) == Some(b"\0asm\x01\0\0\0") {
+            return Err(LoadError::Invalid {
+                id,
+                message: "this is a core WebAssembly module, not a component: build the connector for the wasm32-wasip2 target (`cargo build --target wasm32-wasip2 --release`)".into(),
+            });
+        }
         let (component, from_cache) = cache::load_component(
             &self.engine,
             self.config.cache_dir.as_deref(),
@@ -601,7 +621,7 @@ impl Runtime {
         )
         .map_err(|e| LoadError::Invalid {
             id: id.clone(),
-            message: e.to_string(),
+            message: format!("{e:#}"),
         })?;
         if from_cache {
             self.stats.deserialized.fetch_add(1, Ordering::Relaxed);
@@ -609,10 +629,13 @@ impl Runtime {
             self.stats.compiled.fetch_add(1, Ordering::Relaxed);
         }
         check_component(&self.engine, &component, &manifest)?;
+        // Linking fails on an import: one the contract names but with
+        // another signature (a locally edited WIT), or a WASI version newer
+        // than the host's.
         let instance_pre =
             self.linker
                 .instantiate_pre(&component)
-                .map_err(|e| LoadError::MissingExport {
+                .map_err(|e| LoadError::Import {
                     id: id.clone(),
                     message: format!("{e:#}"),
                 })?;
