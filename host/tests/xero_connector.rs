@@ -326,6 +326,54 @@ async fn a_retry_is_exactly_once_even_after_the_idempotency_window_with_empty_kv
     assert_eq!(e.sim.counters().duplicates, 0);
 }
 
+/// Quotes and backslashes in a supplier's name, supplier id and document
+/// number reach Xero's `where` clauses written the way Xero reads them
+/// (Dynamic LINQ: a quote doubled, a backslash as is). Written with
+/// backslash escapes, as before, Xero answers 400 "Syntax error": the
+/// contact look-up failed and the document was rejected.
+#[tokio::test]
+async fn quotes_in_names_and_numbers_are_found_again_exactly_once() {
+    let e = env().await;
+    let mut doc = sample("invoice.json");
+    doc.supplier.name = r#"Globe "EOR" Services \ Ltd"#.into();
+    doc.supplier.id = r#"eor-"platform"\1"#.into();
+    doc.number = r#"INV-"7"\2026"#.into();
+    let first = e.deliver("dlv-quotes", doc.clone()).await.unwrap();
+    // Again after the idempotency window, with the kv cache gone: every
+    // look-up by name, supplier id and number must find what exists.
+    e.kv.clear("conn-xero");
+    e.sim.advance_secs(7 * 60);
+    let again = e.deliver("dlv-quotes", doc).await.unwrap();
+    assert_eq!(first.external_id, again.external_id);
+    let docs = e.docs();
+    assert_eq!(docs.invoices.len(), 1, "exactly one bill");
+    assert_eq!(docs.invoices[0]["InvoiceNumber"], r#"INV-"7"\2026"#);
+    assert_eq!(docs.contacts.len(), 1, "the contact was found again");
+    assert_eq!(docs.contacts[0]["Name"], r#"Globe "EOR" Services \ Ltd"#);
+    assert_eq!(e.sim.counters().duplicates, 0);
+}
+
+/// Xero wants a due date on an approved bill: an invoice without one is
+/// sent due on its issue date, and the receipt says so.
+#[tokio::test]
+async fn an_invoice_without_a_due_date_is_due_on_its_issue_date() {
+    let e = env().await;
+    let mut doc = sample("invoice.json");
+    doc.due_date = None;
+    let r = e.deliver("dlv-no-due", doc.clone()).await.unwrap();
+    let bill = &e.docs().invoices[0];
+    assert_eq!(
+        bill["DueDateString"].as_str().map(|d| &d[..10]),
+        Some(doc.issue_date.as_str()),
+        "{bill}"
+    );
+    assert!(
+        r.notes.iter().any(|n| n.contains("no due date")),
+        "{:?}",
+        r.notes
+    );
+}
+
 #[tokio::test]
 async fn unmapped_kinds_are_all_named_before_anything_is_written() {
     let e = env().await;
@@ -487,10 +535,26 @@ async fn credit_notes_are_allocated_fully_partially_or_explained() {
         "{:?}",
         r.notes
     );
-    // Retrying the credit note does not allocate twice.
-    e.deliver("dlv-cn-1", sample("credit-note.json"))
+    // Retrying the credit note does not allocate twice, and does not claim
+    // that the (fully allocated, so PAID) credit note was left unallocated.
+    let again = e
+        .deliver("dlv-cn-1", sample("credit-note.json"))
         .await
         .unwrap();
+    assert!(
+        !again.notes.iter().any(|n| n.contains("not allocated")),
+        "{:?}",
+        again.notes
+    );
+    // Xero's credit notes carry no Url (our marker): the retry found it by
+    // number, supplier and total, and says it cannot tell whose it was.
+    assert!(e.docs().credit_notes[0].get("Url").is_none());
+    assert_eq!(e.docs().credit_notes.len(), 1);
+    assert!(
+        again.notes.iter().any(|n| n.contains("earlier attempt")),
+        "{:?}",
+        again.notes
+    );
     assert_eq!(num(&e.docs().invoices[0]["AmountDue"]), "9330.49");
     assert_eq!(e.docs().allocations.len(), 1);
 
@@ -534,6 +598,26 @@ async fn credit_notes_are_allocated_fully_partially_or_explained() {
         r.notes
     );
     assert_eq!(e.docs().credit_notes.len(), 4);
+
+    // Xero refuses the allocation (here: a USD credit note for a EUR
+    // bill) after the credit note was created: delivered, with a note
+    // quoting Xero, not a rejection (which left a credit note in Xero that
+    // the log said was not sent, refused again on every retry).
+    let mut bill = sample("invoice.json");
+    bill.number = "INV-2026-0050".into();
+    e.deliver("dlv-inv-50", bill).await.unwrap();
+    let mut usd = credit("CN-2026-0011", "INV-2026-0050", "10.00");
+    usd.currency = "USD".into();
+    let r = e.deliver("dlv-cn-5", usd).await.unwrap();
+    assert!(
+        r.notes.iter().any(
+            |n| n.contains("could not be allocated to bill INV-2026-0050")
+                && n.contains("same currency")
+        ),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!(e.docs().credit_notes.len(), 5);
     assert_eq!(e.sim.counters().duplicates, 0);
     e.save_requests("credit-notes");
 }
@@ -707,6 +791,12 @@ async fn list_accounts_offers_active_bill_accounts_and_tax_rates_and_check_names
     );
     assert!(!codes.contains(&"499"), "archived accounts are not offered");
     assert!(!codes.contains(&"200"), "revenue accounts are not offered");
+    for system in ["610", "800", "820", "840"] {
+        assert!(
+            !codes.contains(&system),
+            "system account {system} is offered: {codes:?}"
+        );
+    }
     let salaries = list.accounts.iter().find(|a| a.code == "477").unwrap();
     assert_eq!(salaries.name, "Salaries");
     assert_eq!(salaries.account_type, "EXPENSE");

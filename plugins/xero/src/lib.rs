@@ -70,6 +70,12 @@ impl Connector for Xero {
             if !BILL_ACCOUNT_TYPES.contains(&ty.as_str()) || s(a, "Status") != "ACTIVE" {
                 continue;
             }
+            // System accounts (Accounts Receivable and Payable, the tax
+            // control account, historical adjustment...) are kept by Xero
+            // itself: no bill line belongs on them.
+            if !s(a, "SystemAccount").is_empty() {
+                continue;
+            }
             let code = s(a, "Code");
             if code.is_empty() {
                 continue;
@@ -140,8 +146,14 @@ impl Connector for Xero {
         let (created, fresh) = match find_existing(&api, which, &doc, &contact_id, &delivery)? {
             Some((id, ours)) => {
                 if !ours {
+                    // A credit note has no Url in Xero to carry our marker,
+                    // so ours and one keyed in by hand look the same.
+                    let whence = match which {
+                        Which::Bill => "",
+                        Which::Credit => " (from an earlier attempt, or entered there by hand)",
+                    };
                     notes.push(format!(
-                        "{} {} from this supplier with the same total was already in Xero; it was kept and not created again",
+                        "{} {} from this supplier with the same total was already in Xero{whence}; it was kept and not created again",
                         which.noun(),
                         doc.number
                     ));
@@ -162,20 +174,49 @@ impl Connector for Xero {
         if id.is_empty() {
             return Err(errors::transient("Xero's answer had no document id"));
         }
+        if fresh && which == Which::Bill && doc.due_date.is_none() {
+            notes.push(format!(
+                "the document has no due date, so the bill is due on its issue date ({}) in Xero",
+                doc.issue_date
+            ));
+        }
+        // From here on the document is in Xero. A refusal of what follows
+        // (an attachment Xero will not take, an allocation it refuses)
+        // becomes a note on the receipt: failing the delivery would leave
+        // a document in Xero that the delivery log says was not sent, and
+        // every retry would be refused the same way. Passing troubles
+        // (5xx, 429, a lost token) still fail the attempt: the retry finds
+        // the document and finishes the job.
         if let Some(pdf) = &doc.pdf {
             match pdf {
                 Pdf::Bytes(bytes) => {
-                    attach_pdf(&api, which, &id, &doc.number, bytes, &delivery, fresh)?
+                    if let Err(e) =
+                        attach_pdf(&api, which, &id, &doc.number, bytes, &delivery, fresh)
+                    {
+                        notes.push(after_creation(e, || {
+                            format!(
+                                "the PDF could not be attached to the {} in Xero",
+                                which.noun()
+                            )
+                        })?);
+                    }
                 }
                 Pdf::Reference(url) => notes.push(format!(
                     "the PDF is served by the platform ({url}) and was not attached in Xero"
                 )),
             }
         }
-        if which == Which::Credit
-            && let Some(note) = allocate(&api, &created, &doc, &contact_id)?
-        {
-            notes.push(note);
+        if which == Which::Credit {
+            match allocate(&api, &created, &doc, &contact_id) {
+                Ok(Some(note)) => notes.push(note),
+                Ok(None) => {}
+                Err(e) => notes.push(after_creation(e, || {
+                    format!(
+                        "the credit note is in Xero but could not be allocated to bill {}; allocate it in Xero",
+                        doc.credits_invoice_number.as_deref().unwrap_or_default()
+                    )
+                })?),
+            }
         }
         Ok(Receipt {
             external_id: id.clone(),
@@ -393,7 +434,9 @@ fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> 
     Ok(id)
 }
 
-/// Our marker in the document's Url, so a retry recognises its own work.
+/// Our marker in the document's Url, so a retry recognises its own work
+/// (bills only: Xero's credit notes have no Url, and one sent is ignored;
+/// a credit note is recognised by number, supplier and total).
 fn marker(delivery: &Delivery) -> String {
     format!("ledgerport={}", xero::encode(&delivery.key))
 }
@@ -477,7 +520,9 @@ struct DocumentBody<'a> {
     due_date: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reference: Option<&'a str>,
-    url: &'a str,
+    /// Bills only: Xero's CreditNote has no Url.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
 }
 
 #[derive(serde::Serialize)]
@@ -543,9 +588,12 @@ fn create(
         line_items,
         invoice_number: (which == Which::Bill).then_some(number),
         credit_note_number: (which == Which::Credit).then_some(number),
-        due_date: doc.due_date.as_deref().filter(|_| which == Which::Bill),
+        // Xero wants a due date on an approved bill: a document without
+        // one is due on its issue date (and the receipt says so).
+        due_date: (which == Which::Bill)
+            .then(|| doc.due_date.as_deref().unwrap_or(&doc.issue_date)),
         reference: (which == Which::Credit).then_some(reference),
-        url: &url,
+        url: (which == Which::Bill).then_some(url.as_str()),
     };
     let unitdp4 = lines.iter().any(|l| l.unit_amount.scale() > 2);
     let path = format!(
@@ -638,6 +686,30 @@ fn explain_rejection(
     DeliveryError::Rejected(out)
 }
 
+/// What to do with an error after the document was created: a refusal
+/// becomes a note (`what`, then Xero's reasons); anything else still
+/// fails the attempt.
+fn after_creation(
+    e: DeliveryError,
+    what: impl FnOnce() -> String,
+) -> Result<String, DeliveryError> {
+    match e {
+        DeliveryError::Rejected(fields) => {
+            let why: Vec<String> = fields
+                .iter()
+                .map(|f| match &f.provider_message {
+                    Some(p) if !p.is_empty() && !f.message.contains(p.as_str()) => {
+                        format!("{} (Xero: {p})", f.message)
+                    }
+                    _ => f.message.clone(),
+                })
+                .collect();
+            Ok(format!("{}: {}", what(), why.join("; ")))
+        }
+        other => Err(other),
+    }
+}
+
 /// Attach the PDF unless it is already there. A bill this call created
 /// (`fresh`) has no attachments, so the look-up is skipped: one request
 /// less per document against the organisation's 60 a minute. A retry finds
@@ -685,6 +757,11 @@ fn allocate(
     let credit_id = s(credit, "CreditNoteID");
     // Read it again: allocations already made (on an earlier attempt) show here.
     let credit = api.get_one(Which::Credit, &credit_id)?;
+    // PAID: fully allocated already (by an earlier attempt of this delivery,
+    // or by someone in Xero): nothing left to do, and nothing to explain.
+    if s(&credit, "Status") == "PAID" {
+        return Ok(None);
+    }
     if s(&credit, "Status") != "AUTHORISED" {
         return Ok(Some(format!(
             "the credit note is {} in Xero, so it was not allocated to bill {invoice_number}; allocate it in Xero once approved",

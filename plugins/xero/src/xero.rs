@@ -78,9 +78,11 @@ pub fn encode(s: &str) -> String {
     http::encode(s)
 }
 
-/// Escape a value inside a `where` string literal.
+/// Escape a value inside a double-quoted `where` string literal. Xero's
+/// `where` is .NET Dynamic LINQ: a quote is written twice and a backslash
+/// is an ordinary character (`\"` is a syntax error there).
 pub fn quote(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+    s.replace('"', "\"\"")
 }
 
 /// A client bound to the connection's Xero organisation.

@@ -32,20 +32,33 @@ fn lex(s: &str) -> Result<Vec<Tok>, String> {
         if ch.is_whitespace() {
             i += 1;
         } else if ch == '"' || ch == '\'' {
+            // Xero's `where` is .NET Dynamic LINQ: inside a literal the
+            // delimiter is written twice (`"a ""b"" c"`) and a backslash is
+            // an ordinary character, so `\"` ends the literal (Xero then
+            // answers "Syntax error"); a single-quoted literal is one
+            // character.
             let q = ch;
             i += 1;
             let mut v = String::new();
-            while i < c.len() && c[i] != q {
-                if c[i] == '\\' && i + 1 < c.len() {
+            loop {
+                if i >= c.len() {
+                    return Err("Unterminated string literal".into());
+                }
+                if c[i] == q {
+                    if c.get(i + 1) == Some(&q) {
+                        v.push(q);
+                        i += 2;
+                        continue;
+                    }
                     i += 1;
+                    break;
                 }
                 v.push(c[i]);
                 i += 1;
             }
-            if i >= c.len() {
-                return Err("unterminated string".into());
+            if q == '\'' && v.chars().count() != 1 {
+                return Err("Character literal must contain exactly one character".into());
             }
-            i += 1;
             out.push(Tok::Str(v));
         } else if ch.is_ascii_digit()
             || (ch == '-' && c.get(i + 1).is_some_and(char::is_ascii_digit))
@@ -491,6 +504,21 @@ mod tests {
         assert!(parse_where("Status==").is_err());
         assert!(parse_where(r#"Status=="x"#).is_err());
         assert!(parse_where("(((").is_err());
+    }
+
+    /// Literals as Dynamic LINQ reads them: a doubled quote is a quote, a
+    /// backslash is itself, and `\"` ends the literal (so what follows is
+    /// a syntax error, as Xero answers).
+    #[test]
+    fn string_literals_double_their_quotes() {
+        let v = json!({"Name":"Globe \"EOR\" Ltd","Path":"a\\b"});
+        let t = |s: &str| eval(&parse_where(s).unwrap(), &v);
+        assert!(t(r#"Name=="Globe ""EOR"" Ltd""#));
+        assert!(t(r#"Path=="a\b""#));
+        assert!(!t(r#"Path=="a\\b""#));
+        assert!(parse_where(r#"Name=="Globe \"EOR\" Ltd""#).is_err());
+        assert!(parse_where(r#"Name=="Globe"#).is_err());
+        assert!(parse_where("Name=='ab'").is_err());
     }
 
     #[test]
