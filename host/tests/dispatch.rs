@@ -211,6 +211,67 @@ async fn a_credit_note_behind_a_paused_invoice_waits_quietly() {
     p.stop().await;
 }
 
+/// Xero's 429 with a long Retry-After (its daily limit) holds the whole
+/// connection, on every daemon (through the shared rate window): the
+/// connection's other documents wait instead of each calling Xero and
+/// being refused in turn (or, once the forced 429 was spent here, sent
+/// while Xero had asked for an hour's pause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_429_holds_the_whole_connection() {
+    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    p.tenant("acme", DEFAULT_TENANT_TRADING).await;
+    p.sim.set_faults(FaultConfig {
+        rules: vec![FaultRule {
+            route: Some("/api.xro".into()),
+            force_429: 1,
+            force_429_kind: xero_sim::RateProblem::Daily,
+            retry_after_secs: 3600,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let (s, _) = p.post(&invoice("acme", 1)).await;
+    assert_eq!(s, 202);
+    let store = &p.d().store;
+    let started = Instant::now();
+    while p.sim.counters().rate_limited.values().sum::<u64>() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no 429 was answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let api_calls = |p: &Pipeline| {
+        p.sim
+            .requests(0)
+            .iter()
+            .filter(|r| r.uri.starts_with("/api.xro"))
+            .count()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls_at_429 = api_calls(&p);
+    for n in 2..=5 {
+        let (s, _) = p.post(&invoice("acme", n)).await;
+        assert_eq!(s, 202);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        api_calls(&p),
+        calls_at_429,
+        "Xero was called during its pause"
+    );
+    assert!(
+        p.sim
+            .documents(DEFAULT_TENANT_TRADING)
+            .unwrap()
+            .invoices
+            .is_empty()
+    );
+    let counts = store.tenant_delivery_counts("acme").await.unwrap();
+    assert_eq!(counts, vec![("pending".to_string(), 5)], "{counts:?}");
+    p.stop().await;
+}
+
 async fn pause_and_resume(db: TestDb) {
     // Notices are grouped for 3 s rather than the tests' usual 300 ms: the
     // two invoices below must pause inside one grouping window, and on a

@@ -1347,6 +1347,64 @@ both!(
     paused_deliveries_are_paged
 );
 
+/// A provider's pause fills the connection's shared rate window up to its
+/// end: the gate answers "wait until then" (on any daemon), then lets
+/// requests through again; a second hold adds only what is missing.
+async fn a_hold_fills_the_rate_window_until_its_end(db: TestDb) {
+    let s = db.store().await;
+    let (limit, window) = (60, 60_000);
+    s.hold_rate_window("conn-1", limit, window, 1_000_000)
+        .await
+        .unwrap();
+    s.hold_rate_window("conn-1", limit, window, 1_000_000)
+        .await
+        .unwrap();
+    let (n,): (i64,) = match s.pool() {
+        ledgerport::store::Pool::Sqlite(p) => {
+            sqlx::query_as("SELECT COUNT(*) FROM rate_log")
+                .fetch_one(p)
+                .await
+        }
+        ledgerport::store::Pool::Postgres(p) => {
+            sqlx::query_as("SELECT COUNT(*) FROM rate_log")
+                .fetch_one(p)
+                .await
+        }
+    }
+    .unwrap();
+    assert_eq!(n, limit, "the second hold added nothing");
+    assert_eq!(
+        s.take_rate_slot("conn-1", limit, window, 10_000)
+            .await
+            .unwrap(),
+        Err(990_001)
+    );
+    assert_eq!(
+        s.take_rate_slot("conn-1", limit, window, 999_999)
+            .await
+            .unwrap(),
+        Err(2)
+    );
+    assert_eq!(
+        s.take_rate_slot("conn-1", limit, window, 1_000_000)
+            .await
+            .unwrap(),
+        Ok(())
+    );
+    // Another connection is not held.
+    assert_eq!(
+        s.take_rate_slot("conn-2", limit, window, 10_000)
+            .await
+            .unwrap(),
+        Ok(())
+    );
+}
+both!(
+    rate_hold_sqlite,
+    rate_hold_postgres,
+    a_hold_fills_the_rate_window_until_its_end
+);
+
 async fn exec(store: &Store, sql: &str) {
     match store.pool() {
         ledgerport::store::Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),

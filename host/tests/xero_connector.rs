@@ -680,6 +680,27 @@ async fn provider_answers_map_to_outcomes() {
     };
     assert_eq!(rl.retry_after_seconds, 42);
     assert!(!rl.limit.is_empty());
+    // Xero's concurrent limit comes without Retry-After: a moment's wait,
+    // not the minute assumed for the others.
+    e.sim.set_faults(FaultConfig {
+        rules: vec![FaultRule {
+            force_429: 1,
+            force_429_kind: xero_sim::RateProblem::Concurrent,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let err = e
+        .deliver("d429c", sample("invoice.json"))
+        .await
+        .unwrap_err();
+    let DeliveryError::RateLimited(rl) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        (rl.retry_after_seconds, rl.limit.as_str()),
+        (2, "concurrent")
+    );
 
     // 500 and 503: transient.
     for (r500, r503) in [(1.0, 0.0), (0.0, 1.0)] {

@@ -937,6 +937,36 @@ impl Store {
         )
     }
 
+    /// Fill a connection's sliding window until `until`: `limit` slots
+    /// taken at `until - window_ms`, so [`Store::take_rate_slot`] answers
+    /// "wait" on every daemon until `until` (the provider asked for that
+    /// pause). At most 100,000 slots.
+    pub async fn hold_rate_window(
+        &self,
+        connection_id: &str,
+        limit: i64,
+        window_ms: i64,
+        until: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            if matches!(self.kind(), StoreKind::Postgres) {
+                sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(RATE_LOCK_SPACE).bind(connection_id).execute(&mut *tx).await?;
+            }
+            let at = until.saturating_sub(window_ms);
+            // Slots already held that late are counted: only the rest is added.
+            let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rate_log WHERE connection_id = $1 AND at >= $2")
+                .bind(connection_id).bind(at).fetch_one(&mut *tx).await?;
+            let add = limit.clamp(1, 100_000) - held;
+            if add > 0 {
+                sqlx::query("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $3) INSERT INTO rate_log (connection_id, at) SELECT $1, $2 FROM n")
+                    .bind(connection_id).bind(at).bind(add).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
     /// Take one request slot of a connection's sliding window (`limit`
     /// requests per `window_ms`), shared by every daemon on this database.
     /// Ok(()) when taken; Err(ms) to wait before trying again.

@@ -249,16 +249,19 @@ pub fn classify(resp: &Response) -> DeliveryError {
         }
         404 => errors::transient(format!("Xero answered 404 Not Found: {}", snippet(&text))),
         429 => {
-            let secs = resp
-                .header("retry-after")
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .unwrap_or(60);
             let limit = resp
                 .header("x-rate-limit-problem")
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
                 .unwrap_or("unknown")
                 .to_string();
+            // Xero sends no Retry-After with its concurrent limit (5 calls
+            // at once): one finishing is a matter of moments, not a minute.
+            let fallback = if limit == "concurrent" { 2 } else { 60 };
+            let secs = resp
+                .header("retry-after")
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(fallback);
             errors::rate_limited(secs, limit)
         }
         503 => errors::transient(format!("Xero is unavailable (503): {}", snippet(&text))),
