@@ -32,6 +32,10 @@ use tracing::Instrument;
 /// credits while that invoice is paused (for a mapping or a reconnect).
 const WAIT_BEHIND_PAUSED_MS: i64 = 60_000;
 
+/// How long a delivery for a connector this daemon does not have waits
+/// before any daemon claims it again.
+const NOT_INSTALLED_WAIT_MS: i64 = 60_000;
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -595,8 +599,12 @@ impl Dispatcher {
                 }
             })
         };
+        // Stopped however `work` ends, even if it unwinds or is dropped: a
+        // renewal left running would hold the lease for the life of the
+        // process.
+        let renew = AbortOnDrop(renew);
         let f = self.attempt(&c, slot, ahead).await;
-        renew.abort();
+        drop(renew);
         let now = now_ms();
         {
             {
@@ -683,13 +691,26 @@ impl Dispatcher {
             external_url: None,
         };
         let Some(plugin) = self.plugins.get(&c.connector_id).cloned() else {
-            return fail(
-                "rejected",
-                format!(
-                    "the connector {:?} is not installed on this daemon",
-                    c.connector_id
-                ),
-            );
+            // The operator's matter, not the document's: during a rolling
+            // upgrade another daemon may have the connector. Failing it
+            // told the customer their system refused the document.
+            tracing::warn!(delivery = %c.id, connector = %c.connector_id, "the connector is not installed on this daemon; the delivery waits for one that has it");
+            crate::metrics::delivery("waiting");
+            return Finish {
+                state: state::PENDING,
+                pause_reason: None,
+                pause_detail: None,
+                counts: false,
+                next_attempt_at: now + NOT_INSTALLED_WAIT_MS,
+                outcome: "not-installed".into(),
+                message: Some(format!(
+                    "the connector {:?} is not installed on daemon {}; waiting for a daemon that has it",
+                    c.connector_id, self.config.worker_id
+                )),
+                details: None,
+                external_id: None,
+                external_url: None,
+            };
         };
         // A credit note waits for the invoice it credits on this connection.
         if c.document_kind == "credit-note"
@@ -1097,5 +1118,14 @@ impl Dispatcher {
                 )
             }
         }
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

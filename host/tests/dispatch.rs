@@ -272,6 +272,70 @@ async fn a_provider_429_holds_the_whole_connection() {
     p.stop().await;
 }
 
+/// A delivery for a connector this daemon does not have (another daemon
+/// may, during a rolling upgrade) waits for one that has it instead of
+/// failing: failing told the customer their system refused the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_for_a_connector_not_installed_here_waits() {
+    use ledgerport::store::{NewConnection, Organisation};
+    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    let store = &p.d().store;
+    let now = chrono::Utc::now().timestamp();
+    store
+        .upsert_tenant("ghostly", "Ghostly", &["ap@ghostly.example".into()], now)
+        .await
+        .unwrap();
+    store
+        .finish_connect(
+            &p.key_ring(),
+            &NewConnection {
+                tenant_id: "ghostly".into(),
+                connector_id: "ghost".into(),
+                admin: "alice".into(),
+                scopes: vec![],
+                organisation: Organisation {
+                    tenant_id: "org-ghost".into(),
+                    name: "Ghost Books".into(),
+                    connection_id: None,
+                },
+                auth_event_id: None,
+                tokens: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let (s, body) = p.post(&invoice("ghostly", 1)).await;
+    assert_eq!(s, 202, "{body}");
+    let started = Instant::now();
+    let row = loop {
+        let rows = store
+            .list_deliveries(Some("ghostly"), None, None, 10)
+            .await
+            .unwrap();
+        if let Some(r) = rows.into_iter().find(|r| r.last_error.is_some()) {
+            break r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the delivery was never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(row.state, "pending", "{row:?}");
+    assert_eq!(row.attempts, 0, "{row:?}");
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not installed"),
+        "{row:?}"
+    );
+    assert!(row.next_attempt_at > chrono::Utc::now().timestamp_millis() + 30_000);
+    assert!(p.smtp.mails().is_empty());
+    p.stop().await;
+}
+
 async fn pause_and_resume(db: TestDb) {
     // Notices are grouped for 3 s rather than the tests' usual 300 ms: the
     // two invoices below must pause inside one grouping window, and on a
