@@ -466,6 +466,21 @@ async fn archived_account_and_disabled_currency_are_rejected_in_plain_words() {
     assert_eq!(e0.field, "lines[5].kind");
     assert!(e0.provider_message.as_deref().unwrap().contains("archived"));
     assert!(e.docs().invoices.is_empty());
+    // The admin maps another account and retries at once: delivered (the
+    // create's idempotency key used to be the same for the new request,
+    // and Xero refuses a key reused with another body for minutes).
+    e.mappings.set(
+        &scope,
+        AccountMapping {
+            kind: "management-fee".into(),
+            account_code: "429".into(),
+            tax_type: Some("INPUT2".into()),
+        },
+    );
+    e.deliver("dlv-arch", sample("invoice.json"))
+        .await
+        .expect("delivered after the fix");
+    assert_eq!(e.docs().invoices.len(), 1);
 
     let e = env().await;
     let mut doc = sample("invoice.json");

@@ -611,9 +611,16 @@ fn create(
             credit_notes: Some([body]),
         },
     };
-    let key = format!("{}-create", delivery.key);
+    let body = serde_json::to_vec(&envelope)
+        .map_err(|e| errors::transient(format!("the request could not be written: {e}")))?;
+    // The key names the request, not only the delivery: Xero answers a key
+    // reused with another body with 400 for minutes (and replays a refusal
+    // for the same one), so a retry after the admin fixed a mapping would
+    // be refused for what was wrong before. The look-up above already
+    // found anything an earlier attempt created.
+    let key = format!("{}-create-{:016x}", delivery.key, xero::digest(&body));
     let answer = api
-        .put_json(&path, &envelope, Some(&key))
+        .put_bytes(&path, body, "application/json", &key)
         .map_err(|e| explain_rejection(e, lines, mappings))?;
     items(&answer, which.collection())
         .into_iter()

@@ -180,6 +180,14 @@ impl Api {
     }
 }
 
+/// A stable 64-bit digest of a request body (FNV-1a): the same bytes give
+/// the same digest in every build and on every machine.
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Xero accepts idempotency keys up to 128 characters: keep the last 128
 /// bytes at most, starting on a character boundary (a key is any string).
 fn idempotency_key(k: &str) -> String {
