@@ -594,6 +594,14 @@ async fn plugin_check(manifest: PathBuf, json: bool) -> ExitCode {
                     info["version"].as_str().unwrap_or_default(),
                     m.document_kinds.join(", ")
                 );
+                println!(
+                    "  signature      {}",
+                    if m.signature.is_some() {
+                        "signed (checked by a daemon with trusted_keys)"
+                    } else {
+                        "unsigned: a daemon with trusted_keys refuses it"
+                    }
+                );
                 println!("ok: the host will load this plugin");
             }
             ExitCode::SUCCESS

@@ -15,6 +15,15 @@ pub fn install(source_manifest: &Path, component: &Path, dir: &Path) -> anyhow::
     let mut table: toml::Table = text
         .parse()
         .with_context(|| format!("{} is not valid TOML", source_manifest.display()))?;
+    // A mistake in the author's own file is reported against it, with its
+    // line numbers (the check below reads the rewritten copy). Only the
+    // keys install fills in may be missing here.
+    if let Err(e) = toml::from_str::<Manifest>(&text) {
+        let message = e.to_string();
+        if !message.contains("missing field `component`") {
+            bail!("manifest {}: {message}", source_manifest.display());
+        }
+    }
     let bytes = std::fs::read(component)
         .with_context(|| format!("reading component {}", component.display()))?;
     if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {

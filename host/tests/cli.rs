@@ -127,6 +127,12 @@ fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
         .unwrap();
     let o = plugin_install(&src, &wasm, dir.path());
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // "will load" holds only for daemons without a trust list: said so.
+    assert!(
+        text(&o).contains("unsigned: a daemon with trusted_keys refuses it"),
+        "{}",
+        text(&o)
+    );
     assert!(!stale.exists() && fresh.exists());
     std::fs::remove_dir_all(&fresh).unwrap();
     let installed = dir.path().join("minimal/manifest.toml");
@@ -156,6 +162,26 @@ fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
         text(&o).contains("document_kinds") && text(&o).contains("not installed"),
         "{}",
         text(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), before);
+    // A mistake in the author's file is reported against that file and
+    // its line (it used to name "<text>", a rewritten copy's line).
+    let typo = dir.path().join("typo-manifest.toml");
+    let source = std::fs::read_to_string(&src).unwrap();
+    let lines: Vec<&str> = source.lines().collect();
+    let at = lines.iter().position(|l| l.starts_with("version")).unwrap();
+    let mut edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    edited.insert(at, "verison = \"0.1.0\"".into());
+    std::fs::write(&typo, edited.join("\n")).unwrap();
+    let o = plugin_install(&typo, &wasm, dir.path());
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("typo-manifest.toml")
+            && t.contains(&format!("line {}", at + 1))
+            && t.contains("verison")
+            && !t.contains("<text>"),
+        "{t}"
     );
     assert_eq!(std::fs::read_to_string(&installed).unwrap(), before);
     let left: Vec<_> = std::fs::read_dir(dir.path())
