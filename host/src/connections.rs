@@ -40,6 +40,15 @@ pub use settings::{SettingError, SettingView};
 
 /// How long a connect `state` is accepted.
 pub const STATE_TTL_SECS: i64 = 600;
+
+/// How a `state` bound to the browser that started it begins.
+pub const BOUND_STATE_PREFIX: &str = "b.";
+
+/// The name of the cookie that holds a bound `state` (one per sign-in, so
+/// two started in one browser do not displace each other).
+pub fn flow_cookie_name(state: &str) -> String {
+    format!("lp_oauth_{}", &sha256_hex(state)[..12])
+}
 /// How long an organisation pick is accepted.
 pub const PICK_TTL_SECS: i64 = 900;
 /// Access-token lifetime assumed when the provider does not say.
@@ -425,6 +434,35 @@ impl Connections {
         connector_id: &str,
         admin: &str,
     ) -> Result<url::Url, ConnectError> {
+        Ok(self
+            .start_connect(tenant_id, connector_id, admin, false)
+            .await?
+            .0)
+    }
+
+    /// [`Connections::begin_connect`] for the browser that asks (the
+    /// Integrations page): also the `state`, which the caller puts in a
+    /// cookie named [`flow_cookie_name`] for that browser. The callback
+    /// then completes only in a browser holding it: a link forwarded to
+    /// someone else (whose consent would connect *their* organisation to
+    /// this tenant) is refused.
+    pub async fn begin_connect_in_browser(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        admin: &str,
+    ) -> Result<(url::Url, String), ConnectError> {
+        self.start_connect(tenant_id, connector_id, admin, true)
+            .await
+    }
+
+    async fn start_connect(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+        admin: &str,
+        bound: bool,
+    ) -> Result<(url::Url, String), ConnectError> {
         if admin.trim().is_empty() {
             return Err(ConnectError::bad(
                 "admin",
@@ -443,7 +481,11 @@ impl Connections {
                 format!("{connector_id:?} has no OAuth provider configured"),
             )
         })?;
-        let state = random_token(32);
+        let state = if bound {
+            format!("{BOUND_STATE_PREFIX}{}", random_token(32))
+        } else {
+            random_token(32)
+        };
         let (url, verifier) = provider.authorize_url(&state);
         let now = self.clock.now_secs();
         self.store
@@ -458,14 +500,18 @@ impl Connections {
                 now + STATE_TTL_SECS,
             )
             .await?;
-        Ok(url)
+        Ok((url, state))
     }
 
     /// Handle the provider's redirect: check and use up the `state`,
     /// exchange the code, read the organisations the grant covers.
+    /// `flow_cookie`: the value of the browser's [`flow_cookie_name`]
+    /// cookie for this state, which a state from
+    /// [`Connections::begin_connect_in_browser`] requires.
     pub async fn complete_callback(
         &self,
         q: &CallbackQuery,
+        flow_cookie: Option<&str>,
     ) -> Result<CallbackOutcome, ConnectError> {
         // What the provider said, when it refused: shown even when the
         // state is also bad, so the admin learns why (access_denied, ...).
@@ -493,6 +539,14 @@ impl Connections {
             .ok_or_else(|| ConnectError::bad("state", also("is missing")))?;
         if state.len() > 512 {
             return Err(ConnectError::bad("state", also("is unknown")));
+        }
+        if state.starts_with(BOUND_STATE_PREFIX) && flow_cookie != Some(state) {
+            return Err(ConnectError::bad(
+                "state",
+                also(
+                    "belongs to a sign-in started in another browser: start connecting again from the Integrations page, in this browser",
+                ),
+            ));
         }
         let now = self.clock.now_secs();
         let record = self

@@ -24,6 +24,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// How often expired sign-in flows (OAuth states, organisation picks) are
+/// removed.
+const OAUTH_PURGE_EVERY: Duration = Duration::from_secs(600);
+
 /// Per-plugin operator settings.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -353,23 +357,64 @@ impl Daemon {
         let public = cfg.public_url(addr);
         let mut providers = Providers::new();
         let mut plugins: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        let mut loaded_from: BTreeMap<String, PathBuf> = BTreeMap::new();
         let dir = std::fs::read_dir(&cfg.plugin_dir)
             .with_context(|| format!("reading plugin_dir {}", cfg.plugin_dir.display()))?;
-        for entry in dir.flatten() {
-            let manifest = entry.path().join("manifest.toml");
+        let mut entries: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            let manifest = path.join("manifest.toml");
             if !manifest.exists() {
                 continue;
             }
-            let id = entry.file_name().to_string_lossy().to_string();
+            let id = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             let settings = cfg.plugins.get(&id).cloned().unwrap_or_default();
+            let parsed = crate::manifest::Manifest::from_file(&manifest)
+                .map_err(|e| anyhow::anyhow!("plugin {}: {e}", manifest.display()))?;
+            // Two folders with one id (a backup copy, say): which one ran
+            // would depend on the directory's order.
+            if let Some(first) = loaded_from.insert(parsed.id.clone(), path.clone()) {
+                anyhow::bail!(
+                    "plugin id {:?} is installed twice in plugin_dir: {} and {}; remove one",
+                    parsed.id,
+                    first.display(),
+                    path.display()
+                );
+            }
             // The runtime takes the overrides of the hosts the connector may
-            // call; OAuth takes all of them (login, identity, ...).
-            let allowed = crate::manifest::Manifest::from_file(&manifest)
-                .map(|m| m.allowed_hosts)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|h| crate::manifest::parse_origin(h).ok())
-                .collect::<Vec<_>>();
+            // call; OAuth takes all of them (login, identity, ...). Any
+            // other origin is a mistake (a typo would leave requests going
+            // to the real provider), refused naming the key.
+            let origins = |urls: &[&String]| {
+                urls.iter()
+                    .filter_map(|u| url::Url::parse(u).ok())
+                    .filter_map(|u| crate::manifest::origin_of(&u))
+                    .collect::<Vec<_>>()
+            };
+            let allowed = origins(&parsed.allowed_hosts.iter().collect::<Vec<_>>());
+            let oauth_origins = parsed
+                .oauth
+                .as_ref()
+                .map(|o| {
+                    let mut urls = vec![&o.authorize_url, &o.token_url];
+                    urls.extend(o.revoke_url.iter());
+                    urls.extend(o.connections_url.iter());
+                    origins(&urls)
+                })
+                .unwrap_or_default();
+            for from in settings.base_urls.keys() {
+                let known = crate::manifest::parse_origin(from)
+                    .is_ok_and(|o| allowed.contains(&o) || oauth_origins.contains(&o));
+                if !known {
+                    anyhow::bail!(
+                        "plugins.{id}.base_urls: {from:?} is neither a host the connector may call ({}) nor one of its OAuth endpoints",
+                        parsed.allowed_hosts.join(", ")
+                    );
+                }
+            }
             let runtime_overrides: BTreeMap<String, String> = settings
                 .base_urls
                 .iter()
@@ -401,6 +446,16 @@ impl Daemon {
             }
             tracing::info!(plugin = %id, from_cache = plugin.from_cache(), "plugin loaded");
             plugins.insert(plugin.manifest().id.clone(), Arc::new(plugin));
+        }
+        for id in cfg.plugins.keys() {
+            let installed = loaded_from.values().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy() == id.as_str())
+            });
+            if !installed {
+                tracing::warn!(plugin = %id, plugin_dir = %cfg.plugin_dir.display(),
+                    "[plugins.{id}] is configured but no such connector is installed; its settings are not used");
+            }
         }
         if plugins.is_empty() {
             tracing::warn!(plugin_dir = %cfg.plugin_dir.display(),
@@ -470,6 +525,31 @@ impl Daemon {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         _ = rx2.changed() => break,
+                    }
+                }
+            }));
+        }
+        // Housekeeping: sign-in flows that were never finished keep their
+        // PKCE verifier (states) or the grant's tokens (an organisation
+        // pick nobody made) only until they expire, not for ever.
+        {
+            let store4 = store.clone();
+            let mut rx4 = rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let now = chrono::Utc::now().timestamp();
+                    match store4.purge_oauth(now).await {
+                        Ok(n) if n > 0 => {
+                            tracing::info!(removed = n, "expired sign-in flows removed")
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "removing expired sign-in flows failed")
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(OAUTH_PURGE_EVERY) => {}
+                        _ = rx4.changed() => break,
                     }
                 }
             }));

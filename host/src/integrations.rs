@@ -1108,10 +1108,10 @@ async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -
     }
     match st
         .connections
-        .begin_connect(&s.tenant, connector, &s.admin)
+        .begin_connect_in_browser(&s.tenant, connector, &s.admin)
         .await
     {
-        Ok(url) => {
+        Ok((url, state)) => {
             let _ = st
                 .store
                 .audit(
@@ -1122,7 +1122,23 @@ async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -
                     chrono::Utc::now().timestamp(),
                 )
                 .await;
-            redirect(url.as_str())
+            // The state goes with this browser too: the callback completes
+            // only where the sign-in started.
+            let cookie = format!(
+                "{}={state}; HttpOnly; SameSite=Lax; Path=/oauth; Max-Age={}{}",
+                crate::connections::flow_cookie_name(&state),
+                crate::connections::STATE_TTL_SECS,
+                if st.public_url.starts_with("https:") {
+                    "; Secure"
+                } else {
+                    ""
+                }
+            );
+            let mut r = redirect(url.as_str());
+            if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
         }
         Err(e) => connect_refused(&e),
     }

@@ -229,8 +229,9 @@ enum PluginCommand {
         /// The built `.wasm` component.
         #[arg(long)]
         component: PathBuf,
-        /// The plugin directory.
-        #[arg(long, default_value = "plugins.d")]
+        /// The plugin directory (the default is the daemon's and `plugin
+        /// list`'s, so what is installed without `--dir` is what they load).
+        #[arg(long, default_value = "target/plugins")]
         dir: PathBuf,
     },
 }

@@ -254,6 +254,9 @@ impl Mailer {
 /// Mails one round sends at most.
 const MAILS_PER_ROUND: usize = 50;
 
+/// How long one round may go on claiming mails.
+const MAIL_ROUND: Duration = Duration::from_secs(15);
+
 /// How long a claimed mail is this daemon's to send (its SMTP exchange is
 /// bounded by 10 s a command): another daemon sends it only after that.
 const MAIL_LEASE_MS: i64 = 120_000;
@@ -308,7 +311,17 @@ pub async fn pump(
         }
     }
     let mut sent = 0;
+    let round = std::time::Instant::now();
     for _ in 0..MAILS_PER_ROUND {
+        // A round against a slow SMTP server ends early (the daemon's
+        // shutdown waits for it); the rest go in the next one.
+        if round.elapsed() > MAIL_ROUND {
+            break;
+        }
+        // The clock as the mail is claimed, not as the round began: a
+        // lease taken late in a long round must still run its length, and
+        // a failed send's next try is counted from its failure.
+        let now_ms = now_ms.max(crate::dispatch::now_ms());
         let Some(m) = store.claim_due_mail(now_ms, now_ms + MAIL_LEASE_MS).await? else {
             break;
         };

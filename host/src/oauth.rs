@@ -581,8 +581,24 @@ fn connected_page(c: &crate::store::Connection) -> Response {
     )
 }
 
-async fn callback(State(c): State<Arc<Connections>>, Query(q): Query<CallbackQuery>) -> Response {
-    match c.complete_callback(&q).await {
+async fn callback(
+    State(c): State<Arc<Connections>>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<CallbackQuery>,
+) -> Response {
+    let flow = q.state.as_deref().and_then(|state| {
+        let name = crate::connections::flow_cookie_name(state);
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|raw| raw.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| v.to_string())
+            })
+    });
+    match c.complete_callback(&q, flow.as_deref()).await {
         Ok(CallbackOutcome::Connected(conn)) => connected_page(&conn),
         Ok(CallbackOutcome::Pick { pick }) => {
             let loc = format!("/oauth/pick?{}", serde_urlencoded_pair("pick", &pick));

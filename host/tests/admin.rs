@@ -389,3 +389,47 @@ async fn a_port_in_use_fails_the_start_first_naming_listen() {
     assert!(e.contains("key `listen`") && e.contains(&port), "{e}");
     assert!(!path.exists(), "the database was opened first");
 }
+
+/// Plugin configuration the daemon cannot honour stops the start, named:
+/// a base URL for an origin the connector neither calls nor signs in with
+/// (a typo: it used to be dropped, and requests went to the real
+/// provider), and one connector id installed twice (a backup copy beside
+/// it: which one ran depended on the directory's order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_configuration_that_cannot_hold_stops_the_start() {
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("k");
+    std::fs::write(&key_file, ledgerport::crypto::generate_key()).unwrap();
+
+    let db = TestDb::sqlite();
+    let mut cfg = storage_support::daemon_config(db.url(), &sim, &key_file);
+    let xero = cfg.plugins.get_mut("xero").unwrap();
+    xero.base_urls
+        .insert("https://api.xero.co".into(), sim.base_url());
+    let Err(e) = Daemon::start(cfg, Clock::system(), None).await else {
+        panic!("started with a base URL for an origin nobody calls");
+    };
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("plugins.xero.base_urls") && e.contains("https://api.xero.co"),
+        "{e}"
+    );
+
+    let plugins = tempfile::tempdir().unwrap();
+    let installed = common::target_dir().join("plugins/xero");
+    for name in ["xero", "xero.bak"] {
+        std::os::unix::fs::symlink(&installed, plugins.path().join(name)).unwrap();
+    }
+    let db2 = TestDb::sqlite();
+    let mut cfg = storage_support::daemon_config(db2.url(), &sim, &key_file);
+    cfg.plugin_dir = plugins.path().to_path_buf();
+    let Err(e) = Daemon::start(cfg, Clock::system(), None).await else {
+        panic!("started with one connector id installed twice");
+    };
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("installed twice") && e.contains("xero.bak"),
+        "{e}"
+    );
+}

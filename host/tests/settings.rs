@@ -2042,3 +2042,77 @@ async fn the_page_signs_in_with_a_one_time_link_not_the_key() {
     assert_eq!(r.status().as_u16(), 401);
     env.d.stop().await;
 }
+
+/// Connecting from the page binds the sign-in to the browser that started
+/// it (a cookie holding the state): the consent link forwarded to someone
+/// else, whose consent would connect *their* organisation to this tenant,
+/// is refused when it comes back; the browser that started it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_started_on_the_page_completes_only_in_that_browser() {
+    let env = Env::start().await;
+    env.d
+        .store
+        .upsert_tenant("acme", "Acme Ltd", &[], 0)
+        .await
+        .unwrap();
+    env.sim.set_auto_approve(Some(vec![DEFAULT_TENANT_TRADING]));
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let r = b
+        .post(format!("{}/integrations/connect?connector=xero", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let set = r
+        .headers()
+        .get("set-cookie")
+        .expect("a flow cookie")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        set.starts_with("lp_oauth_") && set.contains("HttpOnly") && set.contains("Path=/oauth"),
+        "{set}"
+    );
+    let flow = set.split(';').next().unwrap().to_string();
+    let authorize = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    // Someone else's browser consents and comes back without the cookie.
+    let other = storage_support::browser();
+    let callback = storage_support::authorize(&other, &env.sim, &authorize, None).await;
+    let r = other.get(&callback).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("another browser"), "{body}");
+    assert!(
+        env.d
+            .store
+            .connection_for("acme", "xero")
+            .await
+            .unwrap()
+            .is_none(),
+        "connected from a forwarded link"
+    );
+    // A cookie for another sign-in does not do either.
+    let r = other
+        .get(&callback)
+        .header(
+            "cookie",
+            format!("{}=b.forged", flow.split('=').next().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // The browser that started it completes.
+    let r = b
+        .get(&callback)
+        .header("cookie", &flow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("id=\"connected\""), "{body}");
+}

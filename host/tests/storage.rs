@@ -214,6 +214,20 @@ async fn states_are_single_use_and_expire(db: TestDb) {
             .unwrap_err(),
         StateRefusal::Expired
     );
+    // The daemon's housekeeping removes expired states (their encrypted
+    // PKCE verifiers with them) and keeps live ones.
+    s.create_oauth_state(&k, "h3", "acme", "xero", "alice", Some(&v), 100, 5_000)
+        .await
+        .unwrap();
+    assert_eq!(s.purge_oauth(1_000).await.unwrap(), 2);
+    assert_eq!(
+        s.consume_oauth_state(&k, "h2", 800)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        StateRefusal::Unknown
+    );
+    assert!(s.consume_oauth_state(&k, "h3", 800).await.unwrap().is_ok());
 }
 both!(
     states_sqlite,

@@ -414,6 +414,19 @@ async fn an_existing_supplier_contact_is_reused_and_a_name_clash_is_handled() {
         docs.contacts[0]["ContactID"]
     );
 
+    // Typed in with other capitals: the same name to Xero (names are unique
+    // whatever their case), though its `==` compares exactly: adopted,
+    // not refused as "already assigned".
+    let e = env().await;
+    sim_put_contact(&e, serde_json::json!({"Name": "GLOBE EOR SERVICES LTD"})).await;
+    e.deliver("dlv-c3", sample("invoice.json")).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.contacts.len(), 1, "{:?}", docs.contacts);
+    assert_eq!(
+        docs.invoices[0]["Contact"]["ContactID"],
+        docs.contacts[0]["ContactID"]
+    );
+
     // An unrelated contact already has the name: ours gets a distinct name.
     let e = env().await;
     sim_put_contact(

@@ -370,9 +370,15 @@ fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> 
         .map(|c| s(c, "ContactID"));
     let mut name = cut(&supplier.name, 255).to_string();
     if found.is_none() {
+        // Xero compares strings as they are, but a contact's name is unique
+        // whatever its case: "GLOBE EOR LTD" keyed in by hand is the same
+        // name (creating ours would be refused as already assigned).
         let by_name = api.get_json(&format!(
             "/Contacts?where={}",
-            xero::encode(&format!("Name==\"{}\"", xero::quote(&name)))
+            xero::encode(&format!(
+                "Name.ToLower()==\"{}\"",
+                xero::quote(&name.to_lowercase())
+            ))
         ))?;
         if let Some(c) = items(&by_name, "Contacts").into_iter().next() {
             let their_number = s(c, "ContactNumber");

@@ -100,6 +100,8 @@ fn lex(s: &str) -> Result<Vec<Tok>, String> {
 #[derive(Debug, Clone, PartialEq)]
 enum Lit {
     Str(String),
+    /// `Guid("...")`: compared as a GUID, whatever the letters' case.
+    Guid(String),
     Num(Decimal),
     Bool(bool),
     Date(NaiveDate),
@@ -115,12 +117,36 @@ pub enum Expr {
     Or(Box<Expr>, Box<Expr>),
     /// Negation.
     Not(Box<Expr>),
-    /// `Field op literal`.
-    Cmp(Vec<String>, String, LitPub),
-    /// `Field.Method("x")`.
-    Method(Vec<String>, String, String),
+    /// `Field op literal`, the field's text cased as asked
+    /// (`Field.ToLower() == "x"`).
+    Cmp(Vec<String>, Case, String, LitPub),
+    /// `Field.Method("x")` (`Field.ToLower().Contains("x")`).
+    Method(Vec<String>, Case, String, String),
     /// A bare boolean field.
     Truthy(Vec<String>),
+}
+
+/// What a field's text goes through before it is compared: Xero compares
+/// strings as they are (`Name=="acme"` does not find "Acme"); a clause
+/// that wants otherwise says `Name.ToLower()=="acme"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    /// As stored.
+    As,
+    /// `.ToLower()`.
+    Lower,
+    /// `.ToUpper()`.
+    Upper,
+}
+
+impl Case {
+    fn apply(self, s: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            Case::As => std::borrow::Cow::Borrowed(s),
+            Case::Lower => std::borrow::Cow::Owned(s.to_lowercase()),
+            Case::Upper => std::borrow::Cow::Owned(s.to_uppercase()),
+        }
+    }
 }
 
 /// A literal (opaque outside this module).
@@ -200,6 +226,7 @@ impl Parser {
     }
     fn comparison(&mut self) -> Result<Expr, String> {
         let mut path = Vec::new();
+        let mut case = Case::As;
         match self.next() {
             Some(Tok::Ident(i)) => path.push(i),
             other => return Err(format!("expected a field name, found {other:?}")),
@@ -217,6 +244,14 @@ impl Parser {
                 self.pos += 1;
                 let arg = match self.next() {
                     Some(Tok::Str(s)) => s,
+                    Some(Tok::RParen) if case == Case::As && i.eq_ignore_ascii_case("ToLower") => {
+                        case = Case::Lower;
+                        continue;
+                    }
+                    Some(Tok::RParen) if case == Case::As && i.eq_ignore_ascii_case("ToUpper") => {
+                        case = Case::Upper;
+                        continue;
+                    }
                     Some(Tok::RParen) => {
                         return Err(format!("method {i} needs an argument"));
                     }
@@ -225,7 +260,10 @@ impl Parser {
                 if self.next() != Some(Tok::RParen) {
                     return Err("expected ')'".into());
                 }
-                return Ok(Expr::Method(path, i, arg));
+                return Ok(Expr::Method(path, case, i, arg));
+            }
+            if case != Case::As {
+                return Err(format!("no property {i} after a method call"));
             }
             path.push(i);
         }
@@ -239,10 +277,11 @@ impl Parser {
                 self.pos += 1;
                 o
             }
-            _ => return Ok(Expr::Truthy(path)),
+            _ if case == Case::As => return Ok(Expr::Truthy(path)),
+            other => return Err(format!("expected a comparison, found {other:?}")),
         };
         let lit = self.literal()?;
-        Ok(Expr::Cmp(path, op, LitPub(lit)))
+        Ok(Expr::Cmp(path, case, op, LitPub(lit)))
     }
     fn literal(&mut self) -> Result<Lit, String> {
         match self.next() {
@@ -260,7 +299,7 @@ impl Parser {
                     return Err("Guid() needs a string".into());
                 };
                 self.expect(Tok::RParen)?;
-                Ok(Lit::Str(s))
+                Ok(Lit::Guid(s))
             }
             Some(Tok::Ident(i)) if i.eq_ignore_ascii_case("DateTime") => {
                 self.expect(Tok::LParen)?;
@@ -334,7 +373,7 @@ fn lookup<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
     Some(cur)
 }
 
-fn compare(field: Option<&Value>, lit: &Lit) -> Option<Ordering> {
+fn compare(field: Option<&Value>, case: Case, lit: &Lit) -> Option<Ordering> {
     let field = field.unwrap_or(&Value::Null);
     match lit {
         Lit::Null => Some(if field.is_null() {
@@ -345,8 +384,11 @@ fn compare(field: Option<&Value>, lit: &Lit) -> Option<Ordering> {
         Lit::Bool(b) => field.as_bool().map(|f| f.cmp(b)),
         Lit::Num(n) => as_decimal(field).map(|f| f.cmp(n)),
         Lit::Date(d) => field.as_str().and_then(parse_day).map(|f| f.cmp(d)),
+        Lit::Guid(g) => field
+            .as_str()
+            .map(|f| f.to_ascii_lowercase().cmp(&g.to_ascii_lowercase())),
         Lit::Str(s) => match field {
-            Value::String(f) => Some(f.to_lowercase().cmp(&s.to_lowercase())),
+            Value::String(f) => Some(case.apply(f).as_ref().cmp(s.as_str())),
             Value::Number(_) => {
                 let f = as_decimal(field)?;
                 s.parse::<Decimal>().ok().map(|n| f.cmp(&n))
@@ -357,14 +399,14 @@ fn compare(field: Option<&Value>, lit: &Lit) -> Option<Ordering> {
     }
 }
 
-/// The string `field` must equal (case-insensitively, as [`eval`]
-/// compares strings) for `e` to hold, when `e` is a conjunction with a
+/// The string `field` must equal (compared case-insensitively here, a
+/// superset of what [`eval`] finds) for `e` to hold, when `e` is a conjunction with a
 /// `field == "literal"` term at its top level. Lets a list endpoint skip
 /// rendering resources that cannot match; [`eval`] still decides.
 pub fn required_equal(e: &Expr, field: &str) -> Option<String> {
     match e {
         Expr::And(a, b) => required_equal(a, field).or_else(|| required_equal(b, field)),
-        Expr::Cmp(path, op, LitPub(Lit::Str(s)))
+        Expr::Cmp(path, Case::As, op, LitPub(Lit::Str(s)))
             if op == "==" && path.len() == 1 && path[0].eq_ignore_ascii_case(field) =>
         {
             Some(s.to_lowercase())
@@ -380,21 +422,19 @@ pub fn eval(e: &Expr, v: &Value) -> bool {
         Expr::Or(a, b) => eval(a, v) || eval(b, v),
         Expr::Not(a) => !eval(a, v),
         Expr::Truthy(p) => lookup(v, p).and_then(Value::as_bool).unwrap_or(false),
-        Expr::Method(p, m, arg) => {
-            let f = lookup(v, p)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_lowercase();
-            let a = arg.to_lowercase();
+        Expr::Method(p, case, m, arg) => {
+            let f = lookup(v, p).and_then(Value::as_str).unwrap_or("");
+            let f = case.apply(f);
+            let a = arg.as_str();
             match m.to_ascii_lowercase().as_str() {
-                "contains" => f.contains(&a),
-                "startswith" => f.starts_with(&a),
-                "endswith" => f.ends_with(&a),
+                "contains" => f.contains(a),
+                "startswith" => f.starts_with(a),
+                "endswith" => f.ends_with(a),
                 _ => false,
             }
         }
-        Expr::Cmp(p, op, LitPub(lit)) => {
-            let o = compare(lookup(v, p), lit);
+        Expr::Cmp(p, case, op, LitPub(lit)) => {
+            let o = compare(lookup(v, p), *case, lit);
             match (op.as_str(), o) {
                 ("==", Some(o)) => o == Ordering::Equal,
                 ("!=", Some(o)) => o != Ordering::Equal,
@@ -504,6 +544,26 @@ mod tests {
         assert!(parse_where("Status==").is_err());
         assert!(parse_where(r#"Status=="x"#).is_err());
         assert!(parse_where("(((").is_err());
+    }
+
+    /// Strings compare as they are, as in Xero (`Name=="acme"` does not find
+    /// "Acme"); `ToLower()`/`ToUpper()` ask otherwise; a GUID is a GUID
+    /// whatever its letters' case.
+    #[test]
+    fn strings_compare_exactly_unless_cased() {
+        let v = json!({"Name":"Globe EOR Ltd","Contact":{"ContactID":"AbC"}});
+        let t = |s: &str| eval(&parse_where(s).unwrap(), &v);
+        assert!(t(r#"Name=="Globe EOR Ltd""#));
+        assert!(!t(r#"Name=="GLOBE EOR LTD""#));
+        assert!(t(r#"Name.ToLower()=="globe eor ltd""#));
+        assert!(t(r#"Name.ToUpper()=="GLOBE EOR LTD""#));
+        assert!(!t(r#"Name.ToLower()=="Globe EOR Ltd""#));
+        assert!(!t(r#"Name.Contains("eor")"#));
+        assert!(t(r#"Name.ToLower().Contains("eor")"#));
+        assert!(t(r#"Contact.ContactID==Guid("ABC")"#));
+        assert!(!t(r#"Contact.ContactID=="ABC""#));
+        assert!(parse_where("Name.ToLower()").is_err());
+        assert!(parse_where(r#"Name.ToLower().Length=="x""#).is_err());
     }
 
     /// Literals as Dynamic LINQ reads them: a doubled quote is a quote, a
