@@ -147,7 +147,7 @@ pub fn delivery(outcome: &str) {
 
 /// Render everything; `queue` is (state, count) from the store and
 /// `token_refreshes` the token manager's count.
-pub fn render(queue: &[(String, i64)], token_refreshes: u64) -> String {
+pub fn render(queue: Option<&[(String, i64)]>, token_refreshes: u64) -> String {
     let mut out = String::new();
     out.push_str("# HELP ledgerport_deliveries_total Delivery attempts by outcome.\n# TYPE ledgerport_deliveries_total counter\n");
     for (i, o) in OUTCOMES.iter().enumerate() {
@@ -156,13 +156,27 @@ pub fn render(queue: &[(String, i64)], token_refreshes: u64) -> String {
             DELIVERIES[i].get()
         ));
     }
-    out.push_str(
-        "# HELP ledgerport_queue_depth Deliveries by state.\n# TYPE ledgerport_queue_depth gauge\n",
-    );
-    for (state, n) in queue {
-        out.push_str(&format!(
-            "ledgerport_queue_depth{{state=\"{state}\"}} {n}\n"
-        ));
+    // Whether the store answered: without it the queue is unknown, which
+    // is not the same as empty.
+    out.push_str(&format!(
+        "# HELP ledgerport_store_up Whether the database answered this scrape.\n# TYPE ledgerport_store_up gauge\nledgerport_store_up {}\n",
+        u8::from(queue.is_some())
+    ));
+    if let Some(queue) = queue {
+        out.push_str(
+            "# HELP ledgerport_queue_depth Deliveries by state.\n# TYPE ledgerport_queue_depth gauge\n",
+        );
+        // Every state, 0 included: a series that vanishes at 0 reads as
+        // "no data", not "none".
+        for state in crate::store::outbox::state::ALL {
+            let n = queue
+                .iter()
+                .find(|(s, _)| s == state)
+                .map_or(0, |(_, n)| *n);
+            out.push_str(&format!(
+                "ledgerport_queue_depth{{state=\"{state}\"}} {n}\n"
+            ));
+        }
     }
     DELIVERY_SECONDS.render(
         "ledgerport_delivery_seconds",
@@ -200,4 +214,31 @@ pub fn render(queue: &[(String, i64)], token_refreshes: u64) -> String {
         PARKED.get()
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scrape says whether the database answered, and every state's
+    /// depth, 0 included (it used to answer an empty queue when the
+    /// database was down, and drop a state whose count fell to 0).
+    #[test]
+    fn a_scrape_tells_an_unknown_queue_from_an_empty_one() {
+        let down = render(None, 0);
+        assert!(down.contains("ledgerport_store_up 0"), "{down}");
+        assert!(!down.contains("ledgerport_queue_depth{"), "{down}");
+        let up = render(Some(&[("pending".to_string(), 3)]), 0);
+        assert!(up.contains("ledgerport_store_up 1"), "{up}");
+        assert!(
+            up.contains("ledgerport_queue_depth{state=\"pending\"} 3"),
+            "{up}"
+        );
+        for state in ["failed", "paused", "working", "delivered"] {
+            assert!(
+                up.contains(&format!("ledgerport_queue_depth{{state=\"{state}\"}} 0")),
+                "{state}: {up}"
+            );
+        }
+    }
 }

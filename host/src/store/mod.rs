@@ -132,6 +132,12 @@ fn redact_url(url: &str) -> String {
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 impl Store {
+    /// One round trip to the database (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
     /// Open a database: `postgres://...` / `postgresql://...` for
     /// PostgreSQL; `sqlite:PATH`, `sqlite://PATH` or a plain file path for
     /// SQLite (created if missing, WAL journal, foreign keys on). Does not
