@@ -496,6 +496,25 @@ impl Daemon {
             catalogue: connections.catalogue().map(|c| c.keys()),
             on_ingest: Box::new(move || d2.wake()),
         });
+        // The mailer is built before any work starts: a bad `mail.from`
+        // stopped the start after the dispatcher had claimed deliveries,
+        // which then stayed "working" until their leases ran out.
+        let mail = match &cfg.mail {
+            Some(m) => {
+                let mail_cfg = MailConfig {
+                    smtp_host: m.smtp_host.clone(),
+                    smtp_port: m.smtp_port,
+                    starttls: m.starttls,
+                    credentials: m.username.clone().zip(m.password.clone()),
+                    from: m.from.clone(),
+                    integrations_url: public.clone(),
+                    connectors: notice_connectors,
+                };
+                let mailer = Mailer::new(&mail_cfg)?;
+                Some((mail_cfg, mailer))
+            }
+            None => None,
+        };
         let (tx, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         // Dispatcher.
@@ -503,17 +522,7 @@ impl Daemon {
             dispatcher.clone().run(rx.clone(), Duration::from_secs(20)),
         ));
         // Notifier.
-        if let Some(m) = &cfg.mail {
-            let mail_cfg = MailConfig {
-                smtp_host: m.smtp_host.clone(),
-                smtp_port: m.smtp_port,
-                starttls: m.starttls,
-                credentials: m.username.clone().zip(m.password.clone()),
-                from: m.from.clone(),
-                integrations_url: public.clone(),
-                connectors: notice_connectors,
-            };
-            let mailer = Mailer::new(&mail_cfg)?;
+        if let Some((mail_cfg, mailer)) = mail {
             let store2 = store.clone();
             let mut rx2 = rx.clone();
             tasks.push(tokio::spawn(async move {

@@ -890,7 +890,7 @@ impl Dispatcher {
                     && self.config.enforce_rate
                     && rl.limit != "concurrent"
                 {
-                    self.hold_connection(&c.connection_id, per_minute, rl.retry_after_seconds)
+                    self.hold_connection(&c.connection_id, rl.retry_after_seconds)
                         .await;
                 }
                 self.classified(c, &plugin.manifest().name, conn.connected_at, err, now)
@@ -904,11 +904,11 @@ impl Dispatcher {
 
     /// The provider said to wait (a per-minute or daily limit, not the
     /// concurrent one): every daemon's rate gate holds the connection's
-    /// requests until then, and this daemon claims none of its deliveries
+    /// requests until then (one row in the shared rate log), and this daemon claims none of its deliveries
     /// meanwhile. Before, only the delivery that got the 429 waited: every
     /// other one of the connection went on calling and got 429 too (a
     /// daily limit's hours-long wait, once per pending document).
-    async fn hold_connection(&self, connection_id: &str, per_minute: u32, secs: u32) {
+    async fn hold_connection(&self, connection_id: &str, secs: u32) {
         let until = now_ms() + i64::from(secs.clamp(1, 86_400)) * 1000;
         self.blocked
             .lock()
@@ -916,16 +916,7 @@ impl Dispatcher {
             .entry(connection_id.to_string())
             .and_modify(|u| *u = (*u).max(until))
             .or_insert(until);
-        if let Err(e) = self
-            .store
-            .hold_rate_window(
-                connection_id,
-                i64::from(per_minute),
-                self.config.rate_window.as_millis() as i64,
-                until,
-            )
-            .await
-        {
+        if let Err(e) = self.store.hold_rate_window(connection_id, until).await {
             tracing::warn!(connection = %connection_id, error = %e, "holding the connection's rate window failed");
         }
     }

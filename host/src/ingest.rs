@@ -28,7 +28,8 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> FieldProblem
 /// ISO 4217 codes of currencies in circulation.
 const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG ZWL";
 
-/// Every string (key or value) holding a NUL character, by its path.
+/// Every string value holding a NUL character, by its path. Only keys that
+/// can be fields are followed (any other is refused as unknown already).
 fn nul_characters(v: &Value, path: String, problems: &mut Vec<FieldProblem>) {
     let at = |path: &str, key: &str| {
         if path.is_empty() {
@@ -42,19 +43,19 @@ fn nul_characters(v: &Value, path: String, problems: &mut Vec<FieldProblem>) {
             let field = if path.is_empty() { "document" } else { &path };
             problems.push(problem(field, "must not contain a NUL character"));
         }
-        Value::Array(items) => {
+        // An array of a field, not an array inside an array (the shape is
+        // refused by the field's own check).
+        Value::Array(items) if !path.is_empty() && !path.ends_with(']') => {
             for (i, item) in items.iter().enumerate() {
                 nul_characters(item, format!("{path}[{i}]"), problems);
             }
         }
         Value::Object(map) => {
             for (k, item) in map {
-                if k.contains('\0') {
-                    problems.push(problem(
-                        at(&path, &k.replace('\0', "\\0")),
-                        "must not contain a NUL character",
-                    ));
-                } else {
+                let field_like = !k.is_empty()
+                    && k.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if field_like {
                     nul_characters(item, at(&path, k), problems);
                 }
             }
@@ -180,12 +181,7 @@ pub fn validate(
     if !json.is_object() {
         return Err(vec![problem("document", "must be a JSON object")]);
     }
-    // PostgreSQL's text cannot hold a NUL character: such a document would
-    // fail at the insert, answered 503 "retry later" for ever.
-    nul_characters(json, String::new(), &mut problems);
-    if !problems.is_empty() {
-        return Err(problems);
-    }
+
     // Field-level checks on the raw JSON first, so that every bad field is
     // named (serde stops at the first).
     for key in [
@@ -385,6 +381,9 @@ pub fn validate(
             }
         }
     }
+    // PostgreSQL's text cannot hold a NUL character: such a document would
+    // fail at the insert, answered 503 "retry later" for ever.
+    nul_characters(json, String::new(), &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }

@@ -1361,18 +1361,15 @@ both!(
     paused_deliveries_are_paged
 );
 
-/// A provider's pause fills the connection's shared rate window up to its
+/// A provider's pause holds the connection's shared rate window until its
 /// end: the gate answers "wait until then" (on any daemon), then lets
-/// requests through again; a second hold adds only what is missing.
+/// requests through again; a shorter hold does not cut a longer one; one
+/// row a connection whatever the limit.
 async fn a_hold_fills_the_rate_window_until_its_end(db: TestDb) {
     let s = db.store().await;
     let (limit, window) = (60, 60_000);
-    s.hold_rate_window("conn-1", limit, window, 1_000_000)
-        .await
-        .unwrap();
-    s.hold_rate_window("conn-1", limit, window, 1_000_000)
-        .await
-        .unwrap();
+    s.hold_rate_window("conn-1", 1_000_000).await.unwrap();
+    s.hold_rate_window("conn-1", 500_000).await.unwrap();
     let (n,): (i64,) = match s.pool() {
         ledgerport::store::Pool::Sqlite(p) => {
             sqlx::query_as("SELECT COUNT(*) FROM rate_log")
@@ -1386,18 +1383,18 @@ async fn a_hold_fills_the_rate_window_until_its_end(db: TestDb) {
         }
     }
     .unwrap();
-    assert_eq!(n, limit, "the second hold added nothing");
+    assert_eq!(n, 1, "one row holds the connection");
     assert_eq!(
         s.take_rate_slot("conn-1", limit, window, 10_000)
             .await
             .unwrap(),
-        Err(990_001)
+        Err(990_000)
     );
     assert_eq!(
         s.take_rate_slot("conn-1", limit, window, 999_999)
             .await
             .unwrap(),
-        Err(2)
+        Err(1)
     );
     assert_eq!(
         s.take_rate_slot("conn-1", limit, window, 1_000_000)

@@ -937,30 +937,27 @@ impl Store {
         )
     }
 
-    /// Fill a connection's sliding window until `until`: `limit` slots
-    /// taken at `until - window_ms`, so [`Store::take_rate_slot`] answers
-    /// "wait" on every daemon until `until` (the provider asked for that
-    /// pause). At most 100,000 slots.
+    /// Hold a connection's requests until `until` (the provider asked for
+    /// that pause): [`Store::take_rate_slot`] answers "wait" on every daemon
+    /// until then. One row per connection (`hold:<id>` in the rate log),
+    /// replaced by the next hold; a later `until` than the one held wins.
     pub async fn hold_rate_window(
         &self,
         connection_id: &str,
-        limit: i64,
-        window_ms: i64,
         until: i64,
     ) -> Result<(), StoreError> {
+        let key = hold_key(connection_id);
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             if matches!(self.kind(), StoreKind::Postgres) {
                 sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(RATE_LOCK_SPACE).bind(connection_id).execute(&mut *tx).await?;
             }
-            let at = until.saturating_sub(window_ms);
-            // Slots already held that late are counted: only the rest is added.
-            let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rate_log WHERE connection_id = $1 AND at >= $2")
-                .bind(connection_id).bind(at).fetch_one(&mut *tx).await?;
-            let add = limit.clamp(1, 100_000) - held;
-            if add > 0 {
-                sqlx::query("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $3) INSERT INTO rate_log (connection_id, at) SELECT $1, $2 FROM n")
-                    .bind(connection_id).bind(at).bind(add).execute(&mut *tx).await?;
+            let held: Option<i64> = sqlx::query_scalar("SELECT MAX(at) FROM rate_log WHERE connection_id = $1")
+                .bind(&key).fetch_one(&mut *tx).await?;
+            if held.is_none_or(|h| h < until) {
+                sqlx::query("DELETE FROM rate_log WHERE connection_id = $1").bind(&key).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO rate_log (connection_id, at) VALUES ($1, $2)")
+                    .bind(&key).bind(until).execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -984,11 +981,16 @@ impl Store {
             }
             sqlx::query("DELETE FROM rate_log WHERE connection_id = $1 AND at <= $2")
                 .bind(connection_id).bind(now - window_ms).execute(&mut *tx).await?;
-            let (n, oldest): (i64, Option<i64>) = {
-                let r = sqlx::query("SELECT COUNT(*) AS n, MIN(at) AS oldest FROM rate_log WHERE connection_id = $1")
-                    .bind(connection_id).fetch_one(&mut *tx).await?;
-                (r.try_get("n")?, r.try_get("oldest")?)
+            let (n, oldest, hold): (i64, Option<i64>, Option<i64>) = {
+                let r = sqlx::query("SELECT COUNT(*) AS n, MIN(at) AS oldest, (SELECT MAX(at) FROM rate_log WHERE connection_id = $2) AS hold FROM rate_log WHERE connection_id = $1")
+                    .bind(connection_id).bind(hold_key(connection_id)).fetch_one(&mut *tx).await?;
+                (r.try_get("n")?, r.try_get("oldest")?, r.try_get("hold")?)
             };
+            // The provider asked for a pause (see `hold_rate_window`).
+            if let Some(until) = hold.filter(|&u| u > now) {
+                tx.rollback().await?;
+                return Ok(Err(until - now));
+            }
             if n >= limit {
                 tx.rollback().await?;
                 let wait = oldest.map(|o| o + window_ms - now + 1).unwrap_or(100).max(1);
@@ -1043,6 +1045,11 @@ const PAUSED: &str = "SELECT id, tenant_id, connector_id, connection_id, pause_r
 
 /// Close pause incidents (`$1`: now) whose connection has no delivery
 /// paused for that reason any more.
+/// The rate log's row that holds a connection's requests until its `at`.
+fn hold_key(connection_id: &str) -> String {
+    format!("hold:{connection_id}")
+}
+
 /// Queue a mail: id, tenant, incident, recipients, subject, text, html, now.
 const INSERT_MAIL: &str = "INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
 

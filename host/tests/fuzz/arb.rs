@@ -331,9 +331,24 @@ pub fn valid_document() -> impl Strategy<Value = Value> {
                 if let Some(p) = pdf {
                     doc["pdf"] = p;
                 }
-                doc
+                without_nul(doc)
             },
         )
+}
+
+/// The value with every NUL character in its strings replaced: a valid
+/// document holds none (PostgreSQL cannot store one, so ingest refuses it).
+fn without_nul(v: Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(s.replace('\0', "\u{1}")),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nul).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k.replace('\0', "\u{1}"), without_nul(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// One edit of a JSON tree. `at` picks a node (modulo the number of nodes,

@@ -880,8 +880,16 @@ fn regression_xero_long_unicode_delivery_key_does_not_trap() {
         .find(|(k, _)| k == "idempotency-key")
         .map(|(_, v)| v.clone())
         .unwrap();
-    assert!(idem.len() <= 128 && idem.ends_with("中-create"), "{idem}");
-    assert!(format!("{key}-create").ends_with(&idem));
+    // The key's tail: the delivery key's end, `-create-`, the body's digest.
+    let (head, digest) = idem.rsplit_once("-create-").expect("a create key");
+    assert!(
+        idem.len() <= 128
+            && head.ends_with('中')
+            && digest.len() == 16
+            && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{idem}"
+    );
+    assert!(format!("{key}-create-{digest}").ends_with(&idem));
 }
 
 /// The minimal connector returned a receipt with an empty external id when

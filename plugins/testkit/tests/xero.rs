@@ -75,7 +75,14 @@ async fn a_bill_uses_the_cached_contact_and_carries_token_tenant_and_keys() {
         assert_eq!(r.header("xero-tenant-id"), Some(ORG));
     }
     let create = &sent[1];
-    assert_eq!(create.header("idempotency-key"), Some("dlv-7-create"));
+    // The delivery key, then a digest of the request body (a changed
+    // request is not refused as a reused key).
+    let key = create.header("idempotency-key").unwrap_or_default();
+    let digest = key.strip_prefix("dlv-7-create-").unwrap_or_default();
+    assert!(
+        digest.len() == 16 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
     assert!(
         create.url.contains("unitdp=4"),
         "a 4-decimal unit amount: {}",
