@@ -36,6 +36,11 @@ const WAIT_BEHIND_PAUSED_MS: i64 = 60_000;
 /// before any daemon claims it again.
 const NOT_INSTALLED_WAIT_MS: i64 = 60_000;
 
+/// A provider's Retry-After in milliseconds, at least 1 s and at most a day.
+fn retry_after_ms(secs: u32) -> i64 {
+    i64::from(secs.clamp(1, 86_400)) * 1000
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -246,14 +251,8 @@ impl Parking for Slot {
         if self.held().take().is_some() {
             crate::metrics::PARKED.inc();
         }
-        let until = now_ms() + wait.as_millis() as i64;
         self.dispatcher
-            .blocked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(connection_id.to_string())
-            .and_modify(|u| *u = (*u).max(until))
-            .or_insert(until);
+            .block_until(connection_id, now_ms() + wait.as_millis() as i64);
         // The lent slot can take other work now.
         self.dispatcher.wake.notify_one();
     }
@@ -696,21 +695,14 @@ impl Dispatcher {
             // told the customer their system refused the document.
             tracing::warn!(delivery = %c.id, connector = %c.connector_id, "the connector is not installed on this daemon; the delivery waits for one that has it");
             crate::metrics::delivery("waiting");
-            return Finish {
-                state: state::PENDING,
-                pause_reason: None,
-                pause_detail: None,
-                counts: false,
-                next_attempt_at: now + NOT_INSTALLED_WAIT_MS,
-                outcome: "not-installed".into(),
-                message: Some(format!(
+            return Finish::wait(
+                "not-installed",
+                format!(
                     "the connector {:?} is not installed on daemon {}; waiting for a daemon that has it",
                     c.connector_id, self.config.worker_id
-                )),
-                details: None,
-                external_id: None,
-                external_url: None,
-            };
+                ),
+                now + NOT_INSTALLED_WAIT_MS,
+            );
         };
         // A credit note waits for the invoice it credits on this connection.
         if c.document_kind == "credit-note"
@@ -736,18 +728,11 @@ impl Dispatcher {
                     } else {
                         invoice_next.max(now) + 2_000
                     };
-                    return Finish {
-                        state: state::PENDING,
-                        pause_reason: None,
-                        pause_detail: None,
-                        counts: false,
-                        next_attempt_at: next,
-                        outcome: "waiting".into(),
-                        message: Some(format!("waiting for invoice {inv} to be delivered first")),
-                        details: None,
-                        external_id: None,
-                        external_url: None,
-                    };
+                    return Finish::wait(
+                        "waiting",
+                        format!("waiting for invoice {inv} to be delivered first"),
+                        next,
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -902,6 +887,17 @@ impl Dispatcher {
         }
     }
 
+    /// Claim nothing of `connection_id` on this daemon until `until` (a
+    /// later block already in force stays).
+    fn block_until(&self, connection_id: &str, until: i64) {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(connection_id.to_string())
+            .and_modify(|u| *u = (*u).max(until))
+            .or_insert(until);
+    }
+
     /// The provider said to wait (a per-minute or daily limit, not the
     /// concurrent one): every daemon's rate gate holds the connection's
     /// requests until then (one row in the shared rate log), and this daemon claims none of its deliveries
@@ -909,13 +905,8 @@ impl Dispatcher {
     /// other one of the connection went on calling and got 429 too (a
     /// daily limit's hours-long wait, once per pending document).
     async fn hold_connection(&self, connection_id: &str, secs: u32) {
-        let until = now_ms() + i64::from(secs.clamp(1, 86_400)) * 1000;
-        self.blocked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(connection_id.to_string())
-            .and_modify(|u| *u = (*u).max(until))
-            .or_insert(until);
+        let until = now_ms() + retry_after_ms(secs);
+        self.block_until(connection_id, until);
         if let Err(e) = self.store.hold_rate_window(connection_id, until).await {
             tracing::warn!(connection = %connection_id, error = %e, "holding the connection's rate window failed");
         }
@@ -1039,22 +1030,14 @@ impl Dispatcher {
             }
             DeliveryError::RateLimited(rl) => {
                 crate::metrics::delivery("rate-limited");
-                Finish {
-                    state: state::PENDING,
-                    pause_reason: None,
-                    pause_detail: None,
-                    counts: false,
-                    next_attempt_at: now
-                        + i64::from(rl.retry_after_seconds.clamp(1, 86_400)) * 1000,
-                    outcome: "rate-limited".into(),
-                    message: Some(format!(
+                Finish::wait(
+                    "rate-limited",
+                    format!(
                         "the provider asked to wait {} s ({} limit)",
                         rl.retry_after_seconds, rl.limit
-                    )),
-                    details: None,
-                    external_id: None,
-                    external_url: None,
-                }
+                    ),
+                    now + retry_after_ms(rl.retry_after_seconds),
+                )
             }
             DeliveryError::Rejected(errs) => {
                 crate::metrics::delivery("rejected");

@@ -103,11 +103,34 @@ fn redirect(to: &str) -> Response {
 }
 
 fn cookie_value(headers: &HeaderMap) -> Option<String> {
-    let raw = headers.get(header::COOKIE)?.to_str().ok()?;
-    raw.split(';').find_map(|c| {
-        let (k, v) = c.trim().split_once('=')?;
-        (k == COOKIE).then(|| v.to_string())
-    })
+    cookie(headers, COOKIE)
+}
+
+/// The value of the request's cookie `name` (every `Cookie` header read).
+pub(crate) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|raw| raw.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == name).then(|| v.to_string())
+        })
+}
+
+/// A `Set-Cookie` value: HttpOnly, SameSite=Lax, for `path` and
+/// `max_age` seconds, and `Secure` when the daemon is reached over https
+/// (never sent over plain http).
+fn set_cookie(name: &str, value: &str, path: &str, max_age: i64, public_url: &str) -> String {
+    format!(
+        "{name}={value}; HttpOnly; SameSite=Lax; Path={path}; Max-Age={max_age}{}",
+        if public_url.starts_with("https:") {
+            "; Secure"
+        } else {
+            ""
+        }
+    )
 }
 
 async fn session(st: &AdminState, headers: &HeaderMap) -> Result<Session, Response> {
@@ -328,14 +351,12 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
 /// life, and `Secure` when the daemon is reached over https (never sent
 /// over plain http).
 fn session_cookie(token: &str, public_url: &str) -> String {
-    format!(
-        "{COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{}",
+    set_cookie(
+        COOKIE,
+        token,
+        "/",
         crate::admin::PAGE_SESSION_TTL,
-        if public_url.starts_with("https:") {
-            "; Secure"
-        } else {
-            ""
-        }
+        public_url,
     )
 }
 
@@ -1124,15 +1145,12 @@ async fn connect(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -
                 .await;
             // The state goes with this browser too: the callback completes
             // only where the sign-in started.
-            let cookie = format!(
-                "{}={state}; HttpOnly; SameSite=Lax; Path=/oauth; Max-Age={}{}",
-                crate::connections::flow_cookie_name(&state),
+            let cookie = set_cookie(
+                &crate::connections::flow_cookie_name(&state),
+                &state,
+                "/oauth",
                 crate::connections::STATE_TTL_SECS,
-                if st.public_url.starts_with("https:") {
-                    "; Secure"
-                } else {
-                    ""
-                }
+                &st.public_url,
             );
             let mut r = redirect(url.as_str());
             if let Ok(v) = header::HeaderValue::from_str(&cookie) {

@@ -587,16 +587,7 @@ async fn callback(
     Query(q): Query<CallbackQuery>,
 ) -> Response {
     let flow = q.state.as_deref().and_then(|state| {
-        let name = crate::connections::flow_cookie_name(state);
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|raw| raw.split(';'))
-            .find_map(|c| {
-                let (k, v) = c.trim().split_once('=')?;
-                (k == name).then(|| v.to_string())
-            })
+        crate::integrations::cookie(&headers, &crate::connections::flow_cookie_name(state))
     });
     match c.complete_callback(&q, flow.as_deref()).await {
         Ok(CallbackOutcome::Connected(conn)) => connected_page(&conn),

@@ -197,6 +197,25 @@ pub struct Finish {
     pub external_url: Option<String>,
 }
 
+impl Finish {
+    /// Not an attempt, a wait: pending again at `next_attempt_at`, not
+    /// counted against the retry ladder.
+    pub fn wait(outcome: &str, message: String, next_attempt_at: i64) -> Self {
+        Self {
+            state: state::PENDING,
+            pause_reason: None,
+            pause_detail: None,
+            counts: false,
+            next_attempt_at,
+            outcome: outcome.into(),
+            message: Some(message),
+            details: None,
+            external_id: None,
+            external_url: None,
+        }
+    }
+}
+
 /// A mail waiting to be sent.
 #[derive(Debug, Clone)]
 pub struct OutgoingMail {
