@@ -446,6 +446,90 @@ async fn an_existing_supplier_contact_is_reused_and_a_name_clash_is_handled() {
     assert_eq!(docs.invoices[0]["Contact"]["ContactID"], ours["ContactID"]);
 }
 
+/// Set a contact's status in the simulator, as the admin would in Xero.
+async fn sim_contact_status(e: &Env, id: &str, status: &str) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api.xro/2.0/Contacts/{id}", e.sim.base_url()))
+        .bearer_auth(&e.token)
+        .header("xero-tenant-id", DEFAULT_TENANT_TRADING.to_string())
+        .json(&serde_json::json!({"Contacts": [{"ContactID": id, "ContactStatus": status}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}
+
+/// The admin archives our supplier contact in Xero (Xero then refuses new
+/// bills for it): the next document is refused in words that say how to
+/// restore it, no second contact is created behind their back, and once
+/// restored the same contact is used again. Merged into a contact typed in
+/// by hand with the supplier's name: that one is followed.
+#[tokio::test]
+async fn an_archived_supplier_contact_is_explained_and_a_merged_one_followed() {
+    let e = env().await;
+    e.deliver("dlv-a1", sample("invoice.json")).await.unwrap();
+    let ours = e.docs().contacts[0]["ContactID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sim_contact_status(&e, &ours, "ARCHIVED").await;
+
+    let mut doc = sample("invoice.json");
+    doc.number = "INV-ARCH-2".into();
+    let err = e.deliver("dlv-a2", doc.clone()).await.unwrap_err();
+    let DeliveryError::Rejected(errs) = err else {
+        panic!("expected a refusal, got {err:?}");
+    };
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].field, "supplier");
+    assert!(
+        errs[0].message.contains("is archived in Xero") && errs[0].message.contains("Restore"),
+        "{}",
+        errs[0].message
+    );
+    // A second try without the cache says the same, and creates nothing.
+    let err = e.deliver("dlv-a2", doc.clone()).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("is archived in Xero"),
+        "{err:?}"
+    );
+    let docs = e.docs();
+    assert_eq!(
+        docs.contacts.len(),
+        1,
+        "no second contact: {:?}",
+        docs.contacts
+    );
+    assert_eq!(docs.invoices.len(), 1);
+
+    // Restored in Xero: the retry goes to the same contact.
+    sim_contact_status(&e, &ours, "ACTIVE").await;
+    e.deliver("dlv-a2", doc).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.invoices.len(), 2);
+    assert_eq!(docs.invoices[1]["Contact"]["ContactID"], ours.as_str());
+
+    // Merged away into the admin's own contact of the same name (the cache
+    // still names ours): the bill goes to theirs.
+    sim_contact_status(&e, &ours, "ARCHIVED").await;
+    sim_put_contact(&e, serde_json::json!({"Name": "Globe EOR Services Ltd"})).await;
+    let theirs = e
+        .docs()
+        .contacts
+        .iter()
+        .find(|c| c["ContactID"] != ours.as_str())
+        .map(|c| c["ContactID"].as_str().unwrap().to_string())
+        .unwrap();
+    let mut doc = sample("invoice.json");
+    doc.number = "INV-ARCH-3".into();
+    e.deliver("dlv-a3", doc).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.contacts.len(), 2, "{:?}", docs.contacts);
+    assert_eq!(docs.invoices.len(), 3);
+    assert_eq!(docs.invoices[2]["Contact"]["ContactID"], theirs.as_str());
+    e.save_requests("archived_contact");
+}
+
 #[tokio::test]
 async fn archived_account_and_disabled_currency_are_rejected_in_plain_words() {
     let e = env().await;

@@ -140,7 +140,7 @@ impl Connector for Xero {
             DocumentKind::Invoice => Which::Bill,
             DocumentKind::CreditNote => Which::Credit,
         };
-        let contact_id = supplier_contact(&api, &doc)?;
+        let mut contact_id = supplier_contact(&api, &doc)?;
         let mut notes = Vec::new();
         // `fresh`: created by this call, so it cannot have an attachment yet.
         let (created, fresh) = match find_existing(&api, which, &doc, &contact_id, &delivery)? {
@@ -165,10 +165,28 @@ impl Connector for Xero {
                 ));
                 (api.get_one(which, &id)?, false)
             }
-            None => (
-                create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings)?,
-                true,
-            ),
+            None => match create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings) {
+                Ok(created) => (created, true),
+                // The cached contact was archived or merged away in Xero
+                // since: look it up again (a merge leaves an active
+                // contact with our number or name), or say how to restore it.
+                Err(e) if contact_archived(&e) => {
+                    kv::delete(&contact_cache_key(&doc));
+                    let again = find_or_create_contact(&api, &doc)?;
+                    if again == contact_id {
+                        return Err(e);
+                    }
+                    contact_id = again;
+                    match find_existing(&api, which, &doc, &contact_id, &delivery)? {
+                        Some((id, _)) => (api.get_one(which, &id)?, false),
+                        None => (
+                            create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings)?,
+                            true,
+                        ),
+                    }
+                }
+                Err(e) => return Err(e),
+            },
         };
         let id = s(&created, which.id_field());
         if id.is_empty() {
@@ -352,22 +370,53 @@ fn build_lines(
     }
 }
 
-/// The supplier contact: kv cache -> by ContactNumber -> by name -> create.
+/// The kv key caching the supplier's contact id.
+fn contact_cache_key(doc: &Document) -> String {
+    format!("contact:{}", doc.supplier.id)
+}
+
+/// The supplier contact: kv cache, else [`find_or_create_contact`].
 fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> {
-    let supplier = &doc.supplier;
-    let cache_key = format!("contact:{}", supplier.id);
-    if let Some(id) = kv::get_string(&cache_key) {
+    if let Some(id) = kv::get_string(&contact_cache_key(doc)) {
         return Ok(id);
     }
+    find_or_create_contact(api, doc)
+}
+
+/// Whether Xero refused a new document because its contact is archived
+/// (archived by hand, or merged into another contact).
+fn contact_archived(e: &DeliveryError) -> bool {
+    let DeliveryError::Rejected(errs) = e else {
+        return false;
+    };
+    errs.iter().any(|f| {
+        let m = f.provider_message.as_deref().unwrap_or(&f.message);
+        m.contains("contact") && m.contains("has been archived")
+    })
+}
+
+/// The supplier contact, looked up in Xero (by ContactNumber, then by
+/// name) or created, and cached. Our contact archived in Xero (by hand,
+/// or merged into another) with no active one to use is a refusal that
+/// says how to restore it: creating a second contact for the supplier
+/// behind the admin's back would undo their tidying.
+fn find_or_create_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> {
+    let supplier = &doc.supplier;
+    let cache_key = contact_cache_key(doc);
     let number = cut(&supplier.id, 50).to_string();
     let by_number = api.get_json(&format!(
-        "/Contacts?where={}",
+        "/Contacts?includeArchived=true&where={}",
         xero::encode(&format!("ContactNumber==\"{}\"", xero::quote(&number)))
     ))?;
-    let mut found = items(&by_number, "Contacts")
-        .into_iter()
+    let numbered = items(&by_number, "Contacts");
+    let mut found = numbered
+        .iter()
         .find(|c| s(c, "ContactStatus") != "ARCHIVED")
         .map(|c| s(c, "ContactID"));
+    let archived = numbered
+        .iter()
+        .find(|c| s(c, "ContactStatus") == "ARCHIVED")
+        .map(|c| s(c, "Name"));
     let mut name = cut(&supplier.name, 255).to_string();
     if found.is_none() {
         // Xero compares strings as they are, but a contact's name is unique
@@ -380,7 +429,10 @@ fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> 
                 xero::quote(&name.to_lowercase())
             ))
         ))?;
-        if let Some(c) = items(&by_name, "Contacts").into_iter().next() {
+        if let Some(c) = items(&by_name, "Contacts")
+            .into_iter()
+            .find(|c| s(c, "ContactStatus") != "ARCHIVED")
+        {
             let their_number = s(c, "ContactNumber");
             if their_number.is_empty() || their_number == number {
                 // The same supplier, entered by hand: adopt it.
@@ -396,9 +448,19 @@ fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> 
             }
         }
     }
-    let id = match found {
-        Some(id) => id,
-        None => {
+    let id = match (found, archived) {
+        (Some(id), _) => id,
+        (None, Some(name)) => {
+            kv::delete(&cache_key);
+            return Err(errors::rejected(
+                "supplier",
+                format!(
+                    "The supplier's contact \"{name}\" (contact number {number}) is archived in Xero (archived, or merged into another contact). Restore it in Xero (Contacts > All contacts > Archived > Restore), then retry"
+                ),
+                None,
+            ));
+        }
+        (None, None) => {
             let mut contact = json!({ "Name": name, "ContactNumber": number, "IsSupplier": true });
             if let Some(e) = &supplier.email {
                 contact["EmailAddress"] = json!(e);
@@ -624,10 +686,30 @@ fn create(
     // for the same one), so a retry after the admin fixed a mapping would
     // be refused for what was wrong before. The look-up above already
     // found anything an earlier attempt created.
-    let key = format!("{}-create-{:016x}", delivery.key, xero::digest(&body));
-    let answer = api
-        .put_bytes(&path, body, "application/json", &key)
-        .map_err(|e| explain_rejection(e, lines, mappings))?;
+    // Xero also replays a refusal for the same key and body: after a fix
+    // made in Xero itself (a contact restored, a currency enabled) the
+    // retry sends the same body, so each refusal moves the key on (a
+    // counter kept until the document is created).
+    let refusals_key = format!("refusals:{}", delivery.key);
+    let refusals: u32 = kv::get_string(&refusals_key)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let mut key = format!("{}-create-{:016x}", delivery.key, xero::digest(&body));
+    if refusals > 0 {
+        key.push_str(&format!("-{refusals}"));
+    }
+    let answer = match api.put_bytes(&path, body, "application/json", &key) {
+        Ok(a) => a,
+        Err(e) => {
+            if matches!(e, DeliveryError::Rejected(_)) {
+                let _ = kv::set_string(&refusals_key, &(refusals + 1).to_string());
+            }
+            return Err(explain_rejection(e, lines, mappings));
+        }
+    };
+    if refusals > 0 {
+        kv::delete(&refusals_key);
+    }
     items(&answer, which.collection())
         .into_iter()
         .next()

@@ -29,6 +29,10 @@ type Params = Vec<(String, String)>;
 /// One element of a batch write: the rendered resource, or the request element and its errors.
 type ElementResult = Result<Value, (Map<String, Value>, Vec<String>)>;
 /// A validated contact write: the contact to update (if any) and the element.
+/// Xero's refusal of a new invoice or credit note for an archived (or
+/// merged-away) contact.
+const ARCHIVED_CONTACT: &str = "The contact with the specified contact details has been archived. The contact must be un-archived before creating new invoices or credit notes.";
+
 type ContactPlan = Result<(Option<Uuid>, Map<String, Value>), (Map<String, Value>, Vec<String>)>;
 
 fn params(q: Option<String>) -> Params {
@@ -826,6 +830,10 @@ fn plan_doc(
         Some(Value::Object(c)) => {
             if let Some(cid) = str_field(c, "ContactID") {
                 match cid.parse::<Uuid>().ok().and_then(|id| t.contact(id)) {
+                    Some(c) if c.status == "ARCHIVED" && base.is_none() => {
+                        msgs.push(ARCHIVED_CONTACT.into());
+                        None
+                    }
                     Some(c) => Some(ContactRef::Existing(c.id)),
                     None => {
                         msgs.push(format!(
@@ -836,6 +844,10 @@ fn plan_doc(
                 }
             } else if let Some(n) = str_field(c, "ContactNumber") {
                 match t.contacts.iter().find(|x| x.number() == Some(n)) {
+                    Some(x) if x.status == "ARCHIVED" && base.is_none() => {
+                        msgs.push(ARCHIVED_CONTACT.into());
+                        None
+                    }
                     Some(x) => Some(ContactRef::Existing(x.id)),
                     None => match str_field(c, "Name") {
                         Some(name) => Some(ContactRef::New(name.to_string())),
