@@ -19,7 +19,9 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// The environment variable holding the secret key(s).
 pub const KEY_ENV: &str = "LEDGERPORT_SECRET_KEY";
@@ -89,10 +91,45 @@ struct RingKey {
 }
 
 /// AES-256-GCM keys: the last one encrypts, all of them decrypt.
-#[derive(Clone)]
+///
+/// A ring loaded from a key file ([`KeyRing::load`]) follows the file: a
+/// secret under a key it does not hold makes it read the file again (at
+/// most once a second), so a running daemon picks up the key `keys rotate`
+/// added and re-encrypted with, and from then on encrypts with it, without
+/// a restart. Keys it held are kept, so nothing it could read becomes
+/// unreadable.
 pub struct KeyRing {
-    keys: Vec<RingKey>,
+    keys: RwLock<Arc<Vec<RingKey>>>,
+    /// Where the keys came from, to read them again; `None` for a fixed ring.
+    source: Option<KeySource>,
 }
+
+/// The environment's keys (fixed for the process) and the key file.
+struct KeySource {
+    env: Vec<String>,
+    file: PathBuf,
+    last_read: Mutex<Option<Instant>>,
+    /// At most one read per this long.
+    every: Duration,
+}
+
+impl Clone for KeyRing {
+    /// The same keys (as they are now) and the same key file to follow.
+    fn clone(&self) -> Self {
+        Self {
+            keys: RwLock::new(self.snapshot()),
+            source: self.source.as_ref().map(|s| KeySource {
+                env: s.env.clone(),
+                file: s.file.clone(),
+                last_read: Mutex::new(None),
+                every: s.every,
+            }),
+        }
+    }
+}
+
+/// How often a ring reads its key file again at most.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,35 +181,48 @@ fn parse_key(text: &str, which: &str) -> Result<[u8; 32], CryptoError> {
     })
 }
 
+fn parse_keys(keys: &[String], source: &str) -> Result<Vec<[u8; 32]>, CryptoError> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| parse_key(k, &format!("{source} #{}", i + 1)))
+        .collect()
+}
+
+/// The ring's keys, oldest first, each once.
+fn ring_keys(keys: &[[u8; 32]]) -> Result<Vec<RingKey>, CryptoError> {
+    if keys.is_empty() {
+        return Err(CryptoError::NoKey);
+    }
+    let mut ring: Vec<RingKey> = Vec::new();
+    for k in keys {
+        let id = key_id(k);
+        if ring.iter().any(|r| r.id == id) {
+            continue;
+        }
+        let cipher = Aes256Gcm::new_from_slice(k).map_err(|_| CryptoError::BadKey {
+            which: id.clone(),
+            why: "wrong length".into(),
+        })?;
+        ring.push(RingKey { id, cipher });
+    }
+    Ok(ring)
+}
+
 impl KeyRing {
     /// A ring of the given keys, oldest first (the last encrypts).
     pub fn from_keys(keys: &[[u8; 32]]) -> Result<Self, CryptoError> {
         if keys.is_empty() {
             return Err(CryptoError::NoKey);
         }
-        let mut ring = Vec::new();
-        for k in keys {
-            let id = key_id(k);
-            if ring.iter().any(|r: &RingKey| r.id == id) {
-                continue;
-            }
-            let cipher = Aes256Gcm::new_from_slice(k).map_err(|_| CryptoError::BadKey {
-                which: id.clone(),
-                why: "wrong length".into(),
-            })?;
-            ring.push(RingKey { id, cipher });
-        }
-        Ok(Self { keys: ring })
+        Ok(Self {
+            keys: RwLock::new(Arc::new(ring_keys(keys)?)),
+            source: None,
+        })
     }
 
     /// Parse base64 keys, oldest first; `source` names them in errors.
     pub fn from_base64(keys: &[String], source: &str) -> Result<Self, CryptoError> {
-        let parsed = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| parse_key(k, &format!("{source} #{}", i + 1)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::from_keys(&parsed)
+        Self::from_keys(&parse_keys(keys, source)?)
     }
 
     /// Keys of a key file (one base64 key per line, `#` comments, newest last).
@@ -202,29 +252,105 @@ impl KeyRing {
                     .map(String::from),
             );
         }
-        let env_file = std::env::var_os(KEY_FILE_ENV).map(std::path::PathBuf::from);
-        if let Some(p) = key_file.map(Path::to_path_buf).or(env_file)
+        let env = keys.clone();
+        let env_file = std::env::var_os(KEY_FILE_ENV).map(PathBuf::from);
+        let file = key_file.map(Path::to_path_buf).or(env_file);
+        if let Some(p) = &file
             && p.exists()
         {
-            keys.extend(Self::read_key_file(&p)?);
+            keys.extend(Self::read_key_file(p)?);
         }
-        Self::from_base64(&keys, "secret key")
+        let mut ring = Self::from_base64(&keys, "secret key")?;
+        ring.source = file.map(|file| KeySource {
+            env,
+            file,
+            last_read: Mutex::new(None),
+            every: RELOAD_EVERY,
+        });
+        Ok(ring)
+    }
+
+    fn snapshot(&self) -> Arc<Vec<RingKey>> {
+        match self.keys.read() {
+            Ok(k) => k.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Read the key file again (a ring from [`KeyRing::load`] only, at most
+    /// once a second): its newest key encrypts from now on; keys no longer
+    /// in the file still decrypt. Returns whether the ring changed. A file
+    /// that cannot be read or holds a bad key leaves the ring as it was.
+    pub fn reload(&self) -> bool {
+        let Some(src) = &self.source else {
+            return false;
+        };
+        {
+            let mut last = match src.last_read.lock() {
+                Ok(l) => l,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if last.is_some_and(|t| t.elapsed() < src.every) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        let mut texts = src.env.clone();
+        match Self::read_key_file(&src.file) {
+            Ok(k) => texts.extend(k),
+            Err(e) => {
+                tracing::warn!(error = %e, "key file not read again; keeping the keys loaded");
+                return false;
+            }
+        }
+        let fresh = match parse_keys(&texts, "secret key").and_then(|k| ring_keys(&k)) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "key file not read again; keeping the keys loaded");
+                return false;
+            }
+        };
+        let old = self.snapshot();
+        if fresh.len() == old.len() && fresh.iter().zip(old.iter()).all(|(a, b)| a.id == b.id) {
+            return false;
+        }
+        // Keys held before and gone from the file still decrypt; the
+        // file's newest key encrypts.
+        let mut merged: Vec<RingKey> = old
+            .iter()
+            .filter(|k| !fresh.iter().any(|f| f.id == k.id))
+            .cloned()
+            .collect();
+        merged.extend(fresh);
+        tracing::info!(
+            key_ids = ?merged.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+            "key file read again: newest key now encrypts"
+        );
+        match self.keys.write() {
+            Ok(mut k) => *k = Arc::new(merged),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(merged),
+        }
+        true
     }
 
     /// Ids of the keys, oldest first.
     pub fn key_ids(&self) -> Vec<String> {
-        self.keys.iter().map(|k| k.id.clone()).collect()
+        self.snapshot().iter().map(|k| k.id.clone()).collect()
     }
 
     /// The id of the key that encrypts.
-    pub fn current_key_id(&self) -> &str {
+    pub fn current_key_id(&self) -> String {
         // from_keys refuses an empty ring.
-        self.keys.last().map(|k| k.id.as_str()).unwrap_or("")
+        self.snapshot()
+            .last()
+            .map(|k| k.id.clone())
+            .unwrap_or_default()
     }
 
     /// Encrypt `plain`, bound to `context` (where it will be stored).
     pub fn encrypt(&self, plain: &str, context: &str) -> String {
-        let Some(key) = self.keys.last() else {
+        let keys = self.snapshot();
+        let Some(key) = keys.last() else {
             return String::new();
         };
         let mut nonce = [0u8; 12];
@@ -261,8 +387,11 @@ impl KeyRing {
         }
         let id = parts.next().ok_or(CryptoError::Corrupt("no key id"))?;
         let body = parts.next().ok_or(CryptoError::Corrupt("no body"))?;
-        let key = self
-            .keys
+        let mut keys = self.snapshot();
+        if !keys.iter().any(|k| k.id == id) && self.reload() {
+            keys = self.snapshot();
+        }
+        let key = keys
             .iter()
             .find(|k| k.id == id)
             .ok_or_else(|| CryptoError::UnknownKey(id.to_string()))?;
@@ -311,7 +440,7 @@ mod tests {
         let both = KeyRing::from_keys(&[[1u8; 32], [2u8; 32]]).unwrap();
         assert_eq!(both.decrypt(&ct, "ctx:a").unwrap().expose(), "tok-123");
         let ct2 = both.reencrypt(&ct, "ctx:a").unwrap();
-        assert_eq!(KeyRing::key_of(&ct2), Some(both.current_key_id()));
+        assert_eq!(KeyRing::key_of(&ct2), Some(both.current_key_id().as_str()));
         let new_only = KeyRing::from_keys(&[[2u8; 32]]).unwrap();
         assert_eq!(new_only.decrypt(&ct2, "ctx:a").unwrap().expose(), "tok-123");
         assert!(matches!(
@@ -321,5 +450,49 @@ mod tests {
         assert!(format!("{:?}", Secret::new("tok-123")).contains("redacted"));
         assert!(KeyRing::from_base64(&["short".into()], "env").is_err());
         assert!(matches!(KeyRing::from_keys(&[]), Err(CryptoError::NoKey)));
+    }
+
+    fn b64(k: [u8; 32]) -> String {
+        STANDARD.encode(k)
+    }
+
+    #[test]
+    fn a_ring_from_a_key_file_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, format!("# first\n{}\n", b64([1; 32]))).unwrap();
+        let mut ring = KeyRing::load(Some(&file)).unwrap();
+        if let Some(src) = &mut ring.source {
+            src.every = Duration::ZERO;
+        }
+        let env_keys = ring.key_ids().len() - 1;
+        let under_a = ring.encrypt("tok-a", "ctx");
+        // Another process rotates: the file gains key B, which seals a secret.
+        let both = KeyRing::from_keys(&[[1; 32], [2; 32]]).unwrap();
+        let under_b = both.encrypt("tok-b", "ctx");
+        std::fs::write(&file, format!("{}\n{}\n", b64([1; 32]), b64([2; 32]))).unwrap();
+        assert_eq!(ring.decrypt(&under_b, "ctx").unwrap().expose(), "tok-b");
+        assert_eq!(ring.current_key_id(), key_id(&[2; 32]), "B encrypts now");
+        assert_eq!(
+            KeyRing::key_of(&ring.encrypt("x", "ctx")),
+            Some(key_id(&[2; 32]).as_str())
+        );
+        // A is removed from the file: what the ring held still decrypts.
+        std::fs::write(&file, format!("{}\n", b64([2; 32]))).unwrap();
+        let under_c = KeyRing::from_keys(&[[3; 32]])
+            .unwrap()
+            .encrypt("tok-c", "ctx");
+        assert!(matches!(
+            ring.decrypt(&under_c, "ctx"),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        assert_eq!(ring.decrypt(&under_a, "ctx").unwrap().expose(), "tok-a");
+        assert_eq!(ring.key_ids().len(), env_keys + 2);
+        // A file that no longer parses leaves the ring as it was.
+        std::fs::write(&file, "not a key\n").unwrap();
+        assert!(!ring.reload());
+        assert_eq!(ring.current_key_id(), key_id(&[2; 32]));
+        // A fixed ring never reads anything.
+        assert!(!both.reload());
     }
 }

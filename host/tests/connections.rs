@@ -755,6 +755,66 @@ both!(
     key_rotation_and_restart
 );
 
+/// `ledgerport keys rotate` while a daemon runs: the daemon, whose ring
+/// came from the same key file, reads the file again when it meets the new
+/// key, so its connections keep working without a restart, and what it
+/// writes from then on is under the new key.
+async fn key_rotation_while_running(db: TestDb) {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys");
+    std::fs::write(
+        &key_file,
+        format!(
+            "{}\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32])
+        ),
+    )
+    .unwrap();
+    let ring = KeyRing::load(Some(&key_file)).unwrap();
+    let old_id = ring.current_key_id();
+    let d = daemon(&sim, &db.url(), ring, None).await;
+    d.store
+        .upsert_tenant("acme", "Acme Ltd", &["ap@acme.test".into()], 1)
+        .await
+        .unwrap();
+    let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    let token = d.conns.tokens().bearer(&c.id).await.unwrap();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args(["keys", "rotate", "--database", &db.url(), "--key-file"])
+        .arg(&key_file)
+        .env_remove("LEDGERPORT_SECRET_KEY")
+        .env_remove("LEDGERPORT_CONFIG")
+        .env("LEDGERPORT_LOG", "error")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("2 secrets re-encrypted"), "{said}");
+    let in_use = d.store.key_ids_in_use().await.unwrap();
+    assert_eq!(in_use.len(), 1);
+    assert_ne!(in_use[0], old_id);
+
+    // The running daemon reads what was re-encrypted, and a refresh (the
+    // provider's rotated refresh token written back) goes under the new key.
+    sim.advance_secs(1800);
+    let fresh = d.conns.tokens().bearer(&c.id).await.unwrap();
+    assert_ne!(fresh.access_token, token.access_token);
+    assert!(accepted(&sim, &fresh.access_token).await);
+    assert_eq!(d.conns.keys().current_key_id(), in_use[0]);
+    assert_eq!(d.store.key_ids_in_use().await.unwrap(), in_use);
+}
+both!(
+    key_rotation_running_sqlite,
+    key_rotation_running_postgres,
+    key_rotation_while_running
+);
+
 /// Every byte the database holds, as text (SQLite: the file and its WAL;
 /// PostgreSQL: every row of every table as text).
 async fn raw_database(db: &TestDb, d: &Daemon) -> String {
