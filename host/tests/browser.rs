@@ -75,6 +75,8 @@ async fn integrations_page_in_headless_chromium() {
         "onboarding-fee": "429", "fx-fee": "404", "expense-reimbursement": "493", "security-deposit": "620",
     });
     let shots = common::target_dir().join("screenshots");
+    // The checks below read this run's screenshots, not an earlier run's.
+    let _ = std::fs::remove_dir_all(&shots);
     let out = tokio::process::Command::new("node")
         .arg(&script)
         .env("BASE", &base)

@@ -805,7 +805,9 @@ fn run(id: &'static str, cases: u32) {
             let h = Harness::new(id);
             let seen = std::cell::RefCell::new(BTreeMap::new());
             let strategy = (op(), conn(), prop::collection::vec(reply(), 0..10));
-            TestRunner::new(arb::config(cases))
+            let config = arb::config(cases);
+            let run_cases = config.cases;
+            TestRunner::new(config)
                 .run(&strategy, |(op, conn, script)| {
                     let out = h.call(&op, &conn, script);
                     *seen.borrow_mut().entry(label(&out)).or_insert(0u32) += 1;
@@ -813,7 +815,22 @@ fn run(id: &'static str, cases: u32) {
                 })
                 .unwrap();
             // Which outcomes the run reached (shown with --no-capture).
-            eprintln!("{id}: {:?}", seen.borrow());
+            let seen = seen.into_inner();
+            eprintln!("{id}: {seen:?}");
+            // A harness that only ever ended one way (every call refused,
+            // say) would pass the properties without testing much: a run
+            // of some size reaches receipts and several kinds of refusal.
+            if run_cases >= 200 {
+                assert!(
+                    seen.keys().any(|l| l.starts_with("deliver: receipt")),
+                    "{id}: no delivery succeeded in {run_cases} cases: {seen:?}"
+                );
+                assert!(
+                    seen.keys().filter(|l| l.starts_with("deliver: ")).count() >= 3,
+                    "{id}: too few kinds of delivery outcome: {seen:?}"
+                );
+                assert!(!seen.contains_key("runtime error"), "{id}: {seen:?}");
+            }
         })
         .unwrap()
         .join()
