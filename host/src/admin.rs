@@ -200,6 +200,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         // Described without a key.
         .route("/openapi.json", get(openapi))
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
+        .layer(axum::middleware::from_fn(crate::rejections::no_nul))
         .with_state(state)
 }
 
@@ -247,24 +248,23 @@ async fn status(State(st): S, Path(tenant): Path<String>) -> Response {
         Ok(c) => c,
         Err(e) => return unavailable(e),
     };
-    // The tenant's recent deliveries, read once and split by connection.
-    let delivered = st
+    // The tenant's recent deliveries, read once and split by connection;
+    // a connection with none among them (a quieter connector beside a busy
+    // one) is asked on its own.
+    let delivered = match st
         .store
         .list_deliveries(Some(&tenant), None, Some("delivered"), 200)
         .await
-        .unwrap_or_default();
-    let paused = st
-        .store
-        .list_deliveries(Some(&tenant), None, Some("paused"), 200)
-        .await
-        .unwrap_or_default();
+    {
+        Ok(d) => d,
+        Err(e) => return unavailable(e),
+    };
     let mut out = Vec::new();
     for c in conns {
-        let counts = st
-            .store
-            .delivery_counts(Some(&c.id))
-            .await
-            .unwrap_or_default();
+        let counts = match st.store.delivery_counts(Some(&c.id)).await {
+            Ok(c) => c,
+            Err(e) => return unavailable(e),
+        };
         let n = |s: &str| {
             counts
                 .iter()
@@ -272,25 +272,29 @@ async fn status(State(st): S, Path(tenant): Path<String>) -> Response {
                 .map(|(_, n)| *n)
                 .unwrap_or(0)
         };
-        let mut reasons: Vec<String> = paused
-            .iter()
-            .filter(|d| d.connection_id == c.id)
-            .filter_map(|d| d.pause_reason.clone())
-            .collect();
-        let last_success = delivered
+        let reasons = match st.store.pause_reasons(&c.id).await {
+            Ok(r) => r,
+            Err(e) => return unavailable(e),
+        };
+        let recent = delivered
             .iter()
             .filter(|d| d.connection_id == c.id)
             .filter_map(|d| d.delivered_at)
             .max();
-        reasons.sort();
-        reasons.dedup();
+        let last_success = match recent {
+            Some(t) => Some(t),
+            None => match st.store.last_delivered_at(&c.id).await {
+                Ok(t) => t,
+                Err(e) => return unavailable(e),
+            },
+        };
         out.push(json!({
             "connection_id": c.id, "connector": c.connector_id, "state": c.state,
             "organisation": c.external_tenant_name, "connected_by": c.connected_by,
             "connected_at": c.connected_at, "reason": c.state_reason,
             "last_success_at": last_success,
             "backlog": n("pending") + n("working"), "paused": n("paused"), "failed": n("failed"),
-            "paused_reasons": reasons,
+            "paused_reasons": reasons, "mappings_review": c.mappings_review,
         }));
     }
     Json(json!({ "tenant": tenant, "connections": out })).into_response()
@@ -304,6 +308,10 @@ struct LogQuery {
     /// The `next` of the previous page.
     after: Option<String>,
 }
+
+/// Attempts shown per delivery in the log (the latest; `attempts_total`
+/// counts them all).
+const LOG_ATTEMPTS: i64 = 50;
 
 async fn deliveries(
     State(st): S,
@@ -330,8 +338,14 @@ async fn deliveries(
             let next = crate::api::next_page(&rows, limit);
             let mut out = Vec::new();
             for r in rows {
-                let attempts = st.store.list_attempts(&r.id).await.unwrap_or_default();
-                out.push(json!({ "delivery": r, "attempts": attempts }));
+                let (attempts, total) = match (
+                    st.store.recent_attempts(&r.id, LOG_ATTEMPTS).await,
+                    st.store.attempt_count(&r.id).await,
+                ) {
+                    (Ok(a), Ok(n)) => (a, n),
+                    (Err(e), _) | (_, Err(e)) => return unavailable(e),
+                };
+                out.push(json!({ "delivery": r, "attempts": attempts, "attempts_total": total }));
             }
             Json(json!({ "deliveries": out, "next": next })).into_response()
         }
@@ -859,7 +873,14 @@ async fn disconnect(
                 .store
                 .audit(&actor, Some(&tenant), "disconnect", &connector, now())
                 .await;
-            Json(json!({"disconnected": true, "report": format!("{report:?}")})).into_response()
+            Json(json!({
+                "disconnected": true,
+                "already_disconnected": conn.state == crate::store::ConnectionState::Disconnected,
+                "organisation_link_removed": report.organisation_link_removed,
+                "token_revoked": report.token_revoked,
+                "problems": report.problems,
+            }))
+            .into_response()
         }
         Err(e) => error(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -909,9 +930,9 @@ async fn openapi() -> Json<Value> {
         "paths": {
             "/v1/documents": {"post": {"summary": "Hand over an issued invoice or credit note (ingest key)", "security": [{"bearer": []}], "responses": {"202": {"description": "stored"}, "200": {"description": "already stored"}, "409": {"description": "a different document with this id"}, "422": {"description": "invalid; every field named"}}}},
             "/v1/admin/tenants": {"get": {"summary": "Tenants this key may see", "security": [{"bearer": []}], "responses": {"200": {"description": "ok"}}}},
-            "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state, last success, backlog, paused reasons")},
+            "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state (and reason), connected_at (Unix seconds), last_success_at (Unix milliseconds, as the delivery log's times), backlog, paused, failed, paused_reasons, mappings_review (switched organisation: nothing is sent until the mappings are saved again); 503 when the store cannot be read")},
             "/v1/tenants/{tenant}/deliveries": {"get": {"summary": "The tenant's deliveries, the latest change first (ingest key); ?number= ?state= ?limit= (1-1000, default 100) ?after=<next of the previous page>; answers {deliveries, next}, next null on the last page; 400 names state or after when it is not one", "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "400": {"description": "the parameter named"}, "401": {"description": "no or bad key"}}}},
-            "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with attempts, the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
+            "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with each delivery's last 50 attempts (attempts_total counts them all), the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
             "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h, until the admin signs out or is signed out, or until the key that asked is revoked)"), "delete": op("Sign out ?admin= (or every admin of the tenant) from the Integrations page at once")},

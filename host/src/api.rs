@@ -105,6 +105,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             service_key,
         ))
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
+        .layer(axum::middleware::from_fn(crate::rejections::no_nul))
         .with_state(state)
 }
 

@@ -666,7 +666,7 @@ impl Connections {
     pub async fn pending_organisations(
         &self,
         pick: &str,
-    ) -> Result<Vec<Organisation>, ConnectError> {
+    ) -> Result<(Vec<Organisation>, Option<String>), ConnectError> {
         let p = self
             .store
             .pending_pick(&self.keys, &sha256_hex(pick), self.clock.now_secs(), false)
@@ -677,7 +677,14 @@ impl Connections {
                     "is unknown, used or expired; start the connection again",
                 )
             })?;
-        Ok(p.organisations)
+        // The organisation the tenant is connected to now, if any: the one
+        // to keep unless the admin means to switch.
+        let current = self
+            .store
+            .connection_for(&p.tenant_id, &p.connector_id)
+            .await?
+            .and_then(|c| c.external_tenant_id);
+        Ok((p.organisations, current))
     }
 
     /// The admin picked `organisation_id` from a pending pick: connect it.

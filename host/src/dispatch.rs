@@ -484,7 +484,19 @@ impl Dispatcher {
         let mut mapped: BTreeMap<(String, String), std::collections::BTreeSet<String>> =
             BTreeMap::new();
         // One read per connection, not per paused delivery.
-        let mut connected: HashMap<String, Option<i64>> = HashMap::new();
+        let mut conns: HashMap<String, Option<crate::store::Connection>> = HashMap::new();
+        let store = &self.store;
+        let connection_of =
+            async |conns: &mut HashMap<String, Option<crate::store::Connection>>,
+                   id: &str|
+                   -> anyhow::Result<Option<crate::store::Connection>> {
+                if let Some(c) = conns.get(id) {
+                    return Ok(c.clone());
+                }
+                let c = store.connection(id).await?;
+                conns.insert(id.to_string(), c.clone());
+                Ok(c)
+            };
         let mut after = String::new();
         loop {
             let page = self.store.paused_deliveries(&after).await?;
@@ -500,6 +512,14 @@ impl Dispatcher {
                     .unwrap_or_default();
                 match p.reason.as_str() {
                     "mapping" => {
+                        // Not while the mappings are due a review after a
+                        // switch of organisation.
+                        if connection_of(&mut conns, &p.connection_id)
+                            .await?
+                            .is_some_and(|c| c.mappings_review)
+                        {
+                            continue;
+                        }
                         let key = (p.tenant_id.clone(), p.connector_id.clone());
                         if !mapped.contains_key(&key) {
                             let scope = crate::capabilities::mapping::MappingScope {
@@ -526,20 +546,11 @@ impl Dispatcher {
                     }
                     "reauth" => {
                         let before = detail["connected_at"].as_i64().unwrap_or(i64::MIN);
-                        let at = match connected.get(&p.connection_id) {
-                            Some(at) => *at,
-                            None => {
-                                // When it was connected, if it is active now.
-                                let at = self
-                                    .store
-                                    .connection(&p.connection_id)
-                                    .await?
-                                    .filter(|c| c.state == crate::store::ConnectionState::Active)
-                                    .map(|c| c.connected_at.unwrap_or(i64::MIN));
-                                connected.insert(p.connection_id.clone(), at);
-                                at
-                            }
-                        };
+                        // When it was connected, if it is active now.
+                        let at = connection_of(&mut conns, &p.connection_id)
+                            .await?
+                            .filter(|c| c.state == crate::store::ConnectionState::Active)
+                            .map(|c| c.connected_at.unwrap_or(i64::MIN));
                         if at.is_some_and(|at| at > before) {
                             ready.push(p.id);
                         }
@@ -795,6 +806,34 @@ impl Dispatcher {
                 DeliveryError::NeedsReauth(why),
                 now_ms(),
             );
+        }
+        if conn.mappings_review {
+            // Switched to another organisation: its mappings were chosen
+            // from the other one's accounts. Paused for mapping, resumed
+            // once an admin has saved them (`resume_paused`).
+            crate::metrics::delivery("needs-mapping");
+            let mut kinds: Vec<String> = doc.lines.iter().map(|l| l.kind.clone()).collect();
+            kinds.sort();
+            kinds.dedup();
+            let org = conn
+                .external_tenant_name
+                .clone()
+                .unwrap_or_else(|| "the organisation".into());
+            let details = serde_json::json!({"unmapped": kinds, "review": true}).to_string();
+            return Finish {
+                state: state::PAUSED,
+                pause_reason: Some("mapping".into()),
+                pause_detail: Some(details.clone()),
+                counts: true,
+                next_attempt_at: now,
+                outcome: "needs-mapping".into(),
+                message: Some(format!(
+                    "the connection now points at {org}, not the organisation the account mappings were chosen for: check them on the Configure page and save them"
+                )),
+                details: Some(details),
+                external_id: None,
+                external_url: None,
+            };
         }
         let per_minute = self
             .config

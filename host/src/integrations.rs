@@ -62,6 +62,10 @@ const COOKIE: &str = "lp_session";
 /// Prefix of the Configure form's hidden fields that carry the code each
 /// row was shown with.
 const WAS: &str = "shown:";
+/// The form field of a row's tax rate (`tax:<kind>`).
+const TAX: &str = "tax:";
+/// The tax rate a row was shown with (`shown-tax:<kind>`).
+const WAS_TAX: &str = "shown-tax:";
 
 struct Session {
     tenant: String,
@@ -118,6 +122,9 @@ pub(crate) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
             (k == name).then(|| v.to_string())
         })
 }
+
+/// The cookie remembering where a link opened without a session pointed.
+const NEXT_COOKIE: &str = "lp_next";
 
 /// A `Set-Cookie` value: HttpOnly, SameSite=Lax, for `path` and
 /// `max_age` seconds, and `Secure` when the daemon is reached over https
@@ -186,6 +193,20 @@ async fn super_admin_session(st: &AdminState, headers: &HeaderMap) -> Result<Ses
     }
 }
 
+/// A form field holding a NUL character (which PostgreSQL's text cannot
+/// store): a 400 page naming it, before anything is stored.
+fn nul_in_form<'a>(mut fields: impl Iterator<Item = (&'a str, &'a str)>) -> Option<Response> {
+    let (k, _) = fields.find(|(k, v)| k.contains('\0') || v.contains('\0'))?;
+    Some(message(
+        StatusCode::BAD_REQUEST,
+        "Not saved",
+        &format!(
+            "{}: must not contain a NUL character. Nothing was changed.",
+            k.replace('\0', "")
+        ),
+    ))
+}
+
 /// The page's routes.
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
@@ -203,6 +224,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             state.clone(),
             same_origin,
         ))
+        .layer(axum::middleware::from_fn(crate::rejections::no_nul))
         .with_state(state)
 }
 
@@ -295,7 +317,11 @@ async fn same_origin(
     next.run(req).await
 }
 
-async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn login(
+    State(st): S,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     if q.contains_key("key") {
         // The old link put the tenant's key in the address bar and the
         // admin and role in a cookie the browser could edit.
@@ -326,14 +352,48 @@ async fn login(State(st): S, Query(q): Query<BTreeMap<String, String>>) -> Respo
         .redeem_page_ticket(ticket, crate::admin::PAGE_SESSION_TTL, now)
         .await
     {
-        Ok(Some(token)) => (
-            StatusCode::SEE_OTHER,
-            [
-                (header::SET_COOKIE, session_cookie(&token, &st.public_url)),
-                (header::LOCATION, "/integrations".to_string()),
-            ],
-        )
-            .into_response(),
+        Ok(Some(token)) => {
+            // Back to where a notice's link was opened before signing in
+            // (only a query of this page: never another site).
+            let next = cookie(&headers, NEXT_COOKIE)
+                .and_then(|q| {
+                    url::form_urlencoded::parse(format!("q={q}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                })
+                .filter(|q| !q.is_empty())
+                .map(|q| {
+                    let q: String = url::form_urlencoded::parse(q.as_bytes())
+                        .fold(
+                            url::form_urlencoded::Serializer::new(String::new()),
+                            |mut s, (k, v)| {
+                                s.append_pair(&k, &v);
+                                s
+                            },
+                        )
+                        .finish();
+                    format!("/integrations?{q}")
+                })
+                .unwrap_or_else(|| "/integrations".to_string());
+            let mut r = (
+                StatusCode::SEE_OTHER,
+                [
+                    (header::SET_COOKIE, session_cookie(&token, &st.public_url)),
+                    (header::LOCATION, next),
+                ],
+            )
+                .into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&set_cookie(
+                NEXT_COOKIE,
+                "",
+                "/integrations",
+                0,
+                &st.public_url,
+            )) {
+                r.headers_mut().append(header::SET_COOKIE, v);
+            }
+            r
+        }
         Ok(None) => message(
             StatusCode::UNAUTHORIZED,
             "Sign-in failed",
@@ -382,11 +442,29 @@ async fn logout(State(st): S, headers: HeaderMap) -> Response {
 async fn index(
     State(st): S,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
     let s = match session(&st, &headers).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(mut r) => {
+            // A notice's link (`?configure=`, `?log=failed`) opened without
+            // a session: remembered for ten minutes, so signing in through
+            // the platform lands there rather than on the bare page.
+            if r.status() == StatusCode::UNAUTHORIZED
+                && let Some(query) = uri.query().filter(|q| !q.is_empty() && q.len() <= 1024)
+                && let Ok(v) = axum::http::HeaderValue::from_str(&set_cookie(
+                    NEXT_COOKIE,
+                    &url::form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>(),
+                    "/integrations",
+                    600,
+                    &st.public_url,
+                ))
+            {
+                r.headers_mut().append(header::SET_COOKIE, v);
+            }
+            return r;
+        }
     };
     // A mapping notice links `?configure=<connection id>`: straight to that
     // connection's Configure, when it is this tenant's.
@@ -438,25 +516,38 @@ async fn index(
         .iter()
         .map(|m| (m.id.as_str(), m.name.as_str()))
         .collect();
+    // What cannot be read is said (503), not shown as "not connected" or
+    // an empty log with nothing failed.
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "the Integrations page could not read the store");
+        message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Integrations unavailable",
+            "The delivery records cannot be read just now; reload the page in a minute.",
+        )
+    };
     let mut cards = String::new();
     for m in &connectors {
-        cards.push_str(&card(&st, &s.tenant, m).await);
+        match card(&st, &s.tenant, m).await {
+            Ok(c) => cards.push_str(&c),
+            Err(e) => return unavailable(e),
+        }
     }
     if connectors.is_empty() {
         cards.push_str("<p id=\"no-connectors\">No connector is installed on this daemon yet; ask the operator.</p>");
     }
-    let rows = st
+    let rows = match st
         .store
         .list_deliveries_page(Some(&s.tenant), number, filter, after.as_ref(), LOG_ROWS)
         .await
-        .unwrap_or_default();
-    let counts: BTreeMap<String, i64> = st
-        .store
-        .tenant_delivery_counts(&s.tenant)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    let counts: BTreeMap<String, i64> = match st.store.tenant_delivery_counts(&s.tenant).await {
+        Ok(c) => c.into_iter().collect(),
+        Err(e) => return unavailable(e),
+    };
     let mut log = log_filters(filter, number, &counts);
     log.push_str(
         "<table id=\"log\"><tr><th>Document</th><th>To</th><th>State</th><th>In the accounting system / what went wrong</th><th></th></tr>",
@@ -597,7 +688,11 @@ fn log_filters(
 
 /// One connector's card: status and organisation, Connect while not
 /// active, the menu once there is a connection, and the settings form.
-async fn card(st: &AdminState, tenant: &str, m: &crate::manifest::Manifest) -> String {
+async fn card(
+    st: &AdminState,
+    tenant: &str,
+    m: &crate::manifest::Manifest,
+) -> Result<String, crate::store::StoreError> {
     let id = m.id.as_str();
     let xero = id == "xero";
     // Element ids: the Xero card's unprefixed (what the page always had);
@@ -615,7 +710,7 @@ async fn card(st: &AdminState, tenant: &str, m: &crate::manifest::Manifest) -> S
     } else {
         format!("?connector={}", esc(id))
     };
-    let conn = st.store.connection_for(tenant, id).await.ok().flatten();
+    let conn = st.store.connection_for(tenant, id).await?;
     let (state, org) = match &conn {
         Some(c) => (
             c.state.as_str().to_string(),
@@ -641,6 +736,23 @@ async fn card(st: &AdminState, tenant: &str, m: &crate::manifest::Manifest) -> S
             )
         },
     );
+    // Why it needs attention, in the provider's or the host's words.
+    if let Some(c) = &conn
+        && state != "active"
+        && let Some(why) = &c.state_reason
+    {
+        card.push_str(&format!(
+            "<p class=\"reason\" id=\"{}\">{}</p>",
+            el("reason"),
+            esc(why)
+        ));
+    }
+    if conn.as_ref().is_some_and(|c| c.mappings_review) {
+        card.push_str(&format!(
+            "<p class=\"review\" id=\"{}\">Connected to another organisation: nothing is sent until you have checked the account mappings — <a href=\"/integrations/configure{q}\">Configure</a>, check and save.</p>",
+            el("review")
+        ));
+    }
     if state != "active" {
         card.push_str(&format!(
             "<form method=\"post\" action=\"/integrations/connect{q}\"><button id=\"{}\" type=\"submit\">Connect</button></form>",
@@ -662,7 +774,7 @@ async fn card(st: &AdminState, tenant: &str, m: &crate::manifest::Manifest) -> S
     }
     card.push_str(&settings_form(st, tenant, id, &el, &q).await);
     card.push_str("</div>");
-    card
+    Ok(card)
 }
 
 /// A connector's declared settings with a form to change them:
@@ -753,6 +865,9 @@ async fn save_settings(
         Ok(s) => s,
         Err(r) => return r,
     };
+    if let Some(r) = nul_in_form(f.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        return r;
+    }
     let connector = which.id();
     let current = match st.connections.settings(&s.tenant, connector).await {
         Ok(c) => c,
@@ -842,13 +957,22 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
         tenant_id: s.tenant.clone(),
         connector_id: which.id().to_string(),
     };
-    let list = match st.connections.account_list(&scope).await {
-        Ok(Some((_, l))) => l,
+    let (org, list) = match st.connections.account_list(&scope).await {
+        Ok(Some(ol)) => ol,
         Ok(None) => {
             return message(
                 StatusCode::CONFLICT,
                 "Not connected",
                 &format!("Connect {name} first: the choices are the organisation's accounts."),
+            );
+        }
+        Err(crate::connections::mappings::MappingError::NeedsReauth(why)) => {
+            return message(
+                StatusCode::CONFLICT,
+                &format!("Connect {name} again"),
+                &format!(
+                    "{name} no longer accepts this connection ({why}). Choose Connect on the {name} card, then configure."
+                ),
             );
         }
         Err(e) => {
@@ -860,10 +984,10 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
         }
     };
     // Not read: no form (shown empty, saving it would clear every row).
-    let current: BTreeMap<String, String> = match st.connections.mappings(&scope).await {
+    let mapped: BTreeMap<String, AccountMapping> = match st.connections.mappings(&scope).await {
         Ok(list) => list
             .into_iter()
-            .map(|m| (m.mapping.kind, m.mapping.account_code))
+            .map(|m| (m.mapping.kind.clone(), m.mapping))
             .collect(),
         Err(e) => {
             return message(
@@ -873,16 +997,39 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
             );
         }
     };
-    let kinds: Vec<(String, String)> = st
-        .connections
-        .catalogue()
-        .map(|c| {
-            c.kinds
-                .iter()
-                .map(|k| (k.key.clone(), k.name.clone()))
-                .collect()
-        })
-        .unwrap_or_else(|| current.keys().map(|k| (k.clone(), k.clone())).collect());
+    let current: BTreeMap<String, String> = mapped
+        .iter()
+        .map(|(k, m)| (k.clone(), m.account_code.clone()))
+        .collect();
+    let kinds: Vec<(String, String)> = match st.connections.catalogue() {
+        Some(c) => c
+            .kinds
+            .iter()
+            .map(|k| (k.key.clone(), k.name.clone()))
+            .collect(),
+        // No catalogue configured: the kinds mapped so far and those the
+        // tenant's documents wait for (else a new kind could not be mapped
+        // here at all).
+        None => {
+            let waiting = match st
+                .store
+                .unmapped_kinds_waiting(&scope.tenant_id, &scope.connector_id)
+                .await
+            {
+                Ok(k) => k,
+                Err(e) => {
+                    return message(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Mappings unavailable",
+                        &e.to_string(),
+                    );
+                }
+            };
+            let mut all: std::collections::BTreeSet<String> = current.keys().cloned().collect();
+            all.extend(waiting);
+            all.into_iter().map(|k| (k.clone(), k)).collect()
+        }
+    };
     let q = which
         .connector
         .as_deref()
@@ -898,18 +1045,81 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
             esc(current.get(key).map(String::as_str).unwrap_or(""))
         )
     };
-    let mut form = format!(
-        "<form method=\"post\" action=\"/integrations/mappings{q}\" id=\"mapping\"><table><tr><th>Line type</th><th>Account</th></tr>",
-    );
+    // The tax rate of a row: the account's default unless one is chosen
+    // (a choice made through the API is shown and kept).
+    let tax_cell = |key: &str| -> String {
+        if list.tax_rates.is_empty() {
+            return String::new();
+        }
+        let now = mapped.get(key).and_then(|m| m.tax_type.clone());
+        let mut options = String::from("<option value=\"\">— the account's default —</option>");
+        if let Some(t) = &now
+            && !list.tax_rates.iter().any(|r| &r.tax_type == t)
+        {
+            options.push_str(&format!(
+                "<option value=\"{t}\" selected>{t} (not an active tax rate)</option>",
+                t = esc(t)
+            ));
+        }
+        for r in &list.tax_rates {
+            let sel = if now.as_deref() == Some(r.tax_type.as_str()) {
+                " selected"
+            } else {
+                ""
+            };
+            options.push_str(&format!(
+                "<option value=\"{t}\"{sel}>{n} ({rate} %)</option>",
+                t = esc(&r.tax_type),
+                n = esc(&r.name),
+                rate = esc(&r.rate)
+            ));
+        }
+        format!(
+            "<td><select name=\"{TAX}{k}\" aria-label=\"Tax rate\">{options}</select><input type=\"hidden\" name=\"{WAS_TAX}{k}\" value=\"{t}\"></td>",
+            k = esc(key),
+            t = esc(now.as_deref().unwrap_or(""))
+        )
+    };
+    let tax_head = if list.tax_rates.is_empty() {
+        ""
+    } else {
+        "<th>Tax rate</th>"
+    };
+    let review = match st
+        .store
+        .connection_for(&scope.tenant_id, &scope.connector_id)
+        .await
+    {
+        Ok(c) => c.is_some_and(|c| c.mappings_review),
+        Err(e) => {
+            return message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Mappings unavailable",
+                &e.to_string(),
+            );
+        }
+    };
+    let mut form = if review {
+        format!(
+            "<p class=\"review\" id=\"review\">These mappings were chosen from another organisation's accounts. Check each line against {}'s accounts and save: nothing is sent until you do.</p>",
+            esc(&org)
+        )
+    } else {
+        String::new()
+    };
+    form.push_str(&format!(
+        "<form method=\"post\" action=\"/integrations/mappings{q}\" id=\"mapping\"><table><tr><th>Line type</th><th>Account</th>{tax_head}</tr>",
+    ));
     for (key, name) in kinds {
         if list.accounts.is_empty() {
             // No chart of accounts to choose from: the admin types codes.
             form.push_str(&format!(
-                "<tr><td>{}</td><td><input type=\"text\" name=\"{}\" value=\"{}\" placeholder=\"account code\">{}</td></tr>",
+                "<tr><td>{}</td><td><input type=\"text\" name=\"{}\" value=\"{}\" placeholder=\"account code\">{}</td>{}</tr>",
                 esc(&name),
                 esc(&key),
                 esc(current.get(&key).map(String::as_str).unwrap_or("")),
-                was(&key)
+                was(&key),
+                tax_cell(&key)
             ));
             continue;
         }
@@ -937,10 +1147,11 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
             ));
         }
         form.push_str(&format!(
-            "<tr><td>{}</td><td><select name=\"{}\">{options}</select>{}</td></tr>",
+            "<tr><td>{}</td><td><select name=\"{}\">{options}</select>{}</td>{}</tr>",
             esc(&name),
             esc(&key),
-            was(&key)
+            was(&key),
+            tax_cell(&key)
         ));
     }
     form.push_str(
@@ -959,6 +1170,9 @@ async fn save_mappings(
         Ok(s) => s,
         Err(r) => return r,
     };
+    if let Some(r) = nul_in_form(f.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        return r;
+    }
     if st.connections.manifest(which.id()).is_none() {
         return message(
             StatusCode::NOT_FOUND,
@@ -986,35 +1200,57 @@ async fn save_mappings(
     // Only the rows the admin changed: a changed code is set (and
     // checked), "not mapped" clears a mapping, an unchanged row is left
     // as it is (with its tax type and who set it).
-    let shown: BTreeMap<String, String> = f
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(WAS)?.to_string(), v.trim().to_string())))
-        .collect();
+    let field = |prefix: &str| -> BTreeMap<String, String> {
+        f.iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.trim().to_string())))
+            .collect()
+    };
+    let (shown, taxes, shown_taxes) = (field(WAS), field(TAX), field(WAS_TAX));
     let mut set: Vec<AccountMapping> = Vec::new();
     let mut clear: Vec<String> = Vec::new();
-    for (kind, code) in f.into_iter().filter(|(k, _)| !k.starts_with(WAS)) {
+    let rows = f
+        .into_iter()
+        .filter(|(k, _)| ![WAS, TAX, WAS_TAX].iter().any(|p| k.starts_with(p)));
+    for (kind, code) in rows {
         let code = code.trim();
         set.retain(|m| m.kind != kind);
         clear.retain(|k| k != &kind);
-        // Unchanged on the form (or, from a form without the shown codes,
-        // unchanged in storage): left as it is now.
-        let now = current.get(&kind).map(|m| m.account_code.as_str());
-        if shown
+        let now = current.get(&kind);
+        let now_code = now.map(|m| m.account_code.as_str());
+        let now_tax = now.and_then(|m| m.tax_type.as_deref()).unwrap_or("");
+        // A row is changed when its code or its tax rate differs from what
+        // it was shown with (or, from a form without those, from storage);
+        // an unchanged row is left as it is now (with who set it).
+        let code_changed = shown
             .get(&kind)
             .map(String::as_str)
-            .unwrap_or(now.unwrap_or(""))
-            == code
-        {
+            .unwrap_or(now_code.unwrap_or(""))
+            != code;
+        let tax = taxes.get(&kind).map(String::as_str);
+        let tax_changed = tax.is_some_and(|t| {
+            shown_taxes
+                .get(&kind)
+                .map(String::as_str)
+                .unwrap_or(now_tax)
+                != t
+        });
+        if !code_changed && !tax_changed {
             continue;
         }
-        match now {
-            Some(c) if c == code => {}
+        // The tax rate chosen on the form, else the one stored (a form
+        // without the column keeps it).
+        let tax_type = match tax {
+            Some(t) => (!t.is_empty()).then(|| t.to_string()),
+            None => (!now_tax.is_empty()).then(|| now_tax.to_string()),
+        };
+        match now_code {
+            Some(c) if c == code && now_tax == tax_type.as_deref().unwrap_or("") => {}
             Some(_) if code.is_empty() => clear.push(kind),
             None if code.is_empty() => {}
             _ => set.push(AccountMapping {
                 kind,
                 account_code: code.to_string(),
-                tax_type: None,
+                tax_type,
             }),
         }
     }
@@ -1042,7 +1278,13 @@ async fn save_mappings(
                 &s.admin,
                 Some(&s.tenant),
                 "mapping.set",
-                &format!("{} {} -> {}", scope.connector_id, m.kind, m.account_code),
+                &match &m.tax_type {
+                    Some(t) => format!(
+                        "{} {} -> {} ({t})",
+                        scope.connector_id, m.kind, m.account_code
+                    ),
+                    None => format!("{} {} -> {}", scope.connector_id, m.kind, m.account_code),
+                },
                 now,
             )
             .await;
@@ -1222,7 +1464,7 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
         );
     };
     match st.connections.disconnect(&conn.id, &s.admin).await {
-        Ok(_) => {
+        Ok(report) => {
             let _ = st
                 .store
                 .audit(
@@ -1233,7 +1475,27 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
                     chrono::Utc::now().timestamp(),
                 )
                 .await;
-            redirect("/integrations")
+            if report.problems.is_empty() {
+                return redirect("/integrations");
+            }
+            // Disconnected here, but the provider may still list the app:
+            // the admin is told what to remove there.
+            let name = display_name(&st, connector);
+            let items: String = report
+                .problems
+                .iter()
+                .map(|p| format!("<li>{}</li>", esc(p)))
+                .collect();
+            page(
+                "Disconnected",
+                &format!(
+                    "<p id=\"disconnected\">{n} is disconnected: nothing more is sent to it.</p>\
+                     <p>{n} did not confirm everything:</p><ul id=\"problems\">{items}</ul>\
+                     <p>To be sure ledgerport has no access left, remove it from the connected apps in {n} too.</p>\
+                     <p><a href=\"/integrations\">Back to Integrations</a></p>",
+                    n = esc(&name)
+                ),
+            )
         }
         Err(e) => message(StatusCode::BAD_GATEWAY, "Disconnect failed", &e.to_string()),
     }
@@ -1248,6 +1510,9 @@ async fn retry(
         Ok(s) => s,
         Err(r) => return r,
     };
+    if let Some(r) = nul_in_form(f.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        return r;
+    }
     let id = f.get("id").cloned();
     match st
         .store

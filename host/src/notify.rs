@@ -90,12 +90,15 @@ pub struct Email {
 /// Compose the e-mail for an incident; `provider` is the display name of
 /// the system the documents were meant for (see
 /// [`MailConfig::provider_name`]), `grantless` whether its connector
-/// connects without OAuth (see [`NoticeConnector::grantless`]).
+/// connects without OAuth (see [`NoticeConnector::grantless`]),
+/// `disconnected` whether an admin disconnected the connection (documents
+/// waiting behind a disconnect are not a revoked access).
 pub fn compose(
     incident: &IncidentRow,
     tenant_name: &str,
     provider: &str,
     grantless: bool,
+    disconnected: bool,
     cfg: &MailConfig,
 ) -> Email {
     let n = incident.documents.len();
@@ -110,13 +113,24 @@ pub fn compose(
         "paused-mapping" => (
             format!("Action needed: {n} {plural} waiting for account mapping in {provider}"),
             format!(
-                "{these} {plural} could not be sent to {provider} because some line types are not mapped to an account yet."
+                "{these} {plural} could not be sent to {provider} because some line types are not mapped to an account yet, or the mappings must be checked first (see above)."
             ),
             format!(
-                "Open the Integrations page, choose Configure on the {provider} card and map the line types listed above. The waiting {plural} will then be sent automatically; you do not need to do anything else."
+                "Open the Integrations page, choose Configure on the {provider} card, map the line types listed above (or check the accounts shown) and save. The waiting {plural} will then be sent automatically; you do not need to do anything else."
             ),
             "Map accounts",
             format!("{base}/integrations?configure={}", incident.connection_id),
+        ),
+        "paused-reauth" if disconnected => (
+            format!("{n} {plural} waiting: {provider} is disconnected"),
+            format!(
+                "{provider} was disconnected from ledgerport on the Integrations page, so {these_lc} {plural} {waiting} to be sent."
+            ),
+            format!(
+                "If you do not want {them} sent, nothing needs doing. To send {them}, open the Integrations page and choose Connect on the {provider} card: the waiting {plural} will then be sent automatically."
+            ),
+            "Open Integrations",
+            format!("{base}/integrations"),
         ),
         "paused-reauth" if grantless => (
             format!("Action needed: fix the {provider} connection ({n} {plural} waiting)"),
@@ -287,10 +301,11 @@ pub async fn pump(
         // The connection row outlives a disconnect, so its connector is
         // known; without it the notice says "your accounting system"
         // rather than an id the customer has never seen.
-        let connector = store
-            .connection(&inc.connection_id)
-            .await?
-            .map(|c| c.connector_id);
+        let connection = store.connection(&inc.connection_id).await?;
+        let disconnected = connection
+            .as_ref()
+            .is_some_and(|c| c.state == crate::store::ConnectionState::Disconnected);
+        let connector = connection.map(|c| c.connector_id);
         let provider = match &connector {
             Some(id) => cfg.provider_name(id),
             None => "your accounting system",
@@ -299,7 +314,7 @@ pub async fn pump(
             .as_ref()
             .and_then(|id| cfg.connectors.get(id))
             .is_some_and(|c| c.grantless);
-        let email = compose(&inc, &name, provider, grantless, cfg);
+        let email = compose(&inc, &name, provider, grantless, disconnected, cfg);
         let mail = NewMail {
             recipients: emails,
             subject: email.subject,
@@ -404,6 +419,7 @@ mod tests {
                 "Acme",
                 cfg.provider_name("webhook"),
                 true,
+                false,
                 &cfg,
             );
             assert!(m.subject.contains("JSON webhook"), "{kind}: {}", m.subject);
@@ -418,10 +434,15 @@ mod tests {
         let cfg = config();
         let mut inc = incident("paused-reauth");
         inc.details = vec!["set the connection setting `signing_secret`".into()];
-        let grant = compose(&inc, "Acme", "Xero", false, &cfg);
+        let grant = compose(&inc, "Acme", "Xero", false, false, &cfg);
         assert!(grant.subject.starts_with("Action needed: reconnect Xero"));
         assert!(grant.text.contains("no longer accepts ledgerport's access"));
-        let settings = compose(&inc, "Acme", "JSON webhook", true, &cfg);
+        let settings = compose(&inc, "Acme", "JSON webhook", true, false, &cfg);
+        // Disconnected by an admin: said so, not "access revoked".
+        let away = compose(&inc, "Acme", "Xero", false, true, &cfg);
+        assert_eq!(away.subject, "2 documents waiting: Xero is disconnected");
+        assert!(!away.text.contains("no longer accepts"), "{}", away.text);
+        assert!(away.text.contains("choose Connect"), "{}", away.text);
         assert_eq!(
             settings.subject,
             "Action needed: fix the JSON webhook connection (2 documents waiting)"

@@ -629,15 +629,31 @@ async fn pick_page(State(c): State<Arc<Connections>>, Query(q): Query<PickQuery>
         return error_page(&ConnectError::bad("pick", "is missing"));
     };
     match c.pending_organisations(&pick).await {
-        Ok(orgs) => {
+        Ok((orgs, current)) => {
+            // The organisation connected now is chosen (one click must not
+            // switch organisations), else the first; a switch is said.
+            let chosen = current
+                .as_deref()
+                .filter(|id| orgs.iter().any(|o| o.tenant_id == *id))
+                .or(orgs.first().map(|o| o.tenant_id.as_str()));
             let mut items = String::new();
-            for (i, o) in orgs.iter().enumerate() {
+            for o in &orgs {
+                let now = if current.as_deref() == Some(o.tenant_id.as_str()) {
+                    " (connected now)"
+                } else {
+                    ""
+                };
                 items.push_str(&format!(
-                    "<label><input type=\"radio\" name=\"organisation\" value=\"{}\"{}> {}</label><br>\n",
+                    "<label><input type=\"radio\" name=\"organisation\" value=\"{}\"{}> {}{now}</label><br>\n",
                     escape(&o.tenant_id),
-                    if i == 0 { " checked" } else { "" },
+                    if chosen == Some(o.tenant_id.as_str()) { " checked" } else { "" },
                     escape(&o.name)
                 ));
+            }
+            if current.is_some() {
+                items.push_str(
+                    "<p>Choosing another organisation keeps your account mappings, but nothing is sent to it until you have checked them on the Configure page and saved them.</p>\n",
+                );
             }
             page(
                 StatusCode::OK,

@@ -96,6 +96,14 @@ impl JsonObject {
     pub fn string(&self, key: &str) -> Result<Option<&str>, Response> {
         match self.0.as_ref().and_then(|m| m.get(key)) {
             None | Some(Value::Null) => Ok(None),
+            // PostgreSQL's text cannot hold one: refused here, naming the
+            // field, not answered 503 "retry later" by the store.
+            Some(Value::String(s)) if s.contains('\0') => Err(refusal(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "NUL character",
+                key,
+                "must not contain a NUL character (\\u0000)".into(),
+            )),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(refusal(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -224,6 +232,34 @@ fn between_backticks(text: &str) -> Option<String> {
     let start = text.find('`')? + 1;
     let len = text[start..].find('`')?;
     Some(text[start..start + len].to_string()).filter(|f| !f.is_empty())
+}
+
+/// Middleware for every route: a NUL character in the path (`%00`) or in a
+/// query parameter is a 400 naming the parameter (or `path`), before any
+/// handler passes it to the store (PostgreSQL's text cannot hold one: it
+/// was answered 503 "retry later", for ever).
+pub async fn no_nul(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri = req.uri();
+    if uri.path().contains("%00") {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "NUL character",
+            "path",
+            "must not contain a NUL character (%00)".into(),
+        );
+    }
+    if let Some(q) = uri.query()
+        && let Some((k, _)) = url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "NUL character",
+            &k.replace('\0', ""),
+            "must not contain a NUL character (%00)".into(),
+        );
+    }
+    next.run(req).await
 }
 
 #[cfg(test)]

@@ -13,20 +13,35 @@ use serde_json::{Value, json};
 use storage_support::TestDb;
 use xero_sim::{DEFAULT_TENANT_TRADING, Sim, SimConfig};
 
-const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/v1/admin/tenants/{t}/status"),
-    ("GET", "/v1/admin/tenants/{t}/deliveries"),
-    ("POST", "/v1/admin/tenants/{t}/deliveries/retry"),
-    ("GET", "/v1/admin/tenants/{t}/mappings"),
-    ("PUT", "/v1/admin/tenants/{t}/mappings/gross-salary"),
-    ("POST", "/v1/admin/tenants/{t}/connect/xero"),
-    ("POST", "/v1/admin/tenants/{t}/disconnect/xero"),
-    ("POST", "/v1/admin/tenants/{t}/check/xero"),
-    ("GET", "/v1/admin/tenants/{t}/audit"),
-    ("GET", "/v1/admin/tenants/{t}/settings/xero"),
-    ("PUT", "/v1/admin/tenants/{t}/settings/xero/status"),
-    ("DELETE", "/v1/admin/tenants/{t}/settings/xero/status"),
-];
+/// Every tenant route the daemon describes (`/openapi.json`), as method
+/// and path for tenant `{t}`: a route added later is covered without
+/// anyone remembering to list it here.
+async fn tenant_routes(http: &reqwest::Client, base: &str) -> Vec<(String, String)> {
+    let spec: Value = http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/admin/tenants/{tenant}") {
+            continue;
+        }
+        let concrete = path
+            .replace("{tenant}", "{t}")
+            .replace("{connector}", "xero")
+            .replace("{kind}", "gross-salary")
+            .replace("{key}", "status");
+        assert!(!concrete.replace("{t}", "").contains('{'), "{path}");
+        for method in ops.as_object().unwrap().keys() {
+            out.push((method.to_uppercase(), concrete.clone()));
+        }
+    }
+    out
+}
 
 async fn call(
     http: &reqwest::Client,
@@ -83,7 +98,22 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
 
     // Every tenant route: no key 401, revoked 401, ingest key 403, another
     // tenant's key 403 naming the tenant (and nothing changed).
-    for (m, tpl) in ROUTES {
+    let routes = tenant_routes(&http, &base).await;
+    for expected in [
+        ("DELETE", "/v1/admin/tenants/{t}/mappings/gross-salary"),
+        ("DELETE", "/v1/admin/tenants/{t}/page-sessions"),
+        ("POST", "/v1/admin/tenants/{t}/deliveries/retry"),
+        ("PUT", "/v1/admin/tenants/{t}/settings/xero/status"),
+    ] {
+        assert!(
+            routes
+                .iter()
+                .any(|(m, p)| m == expected.0 && p == expected.1),
+            "{expected:?} not described: {routes:?}"
+        );
+    }
+    assert!(routes.len() >= 15, "{routes:?}");
+    for (m, tpl) in &routes {
         let path = tpl.replace("{t}", "globex");
         assert_eq!(
             call(&http, &base, m, &path, None, true).await.0,
@@ -108,6 +138,16 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
         s.audit_log(Some("globex"), 10).await.unwrap().is_empty(),
         "nothing was changed"
     );
+    // The platform's routes take the service, ingest or operator key, not
+    // a tenant's (a tenant must not post documents).
+    for (m, path) in [
+        ("POST", "/v1/documents"),
+        ("GET", "/v1/tenants/acme/deliveries"),
+    ] {
+        let (st, body) = call(&http, &base, m, path, Some(&acme), false).await;
+        assert_eq!(st, 401, "{m} {path}: {body}");
+        assert_eq!(body["problems"][0]["field"], "authorization", "{body}");
+    }
     assert!(
         s.mappings(&ledgerport::capabilities::mapping::MappingScope {
             tenant_id: "globex".into(),
@@ -432,4 +472,15 @@ async fn plugin_configuration_that_cannot_hold_stops_the_start() {
         e.contains("installed twice") && e.contains("xero.bak"),
         "{e}"
     );
+
+    // trusted_keys in the daemon's config reach the runtime: the unsigned
+    // connectors of the build are refused, naming why.
+    let db3 = TestDb::sqlite();
+    let mut cfg = storage_support::daemon_config(db3.url(), &sim, &key_file);
+    cfg.trusted_keys = vec![ledgerport::signing::generate().1];
+    let Err(e) = Daemon::start(cfg, Clock::system(), None).await else {
+        panic!("started unsigned connectors with trusted_keys set");
+    };
+    let e = format!("{e:#}");
+    assert!(e.contains("is not signed"), "{e}");
 }

@@ -275,6 +275,28 @@ fn tenants_mappings_issue_and_the_delivery_log() {
         t.contains("gross-salary") && t.contains("477") && t.contains("INPUT2"),
         "{t}"
     );
+    // All or nothing: a bad pair leaves the good ones before it unsaved.
+    let o = ledgerport(
+        &[
+            "mappings",
+            "set",
+            "--tenant",
+            "acme",
+            "allowances-and-bonuses=478",
+            "no-such-kind=1",
+            "--database",
+            db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no-such-kind"), "{}", text(&o));
+    assert!(text(&o).contains("nothing was saved"), "{}", text(&o));
+    let o = ledgerport(
+        &["mappings", "list", "--tenant", "acme", "--database", db],
+        &env,
+    );
+    assert!(!text(&o).contains("allowances-and-bonuses"), "{}", text(&o));
 
     // issue: a bad document is refused naming the fields, exit 2.
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json");

@@ -114,7 +114,7 @@ async fn storage_round_trip(db: TestDb) {
     assert_eq!(raw.len(), 2);
     for (key, key_id, value) in &raw {
         assert!(value.starts_with("lp1:"), "{key}: {value}");
-        assert_eq!(key_id, ring.current_key_id());
+        assert_eq!(*key_id, ring.current_key_id());
         assert!(!value.contains(SECRET) && !value.contains("SUBMITTED"));
     }
     // A ciphertext copied into another row does not decrypt there.
@@ -1200,10 +1200,9 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
         .call("POST", &at("disconnect/webhook"), &key, None)
         .await;
     assert_eq!(s, 200, "{v}");
-    assert!(
-        v["report"].as_str().unwrap().contains("problems: []"),
-        "{v}"
-    );
+    assert_eq!(v["problems"], json!([]), "{v}");
+    assert_eq!(v["already_disconnected"], false, "{v}");
+    assert_eq!(v["token_revoked"], false, "nothing to revoke: {v}");
     let c = store
         .connection_for("acme", "webhook")
         .await
@@ -1468,6 +1467,32 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
         v["deliveries"].as_array().unwrap().len(),
         1,
         "the refusals requeued nothing: {v}"
+    );
+    // Another tenant's admin cannot retry acme's failed delivery by its id.
+    let failed_id = v["deliveries"][0]["delivery"]["id"]
+        .as_str()
+        .expect("acme's failed delivery")
+        .to_string();
+    env.d
+        .store
+        .upsert_tenant("globex", "Globex", &[], 0)
+        .await
+        .unwrap();
+    let globex = env.key("globex").await;
+    let (s, g) = env
+        .call(
+            "POST",
+            "/v1/admin/tenants/globex/deliveries/retry",
+            &globex,
+            Some(json!({"id": failed_id})),
+        )
+        .await;
+    assert_eq!(s, 404, "{g}");
+    assert_eq!(g["problems"][0]["field"], "id", "{g}");
+    let (_, v) = env.call("GET", &at("state=failed"), &key, None).await;
+    assert_eq!(
+        v["deliveries"][0]["delivery"]["id"], failed_id,
+        "still failed, not requeued by another tenant: {v}"
     );
     // What axum itself refuses is JSON naming the field too: a query value
     // of the wrong type, a method the route does not take.
@@ -1786,6 +1811,61 @@ async fn the_mapping_form_saves_every_changed_row_or_none() {
     let after = mapped().await;
     assert_eq!(after["security-deposit"].mapping.account_code, "401");
     assert_eq!(after["fx-fee"].mapping.account_code, "404");
+
+    // A row's tax rate: shown chosen, kept when only the code changes (a
+    // form without the column, too), changed or reset to the account's
+    // default from its own choice.
+    let r = b
+        .get(format!("{}/integrations/configure", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let html = r.text().await.unwrap();
+    assert!(html.contains("<th>Tax rate</th>"), "{html}");
+    assert!(
+        html.contains("<input type=\"hidden\" name=\"shown-tax:management-fee\" value=\"INPUT2\">"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<option value=\"INPUT2\" selected>"),
+        "{html}"
+    );
+    let (s, html) = post(vec![("management-fee", "404")]).await;
+    assert_eq!(s, 303, "{html}");
+    let fee = &mapped().await["management-fee"];
+    assert_eq!(fee.mapping.account_code, "404");
+    assert_eq!(fee.mapping.tax_type.as_deref(), Some("INPUT2"), "tax kept");
+    let (s, html) = post(vec![
+        ("management-fee", "404"),
+        ("shown:management-fee", "404"),
+        ("tax:management-fee", ""),
+        ("shown-tax:management-fee", "INPUT2"),
+    ])
+    .await;
+    assert_eq!(s, 303, "{html}");
+    let fee = &mapped().await["management-fee"];
+    assert_eq!(fee.mapping.account_code, "404");
+    assert_eq!(fee.mapping.tax_type, None, "the account's default again");
+    let (s, html) = post(vec![
+        ("management-fee", "404"),
+        ("shown:management-fee", "404"),
+        ("tax:management-fee", "INPUT2"),
+        ("shown-tax:management-fee", ""),
+    ])
+    .await;
+    assert_eq!(s, 303, "{html}");
+    assert_eq!(
+        mapped().await["management-fee"].mapping.tax_type.as_deref(),
+        Some("INPUT2")
+    );
+    // A NUL character in a field is refused by name, nothing stored.
+    let (s, html) = post(vec![("management-fee", "4\u{0}04")]).await;
+    assert_eq!(s, 400, "{html}");
+    assert!(
+        html.contains("management-fee: must not contain a NUL"),
+        "{html}"
+    );
     env.d.stop().await;
 }
 
@@ -2027,6 +2107,50 @@ async fn the_page_signs_in_with_a_one_time_link_not_the_key() {
     );
     assert_eq!(page(carol).await.0, 401, "the token itself no longer works");
 
+    // A notice's link opened before signing in (`?log=failed`): the sign-in
+    // lands there, not on the bare page; a cookie naming another site
+    // still lands on this page.
+    let r = b
+        .get(format!(
+            "{}/integrations?log=failed&number=INV%201",
+            env.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let next = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("lp_next="))
+        .expect("the link is remembered")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    for (cookie, to) in [
+        (next.as_str(), "/integrations?log=failed&number=INV+1"),
+        (
+            "lp_next=%2F%2Fevil.example%2F",
+            "/integrations?%2F%2Fevil.example%2F=",
+        ),
+    ] {
+        let (s, v) = env
+            .call("POST", links, &key, Some(json!({"admin": "alice"})))
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let r = b
+            .get(format!("{}{}", env.base, v["login"].as_str().unwrap()))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303);
+        assert_eq!(r.headers()["location"], to);
+    }
+
     // Revoking the key that asked for a session ends it, and a link it
     // asked for no longer signs in.
     let (s, v) = env
@@ -2115,4 +2239,176 @@ async fn a_connect_started_on_the_page_completes_only_in_that_browser() {
     assert_eq!(r.status().as_u16(), 200);
     let body = r.text().await.unwrap();
     assert!(body.contains("id=\"connected\""), "{body}");
+}
+
+/// The customer removed the app from the organisation in Xero (Xero then
+/// answers 403): "Test connection" says to connect again *and* marks the
+/// connection needs-reauth (as a delivery would), so the card says why and
+/// offers Connect; the Configure page says the same, not "did not answer".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_xero_no_longer_accepts_is_marked_by_a_check() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    let conn = env
+        .d
+        .store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap();
+    use ledgerport::capabilities::http::CredentialProvider;
+    let token = env.d.connections.tokens().bearer(&conn.id).await.unwrap();
+    let r = env
+        .http
+        .delete(format!(
+            "{}/connections/{}",
+            env.sim.base_url(),
+            conn.external_connection_id.clone().unwrap()
+        ))
+        .bearer_auth(&token.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let r = b
+        .get(format!("{}/integrations/configure", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    assert!(r.text().await.unwrap().contains("Connect Xero again"));
+    let key = env.key("acme").await;
+    let (s, v) = env
+        .call("GET", "/v1/admin/tenants/acme/status", &key, None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["connections"][0]["state"], "needs-reauth", "{v}");
+    assert!(
+        v["connections"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Xero refused access"),
+        "{v}"
+    );
+    let html = b
+        .get(format!("{}/integrations", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("id=\"reason\""), "{html}");
+    assert!(html.contains("Xero refused access"), "{html}");
+    assert!(html.contains("id=\"connect\""), "Connect offered: {html}");
+    env.d.stop().await;
+}
+
+/// Without a catalogue configured, the Configure page offers the line
+/// kinds the tenant's documents wait for (before, only kinds already
+/// mapped: a new kind could not be mapped on the page at all); mapping it
+/// there sends the document. A NUL character in a query is refused by
+/// name; a store that cannot be read is a 503, not an empty page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_catalogue_the_page_offers_the_kinds_documents_wait_for() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    let mut doc = invoice("acme", 1);
+    doc["lines"][0]["kind"] = json!("relocation-fee");
+    env.post(&doc).await;
+    let counts = env.settle().await;
+    assert!(counts.contains(&("paused".to_string(), 1)), "{counts:?}");
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let html = b
+        .get(format!("{}/integrations/configure", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("name=\"relocation-fee\""), "{html}");
+    let r = b
+        .post(format!("{}/integrations/mappings", env.base))
+        .header("cookie", &cookie)
+        .form(&[("relocation-fee", "477")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303, "{}", r.text().await.unwrap());
+    eventually("the document delivered", || async {
+        let rows = env
+            .d
+            .store
+            .list_deliveries(Some("acme"), Some("INV-acme-0001"), None, 1)
+            .await
+            .unwrap();
+        (rows[0].state == "delivered").then_some(())
+    })
+    .await;
+
+    let key = env.key("acme").await;
+    for path in [
+        "/v1/admin/tenants/acme/deliveries?number=INV%00",
+        "/v1/tenants/acme/deliveries?number=%00",
+    ] {
+        let k = if path.starts_with("/v1/admin") {
+            key.clone()
+        } else {
+            SERVICE_KEY.to_string()
+        };
+        let (s, v) = env.call("GET", path, &k, None).await;
+        assert_eq!(s, 400, "{path}: {v}");
+        assert_eq!(v["problems"][0]["field"], "number", "{v}");
+    }
+    let (s, v) = env
+        .call("GET", "/v1/admin/tenants/ac%00me/status", &key, None)
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["problems"][0]["field"], "path", "{v}");
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/admin/tenants/acme/deliveries/retry",
+            &key,
+            Some(json!({"id": "dlv-\u{0}"})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["problems"][0]["field"], "id", "{v}");
+
+    // The deliveries cannot be read (the table gone from under the
+    // daemon): the page and the API's status answer 503, not an empty log
+    // with nothing failed.
+    let ledgerport::store::Pool::Sqlite(pool) = env.d.store.pool() else {
+        unreachable!("the test runs on SQLite")
+    };
+    sqlx::query("ALTER TABLE deliveries RENAME TO deliveries_away")
+        .execute(pool)
+        .await
+        .unwrap();
+    let r = b
+        .get(format!("{}/integrations", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("No documents yet"), "{body}");
+    let (s, v) = env
+        .call("GET", "/v1/admin/tenants/acme/status", &key, None)
+        .await;
+    assert_eq!(s, 503, "{v}");
+    sqlx::query("ALTER TABLE deliveries_away RENAME TO deliveries")
+        .execute(pool)
+        .await
+        .unwrap();
+    env.d.stop().await;
 }

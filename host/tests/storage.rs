@@ -219,7 +219,51 @@ async fn states_are_single_use_and_expire(db: TestDb) {
     s.create_oauth_state(&k, "h3", "acme", "xero", "alice", Some(&v), 100, 5_000)
         .await
         .unwrap();
-    assert_eq!(s.purge_oauth(1_000).await.unwrap(), 2);
+    // Organisation picks (their parked grant tokens): one expired, one
+    // used, one live.
+    let pick = |expires: i64| ledgerport::store::PendingPick {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+        admin: "alice".into(),
+        scopes: vec!["accounting.transactions".into()],
+        auth_event_id: None,
+        organisations: vec![Organisation {
+            tenant_id: "org-1".into(),
+            name: "Org".into(),
+            connection_id: None,
+        }],
+        tokens: TokenSet {
+            access_token: Secret::new("parked-access"),
+            refresh_token: Some(Secret::new("parked-refresh")),
+            expires_at: 2_000,
+        },
+        pick_expires_at: expires,
+    };
+    for (hash, expires) in [("p-old", 500), ("p-used", 5_000), ("p-live", 5_000)] {
+        s.create_pending_pick(&k, hash, &pick(expires))
+            .await
+            .unwrap();
+    }
+    assert!(
+        s.pending_pick(&k, "p-used", 200, true)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(s.purge_oauth(1_000).await.unwrap(), 4, "2 states, 2 picks");
+    assert!(
+        s.pending_pick(&k, "p-used", 800, false)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let live = s.pending_pick(&k, "p-live", 800, false).await.unwrap();
+    assert_eq!(live.unwrap().tokens.access_token.expose(), "parked-access");
+    assert_eq!(
+        s.purge_oauth(1_000).await.unwrap(),
+        0,
+        "nothing left to purge"
+    );
     assert_eq!(
         s.consume_oauth_state(&k, "h2", 800)
             .await
@@ -1295,25 +1339,64 @@ async fn incidents_are_told_once_and_never_lost(db: TestDb) {
     );
     assert_eq!(store.unsent_mail_count().await.unwrap(), 0);
 
-    // A pause resolved within the grouping window is not told.
-    store
-        .record_incident(
-            "acme",
-            "conn-1",
-            "paused-mapping",
-            "INV-2",
-            "fx-fee is not mapped",
-            10_000,
-            60_000,
+    // A pause resolved within the grouping window is not told: resolved by
+    // the admin's fix (resume) or by a retry of the delivery by id (which
+    // also leaves its pause behind).
+    store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    for (i, by_id) in [(1, false), (2, true)] {
+        let id = ingest_on(&store, i, "conn-1").await.1;
+        exec(
+            &store,
+            &format!(
+                "UPDATE deliveries SET state = 'paused', pause_reason = 'mapping', pause_detail = '{{\"unmapped\":[\"fx-fee\"]}}' WHERE id = '{id}'"
+            ),
         )
-        .await
-        .unwrap();
-    exec(
-        &store,
-        "UPDATE incidents SET closed_at = 20000 WHERE kind = 'paused-mapping'",
-    )
-    .await;
-    assert!(store.due_incidents(100_000).await.unwrap().is_empty());
+        .await;
+        assert_eq!(
+            store.unmapped_kinds_waiting("acme", "xero").await.unwrap(),
+            ["fx-fee"]
+        );
+        let at = 10_000 * i as i64;
+        store
+            .record_incident(
+                "acme",
+                "conn-1",
+                "paused-mapping",
+                &format!("INV-{i}"),
+                "fx-fee is not mapped",
+                at,
+                60_000,
+            )
+            .await
+            .unwrap();
+        if by_id {
+            assert_eq!(
+                store.retry_failed("acme", Some(&id), at + 1).await.unwrap(),
+                1
+            );
+        } else {
+            assert_eq!(
+                store
+                    .resume(std::slice::from_ref(&id), at + 1)
+                    .await
+                    .unwrap(),
+                1
+            );
+        }
+        assert!(
+            store.due_incidents(at + 100_000).await.unwrap().is_empty(),
+            "resolved by {}: not told",
+            if by_id { "a retry" } else { "resume" }
+        );
+        assert!(store.paused_deliveries("").await.unwrap().is_empty());
+        assert!(
+            store
+                .unmapped_kinds_waiting("acme", "xero")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
 }
 both!(
     incidents_told_once_sqlite,

@@ -120,9 +120,35 @@ impl Connections {
         })?;
         match p.runtime.check(&p.plugin, &ctx).await {
             Ok(Ok(report)) => Ok(report),
-            Ok(Err(wit::DeliveryError::NeedsReauth(m))) => Err(CheckError::NeedsReauth(m)),
+            Ok(Err(wit::DeliveryError::NeedsReauth(m))) => {
+                self.mark_needs_reauth(&conn, &m).await;
+                Err(CheckError::NeedsReauth(m))
+            }
             Ok(Err(e)) => Err(CheckError::Failed(connector_said(e))),
             Err(e) => Err(CheckError::Failed(e.to_string())),
+        }
+    }
+}
+
+impl Connections {
+    /// The connector said, outside a delivery (a check, the account list),
+    /// that the provider no longer accepts the connection: mark it
+    /// needs-reauth as a delivery would, so the card offers Connect and
+    /// the deliveries wait for it, unless it was connected again meanwhile.
+    pub(crate) async fn mark_needs_reauth(&self, conn: &crate::store::Connection, why: &str) {
+        let Some(seen) = conn.connected_at else {
+            return;
+        };
+        match self
+            .store()
+            .mark_needs_reauth_if_unchanged(&conn.id, seen, why, self.clock().now_secs())
+            .await
+        {
+            Ok(Some(_)) => {
+                tracing::warn!(connection = %conn.id, reason = %why, "the connector says the connection needs re-authorisation")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "recording needs-reauth failed"),
         }
     }
 }

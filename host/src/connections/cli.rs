@@ -7,9 +7,10 @@
 //!
 //! Exit codes: 0 success, 2 bad input or a refusal, 3 internal error.
 
+use super::mappings::MappingError;
 use super::{Catalogue, Clock, Connections};
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
-use crate::crypto::{KEY_FILE_ENV, KeyRing, Secret, generate_key};
+use crate::crypto::{KEY_ENV, KEY_FILE_ENV, KeyRing, Secret, generate_key};
 use crate::manifest::Manifest;
 use crate::oauth::{OAuthApp, OAuthProvider, Providers};
 use crate::store::Store;
@@ -516,26 +517,63 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                     .iter()
                     .map(|m| parse_mapping(m))
                     .collect::<Result<Vec<_>, _>>()?;
+                // All or nothing, as on the page and the API: every pair is
+                // checked before any is written (one at a time left the
+                // pairs before a bad one saved).
                 let out = if replace {
                     conns.replace_mappings(&scope, &parsed, &actor).await
                 } else {
-                    let mut last = None;
-                    for m in parsed {
-                        last = Some(conns.set_mapping(&scope, m, &actor).await);
-                        if matches!(last, Some(Err(_))) {
-                            break;
-                        }
-                    }
-                    last.unwrap_or(Ok(super::MappingOutcome {
-                        validated_against: None,
-                    }))
+                    conns
+                        .change_mappings(&scope, &parsed, &[], &actor)
+                        .await
+                        .map_err(|(kind, e)| match kind {
+                            Some(k) => MappingError::Invalid {
+                                field: "mapping",
+                                message: format!("{k}: {e}"),
+                            },
+                            None => e,
+                        })
                 };
                 match out {
-                    Ok(o) => match o.validated_against {
-                        Some(org) => println!("saved (checked against {org})"),
-                        None => println!("saved (not checked: no live connection or no --plugin)"),
-                    },
-                    Err(e) if e.status() < 500 => return Err(bad(e.to_string())),
+                    Ok(o) => {
+                        let now = chrono::Utc::now().timestamp();
+                        if replace {
+                            let _ = conns
+                                .store()
+                                .audit(
+                                    &actor,
+                                    Some(&scope.tenant_id),
+                                    "mapping.replace",
+                                    &format!("{} ({} kinds)", scope.connector_id, parsed.len()),
+                                    now,
+                                )
+                                .await;
+                        }
+                        for m in &parsed {
+                            let _ = conns
+                                .store()
+                                .audit(
+                                    &actor,
+                                    Some(&scope.tenant_id),
+                                    "mapping.set",
+                                    &format!(
+                                        "{} {} -> {}",
+                                        scope.connector_id, m.kind, m.account_code
+                                    ),
+                                    now,
+                                )
+                                .await;
+                        }
+                        match o.validated_against {
+                            Some(org) => println!("saved (checked against {org})"),
+                            None => {
+                                println!("saved (not checked: no live connection or no --plugin)")
+                            }
+                        }
+                    }
+                    Err(e) if e.status() < 500 => {
+                        return Err(bad(format!("{e}; nothing was saved")));
+                    }
                     Err(e) => return Err(Fail(3, e.to_string())),
                 }
             }
@@ -612,7 +650,7 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                 s.key_ids_in_use().await?.join(", ")
             );
             println!(
-                "restart every daemon so they load the new key; older keys can be removed once no daemon uses them"
+                "running daemons that read this key file start using the new key when they meet it; restart any daemon given its keys only by {KEY_ENV}, with the new key; older keys can be removed from the file once `keys rotate` reports only the new key in use"
             );
         }
         ConnectionsCommand::Keys {

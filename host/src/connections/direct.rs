@@ -77,6 +77,7 @@ impl Connections {
             disconnected_at: None,
             state_reason: None,
             updated_at: now,
+            mappings_review: false,
         });
         let mut ctx = self.context_for(&prospective).await?;
         if existing.is_none() {

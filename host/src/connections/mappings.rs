@@ -53,6 +53,11 @@ pub enum MappingError {
     /// The account list could not be read to check the mapping.
     #[error("account_code: cannot be checked now, the account list is unavailable: {0}")]
     Unverifiable(String),
+    /// The provider no longer accepts the connection (the grant was
+    /// revoked, the app removed from the organisation): it is marked
+    /// needs-reauth, and the admin must connect again (409).
+    #[error("connection: {0}; connect again")]
+    NeedsReauth(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -63,6 +68,7 @@ impl MappingError {
     pub fn status(&self) -> u16 {
         match self {
             MappingError::Unverifiable(_) => 503,
+            MappingError::NeedsReauth(_) => 409,
             MappingError::Store(_) => 500,
             _ => 400,
         }
@@ -75,6 +81,7 @@ impl MappingError {
             MappingError::UnknownKind { .. } => "kind",
             MappingError::UnknownAccount { .. } | MappingError::Unverifiable(_) => "account_code",
             MappingError::UnknownTaxType { .. } => "tax_type",
+            MappingError::NeedsReauth(_) => "connection",
             MappingError::Store(_) => "storage",
         }
     }
@@ -248,6 +255,10 @@ impl Connections {
             .unwrap_or_else(|| scope.connector_id.clone());
         match p.runtime.list_accounts(&p.plugin, &ctx).await {
             Ok(Ok(list)) => Ok(Some((org, list))),
+            Ok(Err(wit::DeliveryError::NeedsReauth(m))) => {
+                self.mark_needs_reauth(&conn, &m).await;
+                Err(MappingError::NeedsReauth(m))
+            }
             Ok(Err(e)) => Err(MappingError::Unverifiable(super::connector_said(e))),
             Err(e) => Err(MappingError::Unverifiable(e.to_string())),
         }

@@ -81,6 +81,10 @@ pub struct Connection {
     pub state_reason: Option<String>,
     /// Last change (Unix seconds).
     pub updated_at: i64,
+    /// Switched to another organisation since its account mappings were
+    /// last saved: nothing is sent until an admin has checked and saved
+    /// them (they were chosen from the other organisation's accounts).
+    pub mappings_review: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -99,6 +103,7 @@ pub(super) struct ConnectionRow {
     disconnected_at: Option<i64>,
     state_reason: Option<String>,
     updated_at: i64,
+    mappings_review: i64,
 }
 
 /// Store a connection's (encrypted) tokens, bumping their generation:
@@ -115,7 +120,7 @@ const UPSERT_TOKENS: &str = "INSERT INTO connection_tokens
 
 pub(super) const CONNECTION_COLUMNS: &str = "id, tenant_id, connector_id, state, external_tenant_id, \
     external_tenant_name, external_connection_id, auth_event_id, scopes, connected_by, \
-    connected_at, disconnected_at, state_reason, updated_at";
+    connected_at, disconnected_at, state_reason, updated_at, mappings_review";
 
 impl From<ConnectionRow> for Connection {
     fn from(r: ConnectionRow) -> Self {
@@ -135,6 +140,7 @@ impl From<ConnectionRow> for Connection {
             disconnected_at: r.disconnected_at,
             state_reason: r.state_reason,
             updated_at: r.updated_at,
+            mappings_review: r.mappings_review != 0,
         }
     }
 }
@@ -459,7 +465,8 @@ impl TokenLease {
             .refresh_token
             .as_ref()
             .map(|r| keys.encrypt(r.expose(), &ctx_refresh(&id)));
-        let key_id = keys.current_key_id().to_string();
+        // The key that sealed them (the ring may change meanwhile).
+        let key_id = KeyRing::key_of(&access).unwrap_or_default().to_string();
         on_lease!(self, c => {
             sqlx::query(UPSERT_TOKENS)
             .bind(&id)
@@ -716,6 +723,16 @@ impl Store {
         let org_changed = existing
             .as_ref()
             .is_some_and(|c| c.external_tenant_id.as_deref() != Some(&new.organisation.tenant_id));
+        // Mappings chosen from another organisation's accounts are to be
+        // checked before anything is sent to this one.
+        let review = org_changed
+            && !self
+                .mappings(&crate::capabilities::mapping::MappingScope {
+                    tenant_id: new.tenant_id.clone(),
+                    connector_id: new.connector_id.clone(),
+                })
+                .await?
+                .is_empty();
         let scopes = new.scopes.join(" ");
         let sealed = new.tokens.as_ref().map(|t| {
             (
@@ -752,7 +769,8 @@ impl Store {
                    connected_by = excluded.connected_by,
                    connected_at = CASE WHEN connections.connected_at >= excluded.connected_at
                      THEN connections.connected_at + 1 ELSE excluded.connected_at END,
-                   disconnected_at = NULL, state_reason = NULL, updated_at = excluded.updated_at",
+                   disconnected_at = NULL, state_reason = NULL, updated_at = excluded.updated_at,
+                   mappings_review = CASE WHEN $11 THEN 1 ELSE connections.mappings_review END",
             )
             .bind(&id)
             .bind(&new.tenant_id)
@@ -764,12 +782,13 @@ impl Store {
             .bind(&scopes)
             .bind(&new.admin)
             .bind(now)
+            .bind(review)
             .execute(&mut *tx)
             .await?;
             if let Some((access, refresh, expires_at)) = &sealed {
                 sqlx::query(UPSERT_TOKENS)
                 .bind(&id)
-                .bind(keys.current_key_id())
+                .bind(KeyRing::key_of(access).unwrap_or_default())
                 .bind(access)
                 .bind(refresh)
                 .bind(expires_at)
@@ -982,7 +1001,13 @@ impl Store {
             .bind(tenant_id)
             .bind(connector_id)
             .bind(admin)
-            .bind(keys.current_key_id())
+            .bind(
+                verifier
+                    .as_deref()
+                    .and_then(KeyRing::key_of)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| keys.current_key_id()),
+            )
             .bind(&verifier)
             .bind(now)
             .bind(expires_at)
@@ -1080,7 +1105,7 @@ impl Store {
             .bind(pick.scopes.join(" "))
             .bind(&pick.auth_event_id)
             .bind(&orgs)
-            .bind(keys.current_key_id())
+            .bind(KeyRing::key_of(&access).unwrap_or_default())
             .bind(&access)
             .bind(&refresh)
             .bind(pick.tokens.expires_at)

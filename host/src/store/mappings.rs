@@ -65,7 +65,9 @@ impl Store {
     }
 
     /// Set some mappings and delete others, in one transaction: the
-    /// Integrations page's form saves all of its rows or none.
+    /// Integrations page's form saves all of its rows or none. Like
+    /// [`Store::replace_mappings`], it ends a review due after the
+    /// connection switched organisation ([`super::Connection::mappings_review`]).
     pub async fn change_mappings(
         &self,
         scope: &MappingScope,
@@ -121,6 +123,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
+            // Saved as a whole: checked by an admin, so a review due after
+            // a switch to another organisation is done.
+            sqlx::query("UPDATE connections SET mappings_review = 0 WHERE tenant_id = $1 AND connector_id = $2 AND mappings_review <> 0")
+                .bind(&scope.tenant_id)
+                .bind(&scope.connector_id)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
         });
         Ok(())

@@ -650,6 +650,72 @@ impl Store {
         })
     }
 
+    /// The line kinds a tenant's documents wait for a mapping of, for one
+    /// connector (what the Integrations page offers to map when no
+    /// catalogue is configured).
+    pub async fn unmapped_kinds_waiting(
+        &self,
+        tenant_id: &str,
+        connector_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let details: Vec<(Option<String>,)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT DISTINCT pause_detail FROM deliveries
+                 WHERE tenant_id = $1 AND connector_id = $2 AND state = 'paused'
+                   AND pause_reason = 'mapping'",
+            )
+            .bind(tenant_id)
+            .bind(connector_id)
+            .fetch_all(p)
+            .await?
+        });
+        let mut kinds: Vec<String> = details
+            .into_iter()
+            .filter_map(|(d,)| serde_json::from_str::<serde_json::Value>(&d?).ok())
+            .flat_map(|d| {
+                d["unmapped"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|k| k.as_str().map(String::from))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        Ok(kinds)
+    }
+
+    /// Why a connection's paused deliveries are paused (each reason once).
+    pub async fn pause_reasons(&self, connection_id: &str) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(Option<String>,)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT DISTINCT pause_reason FROM deliveries WHERE state = 'paused' AND connection_id = $1",
+            )
+            .bind(connection_id)
+            .fetch_all(p)
+            .await?
+        });
+        let mut out: Vec<String> = rows.into_iter().filter_map(|(r,)| r).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// When a connection last delivered a document (ms), if ever.
+    pub async fn last_delivered_at(&self, connection_id: &str) -> Result<Option<i64>, StoreError> {
+        let row: (Option<i64>,) = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT MAX(delivered_at) FROM deliveries WHERE state = 'delivered' AND connection_id = $1",
+            )
+            .bind(connection_id)
+            .fetch_one(p)
+            .await?
+        });
+        Ok(row.0)
+    }
+
     /// Put paused deliveries back in the queue, and close the incidents
     /// that no longer have anything paused.
     pub async fn resume(&self, ids: &[String], now: i64) -> Result<u64, StoreError> {
@@ -671,12 +737,19 @@ impl Store {
         delivery_id: Option<&str>,
         now: i64,
     ) -> Result<u64, StoreError> {
+        // A paused one retried by id leaves its pause behind (reason and
+        // detail), and its incident is closed once nothing of it is paused:
+        // else the notice of a pause already resolved would still be sent,
+        // or an incident left open would swallow the next pause's notice.
         let n = on_pool!(self, p => match delivery_id {
-            Some(id) => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND id = $3 AND state IN ('failed', 'paused')")
+            Some(id) => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, pause_reason = NULL, pause_detail = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND id = $3 AND state IN ('failed', 'paused')")
                 .bind(now).bind(tenant_id).bind(id).execute(p).await?.rows_affected(),
             None => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND state = 'failed'")
                 .bind(now).bind(tenant_id).execute(p).await?.rows_affected(),
         });
+        if n > 0 && delivery_id.is_some() {
+            self.close_resolved_incidents(now).await?;
+        }
         Ok(n)
     }
 
@@ -734,9 +807,20 @@ impl Store {
 
     /// The attempts of one delivery, oldest first.
     pub async fn list_attempts(&self, delivery_id: &str) -> Result<Vec<AttemptRow>, StoreError> {
+        self.recent_attempts(delivery_id, i64::MAX).await
+    }
+
+    /// The last `limit` attempts of a delivery, oldest first (a credit note
+    /// behind a paused invoice gathers one a minute: the log shows the
+    /// latest, with [`Store::attempt_count`] for the whole).
+    pub async fn recent_attempts(
+        &self,
+        delivery_id: &str,
+        limit: i64,
+    ) -> Result<Vec<AttemptRow>, StoreError> {
         on_pool!(self, p => {
-            let rows = sqlx::query("SELECT attempt, worker, started_at, finished_at, outcome, message, details, external_id, external_url FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id")
-                .bind(delivery_id).fetch_all(p).await?;
+            let rows = sqlx::query("SELECT * FROM (SELECT id, attempt, worker, started_at, finished_at, outcome, message, details, external_id, external_url FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id DESC LIMIT $2) AS a ORDER BY id")
+                .bind(delivery_id).bind(limit).fetch_all(p).await?;
             let mut out = Vec::new();
             for r in rows {
                 out.push(AttemptRow {
@@ -753,6 +837,17 @@ impl Store {
             }
             Ok(out)
         })
+    }
+
+    /// How many attempts a delivery has had.
+    pub async fn attempt_count(&self, delivery_id: &str) -> Result<i64, StoreError> {
+        let (n,): (i64,) = on_pool!(self, p => {
+            sqlx::query_as("SELECT COUNT(*) FROM delivery_attempts WHERE delivery_id = $1")
+                .bind(delivery_id)
+                .fetch_one(p)
+                .await?
+        });
+        Ok(n)
     }
 
     /// Count deliveries by state (for metrics and status).
