@@ -170,6 +170,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
             put(set_mapping).delete(unset_mapping),
         )
         .route(
+            "/v1/admin/tenants/{tenant}/confirm-mappings",
+            post(confirm_mappings),
+        )
+        .route(
             "/v1/admin/tenants/{tenant}/settings/{connector}",
             get(settings),
         )
@@ -200,7 +204,6 @@ pub fn router(state: Arc<AdminState>) -> Router {
         // Described without a key.
         .route("/openapi.json", get(openapi))
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
-        .layer(axum::middleware::from_fn(crate::rejections::no_nul))
         .with_state(state)
 }
 
@@ -214,6 +217,14 @@ async fn admin_key(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // A NUL character in the path or query (PostgreSQL cannot hold one):
+    // 400 naming it, once the key is known to be good (401 first).
+    if let Some(refusal) = crate::rejections::nul_in_uri(req.uri()) {
+        return match authenticate(&st.store, req.headers()).await {
+            Ok(_) => refusal,
+            Err(r) => *r,
+        };
+    }
     let key = match params.get("tenant") {
         Some(tenant) => guard(&st, req.headers(), tenant).await,
         None => authenticate(&st.store, req.headers()).await,
@@ -563,15 +574,66 @@ async fn set_mapping(
         Err(e) => {
             // 503: the account list could not be read to check the code;
             // the mapping may be fine, so the caller should retry later.
-            let status = if e.status() == 503 {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::UNPROCESSABLE_ENTITY
+            let status = match e.status() {
+                503 => StatusCode::SERVICE_UNAVAILABLE,
+                409 => StatusCode::CONFLICT,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
             };
             error(
                 status,
                 "the mapping was refused",
                 &problem(e.field(), e.message()),
+            )
+        }
+    }
+}
+
+/// Confirm the tenant's mappings as they stand, each checked against the
+/// live organisation's accounts: after the connection switched to another
+/// organisation nothing is sent until this (or the page's Save) is done.
+/// 422 names the kind whose code the organisation does not have.
+async fn confirm_mappings(
+    State(st): S,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Query(q): Query<ConnectorQuery>,
+) -> Response {
+    let actor = try_box!(super_admin(&headers));
+    let scope = try_box!(mapping_scope(&st, &tenant, q));
+    match st.connections.confirm_mappings(&scope).await {
+        Ok((was_due, outcome)) => {
+            let _ = st
+                .store
+                .audit(
+                    &actor,
+                    Some(&tenant),
+                    "mapping.confirm",
+                    &scope.connector_id,
+                    now(),
+                )
+                .await;
+            Json(json!({
+                "connector": scope.connector_id,
+                "confirmed": true,
+                "review_was_due": was_due,
+                "validated_against": outcome.validated_against,
+            }))
+            .into_response()
+        }
+        Err((_, e)) if e.status() == 500 => unavailable(e),
+        Err((kind, e)) => {
+            let status = match e.status() {
+                503 => StatusCode::SERVICE_UNAVAILABLE,
+                409 => StatusCode::CONFLICT,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            let field = kind
+                .map(|k| format!("mappings.{k}"))
+                .unwrap_or_else(|| e.field().to_string());
+            error(
+                status,
+                "the mappings were not confirmed",
+                &problem(&field, e.message()),
             )
         }
     }
@@ -930,10 +992,11 @@ async fn openapi() -> Json<Value> {
         "paths": {
             "/v1/documents": {"post": {"summary": "Hand over an issued invoice or credit note (ingest key)", "security": [{"bearer": []}], "responses": {"202": {"description": "stored"}, "200": {"description": "already stored"}, "409": {"description": "a different document with this id"}, "422": {"description": "invalid; every field named"}}}},
             "/v1/admin/tenants": {"get": {"summary": "Tenants this key may see", "security": [{"bearer": []}], "responses": {"200": {"description": "ok"}}}},
-            "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state (and reason), connected_at (Unix seconds), last_success_at (Unix milliseconds, as the delivery log's times), backlog, paused, failed, paused_reasons, mappings_review (switched organisation: nothing is sent until the mappings are saved again); 503 when the store cannot be read")},
+            "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state (and reason), connected_at (Unix seconds), last_success_at (Unix milliseconds, as the delivery log's times), backlog, paused, failed, paused_reasons, mappings_review (switched organisation: nothing is sent until the mappings are confirmed, POST confirm-mappings or the page's Save); 503 when the store cannot be read")},
             "/v1/tenants/{tenant}/deliveries": {"get": {"summary": "The tenant's deliveries, the latest change first (ingest key); ?number= ?state= ?limit= (1-1000, default 100) ?after=<next of the previous page>; answers {deliveries, next}, next null on the last page; 400 names state or after when it is not one", "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "400": {"description": "the parameter named"}, "401": {"description": "no or bad key"}}}},
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with each delivery's last 50 attempts (attempts_total counts them all), the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},
+            "/v1/admin/tenants/{tenant}/confirm-mappings": {"post": op("Confirm the mappings as they stand for ?connector= (default xero), each checked against the live organisation's accounts (422 naming mappings.<kind> when it has no such account): after the connection switched to another organisation nothing is sent until this or the Integrations page's Save is done; Super Admin")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
             "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h, until the admin signs out or is signed out, or until the key that asked is revoked)"), "delete": op("Sign out ?admin= (or every admin of the tenant) from the Integrations page at once")},
             "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one (422 naming the field; 503 when the chart cannot be read); Super Admin"), "delete": op("Remove a kind's mapping for ?connector= (404 naming kind when there is none); Super Admin")},

@@ -105,7 +105,6 @@ pub fn router(state: Arc<ApiState>) -> Router {
             service_key,
         ))
         .layer(axum::middleware::from_fn(crate::rejections::as_json))
-        .layer(axum::middleware::from_fn(crate::rejections::no_nul))
         .with_state(state)
 }
 
@@ -116,7 +115,12 @@ async fn service_key(
     next: axum::middleware::Next,
 ) -> Response {
     match authorised(&state, req.headers()).await {
-        Ok(()) => next.run(req).await,
+        // A NUL character in the path or query: 400 naming it (after the
+        // key: a caller without one gets 401 whatever it sent).
+        Ok(()) => match crate::rejections::nul_in_uri(req.uri()) {
+            Some(refusal) => refusal,
+            None => next.run(req).await,
+        },
         Err(r) => r,
     }
 }

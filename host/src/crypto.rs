@@ -92,10 +92,11 @@ struct RingKey {
 
 /// AES-256-GCM keys: the last one encrypts, all of them decrypt.
 ///
-/// A ring loaded from a key file ([`KeyRing::load`]) follows the file: a
-/// secret under a key it does not hold makes it read the file again (at
-/// most once a second), so a running daemon picks up the key `keys rotate`
-/// added and re-encrypted with, and from then on encrypts with it, without
+/// A ring loaded from a key file ([`KeyRing::load`]) follows the file:
+/// when it meets a secret under a key it does not hold, and before it
+/// encrypts, it looks at the file (its size and modification time) and
+/// reads it again when it changed, so a running daemon picks up the key
+/// `keys rotate` added and re-encrypted with, and encrypts with it, without
 /// a restart. Keys it held are kept, so nothing it could read becomes
 /// unreadable.
 pub struct KeyRing {
@@ -108,9 +109,24 @@ pub struct KeyRing {
 struct KeySource {
     env: Vec<String>,
     file: PathBuf,
-    last_read: Mutex<Option<Instant>>,
-    /// At most one read per this long.
+    seen: Mutex<Seen>,
+    /// At most one warning about an unreadable file per this long.
     every: Duration,
+}
+
+/// What a ring last saw of its key file.
+#[derive(Default)]
+struct Seen {
+    /// The file's modification time and length when last read.
+    signature: Option<(std::time::SystemTime, u64)>,
+    /// When it last warned that the file could not be read.
+    warned_at: Option<Instant>,
+}
+
+/// A file's modification time and length (`None`: cannot be read).
+fn file_signature(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
 impl Clone for KeyRing {
@@ -121,14 +137,14 @@ impl Clone for KeyRing {
             source: self.source.as_ref().map(|s| KeySource {
                 env: s.env.clone(),
                 file: s.file.clone(),
-                last_read: Mutex::new(None),
+                seen: Mutex::new(Seen::default()),
                 every: s.every,
             }),
         }
     }
 }
 
-/// How often a ring reads its key file again at most.
+/// How often a ring warns at most that its key file cannot be read.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for KeyRing {
@@ -263,8 +279,11 @@ impl KeyRing {
         let mut ring = Self::from_base64(&keys, "secret key")?;
         ring.source = file.map(|file| KeySource {
             env,
+            seen: Mutex::new(Seen {
+                signature: file_signature(&file),
+                warned_at: None,
+            }),
             file,
-            last_read: Mutex::new(None),
             every: RELOAD_EVERY,
         });
         Ok(ring)
@@ -277,32 +296,37 @@ impl KeyRing {
         }
     }
 
-    /// Read the key file again (a ring from [`KeyRing::load`] only, at most
-    /// once a second): its newest key encrypts from now on; keys no longer
-    /// in the file still decrypt. Returns whether the ring changed. A file
-    /// that cannot be read or holds a bad key leaves the ring as it was.
+    /// Read the key file again if it changed since it was last read (a
+    /// ring from [`KeyRing::load`] only): its newest key encrypts from now
+    /// on; keys no longer in the file still decrypt. Returns whether the
+    /// ring changed. A file that cannot be read or holds a bad key leaves
+    /// the ring as it was (and is said, at most once a second).
     pub fn reload(&self) -> bool {
         let Some(src) = &self.source else {
             return false;
         };
-        {
-            let mut last = match src.last_read.lock() {
-                Ok(l) => l,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if last.is_some_and(|t| t.elapsed() < src.every) {
-                return false;
-            }
-            *last = Some(Instant::now());
+        // One reader at a time: a caller that waited finds the file seen.
+        let mut seen = match src.seen.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let now_sig = file_signature(&src.file);
+        if now_sig.is_some() && now_sig == seen.signature {
+            return false;
         }
+        let quiet = seen.warned_at.is_some_and(|t| t.elapsed() < src.every);
         let mut texts = src.env.clone();
         match Self::read_key_file(&src.file) {
             Ok(k) => texts.extend(k),
             Err(e) => {
-                tracing::warn!(error = %e, "key file not read again; keeping the keys loaded");
+                if !quiet {
+                    seen.warned_at = Some(Instant::now());
+                    tracing::warn!(error = %e, "key file not read again; keeping the keys loaded");
+                }
                 return false;
             }
         }
+        seen.signature = now_sig;
         let fresh = match parse_keys(&texts, "secret key").and_then(|k| ring_keys(&k)) {
             Ok(f) => f,
             Err(e) => {
@@ -311,9 +335,6 @@ impl KeyRing {
             }
         };
         let old = self.snapshot();
-        if fresh.len() == old.len() && fresh.iter().zip(old.iter()).all(|(a, b)| a.id == b.id) {
-            return false;
-        }
         // Keys held before and gone from the file still decrypt; the
         // file's newest key encrypts.
         let mut merged: Vec<RingKey> = old
@@ -322,6 +343,9 @@ impl KeyRing {
             .cloned()
             .collect();
         merged.extend(fresh);
+        if merged.len() == old.len() && merged.iter().zip(old.iter()).all(|(a, b)| a.id == b.id) {
+            return false;
+        }
         tracing::info!(
             key_ids = ?merged.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
             "key file read again: newest key now encrypts"
@@ -347,8 +371,12 @@ impl KeyRing {
             .unwrap_or_default()
     }
 
-    /// Encrypt `plain`, bound to `context` (where it will be stored).
+    /// Encrypt `plain`, bound to `context` (where it will be stored). A
+    /// ring following a key file looks at the file first (its size and
+    /// time: a key added by `keys rotate` is the one to encrypt with, even
+    /// in a daemon that has not yet read a secret under it).
     pub fn encrypt(&self, plain: &str, context: &str) -> String {
+        self.reload();
         let keys = self.snapshot();
         let Some(key) = keys.last() else {
             return String::new();
@@ -388,7 +416,10 @@ impl KeyRing {
         let id = parts.next().ok_or(CryptoError::Corrupt("no key id"))?;
         let body = parts.next().ok_or(CryptoError::Corrupt("no body"))?;
         let mut keys = self.snapshot();
-        if !keys.iter().any(|k| k.id == id) && self.reload() {
+        if !keys.iter().any(|k| k.id == id) {
+            // Another caller may have read the file meanwhile: the ring as
+            // it is after this, whatever this read found.
+            self.reload();
             keys = self.snapshot();
         }
         let key = keys
@@ -467,16 +498,19 @@ mod tests {
         }
         let env_keys = ring.key_ids().len() - 1;
         let under_a = ring.encrypt("tok-a", "ctx");
+        assert_eq!(KeyRing::key_of(&under_a), Some(key_id(&[1; 32]).as_str()));
         // Another process rotates: the file gains key B, which seals a secret.
         let both = KeyRing::from_keys(&[[1; 32], [2; 32]]).unwrap();
         let under_b = both.encrypt("tok-b", "ctx");
         std::fs::write(&file, format!("{}\n{}\n", b64([1; 32]), b64([2; 32]))).unwrap();
-        assert_eq!(ring.decrypt(&under_b, "ctx").unwrap().expose(), "tok-b");
-        assert_eq!(ring.current_key_id(), key_id(&[2; 32]), "B encrypts now");
+        // Before it has read anything under B, the next encryption is
+        // under B (it looks at the file first).
         assert_eq!(
             KeyRing::key_of(&ring.encrypt("x", "ctx")),
             Some(key_id(&[2; 32]).as_str())
         );
+        assert_eq!(ring.current_key_id(), key_id(&[2; 32]), "B encrypts now");
+        assert_eq!(ring.decrypt(&under_b, "ctx").unwrap().expose(), "tok-b");
         // A is removed from the file: what the ring held still decrypts.
         std::fs::write(&file, format!("{}\n", b64([2; 32]))).unwrap();
         let under_c = KeyRing::from_keys(&[[3; 32]])

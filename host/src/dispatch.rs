@@ -520,6 +520,12 @@ impl Dispatcher {
                         {
                             continue;
                         }
+                        // Held for the review only: it is done. (Any kind
+                        // the connector cannot map pauses it again, named.)
+                        if detail["review"] == serde_json::Value::Bool(true) {
+                            ready.push(p.id);
+                            continue;
+                        }
                         let key = (p.tenant_id.clone(), p.connector_id.clone());
                         if !mapped.contains_key(&key) {
                             let scope = crate::capabilities::mapping::MappingScope {

@@ -1256,7 +1256,7 @@ async fn save_mappings(
     }
     if let Err((kind, e)) = st
         .connections
-        .change_mappings(&scope, &set, &clear, &s.admin)
+        .save_mapping_form(&scope, &set, &clear, &s.admin)
         .await
     {
         let status = match e.status() {

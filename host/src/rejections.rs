@@ -239,27 +239,35 @@ fn between_backticks(text: &str) -> Option<String> {
 /// handler passes it to the store (PostgreSQL's text cannot hold one: it
 /// was answered 503 "retry later", for ever).
 pub async fn no_nul(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let uri = req.uri();
+    match nul_in_uri(req.uri()) {
+        Some(r) => r,
+        None => next.run(req).await,
+    }
+}
+
+/// [`no_nul`]'s check, for a route that must answer an unauthenticated
+/// caller 401 before looking at its input: the refusal, if any.
+pub fn nul_in_uri(uri: &axum::http::Uri) -> Option<Response> {
     if uri.path().contains("%00") {
-        return refusal(
+        return Some(refusal(
             StatusCode::BAD_REQUEST,
             "NUL character",
             "path",
             "must not contain a NUL character (%00)".into(),
-        );
+        ));
     }
     if let Some(q) = uri.query()
         && let Some((k, _)) = url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, v)| k.contains('\0') || v.contains('\0'))
     {
-        return refusal(
+        return Some(refusal(
             StatusCode::BAD_REQUEST,
             "NUL character",
             &k.replace('\0', ""),
             "must not contain a NUL character (%00)".into(),
-        );
+        ));
     }
-    next.run(req).await
+    None
 }
 
 #[cfg(test)]

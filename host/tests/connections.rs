@@ -808,6 +808,26 @@ async fn key_rotation_while_running(db: TestDb) {
     assert!(accepted(&sim, &fresh.access_token).await);
     assert_eq!(d.conns.keys().current_key_id(), in_use[0]);
     assert_eq!(d.store.key_ids_in_use().await.unwrap(), in_use);
+    // `keys status` says which key encrypts and that the old one may go.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args(["keys", "status", "--database", &db.url(), "--key-file"])
+        .arg(&key_file)
+        .env_remove("LEDGERPORT_SECRET_KEY")
+        .env_remove("LEDGERPORT_CONFIG")
+        .env("LEDGERPORT_LOG", "error")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&format!("{}  encrypts", in_use[0])), "{said}");
+    assert!(
+        said.contains(&format!("{old_id}  no longer used")),
+        "{said}"
+    );
 }
 both!(
     key_rotation_running_sqlite,

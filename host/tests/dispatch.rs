@@ -720,24 +720,28 @@ async fn a_connection_waiting_for_its_rate_window_does_not_hold_up_the_others() 
 
 /// Connected again to another organisation: the tenant's mappings (chosen
 /// from the first one's chart of accounts) are kept, but nothing is sent
-/// to the new one until an admin has saved them; then it goes. Connected
-/// again to the same organisation, nothing is held.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_switch_of_organisation_holds_deliveries_until_the_mappings_are_saved() {
+/// to the new one until an admin has confirmed them; changing one kind is
+/// not a confirmation of the others; connected back to the first
+/// organisation, nothing is held; confirming sends what waited.
+async fn a_switch_of_organisation_holds_deliveries_until_the_mappings_are_confirmed(db: TestDb) {
     use xero_sim::DEFAULT_TENANT_HOLDINGS;
-    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    let p = Pipeline::start(db, 1, SimConfig::default()).await;
     p.tenant("acme", DEFAULT_TENANT_TRADING).await;
     let (s, body) = p.post(&invoice("acme", 1)).await;
     assert_eq!(s, 202, "{body}");
     p.wait_delivered(1, Duration::from_secs(30)).await;
+    let review = || async { p.d().store.connections(Some("acme")).await.unwrap()[0].clone() };
     // The same organisation again: no review.
     p.connect("acme", DEFAULT_TENANT_TRADING).await;
-    let conn = &p.d().store.connections(Some("acme")).await.unwrap()[0];
-    assert!(!conn.mappings_review);
+    assert!(!review().await.mappings_review);
 
     p.connect("acme", DEFAULT_TENANT_HOLDINGS).await;
-    let conn = p.d().store.connections(Some("acme")).await.unwrap()[0].clone();
+    let conn = review().await;
     assert!(conn.mappings_review, "{conn:?}");
+    assert_eq!(
+        conn.mappings_org.as_deref(),
+        Some(DEFAULT_TENANT_TRADING.to_string().as_str())
+    );
     let (s, body) = p.post(&invoice("acme", 2)).await;
     assert_eq!(s, 202, "{body}");
     p.wait_counts(Duration::from_secs(30), "not paused", |c| {
@@ -766,17 +770,44 @@ async fn a_switch_of_organisation_holds_deliveries_until_the_mappings_are_saved(
         why.contains("not the organisation the account mappings were chosen for"),
         "{why}"
     );
-    // The admin saves the mappings (as they are): delivered to Holdings.
+    // One kind changed (through the API) is not a review of the others.
     let scope = MappingScope {
         tenant_id: "acme".into(),
         connector_id: "xero".into(),
     };
     p.d()
         .connections
-        .change_mappings(&scope, &[], &[], "alice@acme.example")
+        .set_mapping(
+            &scope,
+            AccountMapping {
+                kind: "fx-fee".into(),
+                account_code: "404".into(),
+                tax_type: None,
+            },
+            "alice@acme.example",
+        )
         .await
         .unwrap();
-    assert!(!p.d().store.connections(Some("acme")).await.unwrap()[0].mappings_review);
+    assert!(review().await.mappings_review);
+    assert_eq!(p.d().dispatcher.resume_paused().await.unwrap(), 0);
+
+    // Back to the organisation they were made for: nothing held.
+    p.connect("acme", DEFAULT_TENANT_TRADING).await;
+    let conn = review().await;
+    assert!(!conn.mappings_review, "{conn:?}");
+    assert_eq!(conn.mappings_org, None);
+    p.connect("acme", DEFAULT_TENANT_HOLDINGS).await;
+    assert!(review().await.mappings_review);
+
+    // Confirmed as they stand (each checked against Holdings' chart):
+    // what waited goes to Holdings.
+    let (was_due, outcome) = p.d().connections.confirm_mappings(&scope).await.unwrap();
+    assert!(was_due);
+    assert!(
+        outcome.validated_against.is_some(),
+        "checked against the chart"
+    );
+    assert!(!review().await.mappings_review);
     p.wait_delivered(2, Duration::from_secs(30)).await;
     assert_eq!(
         p.sim
@@ -787,4 +818,17 @@ async fn a_switch_of_organisation_holds_deliveries_until_the_mappings_are_saved(
         1
     );
     p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_of_organisation_holds_deliveries_on_sqlite() {
+    a_switch_of_organisation_holds_deliveries_until_the_mappings_are_confirmed(TestDb::sqlite())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_of_organisation_holds_deliveries_on_postgres() {
+    if let Some(db) = TestDb::postgres().await {
+        a_switch_of_organisation_holds_deliveries_until_the_mappings_are_confirmed(db).await;
+    }
 }

@@ -1859,6 +1859,34 @@ async fn the_mapping_form_saves_every_changed_row_or_none() {
         mapped().await["management-fee"].mapping.tax_type.as_deref(),
         Some("INPUT2")
     );
+    // Confirming the mappings as they stand checks every one against the
+    // organisation's chart: the archived 401 is named.
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/admin/tenants/acme/confirm-mappings",
+            &env.key("acme").await,
+            None,
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(
+        v["problems"][0]["field"], "mappings.security-deposit",
+        "{v}"
+    );
+    let (s, html) = post(vec![("security-deposit", "620")]).await;
+    assert_eq!(s, 303, "{html}");
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/admin/tenants/acme/confirm-mappings",
+            &env.key("acme").await,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["review_was_due"], false, "{v}");
+    assert!(v["validated_against"].is_string(), "{v}");
     // A NUL character in a field is refused by name, nothing stored.
     let (s, html) = post(vec![("management-fee", "4\u{0}04")]).await;
     assert_eq!(s, 400, "{html}");

@@ -528,6 +528,34 @@ async fn an_archived_supplier_contact_is_explained_and_a_merged_one_followed() {
     assert_eq!(docs.invoices.len(), 3);
     assert_eq!(docs.invoices[2]["Contact"]["ContactID"], theirs.as_str());
     e.save_requests("archived_contact");
+
+    // A contact typed in by hand (no number), adopted by name, archived
+    // since: refused the same way, not replaced by a second contact.
+    let e = env().await;
+    sim_put_contact(&e, serde_json::json!({"Name": "Globe EOR Services Ltd"})).await;
+    e.deliver("dlv-b1", sample("invoice.json")).await.unwrap();
+    let hand = e.docs().contacts[0]["ContactID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sim_contact_status(&e, &hand, "ARCHIVED").await;
+    let mut doc = sample("invoice.json");
+    doc.number = "INV-ARCH-4".into();
+    for attempt in 0..2 {
+        let err = e.deliver("dlv-b2", doc.clone()).await.unwrap_err();
+        assert!(
+            format!("{err:?}").contains("is archived in Xero"),
+            "attempt {attempt}: {err:?}"
+        );
+    }
+    let docs = e.docs();
+    assert_eq!(
+        docs.contacts.len(),
+        1,
+        "no second contact: {:?}",
+        docs.contacts
+    );
+    assert_eq!(docs.invoices.len(), 1);
 }
 
 #[tokio::test]

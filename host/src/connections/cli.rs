@@ -195,6 +195,11 @@ pub enum KeysCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// The ring's keys (newest last) and which still protect stored secrets.
+    Status {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Issue an API key (shown once; stored hashed).
     Issue {
         /// `ingest` (the platform backend), `operator` (everything), or
@@ -650,8 +655,50 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                 s.key_ids_in_use().await?.join(", ")
             );
             println!(
-                "running daemons that read this key file start using the new key when they meet it; restart any daemon given its keys only by {KEY_ENV}, with the new key; older keys can be removed from the file once `keys rotate` reports only the new key in use"
+                "running daemons that read this key file use the new key from their next encryption or decryption under it; restart any daemon given its keys only by {KEY_ENV}, with the new key; remove an older key from the file only once `keys status` says it is no longer used"
             );
+        }
+        ConnectionsCommand::Keys {
+            command: KeysCommand::Status { store },
+        } => {
+            let (s, ring) = open(&store).await?;
+            let ring_ids = ring.key_ids();
+            let current = ring.current_key_id();
+            let in_use = s.key_ids_in_use().await?;
+            let unknown: Vec<&String> = in_use.iter().filter(|k| !ring_ids.contains(k)).collect();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "keys": ring_ids.iter().map(|k| serde_json::json!({
+                            "id": k,
+                            "encrypts": *k == current,
+                            "in_use": in_use.contains(k),
+                        })).collect::<Vec<_>>(),
+                        "in_use_not_in_ring": unknown,
+                    })
+                );
+            } else {
+                for k in &ring_ids {
+                    let role = if *k == current {
+                        "encrypts"
+                    } else if in_use.contains(k) {
+                        "still protects stored secrets: keep it"
+                    } else {
+                        "no longer used: may be removed"
+                    };
+                    println!("{k}  {role}");
+                }
+                for k in &unknown {
+                    println!("{k}  protects stored secrets but is NOT in this ring");
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(Fail(
+                    3,
+                    "some stored secrets are under keys this ring does not hold".into(),
+                ));
+            }
         }
         ConnectionsCommand::Keys {
             command:

@@ -78,6 +78,7 @@ impl Connections {
             state_reason: None,
             updated_at: now,
             mappings_review: false,
+            mappings_org: None,
         });
         let mut ctx = self.context_for(&prospective).await?;
         if existing.is_none() {

@@ -10,6 +10,7 @@ use super::{ConnectError, Connections};
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
 use crate::runtime::v0_1::ledgerport::connector::types as wit;
 use crate::store::{ConnectionState, StoreError, mappings::StoredMapping};
+use std::collections::BTreeMap;
 
 /// Why a mapping was refused.
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +341,10 @@ impl Connections {
     /// nothing: every mapping in `set` is checked (against the live
     /// account list when there is one) before anything is written, and the
     /// writes are one transaction. A refusal names the kind it is about.
+    ///
+    /// This changes some kinds; it does not confirm the others after a
+    /// switch of organisation (see [`Connections::save_mapping_form`] and
+    /// [`Connections::confirm_mappings`]).
     pub async fn change_mappings(
         &self,
         scope: &MappingScope,
@@ -353,10 +358,86 @@ impl Connections {
             self.check_all(scope, set).await?
         };
         self.store()
-            .change_mappings(scope, set, clear, actor, self.clock().now_secs())
+            .change_mappings(scope, set, clear, actor, self.clock().now_secs(), false)
             .await
             .map_err(|e| (None, MappingError::from(e)))?;
         Ok(MappingOutcome { validated_against })
+    }
+
+    /// The Configure form saved: like [`Connections::change_mappings`],
+    /// and the whole set as it will stand confirmed. While a review is due
+    /// after a switch of organisation, every mapping (the unchanged rows
+    /// too, chosen from the other organisation's chart) is checked against
+    /// this organisation's accounts first; a refusal names the kind.
+    pub async fn save_mapping_form(
+        &self,
+        scope: &MappingScope,
+        set: &[AccountMapping],
+        clear: &[String],
+        actor: &str,
+    ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
+        let review = self
+            .store()
+            .connection_for(&scope.tenant_id, &scope.connector_id)
+            .await
+            .map_err(|e| (None, MappingError::from(e)))?
+            .is_some_and(|c| c.mappings_review);
+        let to_check: Vec<AccountMapping> = if review {
+            let mut all: BTreeMap<String, AccountMapping> = self
+                .store()
+                .mappings(scope)
+                .await
+                .map_err(|e| (None, MappingError::from(e)))?
+                .into_iter()
+                .map(|m| (m.mapping.kind.clone(), m.mapping))
+                .filter(|(k, _)| !clear.contains(k))
+                .collect();
+            for m in set {
+                all.insert(m.kind.clone(), m.clone());
+            }
+            all.into_values().collect()
+        } else {
+            set.to_vec()
+        };
+        let validated_against = if to_check.is_empty() {
+            None
+        } else {
+            self.check_all(scope, &to_check).await?
+        };
+        self.store()
+            .change_mappings(scope, set, clear, actor, self.clock().now_secs(), true)
+            .await
+            .map_err(|e| (None, MappingError::from(e)))?;
+        Ok(MappingOutcome { validated_against })
+    }
+
+    /// Confirm the mappings as they stand (the admin API's way to end a
+    /// review after a switch of organisation): each checked against the
+    /// live organisation's accounts first, a refusal naming the kind.
+    /// Returns whether a review was due.
+    pub async fn confirm_mappings(
+        &self,
+        scope: &MappingScope,
+    ) -> Result<(bool, MappingOutcome), (Option<String>, MappingError)> {
+        let all: Vec<AccountMapping> = self
+            .store()
+            .mappings(scope)
+            .await
+            .map_err(|e| (None, MappingError::from(e)))?
+            .into_iter()
+            .map(|m| m.mapping)
+            .collect();
+        let validated_against = if all.is_empty() {
+            None
+        } else {
+            self.check_all(scope, &all).await?
+        };
+        let was_due = self
+            .store()
+            .confirm_mappings(scope)
+            .await
+            .map_err(|e| (None, MappingError::from(e)))?;
+        Ok((was_due, MappingOutcome { validated_against }))
     }
 
     /// Check every mapping; the organisation whose account list checked

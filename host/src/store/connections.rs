@@ -82,9 +82,13 @@ pub struct Connection {
     /// Last change (Unix seconds).
     pub updated_at: i64,
     /// Switched to another organisation since its account mappings were
-    /// last saved: nothing is sent until an admin has checked and saved
-    /// them (they were chosen from the other organisation's accounts).
+    /// last confirmed: nothing is sent until an admin has checked and
+    /// confirmed them (they were chosen from the other organisation's
+    /// accounts).
     pub mappings_review: bool,
+    /// While a review is due, the organisation the mappings were made for
+    /// (connecting back to it ends the review).
+    pub mappings_org: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -104,6 +108,7 @@ pub(super) struct ConnectionRow {
     state_reason: Option<String>,
     updated_at: i64,
     mappings_review: i64,
+    mappings_org: Option<String>,
 }
 
 /// Store a connection's (encrypted) tokens, bumping their generation:
@@ -120,7 +125,7 @@ const UPSERT_TOKENS: &str = "INSERT INTO connection_tokens
 
 pub(super) const CONNECTION_COLUMNS: &str = "id, tenant_id, connector_id, state, external_tenant_id, \
     external_tenant_name, external_connection_id, auth_event_id, scopes, connected_by, \
-    connected_at, disconnected_at, state_reason, updated_at, mappings_review";
+    connected_at, disconnected_at, state_reason, updated_at, mappings_review, mappings_org";
 
 impl From<ConnectionRow> for Connection {
     fn from(r: ConnectionRow) -> Self {
@@ -141,6 +146,7 @@ impl From<ConnectionRow> for Connection {
             state_reason: r.state_reason,
             updated_at: r.updated_at,
             mappings_review: r.mappings_review != 0,
+            mappings_org: r.mappings_org,
         }
     }
 }
@@ -724,8 +730,18 @@ impl Store {
             .as_ref()
             .is_some_and(|c| c.external_tenant_id.as_deref() != Some(&new.organisation.tenant_id));
         // Mappings chosen from another organisation's accounts are to be
-        // checked before anything is sent to this one.
-        let review = org_changed
+        // checked before anything is sent to this one; connected back to
+        // the organisation they were made for, they are its own again.
+        let made_for = existing.as_ref().and_then(|c| {
+            if c.mappings_review {
+                c.mappings_org.clone()
+            } else {
+                c.external_tenant_id.clone()
+            }
+        });
+        let review = made_for
+            .as_deref()
+            .is_some_and(|org| org != new.organisation.tenant_id)
             && !self
                 .mappings(&crate::capabilities::mapping::MappingScope {
                     tenant_id: new.tenant_id.clone(),
@@ -733,6 +749,7 @@ impl Store {
                 })
                 .await?
                 .is_empty();
+        let review_org = if review { made_for } else { None };
         let scopes = new.scopes.join(" ");
         let sealed = new.tokens.as_ref().map(|t| {
             (
@@ -759,8 +776,9 @@ impl Store {
             sqlx::query(
                 "INSERT INTO connections (id, tenant_id, connector_id, state, external_tenant_id,
                    external_tenant_name, external_connection_id, auth_event_id, scopes,
-                   connected_by, connected_at, disconnected_at, state_reason, updated_at)
-                 VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $10)
+                   connected_by, connected_at, disconnected_at, state_reason, updated_at,
+                   mappings_review, mappings_org)
+                 VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $10, $11, $12)
                  ON CONFLICT (id) DO UPDATE SET state = 'active',
                    external_tenant_id = excluded.external_tenant_id,
                    external_tenant_name = excluded.external_tenant_name,
@@ -770,7 +788,8 @@ impl Store {
                    connected_at = CASE WHEN connections.connected_at >= excluded.connected_at
                      THEN connections.connected_at + 1 ELSE excluded.connected_at END,
                    disconnected_at = NULL, state_reason = NULL, updated_at = excluded.updated_at,
-                   mappings_review = CASE WHEN $11 THEN 1 ELSE connections.mappings_review END",
+                   mappings_review = excluded.mappings_review,
+                   mappings_org = excluded.mappings_org",
             )
             .bind(&id)
             .bind(&new.tenant_id)
@@ -782,7 +801,8 @@ impl Store {
             .bind(&scopes)
             .bind(&new.admin)
             .bind(now)
-            .bind(review)
+            .bind(i64::from(review))
+            .bind(&review_org)
             .execute(&mut *tx)
             .await?;
             if let Some((access, refresh, expires_at)) = &sealed {

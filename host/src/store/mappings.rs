@@ -29,6 +29,9 @@ const UPSERT: &str = "INSERT INTO mappings (tenant_id, connector_id, kind, accou
        account_code = excluded.account_code, tax_type = excluded.tax_type,
        updated_by = excluded.updated_by, updated_at = excluded.updated_at";
 
+/// End a connection's mappings review (`$1` tenant, `$2` connector).
+const CONFIRM: &str = "UPDATE connections SET mappings_review = 0, mappings_org = NULL WHERE tenant_id = $1 AND connector_id = $2 AND mappings_review <> 0";
+
 impl Store {
     /// Set or replace the mapping of one kind.
     pub async fn set_mapping(
@@ -61,13 +64,16 @@ impl Store {
         actor: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        self.write_mappings(scope, mappings, None, actor, now).await
+        self.write_mappings(scope, mappings, None, actor, now, true)
+            .await
     }
 
     /// Set some mappings and delete others, in one transaction: the
-    /// Integrations page's form saves all of its rows or none. Like
-    /// [`Store::replace_mappings`], it ends a review due after the
-    /// connection switched organisation ([`super::Connection::mappings_review`]).
+    /// Integrations page's form saves all of its rows or none. `confirm`:
+    /// the whole set was saved and checked (the page's form), which ends a
+    /// review due after the connection switched organisation
+    /// ([`super::Connection::mappings_review`]), as
+    /// [`Store::replace_mappings`] does.
     pub async fn change_mappings(
         &self,
         scope: &MappingScope,
@@ -75,13 +81,28 @@ impl Store {
         clear: &[String],
         actor: &str,
         now: i64,
+        confirm: bool,
     ) -> Result<(), StoreError> {
-        self.write_mappings(scope, set, Some(clear), actor, now)
+        self.write_mappings(scope, set, Some(clear), actor, now, confirm)
             .await
     }
 
+    /// The mappings confirmed as they are, checked by the caller: a review
+    /// due after a switch of organisation is done. Returns whether one was.
+    pub async fn confirm_mappings(&self, scope: &MappingScope) -> Result<bool, StoreError> {
+        let n = on_pool!(self, p => {
+            sqlx::query(CONFIRM)
+                .bind(&scope.tenant_id)
+                .bind(&scope.connector_id)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
     /// One transaction: delete the kinds in `clear` (`None`: every
-    /// mapping of the scope), then set `set`.
+    /// mapping of the scope), then set `set`; `confirm` ends a review.
     async fn write_mappings(
         &self,
         scope: &MappingScope,
@@ -89,6 +110,7 @@ impl Store {
         clear: Option<&[String]>,
         actor: &str,
         now: i64,
+        confirm: bool,
     ) -> Result<(), StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
@@ -123,13 +145,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            // Saved as a whole: checked by an admin, so a review due after
-            // a switch to another organisation is done.
-            sqlx::query("UPDATE connections SET mappings_review = 0 WHERE tenant_id = $1 AND connector_id = $2 AND mappings_review <> 0")
-                .bind(&scope.tenant_id)
-                .bind(&scope.connector_id)
-                .execute(&mut *tx)
-                .await?;
+            // The whole set saved (the page's form, a replace): checked by
+            // an admin, so a review due after a switch of organisation is
+            // done. One kind changed is not a review of the others.
+            if confirm {
+                sqlx::query(CONFIRM)
+                    .bind(&scope.tenant_id)
+                    .bind(&scope.connector_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
         });
         Ok(())

@@ -142,9 +142,41 @@ impl Connector for Xero {
         };
         let mut contact_id = supplier_contact(&api, &doc)?;
         let mut notes = Vec::new();
+        let mut existing = find_existing(&api, which, &doc, &contact_id, &delivery)?;
+        let mut made = None;
+        if existing.is_none() {
+            match create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings) {
+                Ok(created) => made = Some(created),
+                // The cached contact was archived or merged away in Xero
+                // since: look it up again (a merge leaves an active
+                // contact with our number or name), or say how to restore it.
+                Err(e) if contact_archived(&e) => {
+                    kv::delete(&contact_cache_key(&doc));
+                    let again = find_or_create_contact(&api, &doc)?;
+                    if again == contact_id {
+                        return Err(e);
+                    }
+                    contact_id = again;
+                    existing = find_existing(&api, which, &doc, &contact_id, &delivery)?;
+                    if existing.is_none() {
+                        made = Some(create(
+                            &api,
+                            which,
+                            &doc,
+                            &contact_id,
+                            &delivery,
+                            &lines,
+                            &mappings,
+                        )?);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         // `fresh`: created by this call, so it cannot have an attachment yet.
-        let (created, fresh) = match find_existing(&api, which, &doc, &contact_id, &delivery)? {
-            Some((id, ours)) => {
+        let (created, fresh) = match (made, existing) {
+            (Some(created), _) => (created, true),
+            (None, Some((id, ours))) => {
                 if !ours {
                     // A credit note has no Url in Xero to carry our marker,
                     // so ours and one keyed in by hand look the same.
@@ -163,30 +195,12 @@ impl Connector for Xero {
                     which.noun(),
                     doc.number
                 ));
+                // Created by an earlier attempt whose answer was lost: its
+                // count of refusals (see `create`) is done with.
+                kv::delete(&refusals_key(&delivery));
                 (api.get_one(which, &id)?, false)
             }
-            None => match create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings) {
-                Ok(created) => (created, true),
-                // The cached contact was archived or merged away in Xero
-                // since: look it up again (a merge leaves an active
-                // contact with our number or name), or say how to restore it.
-                Err(e) if contact_archived(&e) => {
-                    kv::delete(&contact_cache_key(&doc));
-                    let again = find_or_create_contact(&api, &doc)?;
-                    if again == contact_id {
-                        return Err(e);
-                    }
-                    contact_id = again;
-                    match find_existing(&api, which, &doc, &contact_id, &delivery)? {
-                        Some((id, _)) => (api.get_one(which, &id)?, false),
-                        None => (
-                            create(&api, which, &doc, &contact_id, &delivery, &lines, &mappings)?,
-                            true,
-                        ),
-                    }
-                }
-                Err(e) => return Err(e),
-            },
+            (None, None) => return Err(errors::transient("Xero's answer held no document")),
         };
         let id = s(&created, which.id_field());
         if id.is_empty() {
@@ -413,23 +427,38 @@ fn find_or_create_contact(api: &Api, doc: &Document) -> Result<String, DeliveryE
         .iter()
         .find(|c| s(c, "ContactStatus") != "ARCHIVED")
         .map(|c| s(c, "ContactID"));
-    let archived = numbered
+    // An archived contact of ours: (its name, found by our number).
+    let mut archived = numbered
         .iter()
         .find(|c| s(c, "ContactStatus") == "ARCHIVED")
-        .map(|c| s(c, "Name"));
+        .map(|c| (s(c, "Name"), true));
     let mut name = cut(&supplier.name, 255).to_string();
     if found.is_none() {
         // Xero compares strings as they are, but a contact's name is unique
         // whatever its case: "GLOBE EOR LTD" keyed in by hand is the same
         // name (creating ours would be refused as already assigned).
         let by_name = api.get_json(&format!(
-            "/Contacts?where={}",
+            "/Contacts?includeArchived=true&where={}",
             xero::encode(&format!(
                 "Name.ToLower()==\"{}\"",
                 xero::quote(&name.to_lowercase())
             ))
         ))?;
-        if let Some(c) = items(&by_name, "Contacts")
+        let named = items(&by_name, "Contacts");
+        // One entered by hand (no number, or ours) and archived since is
+        // ours archived too.
+        if archived.is_none() {
+            archived = named
+                .iter()
+                .find(|c| {
+                    s(c, "ContactStatus") == "ARCHIVED" && {
+                        let n = s(c, "ContactNumber");
+                        n.is_empty() || n == number
+                    }
+                })
+                .map(|c| (s(c, "Name"), false));
+        }
+        if let Some(c) = named
             .into_iter()
             .find(|c| s(c, "ContactStatus") != "ARCHIVED")
         {
@@ -450,12 +479,17 @@ fn find_or_create_contact(api: &Api, doc: &Document) -> Result<String, DeliveryE
     }
     let id = match (found, archived) {
         (Some(id), _) => id,
-        (None, Some(name)) => {
+        (None, Some((name, by_number))) => {
             kv::delete(&cache_key);
+            let which = if by_number {
+                format!(" (contact number {number})")
+            } else {
+                String::new()
+            };
             return Err(errors::rejected(
                 "supplier",
                 format!(
-                    "The supplier's contact \"{name}\" (contact number {number}) is archived in Xero (archived, or merged into another contact). Restore it in Xero (Contacts > All contacts > Archived > Restore), then retry"
+                    "The supplier's contact \"{name}\"{which} is archived in Xero (archived, or merged into another contact). Restore it in Xero (Contacts > All contacts > Archived > Restore), then retry"
                 ),
                 None,
             ));
@@ -690,7 +724,7 @@ fn create(
     // made in Xero itself (a contact restored, a currency enabled) the
     // retry sends the same body, so each refusal moves the key on (a
     // counter kept until the document is created).
-    let refusals_key = format!("refusals:{}", delivery.key);
+    let refusals_key = refusals_key(delivery);
     let refusals: u32 = kv::get_string(&refusals_key)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
@@ -715,6 +749,11 @@ fn create(
         .next()
         .cloned()
         .ok_or_else(|| errors::transient("Xero's answer held no document"))
+}
+
+/// The kv key counting a delivery's refused creates (see [`create`]).
+fn refusals_key(delivery: &Delivery) -> String {
+    format!("refusals:{}", delivery.key)
 }
 
 /// Tie Xero's validation messages to the lines and kinds they concern,
