@@ -180,6 +180,41 @@ async fn example_connector_classifies_provider_answers() {
     }
 }
 
+/// A redirect is not followed: the allowed host answering 302 to a host
+/// the manifest does not allow sends nothing there (following it would
+/// leave `allowed_hosts`); the connector sees the 302.
+#[tokio::test]
+async fn redirects_are_not_followed_out_of_the_allowed_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = Listener::start().await;
+    let outside = Listener::start().await;
+    let manifest = install(dir.path(), "minimal_connector", MINIMAL);
+    let rt = runtime(small_config());
+    let plugin = rt
+        .load(
+            &manifest,
+            &overrides("https://hooks.example.com", &allowed.base),
+        )
+        .unwrap();
+    let ctx = context(
+        "t",
+        &[(
+            "endpoint",
+            &format!(
+                "https://hooks.example.com/redirect?to={}/stolen",
+                outside.base
+            ),
+        )],
+    );
+    let out = rt
+        .deliver(&plugin, &ctx, delivery("d"), invoice("X"))
+        .await
+        .unwrap();
+    assert!(out.is_err(), "a 302 is not a receipt: {out:?}");
+    assert_eq!(allowed.count(), 1, "the allowed host was asked once");
+    assert_eq!(outside.count(), 0, "the redirect was followed");
+}
+
 /// After each hostile call, the same runtime still delivers a good document.
 async fn still_works(rt: &ledgerport::runtime::Runtime, plugin: &ledgerport::runtime::Plugin) {
     let r = rt

@@ -102,17 +102,35 @@ impl Listener {
                     if path == "/hang" {
                         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
                     }
+                    use axum::response::IntoResponse;
                     if path == "/huge" {
-                        return (axum::http::StatusCode::OK, vec![b'x'; 20 * 1024 * 1024]);
+                        return (axum::http::StatusCode::OK, vec![b'x'; 20 * 1024 * 1024])
+                            .into_response();
+                    }
+                    // `/redirect?to=<url>`: a 302 to anywhere (a redirect
+                    // followed would leave the connector's allowed hosts).
+                    if path == "/redirect" {
+                        let to = uri
+                            .query()
+                            .and_then(|q| q.strip_prefix("to="))
+                            .unwrap_or("/")
+                            .to_string();
+                        return (
+                            axum::http::StatusCode::FOUND,
+                            [(axum::http::header::LOCATION, to)],
+                            b"{}".to_vec(),
+                        )
+                            .into_response();
                     }
                     if let Some(code) = path.strip_prefix("/status/") {
                         let code = code.parse().unwrap_or(500);
                         return (
                             axum::http::StatusCode::from_u16(code).unwrap(),
                             b"{\"error\":\"as asked\"}".to_vec(),
-                        );
+                        )
+                            .into_response();
                     }
-                    (axum::http::StatusCode::OK, b"{\"id\":\"ext-1\"}".to_vec())
+                    (axum::http::StatusCode::OK, b"{\"id\":\"ext-1\"}".to_vec()).into_response()
                 }
             },
         );
