@@ -69,6 +69,30 @@ pub fn is_currency(code: &str) -> bool {
     code.len() == 3 && ISO_4217.split(' ').any(|c| c == code)
 }
 
+/// The decimals of a currency's minor unit (ISO 4217): none for the yen,
+/// the won and the others without one, three for the dinars and the rial
+/// that have them, two for the rest.
+pub fn minor_units(code: &str) -> u32 {
+    const NONE: &[&str] = &[
+        "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV",
+        "XAF", "XOF", "XPF",
+    ];
+    const THREE: &[&str] = &["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"];
+    if NONE.contains(&code) {
+        0
+    } else if THREE.contains(&code) {
+        3
+    } else {
+        2
+    }
+}
+
+/// An amount of money with more decimals than its currency has (trailing
+/// zeros aside: `1000.00` yen is fine, `1000.50` is not).
+fn too_precise(amount: Decimal, minor: u32) -> bool {
+    amount.normalize().scale() > minor
+}
+
 fn parse_date(s: &str) -> Option<chrono::NaiveDate> {
     // chrono alone also takes `2026-1-2` and `+2026-01-02`.
     let b = s.as_bytes();
@@ -251,11 +275,24 @@ pub fn validate(
         },
         Some(_) => problems.push(problem("due_date", "must be a string")),
     }
+    // The currency's decimals, once it is known to be one.
+    let currency = get_str(json, "currency").filter(|c| is_currency(c));
+    let minor = currency.map(minor_units).unwrap_or(2);
+    let precision = |amount: &str| {
+        format!(
+            "{amount} has more decimals than {} has ({minor})",
+            currency.unwrap_or("the currency")
+        )
+    };
     for key in ["subtotal", "total_tax", "total"] {
-        if let Some(s) = get_str(json, key)
-            && parse_amount(s).is_none()
-        {
-            problems.push(problem(key, format!("{s:?} is not a decimal amount")));
+        if let Some(s) = get_str(json, key) {
+            match parse_amount(s) {
+                None => problems.push(problem(key, format!("{s:?} is not a decimal amount"))),
+                Some(d) if currency.is_some() && too_precise(d, minor) => {
+                    problems.push(problem(key, precision(s)))
+                }
+                Some(_) => {}
+            }
         }
     }
     check_known(json, "", DOCUMENT_FIELDS, &mut problems);
@@ -352,6 +389,11 @@ pub fn validate(
                     match get_str(l, key) {
                         None => problems.push(problem(f(key), "is required (a decimal string)")),
                         Some(s) => match parse_amount(s) {
+                            // Money (not the quantity or unit price, which
+                            // may be finer) in the currency's decimals.
+                            Some(d) if j >= 2 && currency.is_some() && too_precise(d, minor) => {
+                                problems.push(problem(f(key), precision(s)))
+                            }
                             Some(d) => amounts[j] = Some(d),
                             None => problems
                                 .push(problem(f(key), format!("{s:?} is not a decimal amount"))),
@@ -360,7 +402,7 @@ pub fn validate(
                 }
                 if let [Some(q), Some(u), _, Some(la)] = amounts {
                     // Checked: Decimal's operators panic on overflow.
-                    match q.checked_mul(u).map(|p| p.round_dp(2)) {
+                    match q.checked_mul(u).map(|p| p.round_dp(minor)) {
                         None => problems.push(problem(
                             f("line_amount"),
                             "quantity x unit_amount is too large",
@@ -368,7 +410,7 @@ pub fn validate(
                         Some(expected)
                             if la
                                 .checked_sub(expected)
-                                .is_none_or(|d| d.abs() > Decimal::new(1, 2)) =>
+                                .is_none_or(|d| d.abs() > Decimal::new(1, minor)) =>
                         {
                             problems.push(problem(
                                 f("line_amount"),
@@ -581,6 +623,52 @@ mod tests {
         let errs = validate(&v, None).unwrap_err();
         assert_eq!(errs[0].field, "purchase_order", "{errs:?}");
         assert_eq!(errs[0].message, "must be a string");
+    }
+
+    #[test]
+    fn money_has_the_decimals_of_its_currency() {
+        // The sample has cents: in yen each amount with cents is named.
+        let mut v = sample("invoice.json");
+        v["currency"] = "JPY".into();
+        let errs = validate(&v, None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"lines[4].line_amount"), "{fields:?}");
+        assert!(fields.contains(&"lines[5].tax_amount"), "{fields:?}");
+        assert!(
+            fields.contains(&"subtotal") && fields.contains(&"total"),
+            "{fields:?}"
+        );
+        assert!(
+            !fields.contains(&"lines[0].line_amount"),
+            "6250.00 is whole: {fields:?}"
+        );
+        assert!(
+            !fields.iter().any(|f| f.ends_with("unit_amount")),
+            "{fields:?}"
+        );
+        let e = errs.iter().find(|e| e.field == "total").unwrap();
+        assert_eq!(e.message, "9950.49 has more decimals than JPY has (0)");
+        // Whole yen: valid, a unit price in fractions of a yen included.
+        let yen = serde_json::json!({
+            "id": "d-1", "tenant_id": "acme", "kind": "invoice", "number": "INV-1",
+            "issue_date": "2026-11-01", "currency": "JPY",
+            "supplier": {"id": "s", "name": "S"}, "customer": {"id": "c", "name": "C"},
+            "lines": [{"kind": "fx-fee", "description": "d", "quantity": "3",
+                       "unit_amount": "333.4", "tax_amount": "100", "line_amount": "1000"}],
+            "subtotal": "1000.00", "total_tax": "100", "total": "1100"
+        });
+        validate(&yen, None).unwrap();
+        // Three decimals for the Kuwaiti dinar; four are too many.
+        let mut kwd = yen.clone();
+        kwd["currency"] = "KWD".into();
+        kwd["lines"][0]["line_amount"] = "1000.125".into();
+        kwd["lines"][0]["unit_amount"] = "333.375".into();
+        kwd["subtotal"] = "1000.125".into();
+        kwd["total"] = "1100.125".into();
+        validate(&kwd, None).unwrap();
+        kwd["lines"][0]["tax_amount"] = "100.0001".into();
+        let errs = validate(&kwd, None).unwrap_err();
+        assert_eq!(errs[0].field, "lines[0].tax_amount", "{errs:?}");
     }
 
     #[test]

@@ -443,7 +443,7 @@ async fn mail_waits_while_smtp_is_down() {
     let port = p.smtp.addr();
     p.smtp.stop();
     let mut d = invoice("acme", 1);
-    d["currency"] = json!("JPY"); // not enabled in the organisation: rejected
+    d["currency"] = json!("CHF"); // not enabled in the organisation: rejected
     p.post(&d).await;
     let counts = p.settle(Duration::from_secs(30)).await;
     assert_eq!(counts.get("failed"), Some(&1), "{counts:?}");
@@ -466,7 +466,7 @@ async fn mail_waits_while_smtp_is_down() {
         "{}",
         mails[0].data
     );
-    assert!(mails[0].data.contains("JPY"), "Xero's own words are quoted");
+    assert!(mails[0].data.contains("CHF"), "Xero's own words are quoted");
     // The sink has the mail a moment before the daemon records it as sent:
     // wait for the outbox to empty rather than expect it at once.
     let sent = Instant::now();

@@ -204,7 +204,7 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
             if n == total / 4 {
                 let mut d = invoice("t01", 9_000);
                 d["number"] = json!(rejected_number);
-                d["currency"] = json!("JPY"); // not enabled in the organisation
+                d["currency"] = json!("CHF"); // not enabled in the organisation
                 assert_eq!(p.post(&d).await.0, 202);
                 let mut d = invoice("t02", 9_001);
                 d["number"] = json!(unmapped_number);
@@ -308,7 +308,7 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
     assert_eq!(
         counts.get("failed"),
         Some(&1),
-        "only the JPY one: {counts:?}"
+        "only the CHF one: {counts:?}"
     );
     assert_eq!(counts.get("paused"), None, "{counts:?}");
     // Exactly once, per organisation and number.

@@ -280,11 +280,13 @@ pub fn valid_document() -> impl Strategy<Value = Value> {
                 let issue = chrono::NaiveDate::from_ymd_opt(year, 1, 1).unwrap()
                     + chrono::Duration::days(day);
                 let no_tax = basis == "no-tax";
+                // Money in the currency's decimals (none for the yen).
+                let minor = ledgerport::ingest::minor_units(&currency);
                 let mut out = Vec::new();
                 let (mut sum_la, mut sum_tax) = (Decimal::ZERO, Decimal::ZERO);
                 for l in &lines {
-                    let la = (l.quantity * l.unit).round_dp(2);
-                    let tax = if no_tax { Decimal::ZERO } else { l.tax };
+                    let la = (l.quantity * l.unit).round_dp(minor);
+                    let tax = if no_tax { Decimal::ZERO } else { l.tax.round_dp(minor) };
                     sum_la += la;
                     sum_tax += tax;
                     let mut line = json!({

@@ -102,6 +102,25 @@ fn check_accepted(json: &Value, doc: &Document, catalogue: Option<&BTreeSet<Stri
         assert!(is_date(d) && d >= &doc.issue_date, "due_date {d:?}");
     }
     assert!(!doc.lines.is_empty());
+    // Money in the currency's decimals.
+    let minor = ledgerport::ingest::minor_units(&doc.currency);
+    for (what, amount) in [
+        ("subtotal", doc.subtotal),
+        ("total_tax", doc.total_tax),
+        ("total", doc.total),
+    ]
+    .into_iter()
+    .chain(
+        doc.lines
+            .iter()
+            .flat_map(|l| [("line_amount", l.line_amount), ("tax_amount", l.tax_amount)]),
+    ) {
+        assert!(
+            amount.normalize().scale() <= minor,
+            "{what} {amount} in {}",
+            doc.currency
+        );
+    }
     assert_exact(json.get("subtotal"), doc.subtotal, "subtotal");
     assert_exact(json.get("total_tax"), doc.total_tax, "total_tax");
     assert_exact(json.get("total"), doc.total, "total");
@@ -116,13 +135,13 @@ fn check_accepted(json: &Value, doc: &Document, catalogue: Option<&BTreeSet<Stri
             .quantity
             .checked_mul(l.unit_amount)
             .expect("an accepted line's quantity x unit_amount fits")
-            .round_dp(2);
+            .round_dp(minor);
         let diff = l
             .line_amount
             .checked_sub(expected)
             .expect("difference fits");
         assert!(
-            diff.abs() <= Decimal::new(1, 2),
+            diff.abs() <= Decimal::new(1, minor),
             "lines[{i}] does not reconcile"
         );
         if let Some(cat) = catalogue {
