@@ -285,7 +285,10 @@ async fn every_fault_at_once_with_smtp_down_loses_nothing_and_every_notice_goes_
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("torture faults: notices queued after {:?}", waiting.elapsed());
+    eprintln!(
+        "torture faults: notices queued after {:?}",
+        waiting.elapsed()
+    );
     // The admin maps the missing kind and reconnects t00: both resume by
     // themselves.
     p.d()
