@@ -571,20 +571,22 @@ async fn set_mapping(
             Json(json!({"connector": scope.connector_id, "kind": kind, "account_code": code, "validated_against": outcome.validated_against})).into_response()
         }
         Err(e) if e.status() == 500 => unavailable(e),
-        Err(e) => {
-            // 503: the account list could not be read to check the code;
-            // the mapping may be fine, so the caller should retry later.
-            let status = match e.status() {
-                503 => StatusCode::SERVICE_UNAVAILABLE,
-                409 => StatusCode::CONFLICT,
-                _ => StatusCode::UNPROCESSABLE_ENTITY,
-            };
-            error(
-                status,
-                "the mapping was refused",
-                &problem(e.field(), e.message()),
-            )
-        }
+        Err(e) => error(
+            mapping_refusal_status(&e),
+            "the mapping was refused",
+            &problem(e.field(), e.message()),
+        ),
+    }
+}
+
+/// The status of a refused mapping: 503 when the account list could not
+/// be read to check it (it may be fine: retry later), 409 when the
+/// provider no longer accepts the connection, else 422.
+fn mapping_refusal_status(e: &crate::connections::mappings::MappingError) -> StatusCode {
+    match e.status() {
+        503 => StatusCode::SERVICE_UNAVAILABLE,
+        409 => StatusCode::CONFLICT,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -622,11 +624,7 @@ async fn confirm_mappings(
         }
         Err((_, e)) if e.status() == 500 => unavailable(e),
         Err((kind, e)) => {
-            let status = match e.status() {
-                503 => StatusCode::SERVICE_UNAVAILABLE,
-                409 => StatusCode::CONFLICT,
-                _ => StatusCode::UNPROCESSABLE_ENTITY,
-            };
+            let status = mapping_refusal_status(&e);
             let field = kind
                 .map(|k| format!("mappings.{k}"))
                 .unwrap_or_else(|| e.field().to_string());

@@ -755,6 +755,26 @@ both!(
     key_rotation_and_restart
 );
 
+/// `ledgerport keys <command>` on `database` with `key_file` (and no key
+/// from the environment): what it printed, once it succeeded.
+fn keys_cli(command: &str, database: &str, key_file: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args(["keys", command, "--database", database, "--key-file"])
+        .arg(key_file)
+        .env_remove("LEDGERPORT_SECRET_KEY")
+        .env_remove("LEDGERPORT_CONFIG")
+        .env("LEDGERPORT_LOG", "error")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "keys {command}: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
 /// `ledgerport keys rotate` while a daemon runs: the daemon, whose ring
 /// came from the same key file, reads the file again when it meets the new
 /// key, so its connections keep working without a restart, and what it
@@ -781,20 +801,7 @@ async fn key_rotation_while_running(db: TestDb) {
     let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
     let token = d.conns.tokens().bearer(&c.id).await.unwrap();
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
-        .args(["keys", "rotate", "--database", &db.url(), "--key-file"])
-        .arg(&key_file)
-        .env_remove("LEDGERPORT_SECRET_KEY")
-        .env_remove("LEDGERPORT_CONFIG")
-        .env("LEDGERPORT_LOG", "error")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = keys_cli("rotate", &db.url(), &key_file);
     assert!(said.contains("2 secrets re-encrypted"), "{said}");
     let in_use = d.store.key_ids_in_use().await.unwrap();
     assert_eq!(in_use.len(), 1);
@@ -809,20 +816,7 @@ async fn key_rotation_while_running(db: TestDb) {
     assert_eq!(d.conns.keys().current_key_id(), in_use[0]);
     assert_eq!(d.store.key_ids_in_use().await.unwrap(), in_use);
     // `keys status` says which key encrypts and that the old one may go.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
-        .args(["keys", "status", "--database", &db.url(), "--key-file"])
-        .arg(&key_file)
-        .env_remove("LEDGERPORT_SECRET_KEY")
-        .env_remove("LEDGERPORT_CONFIG")
-        .env("LEDGERPORT_LOG", "error")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = keys_cli("status", &db.url(), &key_file);
     assert!(said.contains(&format!("{}  encrypts", in_use[0])), "{said}");
     assert!(
         said.contains(&format!("{old_id}  no longer used")),

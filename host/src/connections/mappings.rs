@@ -352,13 +352,29 @@ impl Connections {
         clear: &[String],
         actor: &str,
     ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
-        let validated_against = if set.is_empty() {
+        self.check_and_write(scope, set, set, clear, actor, false)
+            .await
+    }
+
+    /// Check `to_check` (against the live account list when there is
+    /// one), then write `set` and `clear` in one transaction; `confirm`
+    /// ends a review due after a switch of organisation.
+    async fn check_and_write(
+        &self,
+        scope: &MappingScope,
+        to_check: &[AccountMapping],
+        set: &[AccountMapping],
+        clear: &[String],
+        actor: &str,
+        confirm: bool,
+    ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
+        let validated_against = if to_check.is_empty() {
             None
         } else {
-            self.check_all(scope, set).await?
+            self.check_all(scope, to_check).await?
         };
         self.store()
-            .change_mappings(scope, set, clear, actor, self.clock().now_secs(), false)
+            .change_mappings(scope, set, clear, actor, self.clock().now_secs(), confirm)
             .await
             .map_err(|e| (None, MappingError::from(e)))?;
         Ok(MappingOutcome { validated_against })
@@ -399,16 +415,8 @@ impl Connections {
         } else {
             set.to_vec()
         };
-        let validated_against = if to_check.is_empty() {
-            None
-        } else {
-            self.check_all(scope, &to_check).await?
-        };
-        self.store()
-            .change_mappings(scope, set, clear, actor, self.clock().now_secs(), true)
+        self.check_and_write(scope, &to_check, set, clear, actor, true)
             .await
-            .map_err(|e| (None, MappingError::from(e)))?;
-        Ok(MappingOutcome { validated_against })
     }
 
     /// Confirm the mappings as they stand (the admin API's way to end a
