@@ -783,6 +783,7 @@ async fn b3() -> anyhow::Result<()> {
         store: store.clone(),
         service_key_hashes: Vec::new(),
         catalogue: None,
+        kinds: Default::default(),
         on_ingest: Box::new(|| {}),
     };
     let sample = sample_invoice();

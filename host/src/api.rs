@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Shared state of the API.
@@ -24,6 +24,11 @@ pub struct ApiState {
     pub catalogue: Option<BTreeSet<String>>,
     /// Called after a document was stored (wakes the dispatcher).
     pub on_ingest: Box<dyn Fn() + Send + Sync>,
+    /// The document kinds each installed connector takes (its manifest's
+    /// `document_kinds`), by connector id: a document goes to no connection
+    /// of a connector that does not take its kind. A connector not named
+    /// (installed on another daemon only) takes every kind.
+    pub kinds: BTreeMap<String, Vec<String>>,
 }
 
 /// A JSON error with the problems named.
@@ -146,6 +151,12 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
         crate::document::DocumentKind::Invoice => "invoice",
         crate::document::DocumentKind::CreditNote => "credit-note",
     };
+    let skip: Vec<String> = state
+        .kinds
+        .iter()
+        .filter(|(_, kinds)| !kinds.iter().any(|k| k == kind))
+        .map(|(id, _)| id.clone())
+        .collect();
     let outcome = state
         .store
         .ingest_for_tenant(crate::store::outbox::NewDocument {
@@ -157,6 +168,7 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
             body: &canonical,
             body_hash: &hash,
             now: crate::dispatch::now_ms(),
+            skip_connectors: &skip,
         })
         .await;
     match outcome {
@@ -370,6 +382,7 @@ mod tests {
             store,
             service_key_hashes: vec![crate::crypto::sha256_hex(key)],
             catalogue: None,
+            kinds: Default::default(),
             on_ingest: Box::new(|| {}),
         }));
         let post = |len: usize| {

@@ -271,10 +271,24 @@ impl KeyRing {
         let env = keys.clone();
         let env_file = std::env::var_os(KEY_FILE_ENV).map(PathBuf::from);
         let file = key_file.map(Path::to_path_buf).or(env_file);
-        if let Some(p) = &file
-            && p.exists()
-        {
-            keys.extend(Self::read_key_file(p)?);
+        if let Some(p) = &file {
+            if p.exists() {
+                keys.extend(Self::read_key_file(p)?);
+            } else if keys.is_empty() {
+                // The only place keys could come from is missing: say which
+                // file, not "give a key file" (one was given).
+                return Err(CryptoError::KeyFile {
+                    path: p.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("does not exist, and {KEY_ENV} is not set"),
+                    ),
+                });
+            } else {
+                // Keys from the environment, and a file `keys rotate` will
+                // create: followed once it appears.
+                tracing::warn!(path = %p.display(), "the key file does not exist (yet); using the keys of {KEY_ENV} until it does");
+            }
         }
         let mut ring = Self::from_base64(&keys, "secret key")?;
         ring.source = file.map(|file| KeySource {
@@ -485,6 +499,24 @@ mod tests {
 
     fn b64(k: [u8; 32]) -> String {
         STANDARD.encode(k)
+    }
+
+    #[test]
+    fn a_key_file_that_does_not_exist_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("no-such-keys");
+        match (std::env::var(KEY_ENV), KeyRing::load(Some(&file))) {
+            (Err(_), Err(e)) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("no-such-keys") && m.contains("does not exist"),
+                    "{m}"
+                );
+            }
+            // Keys from the environment: the file is awaited, not an error.
+            (Ok(_), Ok(ring)) => assert!(!ring.key_ids().is_empty()),
+            (env, r) => panic!("{:?} with {KEY_ENV} {}", r.map(|_| ()), env.is_ok()),
+        }
     }
 
     #[test]

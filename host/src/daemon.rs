@@ -217,7 +217,51 @@ impl Config {
             )
         })?;
         cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.check().map_err(|e| {
+            anyhow::anyhow!(
+                "config {}: {e}",
+                path.map(|p| p.display().to_string()).unwrap_or_default()
+            )
+        })?;
         Ok(cfg)
+    }
+
+    /// What the file and the environment give together, checked: the SMTP
+    /// user and password come as a pair and never cross the network in
+    /// clear text, the sender is an address, and the public URL is an
+    /// absolute http(s) URL. Each refusal names its key.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(m) = &self.mail {
+            match (&m.username, &m.password) {
+                (Some(_), None) => anyhow::bail!(
+                    "mail.password: mail.username is set but no password (give mail.password or LEDGERPORT_SMTP_PASSWORD)"
+                ),
+                (None, Some(_)) => anyhow::bail!(
+                    "mail.username: a password is set (mail.password or LEDGERPORT_SMTP_PASSWORD) but no user"
+                ),
+                (Some(_), Some(_)) if !m.starttls && !is_loopback_host(&m.smtp_host) => {
+                    anyhow::bail!(
+                        "mail.starttls: the SMTP password would cross the network to {} in clear text; set starttls = true",
+                        m.smtp_host
+                    )
+                }
+                _ => {}
+            }
+            m.from.parse::<lettre::message::Mailbox>().map_err(|e| {
+                anyhow::anyhow!("mail.from: {:?} is not an e-mail address: {e}", m.from)
+            })?;
+        }
+        if let Some(u) = &self.public_url {
+            let parsed = url::Url::parse(u).map_err(|e| {
+                anyhow::anyhow!(
+                    "public_url: {u:?} is not an absolute URL ({e}); write it as https://host[:port]"
+                )
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                anyhow::bail!("public_url: {u:?} must be an http or https URL with a host");
+            }
+        }
+        Ok(())
     }
 
     /// Apply `LEDGERPORT_*` variables (read through `get`).
@@ -274,6 +318,16 @@ impl Config {
             .trim_end_matches('/')
             .to_string()
     }
+}
+
+/// `localhost` or a loopback address: a server on this machine.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A running daemon.
@@ -367,13 +421,24 @@ impl Daemon {
             if !manifest.exists() {
                 continue;
             }
-            let id = path
+            let folder = path
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
-            let settings = cfg.plugins.get(&id).cloned().unwrap_or_default();
             let parsed = crate::manifest::Manifest::from_file(&manifest)
                 .map_err(|e| anyhow::anyhow!("plugin {}: {e}", manifest.display()))?;
+            // `[plugins.<id>]` by the manifest's id: a connector copied by
+            // hand into a folder named otherwise (`xero-2.1/`) keeps its
+            // settings (its simulator or sandbox base URLs above all:
+            // without them its requests would go to the real provider).
+            // A table named after the folder is still read.
+            let id = parsed.id.clone();
+            let settings = cfg
+                .plugins
+                .get(&id)
+                .or_else(|| cfg.plugins.get(&folder))
+                .cloned()
+                .unwrap_or_default();
             // Two folders with one id (a backup copy, say): which one ran
             // would depend on the directory's order.
             if let Some(first) = loaded_from.insert(parsed.id.clone(), path.clone()) {
@@ -448,15 +513,20 @@ impl Daemon {
             plugins.insert(plugin.manifest().id.clone(), Arc::new(plugin));
         }
         for id in cfg.plugins.keys() {
-            let installed = loaded_from.values().any(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy() == id.as_str())
-            });
+            let installed = loaded_from.contains_key(id)
+                || loaded_from.values().any(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy() == id.as_str())
+                });
             if !installed {
                 tracing::warn!(plugin = %id, plugin_dir = %cfg.plugin_dir.display(),
                     "[plugins.{id}] is configured but no such connector is installed; its settings are not used");
             }
         }
+        let kinds: BTreeMap<String, Vec<String>> = plugins
+            .iter()
+            .map(|(id, p)| (id.clone(), p.manifest().document_kinds.clone()))
+            .collect();
         if plugins.is_empty() {
             tracing::warn!(plugin_dir = %cfg.plugin_dir.display(),
                 "no connector in plugin_dir (each is a directory holding manifest.toml and its .wasm): nothing can be connected or delivered");
@@ -495,6 +565,7 @@ impl Daemon {
                 .collect(),
             catalogue: connections.catalogue().map(|c| c.keys()),
             on_ingest: Box::new(move || d2.wake()),
+            kinds,
         });
         // The mailer is built before any work starts: a bad `mail.from`
         // stopped the start after the dispatcher had claimed deliveries,
@@ -672,6 +743,57 @@ mod tests {
         };
         let e = c.apply_env(env).unwrap_err().to_string();
         assert!(e.contains("LEDGERPORT_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn mail_credentials_and_the_public_url_are_checked_by_name() {
+        let check = |text: &str| {
+            toml::from_str::<Config>(text)
+                .unwrap()
+                .check()
+                .err()
+                .map(|e| e.to_string())
+        };
+        let mail = |rest: &str| {
+            format!("[mail]\nsmtp_host = \"smtp.example.com\"\nfrom = \"lp@example.com\"\n{rest}")
+        };
+        assert_eq!(check(&mail("")), None);
+        let e = check(&mail("username = \"lp\"")).unwrap();
+        assert!(e.starts_with("mail.password:"), "{e}");
+        let e = check(&mail("password = \"pw\"")).unwrap();
+        assert!(e.starts_with("mail.username:"), "{e}");
+        let e = check(&mail("username = \"lp\"\npassword = \"pw\"")).unwrap();
+        assert!(e.starts_with("mail.starttls:") && !e.contains("pw"), "{e}");
+        assert_eq!(
+            check(&mail(
+                "username = \"lp\"\npassword = \"pw\"\nstarttls = true"
+            )),
+            None
+        );
+        // A server on this machine may take a password without TLS.
+        assert_eq!(
+            check(
+                "[mail]\nsmtp_host = \"127.0.0.1\"\nfrom = \"a@b.example\"\nusername = \"u\"\npassword = \"p\""
+            ),
+            None
+        );
+        let e = check("[mail]\nsmtp_host = \"h\"\nfrom = \"not an address\"").unwrap();
+        assert!(e.starts_with("mail.from:"), "{e}");
+        for bad in ["lp.example.com", "ftp://lp.example.com", "https://"] {
+            let e = check(&format!("public_url = \"{bad}\"")).unwrap();
+            assert!(e.starts_with("public_url:"), "{bad}: {e}");
+        }
+        assert_eq!(check("public_url = \"https://lp.example.com/\""), None);
+        // The password from the environment completes the pair.
+        let mut c: Config = toml::from_str(&mail("username = \"lp\"\nstarttls = true")).unwrap();
+        c.apply_env(|k| (k == "LEDGERPORT_SMTP_PASSWORD").then(|| "pw".to_string()))
+            .unwrap();
+        assert!(c.check().is_ok());
+        assert!(
+            is_loopback_host("localhost")
+                && is_loopback_host("::1")
+                && !is_loopback_host("10.0.0.1")
+        );
     }
 
     #[test]

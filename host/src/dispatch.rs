@@ -36,6 +36,11 @@ const WAIT_BEHIND_PAUSED_MS: i64 = 60_000;
 /// before any daemon claims it again.
 const NOT_INSTALLED_WAIT_MS: i64 = 60_000;
 
+/// A mapping as compared across a pause: its account code and tax type.
+fn mapping_signature(m: &crate::capabilities::mapping::AccountMapping) -> String {
+    format!("{}|{}", m.account_code, m.tax_type.as_deref().unwrap_or(""))
+}
+
 /// A provider's Retry-After in milliseconds, at least 1 s and at most a day.
 fn retry_after_ms(secs: u32) -> i64 {
     i64::from(secs.clamp(1, 86_400)) * 1000
@@ -92,7 +97,17 @@ pub struct DispatchConfig {
 impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
-            worker_id: format!("{}-{}", hostname(), std::process::id()),
+            // The host and process for a person reading the leases, and
+            // a random part: `HOSTNAME` is often not exported (systemd),
+            // and cloned machines start the service with the same pid.
+            // Two daemons with one id would renew and finish each other's
+            // leases (a document delivered twice).
+            worker_id: format!(
+                "{}-{}-{}",
+                hostname(),
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
             // 64: a delivery spends most of its time waiting (on the
             // provider, on the grouped write of its outcome), and the
             // dispatcher claims again only as places free up. Measured
@@ -115,7 +130,12 @@ impl Default for DispatchConfig {
 }
 
 fn hostname() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "ledgerport".into())
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ledgerport".into())
 }
 
 /// The store as a [`RateGate`]: a sliding window (one minute, or shorter in
@@ -357,7 +377,7 @@ impl Dispatcher {
                         now,
                         self.config.lease.as_millis() as i64,
                         free() as i64,
-                        per_connection,
+                        &per_connection,
                         &exclude,
                     )
                     .await
@@ -481,8 +501,7 @@ impl Dispatcher {
     /// the connection was connected again (later than when they paused).
     pub async fn resume_paused(&self) -> anyhow::Result<u64> {
         let mut ready = Vec::new();
-        let mut mapped: BTreeMap<(String, String), std::collections::BTreeSet<String>> =
-            BTreeMap::new();
+        let mut mapped: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
         // One read per connection, not per paused delivery.
         let mut conns: HashMap<String, Option<crate::store::Connection>> = HashMap::new();
         let store = &self.store;
@@ -536,17 +555,22 @@ impl Dispatcher {
                                 .mappings
                                 .all(&scope)
                                 .await?
-                                .into_iter()
-                                .map(|m| m.kind)
+                                .iter()
+                                .map(|m| (m.kind.clone(), mapping_signature(m)))
                                 .collect();
                             mapped.insert(key.clone(), kinds);
                         }
                         let have = &mapped[&key];
                         let missing = detail["unmapped"].as_array().cloned().unwrap_or_default();
-                        if missing
-                            .iter()
-                            .all(|k| k.as_str().is_some_and(|k| have.contains(k)))
-                        {
+                        // Each kind mapped, and mapped otherwise than when
+                        // the connector could not use its account ("was").
+                        if missing.iter().all(|k| {
+                            k.as_str().is_some_and(|k| {
+                                have.get(k).is_some_and(|now| {
+                                    detail["was"][k].as_str() != Some(now.as_str())
+                                })
+                            })
+                        }) {
                             ready.push(p.id);
                         }
                     }
@@ -574,15 +598,37 @@ impl Dispatcher {
         Ok(self.store.resume(&ready, now_ms()).await?)
     }
 
-    fn per_connection_cap(&self) -> i64 {
+    /// Each connector's own cap on deliveries working at once on one
+    /// connection (before, the smallest of every installed connector's
+    /// applied to all: one connector declaring 1 slowed Xero to one at a
+    /// time). One number when they agree, so a claim reads no connector.
+    fn per_connection_cap(&self) -> crate::store::outbox::ConnectionCaps {
+        use crate::store::outbox::ConnectionCaps;
         if let Some(n) = self.config.per_connection_override {
-            return i64::from(n);
+            return ConnectionCaps::uniform(i64::from(n));
         }
-        self.plugins
-            .values()
-            .map(|p| p.manifest().limits.concurrent_per_connection)
-            .min()
-            .unwrap_or(5) as i64
+        let by_connector: HashMap<String, i64> = self
+            .plugins
+            .iter()
+            .map(|(id, p)| {
+                (
+                    id.clone(),
+                    i64::from(p.manifest().limits.concurrent_per_connection),
+                )
+            })
+            .collect();
+        let mut distinct: Vec<i64> = by_connector.values().copied().collect();
+        distinct.sort();
+        distinct.dedup();
+        match distinct.as_slice() {
+            [] => ConnectionCaps::uniform(5),
+            [one] => ConnectionCaps::uniform(*one),
+            _ => ConnectionCaps {
+                // A connector not installed here: the most careful cap.
+                default: distinct[0],
+                by_connector,
+            },
+        }
     }
 
     /// One claimed delivery, start to finish.
@@ -923,6 +969,17 @@ impl Dispatcher {
                     self.hold_connection(&c.connection_id, rl.retry_after_seconds)
                         .await;
                 }
+                let was = match &err {
+                    DeliveryError::NeedsMapping(kinds) if !kinds.is_empty() => {
+                        self.mapped_now(&ctx, c, kinds).await
+                    }
+                    _ => BTreeMap::new(),
+                };
+                if let DeliveryError::NeedsMapping(kinds) = &err
+                    && !was.is_empty()
+                {
+                    return self.needs_mapping_of_mapped(kinds, &was, now);
+                }
                 self.classified(c, &plugin.manifest().name, conn.connected_at, err, now)
             }
             Err(call_err) => {
@@ -1044,6 +1101,75 @@ impl Dispatcher {
         }
     }
 
+    /// The mappings the connector used, of the kinds it says need one: a
+    /// kind mapped now that a connector calls unmapped is one whose account
+    /// it could not use (archived, of the wrong type in the provider). Each
+    /// as [`mapping_signature`]; empty when they cannot be read (the pause
+    /// then waits for the kinds to be mapped, as before).
+    async fn mapped_now(
+        &self,
+        ctx: &CallContext,
+        c: &Claimed,
+        kinds: &[String],
+    ) -> BTreeMap<String, String> {
+        let scope = crate::capabilities::mapping::MappingScope {
+            tenant_id: c.tenant_id.clone(),
+            connector_id: c.connector_id.clone(),
+        };
+        match ctx.mappings.all(&scope).await {
+            Ok(all) => all
+                .iter()
+                .filter(|m| kinds.contains(&m.kind))
+                .map(|m| (m.kind.clone(), mapping_signature(m)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(delivery = %c.id, error = %e, "reading the mappings of a paused delivery failed");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// A connector named kinds that are mapped: their accounts do not work
+    /// in the accounting system. Paused for mapping all the same (an admin
+    /// fixes it by choosing other accounts), but resumed only once each
+    /// such kind is mapped differently (and every other named kind mapped);
+    /// resumed because they are mapped, it would pause again at once, for
+    /// ever.
+    fn needs_mapping_of_mapped(
+        &self,
+        kinds: &[String],
+        was: &BTreeMap<String, String>,
+        now: i64,
+    ) -> Finish {
+        crate::metrics::delivery("needs-mapping");
+        let details = serde_json::json!({"unmapped": kinds, "was": was}).to_string();
+        Finish {
+            state: state::PAUSED,
+            pause_reason: Some("mapping".into()),
+            pause_detail: Some(details.clone()),
+            counts: true,
+            next_attempt_at: now,
+            outcome: "needs-mapping".into(),
+            message: Some({
+                let (bad, unmapped): (Vec<&String>, Vec<&String>) =
+                    kinds.iter().partition(|k| was.contains_key(*k));
+                let join =
+                    |v: &[&String]| v.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+                let mut m = format!(
+                    "the account mapped for {} cannot be used by the accounting system (the connector asks for another one): choose another account on the Configure page",
+                    join(&bad)
+                );
+                if !unmapped.is_empty() {
+                    m.push_str(&format!("; no account is mapped for: {}", join(&unmapped)));
+                }
+                m
+            }),
+            details: Some(details),
+            external_id: None,
+            external_url: None,
+        }
+    }
+
     fn classified(
         &self,
         c: &Claimed,
@@ -1146,5 +1272,42 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_daemons_of_one_process_id_never_share_a_worker_id() {
+        let (a, b) = (DispatchConfig::default(), DispatchConfig::default());
+        assert_ne!(a.worker_id, b.worker_id);
+        assert!(
+            a.worker_id.contains(&format!("-{}-", std::process::id())),
+            "{}",
+            a.worker_id
+        );
+    }
+
+    #[test]
+    fn a_mapping_is_compared_by_its_account_and_tax_type() {
+        let m = |code: &str, tax: Option<&str>| crate::capabilities::mapping::AccountMapping {
+            kind: "fee".into(),
+            account_code: code.into(),
+            tax_type: tax.map(String::from),
+        };
+        assert_eq!(
+            mapping_signature(&m("400", None)),
+            mapping_signature(&m("400", None))
+        );
+        assert_ne!(
+            mapping_signature(&m("400", None)),
+            mapping_signature(&m("401", None))
+        );
+        assert_ne!(
+            mapping_signature(&m("400", None)),
+            mapping_signature(&m("400", Some("INPUT")))
+        );
     }
 }

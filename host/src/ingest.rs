@@ -89,6 +89,10 @@ pub fn minor_units(code: &str) -> u32 {
 
 /// An amount of money with more decimals than its currency has (trailing
 /// zeros aside: `1000.00` yen is fine, `1000.50` is not).
+/// The most decimal places of a quantity or unit price (trailing zeros
+/// aside).
+pub const MAX_UNIT_DECIMALS: u32 = 4;
+
 fn too_precise(amount: Decimal, minor: u32) -> bool {
     amount.normalize().scale() > minor
 }
@@ -394,6 +398,18 @@ pub fn validate(
                             Some(d) if j >= 2 && currency.is_some() && too_precise(d, minor) => {
                                 problems.push(problem(f(key), precision(s)))
                             }
+                            // A quantity or unit price: at most four
+                            // decimals (the contract's promise to
+                            // connectors, and what accounting systems
+                            // such as Xero take).
+                            Some(d) if j < 2 && too_precise(d, MAX_UNIT_DECIMALS) => {
+                                problems.push(problem(
+                                    f(key),
+                                    format!(
+                                        "{s:?} has more than {MAX_UNIT_DECIMALS} decimal places (accounting systems take at most {MAX_UNIT_DECIMALS})"
+                                    ),
+                                ))
+                            }
                             Some(d) => amounts[j] = Some(d),
                             None => problems
                                 .push(problem(f(key), format!("{s:?} is not a decimal amount"))),
@@ -669,6 +685,24 @@ mod tests {
         kwd["lines"][0]["tax_amount"] = "100.0001".into();
         let errs = validate(&kwd, None).unwrap_err();
         assert_eq!(errs[0].field, "lines[0].tax_amount", "{errs:?}");
+    }
+
+    #[test]
+    fn quantities_and_unit_prices_have_at_most_four_decimals() {
+        let mut v = sample("invoice.json");
+        v["lines"][0]["quantity"] = "1.00000".into(); // trailing zeros: fine
+        validate(&v, None).unwrap();
+        v["lines"][0]["quantity"] = "1.00001".into();
+        v["lines"][1]["unit_amount"] = "10.12345".into();
+        let errs = validate(&v, None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"lines[0].quantity"), "{errs:?}");
+        assert!(fields.contains(&"lines[1].unit_amount"), "{errs:?}");
+        let e = errs
+            .iter()
+            .find(|e| e.field == "lines[1].unit_amount")
+            .unwrap();
+        assert!(e.message.contains("more than 4 decimal places"), "{e:?}");
     }
 
     #[test]

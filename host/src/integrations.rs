@@ -30,7 +30,7 @@ use crate::oauth::escape as esc;
 use crate::store::outbox::{LogCursor, state};
 use axum::Router;
 use axum::extract::{Form, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use std::collections::BTreeMap;
@@ -225,7 +225,36 @@ pub fn router(state: Arc<AdminState>) -> Router {
             same_origin,
         ))
         .layer(axum::middleware::from_fn(crate::rejections::no_nul))
+        .layer(axum::middleware::from_fn(page_headers))
         .with_state(state)
+}
+
+/// The policy of every HTML page the daemon serves: no script at all (the
+/// pages have none; a connector's text that slipped through as markup could
+/// not run), styles only inline, images only from the daemon, never inside
+/// another site's frame (the page's buttons disconnect and retry).
+pub const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; \
+     base-uri 'none'; frame-ancestors 'none'";
+
+/// Middleware for the HTML pages: [`PAGE_CSP`], no framing, no MIME
+/// sniffing, and no `Referer` (a picker's address holds its one-time token).
+pub async fn page_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(PAGE_CSP),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
 }
 
 /// Forms are taken only from this site's own pages: a POST whose `Origin`
@@ -554,11 +583,15 @@ async fn index(
     );
     for r in &rows {
         let detail = match (&r.external_url, &r.last_error) {
-            (Some(u), _) if r.state == "delivered" => format!(
-                "<a href=\"{}\">{}</a>",
-                esc(u),
-                esc(r.external_id.as_deref().unwrap_or(""))
-            ),
+            // Only an http(s) address is a link (rows stored before the
+            // runtime checked receipts may hold anything).
+            (Some(u), _) if r.state == "delivered" && crate::runtime::clean::link(u).is_some() => {
+                format!(
+                    "<a href=\"{}\">{}</a>",
+                    esc(u),
+                    esc(r.external_id.as_deref().unwrap_or(""))
+                )
+            }
             (_, Some(e)) => esc(e),
             (None, None) if r.state == "delivered" => esc(r.external_id.as_deref().unwrap_or("")),
             _ => String::new(),

@@ -147,8 +147,8 @@ enum DeliveriesCommand {
         /// Only this state (pending, working, delivered, failed, paused).
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ledgerport::store::outbox::state::ALL))]
         state: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 50)]
+        /// At most this many (1 to 10,000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
         /// The configuration file.
         #[arg(long, short, env = "LEDGERPORT_CONFIG")]
@@ -909,6 +909,7 @@ async fn issue(
         store,
         service_key_hashes: Vec::new(),
         catalogue,
+        kinds: Default::default(),
         on_ingest: Box::new(|| {}),
     };
     let resp = ledgerport::api::ingest_json(&state, &body).await;
@@ -966,7 +967,9 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match ledgerport::store::Store::open_and_migrate(&cfg.database).await {
+    // The delivery log of a database that exists, on this version's schema:
+    // neither created (a mistyped path read as "no deliveries") nor migrated.
+    let store = match ledgerport::store::Store::open_existing(&cfg.database).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -994,8 +997,10 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                     println!("{}", serde_json::json!({ "deliveries": rows }));
                 } else {
                     for r in &rows {
+                        // The id first: what `deliveries retry --id` takes.
                         println!(
-                            "{:<10} {:<22} {:<10} {:<10} attempts {:<2} {}",
+                            "{} {:<10} {:<22} {:<10} {:<10} attempts {:<2} {}",
+                            r.id,
                             r.tenant_id,
                             r.document_number,
                             r.connector_id,
@@ -1019,6 +1024,18 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
             }
         },
         DeliveriesCommand::Retry { tenant, id, .. } => {
+            // A mistyped tenant is an error, not "0 queued again".
+            match store.tenant(&tenant).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    eprintln!("error: tenant: unknown tenant {tenant:?}");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(3);
+                }
+            }
             match store
                 .retry_failed(&tenant, id.as_deref(), ledgerport::dispatch::now_ms())
                 .await
@@ -1029,7 +1046,22 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                     } else {
                         println!("{n} delivery(ies) queued again");
                     }
-                    if n == 0 && id.is_some() {
+                    if let (0, Some(id)) = (n, id.as_deref()) {
+                        // Say why: no such delivery, or not a failed one.
+                        let why = match store
+                            .list_deliveries(Some(&tenant), None, None, 10_000)
+                            .await
+                        {
+                            Ok(rows) => match rows.iter().find(|d| d.id == id) {
+                                None => format!("id: tenant {tenant:?} has no delivery {id:?}"),
+                                Some(d) => format!(
+                                    "id: delivery {id:?} is {}, not failed: only failed deliveries are retried",
+                                    d.state
+                                ),
+                            },
+                            Err(e) => e.to_string(),
+                        };
+                        eprintln!("error: {why}");
                         ExitCode::from(1)
                     } else {
                         ExitCode::SUCCESS
@@ -1114,7 +1146,7 @@ async fn support_report(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match ledgerport::store::Store::open_and_migrate(&cfg.database).await {
+    let store = match ledgerport::store::Store::open_existing(&cfg.database).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -1132,24 +1164,36 @@ async fn support_report(
             return ExitCode::from(3);
         }
     };
-    let conns = store.connections(Some(&tenant)).await.unwrap_or_default();
-    let mut not_synced = Vec::new();
-    for s in ["failed", "paused", "pending"] {
-        not_synced.extend(
-            store
-                .list_deliveries(Some(&tenant), None, Some(s), 200)
-                .await
-                .unwrap_or_default(),
-        );
-    }
-    let mut errors = Vec::new();
-    for d in not_synced.iter().take(20) {
-        for a in store.list_attempts(&d.id).await.unwrap_or_default() {
-            if a.outcome != "delivered" && a.outcome != "waiting" {
-                errors.push(serde_json::json!({"document": d.document_number, "outcome": a.outcome, "message": a.message, "provider": a.details, "at_ms": a.finished_at}));
+    // A database error fails the report: "documents not synced: 0" read
+    // from a database that could not answer would mislead support.
+    let gathered = async {
+        let conns = store.connections(Some(&tenant)).await?;
+        let mut not_synced = Vec::new();
+        for s in ["failed", "paused", "pending"] {
+            not_synced.extend(
+                store
+                    .list_deliveries(Some(&tenant), None, Some(s), 200)
+                    .await?,
+            );
+        }
+        let mut errors = Vec::new();
+        for d in not_synced.iter().take(20) {
+            for a in store.list_attempts(&d.id).await? {
+                if a.outcome != "delivered" && a.outcome != "waiting" {
+                    errors.push(serde_json::json!({"document": d.document_number, "outcome": a.outcome, "message": a.message, "provider": a.details, "at_ms": a.finished_at}));
+                }
             }
         }
+        Ok::<_, ledgerport::store::StoreError>((conns, not_synced, errors))
     }
+    .await;
+    let (conns, not_synced, errors) = match gathered {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
     let report = serde_json::json!({
         "tenant": {"id": t.id, "name": t.name, "notice_addresses": t.emails},
         "connections": conns.iter().map(|c| serde_json::json!({"id": c.id, "connector": c.connector_id, "state": c.state, "organisation": c.external_tenant_name, "organisation_id": c.external_tenant_id, "connected_by": c.connected_by, "connected_at": c.connected_at, "reason": c.state_reason})).collect::<Vec<_>>(),

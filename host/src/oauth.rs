@@ -691,6 +691,7 @@ pub fn oauth_router(state: Arc<Connections>) -> Router {
     Router::new()
         .route("/oauth/callback", get(callback))
         .route("/oauth/pick", get(pick_page).post(pick_submit))
+        .layer(axum::middleware::from_fn(crate::integrations::page_headers))
         .with_state(state)
 }
 

@@ -223,6 +223,70 @@ fn plugin_install_records_the_hash_and_deliver_runs_a_smoke_delivery() {
     assert!(text(&o).contains("--base-url"), "{}", text(&o));
 }
 
+/// Commands that only read neither create a database (a mistyped
+/// `--database` answered "no deliveries" from a new, empty file) nor
+/// migrate one (a newer binary upgraded the schema under older daemons);
+/// a command that writes says when it created a new file.
+#[test]
+fn reading_commands_need_an_existing_database_on_this_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("typo.db");
+    let db = db.to_str().unwrap();
+    let key = ledgerport::crypto::generate_key();
+    let env = [("LEDGERPORT_SECRET_KEY", key.as_str())];
+    for args in [
+        vec!["deliveries", "list", "--database", db],
+        vec!["tenant", "list", "--database", db],
+        vec!["keys", "status", "--database", db],
+        vec!["support-report", "--tenant", "acme", "--database", db],
+    ] {
+        let o = ledgerport(&args, &env);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("no such database file"),
+            "{args:?}: {}",
+            text(&o)
+        );
+        assert!(!Path::new(db).exists(), "{args:?} created {db}");
+    }
+    // A database without the schema (a file that is not ledgerport's).
+    let other = dir.path().join("other.db");
+    let o = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('CREATE TABLE t (x)'); c.commit()",
+            other.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let o = ledgerport(
+        &["deliveries", "list", "--database", other.to_str().unwrap()],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("holds no ledgerport schema"),
+        "{}",
+        text(&o)
+    );
+    // A command that writes creates it, and says so; then reading works.
+    let o = ledgerport(
+        &["tenant", "add", "acme", "--name", "Acme", "--database", db],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("created a new database"), "{}", text(&o));
+    let o = ledgerport(&["tenant", "list", "--database", db], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("acme"), "{}", text(&o));
+    let o = ledgerport(
+        &["tenant", "add", "beta", "--name", "Beta", "--database", db],
+        &env,
+    );
+    assert!(!text(&o).contains("created a new database"), "{}", text(&o));
+}
+
 #[test]
 fn tenants_mappings_issue_and_the_delivery_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -406,7 +470,14 @@ async fn deliveries_list_and_retry() {
         .await
         .unwrap();
     let claimed = store
-        .claim_deliveries("w", 10, 60_000, 10, 5, &[])
+        .claim_deliveries(
+            "w",
+            10,
+            60_000,
+            10,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(5),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -472,6 +543,51 @@ async fn deliveries_list_and_retry() {
     );
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["deliveries"][0]["state"], "pending");
+    let id = v["deliveries"][0]["id"].as_str().unwrap().to_string();
+    // The text list shows the id `retry --id` takes.
+    let o = ledgerport(
+        &["deliveries", "list", "--tenant", "acme", "--database", &db],
+        &[],
+    );
+    assert!(text(&o).starts_with(&id), "{}", text(&o));
+    // Retry says why nothing was queued: not failed, no such id, no such tenant.
+    let retry = |tenant: &str, id: &str| {
+        ledgerport(
+            &[
+                "deliveries",
+                "retry",
+                "--tenant",
+                tenant,
+                "--id",
+                id,
+                "--database",
+                &db,
+            ],
+            &[],
+        )
+    };
+    let o = retry("acme", &id);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("is pending, not failed"), "{}", text(&o));
+    let o = retry("acme", "nope");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("has no delivery \"nope\""),
+        "{}",
+        text(&o)
+    );
+    let o = retry("acmee", &id);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("unknown tenant \"acmee\""),
+        "{}",
+        text(&o)
+    );
+    let o = ledgerport(
+        &["deliveries", "list", "--limit", "-1", "--database", &db],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     // A state that does not exist is refused, not an empty list.
     let o = ledgerport(
         &["deliveries", "list", "--state", "broken", "--database", &db],
@@ -658,7 +774,14 @@ async fn support_report_names_what_did_not_sync_and_no_secrets() {
         .await
         .unwrap();
     let c = store
-        .claim_deliveries("w", 10, 60_000, 10, 5, &[])
+        .claim_deliveries(
+            "w",
+            10,
+            60_000,
+            10,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(5),
+            &[],
+        )
         .await
         .unwrap();
     let f = ledgerport::store::outbox::Finish {

@@ -230,6 +230,55 @@ async fn still_works(rt: &ledgerport::runtime::Runtime, plugin: &ledgerport::run
     assert_eq!(r.external_id, "ok-after");
 }
 
+/// What a connector answers is cleaned before the host keeps it: a
+/// `javascript:` receipt address is dropped (it became a link on the
+/// customer's page), NUL characters go (PostgreSQL cannot store one: the
+/// delivery was re-run every lease for ever), and a refusal or failure
+/// without a reason gets one that says so.
+#[tokio::test]
+async fn a_connectors_answer_is_cleaned_before_the_host_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = install(dir.path(), "hostile_connector", HOSTILE);
+    let rt = runtime(small_config());
+    let plugin = rt.load(&manifest, &BTreeMap::new()).unwrap();
+    let call = |number: &'static str| {
+        let (rt, plugin) = (&rt, &plugin);
+        async move {
+            rt.deliver(plugin, &context("t", &[]), delivery("d"), invoice(number))
+                .await
+                .expect("the call runs")
+        }
+    };
+    let r = call("js-link").await.expect("a receipt");
+    assert_eq!(r.external_url, None, "a javascript: address was kept");
+    assert_eq!(r.external_id, "BILL-1");
+    assert_eq!(r.notes, vec!["ab".to_string()]);
+
+    match call("nul-reject").await {
+        Err(DeliveryError::Rejected(v)) => {
+            assert_eq!(v.len(), 1);
+            assert_eq!(v[0].field, "lines[0]");
+            assert_eq!(v[0].message, "bad account");
+            assert_eq!(v[0].provider_message.as_deref(), Some("Xero said no"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match call("empty-reject").await {
+        Err(DeliveryError::Rejected(v)) => {
+            assert_eq!(v.len(), 1, "{v:?}");
+            assert_eq!(v[0].field, "document");
+            assert!(v[0].message.contains("without saying why"), "{v:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match call("empty-transient").await {
+        Err(DeliveryError::Transient(m)) => {
+            assert_eq!(m, ledgerport::runtime::clean::NO_REASON)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Linear memory is reset in place between calls (dirty pages found with
 /// PAGEMAP_SCAN and kept resident): no call may see what an earlier call in
 /// the same pool slot left behind, on its heap or in its statics.

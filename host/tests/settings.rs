@@ -1274,6 +1274,37 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
     };
     let row = |n: usize| format!("<tr data-number=\"INV-acme-{n:04}\"");
 
+    // A delivered row's address is a link only when it is http(s): one
+    // stored before the runtime checked receipts may hold anything.
+    let ledgerport::store::Pool::Sqlite(pool) = env.d.store.pool() else {
+        unreachable!("SQLite here")
+    };
+    sqlx::query(
+        "UPDATE deliveries SET external_url = 'javascript:alert(document.domain)' WHERE document_number = 'INV-acme-0001'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let r = b
+        .get(format!("{}/integrations", env.base))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    // The page's policy: no script, no framing.
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("javascript:"), "{html}");
+    assert!(html.contains(&row(1)), "{html}");
+    // The other delivered row keeps its link to the simulator's bill.
+    assert!(html.contains("<a href=\"http"), "{html}");
+
     // Everything, with a count per state.
     let (s, html) = get("/integrations".into()).await;
     assert_eq!(s, 200);

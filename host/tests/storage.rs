@@ -542,13 +542,27 @@ async fn claims_skip_excluded_connections(db: TestDb) {
     assert!(matches!(again("h").await, IngestOutcome::Existing));
     assert!(matches!(again("other").await, IngestOutcome::Conflict(b) if b == "{}"));
     let claimed = s
-        .claim_deliveries("w", 10, 60_000, 10, 5, &["conn-a".to_string()])
+        .claim_deliveries(
+            "w",
+            10,
+            60_000,
+            10,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(5),
+            &["conn-a".to_string()],
+        )
         .await
         .unwrap();
     let conns: Vec<&str> = claimed.iter().map(|c| c.connection_id.as_str()).collect();
     assert_eq!(conns, ["conn-b", "conn-b"]);
     let claimed = s
-        .claim_deliveries("w", 10, 60_000, 10, 5, &[])
+        .claim_deliveries(
+            "w",
+            10,
+            60_000,
+            10,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(5),
+            &[],
+        )
         .await
         .unwrap();
     let conns: Vec<&str> = claimed.iter().map(|c| c.connection_id.as_str()).collect();
@@ -802,7 +816,14 @@ async fn concurrent_finishes_share_transactions_and_number_attempts(db: TestDb) 
     };
     for round in 1..=3i64 {
         let claimed = s
-            .claim_deliveries("w", 10 + round, 60_000, 100, 100, &[])
+            .claim_deliveries(
+                "w",
+                10 + round,
+                60_000,
+                100,
+                &ledgerport::store::outbox::ConnectionCaps::uniform(100),
+                &[],
+            )
             .await
             .unwrap();
         assert_eq!(claimed.len(), 40, "round {round}");
@@ -952,7 +973,14 @@ async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {
     };
     // Cap 2: two of A's three, both of B's.
     let first = s
-        .claim_deliveries("w1", 10, 1_000, 10, 2, &[])
+        .claim_deliveries(
+            "w1",
+            10,
+            1_000,
+            10,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(2),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -961,14 +989,28 @@ async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {
     );
     // Their leases are live: A's third stays where it is.
     assert!(
-        s.claim_deliveries("w2", 20, 1_000, 10, 2, &[])
-            .await
-            .unwrap()
-            .is_empty()
+        s.claim_deliveries(
+            "w2",
+            20,
+            1_000,
+            10,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(2),
+            &[]
+        )
+        .await
+        .unwrap()
+        .is_empty()
     );
     // The leases lapse: the four come back (to w3) before A's third.
     let again = s
-        .claim_deliveries("w3", 5_000, 1_000, 10, 2, &[])
+        .claim_deliveries(
+            "w3",
+            5_000,
+            1_000,
+            10,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(2),
+            &[],
+        )
         .await
         .unwrap();
     let mut a: Vec<&str> = again.iter().map(|c| c.id.as_str()).collect();
@@ -978,7 +1020,14 @@ async fn claims_hold_the_cap_and_take_lapsed_leases_first(db: TestDb) {
     assert_eq!(a, b);
     // A limit smaller than the work: the earliest first, still capped.
     let last = s
-        .claim_deliveries("w4", 10_000, 1_000, 1, 2, &[])
+        .claim_deliveries(
+            "w4",
+            10_000,
+            1_000,
+            1,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(2),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(last.len(), 1);
@@ -987,6 +1036,65 @@ both!(
     claims_cap_sqlite,
     claims_cap_postgres,
     claims_hold_the_cap_and_take_lapsed_leases_first
+);
+
+/// Each connector's own cap: a connector declaring one delivery at a time
+/// per connection does not hold Xero's connections to one (the smallest
+/// cap of every installed connector was applied to all), nor does Xero's
+/// five let the careful connector run five.
+async fn claims_cap_each_connector_by_its_own_limit(db: TestDb) {
+    use ledgerport::store::outbox::ConnectionCaps;
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let k = keys(1);
+    let xero = connected(&s, &k, &new_conn(tokens("A1", "R1", 1000), "org-1")).await;
+    let careful = connected(
+        &s,
+        &k,
+        &NewConnection {
+            connector_id: "careful".into(),
+            ..new_conn(tokens("A2", "R2", 1000), "org-2")
+        },
+    )
+    .await;
+    for i in 0..8 {
+        let (conn, connector) = if i < 4 {
+            (&xero, "xero")
+        } else {
+            (&careful, "careful")
+        };
+        let doc = format!("d{i}");
+        s.ingest_document(
+            new_doc("acme", &doc, &format!("INV-{i}"), "{}", "h", 1),
+            &[(conn.clone(), connector.to_string())],
+        )
+        .await
+        .unwrap();
+    }
+    let caps = ConnectionCaps {
+        default: 1,
+        by_connector: [("xero".to_string(), 3), ("careful".to_string(), 1)].into(),
+    };
+    let claimed = s
+        .claim_deliveries("w1", 10, 60_000, 10, &caps, &[])
+        .await
+        .unwrap();
+    let n = |c: &str| claimed.iter().filter(|d| d.connection_id == c).count();
+    assert_eq!((n(&xero), n(&careful)), (3, 1), "{claimed:?}");
+    // The live leases count: both connections are at their cap.
+    let more = s
+        .claim_deliveries("w2", 20, 60_000, 10, &caps, &[])
+        .await
+        .unwrap();
+    assert!(more.is_empty(), "{more:?}");
+    // A connector not named takes the default.
+    assert_eq!(caps.of(Some("other")), 1);
+    assert_eq!(caps.of(None), 1);
+}
+both!(
+    claims_per_connector_sqlite,
+    claims_per_connector_postgres,
+    claims_cap_each_connector_by_its_own_limit
 );
 
 /// One delivery of the claim model: its connection, and pending due at
@@ -1026,7 +1134,7 @@ fn claim_case(rows: &[ModelRow], cap: i64, limit: i64, exclude: &[usize]) {
         }
         let excluded: Vec<String> = exclude.iter().map(|c| format!("c{c}")).collect();
         let claimed = s
-            .claim_deliveries("w", now, 1_000, limit, cap, &excluded)
+            .claim_deliveries("w", now, 1_000, limit, &ledgerport::store::outbox::ConnectionCaps::uniform(cap), &excluded)
             .await
             .unwrap();
         let got: std::collections::HashSet<&str> = claimed.iter().map(|c| c.id.as_str()).collect();

@@ -713,11 +713,13 @@ async fn hostile_connectors_fail_alone_and_other_tenants_keep_delivering() {
     };
     let started = Instant::now();
     let listener = common::Listener::start().await;
-    // A plugin directory with Xero (as installed) and the hostile connector.
+    // A plugin directory with Xero and the hostile connector. Xero copied
+    // by hand into a folder not named after its id: `[plugins.xero]` (the
+    // simulator's base URLs) still applies, or nothing would be delivered.
     let plugins = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(
         common::target_dir().join("plugins/xero"),
-        plugins.path().join("xero"),
+        plugins.path().join("xero-2.1"),
     )
     .unwrap();
     let hostile_dir = plugins.path().join("hostile");
@@ -899,5 +901,102 @@ async fn hostile_connectors_fail_alone_and_other_tenants_keep_delivering() {
         store.kv_keys(&first.connection.id).await.unwrap(),
         ["checked"]
     );
+
+    // A connector that says the account mapped for a kind cannot be used
+    // (archived in the provider, say): paused, and not resumed because the
+    // kind is mapped (it paused again at once, every second, for ever), but
+    // once an admin maps it to another account.
+    hostile_tenant(&p, &keys, "h-mapped").await;
+    let mut d = invoice("h-mapped", 0);
+    d["number"] = json!("mapped-mapping");
+    let kind = d["lines"][0]["kind"].as_str().unwrap().to_string();
+    let scope = ledgerport::capabilities::mapping::MappingScope {
+        tenant_id: "h-mapped".into(),
+        connector_id: "hostile".into(),
+    };
+    let map_to = |code: &str| ledgerport::capabilities::mapping::AccountMapping {
+        kind: kind.clone(),
+        account_code: code.into(),
+        tax_type: None,
+    };
+    // Every kind of the document mapped, so it reaches the connector.
+    for l in d["lines"].as_array().unwrap() {
+        let m = ledgerport::capabilities::mapping::AccountMapping {
+            kind: l["kind"].as_str().unwrap().into(),
+            account_code: "400".into(),
+            tax_type: None,
+        };
+        store.set_mapping(&scope, &m, "mallory", 0).await.unwrap();
+    }
+    let (s, body) = p.post(&d).await;
+    assert_eq!(s, 202, "{body}");
+    let row = || async {
+        let rows = store
+            .list_deliveries(Some("h-mapped"), Some("mapped-mapping"), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        rows[0].clone()
+    };
+    let row = &row;
+    let wait_attempts = |n: i64| async move {
+        let started = Instant::now();
+        loop {
+            let r = row().await;
+            if r.attempts >= n && r.state == "paused" {
+                return r;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{r:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let r = wait_attempts(1).await;
+    let err = r.last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("cannot be used") && err.contains(&kind),
+        "{err}"
+    );
+    // The dispatcher looks at paused deliveries every second: three looks.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let r = row().await;
+    assert_eq!(
+        (r.state.as_str(), r.attempts),
+        ("paused", 1),
+        "resumed though nothing changed: {r:?}"
+    );
+    store
+        .set_mapping(&scope, &map_to("401"), "mallory", 0)
+        .await
+        .unwrap();
+    let r = wait_attempts(2).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(row().await.attempts, r.attempts, "{r:?}");
+
+    // A receipt's `javascript:` address is never stored.
+    let mut d = invoice("h-mapped", 1);
+    d["number"] = json!("js-link");
+    let (s, body) = p.post(&d).await;
+    assert_eq!(s, 202, "{body}");
+    p.settle(Duration::from_secs(30)).await;
+    let rows = store
+        .list_deliveries(Some("h-mapped"), Some("js-link"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].state, "delivered", "{:?}", rows[0]);
+    assert_eq!(rows[0].external_url, None, "{:?}", rows[0]);
+    assert_eq!(rows[0].external_id.as_deref(), Some("BILL-1"));
+
+    // A credit note for a tenant whose only connector takes invoices (its
+    // manifest's document_kinds): no delivery, rather than handing the
+    // connector a kind it said it does not take. A Xero tenant's credit
+    // note goes out as ever.
+    let mut cn = pipeline_support::credit_note("h-mapped", 0, 0);
+    cn["credits_invoice_number"] = json!("mapped-mapping");
+    let (s, body) = p.post(&cn).await;
+    assert_eq!(s, 202, "{body}");
+    assert_eq!(body["deliveries"], 0, "{body}");
+    let (s, body) = p.post(&pipeline_support::credit_note("x1", 0, 0)).await;
+    assert_eq!(s, 202, "{body}");
+    assert_eq!(body["deliveries"], 1, "{body}");
     p.stop().await;
 }

@@ -277,9 +277,23 @@ fn bad(msg: impl Into<String>) -> Fail {
     Fail(2, msg.into())
 }
 
+/// Open the store for a command that writes: migrated, and created when
+/// missing (said on stderr, so a mistyped `--database` is noticed).
 async fn open(store: &StoreArgs) -> Result<(Store, KeyRing), Fail> {
     let keys = KeyRing::load(store.key_file.as_deref()).map_err(|e| bad(e.to_string()))?;
+    let new_file = Store::sqlite_file(&store.database).filter(|f| !f.exists());
     let s = Store::open_and_migrate(&store.database).await?;
+    if let Some(f) = new_file {
+        eprintln!("note: created a new database {}", f.display());
+    }
+    Ok((s, keys))
+}
+
+/// Open the store for a command that only reads: it must exist and hold
+/// this version's schema ([`Store::open_existing`]).
+async fn open_read(store: &StoreArgs) -> Result<(Store, KeyRing), Fail> {
+    let keys = KeyRing::load(store.key_file.as_deref()).map_err(|e| bad(e.to_string()))?;
+    let s = Store::open_existing(&store.database).await?;
     Ok((s, keys))
 }
 
@@ -414,7 +428,7 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                 );
             }
             TenantCommand::List { store } => {
-                let (s, _) = open(&store).await?;
+                let (s, _) = open_read(&store).await?;
                 let tenants = s.tenants().await?;
                 let conns = s.connections(None).await?;
                 if json {
@@ -587,7 +601,7 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                 connector,
                 store,
             } => {
-                let (s, _) = open(&store).await?;
+                let (s, _) = open_read(&store).await?;
                 let list = s
                     .mappings(&MappingScope {
                         tenant_id: tenant,
@@ -661,7 +675,7 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
         ConnectionsCommand::Keys {
             command: KeysCommand::Status { store },
         } => {
-            let (s, ring) = open(&store).await?;
+            let (s, ring) = open_read(&store).await?;
             let ring_ids = ring.key_ids();
             let current = ring.current_key_id();
             let in_use = s.key_ids_in_use().await?;
@@ -772,7 +786,7 @@ async fn settings_cli(cmd: SettingsCommand, json: bool, now: i64) -> Result<(), 
             store,
         } => {
             let m = manifest_of(&plugin)?;
-            let (s, keys) = open(&store).await?;
+            let (s, keys) = open_read(&store).await?;
             let list = settings::view(&s, &keys, &m, &tenant).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);

@@ -10,6 +10,7 @@
 //! call with a [`CallError`] that says why; the engine goes on serving.
 
 mod cache;
+pub mod clean;
 mod output;
 pub mod v0_1;
 pub mod v0_2;
@@ -529,7 +530,9 @@ impl Runtime {
                 }
             })?;
         if let Some(dir) = &config.cache_dir {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                anyhow::anyhow!("cache_dir {}: cannot be created: {e}", dir.display())
+            })?;
         }
         Ok(Self {
             engine,
@@ -925,6 +928,10 @@ impl Runtime {
             })
         })
         .await
+        .map(|r| {
+            r.map(|receipt| clean::receipt(&plugin.manifest.id, receipt))
+                .map_err(clean::error)
+        })
     }
 }
 

@@ -44,6 +44,9 @@ pub(crate) struct IngestOp {
     /// fan out to the tenant's connections as they are at the commit (a
     /// tenant that does not exist is [`IngestOutcome::UnknownTenant`]).
     pub connections: Option<Vec<(String, String)>>,
+    /// Connectors that do not take this kind: none of the fan-out's
+    /// deliveries goes to their connections.
+    pub skip_connectors: Vec<String>,
     pub now: i64,
 }
 
@@ -295,20 +298,27 @@ macro_rules! write_all {
                 }
             }
         }
-        let connections_of = |i: &IngestOp| -> Option<Vec<(String, String)>> {
-            match &i.connections {
-                Some(c) => Some(c.clone()),
-                None => targets.get(&i.tenant_id).cloned(),
-            }
+        // (the connections to deliver to, whether the tenant has any at all)
+        let connections_of = |i: &IngestOp| -> Option<(Vec<(String, String)>, bool)> {
+            let all = match &i.connections {
+                Some(c) => c.clone(),
+                None => targets.get(&i.tenant_id).cloned()?,
+            };
+            let any = !all.is_empty();
+            let kept = all
+                .into_iter()
+                .filter(|(_, k)| !i.skip_connectors.contains(k))
+                .collect();
+            Some((kept, any))
         };
         // The first write of a (tenant, document) in the batch is inserted;
         // later ones are repeats of it.
-        let mut firsts: Vec<(usize, &IngestOp, Vec<(String, String)>)> = Vec::new();
+        let mut firsts: Vec<(usize, &IngestOp, Vec<(String, String)>, bool)> = Vec::new();
         let mut repeats: Vec<(usize, &IngestOp, Option<usize>)> = Vec::new();
         let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
         for (at, op) in $ops.iter().enumerate() {
             if let Op::Ingest(i) = op {
-                let Some(conns) = connections_of(i) else {
+                let Some((conns, any)) = connections_of(i) else {
                     $out[at] = Some(Done::Ingest(IngestOutcome::UnknownTenant));
                     continue;
                 };
@@ -316,7 +326,7 @@ macro_rules! write_all {
                     Some(&first) => repeats.push((at, i, Some(first))),
                     None => {
                         seen.insert((i.tenant_id.as_str(), i.document_id.as_str()), at);
-                        firsts.push((at, i, conns));
+                        firsts.push((at, i, conns, any));
                     }
                 }
             }
@@ -328,8 +338,12 @@ macro_rules! write_all {
                 values(firsts.len(), 9)
             );
             let mut q = sqlx::query(&sql);
-            for (_, i, conns) in &firsts {
-                let note = conns.is_empty().then_some("not sent: not connected");
+            for (_, i, conns, any) in &firsts {
+                let note = match (conns.is_empty(), *any) {
+                    (false, _) => None,
+                    (true, true) => Some("not sent: no connected accounting system takes this kind of document"),
+                    (true, false) => Some("not sent: not connected"),
+                };
                 q = q.bind(&i.tenant_id).bind(&i.document_id).bind(&i.kind).bind(&i.number)
                     .bind(&i.credits_invoice_number).bind(&i.body).bind(&i.body_hash).bind(note).bind(i.now);
             }
@@ -338,7 +352,7 @@ macro_rules! write_all {
             }
         }
         let mut rows: Vec<(String, &IngestOp, &str, &str)> = Vec::new();
-        for (at, i, conns) in &firsts {
+        for (at, i, conns, _) in &firsts {
             if inserted.contains(&(i.tenant_id.clone(), i.document_id.clone())) {
                 for (connection_id, connector_id) in conns {
                     rows.push((delivery_id(&i.tenant_id, &i.document_id, connection_id), i, connection_id, connector_id));

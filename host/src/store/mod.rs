@@ -117,14 +117,40 @@ pub struct Store {
     group: Arc<group::Group>,
 }
 
-/// `postgres://user:pw@host/db` without the password, for messages.
+/// A database address for messages: `postgres://user:pw@host/db` without
+/// the password, in the user part or as a parameter (`?password=`,
+/// `?sslpassword=`). A `postgres` address that does not parse is shown
+/// as its scheme alone (it may hold a password where no parser finds
+/// it); a SQLite file path as it is.
 fn redact_url(url: &str) -> String {
+    let secret =
+        |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
     match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if u.query_pairs().any(|(k, _)| secret(&k)) {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret(&k) {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
-        _ => url.to_string(),
+        Err(_) if url.contains("://") => format!(
+            "{}://(an address that could not be read)",
+            url.split("://").next().unwrap_or_default()
+        ),
+        Err(_) => url.to_string(),
     }
 }
 
@@ -240,6 +266,78 @@ impl Store {
             pool: Pool::Sqlite(pool),
             group: Arc::default(),
         })
+    }
+
+    /// The file of a SQLite address (`None` for PostgreSQL and for an
+    /// in-memory database).
+    pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return None;
+        }
+        let path = if url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url)
+                .ok()?
+                .get_filename()
+                .to_path_buf()
+        } else {
+            std::path::PathBuf::from(url)
+        };
+        (!path.as_os_str().is_empty() && path.as_os_str() != ":memory:").then_some(path)
+    }
+
+    /// Open a database that exists and holds this ledgerport's schema,
+    /// exactly: for the commands that only read. They neither create a
+    /// database (a mistyped `--database` printed "no deliveries" from a
+    /// new, empty file) nor migrate one (a newer binary's `deliveries
+    /// list` upgraded the production schema under older daemons).
+    pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
+        if let Some(file) = Self::sqlite_file(url)
+            && !file.exists()
+        {
+            return Err(StoreError::Open {
+                target: redact_url(url),
+                message: "no such database file (check --database or LEDGERPORT_DATABASE; a daemon creates its database at its first start, `ledgerport migrate` an empty one)".into(),
+            });
+        }
+        let s = Self::open(url).await?;
+        s.check_schema().await?;
+        Ok(s)
+    }
+
+    /// That the database's applied migrations are exactly this binary's;
+    /// an error that says what to do otherwise.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let migrator = match &self.pool {
+            Pool::Sqlite(_) => &SQLITE_MIGRATIONS,
+            Pool::Postgres(_) => &POSTGRES_MIGRATIONS,
+        };
+        let known: std::collections::BTreeSet<i64> = migrator.iter().map(|m| m.version).collect();
+        let q = "SELECT version FROM _sqlx_migrations WHERE success";
+        let applied: Result<Vec<(i64,)>, sqlx::Error> = on_pool!(self, p => {
+            sqlx::query_as(q).fetch_all(p).await
+        });
+        let applied: std::collections::BTreeSet<i64> = match applied {
+            Ok(rows) => rows.into_iter().map(|(v,)| v).collect(),
+            Err(_) => {
+                return Err(StoreError::Conflict(
+                    "the database holds no ledgerport schema: run `ledgerport migrate` (or start the daemon) on it first, or check --database".into(),
+                ));
+            }
+        };
+        if let Some(newer) = applied.iter().find(|v| !known.contains(v)) {
+            return Err(StoreError::Conflict(format!(
+                "the database was migrated by a newer ledgerport (migration {newer} is unknown to this one): use that version"
+            )));
+        }
+        let missing = known.difference(&applied).count();
+        if missing > 0 {
+            return Err(StoreError::Conflict(format!(
+                "the database's schema is behind this ledgerport ({} of {} migrations applied): run `ledgerport migrate` (with every daemon on it upgraded)",
+                known.len() - missing,
+                known.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Open and migrate in one step.
@@ -392,5 +490,30 @@ impl BeginWrite for PgPool {
             .execute(&mut *tx)
             .await?;
         Ok(tx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn a_database_address_in_a_message_never_shows_a_password() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/lp"),
+            "postgres://app:***@db:5432/lp"
+        );
+        let r = redact_url("postgres://app@db:5432/lp?password=s3cret&sslmode=require");
+        assert!(!r.contains("s3cret"), "{r}");
+        assert!(r.contains("sslmode=require"), "{r}");
+        let r = redact_url("postgresql://app@db/lp?sslpassword=s3cret");
+        assert!(!r.contains("s3cret"), "{r}");
+        let r = redact_url("postgres://app:s3cret@[bad/lp");
+        assert!(!r.contains("s3cret"), "{r}");
+        assert!(r.starts_with("postgres://"), "{r}");
+        assert_eq!(
+            redact_url("/var/lib/ledgerport.db"),
+            "/var/lib/ledgerport.db"
+        );
     }
 }

@@ -330,6 +330,10 @@ pub struct NewDocument<'a> {
     pub body_hash: &'a str,
     /// When it was received (ms since the epoch).
     pub now: i64,
+    /// Connectors that do not take this kind of document (their manifest's
+    /// `document_kinds`): the fan-out makes no delivery to their
+    /// connections.
+    pub skip_connectors: &'a [String],
 }
 
 impl NewDocument<'_> {
@@ -343,6 +347,7 @@ impl NewDocument<'_> {
             body: self.body.to_string(),
             body_hash: self.body_hash.to_string(),
             connections,
+            skip_connectors: self.skip_connectors.to_vec(),
             now: self.now,
         }
     }
@@ -402,19 +407,23 @@ impl Store {
     }
 
     /// Claim up to `limit` due deliveries (pending and due, or working with
-    /// an expired lease) for `worker`, never more than `per_connection`
-    /// working at once on one connection (across every daemon), none of
-    /// the connections in `exclude` (their provider's rate is used up).
+    /// an expired lease) for `worker`, never more working at once on one
+    /// connection (across every daemon) than `caps` allows its connector,
+    /// none of the connections in `exclude` (their provider's rate is used
+    /// up).
     pub async fn claim_deliveries(
         &self,
         worker: &str,
         now: i64,
         lease_ms: i64,
         limit: i64,
-        per_connection: i64,
+        caps: &ConnectionCaps,
         exclude: &[String],
     ) -> Result<Vec<Claimed>, StoreError> {
         let exclude: std::collections::HashSet<&str> = exclude.iter().map(String::as_str).collect();
+        // Each connection's connector, read only when connectors differ in
+        // their caps (for the connections that have work).
+        let mut connector_of: HashMap<String, String> = HashMap::new();
         // The candidates, under the write lock: lapsed leases first, then
         // each connection's earliest due deliveries, never more per
         // connection than its free places, the earliest `limit` of all.
@@ -430,6 +439,40 @@ impl Store {
                 {
                     used.insert(r.try_get("connection_id")?, r.try_get("n")?);
                 }
+                let pending_heads = sqlx::query(PENDING_HEADS)
+                    .bind(now)
+                    .fetch_all(&mut *$tx)
+                    .await?;
+                let lapsed = sqlx::query(LAPSED_LEASES)
+                    .bind(now)
+                    .fetch_all(&mut *$tx)
+                    .await?;
+                if !caps.by_connector.is_empty() {
+                    let mut ids: Vec<String> = Vec::new();
+                    for r in pending_heads.iter().chain(lapsed.iter()) {
+                        let c: String = r.try_get("connection_id")?;
+                        if !connector_of.contains_key(&c) && !ids.contains(&c) {
+                            ids.push(c);
+                        }
+                    }
+                    for chunk in ids.chunks(500) {
+                        let sql = format!(
+                            "SELECT id, connector_id FROM connections WHERE id IN ({})",
+                            (1..=chunk.len())
+                                .map(|i| format!("${i}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for c in chunk {
+                            q = q.bind(c);
+                        }
+                        for r in q.fetch_all(&mut *$tx).await? {
+                            connector_of.insert(r.try_get("id")?, r.try_get("connector_id")?);
+                        }
+                    }
+                }
+                let cap_of = |c: &str| caps.of(connector_of.get(c).map(String::as_str));
                 // (0 for a lapsed lease, 1 for pending work; due at; id):
                 // lapsed leases sort first, so the cut to `limit` never
                 // drops one for pending work after it has used up its
@@ -439,32 +482,25 @@ impl Store {
                 let mut picked: Vec<(u8, i64, String)> = Vec::new();
                 // Every lapsed lease (few: at most the working ones), not the
                 // first `limit`: those could all be on connections at their cap.
-                for r in sqlx::query(LAPSED_LEASES)
-                    .bind(now)
-                    .fetch_all(&mut *$tx)
-                    .await?
-                {
+                for r in &lapsed {
                     let c: String = r.try_get("connection_id")?;
                     if exclude.contains(c.as_str()) {
                         continue;
                     }
+                    let cap = cap_of(&c);
                     let n = used.entry(c).or_insert(0);
-                    if *n < per_connection {
+                    if *n < cap {
                         *n += 1;
                         picked.push((0, r.try_get("next_attempt_at")?, r.try_get("id")?));
                     }
                 }
                 let mut heads: Vec<(i64, String)> = Vec::new();
-                for r in sqlx::query(PENDING_HEADS)
-                    .bind(now)
-                    .fetch_all(&mut *$tx)
-                    .await?
-                {
+                for r in &pending_heads {
                     let c: String = r.try_get("connection_id")?;
                     // Due by `now` (the query's filter), so never NULL.
                     let h: i64 = r.try_get("head")?;
                     if !exclude.contains(c.as_str())
-                        && used.get(&c).copied().unwrap_or(0) < per_connection
+                        && used.get(&c).copied().unwrap_or(0) < cap_of(&c)
                     {
                         heads.push((h, c));
                     }
@@ -477,7 +513,7 @@ impl Store {
                     let sql = pending_picks_sql(heads.len());
                     let mut q = sqlx::query(&sql).bind(now);
                     for (_, c) in &heads {
-                        let room = (per_connection - used.get(c).copied().unwrap_or(0)).min(limit);
+                        let room = (cap_of(c) - used.get(c).copied().unwrap_or(0)).min(limit);
                         q = q.bind(c.clone()).bind(room);
                     }
                     for r in q.fetch_all(&mut *$tx).await? {
@@ -1143,6 +1179,36 @@ pub(super) const CLAIM_RETURNING: &str = "RETURNING id, tenant_id, document_id, 
 
 /// Live leases by connection (`$1`: now): the places each connection has in use.
 const LIVE_LEASES: &str = "SELECT connection_id, COUNT(*) AS n FROM deliveries WHERE state = 'working' AND lease_until >= $1 GROUP BY connection_id";
+
+/// How many deliveries may work at once on one connection: each
+/// connector's own limit (its manifest's `concurrent_per_connection`), or
+/// the default for a connector not named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    /// The cap of a connector not in `by_connector`.
+    pub default: i64,
+    /// Caps by connector id (empty: `default` for every connection, and no
+    /// connector is read during a claim).
+    pub by_connector: HashMap<String, i64>,
+}
+
+impl ConnectionCaps {
+    /// The same cap for every connection.
+    pub fn uniform(cap: i64) -> Self {
+        Self {
+            default: cap,
+            by_connector: HashMap::new(),
+        }
+    }
+
+    /// The cap of a connection of `connector` (unknown: the default).
+    pub fn of(&self, connector: Option<&str>) -> i64 {
+        connector
+            .and_then(|c| self.by_connector.get(c))
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
 
 /// Every lapsed lease (`$1`: now), earliest first.
 const LAPSED_LEASES: &str = "SELECT id, connection_id, next_attempt_at FROM deliveries WHERE state = 'working' AND lease_until < $1 ORDER BY next_attempt_at, id";

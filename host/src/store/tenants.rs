@@ -27,12 +27,16 @@ pub fn validate_tenant_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Check an e-mail address (a plain sanity check: `local@domain.tld`).
+/// Check an e-mail address: `local@domain.tld`, as the mailer will take it
+/// (lettre's parser: an address it refuses would fail, at send time, the
+/// whole notice to every address of the tenant), with a domain of at
+/// least two non-empty labels.
 pub fn validate_email(e: &str) -> Result<(), String> {
     let ok = e.len() <= 254
         && !e.chars().any(|c| c.is_whitespace() || c.is_control())
-        && e.split_once('@').is_some_and(|(l, d)| {
-            !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.')
+        && e.parse::<lettre::Address>().is_ok()
+        && e.rsplit_once('@').is_some_and(|(l, d)| {
+            !l.is_empty() && d.contains('.') && d.split('.').all(|label| !label.is_empty())
         });
     if ok {
         Ok(())
@@ -172,4 +176,35 @@ pub(super) fn ingest_targets_sql(tenants: usize) -> String {
     format!(
         "SELECT t.id AS tenant_id, c.id AS connection_id, c.connector_id FROM tenants t LEFT JOIN connections c ON c.tenant_id = t.id AND c.state <> 'disconnected' WHERE t.id IN ({list}) ORDER BY c.connector_id"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_email;
+
+    #[test]
+    fn an_address_the_mailer_would_refuse_is_refused_when_given() {
+        for good in [
+            "jane@acme.com",
+            "jane.doe+ap@mail.acme.co.uk",
+            "a@b.example",
+        ] {
+            assert_eq!(validate_email(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "jane@@acme.com",
+            "jane@acme..com",
+            "jane@.acme.com",
+            "jane@acme.com.",
+            "jane@acme",
+            "@acme.com",
+            "jane acme@acme.com",
+            "jane@acme.com\n",
+            "jane@ac\0me.com",
+            "jane",
+        ] {
+            let e = validate_email(bad).unwrap_err();
+            assert!(e.contains("is not an e-mail address"), "{bad:?}: {e}");
+        }
+    }
 }

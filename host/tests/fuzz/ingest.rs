@@ -387,6 +387,7 @@ fn http_ingest_answers_every_body_with_a_documented_status() {
         store,
         service_key_hashes: vec![ledgerport::crypto::sha256_hex(key)],
         catalogue: None,
+        kinds: Default::default(),
         on_ingest: Box::new(|| {}),
     }));
     let body = prop_oneof![

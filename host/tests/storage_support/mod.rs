@@ -43,6 +43,7 @@ pub fn new_doc<'a>(
         body,
         body_hash,
         now,
+        skip_connectors: &[],
     }
 }
 

@@ -50,8 +50,10 @@ pub fn transient(why: impl Into<String>) -> DeliveryError {
 }
 
 /// The usual outcome for a failed host HTTP call: no credentials means
-/// re-authorise; a refusal by the host is a permanent configuration problem;
-/// everything else is worth a retry.
+/// re-authorise; a refusal by the host, a response over the size cap and
+/// the per-delivery call limit fail the same way on every attempt (a
+/// connector or configuration problem: retrying for a day would only delay
+/// the notice); a timeout or a connection error is worth a retry.
 pub fn from_http(err: HttpError) -> DeliveryError {
     match err {
         HttpError::Unauthorized(why) => needs_reauth(why),
@@ -60,6 +62,44 @@ pub fn from_http(err: HttpError) -> DeliveryError {
             format!("the host refused a request: {why}"),
             None,
         ),
+        HttpError::TooLarge(cap) => rejected(
+            "connector",
+            format!("the provider's answer was larger than the host takes ({cap} bytes)"),
+            None,
+        ),
+        HttpError::CallLimit(n) => rejected(
+            "connector",
+            format!("the connector made more requests than one delivery may ({n})"),
+            None,
+        ),
         other => transient(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_may_pass_is_retried() {
+        assert!(matches!(
+            from_http(HttpError::Timeout),
+            DeliveryError::Transient(_)
+        ));
+        assert!(matches!(
+            from_http(HttpError::Connection("reset".into())),
+            DeliveryError::Transient(_)
+        ));
+        assert!(matches!(
+            from_http(HttpError::Unauthorized("gone".into())),
+            DeliveryError::NeedsReauth(_)
+        ));
+        for e in [
+            HttpError::Denied("host".into()),
+            HttpError::TooLarge(8),
+            HttpError::CallLimit(50),
+        ] {
+            assert!(matches!(from_http(e), DeliveryError::Rejected(_)));
+        }
     }
 }

@@ -60,6 +60,9 @@ impl Response {
 #[derive(Debug, Clone)]
 pub struct RequestBuilder {
     req: wit::Request,
+    /// Why the request cannot be sent (a body that could not be built):
+    /// [`RequestBuilder::send`] answers it without calling the host.
+    invalid: Option<String>,
 }
 
 impl RequestBuilder {
@@ -73,6 +76,7 @@ impl RequestBuilder {
                 body: None,
                 with_credentials: false,
             },
+            invalid: None,
         }
     }
 
@@ -93,10 +97,14 @@ impl RequestBuilder {
     }
 
     /// Set a JSON body and `content-type: application/json`.
+    /// A value that cannot be serialised (a map with non-string keys, a
+    /// failing `Serialize`) makes [`RequestBuilder::send`] fail with
+    /// [`Error::Denied`] saying so; nothing is sent (before, `null` was).
     pub fn json<T: serde::Serialize>(mut self, value: &T) -> Self {
-        // Serialising plain data structures cannot fail; fall back to null.
-        let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
-        self.req.body = Some(body);
+        match serde_json::to_vec(value) {
+            Ok(body) => self.req.body = Some(body),
+            Err(e) => self.invalid = Some(format!("the JSON body could not be serialised: {e}")),
+        }
         self.header("content-type", "application/json")
     }
 
@@ -119,6 +127,9 @@ impl RequestBuilder {
 
     /// Send it through the host.
     pub fn send(self) -> Result<Response, Error> {
+        if let Some(why) = self.invalid {
+            return Err(Error::Denied(why));
+        }
         #[cfg(target_arch = "wasm32")]
         let r = wit::send(&self.req)?;
         #[cfg(not(target_arch = "wasm32"))]
@@ -142,6 +153,10 @@ pub fn post(url: impl Into<String>) -> RequestBuilder {
 /// A PUT request.
 pub fn put(url: impl Into<String>) -> RequestBuilder {
     RequestBuilder::new(Method::Put, url)
+}
+/// A PATCH request.
+pub fn patch(url: impl Into<String>) -> RequestBuilder {
+    RequestBuilder::new(Method::Patch, url)
 }
 /// A DELETE request.
 pub fn delete(url: impl Into<String>) -> RequestBuilder {
@@ -169,6 +184,21 @@ pub fn encode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_body_that_cannot_be_serialised_is_not_sent() {
+        // JSON object keys must be strings.
+        let bad: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let r = super::post("https://a.example/").json(&bad).send();
+        assert!(
+            matches!(&r, Err(super::Error::Denied(why)) if why.contains("could not be serialised")),
+            "{r:?}"
+        );
+        assert!(matches!(
+            super::patch("https://a.example/").request().method,
+            super::Method::Patch
+        ));
+    }
+
     #[test]
     fn encode_keeps_unreserved_and_escapes_the_rest_in_upper_hex() {
         assert_eq!(super::encode("aZ09-_.~"), "aZ09-_.~");

@@ -14,6 +14,12 @@
 //! | `fetch`    | GETs `https://allowed.test/<description of line 0>`        |
 //! | `leftover` | counts a marker left by earlier calls anywhere in its linear |
 //! |            | memory, then leaves the marker in a static and on the heap |
+//! | `js-link`  | a receipt whose address is `javascript:` and whose id and  |
+//! |            | notes hold NUL characters                                  |
+//! | `nul-reject` | refuses with a NUL in its message and provider text      |
+//! | `empty-reject` | refuses with no field error at all                     |
+//! | `empty-transient` | a temporary failure with an empty reason            |
+//! | `mapped-mapping` | needs a mapping for line 0's kind (also when mapped) |
 //! | anything else | behaves: returns a receipt                              |
 //!
 //! Its `check` writes to its kv store every time, and refuses a tenant whose
@@ -143,6 +149,27 @@ impl Connector for Hostile {
             // Needs a mapping, but names no line kind: nothing an admin
             // maps can ever satisfy it.
             "unnamed-mapping" => Err(DeliveryError::NeedsMapping(vec![])),
+            "js-link" => Ok(Receipt {
+                external_id: "BILL\0-1".into(),
+                external_url: Some("javascript:alert(document.domain)".into()),
+                notes: vec!["a\0b".into(), String::new()],
+            }),
+            "nul-reject" => Err(DeliveryError::Rejected(vec![ledgerport_sdk::FieldError {
+                field: "lines[0]\0".into(),
+                message: "bad\0 account".into(),
+                provider_message: Some("Xero\0 said no".into()),
+            }])),
+            "empty-reject" => Err(DeliveryError::Rejected(vec![])),
+            "empty-transient" => Err(DeliveryError::Transient(String::new())),
+            // Says the account of line 0's kind cannot be used, whatever
+            // it is mapped to (as a connector whose mapped account was
+            // archived in the provider would).
+            "mapped-mapping" => Err(DeliveryError::NeedsMapping(
+                doc.lines
+                    .first()
+                    .map(|l| vec![l.kind.clone()])
+                    .unwrap_or_default(),
+            )),
             "credentials" => {
                 // Not hostile: asks for the connection's token the way a
                 // connector should (the SDK's classification of the answer).

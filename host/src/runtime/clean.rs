@@ -1,0 +1,229 @@
+//! What a connector answers, made safe to store and to show: the one place
+//! where a receipt's or an error's text from the guest is checked before the
+//! host keeps it.
+//!
+//! A connector is untrusted code. Its strings end up in the database (a NUL
+//! is a write error on PostgreSQL: the delivery would be re-run every lease
+//! for ever), in e-mails (an empty refusal reads "Invoice X: ") and as a
+//! link on the customer's Integrations page (a `javascript:` address would
+//! run script on the daemon's own origin). So: control characters other
+//! than newline and tab are dropped, every text is bounded, an empty reason
+//! is replaced by one that says the connector gave none, and a receipt's
+//! address is kept only when it is an absolute `http`/`https` URL.
+
+use super::v0_1::ledgerport::connector::types as wit;
+
+/// The longest text kept from one field of a connector's answer (chars).
+pub const MAX_TEXT: usize = 2_000;
+/// The longest external id or address kept (chars).
+pub const MAX_ID: usize = 2_048;
+/// The most notes, field errors or kinds kept from one answer.
+pub const MAX_ITEMS: usize = 100;
+/// What stands for a reason the connector did not give.
+pub const NO_REASON: &str = "the connector gave no reason";
+
+/// `s` without control characters (newline and tab kept), trimmed, at most
+/// `max` characters (an ellipsis marks a cut).
+pub fn text(s: &str, max: usize) -> String {
+    let kept: String = s
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect();
+    let t = kept.trim();
+    if t.chars().count() <= max {
+        return t.to_string();
+    }
+    let mut out: String = t.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// As [`text`], with [`NO_REASON`] for an empty one.
+pub fn reason(s: &str) -> String {
+    let t = text(s, MAX_TEXT);
+    if t.is_empty() { NO_REASON.into() } else { t }
+}
+
+/// `u` when it is an absolute `http`/`https` URL of at most [`MAX_ID`]
+/// characters without control characters or spaces; `None` otherwise.
+pub fn link(u: &str) -> Option<String> {
+    if u.len() > MAX_ID || u.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return None;
+    }
+    let parsed = url::Url::parse(u).ok()?;
+    (matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some())
+        .then(|| parsed.to_string())
+}
+
+/// A receipt as the host keeps it. `plugin` names the connector in the log
+/// line that says what was dropped.
+pub fn receipt(plugin: &str, r: wit::Receipt) -> wit::Receipt {
+    let external_url = match r.external_url {
+        Some(u) => {
+            let kept = link(&u);
+            if kept.is_none() {
+                tracing::warn!(
+                    plugin,
+                    "a receipt's external_url was not an http(s) address; dropped"
+                );
+            }
+            kept
+        }
+        None => None,
+    };
+    wit::Receipt {
+        external_id: text(&r.external_id, MAX_ID),
+        external_url,
+        notes: r
+            .notes
+            .iter()
+            .take(MAX_ITEMS)
+            .map(|n| text(n, MAX_TEXT))
+            .filter(|n| !n.is_empty())
+            .collect(),
+    }
+}
+
+/// A delivery error as the host keeps it: every reason non-empty and
+/// bounded, a refusal with at least one field error.
+pub fn error(e: wit::DeliveryError) -> wit::DeliveryError {
+    use wit::DeliveryError as E;
+    match e {
+        E::Rejected(errs) => {
+            let mut out: Vec<wit::FieldError> = errs
+                .iter()
+                .take(MAX_ITEMS)
+                .map(|f| wit::FieldError {
+                    field: {
+                        let t = text(&f.field, 200);
+                        if t.is_empty() { "document".into() } else { t }
+                    },
+                    message: reason(&f.message),
+                    provider_message: f
+                        .provider_message
+                        .as_deref()
+                        .map(|p| text(p, MAX_TEXT))
+                        .filter(|p| !p.is_empty()),
+                })
+                .collect();
+            if out.is_empty() {
+                out.push(wit::FieldError {
+                    field: "document".into(),
+                    message: "the connector refused the document without saying why".into(),
+                    provider_message: None,
+                });
+            }
+            E::Rejected(out)
+        }
+        E::NeedsMapping(kinds) => {
+            let mut out: Vec<String> = kinds
+                .iter()
+                .take(MAX_ITEMS)
+                .map(|k| text(k, 200))
+                .filter(|k| !k.is_empty())
+                .collect();
+            out.sort();
+            out.dedup();
+            E::NeedsMapping(out)
+        }
+        E::NeedsReauth(m) => E::NeedsReauth(reason(&m)),
+        E::Transient(m) => E::Transient(reason(&m)),
+        E::RateLimited(rl) => E::RateLimited(wit::RateLimit {
+            retry_after_seconds: rl.retry_after_seconds,
+            limit: {
+                let t = text(&rl.limit, 100);
+                if t.is_empty() { "provider".into() } else { t }
+            },
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_drops_nul_and_control_characters_and_bounds_the_length() {
+        assert_eq!(text("a\0b\u{7}c\nd\te", 100), "abc\nd\te");
+        assert_eq!(text("  x  ", 100), "x");
+        let long = "é".repeat(50);
+        let cut = text(&long, 10);
+        assert_eq!(cut.chars().count(), 10);
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn only_absolute_http_addresses_are_links() {
+        assert_eq!(
+            link("https://go.xero.com/x?id=1").as_deref(),
+            Some("https://go.xero.com/x?id=1")
+        );
+        assert!(link("http://127.0.0.1:9/a").is_some());
+        for bad in [
+            "javascript:alert(document.domain)",
+            "JAVASCRIPT:alert(1)",
+            "data:text/html,<script>alert(1)</script>",
+            "/relative/path",
+            "//evil.example/x",
+            "https://a.example/\0",
+            "https://a.example/ x",
+            "vbscript:x",
+            "file:///etc/passwd",
+        ] {
+            assert_eq!(link(bad), None, "{bad:?} must not be kept");
+        }
+        assert_eq!(
+            link(&format!("https://a.example/{}", "a".repeat(MAX_ID))),
+            None
+        );
+    }
+
+    #[test]
+    fn a_receipt_keeps_only_what_is_safe() {
+        let r = receipt(
+            "t",
+            wit::Receipt {
+                external_id: "INV\0-1".into(),
+                external_url: Some("javascript:alert(1)".into()),
+                notes: vec!["".into(), "n\0ote".into()],
+            },
+        );
+        assert_eq!(r.external_id, "INV-1");
+        assert_eq!(r.external_url, None);
+        assert_eq!(r.notes, vec!["note".to_string()]);
+    }
+
+    #[test]
+    fn every_error_says_something() {
+        use wit::DeliveryError as E;
+        match error(E::Rejected(vec![])) {
+            E::Rejected(v) => {
+                assert_eq!(v.len(), 1);
+                assert_eq!(v[0].field, "document");
+                assert!(v[0].message.contains("without saying why"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match error(E::Rejected(vec![wit::FieldError {
+            field: "".into(),
+            message: "\0".into(),
+            provider_message: Some("said\0 no".into()),
+        }])) {
+            E::Rejected(v) => {
+                assert_eq!(v[0].field, "document");
+                assert_eq!(v[0].message, NO_REASON);
+                assert_eq!(v[0].provider_message.as_deref(), Some("said no"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(error(E::Transient("".into())), E::Transient(m) if m == NO_REASON));
+        assert!(matches!(error(E::NeedsReauth("x\0y".into())), E::NeedsReauth(m) if m == "xy"));
+        assert!(
+            matches!(error(E::NeedsMapping(vec!["b".into(), "".into(), "a".into(), "b".into()])), E::NeedsMapping(k) if k == vec!["a".to_string(), "b".to_string()])
+        );
+        assert!(matches!(
+            error(E::RateLimited(wit::RateLimit { retry_after_seconds: 5, limit: "\0".into() })),
+            E::RateLimited(r) if r.limit == "provider" && r.retry_after_seconds == 5
+        ));
+    }
+}
