@@ -198,6 +198,14 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
             Json(json!({"tenant_id": doc.tenant_id, "id": doc.id, "number": doc.number, "existing": true})),
         )
             .into_response(),
+        Ok(IngestOutcome::Conflict(stored)) if stored.is_empty() => error(
+            StatusCode::CONFLICT,
+            "a different document with this id was already issued",
+            &[FieldProblem {
+                field: "document".into(),
+                message: "differs from the document already delivered under this id (its content is no longer kept under the retention setting, so the fields that differ cannot be named)".into(),
+            }],
+        ),
         Ok(IngestOutcome::Conflict(stored)) => {
             let differs = serde_json::from_str(&stored)
                 .map(|old| ingest::differences(&old, &doc))

@@ -184,7 +184,25 @@ pub struct Config {
     /// unsigned or otherwise signed plugins are refused.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// What is kept of delivered documents, and for how long.
+    #[serde(default)]
+    pub retention: RetentionSettings,
 }
+
+/// Retention of what delivered documents no longer need (see
+/// [`Store::purge_delivered`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Drop the bodies (with their PDFs) of documents delivered everywhere,
+    /// their attempts, sent mails and closed incidents this many days
+    /// after they were received; checked hourly. Unset: kept for ever.
+    #[serde(default)]
+    pub delivered_days: Option<u32>,
+}
+
+/// How often the daemon applies `retention.delivered_days`.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 fn default_database() -> String {
     "sqlite:ledgerport.db".into()
@@ -250,6 +268,11 @@ impl Config {
             m.from.parse::<lettre::message::Mailbox>().map_err(|e| {
                 anyhow::anyhow!("mail.from: {:?} is not an e-mail address: {e}", m.from)
             })?;
+        }
+        if self.retention.delivered_days == Some(0) {
+            anyhow::bail!(
+                "retention.delivered_days: must be at least 1 (leave it out to keep everything)"
+            );
         }
         if let Some(u) = &self.public_url {
             let parsed = url::Url::parse(u).map_err(|e| {
@@ -634,6 +657,34 @@ impl Daemon {
                 }
             }));
         }
+        // Retention: what delivered documents no longer need, hourly.
+        if let Some(days) = cfg.retention.delivered_days {
+            let store5 = store.clone();
+            let mut rx5 = rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let before = now_ms() - i64::from(days) * 86_400_000;
+                    match store5.purge_delivered(before).await {
+                        Ok(r) if r != Default::default() => {
+                            tracing::info!(
+                                bodies = r.bodies,
+                                attempts = r.attempts,
+                                mails = r.mails,
+                                incidents = r.incidents,
+                                days,
+                                "retention: delivered documents' data removed"
+                            )
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "retention: removing old data failed"),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETENTION_EVERY) => {}
+                        _ = rx5.changed() => break,
+                    }
+                }
+            }));
+        }
         // HTTP (the listener was bound at the start).
         let store3 = store.clone();
         let admin_state = Arc::new(crate::admin::AdminState {
@@ -784,6 +835,9 @@ mod tests {
             assert!(e.starts_with("public_url:"), "{bad}: {e}");
         }
         assert_eq!(check("public_url = \"https://lp.example.com/\""), None);
+        let e = check("[retention]\ndelivered_days = 0").unwrap();
+        assert!(e.starts_with("retention.delivered_days:"), "{e}");
+        assert_eq!(check("[retention]\ndelivered_days = 90"), None);
         // The password from the environment completes the pair.
         let mut c: Config = toml::from_str(&mail("username = \"lp\"\nstarttls = true")).unwrap();
         c.apply_env(|k| (k == "LEDGERPORT_SMTP_PASSWORD").then(|| "pw".to_string()))

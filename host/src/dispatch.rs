@@ -919,7 +919,14 @@ impl Dispatcher {
             .runtime
             .deliver_with(&plugin, &ctx, delivery, wit_doc, doc.extras())
             .instrument(span.clone())
-            .await;
+            .await
+            // What the connector answered, made safe to store and show
+            // (no control characters, bounded, a reason always, only an
+            // http(s) address as a link).
+            .map(|r| {
+                r.map(|receipt| crate::runtime::clean::receipt(&c.connector_id, receipt))
+                    .map_err(crate::runtime::clean::error)
+            });
         crate::metrics::PLUGIN_CALL_SECONDS.observe(t.elapsed().as_secs_f64());
         let now = now_ms();
         match result {

@@ -237,7 +237,10 @@ pub const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-s
      base-uri 'none'; frame-ancestors 'none'";
 
 /// Middleware for the HTML pages: [`PAGE_CSP`], no framing, no MIME
-/// sniffing, and no `Referer` (a picker's address holds its one-time token).
+/// sniffing, and no `Referer` to other sites (a picker's address holds its
+/// one-time token). `same-origin`, not `no-referrer`: under `no-referrer`
+/// a browser sends `Origin: null` with the page's own forms, which the
+/// origin check refuses.
 pub async fn page_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let mut r = next.run(req).await;
     let h = r.headers_mut();
@@ -252,7 +255,7 @@ pub async fn page_headers(req: axum::extract::Request, next: axum::middleware::N
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     r
 }

@@ -157,6 +157,21 @@ enum DeliveriesCommand {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Retention: drop what documents delivered everywhere no longer need
+    /// (their bodies with the PDFs, their attempts), sent mails and closed
+    /// incidents, older than the given number of days. Rows, numbers and
+    /// the delivery log's lines stay; anything not yet delivered stays.
+    Purge {
+        /// Older than this many days (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        older_than_days: u32,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Retry one failed delivery, or all of a tenant's.
     Retry {
         /// The tenant.
@@ -961,6 +976,9 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
         }
         | DeliveriesCommand::Retry {
             config, database, ..
+        }
+        | DeliveriesCommand::Purge {
+            config, database, ..
         } => (config.clone(), database.clone()),
     };
     let cfg = match load_config(config, database) {
@@ -1023,6 +1041,28 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                 ExitCode::from(3)
             }
         },
+        DeliveriesCommand::Purge {
+            older_than_days, ..
+        } => {
+            let before = ledgerport::dispatch::now_ms() - i64::from(older_than_days) * 86_400_000;
+            match store.purge_delivered(before).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::json!(r));
+                    } else {
+                        println!(
+                            "removed {} document bodies, {} attempts, {} sent mails, {} closed incidents older than {older_than_days} days",
+                            r.bodies, r.attempts, r.mails, r.incidents
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
         DeliveriesCommand::Retry { tenant, id, .. } => {
             // A mistyped tenant is an error, not "0 queued again".
             match store.tenant(&tenant).await {

@@ -588,6 +588,35 @@ async fn deliveries_list_and_retry() {
         &[],
     );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // Retention by hand: nothing here is a day old, and a pending
+    // document is never touched; zero days is refused.
+    let o = ledgerport(
+        &[
+            "--json",
+            "deliveries",
+            "purge",
+            "--older-than-days",
+            "1",
+            "--database",
+            &db,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bodies"], 0, "{v}");
+    let o = ledgerport(
+        &[
+            "deliveries",
+            "purge",
+            "--older-than-days",
+            "0",
+            "--database",
+            &db,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     // A state that does not exist is refused, not an empty list.
     let o = ledgerport(
         &["deliveries", "list", "--state", "broken", "--database", &db],

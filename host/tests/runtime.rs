@@ -234,14 +234,16 @@ async fn still_works(rt: &ledgerport::runtime::Runtime, plugin: &ledgerport::run
 /// `javascript:` receipt address is dropped (it became a link on the
 /// customer's page), NUL characters go (PostgreSQL cannot store one: the
 /// delivery was re-run every lease for ever), and a refusal or failure
-/// without a reason gets one that says so.
+/// without a reason gets one that says so. The runtime returns the guest's
+/// own words (a connector's tests see them); the dispatcher cleans them.
 #[tokio::test]
 async fn a_connectors_answer_is_cleaned_before_the_host_keeps_it() {
+    use ledgerport::runtime::clean;
     let dir = tempfile::tempdir().unwrap();
     let manifest = install(dir.path(), "hostile_connector", HOSTILE);
     let rt = runtime(small_config());
     let plugin = rt.load(&manifest, &BTreeMap::new()).unwrap();
-    let call = |number: &'static str| {
+    let raw = |number: &'static str| {
         let (rt, plugin) = (&rt, &plugin);
         async move {
             rt.deliver(plugin, &context("t", &[]), delivery("d"), invoice(number))
@@ -249,6 +251,18 @@ async fn a_connectors_answer_is_cleaned_before_the_host_keeps_it() {
                 .expect("the call runs")
         }
     };
+    let call = |number: &'static str| async move {
+        raw(number)
+            .await
+            .map(|r| clean::receipt("hostile", r))
+            .map_err(clean::error)
+    };
+    // As the guest gave them.
+    let r = raw("js-link").await.expect("a receipt");
+    assert!(
+        r.external_url.is_some() && r.external_id.contains('\0'),
+        "{r:?}"
+    );
     let r = call("js-link").await.expect("a receipt");
     assert_eq!(r.external_url, None, "a javascript: address was kept");
     assert_eq!(r.external_id, "BILL-1");

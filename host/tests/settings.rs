@@ -1299,6 +1299,9 @@ async fn the_delivery_log_filters_by_state_and_finds_by_number() {
     assert!(csp.contains("default-src 'none'"), "{csp}");
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert_eq!(r.headers()["x-frame-options"], "DENY");
+    // Not `no-referrer`: a browser then sends `Origin: null` with the
+    // page's own forms (the browser test's Connect was refused so).
+    assert_eq!(r.headers()["referrer-policy"], "same-origin");
     let html = r.text().await.unwrap();
     assert!(!html.contains("javascript:"), "{html}");
     assert!(html.contains(&row(1)), "{html}");

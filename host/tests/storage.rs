@@ -1097,6 +1097,104 @@ both!(
     claims_cap_each_connector_by_its_own_limit
 );
 
+/// A document's stored body, read directly.
+async fn body_of(s: &Store, id: &str) -> String {
+    let q = "SELECT body FROM documents WHERE tenant_id = 'acme' AND id = $1";
+    match s.pool() {
+        ledgerport::store::Pool::Sqlite(p) => sqlx::query_scalar(q).bind(id).fetch_one(p).await,
+        ledgerport::store::Pool::Postgres(p) => sqlx::query_scalar(q).bind(id).fetch_one(p).await,
+    }
+    .unwrap()
+}
+
+/// Retention drops what documents delivered everywhere no longer need
+/// (bodies, attempts) and keeps the rest: a document still waiting keeps
+/// its body and attempts, the same document posted again is still
+/// recognised, a changed one still refused.
+async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb) {
+    use ledgerport::store::outbox::{ConnectionCaps, Finish, IngestOutcome, state};
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    for (i, conn) in ["conn-a", "conn-a", "conn-b"].iter().enumerate() {
+        ingest_on(&s, i, conn).await;
+    }
+    let claimed = s
+        .claim_deliveries("w", 10, 60_000, 10, &ConnectionCaps::uniform(5), &[])
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    for c in &claimed {
+        let delivered = c.document_id != "d1";
+        let f = Finish {
+            state: if delivered {
+                state::DELIVERED
+            } else {
+                state::PENDING
+            },
+            pause_reason: None,
+            pause_detail: None,
+            counts: true,
+            next_attempt_at: 100_000,
+            outcome: if delivered { "delivered" } else { "transient" }.into(),
+            message: None,
+            details: None,
+            external_id: delivered.then(|| format!("X-{}", c.document_id)),
+            external_url: None,
+        };
+        assert!(s.finish_delivery(&c.id, "w", 11, 12, &f).await.unwrap());
+    }
+    // Nothing received before the cut: nothing removed.
+    let r = s.purge_delivered(1).await.unwrap();
+    assert_eq!(r, Default::default());
+    let r = s.purge_delivered(1_000).await.unwrap();
+    assert_eq!((r.bodies, r.attempts), (2, 2), "{r:?}");
+    assert_eq!(body_of(&s, "d0").await, "");
+    assert_eq!(body_of(&s, "d2").await, "");
+    assert_eq!(
+        body_of(&s, "d1").await,
+        "{}",
+        "a document still waiting keeps its body"
+    );
+    let attempts = |id: &str| {
+        let s = s.clone();
+        let id = ledgerport::store::outbox::delivery_id(
+            "acme",
+            id,
+            if id == "d2" { "conn-b" } else { "conn-a" },
+        );
+        async move { s.list_attempts(&id).await.unwrap().len() }
+    };
+    assert_eq!((attempts("d0").await, attempts("d1").await), (0, 1));
+    // The log's line stays, with the provider's id.
+    let rows = s
+        .list_deliveries(Some("acme"), Some("INV-0"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].external_id.as_deref(), Some("X-d0"));
+    // Posted again: recognised; changed: refused (no stored copy to compare).
+    let conns = [("conn-a".to_string(), "xero".to_string())];
+    let again = s
+        .ingest_document(new_doc("acme", "d0", "INV-0", "{}", "h", 5), &conns)
+        .await
+        .unwrap();
+    assert!(matches!(again, IngestOutcome::Existing), "{again:?}");
+    let changed = s
+        .ingest_document(new_doc("acme", "d0", "INV-0", "{\"x\":1}", "h2", 5), &conns)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&changed, IngestOutcome::Conflict(b) if b.is_empty()),
+        "{changed:?}"
+    );
+    // Again: nothing more to remove.
+    assert_eq!(s.purge_delivered(1_000).await.unwrap(), Default::default());
+}
+both!(
+    retention_sqlite,
+    retention_postgres,
+    retention_drops_only_what_delivered_documents_no_longer_need
+);
+
 /// One delivery of the claim model: its connection, and pending due at
 /// `at` or working with a lease until `at`.
 #[derive(Debug, Clone)]

@@ -1,6 +1,8 @@
 //! What a connector answers, made safe to store and to show: the one place
 //! where a receipt's or an error's text from the guest is checked before the
-//! host keeps it.
+//! host keeps it (the dispatcher applies it to every delivery's answer; the
+//! runtime itself returns answers as the guest gave them, so tests of a
+//! connector see its own words).
 //!
 //! A connector is untrusted code. Its strings end up in the database (a NUL
 //! is a write error on PostgreSQL: the delivery would be re-run every lease
@@ -22,26 +24,30 @@ pub const MAX_ITEMS: usize = 100;
 /// What stands for a reason the connector did not give.
 pub const NO_REASON: &str = "the connector gave no reason";
 
-/// `s` without control characters (newline and tab kept), trimmed, at most
-/// `max` characters (an ellipsis marks a cut).
+/// `s` without control characters (newline and tab kept), at most `max`
+/// characters (an ellipsis marks a cut). Not trimmed: an id or a kind is
+/// kept as the connector wrote it.
 pub fn text(s: &str, max: usize) -> String {
     let kept: String = s
         .chars()
         .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
         .collect();
-    let t = kept.trim();
-    if t.chars().count() <= max {
-        return t.to_string();
+    if kept.chars().count() <= max {
+        return kept;
     }
-    let mut out: String = t.chars().take(max.saturating_sub(1)).collect();
+    let mut out: String = kept.chars().take(max.saturating_sub(1)).collect();
     out.push('…');
     out
 }
 
-/// As [`text`], with [`NO_REASON`] for an empty one.
+/// As [`text`], with [`NO_REASON`] for an empty or blank one.
 pub fn reason(s: &str) -> String {
     let t = text(s, MAX_TEXT);
-    if t.is_empty() { NO_REASON.into() } else { t }
+    if t.trim().is_empty() {
+        NO_REASON.into()
+    } else {
+        t
+    }
 }
 
 /// `u` when it is an absolute `http`/`https` URL of at most [`MAX_ID`]
@@ -79,7 +85,7 @@ pub fn receipt(plugin: &str, r: wit::Receipt) -> wit::Receipt {
             .iter()
             .take(MAX_ITEMS)
             .map(|n| text(n, MAX_TEXT))
-            .filter(|n| !n.is_empty())
+            .filter(|n| !n.trim().is_empty())
             .collect(),
     }
 }
@@ -96,14 +102,18 @@ pub fn error(e: wit::DeliveryError) -> wit::DeliveryError {
                 .map(|f| wit::FieldError {
                     field: {
                         let t = text(&f.field, 200);
-                        if t.is_empty() { "document".into() } else { t }
+                        if t.trim().is_empty() {
+                            "document".into()
+                        } else {
+                            t
+                        }
                     },
                     message: reason(&f.message),
                     provider_message: f
                         .provider_message
                         .as_deref()
                         .map(|p| text(p, MAX_TEXT))
-                        .filter(|p| !p.is_empty()),
+                        .filter(|p| !p.trim().is_empty()),
                 })
                 .collect();
             if out.is_empty() {
@@ -116,14 +126,13 @@ pub fn error(e: wit::DeliveryError) -> wit::DeliveryError {
             E::Rejected(out)
         }
         E::NeedsMapping(kinds) => {
-            let mut out: Vec<String> = kinds
-                .iter()
-                .take(MAX_ITEMS)
-                .map(|k| text(k, 200))
-                .filter(|k| !k.is_empty())
-                .collect();
-            out.sort();
-            out.dedup();
+            // In the connector's order (the notice lists them so), once each.
+            let mut out: Vec<String> = Vec::new();
+            for k in kinds.iter().take(MAX_ITEMS).map(|k| text(k, 200)) {
+                if !out.contains(&k) {
+                    out.push(k);
+                }
+            }
             E::NeedsMapping(out)
         }
         E::NeedsReauth(m) => E::NeedsReauth(reason(&m)),
@@ -132,7 +141,11 @@ pub fn error(e: wit::DeliveryError) -> wit::DeliveryError {
             retry_after_seconds: rl.retry_after_seconds,
             limit: {
                 let t = text(&rl.limit, 100);
-                if t.is_empty() { "provider".into() } else { t }
+                if t.trim().is_empty() {
+                    "provider".into()
+                } else {
+                    t
+                }
             },
         }),
     }
@@ -145,7 +158,8 @@ mod tests {
     #[test]
     fn text_drops_nul_and_control_characters_and_bounds_the_length() {
         assert_eq!(text("a\0b\u{7}c\nd\te", 100), "abc\nd\te");
-        assert_eq!(text("  x  ", 100), "x");
+        assert_eq!(text("  x  ", 100), "  x  ", "kept as written");
+        assert_eq!(reason("  \0 "), NO_REASON);
         let long = "é".repeat(50);
         let cut = text(&long, 10);
         assert_eq!(cut.chars().count(), 10);
@@ -219,7 +233,7 @@ mod tests {
         assert!(matches!(error(E::Transient("".into())), E::Transient(m) if m == NO_REASON));
         assert!(matches!(error(E::NeedsReauth("x\0y".into())), E::NeedsReauth(m) if m == "xy"));
         assert!(
-            matches!(error(E::NeedsMapping(vec!["b".into(), "".into(), "a".into(), "b".into()])), E::NeedsMapping(k) if k == vec!["a".to_string(), "b".to_string()])
+            matches!(error(E::NeedsMapping(vec!["b".into(), "".into(), "a".into(), "b".into()])), E::NeedsMapping(k) if k == vec!["b".to_string(), "".to_string(), "a".to_string()])
         );
         assert!(matches!(
             error(E::RateLimited(wit::RateLimit { retry_after_seconds: 5, limit: "\0".into() })),

@@ -928,10 +928,6 @@ impl Runtime {
             })
         })
         .await
-        .map(|r| {
-            r.map(|receipt| clean::receipt(&plugin.manifest.id, receipt))
-                .map_err(clean::error)
-        })
     }
 }
 

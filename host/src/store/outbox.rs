@@ -216,6 +216,19 @@ impl Finish {
     }
 }
 
+/// What [`Store::purge_delivered`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PurgeReport {
+    /// Document bodies dropped.
+    pub bodies: u64,
+    /// Attempts of delivered deliveries deleted.
+    pub attempts: u64,
+    /// Sent mails deleted.
+    pub mails: u64,
+    /// Closed incidents deleted.
+    pub incidents: u64,
+}
+
 /// A mail waiting to be sent.
 #[derive(Debug, Clone)]
 pub struct OutgoingMail {
@@ -737,6 +750,73 @@ impl Store {
         let mut out: Vec<String> = rows.into_iter().filter_map(|(r,)| r).collect();
         out.sort();
         Ok(out)
+    }
+
+    /// Retention: what a delivered document no longer needs, from before
+    /// `before` (ms). Kept: every document's row (tenant, id, number, the
+    /// body's hash: the same document posted again is still recognised,
+    /// and a changed one still refused), every delivery's row (the log's
+    /// line, with the provider's id and address), and all of a document
+    /// not yet delivered everywhere. Dropped: the bodies (the canonical
+    /// JSON with its PDF, up to 16 MiB each) of documents received before
+    /// `before` whose every delivery is delivered, or that had none; the
+    /// attempts of delivered deliveries finished before it; mails sent and
+    /// incidents closed before it. In batches, so no write waits long.
+    pub async fn purge_delivered(&self, before: i64) -> Result<PurgeReport, StoreError> {
+        const BATCH: i64 = 500;
+        let mut report = PurgeReport::default();
+        loop {
+            let n = on_pool!(self, p => sqlx::query(
+                "UPDATE documents SET body = '' WHERE (tenant_id, id) IN (
+                   SELECT doc.tenant_id, doc.id FROM documents doc
+                   WHERE doc.received_at < $1 AND doc.body <> ''
+                     AND NOT EXISTS (SELECT 1 FROM deliveries d
+                       WHERE d.tenant_id = doc.tenant_id AND d.document_number = doc.number
+                         AND d.document_id = doc.id AND d.state <> 'delivered')
+                   LIMIT $2)",
+            )
+            .bind(before)
+            .bind(BATCH)
+            .execute(p)
+            .await?
+            .rows_affected());
+            report.bodies += n;
+            if n < BATCH as u64 {
+                break;
+            }
+        }
+        loop {
+            let n = on_pool!(self, p => sqlx::query(
+                "DELETE FROM delivery_attempts WHERE id IN (
+                   SELECT a.id FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id
+                   WHERE d.state = 'delivered' AND a.finished_at < $1 LIMIT $2)",
+            )
+            .bind(before)
+            .bind(BATCH)
+            .execute(p)
+            .await?
+            .rows_affected());
+            report.attempts += n;
+            if n < BATCH as u64 {
+                break;
+            }
+        }
+        report.mails = on_pool!(self, p => sqlx::query(
+            "DELETE FROM mail_outbox WHERE sent_at IS NOT NULL AND sent_at < $1",
+        )
+        .bind(before)
+        .execute(p)
+        .await?
+        .rows_affected());
+        report.incidents = on_pool!(self, p => sqlx::query(
+            "DELETE FROM incidents WHERE closed_at IS NOT NULL AND closed_at < $1
+               AND NOT EXISTS (SELECT 1 FROM mail_outbox m WHERE m.incident_id = incidents.id)",
+        )
+        .bind(before)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(report)
     }
 
     /// When a connection last delivered a document (ms), if ever.
