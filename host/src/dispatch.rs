@@ -36,6 +36,25 @@ const WAIT_BEHIND_PAUSED_MS: i64 = 60_000;
 /// before any daemon claims it again.
 const NOT_INSTALLED_WAIT_MS: i64 = 60_000;
 
+/// How often a daemon says again that a connector is not installed here.
+const NOT_INSTALLED_LOG_EVERY: Duration = Duration::from_secs(600);
+
+/// Whether `key` was not marked in `seen` within `every`; marks it if so.
+fn due_again(
+    seen: &std::sync::Mutex<HashMap<String, Instant>>,
+    key: &str,
+    every: Duration,
+) -> bool {
+    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    match seen.get(key) {
+        Some(at) if at.elapsed() < every => false,
+        _ => {
+            seen.insert(key.to_string(), Instant::now());
+            true
+        }
+    }
+}
+
 /// A mapping as compared across a pause: its account code and tax type.
 fn mapping_signature(m: &crate::capabilities::mapping::AccountMapping) -> String {
     format!("{}|{}", m.account_code, m.tax_type.as_deref().unwrap_or(""))
@@ -240,6 +259,11 @@ pub struct Dispatcher {
     /// Connections whose rate window is full, until when (ms): not claimed
     /// from until then, so their work does not crowd out the rest.
     blocked: std::sync::Mutex<HashMap<String, i64>>,
+    /// When this daemon last logged that a connector is not installed
+    /// here, by connector: once in [`NOT_INSTALLED_LOG_EVERY`], not once a
+    /// minute per waiting delivery (1,000 of them made 1.4 million warnings
+    /// a day).
+    not_installed_logged: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 /// A running delivery's dispatcher slot, lent out while the delivery waits
@@ -304,6 +328,7 @@ impl Dispatcher {
     ) -> Arc<Self> {
         Arc::new(Self {
             blocked: Default::default(),
+            not_installed_logged: Default::default(),
             rate_gate: Arc::new(StoreRateGate {
                 store: store.clone(),
                 window: config.rate_window,
@@ -756,7 +781,10 @@ impl Dispatcher {
             // The operator's matter, not the document's: during a rolling
             // upgrade another daemon may have the connector. Failing it
             // told the customer their system refused the document.
-            tracing::warn!(delivery = %c.id, connector = %c.connector_id, "the connector is not installed on this daemon; the delivery waits for one that has it");
+            if self.first_in_a_while(&c.connector_id) {
+                tracing::warn!(delivery = %c.id, connector = %c.connector_id,
+                    "the connector is not installed on this daemon; its deliveries wait for one that has it (said again in 10 minutes if it goes on)");
+            }
             crate::metrics::delivery("waiting");
             return Finish::wait(
                 "not-installed",
@@ -1108,6 +1136,16 @@ impl Dispatcher {
         }
     }
 
+    /// Whether to log, now, that `connector` is not installed here: the
+    /// first time, then once in [`NOT_INSTALLED_LOG_EVERY`].
+    fn first_in_a_while(&self, connector: &str) -> bool {
+        due_again(
+            &self.not_installed_logged,
+            connector,
+            NOT_INSTALLED_LOG_EVERY,
+        )
+    }
+
     /// The mappings the connector used, of the kinds it says need one: a
     /// kind mapped now that a connector calls unmapped is one whose account
     /// it could not use (archived, of the wrong type in the provider). Each
@@ -1294,6 +1332,19 @@ mod tests {
             a.worker_id.contains(&format!("-{}-", std::process::id())),
             "{}",
             a.worker_id
+        );
+    }
+
+    #[test]
+    fn a_missing_connector_is_logged_once_in_a_while_per_connector() {
+        let seen = std::sync::Mutex::default();
+        let every = Duration::from_secs(600);
+        assert!(due_again(&seen, "webhook", every));
+        assert!(!due_again(&seen, "webhook", every), "again at once");
+        assert!(due_again(&seen, "other", every), "another connector");
+        assert!(
+            due_again(&seen, "webhook", Duration::ZERO),
+            "once the time is up"
         );
     }
 

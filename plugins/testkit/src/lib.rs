@@ -39,6 +39,7 @@
 mod exchange;
 
 pub use exchange::{Exchange, SentRequest};
+pub use ledgerport::runtime::DocumentExtras;
 pub use ledgerport::runtime::v0_1::ledgerport::connector::types as wit;
 pub use wit::{
     AccountList, CheckReport, ConnectorInfo, Delivery, DeliveryError, Document, Receipt,
@@ -422,9 +423,40 @@ impl<'k> TestConnection<'k> {
         delivery: Delivery,
         doc: &Document,
     ) -> Result<Result<Receipt, DeliveryError>, KitError> {
-        let doc = doc.clone();
-        self.run(move |rt, p, ctx| async move { rt.deliver(p, &ctx, delivery, doc).await })
+        self.try_deliver_with(delivery, doc, DocumentExtras::default())
             .await
+    }
+
+    /// Deliver with what only contract 0.2 carries (a purchase order), as
+    /// the host does: a 0.2 connector gets `extras` in its document (a 0.1
+    /// connector never sees them), and its receipt's warnings come back as
+    /// notes starting with `"Warning: "`. Fails the test like
+    /// [`TestConnection::deliver`]. [`document_and_extras_from_json`]
+    /// reads both from the platform's JSON.
+    pub async fn deliver_with(
+        &self,
+        delivery: Delivery,
+        doc: &Document,
+        extras: DocumentExtras,
+    ) -> Result<Receipt, DeliveryError> {
+        self.try_deliver_with(delivery, doc, extras)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`TestConnection::deliver_with`], returning an unmatched request or
+    /// a failed call as a [`KitError`].
+    pub async fn try_deliver_with(
+        &self,
+        delivery: Delivery,
+        doc: &Document,
+        extras: DocumentExtras,
+    ) -> Result<Result<Receipt, DeliveryError>, KitError> {
+        let doc = doc.clone();
+        self.run(
+            move |rt, p, ctx| async move { rt.deliver_with(p, &ctx, delivery, doc, extras).await },
+        )
+        .await
     }
 
     /// Call `check` (panics like [`TestConnection::deliver`]).
@@ -528,6 +560,14 @@ pub fn delivery(key: &str, attempt: u32) -> Delivery {
 pub fn document_from_json(json: &[u8]) -> anyhow::Result<Document> {
     let d = ledgerport::document::Document::from_json(json)?;
     Ok(d.to_wit()?)
+}
+
+/// A document in the platform's JSON as the contract's document and what
+/// only contract 0.2 carries (its purchase order): for
+/// [`TestConnection::deliver_with`].
+pub fn document_and_extras_from_json(json: &[u8]) -> anyhow::Result<(Document, DocumentExtras)> {
+    let d = ledgerport::document::Document::from_json(json)?;
+    Ok((d.to_wit()?, d.extras()))
 }
 
 /// Read a document in the platform's JSON from a file.
