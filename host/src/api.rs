@@ -175,12 +175,32 @@ pub async fn ingest_json(state: &ApiState, body: &Value) -> Response {
         Ok(IngestOutcome::Created { deliveries }) => {
             crate::metrics::DOCUMENTS_INGESTED.inc();
             (state.on_ingest)();
+            // Why nothing was sent, as the stored note says: no connection,
+            // or none whose connector takes this kind.
+            let note = if deliveries > 0 {
+                None
+            } else {
+                let connected = state
+                    .store
+                    .connections(Some(&doc.tenant_id))
+                    .await
+                    .map(|cs| {
+                        cs.iter()
+                            .any(|c| c.state != crate::store::ConnectionState::Disconnected)
+                    })
+                    .unwrap_or(false);
+                Some(if connected {
+                    "not sent: no connected accounting system takes this kind of document"
+                } else {
+                    "not sent: not connected"
+                })
+            };
             (
                 StatusCode::ACCEPTED,
                 Json(json!({
                     "tenant_id": doc.tenant_id, "id": doc.id, "number": doc.number,
                     "deliveries": deliveries,
-                    "note": if deliveries == 0 { Some("not sent: not connected") } else { None },
+                    "note": note,
                 })),
             )
                 .into_response()

@@ -39,6 +39,31 @@ const NOT_INSTALLED_WAIT_MS: i64 = 60_000;
 /// How often a daemon says again that a connector is not installed here.
 const NOT_INSTALLED_LOG_EVERY: Duration = Duration::from_secs(600);
 
+/// The claim's caps from each connector's `concurrent_per_connection`: one
+/// number when they agree (or an override is set), else each connector's
+/// own with the smallest for a connector not installed here.
+fn connection_caps(
+    override_cap: Option<u32>,
+    caps: impl Iterator<Item = (String, u32)>,
+) -> crate::store::outbox::ConnectionCaps {
+    use crate::store::outbox::ConnectionCaps;
+    if let Some(n) = override_cap {
+        return ConnectionCaps::uniform(i64::from(n));
+    }
+    let by_connector: HashMap<String, i64> = caps.map(|(id, n)| (id, i64::from(n))).collect();
+    let mut distinct: Vec<i64> = by_connector.values().copied().collect();
+    distinct.sort();
+    distinct.dedup();
+    match distinct.as_slice() {
+        [] => ConnectionCaps::uniform(5),
+        [one] => ConnectionCaps::uniform(*one),
+        _ => ConnectionCaps {
+            default: distinct[0],
+            by_connector,
+        },
+    }
+}
+
 /// Whether `key` was not marked in `seen` within `every`; marks it if so.
 fn due_again(
     seen: &std::sync::Mutex<HashMap<String, Instant>>,
@@ -628,32 +653,12 @@ impl Dispatcher {
     /// applied to all: one connector declaring 1 slowed Xero to one at a
     /// time). One number when they agree, so a claim reads no connector.
     fn per_connection_cap(&self) -> crate::store::outbox::ConnectionCaps {
-        use crate::store::outbox::ConnectionCaps;
-        if let Some(n) = self.config.per_connection_override {
-            return ConnectionCaps::uniform(i64::from(n));
-        }
-        let by_connector: HashMap<String, i64> = self
-            .plugins
-            .iter()
-            .map(|(id, p)| {
-                (
-                    id.clone(),
-                    i64::from(p.manifest().limits.concurrent_per_connection),
-                )
-            })
-            .collect();
-        let mut distinct: Vec<i64> = by_connector.values().copied().collect();
-        distinct.sort();
-        distinct.dedup();
-        match distinct.as_slice() {
-            [] => ConnectionCaps::uniform(5),
-            [one] => ConnectionCaps::uniform(*one),
-            _ => ConnectionCaps {
-                // A connector not installed here: the most careful cap.
-                default: distinct[0],
-                by_connector,
-            },
-        }
+        connection_caps(
+            self.config.per_connection_override,
+            self.plugins
+                .iter()
+                .map(|(id, p)| (id.clone(), p.manifest().limits.concurrent_per_connection)),
+        )
     }
 
     /// One claimed delivery, start to finish.
@@ -795,6 +800,20 @@ impl Dispatcher {
                 now + NOT_INSTALLED_WAIT_MS,
             );
         };
+        // A kind the connector does not take (a delivery made before the
+        // fan-out looked at document_kinds, or by a daemon that did not
+        // have the connector): never handed to it.
+        if !plugin.manifest().document_kinds.contains(&c.document_kind) {
+            crate::metrics::delivery("rejected");
+            return fail(
+                "not-accepted",
+                format!(
+                    "{} does not take documents of kind {} (its manifest's document_kinds): nothing was sent",
+                    plugin.manifest().name,
+                    c.document_kind
+                ),
+            );
+        }
         // A credit note waits for the invoice it credits on this connection.
         if c.document_kind == "credit-note"
             && let Some(inv) = &c.credits_invoice_number
@@ -1005,7 +1024,9 @@ impl Dispatcher {
                         .await;
                 }
                 let was = match &err {
-                    DeliveryError::NeedsMapping(kinds) if !kinds.is_empty() => {
+                    DeliveryError::NeedsMapping(kinds)
+                        if !kinds.is_empty() && !kinds.iter().any(|k| k.trim().is_empty()) =>
+                    {
                         self.mapped_now(&ctx, c, kinds).await
                     }
                     _ => BTreeMap::new(),
@@ -1277,13 +1298,15 @@ impl Dispatcher {
             // Nothing an admin maps could resume it (every kind it names is
             // mapped, so it would resume at once and pause again, for ever):
             // a fault in the connector, failed so that it is seen.
-            DeliveryError::NeedsMapping(kinds) if kinds.is_empty() => {
+            DeliveryError::NeedsMapping(kinds)
+                if kinds.is_empty() || kinds.iter().any(|k| k.trim().is_empty()) =>
+            {
                 crate::metrics::delivery("rejected");
                 base(
                     state::FAILED,
                     None,
                     "rejected",
-                    "the connector asked for account mappings without naming a line kind (a fault in the connector)".into(),
+                    "the connector asked for account mappings without naming a line kind, or naming a blank one (a fault in the connector)".into(),
                     None,
                 )
             }
@@ -1333,6 +1356,29 @@ mod tests {
             "{}",
             a.worker_id
         );
+    }
+
+    #[test]
+    fn each_connector_keeps_its_own_cap() {
+        let caps = |list: &[(&str, u32)], o: Option<u32>| {
+            connection_caps(o, list.iter().map(|(k, n)| (k.to_string(), *n)))
+        };
+        let c = caps(&[("xero", 5), ("careful", 1)], None);
+        assert_eq!((c.of(Some("xero")), c.of(Some("careful"))), (5, 1));
+        assert_eq!(
+            c.of(Some("elsewhere")),
+            1,
+            "the most careful for the unknown"
+        );
+        let same = caps(&[("xero", 5), ("webhook", 5)], None);
+        assert!(
+            same.by_connector.is_empty(),
+            "one number: no connector read"
+        );
+        assert_eq!(same.default, 5);
+        assert_eq!(caps(&[], None).default, 5);
+        let o = caps(&[("xero", 5), ("careful", 1)], Some(9));
+        assert_eq!((o.of(Some("careful")), o.by_connector.len()), (9, 0));
     }
 
     #[test]

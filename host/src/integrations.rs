@@ -596,7 +596,8 @@ async fn index(
                 )
             }
             (_, Some(e)) => esc(e),
-            (None, None) if r.state == "delivered" => esc(r.external_id.as_deref().unwrap_or("")),
+            // Delivered without a (usable) address: its id alone.
+            (_, None) if r.state == "delivered" => esc(r.external_id.as_deref().unwrap_or("")),
             _ => String::new(),
         };
         let action = if r.state == "failed" {

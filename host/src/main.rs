@@ -924,7 +924,9 @@ async fn issue(
         store,
         service_key_hashes: Vec::new(),
         catalogue,
-        kinds: Default::default(),
+        // What each installed connector takes, as the daemon would: a
+        // credit note makes no delivery to an invoice-only connector.
+        kinds: ledgerport::manifest::document_kinds_in(&cfg.plugin_dir),
         on_ingest: Box::new(|| {}),
     };
     let resp = ledgerport::api::ingest_json(&state, &body).await;
@@ -1088,17 +1090,11 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                     }
                     if let (0, Some(id)) = (n, id.as_deref()) {
                         // Say why: no such delivery, or not a failed one.
-                        let why = match store
-                            .list_deliveries(Some(&tenant), None, None, 10_000)
-                            .await
-                        {
-                            Ok(rows) => match rows.iter().find(|d| d.id == id) {
-                                None => format!("id: tenant {tenant:?} has no delivery {id:?}"),
-                                Some(d) => format!(
-                                    "id: delivery {id:?} is {}, not failed: only failed deliveries are retried",
-                                    d.state
-                                ),
-                            },
+                        let why = match store.delivery_state(&tenant, id).await {
+                            Ok(None) => format!("id: tenant {tenant:?} has no delivery {id:?}"),
+                            Ok(Some(state)) => format!(
+                                "id: delivery {id:?} is {state}, not failed: only failed deliveries are retried"
+                            ),
                             Err(e) => e.to_string(),
                         };
                         eprintln!("error: {why}");

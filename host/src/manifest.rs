@@ -501,6 +501,20 @@ pub fn origin_of(u: &url::Url) -> Option<String> {
     ))
 }
 
+/// The document kinds of every connector installed in `plugin_dir` (each
+/// `<dir>/<folder>/manifest.toml`), by manifest id. A manifest that cannot
+/// be read is left out (that connector then takes every kind here; the
+/// daemon refuses to start with it).
+pub fn document_kinds_in(plugin_dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let Ok(dir) = std::fs::read_dir(plugin_dir) else {
+        return BTreeMap::new();
+    };
+    dir.flatten()
+        .filter_map(|e| Manifest::from_file(&e.path().join("manifest.toml")).ok())
+        .map(|m| (m.id.clone(), m.document_kinds.clone()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

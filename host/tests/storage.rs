@@ -1188,6 +1188,113 @@ async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb
     );
     // Again: nothing more to remove.
     assert_eq!(s.purge_delivered(1_000).await.unwrap(), Default::default());
+
+    // More than a batch; and a document delivered on one connection but
+    // not on the other keeps its body.
+    let two = [
+        ("conn-c".to_string(), "xero".to_string()),
+        ("conn-d".to_string(), "xero".to_string()),
+    ];
+    s.ingest_document(new_doc("acme", "split", "INV-S", "{}", "hs", 1), &two)
+        .await
+        .unwrap();
+    for i in 0..520 {
+        let doc = format!("b{i}");
+        s.ingest_document(
+            new_doc("acme", &doc, &format!("INV-B{i}"), "{}", "h", 1),
+            &[("conn-c".to_string(), "xero".to_string())],
+        )
+        .await
+        .unwrap();
+    }
+    let claimed = s
+        .claim_deliveries("w", 20, 60_000, 1_000, &ConnectionCaps::uniform(1_000), &[])
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 522);
+    for c in &claimed {
+        let failed = c.document_id == "split" && c.connection_id == "conn-d";
+        let f = Finish {
+            state: if failed {
+                state::FAILED
+            } else {
+                state::DELIVERED
+            },
+            pause_reason: None,
+            pause_detail: None,
+            counts: true,
+            next_attempt_at: 100_000,
+            outcome: if failed { "rejected" } else { "delivered" }.into(),
+            message: None,
+            details: None,
+            external_id: None,
+            external_url: None,
+        };
+        assert!(s.finish_delivery(&c.id, "w", 21, 22, &f).await.unwrap());
+    }
+    // Mails and incidents: sent and closed ones go; an incident whose mail
+    // is not sent stays, with its mail.
+    let exec = |sql: &'static str| {
+        let s = s.clone();
+        async move {
+            match s.pool() {
+                ledgerport::store::Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+                ledgerport::store::Pool::Postgres(p) => {
+                    sqlx::query(sql).execute(p).await.map(|_| ())
+                }
+            }
+            .unwrap()
+        }
+    };
+    exec("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after, closed_at) VALUES ('i-old', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1, 5)").await;
+    exec("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after, closed_at) VALUES ('i-mail', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1, 5)").await;
+    exec("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after) VALUES ('i-open', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1)").await;
+    exec("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at, sent_at) VALUES ('m-sent', 'acme', 'i-old', '[]', 's', 't', 'h', 1, 1, 5)").await;
+    exec("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ('m-unsent', 'acme', 'i-mail', '[]', 's', 't', 'h', 1, 1)").await;
+    let r = s.purge_delivered(1_000).await.unwrap();
+    assert_eq!(
+        (r.bodies, r.attempts, r.mails, r.incidents),
+        // 520 delivered alone, and the split document's delivered attempt.
+        (520, 521, 1, 1),
+        "{r:?}"
+    );
+    assert_eq!(body_of(&s, "split").await, "{}", "failed on one connection");
+    assert_eq!(body_of(&s, "b519").await, "");
+    let count = |sql: &'static str| {
+        let s = s.clone();
+        async move {
+            match s.pool() {
+                ledgerport::store::Pool::Sqlite(p) => {
+                    sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await
+                }
+                ledgerport::store::Pool::Postgres(p) => {
+                    sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await
+                }
+            }
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT COUNT(*) FROM incidents WHERE id IN ('i-mail', 'i-open')").await,
+        2
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM mail_outbox WHERE id = 'm-unsent'").await,
+        1
+    );
+    // The split document's delivered attempt went, its failed one stayed.
+    assert_eq!(
+        attempts_of(
+            &s,
+            &ledgerport::store::outbox::delivery_id("acme", "split", "conn-d")
+        )
+        .await,
+        1
+    );
+}
+
+async fn attempts_of(s: &Store, delivery: &str) -> usize {
+    s.list_attempts(delivery).await.unwrap().len()
 }
 both!(
     retention_sqlite,

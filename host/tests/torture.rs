@@ -995,8 +995,48 @@ async fn hostile_connectors_fail_alone_and_other_tenants_keep_delivering() {
     let (s, body) = p.post(&cn).await;
     assert_eq!(s, 202, "{body}");
     assert_eq!(body["deliveries"], 0, "{body}");
+    assert_eq!(
+        body["note"], "not sent: no connected accounting system takes this kind of document",
+        "{body}"
+    );
     let (s, body) = p.post(&pipeline_support::credit_note("x1", 0, 0)).await;
     assert_eq!(s, 202, "{body}");
     assert_eq!(body["deliveries"], 1, "{body}");
+    // A delivery of such a kind made anyway (before the fan-out looked at
+    // kinds): failed by the dispatcher, never handed to the connector.
+    let conn = store
+        .connection_for("h-mapped", "hostile")
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .ingest_document(
+            ledgerport::store::outbox::NewDocument {
+                tenant_id: "h-mapped",
+                document_id: "old-cn",
+                kind: "credit-note",
+                number: "CN-OLD",
+                credits_invoice_number: None,
+                body: "{}",
+                body_hash: "h",
+                now: 1,
+                skip_connectors: &[],
+            },
+            &[(conn.id.clone(), "hostile".to_string())],
+        )
+        .await
+        .unwrap();
+    p.d().dispatcher.wake();
+    p.settle(Duration::from_secs(30)).await;
+    let rows = store
+        .list_deliveries(Some("h-mapped"), Some("CN-OLD"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].state, "failed", "{:?}", rows[0]);
+    let err = rows[0].last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("does not take documents of kind credit-note"),
+        "{err}"
+    );
     p.stop().await;
 }

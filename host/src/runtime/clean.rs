@@ -57,8 +57,9 @@ pub fn link(u: &str) -> Option<String> {
         return None;
     }
     let parsed = url::Url::parse(u).ok()?;
+    // As written (a stored address compares equal to what was given).
     (matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some())
-        .then(|| parsed.to_string())
+        .then(|| u.to_string())
 }
 
 /// A receipt as the host keeps it. `plugin` names the connector in the log

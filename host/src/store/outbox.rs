@@ -315,7 +315,11 @@ macro_rules! delivery_row {
             attempts: $r.try_get("attempts")?,
             next_attempt_at: $r.try_get("next_attempt_at")?,
             external_id: $r.try_get("external_id")?,
-            external_url: $r.try_get("external_url")?,
+            // Only an http(s) address (rows stored before the dispatcher
+            // checked receipts may hold anything; API callers render it).
+            external_url: $r
+                .try_get::<Option<String>, _>("external_url")?
+                .and_then(|u| crate::runtime::clean::link(&u)),
             last_error: $r.try_get("last_error")?,
             delivered_at: $r.try_get("delivered_at")?,
             updated_at: $r.try_get("updated_at")?,
@@ -765,41 +769,85 @@ impl Store {
     pub async fn purge_delivered(&self, before: i64) -> Result<PurgeReport, StoreError> {
         const BATCH: i64 = 500;
         let mut report = PurgeReport::default();
+        // Bodies: one pass over the documents in key order (a cursor, not
+        // a rescan from the start per batch), each batch read, then
+        // written by key in a short statement.
+        let mut after: (String, String) = (String::new(), String::new());
         loop {
-            let n = on_pool!(self, p => sqlx::query(
-                "UPDATE documents SET body = '' WHERE (tenant_id, id) IN (
-                   SELECT doc.tenant_id, doc.id FROM documents doc
-                   WHERE doc.received_at < $1 AND doc.body <> ''
+            let keys: Vec<(String, String)> = on_pool!(self, p => sqlx::query_as(
+                "SELECT doc.tenant_id, doc.id FROM documents doc
+                 WHERE (doc.tenant_id, doc.id) > ($2, $3) AND doc.received_at < $1 AND doc.body <> ''
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d
+                     WHERE d.tenant_id = doc.tenant_id AND d.document_number = doc.number
+                       AND d.document_id = doc.id AND d.state <> 'delivered')
+                 ORDER BY doc.tenant_id, doc.id LIMIT $4",
+            )
+            .bind(before)
+            .bind(&after.0)
+            .bind(&after.1)
+            .bind(BATCH)
+            .fetch_all(p)
+            .await?);
+            let Some(last) = keys.last().cloned() else {
+                break;
+            };
+            for chunk in keys.chunks(100) {
+                let terms = (0..chunk.len())
+                    .map(|i| format!("(tenant_id = ${} AND id = ${})", 2 * i + 2, 2 * i + 3))
+                    .collect::<Vec<_>>()
+                    .join(" OR ");
+                // Checked again at the write: a delivery made meanwhile
+                // (a new connection's) keeps the body.
+                let sql = format!(
+                    "UPDATE documents SET body = '' WHERE body <> '' AND received_at < $1 AND ({terms})
                      AND NOT EXISTS (SELECT 1 FROM deliveries d
-                       WHERE d.tenant_id = doc.tenant_id AND d.document_number = doc.number
-                         AND d.document_id = doc.id AND d.state <> 'delivered')
-                   LIMIT $2)",
-            )
-            .bind(before)
-            .bind(BATCH)
-            .execute(p)
-            .await?
-            .rows_affected());
-            report.bodies += n;
-            if n < BATCH as u64 {
+                       WHERE d.tenant_id = documents.tenant_id AND d.document_number = documents.number
+                         AND d.document_id = documents.id AND d.state <> 'delivered')"
+                );
+                report.bodies += on_pool!(self, p => {
+                    let mut q = sqlx::query(&sql).bind(before);
+                    for (t, id) in chunk {
+                        q = q.bind(t).bind(id);
+                    }
+                    q.execute(p).await?.rows_affected()
+                });
+            }
+            if (keys.len() as i64) < BATCH {
                 break;
             }
+            after = last;
         }
+        // Attempts of delivered deliveries: by id, in order.
+        let mut after_id: i64 = 0;
         loop {
-            let n = on_pool!(self, p => sqlx::query(
-                "DELETE FROM delivery_attempts WHERE id IN (
-                   SELECT a.id FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id
-                   WHERE d.state = 'delivered' AND a.finished_at < $1 LIMIT $2)",
+            let ids: Vec<(i64,)> = on_pool!(self, p => sqlx::query_as(
+                "SELECT a.id FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id
+                 WHERE a.id > $2 AND d.state = 'delivered' AND a.finished_at < $1
+                 ORDER BY a.id LIMIT $3",
             )
             .bind(before)
+            .bind(after_id)
             .bind(BATCH)
+            .fetch_all(p)
+            .await?);
+            let Some(&(last,)) = ids.last() else {
+                break;
+            };
+            let list = ids
+                .iter()
+                .map(|(id,)| id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            report.attempts += on_pool!(self, p => sqlx::query(&format!(
+                "DELETE FROM delivery_attempts WHERE id IN ({list})"
+            ))
             .execute(p)
             .await?
             .rows_affected());
-            report.attempts += n;
-            if n < BATCH as u64 {
+            if (ids.len() as i64) < BATCH {
                 break;
             }
+            after_id = last;
         }
         report.mails = on_pool!(self, p => sqlx::query(
             "DELETE FROM mail_outbox WHERE sent_at IS NOT NULL AND sent_at < $1",
