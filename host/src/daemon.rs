@@ -28,8 +28,9 @@ use tokio::sync::watch;
 /// removed.
 const OAUTH_PURGE_EVERY: Duration = Duration::from_secs(600);
 
-/// Per-plugin operator settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Per-plugin operator settings. `Debug` shows whether a client secret is
+/// set, never the secret.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSettings {
     /// Canonical origin -> where requests really go (sandbox, simulator).
@@ -46,8 +47,9 @@ pub struct PluginSettings {
     pub broad_scopes: bool,
 }
 
-/// SMTP settings.
-#[derive(Debug, Clone, Deserialize)]
+/// SMTP settings. `Debug` shows whether a password is set, never the
+/// password.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MailSettings {
     /// SMTP host.
@@ -66,6 +68,59 @@ pub struct MailSettings {
     /// SMTP password (better: `LEDGERPORT_SMTP_PASSWORD`).
     #[serde(default)]
     pub password: Option<String>,
+}
+
+/// What `Debug` shows in place of a secret that is set.
+fn redacted(v: &Option<String>) -> Option<&'static str> {
+    v.as_ref().map(|_| "<redacted>")
+}
+
+impl std::fmt::Debug for PluginSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginSettings")
+            .field("base_urls", &self.base_urls)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &redacted(&self.client_secret))
+            .field("broad_scopes", &self.broad_scopes)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for MailSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailSettings")
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("starttls", &self.starttls)
+            .field("from", &self.from)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database", &crate::store::redact_url(&self.database))
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url)
+            .field("plugin_dir", &self.plugin_dir)
+            .field("cache_dir", &self.cache_dir)
+            .field(
+                "service_keys",
+                &format!("{} key(s)", self.service_keys.len()),
+            )
+            .field("key_file", &self.key_file)
+            .field("catalogue", &self.catalogue)
+            .field("plugins", &self.plugins)
+            .field("mail", &self.mail)
+            .field("dispatch", &self.dispatch)
+            .field("json_logs", &self.json_logs)
+            .field("trusted_keys", &self.trusted_keys)
+            .field("retention", &self.retention)
+            .finish()
+    }
 }
 
 fn default_smtp_port() -> u16 {
@@ -140,8 +195,9 @@ impl DispatchSettings {
     }
 }
 
-/// The daemon's configuration.
-#[derive(Debug, Clone, Deserialize)]
+/// The daemon's configuration. `Debug` shows how many service keys there
+/// are, never the keys (nor the plugins' and mail's secrets).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Database URL (`sqlite:PATH` or `postgres://...`).
@@ -293,8 +349,9 @@ impl Config {
             self.database = v;
         }
         if let Some(v) = get("LEDGERPORT_LISTEN") {
-            v.parse::<SocketAddr>()
-                .map_err(|e| anyhow::anyhow!("LEDGERPORT_LISTEN={v:?}: {e}"))?;
+            // What the file's `listen` takes: an address or a host name,
+            // with a port.
+            check_listen(&v).map_err(|e| anyhow::anyhow!("LEDGERPORT_LISTEN={v:?}: {e}"))?;
             self.listen = v;
         }
         if let Some(v) = get("LEDGERPORT_PUBLIC_URL") {
@@ -341,6 +398,32 @@ impl Config {
             .trim_end_matches('/')
             .to_string()
     }
+}
+
+/// A `listen` value: `host:port` (an IP address, `[v6]`, or a host name)
+/// with a port number.
+fn check_listen(v: &str) -> Result<(), String> {
+    if v.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match v.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok() =>
+        {
+            Ok(())
+        }
+        _ => Err("not host:port (e.g. 127.0.0.1:8080 or localhost:8080)".into()),
+    }
+}
+
+/// The address in a `listen` value is every interface (`0.0.0.0`, `[::]`):
+/// no browser or provider can be sent there.
+fn listens_on_every_interface(listen: &str) -> bool {
+    listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
 }
 
 /// `localhost` or a loopback address: a server on this machine.
@@ -432,6 +515,10 @@ impl Daemon {
             )?),
         )?);
         let public = cfg.public_url(addr);
+        if cfg.public_url.is_none() && listens_on_every_interface(&cfg.listen) {
+            tracing::warn!(listen = %cfg.listen, public_url = %public,
+                "public_url is not set and listen is every interface: OAuth redirects and the links in notices point at {public}, which no browser can reach; set public_url");
+        }
         let mut providers = Providers::new();
         let mut plugins: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
         let mut loaded_from: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -794,6 +881,30 @@ mod tests {
         };
         let e = c.apply_env(env).unwrap_err().to_string();
         assert!(e.contains("LEDGERPORT_LISTEN"), "{e}");
+        // A host name, as the file takes it.
+        c.apply_env(|k| (k == "LEDGERPORT_LISTEN").then(|| "localhost:8080".to_string()))
+            .unwrap();
+        assert_eq!(c.listen, "localhost:8080");
+        for bad in ["localhost", ":8080", "host:port", "a b:80"] {
+            assert!(check_listen(bad).is_err(), "{bad}");
+        }
+        assert!(listens_on_every_interface("0.0.0.0:8080"));
+        assert!(listens_on_every_interface("[::]:8080"));
+        assert!(!listens_on_every_interface("127.0.0.1:8080"));
+        assert!(!listens_on_every_interface("localhost:8080"));
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let c: Config = toml::from_str(
+            "database = \"postgres://lp:dbpw-1@db/lp\"\nservice_keys = [\"svc-key-1\"]\n[plugins.xero]\nclient_id = \"id\"\nclient_secret = \"cs-1\"\n[mail]\nsmtp_host = \"h\"\nfrom = \"a@b.example\"\nusername = \"u\"\npassword = \"pw-1\"",
+        )
+        .unwrap();
+        let d = format!("{c:?}");
+        for secret in ["dbpw-1", "svc-key-1", "cs-1", "pw-1"] {
+            assert!(!d.contains(secret), "{secret} in {d}");
+        }
+        assert!(d.contains("<redacted>") && d.contains("1 key(s)"), "{d}");
     }
 
     #[test]

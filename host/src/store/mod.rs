@@ -122,7 +122,7 @@ pub struct Store {
 /// `?sslpassword=`). A `postgres` address that does not parse is shown
 /// as its scheme alone (it may hold a password where no parser finds
 /// it); a SQLite file path as it is.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let secret =
         |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
     match url::Url::parse(url) {
