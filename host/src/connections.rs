@@ -200,6 +200,10 @@ pub struct CallbackQuery {
     /// Its description.
     #[serde(default)]
     pub error_description: Option<String>,
+    /// The redirect's other parameters (one may name the company connected:
+    /// a manifest's `oauth.organisation_param`, QuickBooks' `realmId`).
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, String>,
 }
 
 /// What a successful callback leads to.
@@ -573,6 +577,28 @@ impl Connections {
                 format!("{:?} is no longer configured", record.connector_id),
             )
         })?;
+        // The company the provider names in its redirect (before the code
+        // is used: a redirect without it connects nothing).
+        let named_org = match provider.organisation_param() {
+            None => None,
+            Some(param) => {
+                let v = q
+                    .extra
+                    .get(param)
+                    .map(|v| v.trim())
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| {
+                        ConnectError::bad("organisation", format!("{param} is missing from the accounting system's redirect (it names the company connected); start the connection again"))
+                    })?;
+                if v.len() > 128 || v.chars().any(char::is_control) {
+                    return Err(ConnectError::bad(
+                        "organisation",
+                        format!("{param} is not a company id"),
+                    ));
+                }
+                Some(v.to_string())
+            }
+        };
         let answer = match provider
             .exchange_code(code, record.pkce_verifier.as_ref())
             .await
@@ -603,9 +629,19 @@ impl Connections {
             .scopes
             .clone()
             .unwrap_or_else(|| provider.scopes().to_vec());
-        let orgs = provider
-            .organisations(&answer.access_token, answer.auth_event_id.as_deref())
-            .await?;
+        let orgs = match named_org {
+            Some(id) => vec![crate::oauth::ProviderOrganisation {
+                connection_id: String::new(),
+                name: format!("{} {id}", provider.name()),
+                tenant_id: id,
+                auth_event_id: answer.auth_event_id.clone(),
+            }],
+            None => {
+                provider
+                    .organisations(&answer.access_token, answer.auth_event_id.as_deref())
+                    .await?
+            }
+        };
         let organisations: Vec<Organisation> = orgs
             .into_iter()
             .map(|o| Organisation {

@@ -82,6 +82,13 @@ pub struct OAuth {
     /// Where the grant's organisations are listed (Xero: `/connections`).
     #[serde(default)]
     pub connections_url: Option<String>,
+    /// For a provider without such a list: the query parameter of its
+    /// redirect back that names the company connected (QuickBooks:
+    /// `realmId`). Its value becomes the connection's organisation id
+    /// (`external-tenant-id` in `connection::info`). Not with
+    /// `connections_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organisation_param: Option<String>,
     /// Scopes requested for new apps.
     pub scopes: Vec<String>,
     /// Scopes for older apps that still use the broad set.
@@ -415,6 +422,33 @@ impl Manifest {
                     return invalid(key, format!("{u:?} is not a URL"));
                 }
             }
+            if let Some(p) = &o.organisation_param {
+                if p.is_empty()
+                    || p.len() > 64
+                    || !p
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+                {
+                    return invalid(
+                        "oauth.organisation_param",
+                        format!(
+                            "{p:?} is not a query parameter name (letters, digits, _ - ., at most 64)"
+                        ),
+                    );
+                }
+                if matches!(p.as_str(), "code" | "state" | "error" | "error_description") {
+                    return invalid(
+                        "oauth.organisation_param",
+                        format!("{p:?} is a parameter of OAuth itself"),
+                    );
+                }
+                if o.connections_url.is_some() {
+                    return invalid(
+                        "oauth.organisation_param",
+                        "give connections_url (an organisation list) or organisation_param (a redirect parameter), not both".into(),
+                    );
+                }
+            }
             // The daemon would refuse to start with it once an operator
             // configures the client: say so at install instead.
             if o.scopes.is_empty() || o.scopes.iter().any(|s| s.trim().is_empty()) {
@@ -548,6 +582,11 @@ document_kinds = ["invoice", "credit-note"]
             )
         };
         assert!(Manifest::parse(&oauth("[\"offline_access\"]", "")).is_ok());
+        let qb = Manifest::parse(&oauth("[\"a\"]", "organisation_param = \"realmId\"")).unwrap();
+        assert_eq!(
+            qb.oauth.unwrap().organisation_param.as_deref(),
+            Some("realmId")
+        );
         for (scopes, extra, key) in [
             ("[]", "", "oauth.scopes"),
             ("[\" \"]", "", "oauth.scopes"),
@@ -556,6 +595,21 @@ document_kinds = ["invoice", "credit-note"]
                 "[\"a\"]",
                 "connections_url = \"::\"",
                 "oauth.connections_url",
+            ),
+            (
+                "[\"a\"]",
+                "organisation_param = \"realm id\"",
+                "oauth.organisation_param",
+            ),
+            (
+                "[\"a\"]",
+                "organisation_param = \"state\"",
+                "oauth.organisation_param",
+            ),
+            (
+                "[\"a\"]",
+                "organisation_param = \"realmId\"\nconnections_url = \"https://api.xero.com/connections\"",
+                "oauth.organisation_param",
             ),
         ] {
             let e = Manifest::parse(&oauth(scopes, extra))

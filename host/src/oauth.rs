@@ -141,6 +141,7 @@ pub struct OAuthProvider {
     token_url: url::Url,
     revoke_url: Option<url::Url>,
     connections_url: Option<url::Url>,
+    organisation_param: Option<String>,
     scopes: Vec<String>,
     pkce: bool,
     client_id: String,
@@ -256,6 +257,7 @@ impl OAuthProvider {
                 .as_deref()
                 .map(|u| rw("oauth.connections_url", u))
                 .transpose()?,
+            organisation_param: o.organisation_param.clone(),
             scopes,
             pkce: o.pkce,
             client_id: app.client_id,
@@ -263,6 +265,12 @@ impl OAuthProvider {
             redirect_uri,
             http,
         })
+    }
+
+    /// The redirect's query parameter naming the company connected, for a
+    /// provider without an organisation list (QuickBooks: `realmId`).
+    pub fn organisation_param(&self) -> Option<&str> {
+        self.organisation_param.as_deref()
     }
 
     /// The connector id.

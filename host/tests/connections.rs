@@ -960,3 +960,88 @@ async fn a_public_client_revokes_its_refresh_token() {
     assert!(g.revoked, "the provider still holds the grant: {g:?}");
     assert!(!accepted(&sim, &grant.tokens.access_token).await);
 }
+
+/// A provider without an organisation list names the company connected in
+/// its redirect (QuickBooks: `realmId`); a manifest says which parameter
+/// (`oauth.organisation_param`), and its value becomes the connection's
+/// organisation. A redirect without it connects nothing, saying why.
+#[tokio::test]
+async fn a_provider_that_names_the_company_in_its_redirect() {
+    use ledgerport::connections::{Clock, Connections};
+    use ledgerport::oauth::{OAuthApp, OAuthProvider, Providers, oauth_router};
+    let db = TestDb::sqlite();
+    let sim = sim().await;
+    let store = ledgerport::store::Store::open_and_migrate(&db.url())
+        .await
+        .unwrap();
+    store
+        .upsert_tenant("acme", "Acme Ltd", &[], 1)
+        .await
+        .unwrap();
+    // Xero's endpoints (the simulator's), as a provider without /connections.
+    let mut m = xero_manifest();
+    m.id = "books".into();
+    m.name = "Books".into();
+    let o = m.oauth.as_mut().unwrap();
+    o.connections_url = None;
+    o.organisation_param = Some("realmId".into());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut providers = Providers::new();
+    providers.insert(
+        OAuthProvider::new(
+            &m,
+            OAuthApp {
+                client_id: xero_sim::DEFAULT_CLIENT_ID.into(),
+                client_secret: Some(ledgerport::crypto::Secret::new(
+                    xero_sim::DEFAULT_CLIENT_SECRET,
+                )),
+                redirect_uri: format!("{base}/oauth/callback"),
+                broad_scopes: false,
+                base_urls: sim_overrides(&sim),
+                timeout: ledgerport::oauth::TOKEN_REQUEST_TIMEOUT,
+            },
+        )
+        .unwrap(),
+    );
+    let s2 = sim.clone();
+    let conns = Arc::new(Connections::with_policy(
+        store.clone(),
+        Arc::new(keys(7)),
+        Arc::new(providers),
+        Clock::from_fn(move || s2.now()),
+        test_policy(),
+    ));
+    let app = oauth_router(conns.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    sim.set_auto_approve(Some(vec![DEFAULT_TENANT_HOLDINGS]));
+    let b = browser();
+    // Without the parameter: refused, naming it; nothing connected.
+    let url = conns.begin_connect("acme", "books", ADMIN).await.unwrap();
+    let cb = authorize(&b, &sim, &url, None).await;
+    let (status, body) = finish(&b, &base, &cb, None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("realmId is missing"), "{body}");
+    assert!(
+        store
+            .connection_for("acme", "books")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // With it: connected to that company.
+    let url = conns.begin_connect("acme", "books", ADMIN).await.unwrap();
+    let cb = authorize(&b, &sim, &url, None).await;
+    let (status, body) = finish(&b, &base, &format!("{cb}&realmId=9130354"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let c = store
+        .connection_for("acme", "books")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.external_tenant_id.as_deref(), Some("9130354"));
+    assert_eq!(c.external_tenant_name.as_deref(), Some("Books 9130354"));
+    assert_eq!(c.state, ConnectionState::Active);
+}
