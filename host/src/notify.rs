@@ -240,30 +240,75 @@ impl Mailer {
     }
 
     /// Send one e-mail to `to`.
+    /// Send one message to `to`. An address that cannot be parsed is left
+    /// out (the others still get it); none left, or the server refusing it
+    /// for good (an SMTP 5xx: unknown mailbox, policy), is a permanent
+    /// [`SendError`]; anything else (server down, 4xx) a temporary one.
     pub async fn send(
         &self,
         to: &[String],
         subject: &str,
         text: &str,
         html: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         let mut b = Message::builder().from(self.from.clone()).subject(subject);
+        let mut any = false;
         for t in to {
-            b = b.to(t.parse().map_err(|e| format!("recipient {t:?}: {e}"))?);
+            match t.parse() {
+                Ok(a) => {
+                    b = b.to(a);
+                    any = true;
+                }
+                Err(e) => {
+                    tracing::warn!(recipient = %t, error = %e, "a notice address is not an e-mail address; left out")
+                }
+            }
+        }
+        if !any {
+            return Err(SendError {
+                message: format!("no recipient is an e-mail address ({})", to.join(", ")),
+                permanent: true,
+            });
         }
         let msg = b
             .multipart(MultiPart::alternative_plain_html(
                 text.to_string(),
                 html.to_string(),
             ))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SendError {
+                message: e.to_string(),
+                permanent: true,
+            })?;
         self.transport
             .send(msg)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| SendError {
+                permanent: e.is_permanent(),
+                message: e.to_string(),
+            })
     }
 }
+
+/// Why a notice was not sent.
+#[derive(Debug, Clone)]
+pub struct SendError {
+    /// What the SMTP server or the message builder said.
+    pub message: String,
+    /// Whether sending it again cannot help (a 5xx answer, no usable
+    /// recipient): the notice is then given up, not retried for ever.
+    pub permanent: bool,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The `next_attempt_at` of a notice given up: never claimed again (it
+/// stays in the outbox, unsent, with its error, for an operator to see).
+pub const GIVEN_UP: i64 = i64::MAX / 2;
 
 /// Mails one round sends at most.
 const MAILS_PER_ROUND: usize = 50;
@@ -340,13 +385,48 @@ pub async fn pump(
         let Some(m) = store.claim_due_mail(now_ms, now_ms + MAIL_LEASE_MS).await? else {
             break;
         };
-        match mailer
+        let mut result = mailer
             .send(&m.recipients, &m.subject, &m.text_body, &m.html_body)
-            .await
+            .await;
+        // Refused for good with several recipients (lettre gives up on the
+        // whole message when one RCPT is refused): one at a time, so the
+        // good addresses still get the notice.
+        if let Err(e) = &result
+            && e.permanent
+            && m.recipients.len() > 1
         {
+            let mut refused = Vec::new();
+            let mut delivered = 0;
+            for r in &m.recipients {
+                match mailer
+                    .send(
+                        std::slice::from_ref(r),
+                        &m.subject,
+                        &m.text_body,
+                        &m.html_body,
+                    )
+                    .await
+                {
+                    Ok(()) => delivered += 1,
+                    Err(e) => refused.push(format!("{r}: {e}")),
+                }
+            }
+            if delivered > 0 {
+                tracing::warn!(refused = %refused.join("; "), "a notice was sent to some of its addresses only");
+                result = Ok(());
+            }
+        }
+        match result {
             Ok(()) => {
                 store.mail_result(&m.id, now_ms, Ok(())).await?;
                 sent += 1;
+            }
+            Err(e) if e.permanent => {
+                tracing::error!(error = %e, "the SMTP server refused a notice for good; it is given up (it stays unsent in the outbox)");
+                crate::metrics::SMTP_FAILURES.inc();
+                store
+                    .mail_result(&m.id, now_ms, Err((format!("given up: {e}"), GIVEN_UP)))
+                    .await?;
             }
             Err(e) => {
                 // 5 s, 10 s, 20 s ... capped at 5 minutes.
@@ -354,7 +434,7 @@ pub async fn pump(
                 tracing::warn!(error = %e, attempts = m.attempts + 1, "sending a notice failed; will retry");
                 crate::metrics::SMTP_FAILURES.inc();
                 store
-                    .mail_result(&m.id, now_ms, Err((e, now_ms + backoff)))
+                    .mail_result(&m.id, now_ms, Err((e.message, now_ms + backoff)))
                     .await?;
             }
         }

@@ -832,3 +832,71 @@ async fn a_switch_of_organisation_holds_deliveries_on_postgres() {
         a_switch_of_organisation_holds_deliveries_until_the_mappings_are_confirmed(db).await;
     }
 }
+
+/// A notice the SMTP server refuses for good (an unknown mailbox: 550) is
+/// not retried every five minutes for ever: with other addresses it goes
+/// to them one by one; with none that works it is given up, its error kept.
+/// A server that is down is still retried (the torture suite's SMTP-down
+/// run sends everything after recovery).
+#[tokio::test]
+async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
+    use ledgerport::notify::{GIVEN_UP, MailConfig, Mailer};
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let smtp = SmtpSink::start().await.unwrap();
+    let cfg = MailConfig {
+        smtp_host: "127.0.0.1".into(),
+        smtp_port: smtp.addr().port(),
+        starttls: false,
+        credentials: None,
+        from: "ledgerport@platform.example".into(),
+        integrations_url: "https://platform.example/".into(),
+        connectors: Default::default(),
+    };
+    let mailer = Mailer::new(&cfg).unwrap();
+    let ledgerport::store::Pool::Sqlite(pool) = store.pool() else {
+        unreachable!()
+    };
+    for (id, to) in [
+        ("m-some", "ap@acme.test,nobody@acme.test"),
+        ("m-none", "nobody@acme.test"),
+    ] {
+        sqlx::query("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ($1, 'acme', NULL, $2, 's', 't', '<p>h</p>', 1, 1)")
+            .bind(id)
+            .bind(to)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let now = ledgerport::dispatch::now_ms();
+    let (_, sent) = ledgerport::notify::pump(&store, &mailer, &cfg, now)
+        .await
+        .unwrap();
+    assert_eq!(sent, 1);
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert_eq!(mails[0].to, vec!["ap@acme.test".to_string()]);
+    let row = |id: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (Option<i64>, i64, Option<String>)>(
+                "SELECT sent_at, next_attempt_at, last_error FROM mail_outbox WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(row("m-some").await.0.is_some());
+    let (sent_at, next, err) = row("m-none").await;
+    assert_eq!((sent_at, next), (None, GIVEN_UP));
+    assert!(err.unwrap_or_default().contains("given up"));
+    // Not claimed again, however late.
+    let (_, sent) = ledgerport::notify::pump(&store, &mailer, &cfg, now + 86_400_000)
+        .await
+        .unwrap();
+    assert_eq!(sent, 0);
+    assert_eq!(smtp.mails().len(), 1);
+}

@@ -3,6 +3,10 @@
 //! Tests and the demo send to it with a real SMTP client (lettre) over a
 //! real socket, then read back envelope, headers and body.
 //!
+//! A recipient whose local part is `nobody` (`nobody@acme.test`) is
+//! refused as an unknown mailbox (`550 5.1.1`), as a real server refuses
+//! one, for tests of notices to an address that does not exist.
+//!
 //! It can be stopped and started again on the same port, to play an SMTP
 //! server that is down for a while. Its port lies below the kernel's
 //! ephemeral range (see [`restartable_port`]), so no outgoing connection of
@@ -177,7 +181,12 @@ async fn session(sock: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) -> std::io::Resu
             to.clear();
             w.write_all(b"250 OK\r\n").await?;
         } else if upper.starts_with("RCPT TO:") {
-            to.push(addr_of(&cmd[8..]));
+            let a = addr_of(&cmd[8..]);
+            if a.to_ascii_lowercase().starts_with("nobody@") {
+                w.write_all(b"550 5.1.1 no such mailbox\r\n").await?;
+                continue;
+            }
+            to.push(a);
             w.write_all(b"250 OK\r\n").await?;
         } else if upper == "DATA" {
             if to.is_empty() {
