@@ -1049,6 +1049,18 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
             let before = ledgerport::dispatch::now_ms() - i64::from(older_than_days) * 86_400_000;
             match store.purge_delivered(before).await {
                 Ok(r) => {
+                    let _ = store
+                        .audit(
+                            &cli_actor(),
+                            None,
+                            "purge",
+                            &format!(
+                                "older than {older_than_days} days: {} bodies, {} attempts, {} mails, {} incidents",
+                                r.bodies, r.attempts, r.mails, r.incidents
+                            ),
+                            chrono::Utc::now().timestamp(),
+                        )
+                        .await;
                     if json {
                         println!("{}", serde_json::json!(r));
                     } else {
@@ -1083,6 +1095,21 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                 .await
             {
                 Ok(n) => {
+                    if n > 0 {
+                        // Audited as the API's retries are.
+                        let _ = store
+                            .audit(
+                                &cli_actor(),
+                                Some(&tenant),
+                                "retry",
+                                &format!(
+                                    "{n} delivery(ies){}",
+                                    id.as_deref().map(|i| format!(" ({i})")).unwrap_or_default()
+                                ),
+                                chrono::Utc::now().timestamp(),
+                            )
+                            .await;
+                    }
                     if json {
                         println!("{}", serde_json::json!({ "requeued": n }));
                     } else {
@@ -1109,6 +1136,14 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Who a CLI change is audited as: the operating system's user.
+fn cli_actor() -> String {
+    match std::env::var("USER") {
+        Ok(u) if !u.trim().is_empty() => format!("{u} (cli)"),
+        _ => "operator (cli)".into(),
     }
 }
 

@@ -617,6 +617,16 @@ async fn deliveries_list_and_retry() {
         &[],
     );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // The retry and the purge are audited, as the API's changes are.
+    let store = ledgerport::store::Store::open_existing(&db).await.unwrap();
+    let log = store.audit_log(None, 50).await.unwrap();
+    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    assert!(
+        actions.contains(&"retry") && actions.contains(&"purge"),
+        "{actions:?}"
+    );
+    assert!(log.iter().all(|e| e.actor.ends_with("(cli)")), "{log:?}");
+    store.close().await;
     // A state that does not exist is refused, not an empty list.
     let o = ledgerport(
         &["deliveries", "list", "--state", "broken", "--database", &db],
