@@ -349,6 +349,11 @@ impl Manifest {
                 format!("{:?} must be 1-64 of a-z, 0-9 and '-'", self.id),
             );
         }
+        // The name is what admins and notices see ("Invoice X was not sent
+        // to <name>").
+        if self.name.trim().is_empty() || self.name.chars().count() > 100 {
+            return invalid("name", "must be 1-100 characters, not blank".into());
+        }
         if contract_line(&self.contract).is_none() {
             return invalid(
                 "contract",
@@ -396,8 +401,14 @@ impl Manifest {
                 );
             }
         }
-        if self.limits.requests_per_minute == 0 || self.limits.concurrent_per_connection == 0 {
-            return invalid("limits", "limits must be at least 1".into());
+        if self.limits.requests_per_minute == 0 {
+            return invalid("limits.requests_per_minute", "must be at least 1".into());
+        }
+        if self.limits.concurrent_per_connection == 0 {
+            return invalid(
+                "limits.concurrent_per_connection",
+                "must be at least 1".into(),
+            );
         }
         for (key, spec) in self.settings.specs() {
             if let Err(message) = check_setting(key, spec) {
@@ -493,6 +504,18 @@ fn check_setting(key: &str, s: &SettingSpec) -> Result<(), String> {
         return Err(format!(
             "the default {d:?} is not one of the allowed values"
         ));
+    }
+    // A default its own bounds refuse: every connection would start with a
+    // value an admin could not save again.
+    if let Some(d) = &s.default {
+        let n = d.chars().count();
+        if s.min_length.is_some_and(|m| n < m as usize)
+            || s.max_length.is_some_and(|m| n > m as usize)
+        {
+            return Err(format!(
+                "the default {d:?} is outside min_length/max_length"
+            ));
+        }
     }
     Ok(())
 }
@@ -634,11 +657,22 @@ document_kinds = ["invoice", "credit-note"]
             ("\"invoice\",", "\"receipt\",", "document_kinds"),
             ("id = \"xero\"", "id = \"Xero Inc\"", "id"),
             ("xero.wasm", "../x.wasm", "component"),
+            ("name = \"Xero\"", "name = \"  \"", "name"),
         ] {
             let e = Manifest::parse(&GOOD.replace(from, to))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_zero_limit_is_refused_naming_its_key() {
+        for key in ["requests_per_minute", "concurrent_per_connection"] {
+            let e = Manifest::parse(&format!("{GOOD}\n[limits]\n{key} = 0\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("limits.{key}")), "{e}");
         }
     }
 
@@ -694,6 +728,14 @@ document_kinds = ["invoice", "credit-note"]
             ("[settings.token]\nsecret = true\ndefault = \"x\"", "secret"),
             ("[settings.x]\nmin_length = 5\nmax_length = 2", "min_length"),
             ("[settings.x]\nmax_length = 999999", "max_length"),
+            (
+                "[settings.x]\ndefault = \"abc\"\nmin_length = 5",
+                "outside min_length/max_length",
+            ),
+            (
+                "[settings.x]\ndefault = \"abcdef\"\nmax_length = 3",
+                "outside min_length/max_length",
+            ),
             ("[settings.x]\nbogus = 1", "bogus"),
             ("[settings]\n\"a b\" = \"1\"", "setting name"),
         ] {
