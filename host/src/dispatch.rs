@@ -1117,11 +1117,24 @@ impl Dispatcher {
             &conn,
         )
         .await?;
+        // The mappings as they are now, one copy for the call: what the
+        // connector saw is what a needs-mapping is compared with afterwards
+        // (a live read then could take a mapping an admin saved during the
+        // call for the one the connector could not use).
+        let scope = crate::capabilities::mapping::MappingScope {
+            tenant_id: conn.tenant_id.clone(),
+            connector_id: conn.connector_id.clone(),
+        };
+        let mappings = self
+            .mappings
+            .all(&scope)
+            .await
+            .map_err(|e| crate::store::StoreError::Conflict(format!("reading mappings: {e}")))?;
         Ok(Some((
             conn,
             connection,
             self.credentials.clone(),
-            self.mappings.clone(),
+            Arc::new(ReadAheadMappings(mappings)) as Arc<dyn MappingStore>,
         )))
     }
 
