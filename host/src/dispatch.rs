@@ -1125,11 +1125,10 @@ impl Dispatcher {
             tenant_id: conn.tenant_id.clone(),
             connector_id: conn.connector_id.clone(),
         };
-        let mappings = self
-            .mappings
-            .all(&scope)
-            .await
-            .map_err(|e| crate::store::StoreError::Conflict(format!("reading mappings: {e}")))?;
+        let mappings =
+            self.mappings.all(&scope).await.map_err(|e| {
+                crate::store::StoreError::Conflict(format!("reading mappings: {e}"))
+            })?;
         Ok(Some((
             conn,
             connection,

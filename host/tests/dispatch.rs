@@ -337,6 +337,13 @@ async fn a_delivery_for_a_connector_not_installed_here_waits() {
         "{row:?}"
     );
     assert!(row.next_attempt_at > chrono::Utc::now().timestamp_millis() + 30_000);
+    // The wait, once a minute for as long as the connector is missing,
+    // writes no attempt rows (last_error says why it waits).
+    assert!(
+        store.list_attempts(&row.id).await.unwrap().is_empty(),
+        "{:?}",
+        store.list_attempts(&row.id).await.unwrap()
+    );
     assert!(p.smtp.mails().is_empty());
     p.stop().await;
 }

@@ -449,6 +449,7 @@ macro_rules! write_all {
             }
             let recorded: Vec<(&FinishOp, i64)> = finishes
                 .iter()
+                .filter(|(_, f)| !super::outbox::UNRECORDED_OUTCOMES.contains(&f.finish.outcome.as_str()))
                 .filter_map(|(_, f)| attempts.get(&f.id).map(|a| (*f, *a)))
                 .collect();
             if !recorded.is_empty() {

@@ -216,6 +216,12 @@ impl Finish {
     }
 }
 
+/// Outcomes whose attempts are not written to the delivery's log: a wait
+/// for a daemon that has the connector comes back every minute for as long
+/// as the connector is missing (1,000 such deliveries wrote 1.4 million
+/// attempt rows a day); the delivery's `last_error` says why it waits.
+pub const UNRECORDED_OUTCOMES: &[&str] = &["not-installed"];
+
 /// What [`Store::purge_delivered`] removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct PurgeReport {
