@@ -590,10 +590,19 @@ impl Connections {
                     .ok_or_else(|| {
                         ConnectError::bad("organisation", format!("{param} is missing from the accounting system's redirect (it names the company connected); start the connection again"))
                     })?;
-                if v.len() > 128 || v.chars().any(char::is_control) {
+                // It comes through the browser, unsigned (the token's own
+                // binding to the company is the provider's check), and a
+                // connector puts it in URL paths: letters, digits, . _ -.
+                if v.len() > 128
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+                {
                     return Err(ConnectError::bad(
                         "organisation",
-                        format!("{param} is not a company id"),
+                        format!(
+                            "{param} is not a company id (letters, digits, . _ -; at most 128)"
+                        ),
                     ));
                 }
                 Some(v.to_string())

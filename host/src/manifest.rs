@@ -509,6 +509,11 @@ fn check_setting(key: &str, s: &SettingSpec) -> Result<(), String> {
     // value an admin could not save again.
     if let Some(d) = &s.default {
         let n = d.chars().count();
+        if d.is_empty() || d.chars().any(char::is_control) || n > MAX_SETTING_CHARS {
+            return Err(format!(
+                "the default {d:?} is empty, holds a control character or is longer than {MAX_SETTING_CHARS} characters"
+            ));
+        }
         if s.min_length.is_some_and(|m| n < m as usize)
             || s.max_length.is_some_and(|m| n > m as usize)
         {
@@ -736,6 +741,8 @@ document_kinds = ["invoice", "credit-note"]
                 "[settings.x]\ndefault = \"abcdef\"\nmax_length = 3",
                 "outside min_length/max_length",
             ),
+            ("[settings]\nregion = \"\"", "is empty"),
+            ("[settings]\nregion = \"a\\tb\"", "control character"),
             ("[settings.x]\nbogus = 1", "bogus"),
             ("[settings]\n\"a b\" = \"1\"", "setting name"),
         ] {

@@ -307,8 +307,17 @@ impl std::fmt::Display for SendError {
 }
 
 /// The `next_attempt_at` of a notice given up: never claimed again (it
-/// stays in the outbox, unsent, with its error, for an operator to see).
+/// stays in the outbox, unsent, with its error, for an operator to see,
+/// until retention removes it).
 pub const GIVEN_UP: i64 = i64::MAX / 2;
+
+/// Attempts after which a notice the server refuses for good (a 5xx) is
+/// given up: about a day at the 5-minute cap of the retry wait.
+pub const GIVE_UP_AFTER: i64 = 300;
+
+/// How long one notice may take to be sent to its addresses one by one:
+/// half its claim ([`MAIL_LEASE_MS`]), so no other daemon takes it meanwhile.
+const MAIL_RESEND_BUDGET: Duration = Duration::from_millis(MAIL_LEASE_MS as u64 / 2);
 
 /// Mails one round sends at most.
 const MAILS_PER_ROUND: usize = 50;
@@ -385,19 +394,28 @@ pub async fn pump(
         let Some(m) = store.claim_due_mail(now_ms, now_ms + MAIL_LEASE_MS).await? else {
             break;
         };
-        let mut result = mailer
+        let result = mailer
             .send(&m.recipients, &m.subject, &m.text_body, &m.html_body)
             .await;
+        let e = match result {
+            Ok(()) => {
+                store.mail_result(&m.id, now_ms, Ok(())).await?;
+                sent += 1;
+                continue;
+            }
+            Err(e) => e,
+        };
         // Refused for good with several recipients (lettre gives up on the
-        // whole message when one RCPT is refused): one at a time, so the
-        // good addresses still get the notice.
-        if let Err(e) = &result
-            && e.permanent
-            && m.recipients.len() > 1
-        {
-            let mut refused = Vec::new();
-            let mut delivered = 0;
-            for r in &m.recipients {
+        // whole message when one RCPT is refused): one at a time, within
+        // half the lease, so the good addresses still get it.
+        if e.permanent && m.recipients.len() > 1 {
+            let started = std::time::Instant::now();
+            let (mut delivered, mut owed, mut refused) = (0, Vec::new(), Vec::new());
+            for (i, r) in m.recipients.iter().enumerate() {
+                if started.elapsed() > MAIL_RESEND_BUDGET {
+                    owed.extend(m.recipients[i..].iter().cloned());
+                    break;
+                }
                 match mailer
                     .send(
                         std::slice::from_ref(r),
@@ -408,27 +426,40 @@ pub async fn pump(
                     .await
                 {
                     Ok(()) => delivered += 1,
-                    Err(e) => refused.push(format!("{r}: {e}")),
+                    Err(e) if e.permanent => refused.push(format!("{r}: {e}")),
+                    Err(_) => owed.push(r.clone()),
                 }
             }
+            // The server takes this mail: what it refused for good are bad
+            // addresses, dropped; what failed for now is still owed.
             if delivered > 0 {
-                tracing::warn!(refused = %refused.join("; "), "a notice was sent to some of its addresses only");
-                result = Ok(());
+                if !refused.is_empty() {
+                    tracing::warn!(refused = %refused.join("; "), "a notice was refused for some of its addresses; sent to the others");
+                }
+                if owed.is_empty() {
+                    store.mail_result(&m.id, now_ms, Ok(())).await?;
+                } else {
+                    let backoff = (5_000i64 << m.attempts.clamp(0, 6)).min(300_000);
+                    store
+                        .mail_owed(&m.id, &owed, &e.message, now_ms + backoff)
+                        .await?;
+                }
+                sent += 1;
+                continue;
             }
         }
-        match result {
-            Ok(()) => {
-                store.mail_result(&m.id, now_ms, Ok(())).await?;
-                sent += 1;
-            }
-            Err(e) if e.permanent => {
-                tracing::error!(error = %e, "the SMTP server refused a notice for good; it is given up (it stays unsent in the outbox)");
+        match e {
+            // A 5xx may be the address (gone) or the server's setup (a
+            // rotated password, a refused sender): retried like any failure
+            // for about a day, then given up, kept with its error.
+            e if e.permanent && m.attempts + 1 >= GIVE_UP_AFTER => {
+                tracing::error!(error = %e, attempts = m.attempts + 1, "the SMTP server has refused a notice for a day; it is given up (it stays unsent in the outbox, with its error)");
                 crate::metrics::SMTP_FAILURES.inc();
                 store
                     .mail_result(&m.id, now_ms, Err((format!("given up: {e}"), GIVEN_UP)))
                     .await?;
             }
-            Err(e) => {
+            e => {
                 // 5 s, 10 s, 20 s ... capped at 5 minutes.
                 let backoff = (5_000i64 << m.attempts.clamp(0, 6)).min(300_000);
                 tracing::warn!(error = %e, attempts = m.attempts + 1, "sending a notice failed; will retry");

@@ -1031,6 +1031,12 @@ async fn a_provider_that_names_the_company_in_its_redirect() {
             .unwrap()
             .is_none()
     );
+    // A value a connector could not put in a URL path: refused.
+    let url = conns.begin_connect("acme", "books", ADMIN).await.unwrap();
+    let cb = authorize(&b, &sim, &url, None).await;
+    let (status, body) = finish(&b, &base, &format!("{cb}&realmId=..%2Fadmin"), None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("realmId is not a company id"), "{body}");
     // With it: connected to that company.
     let url = conns.begin_connect("acme", "books", ADMIN).await.unwrap();
     let cb = authorize(&b, &sim, &url, None).await;

@@ -842,12 +842,13 @@ async fn a_switch_of_organisation_holds_deliveries_on_postgres() {
 
 /// A notice the SMTP server refuses for good (an unknown mailbox: 550) is
 /// not retried every five minutes for ever: with other addresses it goes
-/// to them one by one; with none that works it is given up, its error kept.
-/// A server that is down is still retried (the torture suite's SMTP-down
-/// run sends everything after recovery).
+/// to them one by one; with none that works it is retried for about a day
+/// (a 5xx may also be the server's setup: a rotated password), then given
+/// up, its error kept, until retention removes it. A server that is down is
+/// retried until it is back (the torture suite's SMTP-down run).
 #[tokio::test]
 async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
-    use ledgerport::notify::{GIVEN_UP, MailConfig, Mailer};
+    use ledgerport::notify::{GIVE_UP_AFTER, GIVEN_UP, MailConfig, Mailer};
     let db = TestDb::sqlite();
     let store = db.store().await;
     store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
@@ -897,13 +898,29 @@ async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
         }
     };
     assert!(row("m-some").await.0.is_some());
+    // The lone bad address: retried, not given up, at first.
+    let (sent_at, next, err) = row("m-none").await;
+    assert_eq!(sent_at, None);
+    assert!(next > now && next < now + 600_000, "{next}");
+    assert!(err.unwrap_or_default().contains("550"));
+    // A day of refusals later: given up, never claimed again.
+    sqlx::query("UPDATE mail_outbox SET attempts = $1, next_attempt_at = 1 WHERE id = 'm-none'")
+        .bind(GIVE_UP_AFTER - 1)
+        .execute(pool)
+        .await
+        .unwrap();
+    ledgerport::notify::pump(&store, &mailer, &cfg, now)
+        .await
+        .unwrap();
     let (sent_at, next, err) = row("m-none").await;
     assert_eq!((sent_at, next), (None, GIVEN_UP));
     assert!(err.unwrap_or_default().contains("given up"));
-    // Not claimed again, however late.
     let (_, sent) = ledgerport::notify::pump(&store, &mailer, &cfg, now + 86_400_000)
         .await
         .unwrap();
     assert_eq!(sent, 0);
     assert_eq!(smtp.mails().len(), 1);
+    // Retention removes it with the sent ones.
+    let r = store.purge_delivered(now + 86_400_000).await.unwrap();
+    assert_eq!(r.mails, 2, "{r:?}");
 }

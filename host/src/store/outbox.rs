@@ -856,9 +856,11 @@ impl Store {
             after_id = last;
         }
         report.mails = on_pool!(self, p => sqlx::query(
-            "DELETE FROM mail_outbox WHERE sent_at IS NOT NULL AND sent_at < $1",
+            "DELETE FROM mail_outbox WHERE (sent_at IS NOT NULL AND sent_at < $1)
+               OR (sent_at IS NULL AND next_attempt_at >= $2 AND created_at < $1)",
         )
         .bind(before)
+        .bind(crate::notify::GIVEN_UP)
         .execute(p)
         .await?
         .rows_affected());
@@ -1211,6 +1213,20 @@ impl Store {
             Err((e, next)) => sqlx::query("UPDATE mail_outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 WHERE id = $3")
                 .bind(e).bind(next).bind(id).execute(p).await.map(|_| ()),
         })?;
+        Ok(())
+    }
+
+    /// A mail sent to some of its addresses: only `recipients` are still
+    /// owed it, tried again at `next`.
+    pub async fn mail_owed(
+        &self,
+        id: &str,
+        recipients: &[String],
+        error: &str,
+        next: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("UPDATE mail_outbox SET recipients = $1, attempts = attempts + 1, last_error = $2, next_attempt_at = $3 WHERE id = $4")
+            .bind(recipients.join(",")).bind(error).bind(next).bind(id).execute(p).await.map(|_| ()))?;
         Ok(())
     }
 
