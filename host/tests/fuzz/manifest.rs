@@ -114,7 +114,15 @@ fn toml_line() -> impl Strategy<Value = String> {
 fn valid_manifest() -> impl Strategy<Value = Table> {
     (
         "[a-z0-9-]{1,64}",
-        arb::odd_string(),
+        // A name people see: not blank, at most 100 characters.
+        arb::odd_string().prop_map(|s| {
+            let s: String = s.chars().take(100).collect();
+            if s.trim().is_empty() {
+                format!("Name{s}").chars().take(100).collect()
+            } else {
+                s
+            }
+        }),
         (
             prop::sample::select(SUPPORTED_CONTRACTS),
             prop::option::of(0u32..1000),
@@ -136,7 +144,15 @@ fn valid_manifest() -> impl Strategy<Value = Table> {
         prop::sample::subsequence(vec!["invoice", "credit-note"], 1..=2),
         prop::option::of((1u32..=u32::MAX, 1u32..=u32::MAX)),
         prop::option::of(("[a-z]{1,8}", any::<bool>())),
-        prop::collection::btree_map("[a-z_]{1,8}", arb::odd_string(), 0..3),
+        // Defaults a saved value could be: not empty, no control character.
+        prop::collection::btree_map(
+            "[a-z_]{1,8}",
+            arb::odd_string().prop_map(|s| {
+                let s: String = s.chars().filter(|c| !c.is_control()).take(2048).collect();
+                if s.is_empty() { "x".to_string() } else { s }
+            }),
+            0..3,
+        ),
     )
         .prop_map(
             |(id, name, (line, patch), component, sha, hosts, kinds, limits, oauth, settings)| {
