@@ -869,6 +869,7 @@ async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
     for (id, to) in [
         ("m-some", "ap@acme.test,nobody@acme.test"),
         ("m-none", "nobody@acme.test"),
+        ("m-owed", "ops@acme.test,nobody@acme.test,busy@acme.test"),
     ] {
         sqlx::query("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ($1, 'acme', NULL, $2, 's', 't', '<p>h</p>', 1, 1)")
             .bind(id)
@@ -881,10 +882,11 @@ async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
     let (_, sent) = ledgerport::notify::pump(&store, &mailer, &cfg, now)
         .await
         .unwrap();
-    assert_eq!(sent, 1);
+    assert_eq!(sent, 2);
     let mails = smtp.mails();
-    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert_eq!(mails.len(), 2, "{mails:?}");
     assert_eq!(mails[0].to, vec!["ap@acme.test".to_string()]);
+    assert_eq!(mails[1].to, vec!["ops@acme.test".to_string()]);
     let row = |id: &'static str| {
         let pool = pool.clone();
         async move {
@@ -898,6 +900,16 @@ async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
         }
     };
     assert!(row("m-some").await.0.is_some());
+    // Sent to ops@; nobody@ refused for good (dropped); busy@ refused for
+    // now: still owed it, alone, later.
+    let (sent_at, next, _) = row("m-owed").await;
+    assert_eq!(sent_at, None);
+    assert!(next > now, "{next}");
+    let owed: String = sqlx::query_scalar("SELECT recipients FROM mail_outbox WHERE id = 'm-owed'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(owed, "busy@acme.test");
     // The lone bad address: retried, not given up, at first.
     let (sent_at, next, err) = row("m-none").await;
     assert_eq!(sent_at, None);
@@ -918,9 +930,10 @@ async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
     let (_, sent) = ledgerport::notify::pump(&store, &mailer, &cfg, now + 86_400_000)
         .await
         .unwrap();
+    // (busy@ is still busy: m-owed is tried again and stays owed.)
     assert_eq!(sent, 0);
-    assert_eq!(smtp.mails().len(), 1);
-    // Retention removes it with the sent ones.
+    assert_eq!(smtp.mails().len(), 2);
+    // Retention removes the given-up one with the sent ones.
     let r = store.purge_delivered(now + 86_400_000).await.unwrap();
     assert_eq!(r.mails, 2, "{r:?}");
 }

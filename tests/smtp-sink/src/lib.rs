@@ -5,7 +5,9 @@
 //!
 //! A recipient whose local part is `nobody` (`nobody@acme.test`) is
 //! refused as an unknown mailbox (`550 5.1.1`), as a real server refuses
-//! one, for tests of notices to an address that does not exist.
+//! one, for tests of notices to an address that does not exist; one whose
+//! local part is `busy` is refused for now (`451 4.2.1`, a mailbox
+//! over its rate), as greylisting or a busy mailbox is.
 //!
 //! It can be stopped and started again on the same port, to play an SMTP
 //! server that is down for a while. Its port lies below the kernel's
@@ -184,6 +186,11 @@ async fn session(sock: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) -> std::io::Resu
             let a = addr_of(&cmd[8..]);
             if a.to_ascii_lowercase().starts_with("nobody@") {
                 w.write_all(b"550 5.1.1 no such mailbox\r\n").await?;
+                continue;
+            }
+            if a.to_ascii_lowercase().starts_with("busy@") {
+                w.write_all(b"451 4.2.1 mailbox busy, try again later\r\n")
+                    .await?;
                 continue;
             }
             to.push(a);
