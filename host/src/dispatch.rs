@@ -770,18 +770,7 @@ impl Dispatcher {
     /// Run the connector and decide what follows.
     async fn attempt(&self, c: &Claimed, slot: Arc<Slot>, ahead: Option<Arc<CallData>>) -> Finish {
         let now = now_ms();
-        let fail = |outcome: &str, msg: String| Finish {
-            state: state::FAILED,
-            pause_reason: None,
-            pause_detail: None,
-            counts: true,
-            next_attempt_at: now,
-            outcome: outcome.into(),
-            message: Some(msg),
-            details: None,
-            external_id: None,
-            external_url: None,
-        };
+        let fail = |outcome: &str, msg: String| Finish::failed(outcome, msg, None, now);
         let Some(plugin) = self.plugins.get(&c.connector_id).cloned() else {
             // The operator's matter, not the document's: during a rolling
             // upgrade another daemon may have the connector. Failing it
@@ -918,21 +907,15 @@ impl Dispatcher {
                 .external_tenant_name
                 .clone()
                 .unwrap_or_else(|| "the organisation".into());
-            let details = serde_json::json!({"unmapped": kinds, "review": true}).to_string();
-            return Finish {
-                state: state::PAUSED,
-                pause_reason: Some("mapping".into()),
-                pause_detail: Some(details.clone()),
-                counts: true,
-                next_attempt_at: now,
-                outcome: "needs-mapping".into(),
-                message: Some(format!(
+            return Finish::paused(
+                "mapping",
+                "needs-mapping",
+                format!(
                     "the connection now points at {org}, not the organisation the account mappings were chosen for: check them on the Configure page and save them"
-                )),
-                details: Some(details),
-                external_id: None,
-                external_url: None,
-            };
+                ),
+                serde_json::json!({"unmapped": kinds, "review": true}).to_string(),
+                now,
+            );
         }
         let per_minute = self
             .config
@@ -1152,20 +1135,12 @@ impl Dispatcher {
                 external_id: None,
                 external_url: None,
             },
-            None => Finish {
-                state: state::FAILED,
-                pause_reason: None,
-                pause_detail: None,
-                counts: true,
-                next_attempt_at: now,
-                outcome: "retries-exhausted".into(),
-                message: Some(format!(
-                    "gave up after {after} attempts; the last error was: {msg}"
-                )),
-                details: None,
-                external_id: None,
-                external_url: None,
-            },
+            None => Finish::failed(
+                "retries-exhausted",
+                format!("gave up after {after} attempts; the last error was: {msg}"),
+                None,
+                now,
+            ),
         }
     }
 
@@ -1220,32 +1195,23 @@ impl Dispatcher {
         now: i64,
     ) -> Finish {
         crate::metrics::delivery("needs-mapping");
-        let details = serde_json::json!({"unmapped": kinds, "was": was}).to_string();
-        Finish {
-            state: state::PAUSED,
-            pause_reason: Some("mapping".into()),
-            pause_detail: Some(details.clone()),
-            counts: true,
-            next_attempt_at: now,
-            outcome: "needs-mapping".into(),
-            message: Some({
-                let (bad, unmapped): (Vec<&String>, Vec<&String>) =
-                    kinds.iter().partition(|k| was.contains_key(*k));
-                let join =
-                    |v: &[&String]| v.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
-                let mut m = format!(
-                    "the account mapped for {} cannot be used by the accounting system (the connector asks for another one): choose another account on the Configure page",
-                    join(&bad)
-                );
-                if !unmapped.is_empty() {
-                    m.push_str(&format!("; no account is mapped for: {}", join(&unmapped)));
-                }
-                m
-            }),
-            details: Some(details),
-            external_id: None,
-            external_url: None,
+        let (bad, unmapped): (Vec<&String>, Vec<&String>) =
+            kinds.iter().partition(|k| was.contains_key(*k));
+        let join = |v: &[&String]| v.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+        let mut message = format!(
+            "the account mapped for {} cannot be used by the accounting system (the connector asks for another one): choose another account on the Configure page",
+            join(&bad)
+        );
+        if !unmapped.is_empty() {
+            message.push_str(&format!("; no account is mapped for: {}", join(&unmapped)));
         }
+        Finish::paused(
+            "mapping",
+            "needs-mapping",
+            message,
+            serde_json::json!({"unmapped": kinds, "was": was}).to_string(),
+            now,
+        )
     }
 
     fn classified(
@@ -1256,22 +1222,6 @@ impl Dispatcher {
         err: DeliveryError,
         now: i64,
     ) -> Finish {
-        let base = |st: &'static str,
-                    reason: Option<&str>,
-                    outcome: &str,
-                    msg: String,
-                    details: Option<String>| Finish {
-            state: st,
-            pause_reason: reason.map(String::from),
-            pause_detail: details.clone(),
-            counts: true,
-            next_attempt_at: now,
-            outcome: outcome.into(),
-            message: Some(msg),
-            details,
-            external_id: None,
-            external_url: None,
-        };
         match err {
             DeliveryError::Transient(m) => {
                 crate::metrics::delivery("transient");
@@ -1305,7 +1255,7 @@ impl Dispatcher {
                     .map(|e| serde_json::json!({"field": e.field, "message": e.message, "provider_message": e.provider_message}))
                     .collect::<Vec<_>>())
                 .to_string();
-                base(state::FAILED, None, "rejected", msg, Some(details))
+                Finish::failed("rejected", msg, Some(details), now)
             }
             // Nothing an admin maps could resume it (every kind it names is
             // mapped, so it would resume at once and pause again, for ever):
@@ -1314,32 +1264,31 @@ impl Dispatcher {
                 if kinds.is_empty() || kinds.iter().any(|k| k.trim().is_empty()) =>
             {
                 crate::metrics::delivery("rejected");
-                base(
-                    state::FAILED,
-                    None,
+                Finish::failed(
                     "rejected",
                     "the connector asked for account mappings without naming a line kind, or naming a blank one (a fault in the connector)".into(),
                     None,
+                    now,
                 )
             }
             DeliveryError::NeedsMapping(kinds) => {
                 crate::metrics::delivery("needs-mapping");
-                base(
-                    state::PAUSED,
-                    Some("mapping"),
+                Finish::paused(
+                    "mapping",
                     "needs-mapping",
                     format!("no account is mapped for: {}", kinds.join(", ")),
-                    Some(serde_json::json!({"unmapped": kinds}).to_string()),
+                    serde_json::json!({"unmapped": kinds}).to_string(),
+                    now,
                 )
             }
             DeliveryError::NeedsReauth(m) => {
                 crate::metrics::delivery("needs-reauth");
-                base(
-                    state::PAUSED,
-                    Some("reauth"),
+                Finish::paused(
+                    "reauth",
                     "needs-reauth",
                     m,
-                    Some(serde_json::json!({ "connected_at": connected_at }).to_string()),
+                    serde_json::json!({ "connected_at": connected_at }).to_string(),
+                    now,
                 )
             }
         }

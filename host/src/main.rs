@@ -1079,16 +1079,8 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
         }
         DeliveriesCommand::Retry { tenant, id, .. } => {
             // A mistyped tenant is an error, not "0 queued again".
-            match store.tenant(&tenant).await {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    eprintln!("error: tenant: unknown tenant {tenant:?}");
-                    return ExitCode::from(2);
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(3);
-                }
+            if let Err(code) = known_tenant(&store, &tenant).await {
+                return code;
             }
             match store
                 .retry_failed(&tenant, id.as_deref(), ledgerport::dispatch::now_ms())
@@ -1135,6 +1127,25 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                     ExitCode::from(3)
                 }
             }
+        }
+    }
+}
+
+/// The tenant `id`, or the exit code of its refusal, said on stderr: 2
+/// naming `tenant` when there is none, 3 when the database did not answer.
+async fn known_tenant(
+    store: &ledgerport::store::Store,
+    id: &str,
+) -> Result<ledgerport::store::Tenant, ExitCode> {
+    match store.tenant(id).await {
+        Ok(Some(t)) => Ok(t),
+        Ok(None) => {
+            eprintln!("error: tenant: unknown tenant {id:?}");
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(3))
         }
     }
 }
@@ -1224,16 +1235,9 @@ async fn support_report(
             return ExitCode::from(3);
         }
     };
-    let t = match store.tenant(&tenant).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            eprintln!("error: tenant: unknown tenant {tenant:?}");
-            return ExitCode::from(2);
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(3);
-        }
+    let t = match known_tenant(&store, &tenant).await {
+        Ok(t) => t,
+        Err(code) => return code,
     };
     // A database error fails the report: "documents not synced: 0" read
     // from a database that could not answer would mislead support.

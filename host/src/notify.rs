@@ -306,6 +306,12 @@ impl std::fmt::Display for SendError {
     }
 }
 
+/// How long a notice waits after its `attempts`-th failed try: 5 s, 10 s,
+/// 20 s ... capped at 5 minutes.
+fn retry_wait_ms(attempts: i64) -> i64 {
+    (5_000i64 << attempts.clamp(0, 6)).min(300_000)
+}
+
 /// The `next_attempt_at` of a notice given up: never claimed again (it
 /// stays in the outbox, unsent, with its error, for an operator to see,
 /// until retention removes it).
@@ -439,7 +445,7 @@ pub async fn pump(
                 if owed.is_empty() {
                     store.mail_result(&m.id, now_ms, Ok(())).await?;
                 } else {
-                    let backoff = (5_000i64 << m.attempts.clamp(0, 6)).min(300_000);
+                    let backoff = retry_wait_ms(m.attempts);
                     store
                         .mail_owed(&m.id, &owed, &e.message, now_ms + backoff)
                         .await?;
@@ -460,8 +466,7 @@ pub async fn pump(
                     .await?;
             }
             e => {
-                // 5 s, 10 s, 20 s ... capped at 5 minutes.
-                let backoff = (5_000i64 << m.attempts.clamp(0, 6)).min(300_000);
+                let backoff = retry_wait_ms(m.attempts);
                 tracing::warn!(error = %e, attempts = m.attempts + 1, "sending a notice failed; will retry");
                 crate::metrics::SMTP_FAILURES.inc();
                 store

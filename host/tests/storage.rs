@@ -1107,12 +1107,33 @@ async fn body_of(s: &Store, id: &str) -> String {
     .unwrap()
 }
 
+/// An attempt's outcome as the retention test records it (next attempt at
+/// 100 s, no message).
+fn finished(
+    st: &'static str,
+    outcome: &str,
+    external_id: Option<String>,
+) -> ledgerport::store::outbox::Finish {
+    ledgerport::store::outbox::Finish {
+        state: st,
+        pause_reason: None,
+        pause_detail: None,
+        counts: true,
+        next_attempt_at: 100_000,
+        outcome: outcome.into(),
+        message: None,
+        details: None,
+        external_id,
+        external_url: None,
+    }
+}
+
 /// Retention drops what documents delivered everywhere no longer need
 /// (bodies, attempts) and keeps the rest: a document still waiting keeps
 /// its body and attempts, the same document posted again is still
 /// recognised, a changed one still refused.
 async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb) {
-    use ledgerport::store::outbox::{ConnectionCaps, Finish, IngestOutcome, state};
+    use ledgerport::store::outbox::{ConnectionCaps, IngestOutcome, state};
     let s = db.store().await;
     s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
     for (i, conn) in ["conn-a", "conn-a", "conn-b"].iter().enumerate() {
@@ -1125,21 +1146,14 @@ async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb
     assert_eq!(claimed.len(), 3);
     for c in &claimed {
         let delivered = c.document_id != "d1";
-        let f = Finish {
-            state: if delivered {
-                state::DELIVERED
-            } else {
-                state::PENDING
-            },
-            pause_reason: None,
-            pause_detail: None,
-            counts: true,
-            next_attempt_at: 100_000,
-            outcome: if delivered { "delivered" } else { "transient" }.into(),
-            message: None,
-            details: None,
-            external_id: delivered.then(|| format!("X-{}", c.document_id)),
-            external_url: None,
+        let f = if delivered {
+            finished(
+                state::DELIVERED,
+                "delivered",
+                Some(format!("X-{}", c.document_id)),
+            )
+        } else {
+            finished(state::PENDING, "transient", None)
         };
         assert!(s.finish_delivery(&c.id, "w", 11, 12, &f).await.unwrap());
     }
@@ -1214,43 +1228,20 @@ async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb
     assert_eq!(claimed.len(), 522);
     for c in &claimed {
         let failed = c.document_id == "split" && c.connection_id == "conn-d";
-        let f = Finish {
-            state: if failed {
-                state::FAILED
-            } else {
-                state::DELIVERED
-            },
-            pause_reason: None,
-            pause_detail: None,
-            counts: true,
-            next_attempt_at: 100_000,
-            outcome: if failed { "rejected" } else { "delivered" }.into(),
-            message: None,
-            details: None,
-            external_id: None,
-            external_url: None,
+        let f = if failed {
+            finished(state::FAILED, "rejected", None)
+        } else {
+            finished(state::DELIVERED, "delivered", None)
         };
         assert!(s.finish_delivery(&c.id, "w", 21, 22, &f).await.unwrap());
     }
     // Mails and incidents: sent and closed ones go; an incident whose mail
     // is not sent stays, with its mail.
-    let exec = |sql: &'static str| {
-        let s = s.clone();
-        async move {
-            match s.pool() {
-                ledgerport::store::Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
-                ledgerport::store::Pool::Postgres(p) => {
-                    sqlx::query(sql).execute(p).await.map(|_| ())
-                }
-            }
-            .unwrap()
-        }
-    };
-    exec("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after, closed_at) VALUES ('i-old', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1, 5)").await;
-    exec("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after, closed_at) VALUES ('i-mail', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1, 5)").await;
-    exec("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after) VALUES ('i-open', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1)").await;
-    exec("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at, sent_at) VALUES ('m-sent', 'acme', 'i-old', '[]', 's', 't', 'h', 1, 1, 5)").await;
-    exec("INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ('m-unsent', 'acme', 'i-mail', '[]', 's', 't', 'h', 1, 1)").await;
+    exec(&s, "INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after, closed_at) VALUES ('i-old', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1, 5)").await;
+    exec(&s, "INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after, closed_at) VALUES ('i-mail', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1, 5)").await;
+    exec(&s, "INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after) VALUES ('i-open', 'acme', 'conn-a', 'failed', '[]', '{}', 1, 1, 1)").await;
+    exec(&s, "INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at, sent_at) VALUES ('m-sent', 'acme', 'i-old', '[]', 's', 't', 'h', 1, 1, 5)").await;
+    exec(&s, "INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ('m-unsent', 'acme', 'i-mail', '[]', 's', 't', 'h', 1, 1)").await;
     let r = s.purge_delivered(1_000).await.unwrap();
     assert_eq!(
         (r.bodies, r.attempts, r.mails, r.incidents),
@@ -1260,26 +1251,16 @@ async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb
     );
     assert_eq!(body_of(&s, "split").await, "{}", "failed on one connection");
     assert_eq!(body_of(&s, "b519").await, "");
-    let count = |sql: &'static str| {
-        let s = s.clone();
-        async move {
-            match s.pool() {
-                ledgerport::store::Pool::Sqlite(p) => {
-                    sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await
-                }
-                ledgerport::store::Pool::Postgres(p) => {
-                    sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await
-                }
-            }
-            .unwrap()
-        }
-    };
     assert_eq!(
-        count("SELECT COUNT(*) FROM incidents WHERE id IN ('i-mail', 'i-open')").await,
+        count(
+            &s,
+            "SELECT COUNT(*) FROM incidents WHERE id IN ('i-mail', 'i-open')"
+        )
+        .await,
         2
     );
     assert_eq!(
-        count("SELECT COUNT(*) FROM mail_outbox WHERE id = 'm-unsent'").await,
+        count(&s, "SELECT COUNT(*) FROM mail_outbox WHERE id = 'm-unsent'").await,
         1
     );
     // The split document's delivered attempt went, its failed one stayed.
@@ -1811,6 +1792,15 @@ both!(
     rate_hold_postgres,
     a_hold_fills_the_rate_window_until_its_end
 );
+
+/// `SELECT COUNT(*) ...` on either engine.
+async fn count(store: &Store, sql: &str) -> i64 {
+    match store.pool() {
+        ledgerport::store::Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+        ledgerport::store::Pool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+    }
+    .unwrap()
+}
 
 async fn exec(store: &Store, sql: &str) {
     match store.pool() {

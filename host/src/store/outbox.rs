@@ -214,6 +214,39 @@ impl Finish {
             external_url: None,
         }
     }
+
+    /// Failed for good at `now`: counted, `details` kept with the attempt.
+    pub fn failed(outcome: &str, message: String, details: Option<String>, now: i64) -> Self {
+        Self {
+            state: state::FAILED,
+            pause_reason: None,
+            pause_detail: None,
+            counts: true,
+            next_attempt_at: now,
+            outcome: outcome.into(),
+            message: Some(message),
+            details,
+            external_id: None,
+            external_url: None,
+        }
+    }
+
+    /// Paused at `now` for `reason` (`mapping`, `reauth`) until a person
+    /// fixes it; `detail` is what `resume_paused` reads to know when.
+    pub fn paused(reason: &str, outcome: &str, message: String, detail: String, now: i64) -> Self {
+        Self {
+            state: state::PAUSED,
+            pause_reason: Some(reason.into()),
+            pause_detail: Some(detail.clone()),
+            counts: true,
+            next_attempt_at: now,
+            outcome: outcome.into(),
+            message: Some(message),
+            details: Some(detail),
+            external_id: None,
+            external_url: None,
+        }
+    }
 }
 
 /// Outcomes whose attempts are not written to the delivery's log: a wait
