@@ -95,6 +95,11 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// How old an outcome's mark must be before the sweep records its
+/// incident (the dispatcher records it itself moments after the outcome),
+/// and how often the sweep runs.
+pub const INCIDENT_SWEEP_AFTER: Duration = Duration::from_secs(30);
+
 /// The default retry ladder for transient failures: now, 5 s, 5 min,
 /// 30 min, 2 h, 5 h, 10 h, 10 h.
 pub fn default_ladder() -> Vec<Duration> {
@@ -391,18 +396,31 @@ impl Dispatcher {
             self.config.concurrency + self.config.max_parked,
         ));
         let mut in_flight = tokio::task::JoinSet::new();
-        let working: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+        // Deliveries being worked on here, with their claims' lease tokens.
+        let working: Arc<std::sync::Mutex<HashMap<String, String>>> = Arc::default();
         let per_connection = self.per_connection_cap();
         let claim_batch = (self.config.concurrency / 8).max(1);
         // Deliveries that can start now: a running place and an instance.
         let free = || running.available_permits().min(alive.available_permits());
         let mut last_resume = Instant::now() - Duration::from_secs(10);
+        let mut last_sweep = Instant::now();
         // On PostgreSQL, work ingested by another daemon wakes this one
         // (LISTEN/NOTIFY); polling stays as the fallback.
         let listener = self.clone().listen_for_work(shutdown.clone());
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if last_sweep.elapsed() > INCIDENT_SWEEP_AFTER {
+                last_sweep = Instant::now();
+                match self.record_owed_incidents().await {
+                    Ok(n) if n > 0 => tracing::warn!(
+                        recorded = n,
+                        "incidents recorded late (their outcomes' own recording had not happened)"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "looking for incidents owed failed"),
+                }
             }
             if last_resume.elapsed() > Duration::from_secs(1) {
                 last_resume = Instant::now();
@@ -420,15 +438,22 @@ impl Dispatcher {
                     b.retain(|_, until| *until > now);
                     b.keys().cloned().collect()
                 };
+                let running_here: Vec<String> = working
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
                 match self
                     .store
-                    .claim_deliveries(
+                    .claim_deliveries_but(
                         &self.config.worker_id,
                         now,
                         self.config.lease.as_millis() as i64,
                         free() as i64,
                         &per_connection,
                         &exclude,
+                        &running_here,
                     )
                     .await
                 {
@@ -470,7 +495,7 @@ impl Dispatcher {
                 let w = working.clone();
                 w.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(c.id.clone());
+                    .insert(c.id.clone(), c.lease.clone());
                 let data = ahead.get(&c.connection_id).cloned();
                 in_flight.spawn(async move {
                     let id = c.id.clone();
@@ -512,9 +537,9 @@ impl Dispatcher {
                     tracing::warn!(left = in_flight.len(), "shutdown grace over; releasing in-flight deliveries");
                     in_flight.abort_all();
                     while in_flight.join_next().await.is_some() {}
-                    let ids: Vec<String> = working.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-                    for id in ids {
-                        let _ = self.store.release(&id, &self.config.worker_id, now_ms()).await;
+                    let leases: Vec<(String, String)> = working.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+                    for (id, lease) in leases {
+                        let _ = self.store.release(&id, &lease, now_ms()).await;
                     }
                     break;
                 }
@@ -669,13 +694,13 @@ impl Dispatcher {
         let renew = {
             let store = self.store.clone();
             let id = c.id.clone();
-            let worker = self.config.worker_id.clone();
+            let token = c.lease.clone();
             let lease = self.config.lease;
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(lease / 3).await;
                     match store
-                        .renew_lease(&id, &worker, now_ms() + lease.as_millis() as i64)
+                        .renew_lease(&id, &token, now_ms() + lease.as_millis() as i64)
                         .await
                     {
                         Ok(true) => {}
@@ -703,7 +728,7 @@ impl Dispatcher {
                 crate::metrics::DELIVERY_SECONDS.observe(clock.elapsed().as_secs_f64());
                 match self
                     .store
-                    .finish_delivery(&c.id, &self.config.worker_id, started, now, &f)
+                    .finish_delivery(&c.id, &c.lease, started, now, &f)
                     .await
                 {
                     Ok(true) => self.after(&c, &f, now).await,
@@ -718,40 +743,98 @@ impl Dispatcher {
         }
     }
 
-    /// Open incidents for outcomes people must hear about.
+    /// Open incidents for outcomes people must hear about (marked on the
+    /// delivery with its outcome: a mark left by a failure here is picked
+    /// up by [`Dispatcher::record_owed_incidents`]).
     async fn after(&self, c: &Claimed, f: &Finish, now: i64) {
-        let kind = match (f.state, f.pause_reason.as_deref(), f.outcome.as_str()) {
-            (state::PAUSED, Some("mapping"), _) => "paused-mapping",
-            (state::PAUSED, Some("reauth"), _) => "paused-reauth",
-            (state::FAILED, _, "rejected") => "failed",
-            (state::FAILED, _, _) => "retries-exhausted",
-            _ => return,
+        let Some(kind) = f.incident_kind() else {
+            return;
         };
+        self.record_incident_for(
+            &c.id,
+            &c.tenant_id,
+            &c.connection_id,
+            kind,
+            &c.document_kind,
+            &c.document_number,
+            f.message.as_deref(),
+            now,
+        )
+        .await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record_incident_for(
+        &self,
+        delivery: &str,
+        tenant: &str,
+        connection: &str,
+        kind: &str,
+        document_kind: &str,
+        number: &str,
+        message: Option<&str>,
+        now: i64,
+    ) -> bool {
         let label = format!(
-            "{} {}",
-            if c.document_kind == "credit-note" {
+            "{} {number}",
+            if document_kind == "credit-note" {
                 "Credit note"
             } else {
                 "Invoice"
             },
-            c.document_number
         );
-        let detail = format!("{label}: {}", f.message.clone().unwrap_or_default());
-        if let Err(e) = self
+        let detail = format!("{label}: {}", message.unwrap_or_default());
+        match self
             .store
-            .record_incident(
-                &c.tenant_id,
-                &c.connection_id,
+            .record_incident_of(
+                Some(delivery),
+                tenant,
+                connection,
                 kind,
-                &c.document_number,
+                number,
                 &detail,
                 now,
                 self.config.coalesce.as_millis() as i64,
             )
             .await
         {
-            tracing::error!(error = %e, "recording an incident failed");
+            Ok(recorded) => recorded,
+            Err(e) => {
+                tracing::error!(delivery = %delivery, error = %e, "recording an incident failed; it will be recorded later");
+                false
+            }
         }
+    }
+
+    /// Record the incidents of outcomes whose own recording never happened
+    /// (this or another daemon stopped between the outcome and its
+    /// incident, or the incident's write failed): outcomes marked more than
+    /// [`INCIDENT_SWEEP_AFTER`] ago. The number recorded.
+    pub async fn record_owed_incidents(&self) -> Result<usize, crate::store::StoreError> {
+        let now = now_ms();
+        let owed = self
+            .store
+            .incidents_owed(now - INCIDENT_SWEEP_AFTER.as_millis() as i64, 200)
+            .await?;
+        let mut n = 0;
+        for o in owed {
+            if self
+                .record_incident_for(
+                    &o.delivery_id,
+                    &o.tenant_id,
+                    &o.connection_id,
+                    &o.kind,
+                    &o.document_kind,
+                    &o.document_number,
+                    o.message.as_deref(),
+                    now,
+                )
+                .await
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn retry_at(&self, attempts_after: i64, now: i64) -> Option<i64> {

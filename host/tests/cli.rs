@@ -495,7 +495,7 @@ async fn deliveries_list_and_retry() {
     };
     assert!(
         store
-            .finish_delivery(&claimed[0].id, "w", 10, 20, &failed)
+            .finish_delivery(&claimed[0].id, &claimed[0].lease, 10, 20, &failed)
             .await
             .unwrap()
     );
@@ -838,7 +838,7 @@ async fn support_report_names_what_did_not_sync_and_no_secrets() {
         external_url: None,
     };
     store
-        .finish_delivery(&c[0].id, "w", 10, 20, &f)
+        .finish_delivery(&c[0].id, &c[0].lease, 10, 20, &f)
         .await
         .unwrap();
     store.close().await;

@@ -280,6 +280,77 @@ async fn a_provider_429_holds_the_whole_connection() {
 /// A delivery for a connector this daemon does not have (another daemon
 /// may, during a rolling upgrade) waits for one that has it instead of
 /// failing: failing told the customer their system refused the document.
+/// An outcome whose incident was never recorded (the daemon stopped
+/// between the two writes) is found by the dispatcher's sweep and told
+/// like any other: recorded once, however often the sweep runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_lost_between_two_writes_is_recorded_by_the_sweep() {
+    use ledgerport::store::{NewConnection, Organisation};
+    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    let store = &p.d().store;
+    let now = chrono::Utc::now().timestamp();
+    store
+        .upsert_tenant("ghostly", "Ghostly", &["ap@ghostly.example".into()], now)
+        .await
+        .unwrap();
+    // A connector not installed here: the dispatcher leaves its delivery
+    // waiting, so the test can set the row as a crash would leave it.
+    store
+        .finish_connect(
+            &p.key_ring(),
+            &NewConnection {
+                tenant_id: "ghostly".into(),
+                connector_id: "ghost".into(),
+                admin: "alice".into(),
+                scopes: vec![],
+                organisation: Organisation {
+                    tenant_id: "org-ghost".into(),
+                    name: "Ghost Books".into(),
+                    connection_id: None,
+                },
+                auth_event_id: None,
+                tokens: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let (s, body) = p.post(&invoice("ghostly", 1)).await;
+    assert_eq!(s, 202, "{body}");
+    let id = store
+        .list_deliveries(Some("ghostly"), None, None, 10)
+        .await
+        .unwrap()[0]
+        .id
+        .clone();
+    // Refused and recorded, then the daemon died before the incident.
+    let ledgerport::store::Pool::Sqlite(pool) = store.pool().clone() else {
+        unreachable!()
+    };
+    sqlx::query("UPDATE deliveries SET state = 'failed', lease_owner = NULL, lease_until = NULL, incident_due = 'failed', last_error = 'Xero refused it: the contact is archived', updated_at = 0 WHERE id = $1")
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let far = chrono::Utc::now().timestamp_millis() + 86_400_000;
+    assert!(store.due_incidents(far).await.unwrap().is_empty());
+    p.d().dispatcher.record_owed_incidents().await.unwrap();
+    assert_eq!(p.d().dispatcher.record_owed_incidents().await.unwrap(), 0);
+    let due = store.due_incidents(far).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].kind, "failed");
+    assert_eq!(
+        due[0].documents,
+        vec!["INV-ghostly-0001".to_string()],
+        "{due:?}"
+    );
+    assert!(
+        due[0].details[0].contains("the contact is archived"),
+        "{due:?}"
+    );
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_for_a_connector_not_installed_here_waits() {
     use ledgerport::store::{NewConnection, Organisation};

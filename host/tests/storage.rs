@@ -835,24 +835,35 @@ async fn concurrent_finishes_share_transactions_and_number_attempts(db: TestDb) 
                 _ => finish(state::PENDING, true),
             };
             // Every fifth outcome comes from a worker that lost the lease.
-            let worker = if n % 5 == 4 { "someone-else" } else { "w" };
+            let holder = n % 5 != 4;
+            let lease = if holder {
+                c.lease.clone()
+            } else {
+                "someone-else#1".to_string()
+            };
             tasks.spawn(async move {
-                let r = s.finish_delivery(&c.id, worker, 1, 2, &f).await.unwrap();
-                (worker, r)
+                let r = s.finish_delivery(&c.id, &lease, 1, 2, &f).await.unwrap();
+                (holder, c, r)
             });
         }
+        let mut lost = Vec::new();
         while let Some(r) = tasks.join_next().await {
-            let (worker, recorded) = r.unwrap();
-            assert_eq!(recorded, worker == "w");
+            let (holder, c, recorded) = r.unwrap();
+            assert_eq!(recorded, holder);
+            if !holder {
+                lost.push(c);
+            }
         }
         // The lost ones are still working under w's lease: give them back.
-        for d in s
-            .list_deliveries(None, None, Some("working"), 100)
-            .await
-            .unwrap()
-        {
-            s.release(&d.id, "w", 0).await.unwrap();
+        for c in lost {
+            s.release(&c.id, &c.lease, 0).await.unwrap();
         }
+        assert!(
+            s.list_deliveries(None, None, Some("working"), 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
     for d in s.list_deliveries(None, None, None, 100).await.unwrap() {
         let attempts = s.list_attempts(&d.id).await.unwrap();
@@ -1128,6 +1139,202 @@ fn finished(
     }
 }
 
+/// A pause ended by a person (resumed) starts the retry ladder again, as a
+/// retry by hand does: before, each pause counted as a failed attempt, so
+/// a delivery paused and resumed often was failed by its first 5xx after.
+/// The attempt log keeps the paused attempt.
+async fn a_resume_starts_the_retry_ladder_again(db: TestDb) {
+    use ledgerport::store::outbox::{ConnectionCaps, Finish};
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let (_, id) = ingest_on(&s, 0, "conn-a").await;
+    let caps = ConnectionCaps::uniform(5);
+    for round in 0..3i64 {
+        let now = 100 * (round + 1);
+        let c = s
+            .claim_deliveries("w", now, 50, 10, &caps, &[])
+            .await
+            .unwrap();
+        assert_eq!(c.len(), 1, "round {round}");
+        assert_eq!(
+            c[0].attempts, 0,
+            "round {round}: attempts before the pause still count"
+        );
+        let f = Finish::paused(
+            "reauth",
+            "needs-reauth",
+            "reconnect".into(),
+            "{}".into(),
+            now + 1,
+        );
+        assert!(
+            s.finish_delivery(&id, &c[0].lease, now, now + 1, &f)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            s.resume(std::slice::from_ref(&id), now + 2).await.unwrap(),
+            1
+        );
+    }
+    assert_eq!(s.list_attempts(&id).await.unwrap().len(), 3);
+}
+both!(
+    resume_ladder_sqlite,
+    resume_ladder_postgres,
+    a_resume_starts_the_retry_ladder_again
+);
+
+/// An outcome people must hear of is marked with its incident in the
+/// outcome's own transaction; recording the incident clears the mark in
+/// its transaction, once: a mark left by a crash is found and recorded
+/// later, and never twice.
+async fn an_outcome_owes_its_incident_until_it_is_recorded(db: TestDb) {
+    use ledgerport::store::outbox::{ConnectionCaps, Finish, state};
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let (_, refused) = ingest_on(&s, 0, "conn-a").await;
+    ingest_on(&s, 1, "conn-a").await;
+    let c = s
+        .claim_deliveries("w", 10, 1_000, 10, &ConnectionCaps::uniform(5), &[])
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 2);
+    for c in &c {
+        let f = if c.id == refused {
+            Finish::failed("rejected", "Xero refused it".into(), None, 20)
+        } else {
+            finished(state::DELIVERED, "delivered", Some("X-1".into()))
+        };
+        assert!(
+            s.finish_delivery(&c.id, &c.lease, 10, 20, &f)
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        s.incidents_owed(20, 10).await.unwrap().is_empty(),
+        "marked just now"
+    );
+    let owed = s.incidents_owed(21, 10).await.unwrap();
+    assert_eq!(owed.len(), 1, "{owed:?}");
+    let o = &owed[0];
+    assert_eq!(
+        (o.delivery_id.as_str(), o.kind.as_str()),
+        (refused.as_str(), "failed")
+    );
+    assert_eq!(o.document_number, "INV-0");
+    assert_eq!(o.message.as_deref(), Some("Xero refused it"));
+    let record = || {
+        s.record_incident_of(
+            Some(&refused),
+            "acme",
+            "conn-a",
+            "failed",
+            "INV-0",
+            "Invoice INV-0: Xero refused it",
+            30,
+            0,
+        )
+    };
+    assert!(record().await.unwrap());
+    assert!(!record().await.unwrap(), "recorded twice");
+    assert!(s.incidents_owed(i64::MAX, 10).await.unwrap().is_empty());
+    let due = s.due_incidents(100).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].documents, vec!["INV-0".to_string()]);
+}
+both!(
+    incident_owed_sqlite,
+    incident_owed_postgres,
+    an_outcome_owes_its_incident_until_it_is_recorded
+);
+
+/// SQLite syncs every commit (FULL in WAL mode) on every connection of
+/// the pool: a document acknowledged as stored survives a power cut, not
+/// only a crash of the daemon.
+#[tokio::test]
+async fn sqlite_commits_are_synced_before_they_are_answered() {
+    let db = TestDb::sqlite();
+    let s = db.store().await;
+    let ledgerport::store::Pool::Sqlite(pool) = s.pool().clone() else {
+        unreachable!()
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = pool.acquire().await.unwrap();
+        let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous must be FULL (2)");
+        held.push(c);
+    }
+}
+
+/// A lease is fenced by its claim, not by the worker: an attempt whose
+/// lease lapsed (its renewals failed) and was claimed again, here by the
+/// same worker, can neither renew nor record its outcome over the newer
+/// attempt's; and a daemon does not claim again what it is still working
+/// on itself.
+async fn a_lapsed_attempt_cannot_write_over_the_next_claim(db: TestDb) {
+    use ledgerport::store::outbox::{ConnectionCaps, state};
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let (_, id) = ingest_on(&s, 0, "conn-a").await;
+    let caps = ConnectionCaps::uniform(5);
+    let first = s
+        .claim_deliveries("w", 10, 10, 10, &caps, &[])
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    // Lapsed at 20; still running here, so this daemon leaves it alone.
+    let again = s
+        .claim_deliveries_but("w", 30, 1_000, 10, &caps, &[], std::slice::from_ref(&id))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "claimed its own running delivery again");
+    // Another claim (another daemon, or this one once the first attempt
+    // is given up) takes it over.
+    let second = s
+        .claim_deliveries("w", 30, 1_000, 10, &caps, &[])
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].id, id);
+    assert_ne!(first[0].lease, second[0].lease);
+    assert!(!s.renew_lease(&id, &first[0].lease, 5_000).await.unwrap());
+    let late = finished(state::DELIVERED, "delivered", Some("X-late".into()));
+    assert!(
+        !s.finish_delivery(&id, &first[0].lease, 10, 31, &late)
+            .await
+            .unwrap()
+    );
+    s.release(&id, &first[0].lease, 32).await.unwrap();
+    // The newer attempt still holds it, and its outcome is the one kept.
+    assert!(s.renew_lease(&id, &second[0].lease, 5_000).await.unwrap());
+    let now = finished(state::DELIVERED, "delivered", Some("X-now".into()));
+    assert!(
+        s.finish_delivery(&id, &second[0].lease, 30, 33, &now)
+            .await
+            .unwrap()
+    );
+    let attempts = s.list_attempts(&id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].external_id.as_deref(), Some("X-now"));
+    assert_eq!(attempts[0].worker, "w");
+}
+both!(
+    lease_fence_sqlite,
+    lease_fence_postgres,
+    a_lapsed_attempt_cannot_write_over_the_next_claim
+);
+
 /// Retention drops what documents delivered everywhere no longer need
 /// (bodies, attempts) and keeps the rest: a document still waiting keeps
 /// its body and attempts, the same document posted again is still
@@ -1155,7 +1362,11 @@ async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb
         } else {
             finished(state::PENDING, "transient", None)
         };
-        assert!(s.finish_delivery(&c.id, "w", 11, 12, &f).await.unwrap());
+        assert!(
+            s.finish_delivery(&c.id, &c.lease, 11, 12, &f)
+                .await
+                .unwrap()
+        );
     }
     // Nothing received before the cut: nothing removed.
     let r = s.purge_delivered(1).await.unwrap();
@@ -1233,7 +1444,11 @@ async fn retention_drops_only_what_delivered_documents_no_longer_need(db: TestDb
         } else {
             finished(state::DELIVERED, "delivered", None)
         };
-        assert!(s.finish_delivery(&c.id, "w", 21, 22, &f).await.unwrap());
+        assert!(
+            s.finish_delivery(&c.id, &c.lease, 21, 22, &f)
+                .await
+                .unwrap()
+        );
     }
     // Mails and incidents: sent and closed ones go; an incident whose mail
     // is not sent stays, with its mail.
@@ -1545,6 +1760,55 @@ fn mail() -> ledgerport::store::outbox::NewMail {
         html: "<p>html</p>".into(),
     }
 }
+
+/// A told pause collects later documents waiting for the same fix
+/// silently, but a new cause on the same connection (another kind left
+/// unmapped, months later) is a new incident, told in its turn: before, it
+/// was added to the old, already mailed one and nobody heard of it.
+async fn a_new_cause_of_a_told_pause_is_told(db: TestDb) {
+    let s = db.store().await;
+    let rec = |n: &'static str, cause: &'static str, at: i64| {
+        let s = s.clone();
+        async move {
+            s.record_incident(
+                "acme",
+                "conn-1",
+                "paused-mapping",
+                n,
+                &format!("Invoice {n}: {cause}"),
+                at,
+                0,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    rec("INV-1", "no account is mapped for: fx-fee", 0).await;
+    let due = s.due_incidents(1).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert!(s.tell_incident(&due[0], Some(&mail()), 1).await.unwrap());
+    // The same cause: collected silently.
+    rec("INV-2", "no account is mapped for: fx-fee", 2).await;
+    assert!(s.due_incidents(3).await.unwrap().is_empty());
+    // A new cause: a new incident to tell, naming its document alone.
+    rec("INV-3", "no account is mapped for: vat", 4).await;
+    let due = s.due_incidents(5).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].documents, vec!["INV-3".to_string()]);
+    // Documents sharing the new cause join it while it is not yet told.
+    rec("INV-4", "no account is mapped for: vat", 5).await;
+    let due = s.due_incidents(6).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(
+        due[0].documents,
+        vec!["INV-3".to_string(), "INV-4".to_string()]
+    );
+}
+both!(
+    new_pause_cause_sqlite,
+    new_pause_cause_postgres,
+    a_new_cause_of_a_told_pause_is_told
+);
 
 /// Telling an incident and queueing its mail are one step: a mail that
 /// cannot be queued leaves the incident due (before, it was marked told

@@ -50,21 +50,22 @@ pub(crate) struct IngestOp {
     pub now: i64,
 }
 
-/// An attempt's outcome to record, if `worker` still holds the lease.
+/// An attempt's outcome to record, if the delivery is still leased under
+/// `lease` (a claim's token; the attempt log records its worker).
 #[derive(Debug, Clone)]
 pub(crate) struct FinishOp {
     pub id: String,
-    pub worker: String,
+    pub lease: String,
     pub started_at: i64,
     pub now: i64,
     pub finish: Finish,
 }
 
-/// Deliveries to lease to `worker` (SQLite: the candidates were picked
+/// Deliveries to lease under `lease` (SQLite: the candidates were picked
 /// from a read; the update re-checks that each is still due).
 #[derive(Debug, Clone)]
 pub(crate) struct ClaimOp {
-    pub worker: String,
+    pub lease: String,
     pub now: i64,
     pub lease_until: i64,
     pub ids: Vec<String>,
@@ -260,7 +261,7 @@ macro_rules! write_all {
                     let sql = format!(
                         "UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN ({list}) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {CLAIM_RETURNING}"
                     );
-                    let mut q = sqlx::query(&sql).bind(&c.worker).bind(c.lease_until).bind(c.now);
+                    let mut q = sqlx::query(&sql).bind(&c.lease).bind(c.lease_until).bind(c.now);
                     for id in &c.ids {
                         q = q.bind(id);
                     }
@@ -431,17 +432,20 @@ macro_rules! write_all {
             .collect();
         if !finishes.is_empty() {
             let sql = format!(
-                "UPDATE deliveries SET state = v.column3, pause_reason = v.column4, attempts = attempts + v.column5, next_attempt_at = v.column6, lease_owner = NULL, lease_until = NULL, external_id = COALESCE(v.column7, external_id), external_url = COALESCE(v.column8, external_url), last_error = v.column9, updated_at = v.column10, delivered_at = CASE WHEN v.column3 = 'delivered' THEN v.column10 ELSE delivered_at END, pause_detail = v.column11 FROM (VALUES {}) AS v WHERE deliveries.id = v.column1 AND deliveries.lease_owner = v.column2 AND deliveries.state = 'working' RETURNING id, attempts",
-                values(finishes.len(), 11)
+                "UPDATE deliveries SET state = v.column3, pause_reason = v.column4, attempts = attempts + v.column5, next_attempt_at = v.column6, lease_owner = NULL, lease_until = NULL, external_id = COALESCE(v.column7, external_id), external_url = COALESCE(v.column8, external_url), last_error = v.column9, updated_at = v.column10, delivered_at = CASE WHEN v.column3 = 'delivered' THEN v.column10 ELSE delivered_at END, pause_detail = v.column11, incident_due = v.column12 FROM (VALUES {}) AS v WHERE deliveries.id = v.column1 AND deliveries.lease_owner = v.column2 AND deliveries.state = 'working' RETURNING id, attempts",
+                values(finishes.len(), 12)
             );
             let mut q = sqlx::query(&sql);
             for (_, f) in &finishes {
                 let fin = &f.finish;
-                q = q.bind(&f.id).bind(&f.worker).bind(fin.state).bind(&fin.pause_reason)
+                q = q.bind(&f.id).bind(&f.lease).bind(fin.state).bind(&fin.pause_reason)
                     .bind(i64::from(fin.counts)).bind(fin.next_attempt_at)
                     .bind(&fin.external_id).bind(&fin.external_url)
                     .bind(if fin.state == state::DELIVERED { None } else { fin.message.clone() })
-                    .bind(f.now).bind(&fin.pause_detail);
+                    .bind(f.now).bind(&fin.pause_detail)
+                    // People hear of it: marked with the outcome, cleared
+                    // once the incident is recorded (see `record_incident`).
+                    .bind(fin.incident_kind());
             }
             let mut attempts: HashMap<String, i64> = HashMap::new();
             for r in q.fetch_all(&mut *$tx).await? {
@@ -460,7 +464,7 @@ macro_rules! write_all {
                 let mut q = sqlx::query(&sql);
                 for (f, a) in &recorded {
                     let fin = &f.finish;
-                    q = q.bind(&f.id).bind(if fin.counts { *a } else { 0 }).bind(&f.worker).bind(f.started_at).bind(f.now)
+                    q = q.bind(&f.id).bind(if fin.counts { *a } else { 0 }).bind(super::outbox::lease_worker(&f.lease)).bind(f.started_at).bind(f.now)
                         .bind(&fin.outcome).bind(&fin.message).bind(&fin.details).bind(&fin.external_id).bind(&fin.external_url);
                 }
                 q.execute(&mut *$tx).await?;

@@ -209,7 +209,12 @@ impl Store {
         let opts = opts
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // A commit is on disk before it is answered (the WAL synced at
+            // each commit): an ingest's 202 says the document is stored,
+            // and that must hold through a power cut, not only a crash of
+            // this process (NORMAL's promise). Group commit keeps it to
+            // one sync per batch of writes.
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             // The group writer checkpoints beside the write path (see
             // `group::checkpoint`); SQLite's own checkpoint, inside a
@@ -515,5 +520,122 @@ mod tests {
             redact_url("/var/lib/ledgerport.db"),
             "/var/lib/ledgerport.db"
         );
+    }
+}
+
+#[cfg(test)]
+mod frozen_migrations {
+    use sha2::{Digest, Sha256};
+
+    /// Every migration as it was first committed. A database records the
+    /// checksum of each migration it applied, and sqlx refuses to open one
+    /// whose applied migration has since changed (a daemon upgraded onto it
+    /// would not start): a change goes into a new migration, never into an
+    /// old one. A new migration is added here as it is committed.
+    const MIGRATIONS: &[(&str, &str)] = &[
+        (
+            "sqlite/0001_connections.sql",
+            "7d70cbc2bdf8b6186726ac8a2af5fddc50b23541977a69ec8e5dd94442de6bb0",
+        ),
+        (
+            "sqlite/0002_outbox.sql",
+            "12890e36c351d830483f4b1bf0b51a776c2eea1e8639f2aa32a5793c444c7f5a",
+        ),
+        (
+            "sqlite/0003_admin.sql",
+            "a8a28a093068be26d42ab3fe88f9c5bbac4e5b44b0bbf37b78fb488b93877044",
+        ),
+        (
+            "sqlite/0004_connection_settings.sql",
+            "d595a1c67cedd963819b0d4bde3459bf66fa686a65e265a0c01ed2591d4f0cb3",
+        ),
+        (
+            "sqlite/0005_claim_index.sql",
+            "140336e68d8fec0acd8244c625f247b703053f035c4bfff53be37bf0b0161b9e",
+        ),
+        (
+            "sqlite/0006_fewer_delivery_indexes.sql",
+            "f2a68803f223e8205db55b3c0ecc9f7f6e3ad8564c5709192d91de56c3d0cf16",
+        ),
+        (
+            "sqlite/0007_page_sessions.sql",
+            "1037d6e68d1d72a791b425c93168577b74d65fe916c2cbbf5539d456aebc4c6a",
+        ),
+        (
+            "sqlite/0008_mappings_review.sql",
+            "6a16a1ffb5fc4f76bd390ea58de55624294603d3bc78eb9abef4f7874fed7c5a",
+        ),
+        (
+            "sqlite/0009_incident_due.sql",
+            "eafbc5d23d6c45eeca3957d533a87c0a9c842d8806cb4aef418f01a1d2816311",
+        ),
+        (
+            "postgres/0001_connections.sql",
+            "c3b18f40f5d39509c91fa2641f5d64e7d2ee664a6125e86f540d559e92e48e0d",
+        ),
+        (
+            "postgres/0002_outbox.sql",
+            "c21432c83a06d79b312889966ff97a181ebc7b316a0f209678a493c04815fb78",
+        ),
+        (
+            "postgres/0003_admin.sql",
+            "39a32c0d7790e360aab896ed473b99be7dab2a11db284dfb2cfa5fe226386213",
+        ),
+        (
+            "postgres/0004_connection_settings.sql",
+            "e5ceb246259b50c65d6d2e8934855886d0d156d9004b01198e384c300000d544",
+        ),
+        (
+            "postgres/0005_claim_index.sql",
+            "140336e68d8fec0acd8244c625f247b703053f035c4bfff53be37bf0b0161b9e",
+        ),
+        (
+            "postgres/0006_fewer_delivery_indexes.sql",
+            "f2a68803f223e8205db55b3c0ecc9f7f6e3ad8564c5709192d91de56c3d0cf16",
+        ),
+        (
+            "postgres/0007_page_sessions.sql",
+            "268d5d559a43df8aa453ed20a0aa813247cd8127bd037d13da787c47239e7f1a",
+        ),
+        (
+            "postgres/0008_mappings_review.sql",
+            "c8746e4e022836da0aa5ddbb19ebbf565d43584cb4946b199379feeda76ed4fb",
+        ),
+        (
+            "postgres/0009_incident_due.sql",
+            "eafbc5d23d6c45eeca3957d533a87c0a9c842d8806cb4aef418f01a1d2816311",
+        ),
+    ];
+
+    #[test]
+    fn applied_migrations_never_change() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut found = Vec::new();
+        for engine in ["sqlite", "postgres"] {
+            let mut files: Vec<_> = std::fs::read_dir(root.join(engine))
+                .expect("migrations")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            files.sort();
+            for f in files {
+                let name = format!("{engine}/{f}");
+                let bytes = std::fs::read(root.join(&name)).expect("read");
+                let hash = hex::encode(Sha256::digest(&bytes));
+                match MIGRATIONS.iter().find(|(n, _)| *n == name) {
+                    Some((_, want)) => assert_eq!(
+                        &hash, want,
+                        "{name} changed after it was committed: databases that applied it will refuse to open; put the change in a new migration"
+                    ),
+                    None => panic!("{name} is new: add it to MIGRATIONS with its SHA-256 {hash}"),
+                }
+                found.push(name);
+            }
+        }
+        for (n, _) in MIGRATIONS {
+            assert!(
+                found.iter().any(|f| f == n),
+                "{n} is gone: a migration a database applied must stay"
+            );
+        }
     }
 }

@@ -110,6 +110,51 @@ pub struct Claimed {
     pub document_number: String,
     /// For a credit note, the invoice it credits.
     pub credits_invoice_number: Option<String>,
+    /// This claim's lease token (the worker id and a number unique to the
+    /// claim): renewals and the outcome are written only while the
+    /// delivery is still leased under it, so an attempt whose lease lapsed
+    /// and was claimed again (by another daemon, or by this one) cannot
+    /// write over the newer attempt's outcome.
+    pub lease: String,
+}
+
+/// A new lease token for a claim by `worker`: unique within the process
+/// (worker ids are unique across processes).
+fn lease_token(worker: &str) -> String {
+    static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{worker}#{n}")
+}
+
+/// The worker a lease token belongs to (what the attempt log records).
+pub(super) fn lease_worker(lease: &str) -> &str {
+    lease.rsplit_once('#').map_or(lease, |(w, _)| w)
+}
+
+/// What an incident's detail says went wrong, without the document it
+/// names ("Invoice INV-1: <cause>"; the label never holds ": " before the
+/// number, and a number holding one only makes causes look different).
+fn incident_cause(detail: &str) -> &str {
+    detail.split_once(": ").map_or(detail, |(_, cause)| cause)
+}
+
+/// An outcome whose incident is still to be recorded ([`Store::incidents_owed`]).
+#[derive(Debug, Clone)]
+pub struct IncidentOwed {
+    /// The delivery.
+    pub delivery_id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Connection.
+    pub connection_id: String,
+    /// The incident's kind ([`Finish::incident_kind`]).
+    pub kind: String,
+    /// Document kind.
+    pub document_kind: String,
+    /// Document number.
+    pub document_number: String,
+    /// The outcome's message in words.
+    pub message: Option<String>,
 }
 
 /// A delivery as the log shows it.
@@ -198,6 +243,22 @@ pub struct Finish {
 }
 
 impl Finish {
+    /// The incident people must hear of this outcome in, if any: a pause
+    /// for a mapping or a reconnection, a refusal, retries given up.
+    pub fn incident_kind(&self) -> Option<&'static str> {
+        match (
+            self.state,
+            self.pause_reason.as_deref(),
+            self.outcome.as_str(),
+        ) {
+            (state::PAUSED, Some("mapping"), _) => Some("paused-mapping"),
+            (state::PAUSED, Some("reauth"), _) => Some("paused-reauth"),
+            (state::FAILED, _, "rejected") => Some("failed"),
+            (state::FAILED, _, _) => Some("retries-exhausted"),
+            _ => None,
+        }
+    }
+
     /// Not an attempt, a wait: pending again at `next_attempt_at`, not
     /// counted against the retry ladder.
     pub fn wait(outcome: &str, message: String, next_attempt_at: i64) -> Self {
@@ -466,7 +527,7 @@ impl Store {
     /// an expired lease) for `worker`, never more working at once on one
     /// connection (across every daemon) than `caps` allows its connector,
     /// none of the connections in `exclude` (their provider's rate is used
-    /// up).
+    /// up). Each claim leases under a token of its own ([`Claimed::lease`]).
     pub async fn claim_deliveries(
         &self,
         worker: &str,
@@ -476,7 +537,28 @@ impl Store {
         caps: &ConnectionCaps,
         exclude: &[String],
     ) -> Result<Vec<Claimed>, StoreError> {
+        self.claim_deliveries_but(worker, now, lease_ms, limit, caps, exclude, &[])
+            .await
+    }
+
+    /// [`Store::claim_deliveries`], leaving alone the lapsed leases of
+    /// `running`: deliveries this daemon is still working on (a lease that
+    /// lapsed because renewals failed must not start a second attempt
+    /// beside the first in the same process).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_deliveries_but(
+        &self,
+        worker: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: i64,
+        caps: &ConnectionCaps,
+        exclude: &[String],
+        running: &[String],
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let lease = lease_token(worker);
         let exclude: std::collections::HashSet<&str> = exclude.iter().map(String::as_str).collect();
+        let running: std::collections::HashSet<&str> = running.iter().map(String::as_str).collect();
         // Each connection's connector, read only when connectors differ in
         // their caps (for the connections that have work).
         let mut connector_of: HashMap<String, String> = HashMap::new();
@@ -540,6 +622,12 @@ impl Store {
                 // first `limit`: those could all be on connections at their cap.
                 for r in &lapsed {
                     let c: String = r.try_get("connection_id")?;
+                    let id: String = r.try_get("id")?;
+                    if running.contains(id.as_str()) {
+                        // Still running here: it holds its connection's place.
+                        *used.entry(c).or_insert(0) += 1;
+                        continue;
+                    }
                     if exclude.contains(c.as_str()) {
                         continue;
                     }
@@ -547,7 +635,7 @@ impl Store {
                     let n = used.entry(c).or_insert(0);
                     if *n < cap {
                         *n += 1;
-                        picked.push((0, r.try_get("next_attempt_at")?, r.try_get("id")?));
+                        picked.push((0, r.try_get("next_attempt_at")?, id));
                     }
                 }
                 let mut heads: Vec<(i64, String)> = Vec::new();
@@ -600,7 +688,7 @@ impl Store {
                     return Ok(Vec::new());
                 }
                 let op = super::group::Op::Claim(super::group::ClaimOp {
-                    worker: worker.to_string(),
+                    lease: lease.clone(),
                     now,
                     lease_until: now + lease_ms,
                     ids,
@@ -614,7 +702,7 @@ impl Store {
                 let mut tx = p.begin_write_locked(CLAIM_LOCK).await?;
                 let ids = pick_candidates!(tx);
                 let rs = sqlx::query(&format!("UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN (SELECT id FROM deliveries WHERE id = ANY($4) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) FOR UPDATE SKIP LOCKED) {returning}"))
-                    .bind(worker).bind(now + lease_ms).bind(now).bind(&ids)
+                    .bind(&lease).bind(now + lease_ms).bind(now).bind(&ids)
                     .fetch_all(&mut *tx).await?;
                 tx.commit().await?;
                 rs.iter().map(claimed_from).collect::<Result<Vec<_>, _>>()?
@@ -663,39 +751,37 @@ impl Store {
         Ok(rows)
     }
 
-    /// Extend a lease the worker still holds. False when it lost it.
-    pub async fn renew_lease(
-        &self,
-        id: &str,
-        worker: &str,
-        until: i64,
-    ) -> Result<bool, StoreError> {
+    /// Extend a lease still held under `lease` (the claim's
+    /// [`Claimed::lease`]). False when it was lost.
+    pub async fn renew_lease(&self, id: &str, lease: &str, until: i64) -> Result<bool, StoreError> {
         let n = on_pool!(self, p => sqlx::query("UPDATE deliveries SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'working'")
-            .bind(until).bind(id).bind(worker).execute(p).await?.rows_affected());
+            .bind(until).bind(id).bind(lease).execute(p).await?.rows_affected());
         Ok(n == 1)
     }
 
-    /// Give a claimed delivery back untouched (graceful shutdown).
-    pub async fn release(&self, id: &str, worker: &str, now: i64) -> Result<(), StoreError> {
+    /// Give a claimed delivery back untouched (graceful shutdown), if it is
+    /// still leased under `lease`.
+    pub async fn release(&self, id: &str, lease: &str, now: i64) -> Result<(), StoreError> {
         on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', lease_owner = NULL, lease_until = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'working'")
-            .bind(now).bind(id).bind(worker).execute(p).await.map(|_| ()))?;
+            .bind(now).bind(id).bind(lease).execute(p).await.map(|_| ()))?;
         Ok(())
     }
 
-    /// Record an attempt and move the delivery on, if the worker still holds
-    /// the lease (grouped with other writes: see [`super::group`]). Returns
-    /// false (and records nothing) when it lost it.
+    /// Record an attempt and move the delivery on, if it is still leased
+    /// under `lease` (the claim's [`Claimed::lease`]; grouped with other
+    /// writes: see [`super::group`]). Returns false (and records nothing)
+    /// when the lease was lost.
     pub async fn finish_delivery(
         &self,
         id: &str,
-        worker: &str,
+        lease: &str,
         started_at: i64,
         now: i64,
         f: &Finish,
     ) -> Result<bool, StoreError> {
         let op = super::group::Op::Finish(super::group::FinishOp {
             id: id.to_string(),
-            worker: worker.to_string(),
+            lease: lease.to_string(),
             started_at,
             now,
             finish: f.clone(),
@@ -922,11 +1008,15 @@ impl Store {
     }
 
     /// Put paused deliveries back in the queue, and close the incidents
-    /// that no longer have anything paused.
+    /// that no longer have anything paused. Like a retry by hand, a resume
+    /// starts the retry ladder again (what paused it was fixed by a
+    /// person): attempts before the pause do not count against it, so a
+    /// delivery paused and resumed a few times is not failed by its first
+    /// 5xx afterwards. The attempt log keeps every attempt.
     pub async fn resume(&self, ids: &[String], now: i64) -> Result<u64, StoreError> {
         let mut n = 0;
         for id in ids {
-            n += on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', pause_reason = NULL, pause_detail = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state = 'paused'")
+            n += on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state = 'paused'")
                 .bind(now).bind(id).execute(p).await?.rows_affected());
         }
         if n > 0 {
@@ -947,9 +1037,9 @@ impl Store {
         // else the notice of a pause already resolved would still be sent,
         // or an incident left open would swallow the next pause's notice.
         let n = on_pool!(self, p => match delivery_id {
-            Some(id) => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, pause_reason = NULL, pause_detail = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND id = $3 AND state IN ('failed', 'paused')")
+            Some(id) => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND id = $3 AND state IN ('failed', 'paused')")
                 .bind(now).bind(tenant_id).bind(id).execute(p).await?.rows_affected(),
-            None => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND state = 'failed'")
+            None => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND state = 'failed'")
                 .bind(now).bind(tenant_id).execute(p).await?.rows_affected(),
         });
         if n > 0 && delivery_id.is_some() {
@@ -1091,6 +1181,7 @@ impl Store {
     /// the open one. A new incident is told after `coalesce_ms`, so that
     /// documents failing together arrive in one e-mail.
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_incident(
         &self,
         tenant_id: &str,
@@ -1101,16 +1192,64 @@ impl Store {
         now: i64,
         coalesce_ms: i64,
     ) -> Result<(), StoreError> {
+        self.record_incident_of(
+            None,
+            tenant_id,
+            connection_id,
+            kind,
+            document_number,
+            detail,
+            now,
+            coalesce_ms,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// [`Store::record_incident`] for the outcome of `delivery`, when given:
+    /// recorded only while the delivery is still marked as owing it
+    /// (`incident_due`), and the mark cleared in the same transaction, so
+    /// the dispatcher and the sweep of marks left behind
+    /// ([`Store::incidents_owed`]) never record one outcome twice. False
+    /// when there was nothing (left) to record.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_incident_of(
+        &self,
+        delivery: Option<&str>,
+        tenant_id: &str,
+        connection_id: &str,
+        kind: &str,
+        document_number: &str,
+        detail: &str,
+        now: i64,
+        coalesce_ms: i64,
+    ) -> Result<bool, StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin_write_locked(INCIDENT_LOCK).await?;
+            if let Some(id) = delivery {
+                let n = sqlx::query("UPDATE deliveries SET incident_due = NULL WHERE id = $1 AND incident_due = $2")
+                    .bind(id).bind(kind).execute(&mut *tx).await?.rows_affected();
+                if n == 0 {
+                    // Dropped: rolled back.
+                    return Ok(false);
+                }
+            }
             // An incident not yet told takes more documents; once told, a
-            // pause keeps collecting silently, a failure starts a new one.
+            // pause keeps collecting silently what it told of (more
+            // documents waiting for the same mapping or reconnection), but
+            // a new cause (another kind unmapped) starts a new one, told in
+            // its turn; a failure always starts a new one.
             let open = sqlx::query("SELECT id, documents, details, notified_at FROM incidents WHERE tenant_id = $1 AND connection_id = $2 AND kind = $3 AND closed_at IS NULL ORDER BY opened_at DESC LIMIT 1")
                 .bind(tenant_id).bind(connection_id).bind(kind).fetch_optional(&mut *tx).await?;
             let reuse = match &open {
                 Some(r) => {
                     let notified: Option<i64> = r.try_get("notified_at")?;
-                    notified.is_none() || kind.starts_with("paused")
+                    notified.is_none()
+                        || (kind.starts_with("paused") && {
+                            let told: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
+                            let cause = incident_cause(detail);
+                            told.iter().any(|d| incident_cause(d) == cause)
+                        })
                 }
                 None => false,
             };
@@ -1137,7 +1276,33 @@ impl Store {
                     .execute(&mut *tx).await?;
             }
             tx.commit().await?;
-            Ok(())
+            Ok(true)
+        })
+    }
+
+    /// Outcomes whose incident was never recorded (the daemon stopped
+    /// between recording the outcome and its incident, or the incident's
+    /// write failed): marked before `before`, at most `limit`, oldest first.
+    pub async fn incidents_owed(
+        &self,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<IncidentOwed>, StoreError> {
+        on_pool!(self, p => {
+            let rows = sqlx::query(INCIDENTS_OWED).bind(before).bind(limit).fetch_all(p).await?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(IncidentOwed {
+                    delivery_id: r.try_get("id")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    connection_id: r.try_get("connection_id")?,
+                    kind: r.try_get("incident_due")?,
+                    document_kind: r.try_get("document_kind")?,
+                    document_number: r.try_get("document_number")?,
+                    message: r.try_get("last_error")?,
+                });
+            }
+            Ok(out)
         })
     }
 
@@ -1354,11 +1519,15 @@ where
         document_kind: r.try_get("document_kind")?,
         document_number: r.try_get("document_number")?,
         credits_invoice_number: None,
+        lease: r.try_get("lease_owner")?,
     })
 }
 
+/// Deliveries still owing their incident (`$1`: marked before, `$2`: at most).
+const INCIDENTS_OWED: &str = "SELECT id, tenant_id, connection_id, incident_due, document_kind, document_number, last_error FROM deliveries WHERE incident_due IS NOT NULL AND updated_at < $1 ORDER BY updated_at LIMIT $2";
+
 /// The columns a claim returns (see [`claimed_from`]).
-pub(super) const CLAIM_RETURNING: &str = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number";
+pub(super) const CLAIM_RETURNING: &str = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number, lease_owner";
 
 /// Live leases by connection (`$1`: now): the places each connection has in use.
 const LIVE_LEASES: &str = "SELECT connection_id, COUNT(*) AS n FROM deliveries WHERE state = 'working' AND lease_until >= $1 GROUP BY connection_id";
@@ -1499,6 +1668,7 @@ mod tests {
         let checks = [
             ("live leases", LIVE_LEASES.to_string()),
             ("lapsed leases", LAPSED_LEASES.to_string()),
+            ("incidents owed", INCIDENTS_OWED.to_string()),
             ("pending heads", PENDING_HEADS.to_string()),
             ("pending picks", pending_picks_sql(3)),
             ("paused", PAUSED.to_string()),
