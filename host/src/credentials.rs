@@ -326,6 +326,13 @@ impl TokenManager {
             .await
         {
             Ok(ev) => Refreshed::NeedsReauth(why.to_string(), Some(ev)),
+            // Reconnected meanwhile: the refused grant is the old one, and
+            // the new one is not to be judged by it. Tried again, the call
+            // uses the new grant.
+            Err(e @ StoreError::Conflict(_)) => {
+                tracing::info!(connection = %conn.id, error = %e, "the refused grant was replaced meanwhile");
+                Refreshed::Failed(unavailable(e))
+            }
             Err(e) => {
                 tracing::error!(connection = %conn.id, error = %e, "recording needs-reauth failed");
                 Refreshed::NeedsReauth(why.to_string(), None)

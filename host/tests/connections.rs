@@ -587,6 +587,102 @@ both!(
     lost_answer_then_revoked
 );
 
+/// A token proxy that holds every refresh's request until `gate` opens
+/// (code exchanges pass at once).
+async fn gated_token_proxy(sim: &SimHandle, gate: Arc<tokio::sync::Semaphore>) -> String {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    let target = format!("{}/connect/token", sim.base_url());
+    let app = axum::Router::new().route(
+        "/connect/token",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let target = target.clone();
+            let gate = gate.clone();
+            async move {
+                if String::from_utf8_lossy(&body).contains("grant_type=refresh_token") {
+                    let _ = gate.acquire().await.unwrap();
+                }
+                let mut req = reqwest::Client::new().post(&target).body(body.clone());
+                for (k, v) in headers.iter() {
+                    if k != "host" && k != "content-length" {
+                        req = req.header(k, v);
+                    }
+                }
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let text = resp.bytes().await.unwrap();
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    [("content-type", "application/json")],
+                    text,
+                )
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    base
+}
+
+/// An admin reconnects while a refresh of the old grant is on its way,
+/// and the provider refuses the old grant: the connection stays active on
+/// the new grant. (On SQLite the refresh's `invalid_grant` used to mark the
+/// freshly reconnected connection as needing re-authorisation, so its
+/// deliveries paused until a second, pointless reconnect; on PostgreSQL
+/// the row lock orders the two.)
+async fn a_reconnect_during_a_refresh_of_the_old_grant_wins(db: TestDb) {
+    let sim = sim().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let proxy = gated_token_proxy(&sim, gate.clone()).await;
+    let mut o = sim_overrides(&sim);
+    o.insert("https://identity.xero.com".into(), proxy);
+    let d = Arc::new(daemon(&sim, &db.url(), keys(7), Some(o)).await);
+    d.store
+        .upsert_tenant("acme", "Acme Ltd", &[], 1)
+        .await
+        .unwrap();
+    let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    let old = d.conns.tokens().bearer(&c.id).await.unwrap();
+    // The provider has dropped the old grant; a call's 401 asks for a refresh.
+    assert!(sim.revoke_grant(c.auth_event_id.as_deref().unwrap().parse().unwrap()));
+    let refresh = {
+        let d = d.clone();
+        let id = c.id.clone();
+        tokio::spawn(async move { d.conns.tokens().refresh(&id, &old).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The admin reconnects meanwhile (on PostgreSQL this waits for the
+    // refresh's row lock).
+    let reconnect = {
+        let d = d.clone();
+        let sim = sim.clone();
+        tokio::spawn(async move { connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    gate.add_permits(100);
+    let refreshed = refresh.await.unwrap();
+    let c2 = reconnect.await.unwrap();
+    assert_eq!(c2.id, c.id);
+    let now = d.store.connection(&c.id).await.unwrap().unwrap();
+    assert_eq!(
+        now.state,
+        ConnectionState::Active,
+        "refresh answered {refreshed:?}; reason {:?}",
+        now.state_reason
+    );
+    assert!(now.connected_at > c.connected_at);
+    let cred = d.conns.tokens().bearer(&c.id).await.unwrap();
+    assert!(accepted(&sim, &cred.access_token).await);
+}
+both!(
+    reconnect_during_refresh_sqlite,
+    reconnect_during_refresh_postgres,
+    a_reconnect_during_a_refresh_of_the_old_grant_wins
+);
+
 async fn disconnect_then_reconnect_keeps_mappings(db: TestDb) {
     let (sim, d) = setup(&db).await;
     let (rt, plugin) = xero_plugin(&sim);

@@ -364,25 +364,36 @@ pub(super) const TOKEN_COLUMNS: &str =
 
 /// Holds a connection's token row for one refresh: on PostgreSQL an open
 /// transaction with the connection row locked (`SELECT ... FOR UPDATE`), so
-/// a second daemon waits and then re-reads what the first one wrote; on
-/// SQLite (one daemon) the caller's in-process lock is the serialisation
-/// and the lease is a plain handle. Dropping a lease without
-/// [`TokenLease::commit`] rolls back.
+/// a second daemon waits and then re-reads what the first one wrote. On
+/// SQLite (one daemon) the caller's in-process lock serialises refreshes,
+/// but not a reconnect (the OAuth callback does not take it): each of the
+/// lease's writes is one short write transaction that first checks the
+/// connection was not reconnected since [`TokenLease::read`] (else
+/// [`StoreError::Conflict`]: a refresh of the old grant must not overwrite
+/// the new grant's tokens, nor its `invalid_grant` mark a fresh connection
+/// as needing re-authorisation). Short, because a lease may be held across
+/// calls to the provider, and SQLite has one writer. Dropping a lease
+/// without [`TokenLease::commit`] rolls back (PostgreSQL).
 pub struct TokenLease {
     connection_id: String,
     conn: LeaseConn,
 }
 
 enum LeaseConn {
-    Sqlite(sqlx::SqlitePool),
+    Sqlite {
+        pool: sqlx::SqlitePool,
+        /// `connected_at` as [`TokenLease::read`] saw it.
+        seen: Option<Option<i64>>,
+    },
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
+/// Reads on the lease.
 macro_rules! on_lease {
     ($lease:expr, $c:ident => $body:expr) => {
         match &mut $lease.conn {
-            LeaseConn::Sqlite(p) => {
-                let $c = &*p;
+            LeaseConn::Sqlite { pool, .. } => {
+                let $c = &*pool;
                 $body
             }
             LeaseConn::Postgres(tx) => {
@@ -391,6 +402,53 @@ macro_rules! on_lease {
             }
         }
     };
+}
+
+/// One write on the lease (`$body` may hold several statements): on
+/// SQLite in a write transaction of its own that first checks the
+/// connection is as it was read; on PostgreSQL in the lease's transaction.
+macro_rules! on_lease_write {
+    ($lease:expr, $c:ident => $body:expr) => {{
+        match &mut $lease.conn {
+            LeaseConn::Sqlite { pool, seen } => {
+                let mut t = checked_write(pool, &$lease.connection_id, *seen).await?;
+                let out = {
+                    let $c = &mut *t;
+                    $body
+                };
+                t.commit().await?;
+                out
+            }
+            LeaseConn::Postgres(tx) => {
+                let $c = &mut **tx;
+                $body
+            }
+        }
+    }};
+}
+
+/// A SQLite write transaction in which connection `id` is as a lease read
+/// it (`seen`: its `connected_at`; None when the lease never read it).
+async fn checked_write(
+    pool: &sqlx::SqlitePool,
+    id: &str,
+    seen: Option<Option<i64>>,
+) -> Result<super::WriteTx<sqlx::Sqlite>, StoreError> {
+    use super::BeginWrite;
+    let mut t = pool.begin_write().await?;
+    if let Some(seen) = seen {
+        let now: Option<(Option<i64>,)> =
+            sqlx::query_as("SELECT connected_at FROM connections WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *t)
+                .await?;
+        if now.map(|r| r.0) != Some(seen) {
+            return Err(StoreError::Conflict(format!(
+                "connection {id} was reconnected or removed while its tokens were in use; the new state is kept"
+            )));
+        }
+    }
+    Ok(t)
 }
 
 /// Insert a `connection_events` row through any executor of either engine
@@ -443,6 +501,9 @@ impl TokenLease {
         let conn: Connection = conn
             .ok_or_else(|| StoreError::NotFound(format!("connection {id}")))?
             .into();
+        if let LeaseConn::Sqlite { seen, .. } = &mut self.conn {
+            *seen = Some(conn.connected_at);
+        }
         let row: Option<TokenRow> = on_lease!(self, c => {
             sqlx::query_as(&format!(
                 "SELECT {TOKEN_COLUMNS} FROM connection_tokens WHERE connection_id = $1"
@@ -473,7 +534,7 @@ impl TokenLease {
             .map(|r| keys.encrypt(r.expose(), &ctx_refresh(&id)));
         // The key that sealed them (the ring may change meanwhile).
         let key_id = KeyRing::key_of(&access).unwrap_or_default().to_string();
-        on_lease!(self, c => {
+        on_lease_write!(self, c => {
             sqlx::query(UPSERT_TOKENS)
             .bind(&id)
             .bind(&key_id)
@@ -496,8 +557,9 @@ impl TokenLease {
         now: i64,
     ) -> Result<ConnectionEvent, StoreError> {
         let id = self.connection_id.clone();
-        let tenant: String = on_lease!(self, c => {
-            sqlx::query(
+        // The state and its event in one write.
+        Ok(on_lease_write!(self, c => {
+            let tenant: String = sqlx::query(
                 "UPDATE connections SET state = $2, state_reason = $3, updated_at = $4
                  WHERE id = $1 RETURNING tenant_id",
             )
@@ -505,14 +567,15 @@ impl TokenLease {
             .bind(state.as_str())
             .bind(reason)
             .bind(now)
-            .fetch_one(c)
+            .fetch_one(&mut *c)
             .await?
-            .try_get(0)?
-        });
-        Ok(on_lease!(self, c => insert_event!(c, &id, &tenant, event_kind, reason, now)))
+            .try_get(0)?;
+            insert_event!(&mut *c, &id, &tenant, event_kind, reason, now)
+        }))
     }
 
-    /// Drop the tokens, mark the connection disconnected and record why.
+    /// Drop the tokens, mark the connection disconnected and record why
+    /// (in one write: never a connection left active without its tokens).
     pub async fn disconnect(
         &mut self,
         actor: &str,
@@ -520,14 +583,12 @@ impl TokenLease {
         now: i64,
     ) -> Result<ConnectionEvent, StoreError> {
         let id = self.connection_id.clone();
-        on_lease!(self, c => {
+        Ok(on_lease_write!(self, c => {
             sqlx::query("DELETE FROM connection_tokens WHERE connection_id = $1")
                 .bind(&id)
-                .execute(c)
+                .execute(&mut *c)
                 .await?;
-        });
-        let tenant: String = on_lease!(self, c => {
-            sqlx::query(
+            let tenant: String = sqlx::query(
                 "UPDATE connections SET state = 'disconnected', state_reason = $2,
                    disconnected_at = $3, updated_at = $3
                  WHERE id = $1 RETURNING tenant_id",
@@ -535,19 +596,17 @@ impl TokenLease {
             .bind(&id)
             .bind(format!("disconnected by {actor}"))
             .bind(now)
-            .fetch_one(c)
+            .fetch_one(&mut *c)
             .await?
-            .try_get(0)?
-        });
-        Ok(
-            on_lease!(self, c => insert_event!(c, &id, &tenant, event_kind::DISCONNECTED, detail, now)),
-        )
+            .try_get(0)?;
+            insert_event!(&mut *c, &id, &tenant, event_kind::DISCONNECTED, detail, now)
+        }))
     }
 
     /// Make the changes durable and release the lock.
     pub async fn commit(self) -> Result<(), StoreError> {
         match self.conn {
-            LeaseConn::Sqlite(_) => Ok(()),
+            LeaseConn::Sqlite { .. } => Ok(()),
             LeaseConn::Postgres(tx) => Ok(tx.commit().await?),
         }
     }
@@ -645,7 +704,10 @@ impl Store {
     /// Take the connection's token lock (see [`TokenLease`]).
     pub async fn lock_tokens(&self, connection_id: &str) -> Result<TokenLease, StoreError> {
         let conn = match self.pool() {
-            Pool::Sqlite(p) => LeaseConn::Sqlite(p.clone()),
+            Pool::Sqlite(p) => LeaseConn::Sqlite {
+                pool: p.clone(),
+                seen: None,
+            },
             Pool::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 let found = sqlx::query("SELECT id FROM connections WHERE id = $1 FOR UPDATE")
