@@ -899,6 +899,11 @@ async fn connect(
                 .await;
             Json(json!({"authorize_url": url.to_string()})).into_response()
         }
+        Err(crate::connections::ConnectError::Store(e))
+            if !matches!(e, crate::store::StoreError::NotFound(_)) =>
+        {
+            unavailable(e)
+        }
         Err(e) => error(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
             "cannot start connecting",
@@ -941,6 +946,11 @@ async fn disconnect(
                 "problems": report.problems,
             }))
             .into_response()
+        }
+        Err(crate::connections::ConnectError::Store(e))
+            if !matches!(e, crate::store::StoreError::NotFound(_)) =>
+        {
+            unavailable(e)
         }
         Err(e) => error(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -994,7 +1004,7 @@ async fn openapi() -> Json<Value> {
             "/v1/tenants/{tenant}/deliveries": {"get": {"summary": "The tenant's deliveries, the latest change first (ingest key); ?number= ?state= ?limit= (1-1000, default 100) ?after=<next of the previous page>; answers {deliveries, next}, next null on the last page; 400 names state or after when it is not one", "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "400": {"description": "the parameter named"}, "401": {"description": "no or bad key"}}}},
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with each delivery's last 50 attempts (attempts_total counts those kept: retention drops a delivered delivery's), the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},
-            "/v1/admin/tenants/{tenant}/confirm-mappings": {"post": op("Confirm the mappings as they stand for ?connector= (default xero), each checked against the live organisation's accounts (422 naming mappings.<kind> when it has no such account): after the connection switched to another organisation nothing is sent until this or the Integrations page's Save is done; Super Admin")},
+            "/v1/admin/tenants/{tenant}/confirm-mappings": {"post": op("Confirm the mappings as they stand for ?connector= (default xero), each checked against the live organisation's accounts (422 naming mappings.<kind> when it has no such account; 409 naming connection while a review is due and the connection cannot check them, e.g. disconnected): after the connection switched to another organisation nothing is sent until this or the Integrations page's Save is done; Super Admin")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
             "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h, until the admin signs out or is signed out, or until the key that asked is revoked)"), "delete": op("Sign out ?admin= (or every admin of the tenant) from the Integrations page at once")},
             "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one (422 naming the field; 503 when the chart cannot be read); Super Admin"), "delete": op("Remove a kind's mapping for ?connector= (404 naming kind when there is none); Super Admin")},

@@ -185,6 +185,44 @@ pub(crate) fn connector_said(
     }
 }
 
+/// The audit log's action and detail for a completed OAuth connection:
+/// `connect` naming the organisation, or `connect.switch` naming the one
+/// before too (and that the mappings wait for a check).
+fn completed_detail(done: &crate::store::Connected) -> (&'static str, String) {
+    let org = |c: &Connection| match (&c.external_tenant_name, &c.external_tenant_id) {
+        (Some(n), Some(id)) if n != id => format!("{n} ({id})"),
+        (Some(n), _) => n.clone(),
+        (None, Some(id)) => id.clone(),
+        (None, None) => "an unnamed organisation".into(),
+    };
+    let c = &done.connection;
+    let now = org(c);
+    match &done.previous {
+        Some(p)
+            if p.external_tenant_id.is_some() && p.external_tenant_id != c.external_tenant_id =>
+        {
+            (
+                "connect.switch",
+                format!(
+                    "{}: switched from {} to {now}{}",
+                    c.connector_id,
+                    org(p),
+                    if c.mappings_review {
+                        "; nothing is sent until the account mappings are checked"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        }
+        Some(_) => (
+            "connect",
+            format!("{}: connected again to {now}", c.connector_id),
+        ),
+        None => ("connect", format!("{}: connected {now}", c.connector_id)),
+    }
+}
+
 /// The query of the provider's redirect to `/oauth/callback`.
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct CallbackQuery {
@@ -788,11 +826,20 @@ impl Connections {
 
     async fn finish(&self, new: NewConnection) -> Result<Connection, ConnectError> {
         let connector_id = new.connector_id.clone();
-        let done = self
-            .store
-            .finish_connect(&self.keys, &new, self.clock.now_secs())
-            .await?;
+        let now = self.clock.now_secs();
+        let done = self.store.finish_connect(&self.keys, &new, now).await?;
         self.events.emit(done.event.clone());
+        // The audit log names who connected which organisation (the admin
+        // who started the flow, kept with its state and pick), and a
+        // switch from another one.
+        let (action, detail) = completed_detail(&done);
+        if let Err(e) = self
+            .store
+            .audit(&new.admin, Some(&new.tenant_id), action, &detail, now)
+            .await
+        {
+            tracing::warn!(connection = %done.connection.id, error = %e, "the connection was made; its audit entry was not written");
+        }
         // An earlier grant replaced by this one: revoke it (best effort).
         if let (Some(old), Some(provider)) = (done.replaced, self.providers.get(&connector_id))
             && let Some(rt) = old.refresh_token

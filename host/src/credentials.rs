@@ -411,15 +411,18 @@ impl TokenManager {
                 if let Some(link) = &conn.external_connection_id {
                     match p.delete_connection(&s.tokens.access_token, link).await {
                         Ok(removed) => report.organisation_link_removed = removed,
-                        Err(e) => report
-                            .problems
-                            .push(format!("removing the organisation link: {e}")),
+                        Err(e) => report.problems.push(disconnect_problem(
+                            "The link to the organisation was not removed",
+                            &e,
+                        )),
                     }
                 }
                 if let Some(rt) = &s.tokens.refresh_token {
                     match p.revoke(rt).await {
                         Ok(done) => report.token_revoked = done,
-                        Err(e) => report.problems.push(format!("revoking the grant: {e}")),
+                        Err(e) => report
+                            .problems
+                            .push(disconnect_problem("The access was not revoked", &e)),
                     }
                 }
             }
@@ -439,6 +442,24 @@ impl TokenManager {
             .await?;
         lease.commit().await?;
         Ok((report, Some(ev)))
+    }
+}
+
+/// What went wrong at the provider while disconnecting, in words: what
+/// was not done, then what the provider said.
+fn disconnect_problem(what: &str, e: &crate::oauth::OAuthError) -> String {
+    use crate::oauth::OAuthError as E;
+    match e {
+        // A status in words (`oauth::http_words`), or why no answer came.
+        E::Transient(m) => format!("{what}: {m}"),
+        E::Refused { error, description } if description.is_empty() => {
+            format!("{what}: the accounting system refused ({error})")
+        }
+        E::Refused { error, description } => {
+            format!("{what}: the accounting system refused ({error}: {description})")
+        }
+        E::InvalidGrant(_) => format!("{what}: the accounting system had already ended the access"),
+        E::Config(m) => format!("{what}: ledgerport's OAuth set-up for it is wrong ({m})"),
     }
 }
 
@@ -463,5 +484,44 @@ impl CredentialProvider for TokenManager {
     ) -> Result<Credential, CredentialError> {
         self.refresh_locked(connection_id, Some(&rejected.access_token))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disconnect_problem;
+    use crate::oauth::{OAuthError, http_words};
+
+    /// What a disconnect could not do at the provider is said in words,
+    /// the provider's status after them (once "answered HTTP 401").
+    #[test]
+    fn disconnect_problems_are_words() {
+        let p = disconnect_problem(
+            "The link to the organisation was not removed",
+            &OAuthError::Transient(http_words(401)),
+        );
+        assert_eq!(
+            p,
+            "The link to the organisation was not removed: it no longer accepts ledgerport's access (HTTP 401)"
+        );
+        let p = disconnect_problem(
+            "The access was not revoked",
+            &OAuthError::Transient(http_words(503)),
+        );
+        assert_eq!(
+            p,
+            "The access was not revoked: it had a problem on its side (HTTP 503)"
+        );
+        let p = disconnect_problem(
+            "The access was not revoked",
+            &OAuthError::Refused {
+                error: "unsupported_token_type".into(),
+                description: String::new(),
+            },
+        );
+        assert_eq!(
+            p,
+            "The access was not revoked: the accounting system refused (unsupported_token_type)"
+        );
     }
 }

@@ -211,7 +211,7 @@ fn nul_in_form<'a>(mut fields: impl Iterator<Item = (&'a str, &'a str)>) -> Opti
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/integrations", get(index))
-        .route("/integrations/login", get(login))
+        .route("/integrations/login", get(login).post(login_confirmed))
         .route("/integrations/configure", get(configure))
         .route("/integrations/mappings", post(save_mappings))
         .route("/integrations/settings", post(save_settings))
@@ -349,35 +349,167 @@ async fn same_origin(
     next.run(req).await
 }
 
+/// A sign-in ticket as the link carries it, or the page refusing it
+/// (naming `ticket`).
+fn ticket_of(q: &BTreeMap<String, String>) -> Result<&str, Response> {
+    if q.contains_key("key") {
+        // The old link put the tenant's key in the address bar and the
+        // admin and role in a cookie the browser could edit.
+        return Err(message(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "key: the page no longer signs in with a key in the address; the platform asks for a sign-in link (POST /v1/admin/tenants/{tenant}/page-sessions) and opens it",
+        ));
+    }
+    let ticket = q.get("ticket").map(String::as_str).unwrap_or("");
+    if ticket.is_empty() {
+        return Err(message(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "ticket: is missing; open Integrations from the platform",
+        ));
+    }
+    if ticket.len() > 128 {
+        return Err(message(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "ticket: is not a sign-in ticket; open Integrations from the platform",
+        ));
+    }
+    Ok(ticket)
+}
+
+fn storage_unavailable() -> Response {
+    message(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        "Storage is unavailable; try again shortly.",
+    )
+}
+
+/// The field of the sign-in confirmation that ties it to the browser it
+/// was shown in: derived from that browser's session cookie (which a
+/// page on another site neither knows nor, `SameSite=Lax`, sends with
+/// its POST) and the ticket.
+fn login_confirmation(session_cookie: &str, ticket: &str) -> String {
+    crate::crypto::sha256_hex(&format!(
+        "ledgerport-login-confirm\0{session_cookie}\0{ticket}"
+    ))
+}
+
+/// "Admin for Tenant name (id)", for the page's header and the sign-in
+/// confirmation (the id alone when the tenant cannot be read).
+async fn who_for(st: &AdminState, tenant: &str, admin: &str) -> Result<String, Response> {
+    let name = match st.store.tenant(tenant).await {
+        Ok(t) => t.map(|t| t.name).filter(|n| !n.is_empty() && n != tenant),
+        Err(_) => return Err(storage_unavailable()),
+    };
+    Ok(format!(
+        "<strong>{}</strong> for <strong>{}</strong>",
+        esc(admin),
+        match name {
+            Some(n) => format!("{} ({})", esc(&n), esc(tenant)),
+            None => esc(tenant),
+        }
+    ))
+}
+
+/// `GET /integrations/login?ticket=`: the platform's one-time link. A
+/// browser with no session (or one for the same tenant and admin) is
+/// signed in at once. One signed in as someone else, or for another
+/// tenant, is not switched by a plain link (someone could send theirs,
+/// and what the admin connects next would go to that tenant): a page
+/// names both and asks, its button posting back here.
 async fn login(
     State(st): S,
     headers: HeaderMap,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
-    if q.contains_key("key") {
-        // The old link put the tenant's key in the address bar and the
-        // admin and role in a cookie the browser could edit.
+    let ticket = match ticket_of(&q) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let now = chrono::Utc::now().timestamp();
+    if let Some(cookie) = cookie_value(&headers) {
+        let current = match st.store.page_session(&cookie, now).await {
+            Ok(c) => c,
+            Err(_) => return storage_unavailable(),
+        };
+        let link = match st.store.page_ticket(ticket, now).await {
+            Ok(l) => l,
+            Err(_) => return storage_unavailable(),
+        };
+        if let (Some((t0, a0, _)), Some((t1, a1, _))) = (current, link)
+            && (t0 != t1 || a0 != a1)
+        {
+            let (now_as, link_as) =
+                match (who_for(&st, &t0, &a0).await, who_for(&st, &t1, &a1).await) {
+                    (Ok(n), Ok(l)) => (n, l),
+                    (Err(r), _) | (_, Err(r)) => return r,
+                };
+            let mut r = page(
+                "Switch sign-in?",
+                &format!(
+                    "<p id=\"signed-in-now\">This browser is signed in to Integrations as {now_as}.</p>\
+                     <p id=\"link-signs-in\">The link you opened signs in as {link_as} instead. \
+                     Whatever you do next (connect an accounting system, change account mappings) is then done for that company. \
+                     Continue only if you expected to work for it.</p>\
+                     <form method=\"post\" action=\"/integrations/login\">\
+                     <input type=\"hidden\" name=\"ticket\" value=\"{ticket}\">\
+                     <input type=\"hidden\" name=\"confirm\" value=\"{confirm}\">\
+                     <button type=\"submit\" id=\"switch\">Continue as {admin}</button></form>\
+                     <p><a id=\"stay\" href=\"/integrations\">Stay signed in as {admin0}</a></p>",
+                    ticket = esc(ticket),
+                    confirm = login_confirmation(&cookie, ticket),
+                    admin = esc(&a1),
+                    admin0 = esc(&a0),
+                ),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return r;
+        }
+    }
+    redeem(&st, &headers, ticket, None).await
+}
+
+/// The sign-in confirmation's button: the same browser (its session
+/// cookie and the page's `confirm` field agree, and the form came from
+/// this site) switches to the link's session; the one it had ends.
+async fn login_confirmed(
+    State(st): S,
+    headers: HeaderMap,
+    Form(f): Form<BTreeMap<String, String>>,
+) -> Response {
+    if let Some(r) = nul_in_form(f.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        return r;
+    }
+    let ticket = match ticket_of(&f) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let cookie = cookie_value(&headers);
+    let confirmed = cookie.as_deref().is_some_and(|c| {
+        f.get("confirm").map(String::as_str) == Some(login_confirmation(c, ticket).as_str())
+    });
+    if !confirmed {
         return message(
-            StatusCode::BAD_REQUEST,
+            StatusCode::FORBIDDEN,
             "Sign-in failed",
-            "key: the page no longer signs in with a key in the address; the platform asks for a sign-in link (POST /v1/admin/tenants/{tenant}/page-sessions) and opens it",
+            "confirm: this confirmation was not shown in this browser; open the sign-in link from the platform again",
         );
     }
-    let ticket = q.get("ticket").map(String::as_str).unwrap_or("");
-    if ticket.is_empty() {
-        return message(
-            StatusCode::BAD_REQUEST,
-            "Sign-in failed",
-            "ticket: is missing; open Integrations from the platform",
-        );
-    }
-    if ticket.len() > 128 {
-        return message(
-            StatusCode::BAD_REQUEST,
-            "Sign-in failed",
-            "ticket: is not a sign-in ticket; open Integrations from the platform",
-        );
-    }
+    redeem(&st, &headers, ticket, cookie.as_deref()).await
+}
+
+/// Spend `ticket` and sign this browser in with the session it opens
+/// (ending `replaced`, the session it had, when switching).
+async fn redeem(
+    st: &AdminState,
+    headers: &HeaderMap,
+    ticket: &str,
+    replaced: Option<&str>,
+) -> Response {
     let now = chrono::Utc::now().timestamp();
     match st
         .store
@@ -385,9 +517,12 @@ async fn login(
         .await
     {
         Ok(Some(token)) => {
+            if let Some(old) = replaced {
+                let _ = st.store.end_page_session(old).await;
+            }
             // Back to where a notice's link was opened before signing in
             // (only a query of this page: never another site).
-            let next = cookie(&headers, NEXT_COOKIE)
+            let next = cookie(headers, NEXT_COOKIE)
                 .and_then(|q| {
                     url::form_urlencoded::parse(format!("q={q}").as_bytes())
                         .next()
@@ -431,11 +566,7 @@ async fn login(
             "Sign-in failed",
             "ticket: this sign-in link was used already or has expired; open Integrations from the platform again",
         ),
-        Err(_) => message(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Unavailable",
-            "Storage is unavailable; try again shortly.",
-        ),
+        Err(_) => storage_unavailable(),
     }
 }
 
@@ -582,7 +713,7 @@ async fn index(
     };
     let mut log = log_filters(filter, number, &counts);
     log.push_str(
-        "<table id=\"log\"><tr><th>Document</th><th>To</th><th>State</th><th>In the accounting system / what went wrong</th><th></th></tr>",
+        "<table id=\"log\"><tr><th>Document</th><th>To</th><th>State</th><th>When (UTC)</th><th>In the accounting system / what went wrong</th><th></th></tr>",
     );
     for r in &rows {
         let detail = match (&r.external_url, &r.last_error) {
@@ -609,7 +740,7 @@ async fn index(
             String::new()
         };
         log.push_str(&format!(
-            "<tr data-number=\"{n}\" data-connector=\"{c}\"><td>{n}</td><td>{to}</td><td class=\"{st}\">{st}{reason}</td><td>{detail}</td><td>{action}</td></tr>",
+            "<tr data-number=\"{n}\" data-connector=\"{c}\"><td>{n}</td><td>{to}</td><td class=\"{st}\">{words}</td><td class=\"when\">{when}</td><td>{detail}</td><td>{action}</td></tr>",
             n = esc(&r.document_number),
             c = esc(&r.connector_id),
             to = esc(names
@@ -617,7 +748,10 @@ async fn index(
                 .copied()
                 .unwrap_or(&r.connector_id)),
             st = esc(&r.state),
-            reason = r.pause_reason.as_ref().map(|p| format!(" ({})", esc(p))).unwrap_or_default(),
+            words = delivery_words(&r.state, r.pause_reason.as_deref()),
+            // Delivered: when it reached the accounting system; else its
+            // last change.
+            when = log_time(r.delivered_at.filter(|_| r.state == state::DELIVERED).unwrap_or(r.updated_at)),
         ));
     }
     if rows.is_empty() {
@@ -627,7 +761,7 @@ async fn index(
             (None, None) => "No documents yet.".to_string(),
         };
         log.push_str(&format!(
-            "<tr><td colspan=\"5\" id=\"log-empty\">{none}</td></tr>"
+            "<tr><td colspan=\"6\" id=\"log-empty\">{none}</td></tr>"
         ));
     }
     log.push_str("</table>");
@@ -661,12 +795,61 @@ async fn index(
     if !pages.is_empty() {
         log.push_str(&format!("<p id=\"log-pages\">{}</p>", pages.join(" · ")));
     }
-    let who = format!(
-        "<form method=\"post\" action=\"/integrations/logout\" id=\"who\"><small>Signed in as <strong>{}</strong>{} <button type=\"submit\" id=\"logout\">Sign out</button></small></form>",
-        esc(&s.admin),
-        if s.super_admin { " (Super Admin)" } else { "" }
-    );
+    let who = match signed_in(&st, &s).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
     page("Integrations", &format!("{who}{cards}{log}"))
+}
+
+/// The page's header: who is signed in, for which tenant (its name and
+/// id: a sign-in link for another tenant must not go unnoticed), and Sign
+/// out.
+async fn signed_in(st: &AdminState, s: &Session) -> Result<String, Response> {
+    Ok(format!(
+        "<form method=\"post\" action=\"/integrations/logout\" id=\"who\"><small>Signed in as <span id=\"signed-in\">{}</span>{} <button type=\"submit\" id=\"logout\">Sign out</button></small></form>",
+        who_for(st, &s.tenant, &s.admin).await?,
+        if s.super_admin { " (Super Admin)" } else { "" }
+    ))
+}
+
+/// A connection's state as the card says it (the API and the element's
+/// `data-state` keep the code).
+fn connection_words(state: &str) -> &str {
+    match state {
+        "active" => "Connected",
+        "needs-reauth" => "Needs you to reconnect",
+        "disconnected" => "Disconnected",
+        "not connected" => "Not connected",
+        other => other,
+    }
+}
+
+/// A delivery's state (and why it is paused) as the log says it (the
+/// API and the cell's class keep the codes).
+fn delivery_words(state: &str, pause_reason: Option<&str>) -> &'static str {
+    match (state, pause_reason) {
+        (state::PAUSED, Some("mapping")) => "Waiting for an account mapping",
+        (state::PAUSED, Some("reauth")) => "Waiting for you to reconnect",
+        (state::PAUSED, _) => "Waiting for you",
+        (state::PENDING, _) => "Waiting to be sent",
+        (state::WORKING, _) => "Being sent",
+        (state::DELIVERED, _) => "Delivered",
+        (state::FAILED, _) => "Failed",
+        _ => "Unknown",
+    }
+}
+
+/// A time of the delivery log (Unix milliseconds) in UTC, to the minute.
+fn log_time(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => format!(
+            "<time datetime=\"{}\">{}</time>",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            t.format("%Y-%m-%d %H:%M UTC")
+        ),
+        None => String::new(),
+    }
 }
 
 /// How many rows the delivery log shows at once (the latest first).
@@ -757,12 +940,13 @@ async fn card(
     };
     let mut card = format!(
         "<div class=\"card\" id=\"{cid}\"><h2>{name}</h2>\
-         <p>Status: <span class=\"state {cls}\" id=\"{sid}\">{state}</span>{org}</p>",
+         <p>Status: <span class=\"state {cls}\" id=\"{sid}\" data-state=\"{code}\">{words}</span>{org}</p>",
         cid = if xero { "xero".to_string() } else { el("card") },
         name = esc(&m.name),
         cls = esc(&state.replace(' ', "-")),
         sid = el("status"),
-        state = esc(&state),
+        code = esc(&state),
+        words = esc(connection_words(&state)),
         org = if org.is_empty() {
             String::new()
         } else {
@@ -1194,7 +1378,11 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
     form.push_str(
         "</table><p><button id=\"save\" type=\"submit\">Save mappings</button></p></form>",
     );
-    page(&format!("Configure {name}"), &form)
+    let who = match signed_in(&st, &s).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    page(&format!("Configure {name}"), &format!("{who}{form}"))
 }
 
 async fn save_mappings(
@@ -1274,11 +1462,18 @@ async fn save_mappings(
         if !code_changed && !tax_changed {
             continue;
         }
-        // The tax rate chosen on the form, else the one stored (a form
-        // without the column keeps it).
+        // Only the field the admin changed is written; the other is kept
+        // as it stands now (another admin may have changed it since the
+        // form was shown). A row another admin removed since keeps the
+        // code it was shown with when only its tax rate changed here.
+        let code = if code_changed {
+            code
+        } else {
+            now_code.unwrap_or(code)
+        };
         let tax_type = match tax {
-            Some(t) => (!t.is_empty()).then(|| t.to_string()),
-            None => (!now_tax.is_empty()).then(|| now_tax.to_string()),
+            Some(t) if tax_changed => (!t.is_empty()).then(|| t.to_string()),
+            _ => (!now_tax.is_empty()).then(|| now_tax.to_string()),
         };
         match now_code {
             Some(c) if c == code && now_tax == tax_type.as_deref().unwrap_or("") => {}
@@ -1296,8 +1491,12 @@ async fn save_mappings(
         .save_mapping_form(&scope, &set, &clear, &s.admin)
         .await
     {
+        // The connection cannot check them (409: not active, or no
+        // longer accepted), storage or the account list unavailable (503),
+        // else a refused row (422).
         let status = match e.status() {
             500 | 503 => StatusCode::SERVICE_UNAVAILABLE,
+            409 => StatusCode::CONFLICT,
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         let about = kind.map(|k| format!("{k}: ")).unwrap_or_default();
@@ -1346,6 +1545,12 @@ async fn save_mappings(
 /// a refusal 422, a provider that did not answer 502, a storage failure
 /// 503 (not 500: it passes).
 fn connect_refused(e: &crate::connections::ConnectError) -> Response {
+    if let crate::connections::ConnectError::Store(err) = e
+        && !matches!(err, crate::store::StoreError::NotFound(_))
+    {
+        tracing::error!(error = %err, "connecting from the Integrations page: the store failed");
+        return storage_unavailable();
+    }
     message(
         match e.status() {
             500 => StatusCode::SERVICE_UNAVAILABLE,
@@ -1490,15 +1695,22 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
         Err(r) => return r,
     };
     let connector = which.id();
-    let Ok(Some(conn)) = st.store.connection_for(&s.tenant, connector).await else {
-        return message(
-            StatusCode::NOT_FOUND,
-            "Not connected",
-            &format!(
-                "There is no {} connection to disconnect.",
-                display_name(&st, connector)
-            ),
-        );
+    let conn = match st.store.connection_for(&s.tenant, connector).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return message(
+                StatusCode::NOT_FOUND,
+                "Not connected",
+                &format!(
+                    "connector: there is no {} connection to disconnect.",
+                    display_name(&st, connector)
+                ),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "disconnecting from the Integrations page: the store failed");
+            return storage_unavailable();
+        }
     };
     match st.connections.disconnect(&conn.id, &s.admin).await {
         Ok(report) => {
@@ -1534,7 +1746,19 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
                 ),
             )
         }
-        Err(e) => message(StatusCode::BAD_GATEWAY, "Disconnect failed", &e.to_string()),
+        // ledgerport's own database failed: the accounting system is not
+        // to blame, and trying again is the answer.
+        Err(crate::connections::ConnectError::Store(e))
+            if !matches!(e, crate::store::StoreError::NotFound(_)) =>
+        {
+            tracing::error!(error = %e, "disconnecting from the Integrations page: the store failed");
+            storage_unavailable()
+        }
+        Err(e) => message(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            "Disconnect failed",
+            &e.to_string(),
+        ),
     }
 }
 

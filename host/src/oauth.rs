@@ -397,9 +397,7 @@ impl OAuthProvider {
             return Ok(true);
         }
         if status.is_server_error() {
-            return Err(OAuthError::Transient(format!(
-                "revocation answered HTTP {status}"
-            )));
+            return Err(OAuthError::Transient(http_words(status.as_u16())));
         }
         #[derive(Deserialize, Default)]
         struct ErrBody {
@@ -409,12 +407,12 @@ impl OAuthProvider {
             error_description: String,
         }
         let b: ErrBody = resp.json().await.unwrap_or_default();
+        if b.error.is_empty() {
+            // No OAuth error code: what the status says.
+            return Err(OAuthError::Transient(http_words(status.as_u16())));
+        }
         Err(OAuthError::Refused {
-            error: if b.error.is_empty() {
-                format!("HTTP {status}")
-            } else {
-                b.error
-            },
+            error: b.error,
             description: b.error_description,
         })
     }
@@ -450,7 +448,8 @@ impl OAuthProvider {
         let status = resp.status();
         if !status.is_success() {
             return Err(OAuthError::Transient(format!(
-                "listing the grant's organisations answered HTTP {status}"
+                "listing the grant's organisations: {}",
+                http_words(status.as_u16())
             )));
         }
         #[derive(Deserialize)]
@@ -512,11 +511,24 @@ impl OAuthProvider {
         match resp.status().as_u16() {
             200..=299 => Ok(true),
             404 => Ok(false),
-            s => Err(OAuthError::Transient(format!(
-                "removing the organisation link answered HTTP {s}"
-            ))),
+            s => Err(OAuthError::Transient(http_words(s))),
         }
     }
+}
+
+/// What an HTTP status from the provider means, in words for an admin,
+/// with the status itself after them (what the provider said).
+pub(crate) fn http_words(status: u16) -> String {
+    let words = match status {
+        400 => "it refused the request as malformed",
+        401 => "it no longer accepts ledgerport's access",
+        403 => "it does not allow ledgerport to do this",
+        404 => "it does not know what was asked for",
+        429 => "it is limiting requests just now",
+        500..=599 => "it had a problem on its side",
+        _ => "it answered in a way ledgerport did not expect",
+    };
+    format!("{words} (HTTP {status})")
 }
 
 /// The providers the daemon knows, by connector id.

@@ -378,7 +378,7 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
         .collect();
     assert_eq!(
         actions,
-        vec!["disconnect", "connect.start", "mapping.set"],
+        vec!["disconnect", "connect", "connect.start", "mapping.set"],
         "{a}"
     );
     assert!(

@@ -260,8 +260,13 @@ impl Env {
     }
 
     async fn connect(&self, tenant: &str) {
-        self.sim
-            .set_auto_approve(Some(vec![DEFAULT_TENANT_TRADING]));
+        self.connect_to(tenant, DEFAULT_TENANT_TRADING).await;
+    }
+
+    /// Connect `tenant` to the simulator's organisation `org` (the grant
+    /// covers that one alone).
+    async fn connect_to(&self, tenant: &str, org: uuid::Uuid) {
+        self.sim.set_auto_approve(Some(vec![org]));
         let url = self
             .d
             .connections
@@ -1099,11 +1104,13 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
         "{html}"
     );
     assert!(
-        html.contains("id=\"webhook_status\">needs-reauth</span>"),
+        html.contains(
+            "id=\"webhook_status\" data-state=\"needs-reauth\">Needs you to reconnect</span>"
+        ),
         "{html}"
     );
     assert!(
-        html.contains("id=\"status\">not connected</span>"),
+        html.contains("id=\"status\" data-state=\"not connected\">Not connected</span>"),
         "Xero's card: {html}"
     );
     assert!(
@@ -1157,7 +1164,7 @@ async fn a_webhook_connects_without_oauth_delivers_signed_and_resumes_on_reconne
     assert_eq!(numbers, ["INV-acme-0002", "INV-acme-0003"]);
     let html = get("/integrations").await.unwrap().text().await.unwrap();
     assert!(
-        html.contains("id=\"webhook_status\">active</span>"),
+        html.contains("id=\"webhook_status\" data-state=\"active\">Connected</span>"),
         "{html}"
     );
     assert!(
@@ -2472,5 +2479,534 @@ async fn without_a_catalogue_the_page_offers_the_kinds_documents_wait_for() {
         .execute(pool)
         .await
         .unwrap();
+    env.d.stop().await;
+}
+
+/// After a switch of organisation the mappings are due a review, and a
+/// review is a check against the new organisation's chart: while the
+/// connection cannot make one (disconnected), neither the admin API's
+/// confirm nor the Configure form's Save ends it (409 naming
+/// `connection`, in words), and nothing is changed. Before, both answered
+/// as confirmed with nothing checked, and once connected again the first
+/// organisation's codes went to the second unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_is_not_ended_while_the_connection_cannot_check_it() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    env.connect_to("acme", xero_sim::DEFAULT_TENANT_HOLDINGS)
+        .await;
+    let review = || async {
+        env.d
+            .store
+            .connection_for("acme", "xero")
+            .await
+            .unwrap()
+            .unwrap()
+            .mappings_review
+    };
+    assert!(review().await, "switched: a review is due");
+    // Meanwhile a document waits; the page says so in words, with when
+    // (the API keeps the codes).
+    env.post(&invoice("acme", 1)).await;
+    let counts = env.settle().await;
+    assert!(counts.contains(&("paused".to_string(), 1)), "{counts:?}");
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let html = b
+        .get(format!("{}/integrations", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("id=\"status\" data-state=\"active\">Connected</span>"),
+        "{html}"
+    );
+    assert!(html.contains("<th>When (UTC)</th>"), "{html}");
+    let row = html
+        .split("<tr data-number=\"INV-acme-0001\"")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row: {html}"));
+    assert!(
+        row.contains("<td class=\"paused\">Waiting for an account mapping</td><td class=\"when\"><time datetime=\""),
+        "{row}"
+    );
+    assert!(row.contains(" UTC</time></td>"), "{row}");
+    assert!(!row.contains("(mapping)"), "{row}");
+    let key = env.key("acme").await;
+    let (s, v) = env
+        .call("GET", "/v1/admin/tenants/acme/deliveries", &key, None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["deliveries"][0]["delivery"]["pause_reason"], "mapping");
+    let (s, v) = env
+        .call("POST", "/v1/admin/tenants/acme/disconnect/xero", &key, None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/admin/tenants/acme/confirm-mappings",
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(v["problems"][0]["field"], "connection", "{v}");
+    let words = v["problems"][0]["message"].as_str().unwrap_or_default();
+    assert!(words.contains("Xero is disconnected"), "{words}");
+    assert!(words.contains("connect Xero again"), "{words}");
+    assert!(review().await, "the review is still due");
+
+    // The Configure form's Save (a form shown before the disconnect).
+    let html = b
+        .get(format!("{}/integrations", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("id=\"status\" data-state=\"disconnected\">Disconnected</span>"),
+        "{html}"
+    );
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
+    let before: Vec<_> = env
+        .d
+        .store
+        .mappings(&scope)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mapping)
+        .collect();
+    let r = b
+        .post(format!("{}/integrations/mappings", env.base))
+        .header("cookie", &cookie)
+        .form(&[("gross-salary", "478"), ("shown:gross-salary", "477")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("connection: "), "{html}");
+    assert!(html.contains("Nothing was changed."), "{html}");
+    assert!(review().await, "the review is still due");
+    let after: Vec<_> = env
+        .d
+        .store
+        .mappings(&scope)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mapping)
+        .collect();
+    assert_eq!(before, after, "nothing was changed");
+
+    // Connected again (to Holdings): the review is still due, and now a
+    // confirm checks the codes against Holdings' chart.
+    env.connect_to("acme", xero_sim::DEFAULT_TENANT_HOLDINGS)
+        .await;
+    assert!(review().await, "still due after reconnecting");
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/admin/tenants/acme/confirm-mappings",
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["review_was_due"], true, "{v}");
+    assert!(v["validated_against"].is_string(), "checked: {v}");
+    assert!(!review().await);
+    env.d.stop().await;
+}
+
+/// A connection completed through OAuth is in the audit log, naming the
+/// admin who started it and the organisation (before, only the start was:
+/// who connected which organisation, or switched to another one, could
+/// not be read back): the callback's one organisation, then a switch made
+/// on the picker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_connection_is_audited_with_the_admin_and_organisation() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    let key = env.key("acme").await;
+    let audit = || async {
+        let (s, v) = env
+            .call("GET", "/v1/admin/tenants/acme/audit", &key, None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["audit"].as_array().unwrap().clone()
+    };
+    let entries = audit().await;
+    let first = entries
+        .iter()
+        .find(|e| e["action"] == "connect")
+        .unwrap_or_else(|| panic!("no connect entry: {entries:?}"));
+    assert_eq!(first["actor"], "alice@example.com", "{first}");
+    let detail = first["detail"].as_str().unwrap();
+    assert!(detail.starts_with("xero: connected "), "{detail}");
+    assert!(detail.contains("Acme Trading GmbH"), "{detail}");
+    assert!(
+        detail.contains(&DEFAULT_TENANT_TRADING.to_string()),
+        "{detail}"
+    );
+
+    // Through the picker, to the other organisation, by another admin.
+    env.sim.set_auto_approve(None);
+    let url = env
+        .d
+        .connections
+        .begin_connect("acme", "xero", "bob@acme.example")
+        .await
+        .unwrap();
+    let b = storage_support::browser();
+    let holdings = xero_sim::DEFAULT_TENANT_HOLDINGS;
+    let cb = storage_support::authorize(
+        &b,
+        &env.sim,
+        &url,
+        Some(&[holdings, DEFAULT_TENANT_TRADING]),
+    )
+    .await;
+    let (s, body) = storage_support::finish(&b, &env.base, &cb, Some(&holdings.to_string())).await;
+    assert_eq!(s, 200, "{body}");
+    let entries = audit().await;
+    let switch = entries
+        .iter()
+        .find(|e| e["action"] == "connect.switch")
+        .unwrap_or_else(|| panic!("no switch entry: {entries:?}"));
+    assert_eq!(switch["actor"], "bob@acme.example", "{switch}");
+    assert_eq!(switch["tenant_id"], "acme", "{switch}");
+    let detail = switch["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("switched from Acme Trading GmbH")
+            && detail.contains("to Acme Holdings Ltd"),
+        "{detail}"
+    );
+    assert!(detail.contains("account mappings are checked"), "{detail}");
+    env.d.stop().await;
+}
+
+/// The Configure form writes only the field of a row the admin changed:
+/// a tax-only change keeps the account code another admin set through the
+/// API since the form was shown, and a code-only change keeps their tax
+/// rate (before, the form wrote back the code or tax rate it had shown,
+/// undoing their change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mapping_form_writes_only_the_field_changed_in_a_row() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let key = env.key("acme").await;
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
+    let mapped = |kind: &'static str| {
+        let scope = scope.clone();
+        let store = env.d.store.clone();
+        async move {
+            store
+                .mappings(&scope)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|m| m.mapping.kind == kind)
+                .unwrap()
+                .mapping
+        }
+    };
+    // The form as shown: what each row carries.
+    let html = b
+        .get(format!("{}/integrations/configure", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let shown: std::collections::BTreeMap<String, String> = storage_support::inputs(&html)
+        .into_iter()
+        .filter(|(ty, _, _)| ty == "hidden")
+        .map(|(_, n, v)| (n, v))
+        .collect();
+    assert_eq!(shown["shown:gross-salary"], "477");
+    assert_eq!(shown["shown-tax:gross-salary"], "");
+    assert_eq!(shown["shown:management-fee"], "429");
+    assert_eq!(shown["shown-tax:management-fee"], "INPUT2");
+
+    // Another admin changes both rows through the API meanwhile.
+    let (s, v) = env
+        .call(
+            "PUT",
+            "/v1/admin/tenants/acme/mappings/gross-salary",
+            &key,
+            Some(json!({"account_code": "478"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = env
+        .call(
+            "PUT",
+            "/v1/admin/tenants/acme/mappings/management-fee",
+            &key,
+            Some(json!({"account_code": "429", "tax_type": "NONE"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    // This admin saves the form shown before: gross-salary's tax rate
+    // only, management-fee's code only.
+    let r = b
+        .post(format!("{}/integrations/mappings", env.base))
+        .header("cookie", &cookie)
+        .form(&[
+            ("gross-salary", "477"),
+            ("shown:gross-salary", "477"),
+            ("tax:gross-salary", "INPUT2"),
+            ("shown-tax:gross-salary", ""),
+            ("management-fee", "404"),
+            ("shown:management-fee", "429"),
+            ("tax:management-fee", "INPUT2"),
+            ("shown-tax:management-fee", "INPUT2"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303, "{}", r.text().await.unwrap());
+    let salary = mapped("gross-salary").await;
+    assert_eq!(salary.account_code, "478", "their code kept");
+    assert_eq!(salary.tax_type.as_deref(), Some("INPUT2"), "my tax rate");
+    let fee = mapped("management-fee").await;
+    assert_eq!(fee.account_code, "404", "my code");
+    assert_eq!(fee.tax_type.as_deref(), Some("NONE"), "their tax rate kept");
+    env.d.stop().await;
+}
+
+/// ledgerport's own database failing under connect or disconnect is a 503
+/// "storage is unavailable", on the admin API and on the page, as
+/// everywhere else: not a 500 blaming `connector` with the driver's text,
+/// nor a 502 blaming the accounting system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_failure_on_connect_or_disconnect_is_a_503() {
+    let env = Env::start().await;
+    env.tenant("acme").await;
+    let key = env.key("acme").await;
+    let b = storage_support::browser();
+    let cookie = page_session(&env, &b, "acme").await;
+    let ledgerport::store::Pool::Sqlite(pool) = env.d.store.pool() else {
+        unreachable!("the test runs on SQLite")
+    };
+    let rename = |from: &'static str, to: &'static str| async move {
+        sqlx::query(&format!("ALTER TABLE {from} RENAME TO {to}"))
+            .execute(pool)
+            .await
+            .unwrap();
+    };
+    let unavailable = |s: u16, v: &Value| {
+        assert_eq!(s, 503, "{v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.contains("storage is unavailable"), "{v}");
+        assert!(!v.to_string().contains("no such table"), "{v}");
+    };
+    let page_unavailable = |r: reqwest::Response| async move {
+        assert_eq!(r.status().as_u16(), 503);
+        let html = r.text().await.unwrap();
+        assert!(html.contains("Storage is unavailable"), "{html}");
+        assert!(!html.contains("no such table"), "{html}");
+        assert!(!html.contains("Disconnect failed"), "{html}");
+    };
+
+    // Connect: the sign-in's state cannot be stored.
+    rename("oauth_states", "oauth_states_away").await;
+    let (s, v) = env
+        .call("POST", "/v1/admin/tenants/acme/connect/xero", &key, None)
+        .await;
+    unavailable(s, &v);
+    let r = b
+        .post(format!("{}/integrations/connect", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    page_unavailable(r).await;
+    rename("oauth_states_away", "oauth_states").await;
+
+    // Disconnect: the connection's tokens cannot be read.
+    rename("connection_tokens", "connection_tokens_away").await;
+    let (s, v) = env
+        .call("POST", "/v1/admin/tenants/acme/disconnect/xero", &key, None)
+        .await;
+    unavailable(s, &v);
+    let r = b
+        .post(format!("{}/integrations/disconnect", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    page_unavailable(r).await;
+    rename("connection_tokens_away", "connection_tokens").await;
+    let c = env
+        .d
+        .store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.state, ledgerport::store::ConnectionState::Active);
+    env.d.stop().await;
+}
+
+/// A sign-in link opened in a browser already signed in for another
+/// tenant (or as another admin) does not switch it on a plain GET: anyone
+/// could send theirs, and what the admin connects next would go to that
+/// tenant. A page names both and asks; its button (a POST from this site,
+/// tied to this browser's session) switches. The page's header names the
+/// tenant next to the admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_link_for_another_tenant_asks_before_switching() {
+    let env = Env::start().await;
+    let store = &env.d.store;
+    store
+        .upsert_tenant("acme", "Acme Ltd", &[], 0)
+        .await
+        .unwrap();
+    store
+        .upsert_tenant("globex", "Globex Corp", &[], 0)
+        .await
+        .unwrap();
+    let b = storage_support::browser();
+    let acme = page_session(&env, &b, "acme").await;
+    let page = |cookie: String| {
+        let b = b.clone();
+        let url = format!("{}/integrations", env.base);
+        async move {
+            let r = b.get(url).header("cookie", cookie).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (s, html) = page(acme.clone()).await;
+    assert_eq!(s, 200, "{html}");
+    assert!(
+        html.contains("<strong>alice</strong> for <strong>Acme Ltd (acme)</strong>"),
+        "the header names the tenant: {html}"
+    );
+
+    // A fresh link for globex (as its platform would make it).
+    let globex_key = env.key("globex").await;
+    let link = || async {
+        let (s, v) = env
+            .call(
+                "POST",
+                "/v1/admin/tenants/globex/page-sessions",
+                &globex_key,
+                Some(json!({"admin": "gina@globex.example", "role": "super-admin"})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        format!("{}{}", env.base, v["login"].as_str().unwrap())
+    };
+    let login = link().await;
+    let r = b.get(&login).header("cookie", &acme).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers().get("set-cookie").is_none(), "not switched");
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("<strong>alice</strong> for <strong>Acme Ltd (acme)</strong>"),
+        "{html}"
+    );
+    assert!(
+        html.contains(
+            "<strong>gina@globex.example</strong> for <strong>Globex Corp (globex)</strong>"
+        ),
+        "{html}"
+    );
+    let (s, html_now) = page(acme.clone()).await;
+    assert_eq!(s, 200);
+    assert!(html_now.contains("Acme Ltd (acme)"), "still acme");
+    let form: Vec<(String, String)> = storage_support::inputs(&html)
+        .into_iter()
+        .filter(|(ty, _, _)| ty == "hidden")
+        .map(|(_, n, v)| (n, v))
+        .collect();
+    assert!(form.iter().any(|(n, _)| n == "confirm"), "{form:?}");
+
+    // Posted from another site, or without this browser's session (a
+    // page elsewhere posting a link of its own): refused, naming why.
+    let r = b
+        .post(format!("{}/integrations/login", env.base))
+        .header("cookie", &acme)
+        .header("origin", "http://evil.example")
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.text().await.unwrap().contains("origin: "));
+    let r = b
+        .post(format!("{}/integrations/login", env.base))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(r.text().await.unwrap().contains("confirm: "));
+
+    // The admin's own choice: switched, and the acme session ends.
+    let r = b
+        .post(format!("{}/integrations/login", env.base))
+        .header("cookie", &acme)
+        .header("origin", &env.base)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let globex = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let (s, html) = page(globex.clone()).await;
+    assert_eq!(s, 200, "{html}");
+    assert!(
+        html.contains(
+            "<strong>gina@globex.example</strong> for <strong>Globex Corp (globex)</strong>"
+        ),
+        "{html}"
+    );
+    let (s, _) = page(acme.clone()).await;
+    assert_eq!(s, 401, "the session switched from has ended");
+
+    // A link for the same tenant and admin, or opened without a session,
+    // signs in at once as before.
+    let r = b.get(link().await).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let r = b
+        .get(link().await)
+        .header("cookie", &globex)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert!(r.headers().get("set-cookie").is_some());
     env.d.stop().await;
 }

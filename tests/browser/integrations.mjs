@@ -22,7 +22,7 @@ const fail = async (why) => { await shot('failure'); console.error(why); await b
 try {
   await page.goto(LOGIN_URL);
   await page.waitForSelector('#xero');
-  if ((await page.textContent('#status')).trim() !== 'not connected') await fail('expected not connected');
+  if ((await page.textContent('#status')).trim() !== 'Not connected') await fail('expected Not connected');
   await shot('1-integrations');
 
   // Connect: the provider's consent page with an organisation picker.
@@ -43,7 +43,7 @@ try {
   await shot('3-connected');
   await page.click('#back');
   await page.waitForSelector('#status');
-  if ((await page.textContent('#status')).trim() !== 'active') await fail('expected active after connecting');
+  if ((await page.textContent('#status')).trim() !== 'Connected') await fail('expected Connected after connecting');
 
   // Configure: the choices are the organisation's accounts.
   await page.click('#menu summary');
@@ -92,7 +92,7 @@ try {
   await page.click('#menu summary');
   await page.click('#disconnect');
   await page.waitForSelector('#status');
-  if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('expected disconnected');
+  if ((await page.textContent('#status')).trim() !== 'Disconnected') await fail('expected Disconnected');
   await shot('6-disconnected');
 
   // A connector without OAuth on its own card: Connect checks its settings
@@ -110,8 +110,8 @@ try {
   await shot('7-webhook-connected');
   await page.click('#back');
   await page.waitForSelector('#webhook_status');
-  if ((await page.textContent('#webhook_status')).trim() !== 'active') await fail('expected the webhook active');
-  if ((await page.textContent('#status')).trim() !== 'disconnected') await fail('Xero\'s card is its own');
+  if ((await page.textContent('#webhook_status')).trim() !== 'Connected') await fail('expected the webhook Connected');
+  if ((await page.textContent('#status')).trim() !== 'Disconnected') await fail('Xero\'s card is its own');
 
   // Sign out ends the session on the daemon, not only in this browser: the
   // session cookie, put back afterwards, no longer signs in.

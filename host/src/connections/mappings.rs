@@ -59,6 +59,13 @@ pub enum MappingError {
     /// needs-reauth, and the admin must connect again (409).
     #[error("connection: {0}; connect again")]
     NeedsReauth(String),
+    /// The mappings are due a review after a switch of organisation and
+    /// the connection cannot check them now (disconnected, waiting to be
+    /// connected again, its connector not loaded): confirming them
+    /// unchecked would send the other organisation's codes to this one
+    /// (409). Why, in words.
+    #[error("connection: {0}")]
+    Uncheckable(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -69,7 +76,7 @@ impl MappingError {
     pub fn status(&self) -> u16 {
         match self {
             MappingError::Unverifiable(_) => 503,
-            MappingError::NeedsReauth(_) => 409,
+            MappingError::NeedsReauth(_) | MappingError::Uncheckable(_) => 409,
             MappingError::Store(_) => 500,
             _ => 400,
         }
@@ -82,7 +89,7 @@ impl MappingError {
             MappingError::UnknownKind { .. } => "kind",
             MappingError::UnknownAccount { .. } | MappingError::Unverifiable(_) => "account_code",
             MappingError::UnknownTaxType { .. } => "tax_type",
-            MappingError::NeedsReauth(_) => "connection",
+            MappingError::NeedsReauth(_) | MappingError::Uncheckable(_) => "connection",
             MappingError::Store(_) => "storage",
         }
     }
@@ -330,7 +337,11 @@ impl Connections {
         mappings: &[AccountMapping],
         actor: &str,
     ) -> Result<MappingOutcome, MappingError> {
-        let validated_against = self.check_all(scope, mappings).await.map_err(|(_, e)| e)?;
+        let review = self.review_due(scope).await?;
+        let validated_against = self
+            .check_all(scope, mappings, review)
+            .await
+            .map_err(|(_, e)| e)?;
         self.store()
             .replace_mappings(scope, mappings, actor, self.clock().now_secs())
             .await?;
@@ -352,13 +363,15 @@ impl Connections {
         clear: &[String],
         actor: &str,
     ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
-        self.check_and_write(scope, set, set, clear, actor, false)
+        self.check_and_write(scope, set, set, clear, actor, false, false)
             .await
     }
 
     /// Check `to_check` (against the live account list when there is
-    /// one), then write `set` and `clear` in one transaction; `confirm`
-    /// ends a review due after a switch of organisation.
+    /// one; while a `review` is due, only against it), then write `set`
+    /// and `clear` in one transaction; `confirm` ends a review due after a
+    /// switch of organisation.
+    #[allow(clippy::too_many_arguments)]
     async fn check_and_write(
         &self,
         scope: &MappingScope,
@@ -367,11 +380,12 @@ impl Connections {
         clear: &[String],
         actor: &str,
         confirm: bool,
+        review: bool,
     ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
         let validated_against = if to_check.is_empty() {
             None
         } else {
-            self.check_all(scope, to_check).await?
+            self.check_all(scope, to_check, review).await?
         };
         self.store()
             .change_mappings(scope, set, clear, actor, self.clock().now_secs(), confirm)
@@ -392,12 +406,7 @@ impl Connections {
         clear: &[String],
         actor: &str,
     ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
-        let review = self
-            .store()
-            .connection_for(&scope.tenant_id, &scope.connector_id)
-            .await
-            .map_err(|e| (None, MappingError::from(e)))?
-            .is_some_and(|c| c.mappings_review);
+        let review = self.review_due(scope).await.map_err(|e| (None, e))?;
         let to_check: Vec<AccountMapping> = if review {
             let mut all: BTreeMap<String, AccountMapping> = self
                 .store()
@@ -415,18 +424,21 @@ impl Connections {
         } else {
             set.to_vec()
         };
-        self.check_and_write(scope, &to_check, set, clear, actor, true)
+        self.check_and_write(scope, &to_check, set, clear, actor, true, review)
             .await
     }
 
     /// Confirm the mappings as they stand (the admin API's way to end a
     /// review after a switch of organisation): each checked against the
     /// live organisation's accounts first, a refusal naming the kind.
+    /// While a review is due and the connection cannot check them (it is
+    /// not active), nothing is confirmed: [`MappingError::Uncheckable`].
     /// Returns whether a review was due.
     pub async fn confirm_mappings(
         &self,
         scope: &MappingScope,
     ) -> Result<(bool, MappingOutcome), (Option<String>, MappingError)> {
+        let review = self.review_due(scope).await.map_err(|e| (None, e))?;
         let all: Vec<AccountMapping> = self
             .store()
             .mappings(scope)
@@ -438,7 +450,7 @@ impl Connections {
         let validated_against = if all.is_empty() {
             None
         } else {
-            self.check_all(scope, &all).await?
+            self.check_all(scope, &all, review).await?
         };
         let was_due = self
             .store()
@@ -448,25 +460,69 @@ impl Connections {
         Ok((was_due, MappingOutcome { validated_against }))
     }
 
+    /// Whether the scope's connection has its mappings due a review after
+    /// a switch of organisation.
+    async fn review_due(&self, scope: &MappingScope) -> Result<bool, MappingError> {
+        Ok(self
+            .store()
+            .connection_for(&scope.tenant_id, &scope.connector_id)
+            .await?
+            .is_some_and(|c| c.mappings_review))
+    }
+
+    /// Why the scope's connection cannot check mappings due a review, in
+    /// words for the admin.
+    async fn uncheckable(&self, scope: &MappingScope) -> MappingError {
+        let name = self
+            .manifest(&scope.connector_id)
+            .map(|m| m.name)
+            .unwrap_or_else(|| scope.connector_id.clone());
+        let why = match self
+            .store()
+            .connection_for(&scope.tenant_id, &scope.connector_id)
+            .await
+        {
+            Err(e) => return MappingError::Store(e),
+            Ok(None) => format!("there is no {name} connection"),
+            Ok(Some(c)) => match c.state {
+                ConnectionState::Disconnected => format!("{name} is disconnected"),
+                ConnectionState::NeedsReauth => {
+                    format!("{name} needs you to connect it again")
+                }
+                ConnectionState::Active => {
+                    format!("the {name} connector is not loaded on this daemon")
+                }
+            },
+        };
+        MappingError::Uncheckable(format!(
+            "the account mappings were chosen from another organisation's accounts and cannot be checked while {why}; \
+             connect {name} again, then check and save them (nothing is sent until then, and nothing was changed)"
+        ))
+    }
+
     /// Check every mapping; the organisation whose account list checked
     /// them (None: none to check against). A refusal carries its kind.
+    /// While a `review` is due after a switch of organisation, a
+    /// connection that cannot list the organisation's accounts refuses
+    /// ([`MappingError::Uncheckable`]) rather than passing them unchecked.
     async fn check_all(
         &self,
         scope: &MappingScope,
         mappings: &[AccountMapping],
+        review: bool,
     ) -> Result<Option<String>, (Option<String>, MappingError)> {
         for m in mappings {
             check_fields(m).map_err(|e| (Some(m.kind.clone()), e))?;
             self.check_kind(&m.kind)
                 .map_err(|e| (Some(m.kind.clone()), e))?;
         }
+        let list = self.account_list(scope).await.map_err(|e| (None, e))?;
+        if review && list.is_none() {
+            return Err((None, self.uncheckable(scope).await));
+        }
         // A connector with no chart of accounts (an empty list, e.g. the
         // JSON webhook's) leaves the codes to the admin: nothing to check.
-        let list = self
-            .account_list(scope)
-            .await
-            .map_err(|e| (None, e))?
-            .filter(|(_, l)| !l.accounts.is_empty());
+        let list = list.filter(|(_, l)| !l.accounts.is_empty());
         if let Some((org, l)) = &list {
             for m in mappings {
                 Self::check_against(org, l, m).map_err(|e| (Some(m.kind.clone()), e))?;

@@ -172,6 +172,24 @@ impl Store {
         Ok(made.then_some(token))
     }
 
+    /// Whom an unspent, unexpired sign-in ticket signs in as: (tenant,
+    /// admin, role), without spending it (the page asks before a link
+    /// replaces a session the browser already has).
+    pub async fn page_ticket(
+        &self,
+        ticket: &str,
+        now: i64,
+    ) -> Result<Option<(String, String, String)>, StoreError> {
+        let row = on_pool!(self, p => {
+            match sqlx::query("SELECT s.tenant_id, s.admin, s.role FROM page_sessions s JOIN api_keys k ON k.id = s.key_id WHERE s.token_hash = $1 AND s.kind = 'ticket' AND s.expires_at > $2 AND k.revoked_at IS NULL")
+                .bind(hash(ticket)).bind(now).fetch_optional(p).await? {
+                Some(r) => Some((r.try_get("tenant_id")?, r.try_get("admin")?, r.try_get("role")?)),
+                None => None,
+            }
+        });
+        Ok(row)
+    }
+
     /// End the page sessions of `tenant_id` (of one admin, when named), and
     /// their unused tickets: the platform signs out an admin it removed or
     /// demoted. Returns how many ended.

@@ -218,6 +218,9 @@ pub struct Connected {
     pub replaced: Option<TokenSet>,
     /// The event recorded.
     pub event: ConnectionEvent,
+    /// The tenant's connection to the connector as it was before (None:
+    /// a first connection), e.g. the organisation it was connected to.
+    pub previous: Option<Connection>,
 }
 
 /// A row of `connection_events`.
@@ -903,6 +906,7 @@ impl Store {
             reconnected: existing.is_some(),
             replaced,
             event,
+            previous: existing,
         })
     }
 
