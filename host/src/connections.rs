@@ -18,7 +18,7 @@ pub mod direct;
 pub mod mappings;
 pub mod settings;
 
-use crate::capabilities::http::CredentialProvider;
+use crate::capabilities::http::{CredentialProvider, RateLimit};
 use crate::credentials::{RefreshPolicy, TokenManager};
 use crate::crypto::{KeyRing, random_token, sha256_hex};
 use crate::oauth::{OAuthError, Providers};
@@ -276,6 +276,10 @@ pub struct ConnectorRuntime {
     /// The plugin.
     pub plugin: Arc<Plugin>,
 }
+
+/// The longest an admin's call to the provider waits for a slot of the
+/// connection's request rate.
+pub const ADMIN_RATE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The connections service. Share it behind an `Arc`.
 pub struct Connections {
@@ -900,12 +904,27 @@ impl Connections {
         let plugin = self.plugin(&conn.connector_id);
         let manifest = plugin.as_ref().map(|p| p.plugin.manifest());
         let connection = settings::connection_info(&self.store, &self.keys, manifest, conn).await?;
+        // An admin's calls (the account list behind the mapping screen, the
+        // check) count in the connection's provider rate like the
+        // dispatcher's, on every daemon: a burst of mapping changes must
+        // not push the organisation past its limit (a 429 holds its
+        // deliveries). One that cannot have a slot soon fails at once.
+        let rate = manifest.map(|m| {
+            RateLimit::new(
+                Arc::new(crate::dispatch::StoreRateGate {
+                    store: self.store.clone(),
+                    window: crate::dispatch::RATE_WINDOW,
+                }),
+                m.limits.requests_per_minute,
+                ADMIN_RATE_WAIT,
+            )
+        });
         Ok(CallContext {
             connection,
             credentials: self.tokens.clone() as Arc<dyn CredentialProvider>,
             mappings: Arc::new(self.store.clone()),
             kv: Arc::new(self.store.clone()),
-            rate: None,
+            rate,
         })
     }
 }

@@ -95,6 +95,9 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The window a provider's requests-per-minute limit is held over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
 /// How old an outcome's mark must be before the sweep records its
 /// incident (the dispatcher records it itself moments after the outcome),
 /// and how often the sweep runs.
@@ -172,7 +175,7 @@ impl Default for DispatchConfig {
             enforce_rate: true,
             per_connection_override: None,
             rate_override: None,
-            rate_window: Duration::from_secs(60),
+            rate_window: RATE_WINDOW,
             max_parked: 64,
         }
     }

@@ -683,6 +683,51 @@ both!(
     a_reconnect_during_a_refresh_of_the_old_grant_wins
 );
 
+/// An admin's calls to the provider (the account list behind the mapping
+/// screen) count in the connection's request rate with the dispatcher's,
+/// on every daemon: with the organisation's minute used up, the list is
+/// refused at once, saying why, and Xero is not called (before, admin calls
+/// went past the limit and Xero's 429 held the connection's deliveries).
+async fn admin_calls_count_in_the_provider_rate(db: TestDb) {
+    let (sim, d) = setup(&db).await;
+    let (rt, plugin) = xero_plugin(&sim);
+    d.conns.register_plugin(rt, plugin);
+    let c = connect_one(&sim, &d, DEFAULT_TENANT_HOLDINGS).await;
+    let scope = MappingScope {
+        tenant_id: "acme".into(),
+        connector_id: "xero".into(),
+    };
+    let calls = || sim.counters().accounting_requests;
+    let before = calls();
+    assert!(d.conns.account_list(&scope).await.unwrap().is_some());
+    assert!(calls() > before, "the list asks Xero");
+    // The deliveries (here: the test) use up the rest of the minute.
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut taken = 0;
+    while d
+        .store
+        .take_rate_slot(&c.id, 60, 60_000, now)
+        .await
+        .unwrap()
+        .is_ok()
+    {
+        taken += 1;
+        assert!(taken <= 60);
+    }
+    assert!(taken < 60, "the list's own calls were not counted");
+    let before = calls();
+    let started = std::time::Instant::now();
+    let e = d.conns.account_list(&scope).await.unwrap_err();
+    assert!(e.to_string().contains("60 requests a minute"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert_eq!(calls(), before, "Xero was called past its limit");
+}
+both!(
+    admin_rate_sqlite,
+    admin_rate_postgres,
+    admin_calls_count_in_the_provider_rate
+);
+
 async fn disconnect_then_reconnect_keeps_mappings(db: TestDb) {
     let (sim, d) = setup(&db).await;
     let (rt, plugin) = xero_plugin(&sim);

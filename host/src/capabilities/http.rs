@@ -410,13 +410,15 @@ impl RateLimit {
             let Some(wait) = self.gate.try_take(connection_id, self.per_minute).await? else {
                 return Ok(());
             };
-            let wait = wait.clamp(Duration::from_millis(5), Duration::from_secs(1));
+            // Judged by the gate's own wait: a call that cannot have a
+            // slot in time fails at once, not after waiting in vain.
             if Instant::now() + wait > give_up {
                 return Err(format!(
                     "the provider's limit of {} requests a minute is used up; try later",
                     self.per_minute
                 ));
             }
+            let wait = wait.clamp(Duration::from_millis(5), Duration::from_secs(1));
             let slept = Instant::now();
             match &self.parking {
                 Some(p) => {
