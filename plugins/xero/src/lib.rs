@@ -9,6 +9,10 @@
 //! keys for minutes only and bill numbers are not unique there, so the
 //! look-up is what makes a retry after a crash safe.
 //!
+//! A credit note names the bill it corrects in its history (a note), as
+//! Xero keeps no `Reference` on a supplier credit note, and is allocated
+//! to that bill when both are approved.
+//!
 //! Connection settings (all optional):
 //! - `status`: `DRAFT`, `SUBMITTED` or `AUTHORISED` (default `AUTHORISED`:
 //!   the document is already issued and final, its amounts are exact, and
