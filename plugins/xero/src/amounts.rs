@@ -61,6 +61,19 @@ impl Amount {
         self.scale
     }
 
+    /// Whether it has at most `places` decimal places once trailing zeros
+    /// are set aside (`1.500` fits 2, `1.505` does not).
+    pub fn fits_decimals(&self, places: u32) -> bool {
+        if self.scale <= places {
+            return true;
+        }
+        // The digits below `places` must all be zero; 10^(scale - places)
+        // fits i128 for the 28 digits `parse` takes.
+        10i128
+            .checked_pow(self.scale - places)
+            .is_some_and(|p| self.mantissa % p == 0)
+    }
+
     /// Whether it is zero.
     pub fn is_zero(&self) -> bool {
         self.mantissa == 0
@@ -174,6 +187,17 @@ mod tests {
         }
         for bad in ["", "1e5", "12.", ".", "1,5", "abc", "--1", "NaN"] {
             assert!(Amount::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fits_decimals_sets_trailing_zeros_aside() {
+        let fits = |t: &str| Amount::parse(t).unwrap().fits_decimals(2);
+        for t in ["1", "1.5", "1.50", "1.500", "-0.010", "0.0000"] {
+            assert!(fits(t), "{t}");
+        }
+        for t in ["1.505", "-0.001", "1000.125", "0.0000001"] {
+            assert!(!fits(t), "{t}");
         }
     }
 

@@ -9,6 +9,10 @@
 //! keys for minutes only and bill numbers are not unique there, so the
 //! look-up is what makes a retry after a crash safe.
 //!
+//! A credit note names the bill it corrects in its history (a note), as
+//! Xero keeps no `Reference` on a supplier credit note, and is allocated
+//! to that bill when both are approved.
+//!
 //! Connection settings (all optional):
 //! - `status`: `DRAFT`, `SUBMITTED` or `AUTHORISED` (default `AUTHORISED`:
 //!   the document is already issued and final, its amounts are exact, and
@@ -140,7 +144,7 @@ impl Connector for Xero {
             DocumentKind::Invoice => Which::Bill,
             DocumentKind::CreditNote => Which::Credit,
         };
-        let mut contact_id = supplier_contact(&api, &doc)?;
+        let mut contact_id = supplier_contact(&api, &doc, &delivery)?;
         let mut notes = Vec::new();
         let mut existing = find_existing(&api, which, &doc, &contact_id, &delivery)?;
         let mut made = None;
@@ -152,7 +156,7 @@ impl Connector for Xero {
                 // contact with our number or name), or say how to restore it.
                 Err(e) if contact_archived(&e) => {
                     kv::delete(&contact_cache_key(&doc));
-                    let again = find_or_create_contact(&api, &doc)?;
+                    let again = find_or_create_contact(&api, &doc, &delivery)?;
                     if again == contact_id {
                         return Err(e);
                     }
@@ -187,13 +191,13 @@ impl Connector for Xero {
                     notes.push(format!(
                         "{} {} from this supplier with the same total was already in Xero{whence}; it was kept and not created again",
                         which.noun(),
-                        doc.number
+                        doc_number(&doc)
                     ));
                 }
                 log::info(format!(
                     "{} {} already in Xero as {id}",
                     which.noun(),
-                    doc.number
+                    doc_number(&doc)
                 ));
                 // Created by an earlier attempt whose answer was lost: its
                 // count of refusals (see `create`) is done with.
@@ -223,7 +227,7 @@ impl Connector for Xero {
             match pdf {
                 Pdf::Bytes(bytes) => {
                     if let Err(e) =
-                        attach_pdf(&api, which, &id, &doc.number, bytes, &delivery, fresh)
+                        attach_pdf(&api, which, &id, doc_number(&doc), bytes, &delivery, fresh)
                     {
                         notes.push(after_creation(e, || {
                             format!(
@@ -238,14 +242,41 @@ impl Connector for Xero {
                 )),
             }
         }
-        if which == Which::Credit {
-            match allocate(&api, &created, &doc, &contact_id) {
+        if fresh {
+            // What Xero made of the amounts: the checks in `build_lines`
+            // should leave nothing for it to change, so a difference is a
+            // surprise worth telling the admin about (it also defeats the
+            // look-up of a credit note by its total on a retry).
+            let total = Amount::parse(&doc.total);
+            let theirs = created.get("Total").and_then(Amount::from_json);
+            if let (Some(ours), Some(theirs)) = (total, theirs)
+                && ours != theirs
+            {
+                notes.push(format!(
+                    "Xero's total for the {} is {} but the document's is {}; check the {} in Xero",
+                    which.noun(),
+                    theirs.text(),
+                    doc.total,
+                    which.noun()
+                ));
+            }
+        }
+        if which == Which::Credit
+            && let Some(invoice_number) = credited_number(&doc)
+        {
+            if let Err(e) = note_credited_bill(&api, &id, invoice_number, &delivery, fresh) {
+                notes.push(after_creation(e, || {
+                    format!(
+                        "the credit note is in Xero but the note naming bill {invoice_number} could not be added to its history"
+                    )
+                })?);
+            }
+            match allocate(&api, &created, &doc, &contact_id, &delivery) {
                 Ok(Some(note)) => notes.push(note),
                 Ok(None) => {}
                 Err(e) => notes.push(after_creation(e, || {
                     format!(
-                        "the credit note is in Xero but could not be allocated to bill {}; allocate it in Xero",
-                        doc.credits_invoice_number.as_deref().unwrap_or_default()
+                        "the credit note is in Xero but could not be allocated to bill {invoice_number}; allocate it in Xero"
                     )
                 })?),
             }
@@ -297,6 +328,31 @@ fn cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// The document number as Xero keeps it: Xero trims the spaces around a
+/// number it stores, so the look-up, the create and the history note use
+/// the trimmed number (an untrimmed look-up found nothing and a retry
+/// after the idempotency window created a second bill).
+fn doc_number(doc: &Document) -> &str {
+    doc.number.trim()
+}
+
+/// The number of the invoice a credit note corrects, trimmed like
+/// [`doc_number`] (the bill in Xero has its number trimmed).
+fn credited_number(doc: &Document) -> Option<&str> {
+    doc.credits_invoice_number
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+}
+
+/// Cut `s` to `max` characters (Xero's limits count characters).
+fn cut_chars(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => &s[..end],
+        None => s,
+    }
+}
+
 /// A line ready for Xero, with the amounts kept exact.
 struct LineOut {
     kind: String,
@@ -318,7 +374,9 @@ fn build_lines(
     if doc.lines.is_empty() {
         problems.push(errors::field("lines", "the document has no lines", None));
     }
-    if doc.number.trim().is_empty() || doc.number.len() > MAX_NUMBER {
+    // Xero's limit is in characters (200 "é" are 400 bytes and fit).
+    let number = doc_number(doc);
+    if number.is_empty() || number.chars().count() > MAX_NUMBER {
         problems.push(errors::field(
             "number",
             format!("the document number must be 1 to {MAX_NUMBER} characters"),
@@ -355,6 +413,44 @@ fn build_lines(
                 None,
             ));
         }
+        // Xero keeps money to 2 decimal places and would round the rest
+        // away (a 3-decimal currency's amounts pass the platform's
+        // checks); the bill would then differ from the document.
+        for (name, text, a) in [
+            ("line_amount", &l.line_amount, &la),
+            ("tax_amount", &l.tax_amount, &t),
+        ] {
+            if let Some(a) = a
+                && !a.fits_decimals(2)
+            {
+                problems.push(errors::field(
+                    &format!("lines[{i}].{name}"),
+                    format!(
+                        "line {} has the {} {text}, with more than 2 decimal places; Xero keeps amounts to 2 decimal places and would round it, so the bill would not match the document",
+                        i + 1,
+                        name.replace('_', " ")
+                    ),
+                    None,
+                ));
+            }
+        }
+        // With no tax (LineAmountTypes NoTax) Xero drops a line's tax
+        // without a word; the platform only checks that the lines' tax
+        // adds up to a zero total_tax.
+        if doc.tax_basis == TaxBasis::NoTax
+            && let Some(t) = &t
+            && !t.is_zero()
+        {
+            problems.push(errors::field(
+                &format!("lines[{i}].tax_amount"),
+                format!(
+                    "line {} carries tax ({}) but the document is marked as having no tax; Xero would drop the line's tax, so the bill would not match the document",
+                    i + 1,
+                    l.tax_amount
+                ),
+                None,
+            ));
+        }
         let (Some(q), Some(u), Some(t), Some(la)) = (q, u, t, la) else {
             continue;
         };
@@ -364,7 +460,7 @@ fn build_lines(
         let description = if l.description.trim().is_empty() {
             l.kind.clone()
         } else {
-            cut(&l.description, MAX_DESCRIPTION).to_string()
+            cut_chars(&l.description, MAX_DESCRIPTION).to_string()
         };
         out.push(LineOut {
             kind: l.kind.clone(),
@@ -390,11 +486,15 @@ fn contact_cache_key(doc: &Document) -> String {
 }
 
 /// The supplier contact: kv cache, else [`find_or_create_contact`].
-fn supplier_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> {
+fn supplier_contact(
+    api: &Api,
+    doc: &Document,
+    delivery: &Delivery,
+) -> Result<String, DeliveryError> {
     if let Some(id) = kv::get_string(&contact_cache_key(doc)) {
         return Ok(id);
     }
-    find_or_create_contact(api, doc)
+    find_or_create_contact(api, doc, delivery)
 }
 
 /// Whether Xero refused a new document because its contact is archived
@@ -414,7 +514,11 @@ fn contact_archived(e: &DeliveryError) -> bool {
 /// or merged into another) with no active one to use is a refusal that
 /// says how to restore it: creating a second contact for the supplier
 /// behind the admin's back would undo their tidying.
-fn find_or_create_contact(api: &Api, doc: &Document) -> Result<String, DeliveryError> {
+fn find_or_create_contact(
+    api: &Api,
+    doc: &Document,
+    delivery: &Delivery,
+) -> Result<String, DeliveryError> {
     let supplier = &doc.supplier;
     let cache_key = contact_cache_key(doc);
     let number = cut(&supplier.id, 50).to_string();
@@ -502,7 +606,10 @@ fn find_or_create_contact(api: &Api, doc: &Document) -> Result<String, DeliveryE
             if let Some(t) = &supplier.tax_number {
                 contact["TaxNumber"] = json!(t);
             }
-            match api.put_json("/Contacts", &json!({ "Contacts": [contact] }), None) {
+            // Keyed by the delivery (rule 4): a replay of this request
+            // within Xero's minutes gets the contact it created.
+            let key = format!("{}-contact", delivery.key);
+            match api.put_json("/Contacts", &json!({ "Contacts": [contact] }), Some(&key)) {
                 Ok(created) => {
                     let c = items(&created, "Contacts")
                         .into_iter()
@@ -565,7 +672,7 @@ fn find_existing(
         "Type==\"{}\" AND {}==\"{}\" AND Contact.ContactID==guid(\"{}\")",
         which.xero_type(),
         which.number_field(),
-        xero::quote(&doc.number),
+        xero::quote(doc_number(doc)),
         xero::quote(contact_id)
     );
     let found = api.get_json(&format!("{}?where={}", which.path(), xero::encode(&filter)))?;
@@ -620,8 +727,6 @@ struct DocumentBody<'a> {
     credit_note_number: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     due_date: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reference: Option<&'a str>,
     /// Bills only: Xero's CreditNote has no Url.
     #[serde(skip_serializing_if = "Option::is_none")]
     url: Option<&'a str>,
@@ -673,9 +778,8 @@ fn create(
             tax_type: l.tax_type.as_deref(),
         })
         .collect();
-    let number = cut(&doc.number, MAX_NUMBER);
+    let number = cut_chars(doc_number(doc), MAX_NUMBER);
     let url = url_for(doc, delivery);
-    let reference = doc.credits_invoice_number.as_deref().unwrap_or_default();
     let body = DocumentBody {
         kind: which.xero_type(),
         contact: ContactRef { contact_id },
@@ -694,7 +798,6 @@ fn create(
         // one is due on its issue date (and the receipt says so).
         due_date: (which == Which::Bill)
             .then(|| doc.due_date.as_deref().unwrap_or(&doc.issue_date)),
-        reference: (which == Which::Credit).then_some(reference),
         url: (which == Which::Bill).then_some(url.as_str()),
     };
     let unitdp4 = lines.iter().any(|l| l.unit_amount.scale() > 2);
@@ -757,7 +860,12 @@ fn refusals_key(delivery: &Delivery) -> String {
 }
 
 /// Tie Xero's validation messages to the lines and kinds they concern,
-/// in plain words, keeping Xero's text alongside.
+/// in plain words, keeping Xero's text alongside. When every message is
+/// about a mapped account code or tax type (archived, deleted, unknown in
+/// this organisation) and names the kinds mapped to it, the answer is
+/// needs-mapping for those kinds: the host pauses the delivery and resumes
+/// it once the admin maps them to something else. Anything else, or a
+/// message it cannot tie to a kind, stays a refusal.
 fn explain_rejection(
     e: DeliveryError,
     lines: &[LineOut],
@@ -767,6 +875,8 @@ fn explain_rejection(
         return e;
     };
     let mut out = Vec::new();
+    let mut kinds: Vec<String> = Vec::new();
+    let mut all_mapping = true;
     for fe in errs {
         let raw = fe
             .provider_message
@@ -793,6 +903,7 @@ fn explain_rejection(
                     what,
                     Some(raw.clone()),
                 ));
+                kinds.push(kind.clone());
                 matched = true;
             }
             if let Some(t) = &m.tax_type
@@ -805,10 +916,12 @@ fn explain_rejection(
                     format!("Tax type {t} cannot be used in this Xero organisation — choose another tax rate for '{kind}'"),
                     Some(raw.clone()),
                 ));
+                kinds.push(kind.clone());
                 matched = true;
             }
         }
         if !matched {
+            all_mapping = false;
             let plain = if raw.contains("not subscribed to currency") {
                 "This currency is not enabled in the customer's Xero organisation — enable it in Xero (Settings > Currencies), then retry".to_string()
             } else {
@@ -816,6 +929,20 @@ fn explain_rejection(
             };
             out.push(errors::field(&fe.field, plain, Some(raw)));
         }
+    }
+    if all_mapping && !kinds.is_empty() {
+        // The contract's needs-mapping carries kinds only: Xero's words
+        // go to the log.
+        for f in &out {
+            log::warn(format!(
+                "{} (Xero: {})",
+                f.message,
+                f.provider_message.as_deref().unwrap_or_default()
+            ));
+        }
+        kinds.sort();
+        kinds.dedup();
+        return errors::needs_mapping(kinds);
     }
     DeliveryError::Rejected(out)
 }
@@ -877,6 +1004,43 @@ fn attach_pdf(
     Ok(())
 }
 
+/// The history note that names the bill a credit note corrects.
+fn credited_bill_note(invoice_number: &str) -> String {
+    format!("Credit note for bill {invoice_number} (recorded by ledgerport)")
+}
+
+/// Name the corrected bill in the credit note's history. Xero keeps no
+/// `Reference` on a supplier credit note (`ACCRECCREDIT only`), and an
+/// allocation is made only between approved documents, so without this a
+/// draft credit note would not say what it corrects. A credit note this
+/// call created (`fresh`) has no note yet; a retry looks first, so the
+/// note is added once.
+fn note_credited_bill(
+    api: &Api,
+    credit_id: &str,
+    invoice_number: &str,
+    delivery: &Delivery,
+    fresh: bool,
+) -> Result<(), DeliveryError> {
+    let details = credited_bill_note(invoice_number);
+    let path = format!("/CreditNotes/{}/History", xero::encode(credit_id));
+    if !fresh {
+        let existing = api.get_json(&path)?;
+        if items(&existing, "HistoryRecords")
+            .iter()
+            .any(|r| s(r, "Details") == details)
+        {
+            return Ok(());
+        }
+    }
+    api.put_json(
+        &path,
+        &json!({ "HistoryRecords": [{ "Details": details }] }),
+        Some(&format!("{}-history", delivery.key)),
+    )?;
+    Ok(())
+}
+
 /// Allocate a credit note to the bill it credits, up to what is due.
 /// Returns a note for the receipt when it could not (fully) be allocated.
 fn allocate(
@@ -884,8 +1048,9 @@ fn allocate(
     credit: &Value,
     doc: &Document,
     contact_id: &str,
+    delivery: &Delivery,
 ) -> Result<Option<String>, DeliveryError> {
-    let Some(invoice_number) = doc.credits_invoice_number.clone() else {
+    let Some(invoice_number) = credited_number(doc) else {
         return Ok(None);
     };
     let credit_id = s(credit, "CreditNoteID");
@@ -911,7 +1076,7 @@ fn allocate(
     }
     let filter = format!(
         "Type==\"ACCPAY\" AND InvoiceNumber==\"{}\" AND Contact.ContactID==guid(\"{}\")",
-        xero::quote(&invoice_number),
+        xero::quote(invoice_number),
         xero::quote(contact_id)
     );
     let bills = api.get_json(&format!("/Invoices?where={}", xero::encode(&filter)))?;
@@ -953,10 +1118,13 @@ fn allocate(
         "Date": doc.issue_date,
         "Invoice": { "InvoiceID": s(bill, "InvoiceID") },
     }]});
+    // Keyed by the delivery and the amount: a replay within Xero's
+    // minutes is answered from its key store, not allocated twice (the
+    // re-read above covers a retry after that).
     api.put_json(
         &format!("/CreditNotes/{credit_id}/Allocations"),
         &body,
-        None,
+        Some(&format!("{}-allocate-{}", delivery.key, amount.text())),
     )?;
     if amount < remaining {
         Ok(Some(format!(

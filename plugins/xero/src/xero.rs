@@ -257,19 +257,19 @@ pub fn classify(resp: &Response) -> DeliveryError {
         }
         404 => errors::transient(format!("Xero answered 404 Not Found: {}", snippet(&text))),
         429 => {
+            // Xero's words for the limit ("minute", "daily", "concurrent",
+            // "appminute") are compared and passed on in lower case,
+            // whatever case they arrive in.
             let limit = resp
                 .header("x-rate-limit-problem")
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
                 .unwrap_or("unknown")
-                .to_string();
-            // Xero sends no Retry-After with its concurrent limit (5 calls
-            // at once): one finishing is a matter of moments, not a minute.
-            let fallback = if limit == "concurrent" { 2 } else { 60 };
+                .to_ascii_lowercase();
             let secs = resp
                 .header("retry-after")
                 .and_then(|v| v.trim().parse::<u32>().ok())
-                .unwrap_or(fallback);
+                .unwrap_or_else(|| fallback_wait(&limit));
             errors::rate_limited(secs, limit)
         }
         503 => errors::transient(format!("Xero is unavailable (503): {}", snippet(&text))),
@@ -279,6 +279,21 @@ pub fn classify(resp: &Response) -> DeliveryError {
             format!("Xero answered {s}, which ledgerport does not expect"),
             Some(snippet(&text)),
         ),
+    }
+}
+
+/// Seconds to wait after a 429 that came without `Retry-After`.
+/// - `concurrent` (5 calls at once): one finishing is a matter of moments.
+/// - `daily` (calls per organisation per day, over a rolling 24 hours):
+///   nothing frees up within a minute, and trying every minute would spend
+///   the day's first calls on refusals; an hour, so the wait is bounded
+///   (the connector has no clock to count to a reset it cannot see).
+/// - anything else (`minute`, `appminute`, unknown): a minute.
+pub fn fallback_wait(limit: &str) -> u32 {
+    match limit {
+        "concurrent" => 2,
+        "daily" | "day" => 3600,
+        _ => 60,
     }
 }
 
@@ -304,5 +319,50 @@ fn collect_validation(v: &Value, field: &str, out: &mut Vec<FieldError>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn too_many(headers: &[(&str, &str)]) -> (u32, String) {
+        let resp = Response {
+            status: 429,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Vec::new(),
+        };
+        match classify(&resp) {
+            DeliveryError::RateLimited(rl) => (rl.retry_after_seconds, rl.limit),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The limit's name is compared whatever its case: "Concurrent" is a
+    /// moment's wait, not a minute; a daily limit without Retry-After is
+    /// not tried again within the minute.
+    #[test]
+    fn rate_limit_problem_is_read_whatever_its_case() {
+        assert_eq!(
+            too_many(&[("x-rate-limit-problem", "Concurrent")]),
+            (2, "concurrent".into())
+        );
+        assert_eq!(
+            too_many(&[("x-rate-limit-problem", " DAILY ")]),
+            (3600, "daily".into())
+        );
+        assert_eq!(
+            too_many(&[("x-rate-limit-problem", "Minute")]),
+            (60, "minute".into())
+        );
+        // Retry-After, when given, wins.
+        assert_eq!(
+            too_many(&[("x-rate-limit-problem", "Daily"), ("retry-after", "5400")]),
+            (5400, "daily".into())
+        );
+        assert_eq!(too_many(&[]), (60, "unknown".into()));
     }
 }

@@ -120,7 +120,9 @@ fn a_bill_goes_out_with_exact_decimals_mapped_accounts_and_the_configured_status
         settings: vec![("status".into(), "draft".into())],
         ..Default::default()
     };
-    let doc = invoice(vec![line("salary", "6000.1234"), line("fee", "250.00")]);
+    let mut salary = line("salary", "6000.1234");
+    salary.line_amount = "6000.12".into();
+    let doc = invoice(vec![salary, line("fee", "250.00")]);
     let delivery = Delivery {
         key: "key-1".into(),
         attempt: 1,
@@ -176,4 +178,102 @@ fn unmapped_kinds_are_all_named_before_any_request() {
         other => panic!("expected needs-mapping, got {other:?}"),
     }
     assert!(host.sent.is_empty(), "nothing may be sent");
+}
+
+fn refused(doc: Document) -> Vec<ledgerport_sdk::FieldError> {
+    let host = Recorder {
+        mappings: vec![mapping("fee", "470"), mapping("salary", "477")],
+        ..Default::default()
+    };
+    let delivery = Delivery {
+        key: "k".into(),
+        attempt: 1,
+    };
+    let (out, host) = with_host(host, || Xero::deliver(delivery, doc));
+    assert!(host.sent.is_empty(), "nothing may be sent: {:?}", host.sent);
+    match out {
+        Err(DeliveryError::Rejected(errs)) => errs,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Xero keeps money to 2 decimal places: a line or tax amount with more
+/// (a 3-decimal currency passes the platform's checks) would be rounded
+/// there and the bill would not match the document, so it is refused
+/// naming the line. Trailing zeros are not more decimals.
+#[test]
+fn amounts_xero_would_round_are_refused_naming_the_line() {
+    let mut doc = invoice(vec![line("salary", "1000.125"), line("fee", "250.00")]);
+    doc.currency = "KWD".into();
+    doc.lines[1].tax_amount = "50.005".into();
+    let errs = refused(doc.clone());
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["lines[0].line_amount", "lines[1].tax_amount"]);
+    assert!(
+        errs[0].message.contains("line 1")
+            && errs[0].message.contains("1000.125")
+            && errs[0].message.contains("2 decimal places"),
+        "{}",
+        errs[0].message
+    );
+    assert!(errs[1].message.contains("line 2"), "{}", errs[1].message);
+    // 1000.120 is 1000.12: sent.
+    doc.lines[0].line_amount = "1000.120".into();
+    doc.lines[0].unit_amount = "1000.12".into();
+    doc.lines[1].tax_amount = "50.000".into();
+    let host = Recorder {
+        mappings: vec![mapping("fee", "470"), mapping("salary", "477")],
+        ..Default::default()
+    };
+    let delivery = Delivery {
+        key: "k".into(),
+        attempt: 1,
+    };
+    let (out, _) = with_host(host, || Xero::deliver(delivery, doc));
+    out.expect("trailing zeros are not more decimals");
+}
+
+/// With no tax (LineAmountTypes NoTax) Xero drops a line's tax without a
+/// word; the platform only checks that the lines' tax adds up to zero.
+#[test]
+fn tax_on_a_line_of_a_no_tax_document_is_refused() {
+    let mut doc = invoice(vec![line("salary", "100.00"), line("fee", "250.00")]);
+    doc.tax_basis = TaxBasis::NoTax;
+    doc.lines[0].tax_amount = "10.00".into();
+    doc.lines[1].tax_amount = "-10.00".into();
+    let errs = refused(doc);
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["lines[0].tax_amount", "lines[1].tax_amount"]);
+    assert!(
+        errs[0].message.contains("no tax") && errs[0].message.contains("10.00"),
+        "{}",
+        errs[0].message
+    );
+}
+
+/// Xero's limit on a number is 255 characters, not bytes: 200 "é" (400
+/// bytes) is a valid number and goes out whole; 256 characters do not.
+#[test]
+fn the_number_limit_counts_characters() {
+    let host = Recorder {
+        mappings: vec![mapping("fee", "470"), mapping("salary", "477")],
+        ..Default::default()
+    };
+    let mut doc = invoice(vec![line("fee", "250.00")]);
+    doc.number = "é".repeat(200);
+    let delivery = Delivery {
+        key: "k".into(),
+        attempt: 1,
+    };
+    let (out, host) = with_host(host, || Xero::deliver(delivery, doc));
+    out.expect("200 characters fit");
+    let (_, _, body) = host.sent.iter().find(|(m, _, _)| m == "PUT").unwrap();
+    assert_eq!(
+        body.as_ref().unwrap()["Invoices"][0]["InvoiceNumber"],
+        "é".repeat(200)
+    );
+    let mut doc = invoice(vec![line("fee", "250.00")]);
+    doc.number = "é".repeat(256);
+    let errs = refused(doc);
+    assert_eq!(errs[0].field, "number");
 }

@@ -51,5 +51,6 @@ def test_connector_request_bodies_follow_the_spec():
             )
             seen.add((r["method"], tpl))
     for needed in [("PUT", "/Contacts"), ("PUT", "/Invoices"), ("PUT", "/CreditNotes"),
-                   ("PUT", "/CreditNotes/{CreditNoteID}/Allocations")]:
+                   ("PUT", "/CreditNotes/{CreditNoteID}/Allocations"),
+                   ("PUT", "/CreditNotes/{CreditNoteID}/History")]:
         assert needed in seen, f"no {needed} request was checked; seen {sorted(seen)}"

@@ -16,8 +16,8 @@ use uuid::Uuid;
 use crate::filter::{eval, parse_where, sort_by_order};
 use crate::guard::Ctx;
 use crate::model::{
-    Allocation, Attachment, CONTACT_STRING_FIELDS, Contact, Doc, DocKind, Line, TenantData,
-    account_json, tax_rate_json,
+    Allocation, Attachment, CONTACT_STRING_FIELDS, Contact, Doc, DocKind, HistoryRecord, Line,
+    TenantData, account_json, tax_rate_json,
 };
 use crate::state::Shared;
 use crate::xjson::{
@@ -1017,7 +1017,15 @@ fn plan_doc(
         }
         None => base.and_then(|b| b.url.clone()),
     };
-    let reference = opt_str(el, "Reference").or(base.and_then(|b| b.reference.clone()));
+    // Reference is "ACCREC only" on an invoice and "ACCRECCREDIT only" on
+    // a credit note (xero_accounting.yaml): Xero ignores one sent for a
+    // bill or a supplier credit note, as it does any property it does not
+    // keep, without an error.
+    let reference = if doc_type.starts_with("ACCREC") {
+        opt_str(el, "Reference").or(base.and_then(|b| b.reference.clone()))
+    } else {
+        None
+    };
     // Lines
     let approving = ["SUBMITTED", "AUTHORISED"].contains(&status.as_str());
     let lines: Vec<Line> = match el.get("LineItems") {
@@ -1105,6 +1113,7 @@ fn plan_doc(
             .get("SentToContact")
             .and_then(Value::as_bool)
             .unwrap_or(base.is_some_and(|b| b.sent_to_contact)),
+        history: base.map(|b| b.history.clone()).unwrap_or_default(),
     };
     Ok(PlannedDoc {
         existing,
@@ -1136,7 +1145,7 @@ fn plan_line(
                 "Account code '{code}' is not a valid code for this document."
             )),
             Some(a) if a.status != "ACTIVE" => msgs.push(format!(
-                "Account code '{code}' has been archived, or deleted. Each line item must reference a valid account."
+                "Account code '{code}' has been archived, or has been deleted. Each line item must reference a valid account."
             )),
             Some(a) => default_tax = Some(a.tax_type),
         },
@@ -1450,6 +1459,105 @@ pub(crate) fn attachment_put(
         "Attachments",
         vec![json],
     )))
+}
+
+// ---------------------------------------------------------------- history
+
+/// Xero's limit on a history note's `Details`.
+const MAX_HISTORY_DETAILS: usize = 2500;
+
+/// `GET /{Invoices|CreditNotes}/{id}/History`.
+pub(crate) async fn history_get(
+    kind: DocKind,
+    shared: Arc<Shared>,
+    ctx: Ctx,
+    key: String,
+) -> Response {
+    let items = {
+        let t = ctx.tenant.lock();
+        let Some(i) = find_doc(&t, kind, &key) else {
+            return not_found();
+        };
+        t.docs(kind)[i]
+            .history
+            .iter()
+            .map(HistoryRecord::to_json)
+            .collect()
+    };
+    ok_json(Value::Object(envelope(
+        &shared,
+        &ctx,
+        "HistoryRecords",
+        items,
+    )))
+}
+
+/// `PUT /{Invoices|CreditNotes}/{id}/History`: add notes
+/// (`{"HistoryRecords": [{"Details": ".."}]}`), each recorded as a
+/// "Note" by the calling app.
+pub(crate) fn history_put(
+    kind: DocKind,
+    shared: &Shared,
+    ctx: &Ctx,
+    key: String,
+    body: Bytes,
+) -> Response {
+    let els = match parse_body(&body).and_then(|v| elements(v, "HistoryRecords")) {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let now = shared.clock.now();
+    let mut records = Vec::new();
+    let mut errors = Vec::new();
+    for el in els {
+        match str_field(&el, "Details") {
+            None => {
+                let mut el = el;
+                el.insert(
+                    "ValidationErrors".into(),
+                    validation_errors(&["The Details field is required.".into()]),
+                );
+                errors.push(Value::Object(el));
+            }
+            Some(d) if d.chars().count() > MAX_HISTORY_DETAILS => {
+                let msg =
+                    format!("The Details field must be at most {MAX_HISTORY_DETAILS} characters.");
+                let mut el = el;
+                el.insert("ValidationErrors".into(), validation_errors(&[msg]));
+                errors.push(Value::Object(el));
+            }
+            Some(d) => records.push(HistoryRecord {
+                changes: "Note".into(),
+                user: ctx.app_name.clone(),
+                details: d.to_string(),
+                date: now,
+            }),
+        }
+    }
+    if !errors.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(validation_exception(errors)),
+        )
+            .into_response();
+    }
+    let out = {
+        let mut t = ctx.tenant.lock();
+        let Some(i) = find_doc(&t, kind, &key) else {
+            return not_found();
+        };
+        let out: Vec<Value> = records
+            .iter()
+            .map(|r| {
+                let mut v = r.to_json();
+                v["ValidationErrors"] = json!([]);
+                v
+            })
+            .collect();
+        t.docs_mut(kind)[i].history.extend(records);
+        out
+    };
+    ok_json(Value::Object(envelope(shared, ctx, "HistoryRecords", out)))
 }
 
 // ---------------------------------------------------------------- allocations

@@ -32,6 +32,10 @@ pub struct TenantDocuments {
     pub attachments: Vec<Value>,
     /// Allocations (Xero JSON with `CreditNote` and `Invoice`).
     pub allocations: Vec<Value>,
+    /// History notes (Xero JSON `HistoryRecord`) plus `Owner`
+    /// (`CreditNotes/<id>`), oldest first per document.
+    #[serde(default)]
+    pub history: Vec<Value>,
 }
 
 /// A grant created without the consent dance (`POST /_sim/grants`).
@@ -82,6 +86,18 @@ pub(crate) fn documents(shared: &Shared, tenant: Uuid) -> Option<TenantDocuments
             })
             .collect(),
         allocations: t.allocations.iter().map(|a| a.to_json(&t, true)).collect(),
+        history: t
+            .invoices
+            .iter()
+            .chain(t.credit_notes.iter())
+            .flat_map(|d| {
+                d.history.iter().map(move |h| {
+                    let mut v = h.to_json();
+                    v["Owner"] = json!(format!("{}/{}", d.kind.collection(), d.id));
+                    v
+                })
+            })
+            .collect(),
     })
 }
 

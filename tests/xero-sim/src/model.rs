@@ -202,6 +202,8 @@ pub struct Doc {
     pub updated: DateTime<Utc>,
     pub has_attachments: bool,
     pub sent_to_contact: bool,
+    /// Notes added through `PUT .../{id}/History`, oldest first.
+    pub history: Vec<HistoryRecord>,
 }
 
 impl Doc {
@@ -215,10 +217,15 @@ impl Doc {
             k.number_field().into(),
             json!(self.number.clone().unwrap_or_default()),
         );
-        m.insert(
-            "Reference".into(),
-            json!(self.reference.clone().unwrap_or_default()),
-        );
+        // Reference is "ACCREC only" / "ACCRECCREDIT only" (Invoice and
+        // CreditNote in xero_accounting.yaml): bills and supplier credit
+        // notes have none.
+        if self.doc_type.starts_with("ACCREC") {
+            m.insert(
+                "Reference".into(),
+                json!(self.reference.clone().unwrap_or_default()),
+            );
+        }
         if let Some(u) = &self.url {
             m.insert("Url".into(), json!(u));
         }
@@ -325,6 +332,28 @@ fn line_json(l: &Line, unitdp4: bool) -> Value {
     }
     m.insert("Tracking".into(), json!([]));
     Value::Object(m)
+}
+
+/// A note in a document's history (`HistoryRecord` in the spec).
+#[derive(Debug, Clone)]
+pub struct HistoryRecord {
+    pub changes: String,
+    pub user: String,
+    pub details: String,
+    pub date: DateTime<Utc>,
+}
+
+impl HistoryRecord {
+    /// Xero JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "Changes": self.changes,
+            "DateUTCString": self.date.format("%Y-%m-%dT%H:%M:%S").to_string(),
+            "DateUTC": ms_date(self.date),
+            "User": self.user,
+            "Details": self.details,
+        })
+    }
 }
 
 /// A stored attachment.

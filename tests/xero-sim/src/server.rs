@@ -62,6 +62,17 @@ macro_rules! doc_routes {
                 ),
             )
             .route(
+                concat!("/", $coll, "/{id}/History"),
+                get(|State(s): S, Extension(c): C, Path(id): Path<String>| {
+                    acc::history_get($kind, s, c, id)
+                })
+                .put(
+                    |State(s): S, Extension(c): C, Path(id): Path<String>, b: axum::body::Bytes| async move {
+                        acc::history_put($kind, &s, &c, id, b)
+                    },
+                ),
+            )
+            .route(
                 concat!("/", $coll, "/{id}/Attachments"),
                 get(|State(s): S, Extension(c): C, Path(id): Path<String>| {
                     acc::attachments_list($kind, s, c, id)

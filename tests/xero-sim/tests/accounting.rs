@@ -137,7 +137,9 @@ async fn accpay_invoice_totals_and_unitdp() {
     assert_eq!(inv["TotalTax"], json!(100.0));
     assert_eq!(inv["Total"], json!(5599.99));
     assert_eq!(inv["AmountDue"], json!(5599.99));
-    assert_eq!(inv["Reference"], "EOR Nov");
+    // Reference is ACCREC only (xero_accounting.yaml): ignored on a bill,
+    // without an error.
+    assert!(inv.get("Reference").is_none(), "{inv}");
     assert_eq!(inv["Url"], "https://platform.example/invoices/1");
     assert_eq!(inv["DateString"], "2026-11-25T00:00:00");
     assert_eq!(inv["Date"], "/Date(1795564800000+0000)/");
@@ -185,7 +187,7 @@ async fn accpay_invoice_totals_and_unitdp() {
         )
         .await;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(b["Invoices"][0]["Reference"], "changed");
+    assert!(b["Invoices"][0].get("Reference").is_none(), "{b}");
     assert_eq!(b["Invoices"][0]["Total"], json!(5599.99));
     // Duplicates counter: same Type + number + contact twice.
     let (s, _) = api
@@ -212,7 +214,7 @@ async fn validation_exceptions() {
         (
             json!([{"Description": "a", "Quantity": 1, "UnitAmount": 10, "AccountCode": "401"}]),
             "GBP",
-            "Account code '401' has been archived, or deleted. Each line item must reference a valid account.",
+            "Account code '401' has been archived, or has been deleted. Each line item must reference a valid account.",
         ),
         (
             json!([{"Description": "a", "Quantity": 1, "UnitAmount": 10, "AccountCode": "999"}]),
@@ -506,4 +508,84 @@ async fn allocations_full_partial_and_too_big() {
     assert_eq!(b["Invoices"][0]["AmountDue"], json!(0.0));
     assert_eq!(b["Invoices"][0]["Status"], "PAID");
     assert_eq!(sim.documents(HOLDINGS).unwrap().allocations.len(), 3);
+}
+
+/// `Reference` is "ACCREC only" on an invoice and "ACCRECCREDIT only" on a
+/// credit note (xero_accounting.yaml): a sales invoice and a sales credit
+/// note keep it, a supplier credit note ignores it (no error), and what a
+/// supplier credit note corrects can be written in its history instead.
+#[tokio::test]
+async fn reference_is_for_sales_documents_and_history_notes_are_kept() {
+    let (sim, at) = start_with_token(SimConfig::default()).await;
+    let api = Api::new(&sim, &at, HOLDINGS);
+    let c = supplier(&api, "Hooli").await;
+    let line = json!([{"Description": "a", "Quantity": 1, "UnitAmount": 10, "AccountCode": "412"}]);
+    let mut sale = bill(&c, "INV-S-1", line.clone());
+    sale["Invoices"][0]["Type"] = json!("ACCREC");
+    sale["Invoices"][0]["LineItems"][0]["AccountCode"] = json!("200");
+    let (s, b) = api.put("/Invoices", sale).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["Invoices"][0]["Reference"], "EOR Nov");
+    for (ty, code, kept) in [
+        ("ACCRECCREDIT", "200", true),
+        ("ACCPAYCREDIT", "412", false),
+    ] {
+        let (s, b) = api
+            .put(
+                "/CreditNotes",
+                json!({"CreditNotes": [{
+                    "Type": ty, "Contact": {"ContactID": c}, "Date": "2026-11-25",
+                    "Status": "DRAFT", "Reference": "INV-S-1", "CreditNoteNumber": format!("CN-{ty}"),
+                    "LineItems": [{"Description": "a", "Quantity": 1, "UnitAmount": 10, "AccountCode": code}]
+                }]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        let cn = &b["CreditNotes"][0];
+        if kept {
+            assert_eq!(cn["Reference"], "INV-S-1", "{cn}");
+        } else {
+            assert!(cn.get("Reference").is_none(), "{cn}");
+        }
+    }
+    let id = sim.documents(HOLDINGS).unwrap().credit_notes[1]["CreditNoteID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, b) = api.get(&format!("/CreditNotes/{id}/History")).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["HistoryRecords"], json!([]));
+    let (s, b) = api
+        .put(
+            &format!("/CreditNotes/{id}/History"),
+            json!({"HistoryRecords": [{"Details": "Credits bill INV-S-1"}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["HistoryRecords"][0]["Details"], "Credits bill INV-S-1");
+    assert_eq!(b["HistoryRecords"][0]["ValidationErrors"], json!([]));
+    let (_, b) = api.get(&format!("/CreditNotes/{id}/History")).await;
+    let records = b["HistoryRecords"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{b}");
+    assert_eq!(records[0]["Changes"], "Note");
+    assert_eq!(records[0]["Details"], "Credits bill INV-S-1");
+    let docs = sim.documents(HOLDINGS).unwrap();
+    assert_eq!(docs.history.len(), 1);
+    assert_eq!(docs.history[0]["Owner"], format!("CreditNotes/{id}"));
+    // A note needs words; an unknown document is 404.
+    let (s, b) = api
+        .put(
+            &format!("/CreditNotes/{id}/History"),
+            json!({"HistoryRecords": [{"Details": " "}]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(messages(&b), vec!["The Details field is required."]);
+    let (s, _) = api
+        .put(
+            &format!("/CreditNotes/{}/History", uuid::Uuid::new_v4()),
+            json!({"HistoryRecords": [{"Details": "x"}]}),
+        )
+        .await;
+    assert_eq!(s, 404);
 }
