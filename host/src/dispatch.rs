@@ -95,6 +95,14 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Whether a provider's 429 for `limit` holds the whole connection until
+/// its Retry-After: a per-minute or daily limit does; too many requests at
+/// once (`concurrent`, in whatever case a connector writes it) only the
+/// call that got it.
+fn holds_the_connection(limit: &str) -> bool {
+    !limit.trim().eq_ignore_ascii_case("concurrent")
+}
+
 /// The window a provider's requests-per-minute limit is held over.
 pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -1087,7 +1095,7 @@ impl Dispatcher {
                 }
                 if let DeliveryError::RateLimited(rl) = &err
                     && self.config.enforce_rate
-                    && rl.limit != "concurrent"
+                    && holds_the_connection(&rl.limit)
                 {
                     self.hold_connection(&c.connection_id, rl.retry_after_seconds)
                         .await;
@@ -1393,6 +1401,16 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_concurrency_429_does_not_hold_the_connection_whatever_its_case() {
+        for l in ["concurrent", "Concurrent", " CONCURRENT"] {
+            assert!(!super::holds_the_connection(l), "{l}");
+        }
+        for l in ["minute", "Daily", "day", ""] {
+            assert!(super::holds_the_connection(l), "{l}");
+        }
+    }
 
     #[test]
     fn two_daemons_of_one_process_id_never_share_a_worker_id() {

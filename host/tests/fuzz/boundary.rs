@@ -939,9 +939,11 @@ fn regression_xero_compares_amounts_of_extreme_scales_exactly() {
         headers: vec![],
         body: BodyGen::Json(v),
     };
-    // Contact look-up, existing credit notes, create: as Xero would; then
-    // the credit note read again, and the bill it credits.
+    // Contact look-up, existing credit notes, create, the history note
+    // naming the bill: as Xero would; then the credit note read again, and
+    // the bill it credits.
     let script = vec![
+        Reply::Valid,
         Reply::Valid,
         Reply::Valid,
         Reply::Valid,
