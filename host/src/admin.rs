@@ -899,8 +899,12 @@ async fn connect(
                 .await;
             Json(json!({"authorize_url": url.to_string()})).into_response()
         }
+        // (A connection reconnected meanwhile is a conflict, not a failure.)
         Err(crate::connections::ConnectError::Store(e))
-            if !matches!(e, crate::store::StoreError::NotFound(_)) =>
+            if !matches!(
+                e,
+                crate::store::StoreError::NotFound(_) | crate::store::StoreError::Conflict(_)
+            ) =>
         {
             unavailable(e)
         }
@@ -947,8 +951,12 @@ async fn disconnect(
             }))
             .into_response()
         }
+        // (A connection reconnected meanwhile is a conflict, not a failure.)
         Err(crate::connections::ConnectError::Store(e))
-            if !matches!(e, crate::store::StoreError::NotFound(_)) =>
+            if !matches!(
+                e,
+                crate::store::StoreError::NotFound(_) | crate::store::StoreError::Conflict(_)
+            ) =>
         {
             unavailable(e)
         }

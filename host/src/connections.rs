@@ -161,6 +161,7 @@ impl ConnectError {
             ConnectError::Refused(_) => 422,
             ConnectError::Provider(_) | ConnectError::Unconfirmed(_) => 502,
             ConnectError::Store(StoreError::NotFound(_)) => 404,
+            ConnectError::Store(StoreError::Conflict(_)) => 409,
             ConnectError::Store(_) => 500,
         }
     }
@@ -291,6 +292,9 @@ pub struct Connections {
     events: EventBus,
     plugins: RwLock<BTreeMap<String, ConnectorRuntime>>,
     catalogue: Option<Catalogue>,
+    /// Whether admin calls hold the provider's rate, and at what rate when
+    /// the operator overrides the manifest's (as the dispatcher does).
+    rate: (bool, Option<u32>),
     /// When each connection was last checked (see [`check`]).
     checked: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
@@ -327,6 +331,7 @@ impl Connections {
             events,
             plugins: RwLock::new(BTreeMap::new()),
             catalogue: None,
+            rate: (true, None),
             checked: std::sync::Mutex::default(),
         }
     }
@@ -334,6 +339,14 @@ impl Connections {
     /// Use a catalogue of line-item kinds for mapping validation.
     pub fn with_catalogue(mut self, catalogue: Catalogue) -> Self {
         self.catalogue = Some(catalogue);
+        self
+    }
+
+    /// Admin calls hold the provider's request rate as the dispatcher
+    /// does: not at all when `enforce` is off, at `per_minute` instead of
+    /// the manifest's when given (the default: on, the manifest's).
+    pub fn with_rate(mut self, enforce: bool, per_minute: Option<u32>) -> Self {
+        self.rate = (enforce, per_minute);
         self
     }
 
@@ -909,13 +922,14 @@ impl Connections {
         // dispatcher's, on every daemon: a burst of mapping changes must
         // not push the organisation past its limit (a 429 holds its
         // deliveries). One that cannot have a slot soon fails at once.
-        let rate = manifest.map(|m| {
+        let (enforce, per_minute) = self.rate;
+        let rate = manifest.filter(|_| enforce).map(|m| {
             RateLimit::new(
                 Arc::new(crate::dispatch::StoreRateGate {
                     store: self.store.clone(),
                     window: crate::dispatch::RATE_WINDOW,
                 }),
-                m.limits.requests_per_minute,
+                per_minute.unwrap_or(m.limits.requests_per_minute),
                 ADMIN_RATE_WAIT,
             )
         });

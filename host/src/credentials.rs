@@ -84,8 +84,18 @@ pub struct TokenManager {
     events: EventBus,
     policy: RefreshPolicy,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Token leases held at once (see [`LEASES_AT_ONCE`]).
+    leases: Arc<tokio::sync::Semaphore>,
     stats: TokenStats,
 }
+
+/// How many connections' token leases this daemon holds at once. On
+/// PostgreSQL a lease is an open transaction on a pooled connection, held
+/// across the call to the provider (up to its timeout, and retries): after
+/// an outage, when every connection's token expires together, refreshes
+/// without a bound took the whole pool (16) and starved ingest, claims and
+/// lease renewals. The others wait here, holding no database connection.
+pub const LEASES_AT_ONCE: usize = 4;
 
 impl std::fmt::Debug for TokenManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,6 +140,7 @@ impl TokenManager {
             events,
             policy,
             locks: Mutex::new(HashMap::new()),
+            leases: Arc::new(tokio::sync::Semaphore::new(LEASES_AT_ONCE)),
             stats: TokenStats::default(),
         }
     }
@@ -177,6 +188,7 @@ impl TokenManager {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(Self::credential(&s.tokens));
         }
+        let _slot = self.leases.acquire().await.map_err(unavailable)?;
         let mut lease = self
             .store
             .lock_tokens(connection_id)
@@ -223,7 +235,19 @@ impl TokenManager {
                 }
                 Err(CredentialError::NeedsReauth(why))
             }
-            Refreshed::Failed(e) => Err(e),
+            Refreshed::Failed(e) => {
+                drop(lease);
+                // Replaced meanwhile (an admin reconnected while the old
+                // grant was being refreshed): the new grant's token serves
+                // this call, rather than failing it.
+                if let Ok(Some((ConnectionState::Active, Some(s)))) =
+                    self.store.token_snapshot(&self.keys, connection_id).await
+                    && self.usable(&s, rejected)
+                {
+                    return Ok(Self::credential(&s.tokens));
+                }
+                Err(e)
+            }
         }
     }
 
@@ -379,6 +403,11 @@ impl TokenManager {
     ) -> Result<(DisconnectReport, Option<ConnectionEvent>), StoreError> {
         let m = self.lock_of(connection_id);
         let _g = m.lock().await;
+        let _slot = self
+            .leases
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Conflict(e.to_string()))?;
         let mut lease = self.store.lock_tokens(connection_id).await?;
         let (conn, stored) = lease.read(&self.keys).await?;
         let mut report = DisconnectReport::default();

@@ -641,7 +641,8 @@ impl Daemon {
             tracing::warn!(plugin_dir = %cfg.plugin_dir.display(),
                 "no connector in plugin_dir (each is a directory holding manifest.toml and its .wasm): nothing can be connected or delivered");
         }
-        let mut connections = Connections::new(store.clone(), keys, Arc::new(providers), clock);
+        let mut connections = Connections::new(store.clone(), keys, Arc::new(providers), clock)
+            .with_rate(dcfg.enforce_rate, dcfg.rate_override);
         if let Some(cat) = &cfg.catalogue {
             connections = connections.with_catalogue(
                 crate::connections::Catalogue::from_file(cat)

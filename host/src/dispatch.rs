@@ -1216,7 +1216,8 @@ impl Dispatcher {
 
     fn transient(&self, c: &Claimed, msg: String, now: i64) -> Finish {
         let after = c.attempts + 1;
-        match self.retry_at(after, now) {
+        // The ladder counts from the last resume of a pause.
+        match self.retry_at((after - c.ladder_base).max(1), now) {
             Some(at) => Finish {
                 state: state::PENDING,
                 pause_reason: None,

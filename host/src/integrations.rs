@@ -1748,8 +1748,12 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
         }
         // ledgerport's own database failed: the accounting system is not
         // to blame, and trying again is the answer.
+        // (A connection reconnected meanwhile is a conflict, not a failure.)
         Err(crate::connections::ConnectError::Store(e))
-            if !matches!(e, crate::store::StoreError::NotFound(_)) =>
+            if !matches!(
+                e,
+                crate::store::StoreError::NotFound(_) | crate::store::StoreError::Conflict(_)
+            ) =>
         {
             tracing::error!(error = %e, "disconnecting from the Integrations page: the store failed");
             storage_unavailable()

@@ -728,6 +728,84 @@ both!(
     admin_calls_count_in_the_provider_rate
 );
 
+/// After an outage every connection's token expires together. On
+/// PostgreSQL a refresh holds a pooled connection (its row lock) across the
+/// call to the provider, so with the provider slow, unbounded refreshes
+/// took the whole pool (16) and the rest of the daemon (ingest, claims,
+/// lease renewals) waited up to the pool's 30 s timeout. Refreshes now
+/// hold at most a few at once; the store stays usable meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_refreshes_do_not_take_the_whole_pool() {
+    use ledgerport::crypto::Secret;
+    use ledgerport::store::{NewConnection, Organisation, TokenSet};
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let sim = sim().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let proxy = gated_token_proxy(&sim, gate.clone()).await;
+    let mut o = sim_overrides(&sim);
+    o.insert("https://identity.xero.com".into(), proxy);
+    let d = Arc::new(daemon(&sim, &db.url(), keys(7), Some(o)).await);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let t = format!("t{i}");
+        d.store.upsert_tenant(&t, &t, &[], 1).await.unwrap();
+        let c = d
+            .store
+            .finish_connect(
+                &keys(7),
+                &NewConnection {
+                    tenant_id: t.clone(),
+                    connector_id: "xero".into(),
+                    admin: ADMIN.into(),
+                    scopes: vec![],
+                    organisation: Organisation {
+                        tenant_id: format!("org-{i}"),
+                        name: format!("Org {i}"),
+                        connection_id: None,
+                    },
+                    auth_event_id: None,
+                    // Expired: the first call refreshes.
+                    tokens: Some(TokenSet {
+                        access_token: Secret::new(format!("old-access-{i}")),
+                        refresh_token: Some(Secret::new(format!("old-refresh-{i}"))),
+                        expires_at: 0,
+                    }),
+                },
+                1,
+            )
+            .await
+            .unwrap();
+        ids.push(c.connection.id);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for id in &ids {
+        let d = d.clone();
+        let id = id.clone();
+        calls.spawn(async move { d.conns.tokens().bearer(&id).await });
+    }
+    // Every refresh is waiting for the provider now.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let started = std::time::Instant::now();
+    let write = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        d.store.upsert_tenant("late", "Late", &[], 2),
+    )
+    .await;
+    assert!(
+        matches!(write, Ok(Ok(_))),
+        "the store was not usable while refreshes waited: {write:?} after {:?}",
+        started.elapsed()
+    );
+    gate.add_permits(1000);
+    while let Some(r) = calls.join_next().await {
+        // The simulator knows none of these grants: each is refused, and
+        // that is all right here.
+        let _ = r.unwrap();
+    }
+}
+
 async fn disconnect_then_reconnect_keeps_mappings(db: TestDb) {
     let (sim, d) = setup(&db).await;
     let (rt, plugin) = xero_plugin(&sim);

@@ -1142,7 +1142,7 @@ fn finished(
 /// A pause ended by a person (resumed) starts the retry ladder again, as a
 /// retry by hand does: before, each pause counted as a failed attempt, so
 /// a delivery paused and resumed often was failed by its first 5xx after.
-/// The attempt log keeps the paused attempt.
+/// Attempts keep counting (the log's numbers stay distinct).
 async fn a_resume_starts_the_retry_ladder_again(db: TestDb) {
     use ledgerport::store::outbox::{ConnectionCaps, Finish};
     let s = db.store().await;
@@ -1157,8 +1157,12 @@ async fn a_resume_starts_the_retry_ladder_again(db: TestDb) {
             .unwrap();
         assert_eq!(c.len(), 1, "round {round}");
         assert_eq!(
-            c[0].attempts, 0,
-            "round {round}: attempts before the pause still count"
+            c[0].attempts, round,
+            "round {round}: attempts keep counting"
+        );
+        assert_eq!(
+            c[0].ladder_base, round,
+            "round {round}: attempts before the pause still count against the ladder"
         );
         let f = Finish::paused(
             "reauth",
@@ -1177,7 +1181,14 @@ async fn a_resume_starts_the_retry_ladder_again(db: TestDb) {
             1
         );
     }
-    assert_eq!(s.list_attempts(&id).await.unwrap().len(), 3);
+    let numbers: Vec<i64> = s
+        .list_attempts(&id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.attempt)
+        .collect();
+    assert_eq!(numbers, vec![1, 2, 3], "attempt numbers stay distinct");
 }
 both!(
     resume_ladder_sqlite,
@@ -1803,6 +1814,22 @@ async fn a_new_cause_of_a_told_pause_is_told(db: TestDb) {
         due[0].documents,
         vec!["INV-3".to_string(), "INV-4".to_string()]
     );
+    assert!(s.tell_incident(&due[0], Some(&mail()), 6).await.unwrap());
+    // Told of both kinds now (in two incidents): a document waiting for the
+    // older one, or for any mix of the two, is collected silently.
+    rec("INV-5", "no account is mapped for: fx-fee", 7).await;
+    rec("INV-6", "no account is mapped for: fx-fee, vat", 8).await;
+    assert!(s.due_incidents(10).await.unwrap().is_empty());
+    // The account mapped for a kind turning unusable is news.
+    rec(
+        "INV-7",
+        "the account mapped for vat cannot be used by the accounting system (the connector asks for another one): choose another account on the Configure page; no account is mapped for: fx-fee",
+        11,
+    )
+    .await;
+    let due = s.due_incidents(12).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].documents, vec!["INV-7".to_string()]);
 }
 both!(
     new_pause_cause_sqlite,

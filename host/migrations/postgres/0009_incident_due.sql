@@ -6,3 +6,9 @@
 -- the incident later: no notice is lost.
 ALTER TABLE deliveries ADD COLUMN incident_due TEXT;
 CREATE INDEX deliveries_incident_due ON deliveries (updated_at) WHERE incident_due IS NOT NULL;
+
+-- The retry ladder counts transient failures since the last time a person
+-- fixed what held the delivery: a resumed pause sets ladder_base to the
+-- attempts so far (attempts keeps counting every attempt, for the log and
+-- the connector's attempt number).
+ALTER TABLE deliveries ADD COLUMN ladder_base BIGINT NOT NULL DEFAULT 0;

@@ -567,7 +567,7 @@ mod frozen_migrations {
         ),
         (
             "sqlite/0009_incident_due.sql",
-            "eafbc5d23d6c45eeca3957d533a87c0a9c842d8806cb4aef418f01a1d2816311",
+            "2afb467f35b04a30d11bcf8726a00edf83a374abf2356d6970a519da8b58995b",
         ),
         (
             "postgres/0001_connections.sql",
@@ -603,7 +603,7 @@ mod frozen_migrations {
         ),
         (
             "postgres/0009_incident_due.sql",
-            "eafbc5d23d6c45eeca3957d533a87c0a9c842d8806cb4aef418f01a1d2816311",
+            "04f4e1082ce5ef035689cd048654538be8da7aa13444c71130edd6dae7c94fd9",
         ),
     ];
 

@@ -102,6 +102,9 @@ pub struct Claimed {
     pub connector_id: String,
     /// Attempts counted so far.
     pub attempts: i64,
+    /// Attempts made before the last resume of a pause: the retry ladder
+    /// counts from here.
+    pub ladder_base: i64,
     /// The document's stored JSON.
     pub body: String,
     /// Document kind.
@@ -136,6 +139,27 @@ pub(super) fn lease_worker(lease: &str) -> &str {
 /// number, and a number holding one only makes causes look different).
 fn incident_cause(detail: &str) -> &str {
     detail.split_once(": ").map_or(detail, |(_, cause)| cause)
+}
+
+/// What a pause waits for, item by item: each kind the dispatcher's
+/// mapping messages name ("no account is mapped for: a, b"; "the account
+/// mapped for a cannot be used ..."), else each clause as a whole. A pause
+/// is told again only for an item no open, told incident named.
+fn cause_items(cause: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for clause in cause.split("; ") {
+        if let Some(kinds) = clause.strip_prefix("no account is mapped for: ") {
+            out.extend(kinds.split(", ").map(|k| format!("unmapped {k}")));
+        } else if let Some((kinds, _)) = clause
+            .strip_prefix("the account mapped for ")
+            .and_then(|rest| rest.split_once(" cannot be used"))
+        {
+            out.extend(kinds.split(", ").map(|k| format!("unusable {k}")));
+        } else {
+            out.push(clause.to_string());
+        }
+    }
+    out
 }
 
 /// An outcome whose incident is still to be recorded ([`Store::incidents_owed`]).
@@ -1010,13 +1034,14 @@ impl Store {
     /// Put paused deliveries back in the queue, and close the incidents
     /// that no longer have anything paused. Like a retry by hand, a resume
     /// starts the retry ladder again (what paused it was fixed by a
-    /// person): attempts before the pause do not count against it, so a
-    /// delivery paused and resumed a few times is not failed by its first
-    /// 5xx afterwards. The attempt log keeps every attempt.
+    /// person): attempts before the pause do not count against it
+    /// ([`Claimed::ladder_base`]), so a delivery paused and resumed a few
+    /// times is not failed by its first 5xx afterwards. Attempts keep
+    /// counting, for the log and the connector's attempt number.
     pub async fn resume(&self, ids: &[String], now: i64) -> Result<u64, StoreError> {
         let mut n = 0;
         for id in ids {
-            n += on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state = 'paused'")
+            n += on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', ladder_base = attempts, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state = 'paused'")
                 .bind(now).bind(id).execute(p).await?.rows_affected());
         }
         if n > 0 {
@@ -1037,9 +1062,9 @@ impl Store {
         // else the notice of a pause already resolved would still be sent,
         // or an incident left open would swallow the next pause's notice.
         let n = on_pool!(self, p => match delivery_id {
-            Some(id) => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND id = $3 AND state IN ('failed', 'paused')")
+            Some(id) => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, ladder_base = 0, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND id = $3 AND state IN ('failed', 'paused')")
                 .bind(now).bind(tenant_id).bind(id).execute(p).await?.rows_affected(),
-            None => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND state = 'failed'")
+            None => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, ladder_base = 0, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE tenant_id = $2 AND state = 'failed'")
                 .bind(now).bind(tenant_id).execute(p).await?.rows_affected(),
         });
         if n > 0 && delivery_id.is_some() {
@@ -1235,25 +1260,34 @@ impl Store {
                 }
             }
             // An incident not yet told takes more documents; once told, a
-            // pause keeps collecting silently what it told of (more
-            // documents waiting for the same mapping or reconnection), but
-            // a new cause (another kind unmapped) starts a new one, told in
-            // its turn; a failure always starts a new one.
-            let open = sqlx::query("SELECT id, documents, details, notified_at FROM incidents WHERE tenant_id = $1 AND connection_id = $2 AND kind = $3 AND closed_at IS NULL ORDER BY opened_at DESC LIMIT 1")
-                .bind(tenant_id).bind(connection_id).bind(kind).fetch_optional(&mut *tx).await?;
-            let reuse = match &open {
-                Some(r) => {
-                    let notified: Option<i64> = r.try_get("notified_at")?;
-                    notified.is_none()
-                        || (kind.starts_with("paused") && {
-                            let told: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
-                            let cause = incident_cause(detail);
-                            told.iter().any(|d| incident_cause(d) == cause)
-                        })
+            // pause keeps collecting silently what the open, told incidents
+            // named (more documents waiting for the same mappings or
+            // reconnection, in any mix), but a new cause (a kind none of
+            // them named) starts a new one, told in its turn; a failure
+            // always starts a new one.
+            let open_ones = sqlx::query("SELECT id, documents, details, notified_at FROM incidents WHERE tenant_id = $1 AND connection_id = $2 AND kind = $3 AND closed_at IS NULL ORDER BY opened_at DESC")
+                .bind(tenant_id).bind(connection_id).bind(kind).fetch_all(&mut *tx).await?;
+            let mut untold = None;
+            let mut newest = None;
+            let mut told_items: std::collections::HashSet<String> = Default::default();
+            for r in open_ones {
+                let notified: Option<i64> = r.try_get("notified_at")?;
+                if notified.is_none() {
+                    untold.get_or_insert(r);
+                    continue;
                 }
-                None => false,
+                let told: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
+                told_items.extend(told.iter().flat_map(|d| cause_items(incident_cause(d))));
+                newest.get_or_insert(r);
+            }
+            let open = match untold {
+                Some(r) => Some(r),
+                // Told already of everything this one is waiting for.
+                None if kind.starts_with("paused")
+                    && cause_items(incident_cause(detail)).iter().all(|i| told_items.contains(i)) => newest,
+                None => None,
             };
-            if let (true, Some(r)) = (reuse, open) {
+            if let Some(r) = open {
                 let id: String = r.try_get("id")?;
                 let mut docs: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("documents")?).unwrap_or_default();
                 let mut details: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
@@ -1515,6 +1549,7 @@ where
         connection_id: r.try_get("connection_id")?,
         connector_id: r.try_get("connector_id")?,
         attempts: r.try_get("attempts")?,
+        ladder_base: r.try_get("ladder_base")?,
         body: String::new(),
         document_kind: r.try_get("document_kind")?,
         document_number: r.try_get("document_number")?,
@@ -1527,7 +1562,7 @@ where
 const INCIDENTS_OWED: &str = "SELECT id, tenant_id, connection_id, incident_due, document_kind, document_number, last_error FROM deliveries WHERE incident_due IS NOT NULL AND updated_at < $1 ORDER BY updated_at LIMIT $2";
 
 /// The columns a claim returns (see [`claimed_from`]).
-pub(super) const CLAIM_RETURNING: &str = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, document_kind, document_number, lease_owner";
+pub(super) const CLAIM_RETURNING: &str = "RETURNING id, tenant_id, document_id, connection_id, connector_id, attempts, ladder_base, document_kind, document_number, lease_owner";
 
 /// Live leases by connection (`$1`: now): the places each connection has in use.
 const LIVE_LEASES: &str = "SELECT connection_id, COUNT(*) AS n FROM deliveries WHERE state = 'working' AND lease_until >= $1 GROUP BY connection_id";
