@@ -868,11 +868,7 @@ async fn connect(
                 }))
                 .into_response()
             }
-            Err(crate::connections::ConnectError::Store(e))
-                if !matches!(e, crate::store::StoreError::NotFound(_)) =>
-            {
-                unavailable(e)
-            }
+            Err(e) if e.is_storage_failure() => unavailable(e),
             Err(e) => error(
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
                 "cannot connect",
@@ -899,15 +895,7 @@ async fn connect(
                 .await;
             Json(json!({"authorize_url": url.to_string()})).into_response()
         }
-        // (A connection reconnected meanwhile is a conflict, not a failure.)
-        Err(crate::connections::ConnectError::Store(e))
-            if !matches!(
-                e,
-                crate::store::StoreError::NotFound(_) | crate::store::StoreError::Conflict(_)
-            ) =>
-        {
-            unavailable(e)
-        }
+        Err(e) if e.is_storage_failure() => unavailable(e),
         Err(e) => error(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
             "cannot start connecting",
@@ -951,15 +939,7 @@ async fn disconnect(
             }))
             .into_response()
         }
-        // (A connection reconnected meanwhile is a conflict, not a failure.)
-        Err(crate::connections::ConnectError::Store(e))
-            if !matches!(
-                e,
-                crate::store::StoreError::NotFound(_) | crate::store::StoreError::Conflict(_)
-            ) =>
-        {
-            unavailable(e)
-        }
+        Err(e) if e.is_storage_failure() => unavailable(e),
         Err(e) => error(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
             "cannot disconnect",

@@ -153,6 +153,13 @@ impl ConnectError {
             message: message.into(),
         }
     }
+    /// Whether ledgerport's own storage failed (not a row that is missing
+    /// or changed meanwhile): callers answer 503 "storage is unavailable",
+    /// blaming neither the request nor the accounting system.
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(self, ConnectError::Store(e) if !matches!(e, StoreError::NotFound(_) | StoreError::Conflict(_)))
+    }
+
     /// The HTTP status for this error.
     pub fn status(&self) -> u16 {
         match self {

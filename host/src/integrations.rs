@@ -1545,10 +1545,8 @@ async fn save_mappings(
 /// a refusal 422, a provider that did not answer 502, a storage failure
 /// 503 (not 500: it passes).
 fn connect_refused(e: &crate::connections::ConnectError) -> Response {
-    if let crate::connections::ConnectError::Store(err) = e
-        && !matches!(err, crate::store::StoreError::NotFound(_))
-    {
-        tracing::error!(error = %err, "connecting from the Integrations page: the store failed");
+    if e.is_storage_failure() {
+        tracing::error!(error = %e, "connecting from the Integrations page: the store failed");
         return storage_unavailable();
     }
     message(
@@ -1748,13 +1746,7 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
         }
         // ledgerport's own database failed: the accounting system is not
         // to blame, and trying again is the answer.
-        // (A connection reconnected meanwhile is a conflict, not a failure.)
-        Err(crate::connections::ConnectError::Store(e))
-            if !matches!(
-                e,
-                crate::store::StoreError::NotFound(_) | crate::store::StoreError::Conflict(_)
-            ) =>
-        {
+        Err(e) if e.is_storage_failure() => {
             tracing::error!(error = %e, "disconnecting from the Integrations page: the store failed");
             storage_unavailable()
         }

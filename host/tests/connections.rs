@@ -421,6 +421,29 @@ async fn refresh_storm_one_daemon_sqlite() {
 
 /// A proxy in front of the token endpoint that passes the first refresh to
 /// the simulator and then loses its answer (never replies).
+/// A token request passed on to the simulator's token endpoint `target`,
+/// and its answer as the proxy gives it back.
+async fn forward_token(
+    target: &str,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> impl axum::response::IntoResponse + use<> {
+    let mut req = reqwest::Client::new().post(target).body(body);
+    for (k, v) in headers.iter() {
+        if k != "host" && k != "content-length" {
+            req = req.header(k, v);
+        }
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.bytes().await.unwrap();
+    (
+        axum::http::StatusCode::from_u16(status).unwrap(),
+        [("content-type", "application/json")],
+        text,
+    )
+}
+
 async fn lossy_token_proxy(sim: &SimHandle) -> String {
     use axum::body::Bytes;
     use axum::http::HeaderMap;
@@ -433,25 +456,13 @@ async fn lossy_token_proxy(sim: &SimHandle) -> String {
             let target = target.clone();
             let lost = lost.clone();
             async move {
-                let mut req = reqwest::Client::new().post(&target).body(body.clone());
-                for (k, v) in headers.iter() {
-                    if k != "host" && k != "content-length" {
-                        req = req.header(k, v);
-                    }
-                }
-                let resp = req.send().await.unwrap();
-                let status = resp.status().as_u16();
-                let text = resp.bytes().await.unwrap();
+                let answer = forward_token(&target, &headers, body.clone()).await;
                 let refresh = String::from_utf8_lossy(&body).contains("grant_type=refresh_token");
                 if refresh && lost.fetch_add(1, Ordering::SeqCst) == 0 {
                     // The provider did the refresh; its answer never arrives.
                     std::future::pending::<()>().await;
                 }
-                (
-                    axum::http::StatusCode::from_u16(status).unwrap(),
-                    [("content-type", "application/json")],
-                    text,
-                )
+                answer
             }
         }),
     );
@@ -602,20 +613,7 @@ async fn gated_token_proxy(sim: &SimHandle, gate: Arc<tokio::sync::Semaphore>) -
                 if String::from_utf8_lossy(&body).contains("grant_type=refresh_token") {
                     let _ = gate.acquire().await.unwrap();
                 }
-                let mut req = reqwest::Client::new().post(&target).body(body.clone());
-                for (k, v) in headers.iter() {
-                    if k != "host" && k != "content-length" {
-                        req = req.header(k, v);
-                    }
-                }
-                let resp = req.send().await.unwrap();
-                let status = resp.status().as_u16();
-                let text = resp.bytes().await.unwrap();
-                (
-                    axum::http::StatusCode::from_u16(status).unwrap(),
-                    [("content-type", "application/json")],
-                    text,
-                )
+                forward_token(&target, &headers, body).await
             }
         }),
     );

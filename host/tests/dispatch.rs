@@ -280,21 +280,15 @@ async fn a_provider_429_holds_the_whole_connection() {
 /// A delivery for a connector this daemon does not have (another daemon
 /// may, during a rolling upgrade) waits for one that has it instead of
 /// failing: failing told the customer their system refused the document.
-/// An outcome whose incident was never recorded (the daemon stopped
-/// between the two writes) is found by the dispatcher's sweep and told
-/// like any other: recorded once, however often the sweep runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_incident_lost_between_two_writes_is_recorded_by_the_sweep() {
+/// Tenant `ghostly`, connected to `ghost`, a connector no daemon here has.
+async fn connect_ghostly(p: &Pipeline) {
     use ledgerport::store::{NewConnection, Organisation};
-    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
     let store = &p.d().store;
     let now = chrono::Utc::now().timestamp();
     store
         .upsert_tenant("ghostly", "Ghostly", &["ap@ghostly.example".into()], now)
         .await
         .unwrap();
-    // A connector not installed here: the dispatcher leaves its delivery
-    // waiting, so the test can set the row as a crash would leave it.
     store
         .finish_connect(
             &p.key_ring(),
@@ -315,6 +309,18 @@ async fn an_incident_lost_between_two_writes_is_recorded_by_the_sweep() {
         )
         .await
         .unwrap();
+}
+
+/// An outcome whose incident was never recorded (the daemon stopped
+/// between the two writes) is found by the dispatcher's sweep and told
+/// like any other: recorded once, however often the sweep runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_lost_between_two_writes_is_recorded_by_the_sweep() {
+    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    let store = &p.d().store;
+    // A connector not installed here: the dispatcher leaves its delivery
+    // waiting, so the test can set the row as a crash would leave it.
+    connect_ghostly(&p).await;
     let (s, body) = p.post(&invoice("ghostly", 1)).await;
     assert_eq!(s, 202, "{body}");
     let id = store
@@ -353,34 +359,9 @@ async fn an_incident_lost_between_two_writes_is_recorded_by_the_sweep() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_for_a_connector_not_installed_here_waits() {
-    use ledgerport::store::{NewConnection, Organisation};
     let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
     let store = &p.d().store;
-    let now = chrono::Utc::now().timestamp();
-    store
-        .upsert_tenant("ghostly", "Ghostly", &["ap@ghostly.example".into()], now)
-        .await
-        .unwrap();
-    store
-        .finish_connect(
-            &p.key_ring(),
-            &NewConnection {
-                tenant_id: "ghostly".into(),
-                connector_id: "ghost".into(),
-                admin: "alice".into(),
-                scopes: vec![],
-                organisation: Organisation {
-                    tenant_id: "org-ghost".into(),
-                    name: "Ghost Books".into(),
-                    connection_id: None,
-                },
-                auth_event_id: None,
-                tokens: None,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    connect_ghostly(&p).await;
     let (s, body) = p.post(&invoice("ghostly", 1)).await;
     assert_eq!(s, 202, "{body}");
     let started = Instant::now();
