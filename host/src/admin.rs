@@ -191,6 +191,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/admin/tenants/{tenant}/check/{connector}", post(check))
         .route("/v1/admin/tenants/{tenant}/audit", get(audit))
+        .route("/v1/admin/tenants/{tenant}/missed/{connector}", get(missed))
+        .route(
+            "/v1/admin/tenants/{tenant}/missed/{connector}/send",
+            post(send_missed),
+        )
         .route(
             "/v1/admin/tenants/{tenant}/page-sessions",
             post(page_session).delete(end_page_sessions),
@@ -287,6 +292,13 @@ async fn status(State(st): S, Path(tenant): Path<String>) -> Response {
             Ok(r) => r,
             Err(e) => return unavailable(e),
         };
+        let missed = match st.connections.manifest(&c.connector_id) {
+            Some(m) => match st.store.missed_documents(&c.id, &m.document_kinds, 0).await {
+                Ok((n, _)) => n,
+                Err(e) => return unavailable(e),
+            },
+            None => 0,
+        };
         let recent = delivered
             .iter()
             .filter(|d| d.connection_id == c.id)
@@ -306,6 +318,7 @@ async fn status(State(st): S, Path(tenant): Path<String>) -> Response {
             "last_success_at": last_success,
             "backlog": n("pending") + n("working"), "paused": n("paused"), "failed": n("failed"),
             "paused_reasons": reasons, "mappings_review": c.mappings_review,
+            "missed": missed,
         }));
     }
     Json(json!({ "tenant": tenant, "connections": out })).into_response()
@@ -439,6 +452,199 @@ async fn retry(
             (st.on_retry)();
             Json(json!({ "requeued": n })).into_response()
         }
+        Err(e) => unavailable(e),
+    }
+}
+
+/// The tenant's connection to `connector` and the document kinds its
+/// connector takes: what [`Store::missed_documents`] needs. 404 naming
+/// `connector` when it is not installed or the tenant never connected it.
+async fn missed_scope(
+    st: &AdminState,
+    tenant: &str,
+    connector: &str,
+) -> Result<(crate::store::Connection, Vec<String>), Response> {
+    let Some(manifest) = st.connections.manifest(connector) else {
+        return Err(not_installed(connector));
+    };
+    match st.store.connection_for(tenant, connector).await {
+        Ok(Some(c)) => Ok((c, manifest.document_kinds)),
+        Ok(None) => Err(error(
+            StatusCode::NOT_FOUND,
+            "not connected",
+            &problem(
+                "connector",
+                format!(
+                    "tenant {tenant:?} has never connected {connector:?}, so it missed nothing"
+                ),
+            ),
+        )),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct MissedQuery {
+    limit: Option<i64>,
+}
+
+/// Documents issued while the connection was disconnected: never sent to
+/// it (see [`crate::store::missed`]).
+async fn missed(
+    State(st): S,
+    Path((tenant, connector)): Path<(String, String)>,
+    Query(q): Query<MissedQuery>,
+) -> Response {
+    let (conn, kinds) = match missed_scope(&st, &tenant, &connector).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    match st.store.missed_documents(&conn.id, &kinds, limit).await {
+        Ok((count, documents)) => Json(json!({
+            "connector": connector, "connection_id": conn.id, "state": conn.state,
+            "count": count, "documents": documents,
+        }))
+        .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Send what the connection missed: `{"documents": [ids]}` those, no body
+/// all of them. Any admin of the tenant, as a retry.
+async fn send_missed(
+    State(st): S,
+    headers: HeaderMap,
+    Path((tenant, connector)): Path<(String, String)>,
+    body: JsonObject,
+) -> Response {
+    let actor = headers
+        .get("x-ledgerport-admin")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("api")
+        .to_string();
+    if let Err(r) = body.only(&["documents"]) {
+        return r;
+    }
+    let ids: Option<Vec<String>> = match body.0.as_ref().and_then(|m| m.get("documents")) {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => {
+            if items.is_empty() {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "no documents named",
+                    &problem(
+                        "documents",
+                        "is empty: name at least one document's id, or send no body to send every missed document",
+                    ),
+                );
+            }
+            if items.len() > crate::store::missed::SEND_IDS_MAX {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "too many documents",
+                    &problem(
+                        "documents",
+                        format!(
+                            "names {} documents; at most {} at once (send no body to send them all)",
+                            items.len(),
+                            crate::store::missed::SEND_IDS_MAX
+                        ),
+                    ),
+                );
+            }
+            let mut ids = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(id)
+                        if !id.is_empty() && !id.contains('\0') && id.len() <= 200 =>
+                    {
+                        ids.push(id.clone())
+                    }
+                    other => {
+                        return error(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "not a document id",
+                            &problem(
+                                &format!("documents[{i}]"),
+                                format!(
+                                    "must be a document's id (a non-empty string of at most 200 bytes, no NUL), not {other}"
+                                ),
+                            ),
+                        );
+                    }
+                }
+            }
+            Some(ids)
+        }
+        Some(other) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "wrong type",
+                &problem(
+                    "documents",
+                    format!(
+                        "must be a list of document ids, not {other}; send no body to send every missed document"
+                    ),
+                ),
+            );
+        }
+    };
+    let (conn, kinds) = match missed_scope(&st, &tenant, &connector).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match st
+        .store
+        .send_missed(&conn.id, &kinds, ids.as_deref(), crate::dispatch::now_ms())
+        .await
+    {
+        Ok(r) if !r.not_missed.is_empty() => {
+            let all = ids.unwrap_or_default();
+            let problems: Vec<FieldProblem> = r
+                .not_missed
+                .iter()
+                .map(|id| FieldProblem {
+                    field: format!(
+                        "documents[{}]",
+                        all.iter().position(|a| a == id).unwrap_or_default()
+                    ),
+                    message: format!(
+                        "{id:?} is not a document this connection missed: not the tenant's, sent to it already, of a kind {connector} does not take, issued before it was first disconnected, or too old to send (its content is no longer kept); nothing was sent"
+                    ),
+                })
+                .collect();
+            error(StatusCode::NOT_FOUND, "not a missed document", &problems)
+        }
+        Ok(r) => {
+            let _ = st
+                .store
+                .audit(
+                    &actor,
+                    Some(&tenant),
+                    "send-missed",
+                    &format!("{} document(s) to {connector}", r.queued),
+                    now(),
+                )
+                .await;
+            if r.queued > 0 {
+                (st.on_retry)();
+            }
+            Json(json!({ "queued": r.queued })).into_response()
+        }
+        Err(crate::store::StoreError::Conflict(m)) => error(
+            StatusCode::CONFLICT,
+            "disconnected",
+            &problem("connector", m),
+        ),
+        Err(crate::store::StoreError::NotFound(_)) => error(
+            StatusCode::NOT_FOUND,
+            "not connected",
+            &problem(
+                "connector",
+                format!("tenant {tenant:?} has no {connector:?} connection"),
+            ),
+        ),
         Err(e) => unavailable(e),
     }
 }
@@ -970,9 +1176,36 @@ async fn check(State(st): S, Path((tenant, connector)): Path<(String, String)>) 
     }
 }
 
-async fn audit(State(st): S, Path(tenant): Path<String>) -> Response {
-    match st.store.audit_log(Some(&tenant), 200).await {
-        Ok(entries) => Json(json!({ "audit": entries })).into_response(),
+#[derive(serde::Deserialize)]
+struct AuditQuery {
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    before: Option<String>,
+}
+
+async fn audit(State(st): S, Path(tenant): Path<String>, Query(q): Query<AuditQuery>) -> Response {
+    let before = match q.before.as_deref().map(|b| b.parse::<i64>()) {
+        None => None,
+        Some(Ok(b)) if b > 0 => Some(b),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "not a page",
+                &problem(
+                    "before",
+                    "must be the `next` of a previous page (a positive whole number)",
+                ),
+            );
+        }
+    };
+    let limit = q.limit.unwrap_or(200).clamp(1, 1000);
+    match st.store.audit_page(Some(&tenant), before, limit).await {
+        Ok(entries) => {
+            let next = (entries.len() as i64 == limit)
+                .then(|| entries.last().map(|e| e.id))
+                .flatten();
+            Json(json!({ "audit": entries, "next": next })).into_response()
+        }
         Err(e) => unavailable(e),
     }
 }
@@ -988,13 +1221,15 @@ async fn openapi() -> Json<Value> {
         "paths": {
             "/v1/documents": {"post": {"summary": "Hand over an issued invoice or credit note (ingest key)", "security": [{"bearer": []}], "responses": {"202": {"description": "stored"}, "200": {"description": "already stored"}, "409": {"description": "a different document with this id"}, "422": {"description": "invalid; every field named"}}}},
             "/v1/admin/tenants": {"get": {"summary": "Tenants this key may see", "security": [{"bearer": []}], "responses": {"200": {"description": "ok"}}}},
-            "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state (and reason), connected_at (Unix seconds), last_success_at (Unix milliseconds, as the delivery log's times), backlog, paused, failed, paused_reasons, mappings_review (switched organisation: nothing is sent until the mappings are confirmed, POST confirm-mappings or the page's Save); 503 when the store cannot be read")},
+            "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state (and reason), connected_at (Unix seconds), last_success_at (Unix milliseconds, as the delivery log's times), backlog, paused, failed, paused_reasons, mappings_review (switched organisation: nothing is sent until the mappings are confirmed, POST confirm-mappings or the page's Save), missed (documents issued while the connection was disconnected and never sent to it: see missed/{connector}); 503 when the store cannot be read")},
+            "/v1/admin/tenants/{tenant}/missed/{connector}": {"get": op("Documents issued while the connection was disconnected and never sent to it (ingest made no delivery while disconnected; reconnecting does not send them by itself): {count, documents: [{id, number, kind, received_at}]}, oldest first, ?limit= (1-1000, default 100); only documents received since the connection was first disconnected, of kinds its connector takes, whose content is still kept; 404 naming connector when it is not installed or was never connected")},
+            "/v1/admin/tenants/{tenant}/missed/{connector}/send": {"post": op("Send what the connection missed: {\"documents\": [ids]} those (at most 500; 404 naming documents[i] for an id that is not a missed document, and then nothing is sent), no body every one; answers {queued}; 409 naming connector while it is disconnected")},
             "/v1/tenants/{tenant}/deliveries": {"get": {"summary": "The tenant's deliveries, the latest change first (ingest key); ?number= ?state= ?limit= (1-1000, default 100) ?after=<next of the previous page>; answers {deliveries, next}, next null on the last page; 400 names state or after when it is not one", "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "400": {"description": "the parameter named"}, "401": {"description": "no or bad key"}}}},
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with each delivery's last 50 attempts (attempts_total counts those kept: retention drops a delivered delivery's), the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},
             "/v1/admin/tenants/{tenant}/confirm-mappings": {"post": op("Confirm the mappings as they stand for ?connector= (default xero), each checked against the live organisation's accounts (422 naming mappings.<kind> when it has no such account; 409 naming connection while a review is due and the connection cannot check them, e.g. disconnected): after the connection switched to another organisation nothing is sent until this or the Integrations page's Save is done; Super Admin")},
             "/v1/admin/tenants/{tenant}/mappings": {"get": op("Mappings, the catalogue and the organisation's accounts; ?connector= (default xero), 404 naming connector when it is not installed")},
-            "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h, until the admin signs out or is signed out, or until the key that asked is revoked)"), "delete": op("Sign out ?admin= (or every admin of the tenant) from the Integrations page at once")},
+            "/v1/admin/tenants/{tenant}/page-sessions": {"post": op("A one-time sign-in link to the Integrations page ({\"admin\", \"role\"}; 201 with login, a path valid for 120 s; the session lasts 8 h, until the admin signs out or is signed out, or until the key that asked is revoked)"), "delete": op("Sign out ?admin= (or every admin of the tenant) from the Integrations page at once, with their unused sign-in links and the connections they started and have not finished (a consent still open at the provider, an organisation not yet picked)")},
             "/v1/admin/tenants/{tenant}/mappings/{kind}": {"put": op("Map a kind ({\"account_code\", \"tax_type\"}) for ?connector= (default xero), checked against its chart of accounts when it has one (422 naming the field; 503 when the chart cannot be read); Super Admin"), "delete": op("Remove a kind's mapping for ?connector= (404 naming kind when there is none); Super Admin")},
             "/v1/admin/tenants/{tenant}/settings/{connector}": {"get": op("The connector's settings: every declared key with description, allowed values, default and the connection's value (secrets only \"set\" / \"not set\")")},
             "/v1/admin/tenants/{tenant}/settings/{connector}/{key}": {
@@ -1004,7 +1239,7 @@ async fn openapi() -> Json<Value> {
             "/v1/admin/tenants/{tenant}/connect/{connector}": {"post": op("Connect; Super Admin. A connector with OAuth: 200 {authorize_url}, where to send the admin. One without (e.g. the JSON webhook): the connector checks the tenant's settings and the connection is made at once, 200 {connected, reconnected, state, organisation}; 422 names what the connector refused (e.g. a missing setting), 502 what it could not reach, 404 not installed")},
             "/v1/admin/tenants/{tenant}/disconnect/{connector}": {"post": op("Disconnect (revokes at the provider, keeps mappings); Super Admin")},
             "/v1/admin/tenants/{tenant}/check/{connector}": {"post": op("Test the connection: the connector's check on the live connection; 200 names the organisation, 404 not connected, 409 not active, needing re-authorisation or not installed, 429 checked less than 5 s ago, 502 what the provider said, 503 database unavailable")},
-            "/v1/admin/tenants/{tenant}/audit": {"get": op("Audit log")},
+            "/v1/admin/tenants/{tenant}/audit": {"get": op("Audit log, newest first: {audit: [{id, at (Unix seconds), actor, tenant_id, action, detail}], next}; ?limit= (1-1000, default 200) ?before=<next of the previous page>, next null on the last page; 400 naming before when it is not one")},
             "/oauth/callback": {"get": {"summary": "The provider's redirect (no key)", "responses": {"200": {"description": "connected or organisation picker"}}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {"get": {"summary": "Readiness (database)", "responses": {"200": {"description": "ready"}}}},

@@ -219,6 +219,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/integrations/disconnect", post(disconnect))
         .route("/integrations/check", post(check))
         .route("/integrations/retry", post(retry))
+        .route("/integrations/send-missed", post(send_missed))
         .route("/integrations/logout", post(logout))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -973,6 +974,49 @@ async fn card(
             "<p class=\"review\" id=\"{}\">Connected to another organisation: nothing is sent until you have checked the account mappings — <a href=\"/integrations/configure{q}\">Configure</a>, check and save.</p>",
             el("review")
         ));
+    }
+    // Documents issued while it was disconnected: never sent to it, and
+    // not sent by reconnecting either; the admin decides.
+    if let Some(c) = &conn {
+        let (count, docs) = st
+            .store
+            .missed_documents(&c.id, &m.document_kinds, MISSED_SHOWN)
+            .await?;
+        if count > 0 {
+            let numbers = docs
+                .iter()
+                .map(|d| esc(&d.number))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = if count > docs.len() as i64 {
+                format!(" and {} more", count - docs.len() as i64)
+            } else {
+                String::new()
+            };
+            let name = esc(&m.name);
+            let n = if count == 1 {
+                "1 document".to_string()
+            } else {
+                format!("{count} documents")
+            };
+            if c.state == crate::store::ConnectionState::Disconnected {
+                card.push_str(&format!(
+                    "<p class=\"missed\" id=\"{}\" data-count=\"{count}\">{n} issued since {name} was disconnected {were} not sent to it ({numbers}{more}). Once you reconnect, you can send {them} from here.</p>",
+                    el("missed"),
+                    were = if count == 1 { "was" } else { "were" },
+                    them = if count == 1 { "it" } else { "them" },
+                ));
+            } else {
+                card.push_str(&format!(
+                    "<p class=\"missed\" id=\"{}\" data-count=\"{count}\">{n} issued while {name} was disconnected {were} never sent to it: {numbers}{more}. Reconnecting does not send {them} by itself.</p>\
+                     <form method=\"post\" action=\"/integrations/send-missed{q}\"><button id=\"{}\" type=\"submit\">Send {them} to {name}</button></form>",
+                    el("missed"),
+                    el("send_missed"),
+                    were = if count == 1 { "was" } else { "were" },
+                    them = if count == 1 { "it" } else { "them" },
+                ));
+            }
+        }
     }
     if state != "active" {
         card.push_str(&format!(
@@ -1755,6 +1799,79 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
             "Disconnect failed",
             &e.to_string(),
         ),
+    }
+}
+
+/// Missed documents named on a card (the count says how many there are).
+const MISSED_SHOWN: i64 = 10;
+
+/// Send every document the connection missed while it was disconnected
+/// (the card's button; any admin of the tenant, as a retry).
+async fn send_missed(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -> Response {
+    let s = match session(&st, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let connector = which.id();
+    let name = display_name(&st, connector);
+    let Some(manifest) = st.connections.manifest(connector) else {
+        return message(
+            StatusCode::NOT_FOUND,
+            "Not sent",
+            &format!("connector: {connector:?} is not installed here."),
+        );
+    };
+    let conn = match st.store.connection_for(&s.tenant, connector).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return message(
+                StatusCode::NOT_FOUND,
+                "Not sent",
+                &format!("connector: you never connected {name}, so it missed nothing."),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "sending missed documents: the store failed");
+            return storage_unavailable();
+        }
+    };
+    match st
+        .store
+        .send_missed(
+            &conn.id,
+            &manifest.document_kinds,
+            None,
+            crate::dispatch::now_ms(),
+        )
+        .await
+    {
+        Ok(r) => {
+            let _ = st
+                .store
+                .audit(
+                    &s.admin,
+                    Some(&s.tenant),
+                    "send-missed",
+                    &format!("{} document(s) to {connector}", r.queued),
+                    chrono::Utc::now().timestamp(),
+                )
+                .await;
+            if r.queued > 0 {
+                (st.on_retry)();
+            }
+            redirect("/integrations")
+        }
+        Err(crate::store::StoreError::Conflict(_)) => message(
+            StatusCode::CONFLICT,
+            "Not sent",
+            &format!(
+                "connector: {name} is disconnected. Reconnect it first, then send what it missed."
+            ),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "sending missed documents: the store failed");
+            storage_unavailable()
+        }
     }
 }
 

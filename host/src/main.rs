@@ -172,6 +172,32 @@ enum DeliveriesCommand {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Documents a connection missed: issued while it was disconnected,
+    /// stored but never sent to it (reconnecting does not send them by
+    /// itself). With --send, send them (all, or those named by --document).
+    Missed {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The connector.
+        #[arg(long, default_value = "xero")]
+        connector: String,
+        /// Send them now (the connection must be connected).
+        #[arg(long)]
+        send: bool,
+        /// With --send: only this document (its id); repeat for more.
+        #[arg(long = "document", requires = "send")]
+        documents: Vec<String>,
+        /// List at most this many (1 to 10,000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Retry one failed delivery, or all of a tenant's.
     Retry {
         /// The tenant.
@@ -979,6 +1005,9 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
         | DeliveriesCommand::Retry {
             config, database, ..
         }
+        | DeliveriesCommand::Missed {
+            config, database, ..
+        }
         | DeliveriesCommand::Purge {
             config, database, ..
         } => (config.clone(), database.clone()),
@@ -1070,6 +1099,112 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                         );
                     }
                     ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
+        DeliveriesCommand::Missed {
+            tenant,
+            connector,
+            send,
+            documents,
+            limit,
+            ..
+        } => {
+            if let Err(code) = known_tenant(&store, &tenant).await {
+                return code;
+            }
+            let Some(kinds) =
+                ledgerport::manifest::document_kinds_in(&cfg.plugin_dir).remove(&connector)
+            else {
+                eprintln!(
+                    "error: connector: {connector:?} is not installed in {}",
+                    cfg.plugin_dir.display()
+                );
+                return ExitCode::from(2);
+            };
+            let conn = match store.connection_for(&tenant, &connector).await {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    eprintln!(
+                        "error: connector: tenant {tenant:?} never connected {connector:?}, so it missed nothing"
+                    );
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(3);
+                }
+            };
+            if !send {
+                return match store.missed_documents(&conn.id, &kinds, limit).await {
+                    Ok((count, docs)) => {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::json!({ "count": count, "documents": docs })
+                            );
+                        } else {
+                            println!(
+                                "{count} document(s) issued while {connector} was disconnected, never sent to it"
+                            );
+                            for d in &docs {
+                                println!(
+                                    "  {:<24} {:<16} {:<12} received {}",
+                                    d.id,
+                                    d.number,
+                                    d.kind,
+                                    chrono::DateTime::from_timestamp_millis(d.received_at)
+                                        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+                                        .unwrap_or_default()
+                                );
+                            }
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(3)
+                    }
+                };
+            }
+            let ids = (!documents.is_empty()).then_some(documents.as_slice());
+            match store
+                .send_missed(&conn.id, &kinds, ids, ledgerport::dispatch::now_ms())
+                .await
+            {
+                Ok(r) if !r.not_missed.is_empty() => {
+                    for id in &r.not_missed {
+                        eprintln!(
+                            "error: document: {id:?} is not a document {connector} missed (not the tenant's, sent to it already, of a kind it does not take, issued before it was first disconnected, or too old to send)"
+                        );
+                    }
+                    eprintln!("nothing was sent");
+                    ExitCode::from(2)
+                }
+                Ok(r) => {
+                    let _ = store
+                        .audit(
+                            &cli_actor(),
+                            Some(&tenant),
+                            "send-missed",
+                            &format!("{} document(s) to {connector}", r.queued),
+                            chrono::Utc::now().timestamp(),
+                        )
+                        .await;
+                    if json {
+                        println!("{}", serde_json::json!({ "queued": r.queued }));
+                    } else {
+                        println!("{} document(s) queued for {connector}", r.queued);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(ledgerport::store::StoreError::Conflict(m)) => {
+                    eprintln!("error: connector: {m}");
+                    ExitCode::from(2)
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

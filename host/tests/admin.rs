@@ -388,6 +388,38 @@ async fn keys_scopes_audit_and_the_connection_lifecycle() {
             .iter()
             .all(|e| e["actor"] == "alice@acme.example")
     );
+    // Paged: the next page starts where the last one ended.
+    let mut paged = Vec::new();
+    let mut path = "/v1/admin/tenants/acme/audit?limit=3".to_string();
+    loop {
+        let (st, page) = call(&http, &base, "GET", &path, Some(&acme), false).await;
+        assert_eq!(st, 200, "{page}");
+        let entries = page["audit"].as_array().unwrap();
+        assert!(entries.len() <= 3, "{page}");
+        paged.extend(
+            entries
+                .iter()
+                .map(|e| e["action"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_i64() {
+            Some(next) => path = format!("/v1/admin/tenants/acme/audit?limit=3&before={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, actions, "every entry once, in order");
+    for bad in ["abc", "0", "-4"] {
+        let (st, body) = call(
+            &http,
+            &base,
+            "GET",
+            &format!("/v1/admin/tenants/acme/audit?before={bad}"),
+            Some(&acme),
+            false,
+        )
+        .await;
+        assert_eq!(st, 400, "{bad}: {body}");
+        assert_eq!(body["problems"][0]["field"], "before", "{body}");
+    }
     // Ingest accepts an issued ingest key; the OpenAPI description is served.
     let (st, _) = call(
         &http,

@@ -1148,3 +1148,150 @@ fn signed_plugins_and_the_trust_list() {
         .to_string();
     assert!(e.contains("does not match"), "{e}");
 }
+
+/// `deliveries missed` lists what a connection missed while it was
+/// disconnected and, with `--send`, sends it once it is connected again:
+/// some by id, then the rest; what cannot be sent is named, and nothing
+/// is sent then.
+#[tokio::test]
+async fn deliveries_missed_lists_and_sends() {
+    use ledgerport::store::{NewConnection, Organisation};
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("lp.db");
+    let db = db_path.to_str().unwrap().to_string();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(plugins.join("minimal")).unwrap();
+    // As `plugin install` leaves it: the component's file and hash filled in.
+    std::fs::write(
+        plugins.join("minimal/manifest.toml"),
+        format!(
+            "{MINIMAL}component = \"minimal.wasm\"\nsha256 = \"{}\"\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let store = ledgerport::store::Store::open_and_migrate(&db)
+        .await
+        .unwrap();
+    store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let keys = storage_support::keys(1);
+    let new = NewConnection {
+        tenant_id: "acme".into(),
+        connector_id: "minimal".into(),
+        admin: "alice".into(),
+        scopes: vec![],
+        organisation: Organisation {
+            tenant_id: "hook".into(),
+            name: "Hook".into(),
+            connection_id: None,
+        },
+        auth_event_id: None,
+        tokens: None,
+    };
+    let conn = store
+        .finish_connect(&keys, &new, 10)
+        .await
+        .unwrap()
+        .connection
+        .id;
+    let mut lease = store.lock_tokens(&conn).await.unwrap();
+    lease.disconnect("alice", "test", 20).await.unwrap();
+    lease.commit().await.unwrap();
+    for (id, at) in [("d1", 21_000), ("d2", 22_000)] {
+        store
+            .ingest_for_tenant(new_doc("acme", id, &format!("INV-{id}"), "{}", "h", at))
+            .await
+            .unwrap();
+    }
+    let plugin_dir = plugins.to_str().unwrap().to_string();
+    let env = [("LEDGERPORT_PLUGIN_DIR", plugin_dir.as_str())];
+    let missed = |extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "deliveries",
+            "missed",
+            "--tenant",
+            "acme",
+            "--connector",
+            "minimal",
+            "--database",
+            &db,
+        ];
+        args.extend_from_slice(extra);
+        ledgerport(&args, &env)
+    };
+    let o = missed(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["count"], 2, "{v}");
+    assert_eq!(v["documents"][1]["number"], "INV-d2", "{v}");
+    // Still disconnected: refused naming the connector.
+    let o = missed(&["--send"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("connector: "), "{}", text(&o));
+    // A connector not installed, a tenant unknown: named.
+    let o = ledgerport(
+        &[
+            "deliveries",
+            "missed",
+            "--tenant",
+            "acme",
+            "--connector",
+            "xero",
+            "--database",
+            &db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("connector: \"xero\" is not installed"),
+        "{}",
+        text(&o)
+    );
+    let o = ledgerport(
+        &[
+            "deliveries",
+            "missed",
+            "--tenant",
+            "nobody",
+            "--database",
+            &db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("tenant: "), "{}", text(&o));
+
+    store.finish_connect(&keys, &new, 30).await.unwrap();
+    let o = missed(&["--send", "--document", "d2", "--document", "d9"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("\"d9\" is not a document"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("\"d2\" is not"), "{}", text(&o));
+    let o = missed(&["--send", "--document", "d2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["queued"], 1, "{v}");
+    let o = missed(&["--send"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["queued"], 1, "{v}");
+    let o = missed(&[]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["count"], 0, "{v}");
+    let pending = store
+        .list_deliveries(Some("acme"), None, Some("pending"), 10)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 2);
+    assert!(pending.iter().all(|d| d.connection_id == conn));
+    let audit = store.audit_log(Some("acme"), 10).await.unwrap();
+    assert_eq!(
+        audit.iter().filter(|e| e.action == "send-missed").count(),
+        2,
+        "{audit:?}"
+    );
+}

@@ -989,3 +989,210 @@ async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
     let r = store.purge_delivered(now + 86_400_000).await.unwrap();
     assert_eq!(r.mails, 2, "{r:?}");
 }
+
+/// Documents issued while Xero was disconnected are kept but not sent, and
+/// not sent by reconnecting either: the admin API and the Integrations
+/// page show them and send them when the admin says so (some by id, then
+/// the rest from the page), each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
+    use ledgerport::store::admin::KeyScope;
+    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    p.tenant("acme", DEFAULT_TENANT_TRADING).await;
+    let (_, key) = p
+        .d()
+        .store
+        .issue_key(&KeyScope::Tenant("acme".into()), "page", 0)
+        .await
+        .unwrap();
+    let admin = |method: &'static str, path: &'static str, body: Option<Value>| {
+        let p = &p;
+        let key = key.clone();
+        async move {
+            let mut rb = p
+                .http
+                .request(
+                    reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                    p.url(&format!("/v1/admin/tenants/acme/{path}")),
+                )
+                .bearer_auth(key)
+                .header("x-ledgerport-admin", "bob@acme.example")
+                .header("x-ledgerport-role", "finance-manager");
+            if let Some(b) = body {
+                rb = rb.json(&b);
+            }
+            let r = rb.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, body) = p.post(&invoice("acme", 1)).await;
+    assert_eq!(s, 202, "{body}");
+    p.wait_delivered(1, Duration::from_secs(30)).await;
+    let (s, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!((s, v["count"].clone()), (200, json!(0)), "{v}");
+
+    let conn = p.d().store.connections(Some("acme")).await.unwrap()[0].clone();
+    p.d()
+        .connections
+        .disconnect(&conn.id, "alice@acme.example")
+        .await
+        .unwrap();
+    for n in [2, 3, 4] {
+        let (s, body) = p.post(&invoice("acme", n)).await;
+        assert_eq!(s, 202, "{body}");
+        assert_eq!(body["note"], "not sent: not connected", "{body}");
+    }
+    let (s, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["count"], 3, "{v}");
+    let numbers: Vec<&str> = v["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["number"].as_str().unwrap())
+        .collect();
+    assert_eq!(numbers, ["INV-acme-0002", "INV-acme-0003", "INV-acme-0004"]);
+    let (s, v) = admin("GET", "status", None).await;
+    assert_eq!(
+        (s, v["connections"][0]["missed"].clone()),
+        (200, json!(3)),
+        "{v}"
+    );
+    // Not while disconnected.
+    let (s, v) = admin("POST", "missed/xero/send", None).await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(v["problems"][0]["field"], "connector", "{v}");
+
+    // The Integrations page says so, and offers nothing to send yet.
+    let (s, v) = admin(
+        "POST",
+        "page-sessions",
+        Some(json!({"admin": "bob@acme.example", "role": "finance-manager"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let b = storage_support::browser();
+    let r = b
+        .get(p.url(v["login"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = || async {
+        b.get(p.url("/integrations"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let html = page().await;
+    assert!(html.contains("id=\"missed\" data-count=\"3\""), "{html}");
+    assert!(html.contains("Once you reconnect"), "{html}");
+    assert!(!html.contains("id=\"send_missed\""), "{html}");
+    let r = b
+        .post(p.url("/integrations/send-missed"))
+        .header("cookie", &cookie)
+        .header("origin", p.url(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    assert!(r.text().await.unwrap().contains("Reconnect it first"));
+
+    // Reconnected: nothing goes by itself.
+    p.connect("acme", DEFAULT_TENANT_TRADING).await;
+    let (_, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!(v["count"], 3, "{v}");
+    // Bad requests name the field, and send nothing.
+    for (body, status, field) in [
+        (json!({"documents": "acme-inv-2"}), 422, "documents"),
+        (json!({"documents": []}), 422, "documents"),
+        (json!({"documents": ["acme-inv-2", 7]}), 422, "documents[1]"),
+        (json!({"document": ["acme-inv-2"]}), 422, "document"),
+        (
+            json!({"documents": ["acme-inv-2", "acme-inv-1"]}),
+            404,
+            "documents[1]",
+        ),
+    ] {
+        let (s, v) = admin("POST", "missed/xero/send", Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert_eq!(v["problems"][0]["field"], field, "{body}: {v}");
+    }
+    let (_, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!(v["count"], 3, "nothing was sent: {v}");
+    assert_eq!(
+        p.sim
+            .documents(DEFAULT_TENANT_TRADING)
+            .unwrap()
+            .invoices
+            .len(),
+        1
+    );
+
+    // One by id.
+    let (s, v) = admin(
+        "POST",
+        "missed/xero/send",
+        Some(json!({"documents": ["acme-inv-3"]})),
+    )
+    .await;
+    assert_eq!((s, v["queued"].clone()), (200, json!(1)), "{v}");
+    p.wait_delivered(2, Duration::from_secs(30)).await;
+    let (_, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!(v["count"], 2, "{v}");
+
+    // The rest from the Integrations page.
+    let html = page().await;
+    assert!(html.contains("id=\"missed\" data-count=\"2\""), "{html}");
+    assert!(
+        html.contains("INV-acme-0002, INV-acme-0004"),
+        "names them: {html}"
+    );
+    assert!(html.contains("id=\"send_missed\""), "{html}");
+    let r = b
+        .post(p.url("/integrations/send-missed"))
+        .header("cookie", &cookie)
+        .header("origin", p.url(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303, "{}", r.text().await.unwrap());
+    p.wait_delivered(4, Duration::from_secs(30)).await;
+    let html = page().await;
+    assert!(!html.contains("id=\"missed\""), "{html}");
+    let (_, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!(v["count"], 0, "{v}");
+    // Again: nothing more to send, nothing sent twice.
+    let (s, v) = admin("POST", "missed/xero/send", None).await;
+    assert_eq!((s, v["queued"].clone()), (200, json!(0)), "{v}");
+    let docs = p.sim.documents(DEFAULT_TENANT_TRADING).unwrap();
+    assert_eq!(docs.invoices.len(), 4);
+    assert_eq!(p.sim.counters().duplicates, 0);
+    let audit = p.d().store.audit_log(Some("acme"), 20).await.unwrap();
+    let sent: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|e| e.action == "send-missed")
+        .map(|e| (e.actor.as_str(), e.detail.as_str()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("bob@acme.example", "0 document(s) to xero"),
+            ("bob@acme.example", "2 document(s) to xero"),
+            ("bob@acme.example", "1 document(s) to xero"),
+        ],
+        "latest first"
+    );
+    p.stop().await;
+}

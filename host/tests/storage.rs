@@ -2308,3 +2308,274 @@ both!(
     setting_changes_are_all_or_nothing_postgres,
     setting_changes_are_all_or_nothing
 );
+
+/// Documents issued while a connection was disconnected are listed as
+/// missed (only since its first disconnect, only of kinds its connector
+/// takes, only while their content is kept) and sent on request, all or
+/// some, once it is connected again; never twice.
+async fn documents_missed_while_disconnected_are_offered_and_sent_once(db: TestDb) {
+    use ledgerport::store::StoreError;
+    use ledgerport::store::outbox::delivery_id;
+    let s = db.store().await;
+    let k = keys(1);
+    for t in ["acme", "beta"] {
+        s.upsert_tenant(t, t, &[], 1).await.unwrap();
+    }
+    let both_kinds = ["invoice".to_string(), "credit-note".to_string()];
+    let invoices = ["invoice".to_string()];
+    let doc = |tenant: &'static str, id: &'static str, kind: &'static str, at: i64| {
+        let mut d = new_doc(tenant, id, id, "{\"x\":1}", "h", at);
+        d.kind = kind;
+        d
+    };
+    // Before the first connection: not the connection's business.
+    s.ingest_for_tenant(doc("acme", "before", "invoice", 5_000))
+        .await
+        .unwrap();
+    let c = connected(&s, &k, &new_conn(tokens("A", "R", 1000), "org-1")).await;
+    s.ingest_for_tenant(doc("acme", "sent", "invoice", 10_500))
+        .await
+        .unwrap();
+    let missed = |kinds: &[String]| {
+        let s = s.clone();
+        let c = c.clone();
+        let kinds = kinds.to_vec();
+        async move {
+            let (n, docs) = s.missed_documents(&c, &kinds, 100).await.unwrap();
+            let ids: Vec<String> = docs.into_iter().map(|d| d.id).collect();
+            assert_eq!(n as usize, ids.len());
+            ids
+        }
+    };
+    assert!(missed(&both_kinds).await.is_empty(), "never disconnected");
+
+    let mut lease = s.lock_tokens(&c).await.unwrap();
+    lease.disconnect("alice", "test", 20).await.unwrap();
+    lease.commit().await.unwrap();
+    s.ingest_for_tenant(doc("acme", "d1", "invoice", 21_000))
+        .await
+        .unwrap();
+    s.ingest_for_tenant(doc("acme", "d2", "credit-note", 22_000))
+        .await
+        .unwrap();
+    s.ingest_for_tenant(doc("beta", "other", "invoice", 23_000))
+        .await
+        .unwrap();
+    assert_eq!(missed(&both_kinds).await, ["d1", "d2"], "oldest first");
+    assert_eq!(missed(&invoices).await, ["d1"], "only kinds it takes");
+    let (n, page) = s.missed_documents(&c, &both_kinds, 1).await.unwrap();
+    assert_eq!(
+        (n, page.len()),
+        (2, 1),
+        "the count is of all, the page is limited"
+    );
+    assert_eq!(page[0].number, "d1");
+    assert_eq!(page[0].received_at, 21_000);
+    match s.send_missed(&c, &both_kinds, None, 24_000).await {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("disconnected"), "{m}"),
+        other => panic!("sent to a disconnected connection: {other:?}"),
+    }
+    assert_eq!(
+        missed(&both_kinds).await,
+        ["d1", "d2"],
+        "nothing lost by the refusal"
+    );
+
+    // Reconnected: nothing is sent by itself.
+    s.finish_connect(&k, &new_conn(tokens("A2", "R2", 1000), "org-1"), 30)
+        .await
+        .unwrap();
+    assert_eq!(missed(&both_kinds).await, ["d1", "d2"]);
+    // Ids that are not missed: named, and nothing is sent.
+    let asked = ["d1", "nope", "sent", "before", "other", "nope"].map(String::from);
+    let r = s
+        .send_missed(&c, &both_kinds, Some(&asked), 31_000)
+        .await
+        .unwrap();
+    assert_eq!(r.queued, 0);
+    assert_eq!(r.not_missed, ["nope", "sent", "before", "other"]);
+    assert_eq!(missed(&both_kinds).await, ["d1", "d2"]);
+    // One by id, then the rest.
+    let r = s
+        .send_missed(&c, &both_kinds, Some(&["d1".to_string()]), 32_000)
+        .await
+        .unwrap();
+    assert_eq!((r.queued, r.not_missed.len()), (1, 0));
+    assert_eq!(missed(&both_kinds).await, ["d2"]);
+    let r = s.send_missed(&c, &invoices, None, 33_000).await.unwrap();
+    assert_eq!(r.queued, 0, "the credit note is not of a kind it takes");
+    let r = s.send_missed(&c, &both_kinds, None, 33_000).await.unwrap();
+    assert_eq!(r.queued, 1);
+    assert!(missed(&both_kinds).await.is_empty());
+    assert_eq!(
+        s.send_missed(&c, &both_kinds, None, 34_000)
+            .await
+            .unwrap()
+            .queued,
+        0,
+        "never twice"
+    );
+    let sent: Vec<(String, String, String)> = s
+        .list_deliveries(Some("acme"), None, Some("pending"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.document_id.starts_with('d'))
+        .map(|d| (d.id, d.document_id, d.document_kind))
+        .collect();
+    let mut sent = sent;
+    sent.sort();
+    let mut want = vec![
+        (
+            delivery_id("acme", "d1", &c),
+            "d1".to_string(),
+            "invoice".to_string(),
+        ),
+        (
+            delivery_id("acme", "d2", &c),
+            "d2".to_string(),
+            "credit-note".to_string(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(sent, want, "pending deliveries under their stable ids");
+
+    // Disconnected again: a document whose content retention dropped is
+    // not offered (it could not be sent).
+    let mut lease = s.lock_tokens(&c).await.unwrap();
+    lease.disconnect("alice", "test", 40).await.unwrap();
+    lease.commit().await.unwrap();
+    s.ingest_for_tenant(doc("acme", "old", "invoice", 41_000))
+        .await
+        .unwrap();
+    s.ingest_for_tenant(doc("acme", "new", "invoice", 60_000))
+        .await
+        .unwrap();
+    assert_eq!(missed(&both_kinds).await, ["old", "new"]);
+    s.purge_delivered(50_000).await.unwrap();
+    assert_eq!(missed(&both_kinds).await, ["new"]);
+    assert_eq!(
+        s.send_missed("no-such-connection", &both_kinds, None, 61_000)
+            .await
+            .map(|r| r.queued)
+            .map_err(|e| matches!(e, StoreError::NotFound(_))),
+        Err(true)
+    );
+}
+both!(
+    missed_documents_sqlite,
+    missed_documents_postgres,
+    documents_missed_while_disconnected_are_offered_and_sent_once
+);
+
+/// Signing an admin out from the platform ends what they started and had
+/// not finished: their sign-in links, their consents still open at the
+/// provider and their organisation picks (with the parked tokens); another
+/// admin's, and another tenant's, are left alone.
+async fn signing_out_ends_the_connects_under_way(db: TestDb) {
+    let s = db.store().await;
+    let k = keys(1);
+    for t in ["acme", "globex"] {
+        s.upsert_tenant(t, t, &[], 1).await.unwrap();
+    }
+    let now = chrono::Utc::now().timestamp();
+    for (hash, tenant, admin) in [
+        ("s-alice", "acme", "alice"),
+        ("s-bob", "acme", "bob"),
+        ("s-globex", "globex", "alice"),
+    ] {
+        s.create_oauth_state(&k, hash, tenant, "xero", admin, None, now, now + 600)
+            .await
+            .unwrap();
+        s.create_pending_pick(
+            &k,
+            &format!("p{hash}"),
+            &ledgerport::store::PendingPick {
+                tenant_id: tenant.into(),
+                connector_id: "xero".into(),
+                admin: admin.into(),
+                scopes: vec![],
+                auth_event_id: None,
+                organisations: vec![Organisation {
+                    tenant_id: "org-1".into(),
+                    name: "Org".into(),
+                    connection_id: None,
+                }],
+                tokens: tokens("parked", "parked-r", now + 1800),
+                pick_expires_at: now + 600,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let (key_id, _) = s
+        .issue_key(
+            &ledgerport::store::admin::KeyScope::Tenant("acme".into()),
+            "p",
+            0,
+        )
+        .await
+        .unwrap();
+    let ticket = s
+        .create_page_ticket("acme", "alice", "super-admin", &key_id, 120, now)
+        .await
+        .unwrap();
+    assert_eq!(s.end_page_sessions("acme", Some("alice")).await.unwrap(), 1);
+    assert!(s.page_ticket(&ticket, now).await.unwrap().is_none());
+    assert_eq!(
+        s.consume_oauth_state(&k, "s-alice", now + 1)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        StateRefusal::Unknown
+    );
+    assert!(
+        s.pending_pick(&k, "ps-alice", now + 1, false)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    for (state, pick) in [("s-bob", "ps-bob"), ("s-globex", "ps-globex")] {
+        assert!(
+            s.pending_pick(&k, pick, now + 1, false)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            s.consume_oauth_state(&k, state, now + 1)
+                .await
+                .unwrap()
+                .is_ok(),
+            "{state}"
+        );
+    }
+    // Everyone of the tenant.
+    s.create_oauth_state(&k, "s-carol", "acme", "xero", "carol", None, now, now + 600)
+        .await
+        .unwrap();
+    s.end_page_sessions("acme", None).await.unwrap();
+    assert!(
+        s.pending_pick(&k, "ps-bob", now + 1, false)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.consume_oauth_state(&k, "s-carol", now + 1)
+            .await
+            .unwrap()
+            .is_err()
+    );
+    assert!(
+        s.pending_pick(&k, "ps-globex", now + 1, false)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+both!(
+    sign_out_ends_connects_sqlite,
+    sign_out_ends_connects_postgres,
+    signing_out_ends_the_connects_under_way
+);

@@ -28,6 +28,8 @@ pub struct KeyInfo {
 /// One audit entry.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AuditEntry {
+    /// Its place in the log (a page's `before`).
+    pub id: i64,
     /// When (Unix seconds).
     pub at: i64,
     /// Who.
@@ -192,14 +194,28 @@ impl Store {
 
     /// End the page sessions of `tenant_id` (of one admin, when named), and
     /// their unused tickets: the platform signs out an admin it removed or
-    /// demoted. Returns how many ended.
+    /// demoted. Connections they started and have not finished go too (a
+    /// consent still open at the provider, an organisation not yet picked;
+    /// the picker's tokens with it), in the same transaction: someone
+    /// signed out must not connect the tenant's books a minute later by
+    /// finishing a flow begun before. Returns how many sessions and
+    /// tickets ended.
     pub async fn end_page_sessions(
         &self,
         tenant_id: &str,
         admin: Option<&str>,
     ) -> Result<u64, StoreError> {
-        let n = on_pool!(self, p => sqlx::query("DELETE FROM page_sessions WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2)")
-            .bind(tenant_id).bind(admin).execute(p).await?.rows_affected());
+        let n = on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            let n = sqlx::query("DELETE FROM page_sessions WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2)")
+                .bind(tenant_id).bind(admin).execute(&mut *tx).await?.rows_affected();
+            sqlx::query("DELETE FROM oauth_states WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2) AND used_at IS NULL")
+                .bind(tenant_id).bind(admin).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM oauth_pending WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2) AND used_at IS NULL")
+                .bind(tenant_id).bind(admin).execute(&mut *tx).await?;
+            tx.commit().await?;
+            n
+        });
         Ok(n)
     }
 
@@ -233,12 +249,24 @@ impl Store {
         tenant_id: Option<&str>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.audit_page(tenant_id, None, limit).await
+    }
+
+    /// A page of the audit log, newest first: the `limit` entries older
+    /// than entry `before` (its [`AuditEntry::id`]; `None`: the newest).
+    pub async fn audit_page(
+        &self,
+        tenant_id: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
         on_pool!(self, p => {
-            let rows = sqlx::query("SELECT at, actor, tenant_id, action, detail FROM audit_log WHERE ($1 IS NULL OR tenant_id = $1) ORDER BY id DESC LIMIT $2")
-                .bind(tenant_id).bind(limit).fetch_all(p).await?;
+            let rows = sqlx::query("SELECT id, at, actor, tenant_id, action, detail FROM audit_log WHERE ($1 IS NULL OR tenant_id = $1) AND id < $3 ORDER BY id DESC LIMIT $2")
+                .bind(tenant_id).bind(limit).bind(before.unwrap_or(i64::MAX)).fetch_all(p).await?;
             let mut out = Vec::new();
             for r in rows {
                 out.push(AuditEntry {
+                    id: r.try_get("id")?,
                     at: r.try_get("at")?,
                     actor: r.try_get("actor")?,
                     tenant_id: r.try_get("tenant_id")?,

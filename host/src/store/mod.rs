@@ -30,6 +30,7 @@ pub mod connections;
 pub mod group;
 pub mod kv;
 pub mod mappings;
+pub mod missed;
 pub mod outbox;
 pub mod settings;
 pub mod tenants;
