@@ -24,8 +24,8 @@ use crate::crypto::{KeyRing, random_token, sha256_hex};
 use crate::oauth::{OAuthError, Providers};
 use crate::runtime::{CallContext, Plugin, Runtime};
 use crate::store::{
-    Connection, ConnectionEvent, NewConnection, Organisation, PendingPick, Store, StoreError,
-    TokenSet,
+    Connection, ConnectionEvent, ConnectionState, NewConnection, Organisation, PendingPick, Store,
+    StoreError, TokenSet,
 };
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -836,16 +836,78 @@ impl Connections {
             .find(|o| o.tenant_id == organisation_id)
             .cloned()
             .ok_or_else(|| ConnectError::bad("organisation", "not covered"))?;
-        self.finish(NewConnection {
-            tenant_id: p.tenant_id,
-            connector_id: p.connector_id,
-            admin: p.admin,
-            scopes: p.scopes,
-            organisation,
-            auth_event_id: p.auth_event_id,
-            tokens: Some(p.tokens),
-        })
-        .await
+        let access = p.tokens.access_token.clone();
+        let connector_id = p.connector_id.clone();
+        let unpicked: Vec<Organisation> = p
+            .organisations
+            .iter()
+            .filter(|o| o.tenant_id != organisation_id)
+            .cloned()
+            .collect();
+        let connection = self
+            .finish(NewConnection {
+                tenant_id: p.tenant_id,
+                connector_id: p.connector_id,
+                admin: p.admin,
+                scopes: p.scopes,
+                organisation,
+                auth_event_id: p.auth_event_id,
+                tokens: Some(p.tokens),
+            })
+            .await?;
+        self.remove_unpicked_links(&connector_id, &access, &unpicked)
+            .await;
+        Ok(connection)
+    }
+
+    /// The consent covered organisations the admin did not pick: remove
+    /// the app's links to them at the provider (best effort; a failure is
+    /// logged), so the grant ledgerport keeps reaches only the
+    /// organisation it writes to. A link to an organisation that one of
+    /// this daemon's connections (of any tenant, not disconnected) uses is
+    /// left alone: one user of the provider may have connected it for
+    /// another tenant, and the provider can hand back that same link.
+    async fn remove_unpicked_links(
+        &self,
+        connector_id: &str,
+        access_token: &crate::crypto::Secret,
+        unpicked: &[Organisation],
+    ) {
+        let Some(provider) = self.providers.get(connector_id) else {
+            return;
+        };
+        if unpicked.iter().all(|o| o.connection_id.is_none()) {
+            return;
+        }
+        let in_use: std::collections::HashSet<String> = match self.store.connections(None).await {
+            Ok(all) => all
+                .into_iter()
+                .filter(|c| c.state != ConnectionState::Disconnected)
+                .flat_map(|c| [c.external_tenant_id, c.external_connection_id])
+                .flatten()
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "the links to organisations not picked were kept: the store could not say which are in use");
+                return;
+            }
+        };
+        for o in unpicked {
+            let Some(link) = &o.connection_id else {
+                continue;
+            };
+            if in_use.contains(&o.tenant_id) || in_use.contains(link) {
+                tracing::info!(organisation = %o.tenant_id, "an organisation not picked is connected for another tenant: its link is kept");
+                continue;
+            }
+            match provider.delete_connection(access_token, link).await {
+                Ok(_) => {
+                    tracing::info!(organisation = %o.tenant_id, "removed the link to an organisation not picked")
+                }
+                Err(e) => {
+                    tracing::warn!(organisation = %o.tenant_id, error = %e, "removing the link to an organisation not picked failed")
+                }
+            }
+        }
     }
 
     async fn finish(&self, new: NewConnection) -> Result<Connection, ConnectError> {

@@ -217,6 +217,10 @@ async fn connect_with_picker(db: TestDb) {
         .find(|x| x.tenant_id == DEFAULT_TENANT_TRADING)
         .unwrap();
     assert_eq!(c.external_connection_id, Some(link.id.to_string()));
+    // The link to the organisation not picked was removed at Xero: the
+    // grant ledgerport keeps reaches Trading only.
+    let orgs: Vec<uuid::Uuid> = g.connections.iter().map(|x| x.tenant_id).collect();
+    assert_eq!(orgs, [DEFAULT_TENANT_TRADING]);
     // The pick is single use.
     let r = b
         .post(format!("{}/oauth/pick", d.base))
@@ -232,6 +236,79 @@ both!(
     connect_with_picker_postgres,
     connect_with_picker
 );
+
+/// An organisation not picked that another tenant of this daemon is
+/// connected to keeps its link (one Xero user may have connected both, and
+/// removing the link could cut the other tenant off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organisation_not_picked_but_used_by_another_tenant_keeps_its_link() {
+    let db = TestDb::sqlite();
+    let (sim, d) = setup(&db).await;
+    d.store
+        .upsert_tenant("globex", "Globex", &[], 1)
+        .await
+        .unwrap();
+    sim.set_auto_approve(Some(vec![DEFAULT_TENANT_HOLDINGS]));
+    let url = d
+        .conns
+        .begin_connect("globex", "xero", ADMIN)
+        .await
+        .unwrap();
+    let b = browser();
+    let cb = authorize(&b, &sim, &url, None).await;
+    let (status, body) = finish(&b, &d.base, &cb, None).await;
+    assert_eq!(status, 200, "{body}");
+    let globex = d
+        .store
+        .connection_for("globex", "xero")
+        .await
+        .unwrap()
+        .unwrap();
+
+    sim.set_auto_approve(None);
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let cb = authorize(
+        &b,
+        &sim,
+        &url,
+        Some(&[DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING]),
+    )
+    .await;
+    let r = b.get(&cb).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let pick_url = format!("{}{}", d.base, r.headers()["location"].to_str().unwrap());
+    let html = b.get(&pick_url).send().await.unwrap().text().await.unwrap();
+    let token = inputs(&html).into_iter().find(|i| i.1 == "pick").unwrap().2;
+    let trading = DEFAULT_TENANT_TRADING.to_string();
+    let r = b
+        .post(format!("{}/oauth/pick", d.base))
+        .form(&[("pick", token.as_str()), ("organisation", trading.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let acme = d
+        .store
+        .connection_for("acme", "xero")
+        .await
+        .unwrap()
+        .unwrap();
+    let mut orgs: Vec<uuid::Uuid> = grant_of(&sim, &acme)
+        .connections
+        .iter()
+        .map(|x| x.tenant_id)
+        .collect();
+    orgs.sort();
+    let mut both = vec![DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING];
+    both.sort();
+    assert_eq!(orgs, both, "Holdings is Globex's: its link is kept");
+    let kept: Vec<uuid::Uuid> = grant_of(&sim, &globex)
+        .connections
+        .iter()
+        .map(|x| x.tenant_id)
+        .collect();
+    assert_eq!(kept, [DEFAULT_TENANT_HOLDINGS]);
+}
 
 async fn bad_expired_states_and_codes_refused(db: TestDb) {
     let (sim, d) = setup(&db).await;
