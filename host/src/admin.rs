@@ -511,18 +511,16 @@ async fn missed(
 }
 
 /// Send what the connection missed: `{"documents": [ids]}` those, no body
-/// all of them. Any admin of the tenant, as a retry.
+/// all of them. A Super Admin's decision, as connecting and disconnecting
+/// are (a disconnect may have been meant to keep a period out of the
+/// books).
 async fn send_missed(
     State(st): S,
     headers: HeaderMap,
     Path((tenant, connector)): Path<(String, String)>,
     body: JsonObject,
 ) -> Response {
-    let actor = headers
-        .get("x-ledgerport-admin")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("api")
-        .to_string();
+    let actor = try_box!(super_admin(&headers));
     if let Err(r) = body.only(&["documents"]) {
         return r;
     }
@@ -1223,7 +1221,7 @@ async fn openapi() -> Json<Value> {
             "/v1/admin/tenants": {"get": {"summary": "Tenants this key may see", "security": [{"bearer": []}], "responses": {"200": {"description": "ok"}}}},
             "/v1/admin/tenants/{tenant}/status": {"get": op("Connections: state (and reason), connected_at (Unix seconds), last_success_at (Unix milliseconds, as the delivery log's times), backlog, paused, failed, paused_reasons, mappings_review (switched organisation: nothing is sent until the mappings are confirmed, POST confirm-mappings or the page's Save), missed (documents issued while the connection was disconnected and never sent to it: see missed/{connector}); 503 when the store cannot be read")},
             "/v1/admin/tenants/{tenant}/missed/{connector}": {"get": op("Documents issued while the connection was disconnected and never sent to it (ingest made no delivery while disconnected; reconnecting does not send them by itself): {count, documents: [{id, number, kind, received_at}]}, oldest first, ?limit= (1-1000, default 100); only documents received since the connection was first disconnected, of kinds its connector takes, whose content is still kept; 404 naming connector when it is not installed or was never connected")},
-            "/v1/admin/tenants/{tenant}/missed/{connector}/send": {"post": op("Send what the connection missed: {\"documents\": [ids]} those (at most 500; 404 naming documents[i] for an id that is not a missed document, and then nothing is sent), no body every one; answers {queued}; 409 naming connector while it is disconnected")},
+            "/v1/admin/tenants/{tenant}/missed/{connector}/send": {"post": op("Send what the connection missed: {\"documents\": [ids]} those (at most 500; 404 naming documents[i] for an id that is not a missed document, and then nothing is sent), no body every one; answers {queued}; 409 naming connector while it is disconnected; Super Admin")},
             "/v1/tenants/{tenant}/deliveries": {"get": {"summary": "The tenant's deliveries, the latest change first (ingest key); ?number= ?state= ?limit= (1-1000, default 100) ?after=<next of the previous page>; answers {deliveries, next}, next null on the last page; 400 names state or after when it is not one", "security": [{"bearer": []}], "parameters": tenant_param, "responses": {"200": {"description": "ok"}, "400": {"description": "the parameter named"}, "401": {"description": "no or bad key"}}}},
             "/v1/admin/tenants/{tenant}/deliveries": {"get": op("Delivery log with each delivery's last 50 attempts (attempts_total counts those kept: retention drops a delivered delivery's), the latest change first; ?number= ?state= ?limit= ?after=<next of the previous page>; answers {deliveries, next}; 400 names state or after when it is not one")},
             "/v1/admin/tenants/{tenant}/deliveries/retry": {"post": op("Retry one failed or paused delivery ({\"id\"}; 404 when it is not the tenant's, 409 when it is not failed or paused) or, with no body, every failed one")},

@@ -1806,9 +1806,10 @@ async fn disconnect(State(st): S, headers: HeaderMap, Query(which): Query<Which>
 const MISSED_SHOWN: i64 = 10;
 
 /// Send every document the connection missed while it was disconnected
-/// (the card's button; any admin of the tenant, as a retry).
+/// (the card's button; a Super Admin's decision, as Connect and Disconnect
+/// are).
 async fn send_missed(State(st): S, headers: HeaderMap, Query(which): Query<Which>) -> Response {
-    let s = match session(&st, &headers).await {
+    let s = match super_admin_session(&st, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };

@@ -1171,6 +1171,14 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                     }
                 };
             }
+            if documents.len() > ledgerport::store::missed::SEND_IDS_MAX {
+                eprintln!(
+                    "error: document: {} named; at most {} at once (leave --document out to send them all)",
+                    documents.len(),
+                    ledgerport::store::missed::SEND_IDS_MAX
+                );
+                return ExitCode::from(2);
+            }
             let ids = (!documents.is_empty()).then_some(documents.as_slice());
             match store
                 .send_missed(&conn.id, &kinds, ids, ledgerport::dispatch::now_ms())

@@ -1017,7 +1017,7 @@ async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
                 )
                 .bearer_auth(key)
                 .header("x-ledgerport-admin", "bob@acme.example")
-                .header("x-ledgerport-role", "finance-manager");
+                .header("x-ledgerport-role", "super-admin");
             if let Some(b) = body {
                 rb = rb.json(&b);
             }
@@ -1067,7 +1067,7 @@ async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
     let (s, v) = admin(
         "POST",
         "page-sessions",
-        Some(json!({"admin": "bob@acme.example", "role": "finance-manager"})),
+        Some(json!({"admin": "bob@acme.example", "role": "super-admin"})),
     )
     .await;
     assert_eq!(s, 201, "{v}");
@@ -1111,6 +1111,17 @@ async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
 
     // Reconnected: nothing goes by itself.
     p.connect("acme", DEFAULT_TENANT_TRADING).await;
+    // Sending is a Super Admin's decision.
+    let r = p
+        .http
+        .post(p.url("/v1/admin/tenants/acme/missed/xero/send"))
+        .bearer_auth(&key)
+        .header("x-ledgerport-admin", "carol@acme.example")
+        .header("x-ledgerport-role", "finance-manager")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
     let (_, v) = admin("GET", "missed/xero", None).await;
     assert_eq!(v["count"], 3, "{v}");
     // Bad requests name the field, and send nothing.

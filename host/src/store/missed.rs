@@ -13,7 +13,10 @@
 //! never deleted, so "no delivery to C" is exact; the time bound keeps
 //! documents from before the first connection out (ledgerport pushes newly
 //! issued documents, not the tenant's history) and keeps the query off
-//! tenants that never disconnected.
+//! tenants that never disconnected. Both reads go by index (migration
+//! 0010) and neither reads a document's body, which may hold a PDF: its
+//! emptiness is told by its length (`octet_length`, from the row's header
+//! on SQLite and the TOAST pointer on PostgreSQL).
 
 use super::{BeginWrite, Pool, Store, StoreError, on_pool};
 use sqlx::Row;
@@ -45,35 +48,59 @@ pub struct SentMissed {
 /// Most documents one [`Store::send_missed`] names by id.
 pub const SEND_IDS_MAX: usize = 500;
 
-/// The predicate and order of a connection's missed documents. Binds: `$1`
-/// the connection id, `$2..` the connector's kinds (`kinds` of them), and
-/// after them the document ids when `ids` is given. The body check is the
-/// last term: the cheap ones rule out nearly every row before a (possibly
-/// large) body is read.
+/// Deliveries made per INSERT statement when sending.
+const INSERT_ROWS: usize = 100;
+
+/// A connection's missed documents. Binds: `$1` the tenant, `$2` the
+/// first disconnect (ms), `$3` the connection id, `$4..` the connector's
+/// kinds (`kinds` of them), and after them the document ids when `ids` is
+/// given.
 fn missed_sql(select: &str, kinds: usize, ids: Option<usize>, tail: &str) -> String {
-    let kind_list = (0..kinds)
-        .map(|i| format!("${}", i + 2))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = |from: usize, n: usize| {
+        (0..n)
+            .map(|i| format!("${}", from + i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let id_terms = match ids {
-        Some(n) => format!(
-            " AND doc.id IN ({})",
-            (0..n)
-                .map(|i| format!("${}", i + 2 + kinds))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Some(n) => format!(" AND doc.id IN ({})", list(4 + kinds, n)),
         None => String::new(),
     };
     format!(
-        "SELECT {select} FROM documents doc JOIN connections c ON c.tenant_id = doc.tenant_id
-         WHERE c.id = $1 AND doc.kind IN ({kind_list}){id_terms}
-           AND doc.received_at >= (SELECT MIN(e.created_at) FROM connection_events e
-                                   WHERE e.connection_id = $1 AND e.kind = 'disconnected') * 1000
+        "SELECT {select} FROM documents doc
+         WHERE doc.tenant_id = $1 AND doc.received_at >= $2 AND doc.kind IN ({kinds}){id_terms}
            AND NOT EXISTS (SELECT 1 FROM deliveries d
-                           WHERE d.tenant_id = doc.tenant_id AND d.document_id = doc.id AND d.connection_id = $1)
-           AND doc.body <> ''{tail}"
+                           WHERE d.tenant_id = doc.tenant_id AND d.document_id = doc.id AND d.connection_id = $3)
+           AND octet_length(doc.body) > 0{tail}",
+        kinds = list(4, kinds),
     )
+}
+
+/// The connection's tenant, state and first disconnect (ms; `None`: never
+/// disconnected), read through `ex`; `lock` is appended to the connection's
+/// read (`FOR SHARE` on PostgreSQL when sending).
+macro_rules! scope_of {
+    ($ex:expr, $connection_id:expr, $lock:literal) => {{
+        let row: Option<(String, String)> = sqlx::query_as(concat!(
+            "SELECT tenant_id, state FROM connections WHERE id = $1",
+            $lock
+        ))
+        .bind($connection_id)
+        .fetch_optional(&mut *$ex)
+        .await?;
+        match row {
+            None => None,
+            Some((tenant, state)) => {
+                let first: Option<i64> = sqlx::query_scalar(
+                    "SELECT MIN(created_at) FROM connection_events WHERE connection_id = $1 AND kind = 'disconnected'",
+                )
+                .bind($connection_id)
+                .fetch_one(&mut *$ex)
+                .await?;
+                Some((tenant, state, first.map(|s| s.saturating_mul(1000))))
+            }
+        }
+    }};
 }
 
 impl Store {
@@ -96,23 +123,30 @@ impl Store {
             None,
             &format!(
                 " ORDER BY doc.received_at, doc.id LIMIT ${}",
-                kinds.len() + 2
+                kinds.len() + 4
             ),
         );
         on_pool!(self, p => {
-            let mut q = sqlx::query_scalar::<_, i64>(&count_sql).bind(connection_id);
+            let mut c = p.acquire().await?;
+            let Some((tenant, _, Some(since))) = scope_of!(c, connection_id, "") else {
+                return Ok((0, Vec::new()));
+            };
+            let mut q = sqlx::query_scalar::<_, i64>(&count_sql)
+                .bind(&tenant)
+                .bind(since)
+                .bind(connection_id);
             for k in kinds {
                 q = q.bind(k);
             }
-            let count = q.fetch_one(p).await?;
+            let count = q.fetch_one(&mut *c).await?;
             if count == 0 || limit <= 0 {
                 return Ok((count, Vec::new()));
             }
-            let mut q = sqlx::query(&page_sql).bind(connection_id);
+            let mut q = sqlx::query(&page_sql).bind(&tenant).bind(since).bind(connection_id);
             for k in kinds {
                 q = q.bind(k);
             }
-            let rows = q.bind(limit.max(0)).fetch_all(p).await?;
+            let rows = q.bind(limit).fetch_all(&mut *c).await?;
             let docs = rows
                 .iter()
                 .map(|r| {
@@ -131,12 +165,14 @@ impl Store {
     /// Send what connection `connection_id` missed: a pending delivery for
     /// each of its missed documents (`ids`: only these, at most
     /// [`SEND_IDS_MAX`]; `None`: all), in one transaction that first
-    /// checks the connection is not disconnected ([`StoreError::Conflict`] when it
-    /// is disconnected, [`StoreError::NotFound`] when there is none).
+    /// checks the connection is not disconnected ([`StoreError::Conflict`]
+    /// when it is, [`StoreError::NotFound`] when there is none).
     /// Idempotent: a document sent already is not missed any more, and two
     /// calls at once make one delivery of it (its id is the delivery's
     /// stable id). Ids that are not missed documents are named in
-    /// [`SentMissed::not_missed`], and nothing is queued then.
+    /// [`SentMissed::not_missed`], and nothing is queued then. On
+    /// PostgreSQL it holds [`super::outbox::BODY_LOCK`], as retention's
+    /// body purge does, so no body is dropped under a delivery being made.
     pub async fn send_missed(
         &self,
         connection_id: &str,
@@ -152,30 +188,27 @@ impl Store {
             )));
         }
         let sql = missed_sql(
-            "doc.tenant_id, doc.id, doc.number, doc.kind, c.connector_id",
+            "doc.id, doc.number, doc.kind",
             kinds.len().max(1),
             ids.map(<[String]>::len),
             " ORDER BY doc.received_at, doc.id",
         );
         macro_rules! send {
             ($tx:ident, $lock:literal) => {{
-                let state: Option<String> =
-                    sqlx::query_scalar(concat!("SELECT state FROM connections WHERE id = $1", $lock))
-                        .bind(connection_id)
-                        .fetch_optional(&mut *$tx)
-                        .await?;
-                match state.as_deref() {
+                let (tenant, since) = match scope_of!($tx, connection_id, $lock) {
                     None => {
                         return Err(StoreError::NotFound(format!("connection {connection_id}")));
                     }
-                    Some("disconnected") => {
+                    Some((_, state, _)) if state == "disconnected" => {
                         return Err(StoreError::Conflict(
                             "the connection is disconnected: reconnect it first, then send what it missed".into(),
                         ));
                     }
-                    Some(_) => {}
-                }
-                let mut q = sqlx::query(&sql).bind(connection_id);
+                    // Never disconnected: nothing is missed (a time no
+                    // document has).
+                    Some((tenant, _, since)) => (tenant, since.unwrap_or(i64::MAX)),
+                };
+                let mut q = sqlx::query(&sql).bind(&tenant).bind(since).bind(connection_id);
                 if kinds.is_empty() {
                     // No kind the connector takes: nothing is missed.
                     q = q.bind("");
@@ -187,19 +220,12 @@ impl Store {
                     q = q.bind(id);
                 }
                 let rows = q.fetch_all(&mut *$tx).await?;
-                let mut found = std::collections::HashSet::new();
-                let mut docs = Vec::with_capacity(rows.len());
+                let mut docs: Vec<(String, String, String)> = Vec::with_capacity(rows.len());
                 for r in &rows {
-                    let doc: (String, String, String, String, String) = (
-                        r.try_get("tenant_id")?,
-                        r.try_get("id")?,
-                        r.try_get("number")?,
-                        r.try_get("kind")?,
-                        r.try_get("connector_id")?,
-                    );
-                    found.insert(doc.1.clone());
-                    docs.push(doc);
+                    docs.push((r.try_get("id")?, r.try_get("number")?, r.try_get("kind")?));
                 }
+                let found: std::collections::HashSet<&str> =
+                    docs.iter().map(|d| d.0.as_str()).collect();
                 let mut named = std::collections::HashSet::new();
                 let not_missed: Vec<String> = ids
                     .unwrap_or_default()
@@ -210,24 +236,43 @@ impl Store {
                 if !not_missed.is_empty() {
                     return Ok(SentMissed { queued: 0, not_missed });
                 }
+                let connector: String =
+                    sqlx::query_scalar("SELECT connector_id FROM connections WHERE id = $1")
+                        .bind(connection_id)
+                        .fetch_one(&mut *$tx)
+                        .await?;
                 let mut queued = 0;
-                for (tenant, id, number, kind, connector) in &docs {
-                    queued += sqlx::query(
+                for chunk in docs.chunks(INSERT_ROWS) {
+                    let values = (0..chunk.len())
+                        .map(|i| {
+                            let b = i * 4;
+                            format!(
+                                "(${}, $1, ${}, $2, $3, ${}, ${}, $4, 'pending', 0, $4, $4)",
+                                b + 5,
+                                b + 6,
+                                b + 7,
+                                b + 8
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let insert = format!(
                         "INSERT INTO deliveries (id, tenant_id, document_id, connection_id, connector_id, document_number, document_kind, next_attempt_at, state, attempts, created_at, updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $8, $8)
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .bind(super::outbox::delivery_id(tenant, id, connection_id))
-                    .bind(tenant)
-                    .bind(id)
-                    .bind(connection_id)
-                    .bind(connector)
-                    .bind(number)
-                    .bind(kind)
-                    .bind(now)
-                    .execute(&mut *$tx)
-                    .await?
-                    .rows_affected();
+                         VALUES {values} ON CONFLICT DO NOTHING"
+                    );
+                    let mut q = sqlx::query(&insert)
+                        .bind(&tenant)
+                        .bind(connection_id)
+                        .bind(&connector)
+                        .bind(now);
+                    for (id, number, kind) in chunk {
+                        q = q
+                            .bind(super::outbox::delivery_id(&tenant, id, connection_id))
+                            .bind(id)
+                            .bind(number)
+                            .bind(kind);
+                    }
+                    queued += q.execute(&mut *$tx).await?.rows_affected();
                 }
                 queued
             }};
@@ -240,7 +285,7 @@ impl Store {
                 queued
             }
             Pool::Postgres(p) => {
-                let mut tx = p.begin_write().await?;
+                let mut tx = p.begin_write_locked(super::outbox::BODY_LOCK).await?;
                 // FOR SHARE: a disconnect committing meanwhile waits for
                 // this transaction, so no delivery is queued to a
                 // connection that was disconnected after the check.
@@ -260,5 +305,53 @@ impl Store {
             queued,
             not_missed: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Neither read scans a table: the documents are found by tenant and
+    /// time (a tenant's documents are many, their bodies large), the
+    /// deliveries by the unique (tenant, document, connection), the first
+    /// disconnect by connection.
+    #[tokio::test]
+    async fn the_missed_queries_use_indexes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("plan.db").display());
+        let store = Store::open_and_migrate(&url).await.expect("store");
+        let Pool::Sqlite(p) = store.pool() else {
+            panic!("a SQLite store")
+        };
+        for sql in [
+            missed_sql("COUNT(*)", 2, None, ""),
+            missed_sql("doc.id", 2, Some(3), " ORDER BY doc.received_at, doc.id"),
+            "SELECT MIN(created_at) FROM connection_events WHERE connection_id = $1 AND kind = 'disconnected'".to_string(),
+        ] {
+            let steps: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(p)
+                .await
+                .expect("the statement compiles")
+                .iter()
+                .map(|r| r.try_get::<String, _>("detail").expect("detail"))
+                .collect();
+            for s in &steps {
+                assert!(
+                    !s.starts_with("SCAN"),
+                    "a table is read whole ({s}): {steps:?}\n{sql}"
+                );
+            }
+            let reads = steps.iter().filter(|s| s.starts_with("SEARCH")).count();
+            assert!(reads >= 1, "{steps:?}");
+            if sql.contains("FROM documents") {
+                assert!(
+                    steps
+                        .iter()
+                        .any(|s| s.contains("doc USING INDEX documents_by_received")),
+                    "{steps:?}"
+                );
+            }
+        }
     }
 }

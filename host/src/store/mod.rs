@@ -571,6 +571,10 @@ mod frozen_migrations {
             "2afb467f35b04a30d11bcf8726a00edf83a374abf2356d6970a519da8b58995b",
         ),
         (
+            "sqlite/0010_missed_documents.sql",
+            "59a7a7e3fa4a6e460ae88d76639722435304072464f83d790b99d945cc498055",
+        ),
+        (
             "postgres/0001_connections.sql",
             "c3b18f40f5d39509c91fa2641f5d64e7d2ee664a6125e86f540d559e92e48e0d",
         ),
@@ -605,6 +609,10 @@ mod frozen_migrations {
         (
             "postgres/0009_incident_due.sql",
             "04f4e1082ce5ef035689cd048654538be8da7aa13444c71130edd6dae7c94fd9",
+        ),
+        (
+            "postgres/0010_missed_documents.sql",
+            "59a7a7e3fa4a6e460ae88d76639722435304072464f83d790b99d945cc498055",
         ),
     ];
 

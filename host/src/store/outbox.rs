@@ -511,6 +511,13 @@ pub const INCIDENT_LOCK: i64 = 7215002;
 /// [`INCIDENT_LOCK`] and wait on every daemon's claims or notices.
 const RATE_LOCK_SPACE: i32 = 7215003;
 
+/// The lock that serialises retention's body purge with making deliveries
+/// for documents already stored ([`Store::send_missed`]): PostgreSQL's
+/// advisory lock with this key (the purge's `NOT EXISTS` could not see a
+/// delivery made in a transaction still open, and would empty the body
+/// under it); on SQLite the write lock does the same.
+pub(super) const BODY_LOCK: i64 = 7215004;
+
 impl Store {
     /// Store a document and one delivery per `(connection id, connector id)`
     /// in one transaction (shared with other ingests and outcomes queued at
@@ -954,11 +961,14 @@ impl Store {
                          AND d.document_id = documents.id AND d.state <> 'delivered')"
                 );
                 report.bodies += on_pool!(self, p => {
+                    let mut tx = p.begin_write_locked(BODY_LOCK).await?;
                     let mut q = sqlx::query(&sql).bind(before);
                     for (t, id) in chunk {
                         q = q.bind(t).bind(id);
                     }
-                    q.execute(p).await?.rows_affected()
+                    let n = q.execute(&mut *tx).await?.rows_affected();
+                    tx.commit().await?;
+                    n
                 });
             }
             if (keys.len() as i64) < BATCH {
