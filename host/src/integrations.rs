@@ -994,17 +994,15 @@ async fn card(
                 String::new()
             };
             let name = esc(&m.name);
-            let n = if count == 1 {
-                "1 document".to_string()
+            let (n, were, them) = if count == 1 {
+                ("1 document".to_string(), "was", "it")
             } else {
-                format!("{count} documents")
+                (format!("{count} documents"), "were", "them")
             };
             if c.state == crate::store::ConnectionState::Disconnected {
                 card.push_str(&format!(
                     "<p class=\"missed\" id=\"{}\" data-count=\"{count}\">{n} issued since {name} was disconnected {were} not sent to it ({numbers}{more}). Once you reconnect, you can send {them} from here.</p>",
                     el("missed"),
-                    were = if count == 1 { "was" } else { "were" },
-                    them = if count == 1 { "it" } else { "them" },
                 ));
             } else {
                 card.push_str(&format!(
@@ -1012,8 +1010,6 @@ async fn card(
                      <form method=\"post\" action=\"/integrations/send-missed{q}\"><button id=\"{}\" type=\"submit\">Send {them} to {name}</button></form>",
                     el("missed"),
                     el("send_missed"),
-                    were = if count == 1 { "was" } else { "were" },
-                    them = if count == 1 { "it" } else { "them" },
                 ));
             }
         }

@@ -45,17 +45,42 @@ async fn setup(db: &TestDb) -> (Arc<SimHandle>, Daemon) {
 
 /// Connect `acme` to one organisation (auto-approved) and return the connection.
 async fn connect_one(sim: &SimHandle, d: &Daemon, org: uuid::Uuid) -> Connection {
+    connect_tenant(sim, d, "acme", org).await
+}
+
+/// Connect `tenant` to one organisation (auto-approved) and return the connection.
+async fn connect_tenant(sim: &SimHandle, d: &Daemon, tenant: &str, org: uuid::Uuid) -> Connection {
     sim.set_auto_approve(Some(vec![org]));
-    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let url = d.conns.begin_connect(tenant, "xero", ADMIN).await.unwrap();
     let b = browser();
     let cb = authorize(&b, sim, &url, None).await;
     let (status, body) = finish(&b, &d.base, &cb, None).await;
     assert_eq!(status, 200, "{body}");
     d.store
-        .connection_for("acme", "xero")
+        .connection_for(tenant, "xero")
         .await
         .unwrap()
         .unwrap()
+}
+
+/// Start connecting `acme` in browser `b`, consent to Holdings and
+/// Trading on the provider's form: the picker's page and its `pick` token.
+async fn open_picker(sim: &SimHandle, d: &Daemon, b: &reqwest::Client) -> (String, String) {
+    sim.set_auto_approve(None); // the consent form is shown and submitted
+    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
+    let cb = authorize(
+        b,
+        sim,
+        &url,
+        Some(&[DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING]),
+    )
+    .await;
+    let r = b.get(&cb).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let pick_url = format!("{}{}", d.base, r.headers()["location"].to_str().unwrap());
+    let html = b.get(&pick_url).send().await.unwrap().text().await.unwrap();
+    let token = inputs(&html).into_iter().find(|i| i.1 == "pick").unwrap().2;
+    (html, token)
 }
 
 /// Whether the simulator accepts a bearer token (GET /connections).
@@ -159,25 +184,12 @@ both!(
 
 async fn connect_with_picker(db: TestDb) {
     let (sim, d) = setup(&db).await;
-    sim.set_auto_approve(None); // the consent form is shown and submitted
-    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
     let b = browser();
-    let cb = authorize(
-        &b,
-        &sim,
-        &url,
-        Some(&[DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING]),
-    )
-    .await;
-    let r = b.get(&cb).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 303);
-    let pick_url = format!("{}{}", d.base, r.headers()["location"].to_str().unwrap());
-    let html = b.get(&pick_url).send().await.unwrap().text().await.unwrap();
+    let (html, token) = open_picker(&sim, &d, &b).await;
     assert!(
         html.contains("Acme Holdings Ltd") && html.contains("Acme Trading GmbH"),
         "{html}"
     );
-    let token = inputs(&html).into_iter().find(|i| i.1 == "pick").unwrap().2;
     // A choice outside the grant is refused, naming the field; the pick stays usable.
     let r = b
         .post(format!("{}/oauth/pick", d.base))
@@ -248,37 +260,9 @@ async fn an_organisation_not_picked_but_used_by_another_tenant_keeps_its_link() 
         .upsert_tenant("globex", "Globex", &[], 1)
         .await
         .unwrap();
-    sim.set_auto_approve(Some(vec![DEFAULT_TENANT_HOLDINGS]));
-    let url = d
-        .conns
-        .begin_connect("globex", "xero", ADMIN)
-        .await
-        .unwrap();
+    let globex = connect_tenant(&sim, &d, "globex", DEFAULT_TENANT_HOLDINGS).await;
     let b = browser();
-    let cb = authorize(&b, &sim, &url, None).await;
-    let (status, body) = finish(&b, &d.base, &cb, None).await;
-    assert_eq!(status, 200, "{body}");
-    let globex = d
-        .store
-        .connection_for("globex", "xero")
-        .await
-        .unwrap()
-        .unwrap();
-
-    sim.set_auto_approve(None);
-    let url = d.conns.begin_connect("acme", "xero", ADMIN).await.unwrap();
-    let cb = authorize(
-        &b,
-        &sim,
-        &url,
-        Some(&[DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING]),
-    )
-    .await;
-    let r = b.get(&cb).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 303);
-    let pick_url = format!("{}{}", d.base, r.headers()["location"].to_str().unwrap());
-    let html = b.get(&pick_url).send().await.unwrap().text().await.unwrap();
-    let token = inputs(&html).into_iter().find(|i| i.1 == "pick").unwrap().2;
+    let (_, token) = open_picker(&sim, &d, &b).await;
     let trading = DEFAULT_TENANT_TRADING.to_string();
     let r = b
         .post(format!("{}/oauth/pick", d.base))
@@ -521,6 +505,16 @@ async fn forward_token(
     )
 }
 
+/// Serve `app` on a loopback port of its own: its base URL.
+async fn serve(app: axum::Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    base
+}
+
 async fn lossy_token_proxy(sim: &SimHandle) -> String {
     use axum::body::Bytes;
     use axum::http::HeaderMap;
@@ -543,12 +537,7 @@ async fn lossy_token_proxy(sim: &SimHandle) -> String {
             }
         }),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
-    });
-    base
+    serve(app).await
 }
 
 async fn lost_answer_then_revoked(db: TestDb) {
@@ -694,12 +683,7 @@ async fn gated_token_proxy(sim: &SimHandle, gate: Arc<tokio::sync::Semaphore>) -
             }
         }),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
-    });
-    base
+    serve(app).await
 }
 
 /// An admin reconnects while a refresh of the old grant is on its way,

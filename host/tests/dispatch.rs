@@ -1078,13 +1078,7 @@ async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 303);
-    let cookie = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = storage_support::session_cookie(&r);
     let page = || async {
         b.get(p.url("/integrations"))
             .header("cookie", &cookie)

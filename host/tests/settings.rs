@@ -881,13 +881,7 @@ async fn page_session_as(
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 303);
-    r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string()
+    storage_support::session_cookie(&r)
 }
 
 /// A connector without OAuth, end to end through the admin API and the
@@ -2978,13 +2972,7 @@ async fn a_sign_in_link_for_another_tenant_asks_before_switching() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 303);
-    let globex = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let globex = storage_support::session_cookie(&r);
     let (s, html) = page(globex.clone()).await;
     assert_eq!(s, 200, "{html}");
     assert!(

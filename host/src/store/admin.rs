@@ -26,7 +26,7 @@ pub struct KeyInfo {
 }
 
 /// One audit entry.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct AuditEntry {
     /// Its place in the log (a page's `before`).
     pub id: i64,
@@ -260,21 +260,13 @@ impl Store {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        on_pool!(self, p => {
-            let rows = sqlx::query("SELECT id, at, actor, tenant_id, action, detail FROM audit_log WHERE ($1 IS NULL OR tenant_id = $1) AND id < $3 ORDER BY id DESC LIMIT $2")
-                .bind(tenant_id).bind(limit).bind(before.unwrap_or(i64::MAX)).fetch_all(p).await?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push(AuditEntry {
-                    id: r.try_get("id")?,
-                    at: r.try_get("at")?,
-                    actor: r.try_get("actor")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    action: r.try_get("action")?,
-                    detail: r.try_get("detail")?,
-                });
-            }
-            Ok(out)
-        })
+        Ok(
+            on_pool!(self, p => sqlx::query_as("SELECT id, at, actor, tenant_id, action, detail FROM audit_log WHERE ($1 IS NULL OR tenant_id = $1) AND id < $3 ORDER BY id DESC LIMIT $2")
+            .bind(tenant_id)
+            .bind(limit)
+            .bind(before.unwrap_or(i64::MAX))
+            .fetch_all(p)
+            .await?),
+        )
     }
 }

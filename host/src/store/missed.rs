@@ -22,7 +22,7 @@ use super::{BeginWrite, Pool, Store, StoreError, on_pool};
 use sqlx::Row;
 
 /// A document a connection missed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct MissedDocument {
     /// The platform's id of the document.
     pub id: String,
@@ -76,13 +76,13 @@ fn missed_sql(select: &str, kinds: usize, ids: Option<usize>, tail: &str) -> Str
     )
 }
 
-/// The connection's tenant, state and first disconnect (ms; `None`: never
-/// disconnected), read through `ex`; `lock` is appended to the connection's
+/// The connection's tenant, connector, state and first disconnect (ms;
+/// `None`: never disconnected), read through `ex`; `lock` is appended to the connection's
 /// read (`FOR SHARE` on PostgreSQL when sending).
 macro_rules! scope_of {
     ($ex:expr, $connection_id:expr, $lock:literal) => {{
-        let row: Option<(String, String)> = sqlx::query_as(concat!(
-            "SELECT tenant_id, state FROM connections WHERE id = $1",
+        let row: Option<(String, String, String)> = sqlx::query_as(concat!(
+            "SELECT tenant_id, connector_id, state FROM connections WHERE id = $1",
             $lock
         ))
         .bind($connection_id)
@@ -90,14 +90,14 @@ macro_rules! scope_of {
         .await?;
         match row {
             None => None,
-            Some((tenant, state)) => {
+            Some((tenant, connector, state)) => {
                 let first: Option<i64> = sqlx::query_scalar(
                     "SELECT MIN(created_at) FROM connection_events WHERE connection_id = $1 AND kind = 'disconnected'",
                 )
                 .bind($connection_id)
                 .fetch_one(&mut *$ex)
                 .await?;
-                Some((tenant, state, first.map(|s| s.saturating_mul(1000))))
+                Some((tenant, connector, state, first.map(|s| s.saturating_mul(1000))))
             }
         }
     }};
@@ -128,7 +128,7 @@ impl Store {
         );
         on_pool!(self, p => {
             let mut c = p.acquire().await?;
-            let Some((tenant, _, Some(since))) = scope_of!(c, connection_id, "") else {
+            let Some((tenant, _, _, Some(since))) = scope_of!(c, connection_id, "") else {
                 return Ok((0, Vec::new()));
             };
             let mut q = sqlx::query_scalar::<_, i64>(&count_sql)
@@ -142,23 +142,11 @@ impl Store {
             if count == 0 || limit <= 0 {
                 return Ok((count, Vec::new()));
             }
-            let mut q = sqlx::query(&page_sql).bind(&tenant).bind(since).bind(connection_id);
+            let mut q = sqlx::query_as(&page_sql).bind(&tenant).bind(since).bind(connection_id);
             for k in kinds {
                 q = q.bind(k);
             }
-            let rows = q.bind(limit).fetch_all(&mut *c).await?;
-            let docs = rows
-                .iter()
-                .map(|r| {
-                    Ok(MissedDocument {
-                        id: r.try_get("id")?,
-                        number: r.try_get("number")?,
-                        kind: r.try_get("kind")?,
-                        received_at: r.try_get("received_at")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?;
-            Ok((count, docs))
+            Ok((count, q.bind(limit).fetch_all(&mut *c).await?))
         })
     }
 
@@ -195,18 +183,20 @@ impl Store {
         );
         macro_rules! send {
             ($tx:ident, $lock:literal) => {{
-                let (tenant, since) = match scope_of!($tx, connection_id, $lock) {
+                let (tenant, connector, since) = match scope_of!($tx, connection_id, $lock) {
                     None => {
                         return Err(StoreError::NotFound(format!("connection {connection_id}")));
                     }
-                    Some((_, state, _)) if state == "disconnected" => {
+                    Some((_, _, state, _)) if state == "disconnected" => {
                         return Err(StoreError::Conflict(
                             "the connection is disconnected: reconnect it first, then send what it missed".into(),
                         ));
                     }
                     // Never disconnected: nothing is missed (a time no
                     // document has).
-                    Some((tenant, _, since)) => (tenant, since.unwrap_or(i64::MAX)),
+                    Some((tenant, connector, _, since)) => {
+                        (tenant, connector, since.unwrap_or(i64::MAX))
+                    }
                 };
                 let mut q = sqlx::query(&sql).bind(&tenant).bind(since).bind(connection_id);
                 if kinds.is_empty() {
@@ -236,11 +226,6 @@ impl Store {
                 if !not_missed.is_empty() {
                     return Ok(SentMissed { queued: 0, not_missed });
                 }
-                let connector: String =
-                    sqlx::query_scalar("SELECT connector_id FROM connections WHERE id = $1")
-                        .bind(connection_id)
-                        .fetch_one(&mut *$tx)
-                        .await?;
                 let mut queued = 0;
                 for chunk in docs.chunks(INSERT_ROWS) {
                     let values = (0..chunk.len())

@@ -163,21 +163,24 @@ fn cause_items(cause: &str) -> Vec<String> {
 }
 
 /// An outcome whose incident is still to be recorded ([`Store::incidents_owed`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct IncidentOwed {
     /// The delivery.
+    #[sqlx(rename = "id")]
     pub delivery_id: String,
     /// Tenant.
     pub tenant_id: String,
     /// Connection.
     pub connection_id: String,
     /// The incident's kind ([`Finish::incident_kind`]).
+    #[sqlx(rename = "incident_due")]
     pub kind: String,
     /// Document kind.
     pub document_kind: String,
     /// Document number.
     pub document_number: String,
     /// The outcome's message in words.
+    #[sqlx(rename = "last_error")]
     pub message: Option<String>,
 }
 
@@ -1332,22 +1335,11 @@ impl Store {
         before: i64,
         limit: i64,
     ) -> Result<Vec<IncidentOwed>, StoreError> {
-        on_pool!(self, p => {
-            let rows = sqlx::query(INCIDENTS_OWED).bind(before).bind(limit).fetch_all(p).await?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push(IncidentOwed {
-                    delivery_id: r.try_get("id")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    connection_id: r.try_get("connection_id")?,
-                    kind: r.try_get("incident_due")?,
-                    document_kind: r.try_get("document_kind")?,
-                    document_number: r.try_get("document_number")?,
-                    message: r.try_get("last_error")?,
-                });
-            }
-            Ok(out)
-        })
+        Ok(on_pool!(self, p => sqlx::query_as(INCIDENTS_OWED)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(p)
+            .await?))
     }
 
     /// Incidents due to be told: open, not told yet, past their grouping

@@ -321,6 +321,18 @@ pub fn browser() -> reqwest::Client {
         .unwrap()
 }
 
+/// The `name=value` of the cookie a response sets (the session a sign-in
+/// link or a switch of sign-in answers with).
+pub fn session_cookie(r: &reqwest::Response) -> String {
+    r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 fn unescape(s: &str) -> String {
     s.replace("&quot;", "\"")
         .replace("&#39;", "'")
