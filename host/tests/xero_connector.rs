@@ -446,6 +446,114 @@ async fn an_existing_supplier_contact_is_reused_and_a_name_clash_is_handled() {
     assert_eq!(docs.invoices[0]["Contact"]["ContactID"], ours["ContactID"]);
 }
 
+/// Between the connector's look-ups of the supplier and its create, someone
+/// creates an unrelated contact with the supplier's name, so Xero refuses
+/// the create. The retry must not be refused for that earlier request:
+/// - nothing changed in Xero: the retry names ours "Name (number)", a new
+///   body, which Xero refuses under a key it saw with another body;
+/// - the admin renamed the other contact: the retry sends the same body as
+///   before, whose refusal Xero replays under the same key.
+#[tokio::test]
+async fn a_contact_create_refused_in_a_race_is_retried_under_a_new_key() {
+    for renamed in [false, true] {
+        let e = env().await;
+        // The create waits, so the other contact lands between look-up and create.
+        e.sim.set_faults(FaultConfig {
+            rules: vec![FaultRule {
+                route: Some("PUT /api.xro/2.0/Contacts".into()),
+                latency_ms: 1500,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let race = async {
+            while e
+                .sim
+                .requests(0)
+                .iter()
+                .filter(|r| r.method == "GET" && r.uri.starts_with("/api.xro/2.0/Contacts"))
+                .count()
+                < 2
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            sim_post_contact(
+                &e,
+                "",
+                serde_json::json!({"Name": "Globe EOR Services Ltd", "ContactNumber": "someone-else"}),
+            )
+            .await
+        };
+        let (first, other) = tokio::join!(e.deliver("dlv-race", sample("invoice.json")), race);
+        let DeliveryError::Rejected(errs) = first.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert!(
+            errs.iter().any(|f| f.message.contains("already assigned")
+                || f.provider_message
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("already assigned")),
+            "{errs:?}"
+        );
+        e.sim.clear_faults();
+        if renamed {
+            sim_post_contact(
+                &e,
+                &other,
+                serde_json::json!({"ContactID": other, "Name": "Someone Else Ltd"}),
+            )
+            .await;
+        }
+        e.deliver("dlv-race", sample("invoice.json"))
+            .await
+            .unwrap_or_else(|err| panic!("renamed {renamed}: the retry was refused: {err:?}"));
+        let docs = e.docs();
+        let ours = docs
+            .contacts
+            .iter()
+            .find(|c| c["ContactNumber"] == "eor-platform")
+            .expect("our contact");
+        let name = if renamed {
+            "Globe EOR Services Ltd"
+        } else {
+            "Globe EOR Services Ltd (eor-platform)"
+        };
+        assert_eq!(ours["Name"], name);
+        assert_eq!(docs.invoices.len(), 1);
+        assert_eq!(docs.invoices[0]["Contact"]["ContactID"], ours["ContactID"]);
+        // The refusal counter is gone once the contact exists: a later
+        // delivery's create keys start afresh.
+        use ledgerport::capabilities::kv::KvStore as _;
+        let counter =
+            e.kv.get("conn-xero", "refusals:dlv-race:contact")
+                .await
+                .unwrap();
+        assert_eq!(counter, None);
+    }
+}
+
+/// Create (no id) or update a contact in the simulator as the admin would
+/// in Xero; returns its id.
+async fn sim_post_contact(e: &Env, id: &str, body: Value) -> String {
+    let path = if id.is_empty() {
+        String::new()
+    } else {
+        format!("/{id}")
+    };
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api.xro/2.0/Contacts{path}", e.sim.base_url()))
+        .bearer_auth(&e.token)
+        .header("xero-tenant-id", DEFAULT_TENANT_TRADING.to_string())
+        .json(&serde_json::json!({"Contacts": [body]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    v["Contacts"][0]["ContactID"].as_str().unwrap().to_string()
+}
+
 /// Set a contact's status in the simulator, as the admin would in Xero.
 async fn sim_contact_status(e: &Env, id: &str, status: &str) {
     let resp = reqwest::Client::new()

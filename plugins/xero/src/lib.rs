@@ -606,10 +606,16 @@ fn find_or_create_contact(
             if let Some(t) = &supplier.tax_number {
                 contact["TaxNumber"] = json!(t);
             }
-            // Keyed by the delivery (rule 4): a replay of this request
-            // within Xero's minutes gets the contact it created.
+            // Keyed by the delivery and the request (rule 4): a replay of
+            // this request within Xero's minutes gets the contact it
+            // created, and a retry whose body changed (the name taken
+            // meanwhile) or that follows a refusal is not refused for the
+            // earlier request (see [`keyed_create`]).
+            let body = serde_json::to_vec(&json!({ "Contacts": [contact] }))
+                .map_err(|e| errors::transient(format!("the request could not be written: {e}")))?;
+            let refusals = format!("{}:contact", refusals_key(delivery));
             let key = format!("{}-contact", delivery.key);
-            match api.put_json("/Contacts", &json!({ "Contacts": [contact] }), Some(&key)) {
+            match keyed_create(api, "/Contacts", body, &key, &refusals) {
                 Ok(created) => {
                     let c = items(&created, "Contacts")
                         .into_iter()
@@ -626,11 +632,13 @@ fn find_or_create_contact(
                         "/Contacts?where={}",
                         xero::encode(&format!("ContactNumber==\"{}\"", xero::quote(&number)))
                     ))?;
-                    items(&again, "Contacts")
+                    let id = items(&again, "Contacts")
                         .into_iter()
                         .next()
                         .map(|c| s(c, "ContactID"))
-                        .ok_or(DeliveryError::Rejected(errs))?
+                        .ok_or(DeliveryError::Rejected(errs))?;
+                    kv::delete(&refusals);
+                    id
                 }
                 Err(e) => return Err(e),
             }
@@ -818,35 +826,15 @@ fn create(
     };
     let body = serde_json::to_vec(&envelope)
         .map_err(|e| errors::transient(format!("the request could not be written: {e}")))?;
-    // The key names the request, not only the delivery: Xero answers a key
-    // reused with another body with 400 for minutes (and replays a refusal
-    // for the same one), so a retry after the admin fixed a mapping would
-    // be refused for what was wrong before. The look-up above already
-    // found anything an earlier attempt created.
-    // Xero also replays a refusal for the same key and body: after a fix
-    // made in Xero itself (a contact restored, a currency enabled) the
-    // retry sends the same body, so each refusal moves the key on (a
-    // counter kept until the document is created).
-    let refusals_key = refusals_key(delivery);
-    let refusals: u32 = kv::get_string(&refusals_key)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    let mut key = format!("{}-create-{:016x}", delivery.key, xero::digest(&body));
-    if refusals > 0 {
-        key.push_str(&format!("-{refusals}"));
-    }
-    let answer = match api.put_bytes(&path, body, "application/json", &key) {
-        Ok(a) => a,
-        Err(e) => {
-            if matches!(e, DeliveryError::Rejected(_)) {
-                let _ = kv::set_string(&refusals_key, &(refusals + 1).to_string());
-            }
-            return Err(explain_rejection(e, lines, mappings));
-        }
-    };
-    if refusals > 0 {
-        kv::delete(&refusals_key);
-    }
+    // The look-up above already found anything an earlier attempt created.
+    let answer = keyed_create(
+        api,
+        &path,
+        body,
+        &format!("{}-create", delivery.key),
+        &refusals_key(delivery),
+    )
+    .map_err(|e| explain_rejection(e, lines, mappings))?;
     items(&answer, which.collection())
         .into_iter()
         .next()
@@ -854,9 +842,49 @@ fn create(
         .ok_or_else(|| errors::transient("Xero's answer held no document"))
 }
 
-/// The kv key counting a delivery's refused creates (see [`create`]).
+/// The kv key counting a delivery's refused creates (see [`keyed_create`]).
 fn refusals_key(delivery: &Delivery) -> String {
     format!("refusals:{}", delivery.key)
+}
+
+/// PUT a JSON create under an idempotency key that names the request, not
+/// only the delivery: `{key}-{digest of the body}`, then `-{n}` after `n`
+/// refusals of it. Xero answers a key reused with another body with 400 for
+/// minutes, so a retry whose body changed (a mapping fixed, a name taken
+/// meanwhile) would be refused for the earlier request; and it replays a
+/// refusal for the same key and body, so a retry after a fix made in Xero
+/// itself (a contact restored or renamed, a currency enabled) would be
+/// refused again for what was wrong before. The refusals are counted in kv
+/// under `refusals` until a create succeeds. A replay within Xero's minutes
+/// of a create that succeeded still gets what it created.
+fn keyed_create(
+    api: &Api,
+    path: &str,
+    body: Vec<u8>,
+    key: &str,
+    refusals: &str,
+) -> Result<Value, DeliveryError> {
+    let refused: u32 = kv::get_string(refusals)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let mut key = format!("{key}-{:016x}", xero::digest(&body));
+    if refused > 0 {
+        key.push_str(&format!("-{refused}"));
+    }
+    match api.put_bytes(path, body, "application/json", &key) {
+        Ok(answer) => {
+            if refused > 0 {
+                kv::delete(refusals);
+            }
+            Ok(answer)
+        }
+        Err(e) => {
+            if matches!(e, DeliveryError::Rejected(_)) {
+                let _ = kv::set_string(refusals, &(refused + 1).to_string());
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Tie Xero's validation messages to the lines and kinds they concern,
