@@ -130,8 +130,54 @@ enum Command {
         #[command(subcommand)]
         command: DeliveriesCommand,
     },
+    /// The notices that tell a customer's admins a document could not be
+    /// sent: list them, and send again those given up.
+    Mail {
+        #[command(subcommand)]
+        command: MailCommand,
+    },
     #[command(flatten)]
     Connections(ledgerport::connections::cli::ConnectionsCommand),
+}
+
+#[derive(Subcommand)]
+enum MailCommand {
+    /// List notices, newest first, with their state and the SMTP server's
+    /// last answer.
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this state (unsent, given-up, sent).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ledgerport::store::mail::state::ALL))]
+        state: Option<String>,
+        /// At most this many (1 to 10,000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Send again the notices given up (the SMTP server refused them for
+    /// about a day), once what was wrong is fixed: all, one tenant's, or
+    /// one by id. The running daemon sends them at its next round.
+    Retry {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this notice (its id, from `mail list`).
+        #[arg(long)]
+        id: Option<String>,
+        /// The configuration file.
+        #[arg(long, short, env = "LEDGERPORT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database (overrides the config's `database`).
+        #[arg(long)]
+        database: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -463,6 +509,7 @@ async fn run(cli: Cli) -> ExitCode {
             database,
         } => issue(file, config, database, cli.json).await,
         Command::Deliveries { command } => deliveries(command, cli.json).await,
+        Command::Mail { command } => mail(command, cli.json).await,
         Command::Migrate { config, database } => {
             let cfg = match load_config(config, database) {
                 Ok(c) => c,
@@ -1274,6 +1321,157 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
     }
 }
 
+/// A time for people (UTC, to the second), from Unix milliseconds.
+fn when(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// `ledgerport mail list|retry`.
+async fn mail(cmd: MailCommand, json: bool) -> ExitCode {
+    let (MailCommand::List {
+        config, database, ..
+    }
+    | MailCommand::Retry {
+        config, database, ..
+    }) = &cmd;
+    let cfg = match load_config(config.clone(), database.clone()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match ledgerport::store::Store::open_existing(&cfg.database).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let tenant = match &cmd {
+        MailCommand::List { tenant, .. } | MailCommand::Retry { tenant, .. } => tenant.clone(),
+    };
+    // A mistyped tenant is an error, not "no notices".
+    if let Some(t) = &tenant
+        && let Err(code) = known_tenant(&store, t).await
+    {
+        return code;
+    }
+    match cmd {
+        MailCommand::List { state, limit, .. } => {
+            match store
+                .mail_list(tenant.as_deref(), state.as_deref(), limit)
+                .await
+            {
+                Ok(rows) => {
+                    if json {
+                        println!("{}", serde_json::json!({ "mail": rows }));
+                    } else {
+                        for m in &rows {
+                            let detail = match m.state {
+                                ledgerport::store::mail::state::SENT => {
+                                    format!("sent {}", when(m.sent_at.unwrap_or_default()))
+                                }
+                                _ => {
+                                    let next = m
+                                        .next_attempt_at
+                                        .map(|t| format!("next try {}; ", when(t)))
+                                        .unwrap_or_default();
+                                    format!("{next}{}", m.last_error.as_deref().unwrap_or(""))
+                                }
+                            };
+                            // The id first: what `mail retry --id` takes.
+                            println!(
+                                "{} {} {:<10} {:<8} attempts {:<3} to {} | {} | {}",
+                                m.id,
+                                when(m.created_at),
+                                m.tenant_id,
+                                m.state,
+                                m.attempts,
+                                m.recipients.join(", "),
+                                m.subject,
+                                detail
+                            );
+                        }
+                        if rows.is_empty() {
+                            println!("no notices");
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
+        MailCommand::Retry { id, .. } => {
+            let now = ledgerport::dispatch::now_ms();
+            match store
+                .retry_given_up_mail(tenant.as_deref(), id.as_deref(), now)
+                .await
+            {
+                Ok(Ok(n)) => {
+                    if n > 0 {
+                        let _ = store
+                            .audit(
+                                &cli_actor(),
+                                tenant.as_deref(),
+                                "mail-retry",
+                                &format!(
+                                    "{n} given-up notice(s){}",
+                                    id.as_deref().map(|i| format!(" ({i})")).unwrap_or_default()
+                                ),
+                                chrono::Utc::now().timestamp(),
+                            )
+                            .await;
+                    }
+                    if json {
+                        println!("{}", serde_json::json!({ "requeued": n }));
+                    } else {
+                        println!(
+                            "{n} given-up notice(s) queued again (the daemon sends them at its next round)"
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(why)) => {
+                    let id = id.unwrap_or_default();
+                    match why {
+                        ledgerport::store::mail::NotRetried::Unknown => {
+                            eprintln!(
+                                "error: id: no notice {id:?}{}",
+                                tenant
+                                    .map(|t| format!(" of tenant {t:?}"))
+                                    .unwrap_or_default()
+                            );
+                            ExitCode::from(2)
+                        }
+                        ledgerport::store::mail::NotRetried::NotGivenUp(m) => {
+                            let state = match m.next_attempt_at {
+                                Some(t) => format!(
+                                    "unsent and tried again by the daemon at {} UTC",
+                                    when(t)
+                                ),
+                                None => {
+                                    format!("sent at {} UTC", when(m.sent_at.unwrap_or_default()))
+                                }
+                            };
+                            eprintln!(
+                                "error: id: notice {id:?} is {state}: only given-up notices are retried"
+                            );
+                            ExitCode::from(1)
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
+    }
+}
+
 /// The tenant `id`, or the exit code of its refusal, said on stderr: 2
 /// naming `tenant` when there is none, 3 when the database did not answer.
 async fn known_tenant(
@@ -1402,10 +1600,18 @@ async fn support_report(
                 }
             }
         }
-        Ok::<_, ledgerport::store::StoreError>((conns, not_synced, errors))
+        // Notices the tenant's admins have not received (yet, or at all).
+        let mut unsent_mail = Vec::new();
+        for s in [
+            ledgerport::store::mail::state::GIVEN_UP,
+            ledgerport::store::mail::state::UNSENT,
+        ] {
+            unsent_mail.extend(store.mail_list(Some(&tenant), Some(s), 20).await?);
+        }
+        Ok::<_, ledgerport::store::StoreError>((conns, not_synced, errors, unsent_mail))
     }
     .await;
-    let (conns, not_synced, errors) = match gathered {
+    let (conns, not_synced, errors, unsent_mail) = match gathered {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");
@@ -1417,6 +1623,7 @@ async fn support_report(
         "connections": conns.iter().map(|c| serde_json::json!({"id": c.id, "connector": c.connector_id, "state": c.state, "organisation": c.external_tenant_name, "organisation_id": c.external_tenant_id, "connected_by": c.connected_by, "connected_at": c.connected_at, "reason": c.state_reason})).collect::<Vec<_>>(),
         "documents_not_synced": not_synced.iter().map(|d| serde_json::json!({"number": d.document_number, "kind": d.document_kind, "state": d.state, "reason": d.pause_reason, "last_error": d.last_error, "attempts": d.attempts})).collect::<Vec<_>>(),
         "recent_errors": errors,
+        "notices_not_sent": unsent_mail.iter().map(|m| serde_json::json!({"id": m.id, "state": m.state, "subject": m.subject, "recipients": m.recipients, "attempts": m.attempts, "last_error": m.last_error, "created_at_ms": m.created_at})).collect::<Vec<_>>(),
     });
     if json {
         println!("{report}");
@@ -1451,6 +1658,20 @@ async fn support_report(
                     .as_str()
                     .or(e["message"].as_str())
                     .unwrap_or("")
+            );
+        }
+        println!(
+            "  notices not sent to the tenant's admins: {}",
+            unsent_mail.len()
+        );
+        for m in &unsent_mail {
+            println!(
+                "    {} {} \"{}\" to {}: {}",
+                m.id,
+                m.state,
+                m.subject,
+                m.recipients.join(", "),
+                m.last_error.clone().unwrap_or_default()
             );
         }
     }

@@ -1295,3 +1295,137 @@ async fn deliveries_missed_lists_and_sends() {
         "{audit:?}"
     );
 }
+
+/// `mail list` shows the notices with their state and the SMTP server's
+/// words; `mail retry` hands the given-up ones back to the daemon (audited),
+/// and says why a notice named by id is not retried.
+#[tokio::test]
+async fn mail_list_shows_given_up_notices_and_retry_sends_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("lp.db");
+    let db = db_path.to_str().unwrap().to_string();
+    let store = ledgerport::store::Store::open_and_migrate(&db)
+        .await
+        .unwrap();
+    store.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    for n in ["INV-1", "INV-2"] {
+        store
+            .record_incident("acme", n, "failed", n, "the endpoint answered 422", 0, 0)
+            .await
+            .unwrap();
+    }
+    for inc in store.due_incidents(1).await.unwrap() {
+        let mail = ledgerport::store::outbox::NewMail {
+            recipients: vec!["ap@acme.test".into()],
+            subject: format!("{} could not be sent", inc.documents[0]),
+            text: "text".into(),
+            html: "<p>html</p>".into(),
+        };
+        assert!(store.tell_incident(&inc, Some(&mail), 1).await.unwrap());
+    }
+    let now = ledgerport::dispatch::now_ms();
+    let given_up = store.claim_due_mail(now, now + 1).await.unwrap().unwrap();
+    store
+        .mail_result(
+            &given_up.id,
+            now,
+            Err((
+                "given up: 550 5.7.1 sender refused".into(),
+                ledgerport::notify::GIVEN_UP,
+            )),
+        )
+        .await
+        .unwrap();
+    let sent = store.claim_due_mail(now, now + 1).await.unwrap().unwrap();
+    store.mail_result(&sent.id, now, Ok(())).await.unwrap();
+    let env: [(&str, &str); 0] = [];
+
+    let o = ledgerport(
+        &["mail", "list", "--state", "given-up", "--database", &db],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.starts_with(&given_up.id), "{out}");
+    assert!(out.contains("given-up"), "{out}");
+    assert!(out.contains("550 5.7.1 sender refused"), "{out}");
+    assert!(out.contains(&given_up.subject), "{out}");
+    assert!(!out.contains(&sent.id), "{out}");
+    let o = ledgerport(&["--json", "mail", "list", "--database", &db], &env);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mail"].as_array().unwrap().len(), 2, "{v}");
+    let o = ledgerport(
+        &["mail", "list", "--tenant", "nobody", "--database", &db],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("tenant: "), "{}", text(&o));
+    let o = ledgerport(
+        &["mail", "list", "--state", "lost", "--database", &db],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+
+    // Support sees the notice the tenant's admins never received.
+    let o = ledgerport(
+        &[
+            "--json",
+            "support-report",
+            "--tenant",
+            "acme",
+            "--database",
+            &db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let notices = v["notices_not_sent"].as_array().unwrap();
+    assert_eq!(notices.len(), 1, "{v}");
+    assert_eq!(notices[0]["id"], given_up.id.as_str());
+    assert_eq!(notices[0]["state"], "given-up");
+
+    // Named by id: the sent one is not retried, and that is said.
+    let o = ledgerport(
+        &["mail", "retry", "--id", &sent.id, "--database", &db],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("is sent at"), "{}", text(&o));
+    let o = ledgerport(
+        &["mail", "retry", "--id", "no-such", "--database", &db],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("id: no notice"), "{}", text(&o));
+
+    let o = ledgerport(
+        &[
+            "--json",
+            "mail",
+            "retry",
+            "--tenant",
+            "acme",
+            "--database",
+            &db,
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["requeued"], 1, "{v}");
+    // Due now for the daemon's mail task, tries counted afresh.
+    let again = store
+        .claim_due_mail(ledgerport::dispatch::now_ms(), now + 60_000)
+        .await
+        .unwrap()
+        .expect("due again");
+    assert_eq!(again.id, given_up.id);
+    assert_eq!(again.attempts, 0);
+    let audit = store.audit_log(Some("acme"), 10).await.unwrap();
+    assert_eq!(
+        audit.iter().filter(|e| e.action == "mail-retry").count(),
+        1,
+        "{audit:?}"
+    );
+}

@@ -2579,3 +2579,201 @@ both!(
     sign_out_ends_connects_postgres,
     signing_out_ends_the_connects_under_way
 );
+
+/// A read-only command run by a role that may not read ledgerport's tables
+/// is told the database's own words ("permission denied"), not that the
+/// database holds no schema and wants `ledgerport migrate` (which that role
+/// could not run either, and which the schema does not need). A database
+/// with no schema at all is still told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_not_read_is_not_told_to_migrate() {
+    use sqlx::Connection;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    drop(db.store().await);
+    let role = format!("lp_noread_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(&db.url()).unwrap();
+    url.set_username(&role).unwrap();
+    let refused = Store::open_existing(url.as_str()).await.map(|_| ());
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    let message = refused.expect_err("the role may not read").to_string();
+    assert!(message.contains("permission denied"), "{message}");
+    assert!(!message.contains("migrate"), "{message}");
+
+    let Some(empty) = TestDb::postgres().await else {
+        return;
+    };
+    let message = Store::open_existing(&empty.url())
+        .await
+        .map(|_| ())
+        .expect_err("no schema")
+        .to_string();
+    assert!(message.contains("holds no ledgerport schema"), "{message}");
+}
+
+/// Notices the SMTP server refused for a day are given up. The operator
+/// lists them with the server's words and, once the cause is fixed, hands
+/// them back to the mail task: due again, their tries counted afresh. An
+/// unsent notice (the mail task's, perhaps being sent under its lease) and
+/// a sent one are left alone, and a notice named by id that is not given
+/// up is said to be so.
+async fn given_up_notices_are_listed_and_sent_again(db: TestDb) {
+    use ledgerport::store::mail::{NotRetried, state};
+    let s = db.store().await;
+    for (tenant, conn, n) in [
+        ("acme", "conn-1", "INV-1"),
+        ("beta", "conn-2", "INV-2"),
+        ("acme", "conn-3", "INV-3"),
+        ("beta", "conn-4", "INV-4"),
+    ] {
+        s.record_incident(tenant, conn, "failed", n, "the endpoint answered 422", 0, 0)
+            .await
+            .unwrap();
+    }
+    let due = s.due_incidents(1).await.unwrap();
+    assert_eq!(due.len(), 4);
+    for (i, inc) in due.iter().enumerate() {
+        assert!(
+            s.tell_incident(inc, Some(&mail()), 100 + i as i64)
+                .await
+                .unwrap()
+        );
+    }
+    // Oldest first: two given up, one sent, one waiting for its next try.
+    let mut claimed = Vec::new();
+    for _ in 0..4 {
+        claimed.push(s.claim_due_mail(1_000, 2_000).await.unwrap().unwrap());
+    }
+    for m in &claimed[..2] {
+        s.mail_result(
+            &m.id,
+            1_000,
+            Err((
+                "given up: 550 5.7.1 sender refused".into(),
+                ledgerport::notify::GIVEN_UP,
+            )),
+        )
+        .await
+        .unwrap();
+    }
+    s.mail_result(&claimed[2].id, 1_000, Ok(())).await.unwrap();
+    s.mail_result(&claimed[3].id, 1_000, Err(("421 try later".into(), 5_000)))
+        .await
+        .unwrap();
+
+    let all = s.mail_list(None, None, 10).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|m| m.id.as_str()).collect();
+    let newest_first: Vec<&str> = claimed.iter().rev().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, newest_first);
+    let given_up = s.mail_list(None, Some(state::GIVEN_UP), 10).await.unwrap();
+    assert_eq!(given_up.len(), 2, "{given_up:?}");
+    for m in &given_up {
+        assert_eq!(m.state, state::GIVEN_UP);
+        assert_eq!(m.next_attempt_at, None);
+        assert_eq!(m.recipients, vec!["ap@acme.test".to_string()]);
+        assert!(m.last_error.as_deref().unwrap().contains("550"), "{m:?}");
+    }
+    let unsent = s.mail_list(None, Some(state::UNSENT), 10).await.unwrap();
+    assert_eq!(unsent.len(), 1);
+    assert_eq!(unsent[0].next_attempt_at, Some(5_000));
+    let sent = s.mail_list(None, Some(state::SENT), 10).await.unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].sent_at, Some(1_000));
+    let first_tenant = claimed[0].tenant_id.clone();
+    let of_tenant = s.mail_list(Some(&first_tenant), None, 10).await.unwrap();
+    assert_eq!(of_tenant.len(), 2);
+    assert!(of_tenant.iter().all(|m| m.tenant_id == first_tenant));
+    let e = s.mail_list(None, Some("bogus"), 10).await.unwrap_err();
+    assert!(e.to_string().starts_with("state:"), "{e}");
+
+    // Named by id: a sent one, the unsent one, an unknown one, and a given-up
+    // one under another tenant are not retried, each for its reason.
+    match s
+        .retry_given_up_mail(None, Some(&claimed[2].id), 3_000)
+        .await
+        .unwrap()
+    {
+        Err(NotRetried::NotGivenUp(m)) => assert_eq!(m.state, state::SENT),
+        other => panic!("{other:?}"),
+    }
+    match s
+        .retry_given_up_mail(None, Some(&claimed[3].id), 3_000)
+        .await
+        .unwrap()
+    {
+        Err(NotRetried::NotGivenUp(m)) => assert_eq!(m.state, state::UNSENT),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.retry_given_up_mail(None, Some("no-such-mail"), 3_000)
+            .await
+            .unwrap(),
+        Err(NotRetried::Unknown)
+    );
+    let other_tenant = if first_tenant == "acme" {
+        "beta"
+    } else {
+        "acme"
+    };
+    assert_eq!(
+        s.retry_given_up_mail(Some(other_tenant), Some(&claimed[0].id), 3_000)
+            .await
+            .unwrap(),
+        Err(NotRetried::Unknown)
+    );
+    assert!(s.claim_due_mail(3_000, 4_000).await.unwrap().is_none());
+
+    // One tenant's, then the rest: due again with their tries counted afresh.
+    let tenant_of_second = claimed[1].tenant_id.clone();
+    let n = s
+        .retry_given_up_mail(Some(&first_tenant), None, 3_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        n,
+        if tenant_of_second == first_tenant {
+            2
+        } else {
+            1
+        }
+    );
+    let n2 = s
+        .retry_given_up_mail(None, None, 3_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n + n2, 2);
+    let mut again = Vec::new();
+    while let Some(m) = s.claim_due_mail(3_000, 4_000).await.unwrap() {
+        again.push(m);
+    }
+    let mut got: Vec<&str> = again.iter().map(|m| m.id.as_str()).collect();
+    got.sort();
+    let mut want = vec![claimed[0].id.as_str(), claimed[1].id.as_str()];
+    want.sort();
+    assert_eq!(got, want, "only the given-up notices are due");
+    assert!(again.iter().all(|m| m.attempts == 0));
+    // The unsent one keeps its own time.
+    let unsent = s.mail_list(None, Some(state::UNSENT), 10).await.unwrap();
+    assert!(
+        unsent
+            .iter()
+            .any(|m| m.id == claimed[3].id && m.next_attempt_at == Some(5_000))
+    );
+}
+both!(
+    given_up_notices_are_listed_and_sent_again_sqlite,
+    given_up_notices_are_listed_and_sent_again_postgres,
+    given_up_notices_are_listed_and_sent_again
+);

@@ -29,6 +29,7 @@ pub mod ahead;
 pub mod connections;
 pub mod group;
 pub mod kv;
+pub mod mail;
 pub mod mappings;
 pub mod missed;
 pub mod outbox;
@@ -86,6 +87,14 @@ pub enum StoreError {
     /// A stored secret could not be decrypted.
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
+}
+
+/// Whether a query failed because a table it names does not exist
+/// (PostgreSQL's `undefined_table`, SQLite's "no such table").
+fn is_undefined_table(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| {
+        d.code().as_deref() == Some("42P01") || d.message().starts_with("no such table")
+    })
 }
 
 /// The connection pool of one engine.
@@ -324,11 +333,16 @@ impl Store {
         });
         let applied: std::collections::BTreeSet<i64> = match applied {
             Ok(rows) => rows.into_iter().map(|(v,)| v).collect(),
-            Err(_) => {
+            // No migrations table: an empty database, or another program's.
+            Err(e) if is_undefined_table(&e) => {
                 return Err(StoreError::Conflict(
                     "the database holds no ledgerport schema: run `ledgerport migrate` (or start the daemon) on it first, or check --database".into(),
                 ));
             }
+            // Anything else (a role without the right to read, a locked or
+            // damaged file, a lost connection) is the database's own error:
+            // "run migrate" would send the operator the wrong way.
+            Err(e) => return Err(StoreError::Db(e)),
         };
         if let Some(newer) = applied.iter().find(|v| !known.contains(v)) {
             return Err(StoreError::Conflict(format!(
