@@ -910,6 +910,51 @@ impl Connections {
         }
     }
 
+    /// Remove the provider's links of grants whose pick expired unused:
+    /// the admin consented to several organisations and never chose one
+    /// (closed the tab). The grant would otherwise keep this app linked to
+    /// all of them at the provider (Xero lists it under the organisations'
+    /// connected apps) though ledgerport no longer holds its tokens. Links
+    /// another connection here uses are kept, as after a pick
+    /// ([`Connections::remove_unpicked_links`]). An access token past its
+    /// time is refreshed first; a grant that cannot be used any more (the
+    /// refresh refused: revoked at the provider) has nothing left to
+    /// remove. Best effort: failures are logged. Returns how many
+    /// abandoned picks were taken. Called by the daemon's sign-in purge.
+    pub async fn clean_abandoned_picks(&self) -> usize {
+        let now = self.clock.now_secs();
+        let picks = match self.store.take_abandoned_picks(&self.keys, now, 50).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "abandoned organisation picks could not be read");
+                return 0;
+            }
+        };
+        for pick in &picks {
+            let Some(provider) = self.providers.get(&pick.connector_id) else {
+                continue;
+            };
+            // A minute of margin: the removals must not meet an expiry.
+            let access = if pick.tokens.expires_at > now + 60 {
+                pick.tokens.access_token.clone()
+            } else if let Some(rt) = &pick.tokens.refresh_token {
+                match provider.refresh(rt).await {
+                    Ok(t) => t.access_token,
+                    Err(e) => {
+                        tracing::info!(tenant = %pick.tenant_id, error = %e, "an abandoned organisation pick's grant could not be refreshed; its links were left");
+                        continue;
+                    }
+                }
+            } else {
+                continue;
+            };
+            tracing::info!(tenant = %pick.tenant_id, admin = %pick.admin, organisations = pick.organisations.len(), "an organisation pick expired unused: removing its grant's links");
+            self.remove_unpicked_links(&pick.connector_id, &access, &pick.organisations)
+                .await;
+        }
+        picks.len()
+    }
+
     async fn finish(&self, new: NewConnection) -> Result<Connection, ConnectError> {
         let connector_id = new.connector_id.clone();
         let now = self.clock.now_secs();

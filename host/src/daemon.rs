@@ -725,9 +725,13 @@ impl Daemon {
         // pick nobody made) only until they expire, not for ever.
         {
             let store4 = store.clone();
+            let conns4 = connections.clone();
             let mut rx4 = rx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
+                    // Abandoned picks first: their grants' links are removed
+                    // at the provider before the purge forgets them.
+                    while conns4.clean_abandoned_picks().await == 50 {}
                     let now = chrono::Utc::now().timestamp();
                     match store4.purge_oauth(now).await {
                         Ok(n) if n > 0 => {

@@ -294,6 +294,53 @@ async fn an_organisation_not_picked_but_used_by_another_tenant_keeps_its_link() 
     assert_eq!(kept, [DEFAULT_TENANT_HOLDINGS]);
 }
 
+/// The admin consents to two organisations and never picks one (closes the
+/// tab). Once the pick has expired, the daemon removes the grant's links at
+/// the provider, except the one to an organisation another tenant here is
+/// connected to; with the access token past its time it refreshes first.
+/// Before the expiry nothing is taken, and a pick is taken once.
+#[tokio::test]
+async fn an_abandoned_pick_has_its_grants_links_removed_once_it_expires() {
+    let db = TestDb::sqlite();
+    let (sim, d) = setup(&db).await;
+    d.store
+        .upsert_tenant("globex", "Globex", &[], 1)
+        .await
+        .unwrap();
+    let globex = connect_tenant(&sim, &d, "globex", DEFAULT_TENANT_HOLDINGS).await;
+    // Past the pick's 15 minutes; then past the access token's 30 as well.
+    for wait in [901, 1900] {
+        let before: std::collections::HashSet<uuid::Uuid> =
+            sim.grants().iter().map(|g| g.auth_event_id).collect();
+        let b = browser();
+        let _ = open_picker(&sim, &d, &b).await;
+        let grant = || {
+            sim.grants()
+                .into_iter()
+                .find(|g| !before.contains(&g.auth_event_id))
+                .expect("the pick's grant")
+        };
+        assert_eq!(grant().connections.len(), 2);
+        assert_eq!(d.conns.clean_abandoned_picks().await, 0, "not expired yet");
+        sim.advance_secs(wait);
+        assert_eq!(d.conns.clean_abandoned_picks().await, 1);
+        let g = grant();
+        let orgs: Vec<uuid::Uuid> = g.connections.iter().map(|c| c.tenant_id).collect();
+        assert_eq!(
+            orgs,
+            [DEFAULT_TENANT_HOLDINGS],
+            "after {wait} s: Trading's link removed, Holdings (Globex's) kept"
+        );
+        assert_eq!(
+            g.refresh_count,
+            u64::from(wait > 1800),
+            "refreshed only when the access token had expired"
+        );
+        assert_eq!(d.conns.clean_abandoned_picks().await, 0, "taken once");
+        assert_eq!(grant_of(&sim, &globex).connections.len(), 1);
+    }
+}
+
 async fn bad_expired_states_and_codes_refused(db: TestDb) {
     let (sim, d) = setup(&db).await;
     sim.set_auto_approve(Some(vec![DEFAULT_TENANT_HOLDINGS]));

@@ -1286,6 +1286,94 @@ impl Store {
         }))
     }
 
+    /// Take (delete and return) up to `limit` picks that expired unused
+    /// before `now`: the admin started connecting, consented to several
+    /// organisations, and never chose one. Their grants still link this
+    /// app to those organisations at the provider, so the caller removes
+    /// the links ([`crate::connections::Connections::clean_abandoned_picks`]).
+    /// Deleted in the statement that reads them, so two daemons never
+    /// take the same pick. A pick whose tokens cannot be decrypted (its
+    /// key retired) is deleted and left out.
+    pub async fn take_abandoned_picks(
+        &self,
+        keys: &KeyRing,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<PendingPick>, StoreError> {
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            i64,
+            i64,
+        );
+        let rows: Vec<Row> = on_pool!(self, p => sqlx::query_as(
+            "DELETE FROM oauth_pending WHERE pick_hash IN (
+               SELECT pick_hash FROM oauth_pending
+               WHERE used_at IS NULL AND pick_expires_at < $1
+               ORDER BY pick_expires_at LIMIT $2)
+             AND used_at IS NULL
+             RETURNING pick_hash, tenant_id, connector_id, admin, scopes, auth_event_id,
+               organisations, access_token, refresh_token, expires_at, pick_expires_at",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(p)
+        .await?);
+        let mut out = Vec::new();
+        for (
+            h,
+            tenant_id,
+            connector_id,
+            admin,
+            scopes,
+            auth_event_id,
+            orgs,
+            access,
+            refresh,
+            expires_at,
+            pick_expires_at,
+        ) in rows
+        {
+            let tokens = keys
+                .decrypt(&access, &ctx_pending_access(&h))
+                .and_then(|a| {
+                    let r = match refresh {
+                        Some(r) => Some(keys.decrypt(&r, &ctx_pending_refresh(&h))?),
+                        None => None,
+                    };
+                    Ok((a, r))
+                });
+            let organisations = serde_json::from_str::<Vec<Organisation>>(&orgs);
+            let (Ok((access_token, refresh_token)), Ok(organisations)) = (tokens, organisations)
+            else {
+                tracing::warn!(tenant = %tenant_id, "an abandoned pick could not be read (its key retired?); dropped without removing its links");
+                continue;
+            };
+            out.push(PendingPick {
+                tenant_id,
+                connector_id,
+                admin,
+                scopes: scopes.split_whitespace().map(String::from).collect(),
+                auth_event_id,
+                organisations,
+                tokens: TokenSet {
+                    access_token,
+                    refresh_token,
+                    expires_at,
+                },
+                pick_expires_at,
+            });
+        }
+        Ok(out)
+    }
+
     /// Delete used or expired states and picks older than `before`.
     pub async fn purge_oauth(&self, before: i64) -> Result<u64, StoreError> {
         let n = on_pool!(self, p => {
