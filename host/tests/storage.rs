@@ -2573,6 +2573,26 @@ async fn signing_out_ends_the_connects_under_way(db: TestDb) {
             .unwrap()
             .is_some()
     );
+    // The ended picks are left for the purge to remove their grants' links
+    // (with their tokens); the one still open is not.
+    let taken = s.take_abandoned_picks(&k, now + 1, 50).await.unwrap();
+    let mut admins: Vec<(&str, &str)> = taken
+        .iter()
+        .map(|p| (p.tenant_id.as_str(), p.admin.as_str()))
+        .collect();
+    admins.sort();
+    assert_eq!(admins, [("acme", "alice"), ("acme", "bob")]);
+    assert!(
+        taken
+            .iter()
+            .all(|p| p.tokens.access_token.expose() == "parked")
+    );
+    assert!(
+        s.take_abandoned_picks(&k, now + 1, 50)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 both!(
     sign_out_ends_connects_sqlite,

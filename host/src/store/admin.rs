@@ -195,10 +195,12 @@ impl Store {
     /// End the page sessions of `tenant_id` (of one admin, when named), and
     /// their unused tickets: the platform signs out an admin it removed or
     /// demoted. Connections they started and have not finished go too (a
-    /// consent still open at the provider, an organisation not yet picked;
-    /// the picker's tokens with it), in the same transaction: someone
-    /// signed out must not connect the tenant's books a minute later by
-    /// finishing a flow begun before. Returns how many sessions and
+    /// consent still open at the provider, an organisation not yet picked),
+    /// in the same transaction: someone signed out must not connect the
+    /// tenant's books a minute later by finishing a flow begun before. A
+    /// pick is expired rather than deleted, so the daemon's purge removes
+    /// its grant's links at the provider with its tokens
+    /// ([`Store::take_abandoned_picks`]). Returns how many sessions and
     /// tickets ended.
     pub async fn end_page_sessions(
         &self,
@@ -211,7 +213,7 @@ impl Store {
                 .bind(tenant_id).bind(admin).execute(&mut *tx).await?.rows_affected();
             sqlx::query("DELETE FROM oauth_states WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2) AND used_at IS NULL")
                 .bind(tenant_id).bind(admin).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM oauth_pending WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2) AND used_at IS NULL")
+            sqlx::query("UPDATE oauth_pending SET pick_expires_at = 0 WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2) AND used_at IS NULL")
                 .bind(tenant_id).bind(admin).execute(&mut *tx).await?;
             tx.commit().await?;
             n
