@@ -864,7 +864,8 @@ impl Connections {
     /// the app's links to them at the provider (best effort; a failure is
     /// logged), so the grant ledgerport keeps reaches only the
     /// organisation it writes to. A link to an organisation that one of
-    /// this daemon's connections (of any tenant, not disconnected) uses is
+    /// this daemon's connections (of any tenant, not disconnected) uses, or
+    /// that a pick still open offers (an admin may be choosing it), is
     /// left alone: one user of the provider may have connected it for
     /// another tenant, and the provider can hand back that same link.
     async fn remove_unpicked_links(
@@ -879,14 +880,24 @@ impl Connections {
         if unpicked.iter().all(|o| o.connection_id.is_none()) {
             return;
         }
-        let in_use: std::collections::HashSet<String> = match self.store.connections(None).await {
-            Ok(all) => all
+        let now = self.clock.now_secs();
+        let in_use = match (
+            self.store.connections(None).await,
+            self.store.open_pick_organisations(now).await,
+        ) {
+            (Ok(all), Ok(offered)) => all
                 .into_iter()
                 .filter(|c| c.state != ConnectionState::Disconnected)
                 .flat_map(|c| [c.external_tenant_id, c.external_connection_id])
                 .flatten()
-                .collect(),
-            Err(e) => {
+                .chain(
+                    offered
+                        .into_iter()
+                        .flat_map(|o| [Some(o.tenant_id), o.connection_id])
+                        .flatten(),
+                )
+                .collect::<std::collections::HashSet<String>>(),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(error = %e, "the links to organisations not picked were kept: the store could not say which are in use");
                 return;
             }
@@ -920,10 +931,12 @@ impl Connections {
     /// time is refreshed first; a grant that cannot be used any more (the
     /// refresh refused: revoked at the provider) has nothing left to
     /// remove. Best effort: failures are logged. Returns how many
-    /// abandoned picks were taken. Called by the daemon's sign-in purge.
+    /// abandoned picks were taken (read or not; at most 50 a call). A
+    /// daemon that dies meanwhile leaves the links of the picks it had
+    /// taken. Called by the daemon's sign-in purge.
     pub async fn clean_abandoned_picks(&self) -> usize {
         let now = self.clock.now_secs();
-        let picks = match self.store.take_abandoned_picks(&self.keys, now, 50).await {
+        let (taken, picks) = match self.store.take_abandoned_picks(&self.keys, now, 50).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "abandoned organisation picks could not be read");
@@ -946,13 +959,14 @@ impl Connections {
                     }
                 }
             } else {
+                tracing::info!(tenant = %pick.tenant_id, "an abandoned organisation pick's access token has expired and it has no refresh token; its links were left");
                 continue;
             };
-            tracing::info!(tenant = %pick.tenant_id, admin = %pick.admin, organisations = pick.organisations.len(), "an organisation pick expired unused: removing its grant's links");
+            tracing::info!(tenant = %pick.tenant_id, organisations = pick.organisations.len(), "an organisation pick expired unused: removing its grant's links");
             self.remove_unpicked_links(&pick.connector_id, &access, &pick.organisations)
                 .await;
         }
-        picks.len()
+        taken
     }
 
     async fn finish(&self, new: NewConnection) -> Result<Connection, ConnectError> {

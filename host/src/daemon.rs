@@ -731,7 +731,9 @@ impl Daemon {
                 loop {
                     // Abandoned picks first: their grants' links are removed
                     // at the provider before the purge forgets them.
-                    while conns4.clean_abandoned_picks().await == 50 {}
+                    while !rx4.has_changed().unwrap_or(true)
+                        && conns4.clean_abandoned_picks().await == 50
+                    {}
                     let now = chrono::Utc::now().timestamp();
                     match store4.purge_oauth(now).await {
                         Ok(n) if n > 0 => {

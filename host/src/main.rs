@@ -1324,7 +1324,7 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
 /// A time for people (UTC, to the second), from Unix milliseconds.
 fn when(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -1410,15 +1410,22 @@ async fn mail(cmd: MailCommand, json: bool) -> ExitCode {
                 .retry_given_up_mail(tenant.as_deref(), id.as_deref(), now)
                 .await
             {
-                Ok(Ok(n)) => {
-                    if n > 0 {
+                Ok(Ok(tenants)) => {
+                    let n = tenants.len();
+                    // Audited under each tenant whose notices went back, so
+                    // each tenant's own log shows it.
+                    let mut per_tenant = std::collections::BTreeMap::<String, usize>::new();
+                    for t in tenants {
+                        *per_tenant.entry(t).or_default() += 1;
+                    }
+                    for (t, k) in &per_tenant {
                         let _ = store
                             .audit(
                                 &cli_actor(),
-                                tenant.as_deref(),
+                                Some(t),
                                 "mail-retry",
                                 &format!(
-                                    "{n} given-up notice(s){}",
+                                    "{k} given-up notice(s){}",
                                     id.as_deref().map(|i| format!(" ({i})")).unwrap_or_default()
                                 ),
                                 chrono::Utc::now().timestamp(),
@@ -1444,20 +1451,21 @@ async fn mail(cmd: MailCommand, json: bool) -> ExitCode {
                                     .map(|t| format!(" of tenant {t:?}"))
                                     .unwrap_or_default()
                             );
-                            ExitCode::from(2)
+                            ExitCode::from(1)
                         }
                         ledgerport::store::mail::NotRetried::NotGivenUp(m) => {
                             let state = match m.next_attempt_at {
                                 Some(t) => format!(
-                                    "unsent and tried again by the daemon at {} UTC",
+                                    "not given up: the daemon tries it again by {} (or is sending it now)",
                                     when(t)
                                 ),
-                                None => {
-                                    format!("sent at {} UTC", when(m.sent_at.unwrap_or_default()))
-                                }
+                                None => format!(
+                                    "not given up: it was sent at {}",
+                                    when(m.sent_at.unwrap_or_default())
+                                ),
                             };
                             eprintln!(
-                                "error: id: notice {id:?} is {state}: only given-up notices are retried"
+                                "error: id: notice {id:?} is {state}; only given-up notices are retried"
                             );
                             ExitCode::from(1)
                         }
@@ -1661,8 +1669,14 @@ async fn support_report(
             );
         }
         println!(
-            "  notices not sent to the tenant's admins: {}",
-            unsent_mail.len()
+            "  notices not sent to the tenant's admins: {}{}",
+            unsent_mail.len(),
+            // At most 20 of each state are read: say so when that may not be all.
+            if unsent_mail.len() >= 20 {
+                " (the newest 20 of each state; `ledgerport mail list` shows all)"
+            } else {
+                ""
+            }
         );
         for m in &unsent_mail {
             println!(

@@ -298,36 +298,43 @@ async fn an_organisation_not_picked_but_used_by_another_tenant_keeps_its_link() 
 /// tab). Once the pick has expired, the daemon removes the grant's links at
 /// the provider, except the one to an organisation another tenant here is
 /// connected to; with the access token past its time it refreshes first.
-/// Before the expiry nothing is taken, and a pick is taken once.
-#[tokio::test]
-async fn an_abandoned_pick_has_its_grants_links_removed_once_it_expires() {
-    let db = TestDb::sqlite();
+/// Before the expiry nothing is taken, and a pick is taken once. A pick
+/// still open (an admin choosing this moment) keeps the links of the
+/// organisations it offers.
+async fn abandoned_picks_have_their_grants_links_removed(db: TestDb) {
     let (sim, d) = setup(&db).await;
     d.store
         .upsert_tenant("globex", "Globex", &[], 1)
         .await
         .unwrap();
     let globex = connect_tenant(&sim, &d, "globex", DEFAULT_TENANT_HOLDINGS).await;
+    let new_grant = |before: &std::collections::HashSet<uuid::Uuid>| {
+        sim.grants()
+            .into_iter()
+            .find(|g| !before.contains(&g.auth_event_id))
+            .expect("the pick's grant")
+    };
+    let grants_now = || -> std::collections::HashSet<uuid::Uuid> {
+        sim.grants().iter().map(|g| g.auth_event_id).collect()
+    };
+    let orgs_of = |g: &xero_sim::GrantInfo| {
+        let mut o: Vec<uuid::Uuid> = g.connections.iter().map(|c| c.tenant_id).collect();
+        o.sort();
+        o
+    };
+    let mut both = vec![DEFAULT_TENANT_HOLDINGS, DEFAULT_TENANT_TRADING];
+    both.sort();
     // Past the pick's 15 minutes; then past the access token's 30 as well.
     for wait in [901, 1900] {
-        let before: std::collections::HashSet<uuid::Uuid> =
-            sim.grants().iter().map(|g| g.auth_event_id).collect();
-        let b = browser();
-        let _ = open_picker(&sim, &d, &b).await;
-        let grant = || {
-            sim.grants()
-                .into_iter()
-                .find(|g| !before.contains(&g.auth_event_id))
-                .expect("the pick's grant")
-        };
-        assert_eq!(grant().connections.len(), 2);
+        let before = grants_now();
+        let _ = open_picker(&sim, &d, &browser()).await;
+        assert_eq!(orgs_of(&new_grant(&before)), both);
         assert_eq!(d.conns.clean_abandoned_picks().await, 0, "not expired yet");
         sim.advance_secs(wait);
         assert_eq!(d.conns.clean_abandoned_picks().await, 1);
-        let g = grant();
-        let orgs: Vec<uuid::Uuid> = g.connections.iter().map(|c| c.tenant_id).collect();
+        let g = new_grant(&before);
         assert_eq!(
-            orgs,
+            orgs_of(&g),
             [DEFAULT_TENANT_HOLDINGS],
             "after {wait} s: Trading's link removed, Holdings (Globex's) kept"
         );
@@ -339,7 +346,36 @@ async fn an_abandoned_pick_has_its_grants_links_removed_once_it_expires() {
         assert_eq!(d.conns.clean_abandoned_picks().await, 0, "taken once");
         assert_eq!(grant_of(&sim, &globex).connections.len(), 1);
     }
+    // Abandoned while another pick offering the same organisations is open.
+    let by_id = |id: uuid::Uuid| {
+        sim.grants()
+            .into_iter()
+            .find(|g| g.auth_event_id == id)
+            .unwrap()
+    };
+    let before = grants_now();
+    let _ = open_picker(&sim, &d, &browser()).await;
+    let first = new_grant(&before).auth_event_id;
+    sim.advance_secs(800);
+    let before = grants_now();
+    let _ = open_picker(&sim, &d, &browser()).await;
+    let second = new_grant(&before).auth_event_id;
+    sim.advance_secs(200);
+    assert_eq!(d.conns.clean_abandoned_picks().await, 1, "the first one");
+    assert_eq!(
+        orgs_of(&by_id(first)),
+        both,
+        "Trading is offered by the open pick: kept"
+    );
+    sim.advance_secs(800);
+    assert_eq!(d.conns.clean_abandoned_picks().await, 1, "the second one");
+    assert_eq!(orgs_of(&by_id(second)), [DEFAULT_TENANT_HOLDINGS]);
 }
+both!(
+    abandoned_picks_sqlite,
+    abandoned_picks_postgres,
+    abandoned_picks_have_their_grants_links_removed
+);
 
 async fn bad_expired_states_and_codes_refused(db: TestDb) {
     let (sim, d) = setup(&db).await;

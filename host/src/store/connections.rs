@@ -1292,14 +1292,15 @@ impl Store {
     /// app to those organisations at the provider, so the caller removes
     /// the links ([`crate::connections::Connections::clean_abandoned_picks`]).
     /// Deleted in the statement that reads them, so two daemons never
-    /// take the same pick. A pick whose tokens cannot be decrypted (its
-    /// key retired) is deleted and left out.
+    /// take the same pick. Returns how many were deleted, and those that
+    /// could be read: a pick whose tokens cannot be decrypted (its key
+    /// retired) is deleted and left out.
     pub async fn take_abandoned_picks(
         &self,
         keys: &KeyRing,
         now: i64,
         limit: i64,
-    ) -> Result<Vec<PendingPick>, StoreError> {
+    ) -> Result<(usize, Vec<PendingPick>), StoreError> {
         type Row = (
             String,
             String,
@@ -1326,6 +1327,7 @@ impl Store {
         .bind(limit)
         .fetch_all(p)
         .await?);
+        let taken = rows.len();
         let mut out = Vec::new();
         for (
             h,
@@ -1371,10 +1373,30 @@ impl Store {
                 pick_expires_at,
             });
         }
-        Ok(out)
+        Ok((taken, out))
     }
 
-    /// Delete used or expired states and picks older than `before`.
+    /// The organisations offered by picks still open at `now` (unused,
+    /// unexpired): an admin may be choosing among them this moment, so
+    /// their links at the provider must stay.
+    pub async fn open_pick_organisations(&self, now: i64) -> Result<Vec<Organisation>, StoreError> {
+        let rows: Vec<(String,)> = on_pool!(self, p => sqlx::query_as(
+            "SELECT organisations FROM oauth_pending WHERE used_at IS NULL AND pick_expires_at >= $1",
+        )
+        .bind(now)
+        .fetch_all(p)
+        .await?);
+        Ok(rows
+            .into_iter()
+            .filter_map(|(o,)| serde_json::from_str::<Vec<Organisation>>(&o).ok())
+            .flatten()
+            .collect())
+    }
+
+    /// Delete states that expired before `before`, and picks that were
+    /// used. Picks that expired unused are [`Store::take_abandoned_picks`]'s:
+    /// their grants' links are removed at the provider before they are
+    /// forgotten.
     pub async fn purge_oauth(&self, before: i64) -> Result<u64, StoreError> {
         let n = on_pool!(self, p => {
             let a = sqlx::query("DELETE FROM oauth_states WHERE expires_at < $1")
@@ -1382,13 +1404,10 @@ impl Store {
                 .execute(p)
                 .await?
                 .rows_affected();
-            let b = sqlx::query(
-                "DELETE FROM oauth_pending WHERE pick_expires_at < $1 OR used_at IS NOT NULL",
-            )
-            .bind(before)
-            .execute(p)
-            .await?
-            .rows_affected();
+            let b = sqlx::query("DELETE FROM oauth_pending WHERE used_at IS NOT NULL")
+                .execute(p)
+                .await?
+                .rows_affected();
             a + b
         });
         Ok(n)

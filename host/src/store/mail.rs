@@ -166,7 +166,8 @@ impl Store {
     /// Hand given-up notices back to the mail task, due at `now` with
     /// their tries counted afresh (so a server still refusing them gives
     /// them up again after about a day, not at once): those of `tenant_id`
-    /// (or all), or the one named by `id`. Returns how many. Only given-up
+    /// (or all), or the one named by `id`. Returns the tenant of each
+    /// notice handed back (for the audit log). Only given-up
     /// notices are touched: an unsent one is the mail task's (it may be
     /// being sent this moment, under a lease that its due time holds).
     /// `Err(NotRetried)` inside the result says why a notice named by id
@@ -176,25 +177,25 @@ impl Store {
         tenant_id: Option<&str>,
         id: Option<&str>,
         now: i64,
-    ) -> Result<Result<u64, NotRetried>, StoreError> {
-        let n = on_pool!(self, p => sqlx::query(
+    ) -> Result<Result<Vec<String>, NotRetried>, StoreError> {
+        let rows: Vec<(String,)> = on_pool!(self, p => sqlx::query_as(
             "UPDATE mail_outbox SET next_attempt_at = $1, attempts = 0
              WHERE sent_at IS NULL AND next_attempt_at >= $2
-               AND ($3 IS NULL OR tenant_id = $3) AND ($4 IS NULL OR id = $4)",
+               AND ($3 IS NULL OR tenant_id = $3) AND ($4 IS NULL OR id = $4)
+             RETURNING tenant_id",
         )
         .bind(now)
         .bind(GIVEN_UP)
         .bind(tenant_id)
         .bind(id)
-        .execute(p)
-        .await?
-        .rows_affected());
-        if let (0, Some(id)) = (n, id) {
+        .fetch_all(p)
+        .await?);
+        if let (true, Some(id)) = (rows.is_empty(), id) {
             return Ok(Err(match self.mail_entry(tenant_id, id).await? {
                 None => NotRetried::Unknown,
                 Some(e) => NotRetried::NotGivenUp(e),
             }));
         }
-        Ok(Ok(n))
+        Ok(Ok(rows.into_iter().map(|(t,)| t).collect()))
     }
 }
