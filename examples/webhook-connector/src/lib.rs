@@ -44,7 +44,9 @@ const MIN_SECRET_CHARS: usize = 16;
 /// What the body announces.
 const EVENT: &str = "document.issued";
 
-struct Webhook;
+/// The connector (public so a native build, as `cargo test --workspace`
+/// makes one, sees it used: only the wasm build exports it).
+pub struct Webhook;
 
 /// The connection's settings, checked.
 struct Settings {

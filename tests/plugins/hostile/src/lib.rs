@@ -30,7 +30,9 @@ use ledgerport_sdk::{
     DocumentKind, Receipt, connection, errors, http, kv, log,
 };
 
-struct Hostile;
+/// The connector (public so a native build sees it used: only the wasm
+/// build exports it).
+pub struct Hostile;
 
 #[inline(never)]
 #[allow(unconditional_recursion)]
@@ -203,17 +205,30 @@ static mut LEFT_IN_STATIC: [u8; 32] = [0; 32];
 fn leftover() -> usize {
     // Built at run time so the marker is not in the data segment.
     let marker: Vec<u8> = b"REVOTFEL-LLAC-SUOIVERP".iter().rev().copied().collect();
+    let seen = copies_in_memory(&marker) - 1; // this call's own copy
+    leave(&marker);
+    seen
+}
+
+/// How many copies of `marker` this instance's linear memory holds.
+#[cfg(target_arch = "wasm32")]
+fn copies_in_memory(marker: &[u8]) -> usize {
     let size = core::arch::wasm32::memory_size(0) * 65536;
-    let seen = (16..size - marker.len())
+    (16..size - marker.len())
         .filter(|&at| {
             // SAFETY: every address below memory_size is in linear memory.
             let here = unsafe { core::slice::from_raw_parts(at as *const u8, marker.len()) };
-            here == marker.as_slice()
+            here == marker
         })
         .count()
-        - 1; // this call's own copy
-    leave(&marker);
-    seen
+}
+
+/// Linear memory exists only in the sandbox: a native build (`cargo test
+/// --workspace` compiles every member for this machine) has none to scan,
+/// and counts only the caller's own copy.
+#[cfg(not(target_arch = "wasm32"))]
+fn copies_in_memory(_marker: &[u8]) -> usize {
+    1
 }
 
 /// Leave `marker` on the heap and in a static, with volatile writes so the
