@@ -1013,6 +1013,21 @@ async fn card(
                 ));
             }
         }
+        // Missed too long ago: retention removed what would be sent. Said,
+        // so they do not vanish from the admin's view unsaid.
+        let too_old = st.store.missed_too_old(&c.id, &m.document_kinds).await?;
+        if too_old > 0 {
+            let name = esc(&m.name);
+            let (n, were, them) = if too_old == 1 {
+                ("1 document".to_string(), "was", "it")
+            } else {
+                (format!("{too_old} documents"), "were", "them")
+            };
+            card.push_str(&format!(
+                "<p class=\"missed-old\" id=\"{}\" data-count=\"{too_old}\">{n} issued while {name} was disconnected {were} kept past the retention period and can no longer be sent from here: enter {them} in {name} by hand.</p>",
+                el("missed_old"),
+            ));
+        }
     }
     if state != "active" {
         card.push_str(&format!(

@@ -1187,17 +1187,29 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                 }
             };
             if !send {
+                let too_old = match store.missed_too_old(&conn.id, &kinds).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(3);
+                    }
+                };
                 return match store.missed_documents(&conn.id, &kinds, limit).await {
                     Ok((count, docs)) => {
                         if json {
                             println!(
                                 "{}",
-                                serde_json::json!({ "count": count, "documents": docs })
+                                serde_json::json!({ "count": count, "documents": docs, "too_old": too_old })
                             );
                         } else {
                             println!(
                                 "{count} document(s) issued while {connector} was disconnected, never sent to it"
                             );
+                            if too_old > 0 {
+                                println!(
+                                    "{too_old} more kept past retention (retention.delivered_days): their content is gone and they cannot be sent"
+                                );
+                            }
                             for d in &docs {
                                 println!(
                                     "  {:<24} {:<16} {:<12} received {}",

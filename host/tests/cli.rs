@@ -1224,6 +1224,7 @@ async fn deliveries_missed_lists_and_sends() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["count"], 2, "{v}");
+    assert_eq!(v["too_old"], 0, "{v}");
     assert_eq!(v["documents"][1]["number"], "INV-d2", "{v}");
     // Still disconnected: refused naming the connector.
     let o = missed(&["--send"]);

@@ -1199,5 +1199,39 @@ async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
         ],
         "latest first"
     );
+
+    // Disconnected again, and a document issued meanwhile outlives the
+    // retention period (its content removed): not offered, but said.
+    p.d()
+        .connections
+        .disconnect(&conn.id, "alice@acme.example")
+        .await
+        .unwrap();
+    let (s, body) = p.post(&invoice("acme", 5)).await;
+    assert_eq!(s, 202, "{body}");
+    let (_, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!(
+        (v["count"].clone(), v["too_old"].clone()),
+        (json!(1), json!(0)),
+        "{v}"
+    );
+    p.d()
+        .store
+        .purge_delivered(ledgerport::dispatch::now_ms() + 1_000)
+        .await
+        .unwrap();
+    let (_, v) = admin("GET", "missed/xero", None).await;
+    assert_eq!(
+        (v["count"].clone(), v["too_old"].clone()),
+        (json!(0), json!(1)),
+        "{v}"
+    );
+    let html = page().await;
+    assert!(!html.contains("id=\"missed\""), "{html}");
+    assert!(
+        html.contains("id=\"missed_old\" data-count=\"1\""),
+        "{html}"
+    );
+    assert!(html.contains("can no longer be sent"), "{html}");
     p.stop().await;
 }

@@ -2467,8 +2467,12 @@ async fn documents_missed_while_disconnected_are_offered_and_sent_once(db: TestD
         .await
         .unwrap();
     assert_eq!(missed(&both_kinds).await, ["old", "new"]);
+    assert_eq!(s.missed_too_old(&c, &both_kinds).await.unwrap(), 0);
     s.purge_delivered(50_000).await.unwrap();
     assert_eq!(missed(&both_kinds).await, ["new"]);
+    // ... but counted, so the admin is told it will not come.
+    assert_eq!(s.missed_too_old(&c, &both_kinds).await.unwrap(), 1);
+    assert_eq!(s.missed_too_old(&c, &[]).await.unwrap(), 0);
     assert_eq!(
         s.send_missed("no-such-connection", &both_kinds, None, 61_000)
             .await

@@ -56,6 +56,19 @@ const INSERT_ROWS: usize = 100;
 /// kinds (`kinds` of them), and after them the document ids when `ids` is
 /// given.
 fn missed_sql(select: &str, kinds: usize, ids: Option<usize>, tail: &str) -> String {
+    missed_sql_kept(select, kinds, ids, tail, true)
+}
+
+/// As [`missed_sql`], for the documents whose body is still kept (`kept`)
+/// or those whose body retention has removed (`!kept`: missed, but too old
+/// to be sent).
+fn missed_sql_kept(
+    select: &str,
+    kinds: usize,
+    ids: Option<usize>,
+    tail: &str,
+    kept: bool,
+) -> String {
     let list = |from: usize, n: usize| {
         (0..n)
             .map(|i| format!("${}", from + i))
@@ -71,8 +84,9 @@ fn missed_sql(select: &str, kinds: usize, ids: Option<usize>, tail: &str) -> Str
          WHERE doc.tenant_id = $1 AND doc.received_at >= $2 AND doc.kind IN ({kinds}){id_terms}
            AND NOT EXISTS (SELECT 1 FROM deliveries d
                            WHERE d.tenant_id = doc.tenant_id AND d.document_id = doc.id AND d.connection_id = $3)
-           AND octet_length(doc.body) > 0{tail}",
+           AND octet_length(doc.body) {body}{tail}",
         kinds = list(4, kinds),
+        body = if kept { "> 0" } else { "= 0" },
     )
 }
 
@@ -147,6 +161,35 @@ impl Store {
                 q = q.bind(k);
             }
             Ok((count, q.bind(limit).fetch_all(&mut *c).await?))
+        })
+    }
+
+    /// How many documents connection `connection_id` missed that can no
+    /// longer be sent: retention removed their bodies (they had no
+    /// delivery, and were older than `retention.delivered_days`). Told to
+    /// the admin beside the missed ones, so they do not vanish unsaid.
+    pub async fn missed_too_old(
+        &self,
+        connection_id: &str,
+        kinds: &[String],
+    ) -> Result<i64, StoreError> {
+        if kinds.is_empty() {
+            return Ok(0);
+        }
+        let sql = missed_sql_kept("COUNT(*)", kinds.len(), None, "", false);
+        on_pool!(self, p => {
+            let mut c = p.acquire().await?;
+            let Some((tenant, _, _, Some(since))) = scope_of!(c, connection_id, "") else {
+                return Ok(0);
+            };
+            let mut q = sqlx::query_scalar::<_, i64>(&sql)
+                .bind(&tenant)
+                .bind(since)
+                .bind(connection_id);
+            for k in kinds {
+                q = q.bind(k);
+            }
+            Ok(q.fetch_one(&mut *c).await?)
         })
     }
 
@@ -311,6 +354,7 @@ mod tests {
         };
         for sql in [
             missed_sql("COUNT(*)", 2, None, ""),
+            missed_sql_kept("COUNT(*)", 2, None, "", false),
             missed_sql("doc.id", 2, Some(3), " ORDER BY doc.received_at, doc.id"),
             "SELECT MIN(created_at) FROM connection_events WHERE connection_id = $1 AND kind = 'disconnected'".to_string(),
         ] {
