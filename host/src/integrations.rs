@@ -1018,13 +1018,19 @@ async fn card(
         let too_old = st.store.missed_too_old(&c.id, &m.document_kinds).await?;
         if too_old > 0 {
             let name = esc(&m.name);
-            let (n, were, them) = if too_old == 1 {
-                ("1 document".to_string(), "was", "it")
+            let (n, were, its, they, belong) = if too_old == 1 {
+                ("1 document".to_string(), "was", "its", "it", "it belongs")
             } else {
-                (format!("{too_old} documents"), "were", "them")
+                (
+                    format!("{too_old} documents"),
+                    "were",
+                    "their",
+                    "they",
+                    "they belong",
+                )
             };
             card.push_str(&format!(
-                "<p class=\"missed-old\" id=\"{}\" data-count=\"{too_old}\">{n} issued while {name} was disconnected {were} kept past the retention period and can no longer be sent from here: enter {them} in {name} by hand.</p>",
+                "<p class=\"missed-old\" id=\"{}\" data-count=\"{too_old}\">{n} issued while {name} was disconnected {were} never sent to it, and {its} content has since been removed (the retention period), so {they} can no longer be sent from here. If {belong} in {name}, enter {they} there by hand.</p>",
                 el("missed_old"),
             ));
         }

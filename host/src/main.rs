@@ -1207,7 +1207,7 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                             );
                             if too_old > 0 {
                                 println!(
-                                    "{too_old} more kept past retention (retention.delivered_days): their content is gone and they cannot be sent"
+                                    "{too_old} other(s) issued while {connector} was disconnected cannot be sent any more: their content was removed by retention (retention.delivered_days)"
                                 );
                             }
                             for d in &docs {

@@ -2466,12 +2466,18 @@ async fn documents_missed_while_disconnected_are_offered_and_sent_once(db: TestD
     s.ingest_for_tenant(doc("acme", "new", "invoice", 60_000))
         .await
         .unwrap();
-    assert_eq!(missed(&both_kinds).await, ["old", "new"]);
+    s.ingest_for_tenant(doc("acme", "old-cn", "credit-note", 42_000))
+        .await
+        .unwrap();
+    assert_eq!(missed(&both_kinds).await, ["old", "old-cn", "new"]);
     assert_eq!(s.missed_too_old(&c, &both_kinds).await.unwrap(), 0);
     s.purge_delivered(50_000).await.unwrap();
     assert_eq!(missed(&both_kinds).await, ["new"]);
-    // ... but counted, so the admin is told it will not come.
-    assert_eq!(s.missed_too_old(&c, &both_kinds).await.unwrap(), 1);
+    // ... but counted, so the admin is told they will not come; only
+    // those of kinds the connector takes, received since the first
+    // disconnect ("before" was emptied too, and the delivered ones).
+    assert_eq!(s.missed_too_old(&c, &both_kinds).await.unwrap(), 2);
+    assert_eq!(s.missed_too_old(&c, &invoices).await.unwrap(), 1);
     assert_eq!(s.missed_too_old(&c, &[]).await.unwrap(), 0);
     assert_eq!(
         s.send_missed("no-such-connection", &both_kinds, None, 61_000)
