@@ -500,14 +500,16 @@ async fn missed(
         Err(r) => return r,
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let too_old = match st.store.missed_too_old(&conn.id, &kinds).await {
-        Ok(n) => n,
+    let (too_old, too_old_documents) = match st.store.missed_too_old(&conn.id, &kinds, limit).await
+    {
+        Ok(t) => t,
         Err(e) => return unavailable(e),
     };
     match st.store.missed_documents(&conn.id, &kinds, limit).await {
         Ok((count, documents)) => Json(json!({
             "connector": connector, "connection_id": conn.id, "state": conn.state,
-            "count": count, "documents": documents, "too_old": too_old,
+            "count": count, "documents": documents,
+            "too_old": too_old, "too_old_documents": too_old_documents,
         }))
         .into_response(),
         Err(e) => unavailable(e),

@@ -1015,9 +1015,22 @@ async fn card(
         }
         // Missed too long ago: retention removed what would be sent. Said,
         // so they do not vanish from the admin's view unsaid.
-        let too_old = st.store.missed_too_old(&c.id, &m.document_kinds).await?;
+        let (too_old, old_docs) = st
+            .store
+            .missed_too_old(&c.id, &m.document_kinds, MISSED_SHOWN)
+            .await?;
         if too_old > 0 {
             let name = esc(&m.name);
+            let numbers = old_docs
+                .iter()
+                .map(|d| esc(&d.number))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = if too_old > old_docs.len() as i64 {
+                format!(" and {} more", too_old - old_docs.len() as i64)
+            } else {
+                String::new()
+            };
             let (n, were, its, they, belong) = if too_old == 1 {
                 ("1 document".to_string(), "was", "its", "it", "it belongs")
             } else {
@@ -1030,7 +1043,7 @@ async fn card(
                 )
             };
             card.push_str(&format!(
-                "<p class=\"missed-old\" id=\"{}\" data-count=\"{too_old}\">{n} issued while {name} was disconnected {were} never sent to it, and {its} content has since been removed (the retention period), so {they} can no longer be sent from here. If {belong} in {name}, enter {they} there by hand.</p>",
+                "<p class=\"missed-old\" id=\"{}\" data-count=\"{too_old}\">{n} issued while {name} was disconnected ({numbers}{more}) {were} never sent to it, and {its} content has since been removed (the retention period), so {they} can no longer be sent from here. If {belong} in {name}, enter {they} there by hand.</p>",
                 el("missed_old"),
             ));
         }

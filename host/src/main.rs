@@ -1187,8 +1187,9 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                 }
             };
             if !send {
-                let too_old = match store.missed_too_old(&conn.id, &kinds).await {
-                    Ok(n) => n,
+                let (too_old, old_docs) = match store.missed_too_old(&conn.id, &kinds, limit).await
+                {
+                    Ok(t) => t,
                     Err(e) => {
                         eprintln!("error: {e}");
                         return ExitCode::from(3);
@@ -1199,7 +1200,7 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                         if json {
                             println!(
                                 "{}",
-                                serde_json::json!({ "count": count, "documents": docs, "too_old": too_old })
+                                serde_json::json!({ "count": count, "documents": docs, "too_old": too_old, "too_old_documents": old_docs })
                             );
                         } else {
                             println!(
@@ -1207,8 +1208,15 @@ async fn deliveries(cmd: DeliveriesCommand, json: bool) -> ExitCode {
                             );
                             if too_old > 0 {
                                 println!(
-                                    "{too_old} other(s) issued while {connector} was disconnected cannot be sent any more: their content was removed by retention (retention.delivered_days)"
+                                    "{too_old} other(s) issued while {connector} was disconnected cannot be sent any more: their content was removed by retention (retention.delivered_days){}",
+                                    if old_docs.is_empty() { "" } else { ":" }
                                 );
+                                for d in &old_docs {
+                                    println!(
+                                        "  {:<24} {:<16} {:<12} (content removed)",
+                                        d.id, d.number, d.kind
+                                    );
+                                }
                             }
                             for d in &docs {
                                 println!(

@@ -1226,6 +1226,7 @@ async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
         (json!(0), json!(1)),
         "{v}"
     );
+    assert_eq!(v["too_old_documents"][0]["number"], "INV-acme-0005", "{v}");
     let html = page().await;
     assert!(!html.contains("id=\"missed\""), "{html}");
     assert!(
@@ -1233,5 +1234,6 @@ async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
         "{html}"
     );
     assert!(html.contains("can no longer be sent"), "{html}");
+    assert!(html.contains("(INV-acme-0005)"), "names it: {html}");
     p.stop().await;
 }

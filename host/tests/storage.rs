@@ -2470,15 +2470,18 @@ async fn documents_missed_while_disconnected_are_offered_and_sent_once(db: TestD
         .await
         .unwrap();
     assert_eq!(missed(&both_kinds).await, ["old", "old-cn", "new"]);
-    assert_eq!(s.missed_too_old(&c, &both_kinds).await.unwrap(), 0);
+    assert_eq!(s.missed_too_old(&c, &both_kinds, 10).await.unwrap().0, 0);
     s.purge_delivered(50_000).await.unwrap();
     assert_eq!(missed(&both_kinds).await, ["new"]);
     // ... but counted, so the admin is told they will not come; only
     // those of kinds the connector takes, received since the first
     // disconnect ("before" was emptied too, and the delivered ones).
-    assert_eq!(s.missed_too_old(&c, &both_kinds).await.unwrap(), 2);
-    assert_eq!(s.missed_too_old(&c, &invoices).await.unwrap(), 1);
-    assert_eq!(s.missed_too_old(&c, &[]).await.unwrap(), 0);
+    let (n, old) = s.missed_too_old(&c, &both_kinds, 1).await.unwrap();
+    assert_eq!(n, 2);
+    let numbers: Vec<&str> = old.iter().map(|d| d.number.as_str()).collect();
+    assert_eq!(numbers, ["old"], "oldest first, limited");
+    assert_eq!(s.missed_too_old(&c, &invoices, 10).await.unwrap().0, 1);
+    assert_eq!(s.missed_too_old(&c, &[], 10).await.unwrap().0, 0);
     assert_eq!(
         s.send_missed("no-such-connection", &both_kinds, None, 61_000)
             .await

@@ -127,11 +127,22 @@ impl Store {
         kinds: &[String],
         limit: i64,
     ) -> Result<(i64, Vec<MissedDocument>), StoreError> {
+        self.missed_page(connection_id, kinds, limit, true).await
+    }
+
+    /// [`Store::missed_documents`] (`kept`) or [`Store::missed_too_old`].
+    async fn missed_page(
+        &self,
+        connection_id: &str,
+        kinds: &[String],
+        limit: i64,
+        kept: bool,
+    ) -> Result<(i64, Vec<MissedDocument>), StoreError> {
         if kinds.is_empty() {
             return Ok((0, Vec::new()));
         }
-        let count_sql = missed_sql("COUNT(*)", kinds.len(), None, "");
-        let page_sql = missed_sql(
+        let count_sql = missed_sql_kept("COUNT(*)", kinds.len(), None, "", kept);
+        let page_sql = missed_sql_kept(
             "doc.id, doc.number, doc.kind, doc.received_at",
             kinds.len(),
             None,
@@ -139,6 +150,7 @@ impl Store {
                 " ORDER BY doc.received_at, doc.id LIMIT ${}",
                 kinds.len() + 4
             ),
+            kept,
         );
         on_pool!(self, p => {
             let mut c = p.acquire().await?;
@@ -164,33 +176,18 @@ impl Store {
         })
     }
 
-    /// How many documents connection `connection_id` missed that can no
-    /// longer be sent: retention removed their bodies (they had no
-    /// delivery, and were older than `retention.delivered_days`). Told to
-    /// the admin beside the missed ones, so they do not vanish unsaid.
+    /// The documents connection `connection_id` missed that can no longer
+    /// be sent, counted and the oldest `limit` of them: retention removed
+    /// their bodies (they had no delivery, and were older than
+    /// `retention.delivered_days`). Told to the admin beside the missed
+    /// ones, with their numbers, so they do not vanish unsaid.
     pub async fn missed_too_old(
         &self,
         connection_id: &str,
         kinds: &[String],
-    ) -> Result<i64, StoreError> {
-        if kinds.is_empty() {
-            return Ok(0);
-        }
-        let sql = missed_sql_kept("COUNT(*)", kinds.len(), None, "", false);
-        on_pool!(self, p => {
-            let mut c = p.acquire().await?;
-            let Some((tenant, _, _, Some(since))) = scope_of!(c, connection_id, "") else {
-                return Ok(0);
-            };
-            let mut q = sqlx::query_scalar::<_, i64>(&sql)
-                .bind(&tenant)
-                .bind(since)
-                .bind(connection_id);
-            for k in kinds {
-                q = q.bind(k);
-            }
-            Ok(q.fetch_one(&mut *c).await?)
-        })
+        limit: i64,
+    ) -> Result<(i64, Vec<MissedDocument>), StoreError> {
+        self.missed_page(connection_id, kinds, limit, false).await
     }
 
     /// Send what connection `connection_id` missed: a pending delivery for
