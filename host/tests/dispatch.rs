@@ -892,6 +892,18 @@ async fn a_switch_of_organisation_holds_deliveries_on_postgres() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_documents_on_sqlite() {
+    documents_missed_while_disconnected_are_sent_when_the_admin_says(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_documents_on_postgres() {
+    if let Some(db) = TestDb::postgres().await {
+        documents_missed_while_disconnected_are_sent_when_the_admin_says(db).await;
+    }
+}
+
 /// A notice the SMTP server refuses for good (an unknown mailbox: 550) is
 /// not retried every five minutes for ever: with other addresses it goes
 /// to them one by one; with none that works it is retried for about a day
@@ -993,11 +1005,11 @@ async fn a_notice_refused_for_good_goes_to_the_good_addresses_or_is_given_up() {
 /// Documents issued while Xero was disconnected are kept but not sent, and
 /// not sent by reconnecting either: the admin API and the Integrations
 /// page show them and send them when the admin says so (some by id, then
-/// the rest from the page), each once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn documents_missed_while_disconnected_are_sent_when_the_admin_says() {
+/// the rest from the page), each once. Documents past retention are named
+/// but not offered.
+async fn documents_missed_while_disconnected_are_sent_when_the_admin_says(db: TestDb) {
     use ledgerport::store::admin::KeyScope;
-    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    let p = Pipeline::start(db, 1, SimConfig::default()).await;
     p.tenant("acme", DEFAULT_TENANT_TRADING).await;
     let (_, key) = p
         .d()
