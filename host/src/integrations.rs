@@ -907,6 +907,22 @@ fn log_filters(
     out
 }
 
+/// The numbers of the `shown` documents of `count`, escaped and joined,
+/// and " and N more" for the rest (empty when all are shown).
+fn named(shown: &[crate::store::missed::MissedDocument], count: i64) -> (String, String) {
+    let numbers = shown
+        .iter()
+        .map(|d| esc(&d.number))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = if count > shown.len() as i64 {
+        format!(" and {} more", count - shown.len() as i64)
+    } else {
+        String::new()
+    };
+    (numbers, more)
+}
+
 /// One connector's card: status and organisation, Connect while not
 /// active, the menu once there is a connection, and the settings form.
 async fn card(
@@ -983,16 +999,7 @@ async fn card(
             .missed_documents(&c.id, &m.document_kinds, MISSED_SHOWN)
             .await?;
         if count > 0 {
-            let numbers = docs
-                .iter()
-                .map(|d| esc(&d.number))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let more = if count > docs.len() as i64 {
-                format!(" and {} more", count - docs.len() as i64)
-            } else {
-                String::new()
-            };
+            let (numbers, more) = named(&docs, count);
             let name = esc(&m.name);
             let (n, were, them) = if count == 1 {
                 ("1 document".to_string(), "was", "it")
@@ -1021,16 +1028,7 @@ async fn card(
             .await?;
         if too_old > 0 {
             let name = esc(&m.name);
-            let numbers = old_docs
-                .iter()
-                .map(|d| esc(&d.number))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let more = if too_old > old_docs.len() as i64 {
-                format!(" and {} more", too_old - old_docs.len() as i64)
-            } else {
-                String::new()
-            };
+            let (numbers, more) = named(&old_docs, too_old);
             let (n, were, its, they, belong) = if too_old == 1 {
                 ("1 document".to_string(), "was", "its", "it", "it belongs")
             } else {

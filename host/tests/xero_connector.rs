@@ -389,16 +389,9 @@ async fn unmapped_kinds_are_all_named_before_anything_is_written() {
     assert!(e.sim.requests(0).is_empty(), "nothing may reach Xero");
 }
 
+/// Create a contact in the simulator (PUT), as the admin would in Xero.
 async fn sim_put_contact(e: &Env, body: Value) {
-    let resp = reqwest::Client::new()
-        .put(format!("{}/api.xro/2.0/Contacts", e.sim.base_url()))
-        .bearer_auth(&e.token)
-        .header("xero-tenant-id", DEFAULT_TENANT_TRADING.to_string())
-        .json(&serde_json::json!({"Contacts": [body]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    sim_contact(e, reqwest::Method::PUT, "", body).await;
 }
 
 #[tokio::test]
@@ -477,8 +470,9 @@ async fn a_contact_create_refused_in_a_race_is_retried_under_a_new_key() {
             {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            sim_post_contact(
+            sim_contact(
                 &e,
+                reqwest::Method::POST,
                 "",
                 serde_json::json!({"Name": "Globe EOR Services Ltd", "ContactNumber": "someone-else"}),
             )
@@ -498,8 +492,9 @@ async fn a_contact_create_refused_in_a_race_is_retried_under_a_new_key() {
         );
         e.sim.clear_faults();
         if renamed {
-            sim_post_contact(
+            sim_contact(
                 &e,
+                reqwest::Method::POST,
                 &other,
                 serde_json::json!({"ContactID": other, "Name": "Someone Else Ltd"}),
             )
@@ -533,38 +528,41 @@ async fn a_contact_create_refused_in_a_race_is_retried_under_a_new_key() {
     }
 }
 
-/// Create (no id) or update a contact in the simulator as the admin would
-/// in Xero; returns its id.
-async fn sim_post_contact(e: &Env, id: &str, body: Value) -> String {
+/// Send a contact to the simulator as the admin would in Xero: `PUT`
+/// creates, `POST` creates (no `id`) or updates contact `id`. Returns its id.
+async fn sim_contact(e: &Env, method: reqwest::Method, id: &str, body: Value) -> String {
     let path = if id.is_empty() {
         String::new()
     } else {
         format!("/{id}")
     };
     let resp = reqwest::Client::new()
-        .post(format!("{}/api.xro/2.0/Contacts{path}", e.sim.base_url()))
+        .request(
+            method,
+            format!("{}/api.xro/2.0/Contacts{path}", e.sim.base_url()),
+        )
         .bearer_auth(&e.token)
         .header("xero-tenant-id", DEFAULT_TENANT_TRADING.to_string())
         .json(&serde_json::json!({"Contacts": [body]}))
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    let v: Value = resp.json().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
     v["Contacts"][0]["ContactID"].as_str().unwrap().to_string()
 }
 
 /// Set a contact's status in the simulator, as the admin would in Xero.
 async fn sim_contact_status(e: &Env, id: &str, status: &str) {
-    let resp = reqwest::Client::new()
-        .post(format!("{}/api.xro/2.0/Contacts/{id}", e.sim.base_url()))
-        .bearer_auth(&e.token)
-        .header("xero-tenant-id", DEFAULT_TENANT_TRADING.to_string())
-        .json(&serde_json::json!({"Contacts": [{"ContactID": id, "ContactStatus": status}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    sim_contact(
+        e,
+        reqwest::Method::POST,
+        id,
+        serde_json::json!({"ContactID": id, "ContactStatus": status}),
+    )
+    .await;
 }
 
 /// The admin archives our supplier contact in Xero (Xero then refuses new

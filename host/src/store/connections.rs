@@ -302,6 +302,54 @@ pub struct PendingPick {
     pub pick_expires_at: i64,
 }
 
+/// A stored organisation pick as read, its tokens still encrypted.
+#[derive(sqlx::FromRow)]
+struct PickRow {
+    pick_hash: String,
+    tenant_id: String,
+    connector_id: String,
+    admin: String,
+    scopes: String,
+    auth_event_id: Option<String>,
+    organisations: String,
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_at: i64,
+    pick_expires_at: i64,
+}
+
+/// The columns of a [`PickRow`].
+const PICK_COLUMNS: &str = "pick_hash, tenant_id, connector_id, admin, scopes, auth_event_id, \
+                            organisations, access_token, refresh_token, expires_at, pick_expires_at";
+
+impl PickRow {
+    /// The pick, its organisations parsed and its tokens decrypted.
+    fn decode(self, keys: &KeyRing) -> Result<PendingPick, StoreError> {
+        let organisations: Vec<Organisation> = serde_json::from_str(&self.organisations)
+            .map_err(|e| StoreError::Conflict(format!("stored organisations unreadable: {e}")))?;
+        let access_token =
+            keys.decrypt(&self.access_token, &ctx_pending_access(&self.pick_hash))?;
+        let refresh_token = match &self.refresh_token {
+            Some(r) => Some(keys.decrypt(r, &ctx_pending_refresh(&self.pick_hash))?),
+            None => None,
+        };
+        Ok(PendingPick {
+            tenant_id: self.tenant_id,
+            connector_id: self.connector_id,
+            admin: self.admin,
+            scopes: self.scopes.split_whitespace().map(String::from).collect(),
+            auth_event_id: self.auth_event_id,
+            organisations,
+            tokens: TokenSet {
+                access_token,
+                refresh_token,
+                expires_at: self.expires_at,
+            },
+            pick_expires_at: self.pick_expires_at,
+        })
+    }
+}
+
 /// Encryption context of a connection's access token.
 pub fn ctx_access(connection_id: &str) -> String {
     format!("connection_tokens.access:{connection_id}")
@@ -1210,26 +1258,12 @@ impl Store {
         now: i64,
         consume: bool,
     ) -> Result<Option<PendingPick>, StoreError> {
-        type PickRow = (
-            String,
-            String,
-            String,
-            String,
-            Option<String>,
-            String,
-            String,
-            Option<String>,
-            i64,
-            i64,
-        );
-        let cols = "tenant_id, connector_id, admin, scopes, auth_event_id, organisations, \
-                    access_token, refresh_token, expires_at, pick_expires_at";
         let row: Option<PickRow> = if consume {
             on_pool!(self, p => {
                 sqlx::query_as(&format!(
                     "UPDATE oauth_pending SET used_at = $2
                      WHERE pick_hash = $1 AND used_at IS NULL AND pick_expires_at > $2
-                     RETURNING {cols}"
+                     RETURNING {PICK_COLUMNS}"
                 ))
                 .bind(pick_hash)
                 .bind(now)
@@ -1239,7 +1273,7 @@ impl Store {
         } else {
             on_pool!(self, p => {
                 sqlx::query_as(&format!(
-                    "SELECT {cols} FROM oauth_pending
+                    "SELECT {PICK_COLUMNS} FROM oauth_pending
                      WHERE pick_hash = $1 AND used_at IS NULL AND pick_expires_at > $2"
                 ))
                 .bind(pick_hash)
@@ -1248,42 +1282,7 @@ impl Store {
                 .await?
             })
         };
-        let Some((
-            tenant_id,
-            connector_id,
-            admin,
-            scopes,
-            auth_event_id,
-            orgs,
-            access,
-            refresh,
-            expires_at,
-            pick_expires_at,
-        )) = row
-        else {
-            return Ok(None);
-        };
-        let organisations: Vec<Organisation> = serde_json::from_str(&orgs)
-            .map_err(|e| StoreError::Conflict(format!("stored organisations unreadable: {e}")))?;
-        let access_token = keys.decrypt(&access, &ctx_pending_access(pick_hash))?;
-        let refresh_token = match refresh {
-            Some(r) => Some(keys.decrypt(&r, &ctx_pending_refresh(pick_hash))?),
-            None => None,
-        };
-        Ok(Some(PendingPick {
-            tenant_id,
-            connector_id,
-            admin,
-            scopes: scopes.split_whitespace().map(String::from).collect(),
-            auth_event_id,
-            organisations,
-            tokens: TokenSet {
-                access_token,
-                refresh_token,
-                expires_at,
-            },
-            pick_expires_at,
-        }))
+        row.map(|r| r.decode(keys)).transpose()
     }
 
     /// Take (delete and return) up to `limit` picks that expired unused
@@ -1301,77 +1300,28 @@ impl Store {
         now: i64,
         limit: i64,
     ) -> Result<(usize, Vec<PendingPick>), StoreError> {
-        type Row = (
-            String,
-            String,
-            String,
-            String,
-            String,
-            Option<String>,
-            String,
-            String,
-            Option<String>,
-            i64,
-            i64,
-        );
-        let rows: Vec<Row> = on_pool!(self, p => sqlx::query_as(
+        let rows: Vec<PickRow> = on_pool!(self, p => sqlx::query_as(&format!(
             "DELETE FROM oauth_pending WHERE pick_hash IN (
                SELECT pick_hash FROM oauth_pending
                WHERE used_at IS NULL AND pick_expires_at < $1
                ORDER BY pick_expires_at LIMIT $2)
              AND used_at IS NULL
-             RETURNING pick_hash, tenant_id, connector_id, admin, scopes, auth_event_id,
-               organisations, access_token, refresh_token, expires_at, pick_expires_at",
-        )
+             RETURNING {PICK_COLUMNS}"
+        ))
         .bind(now)
         .bind(limit)
         .fetch_all(p)
         .await?);
         let taken = rows.len();
         let mut out = Vec::new();
-        for (
-            h,
-            tenant_id,
-            connector_id,
-            admin,
-            scopes,
-            auth_event_id,
-            orgs,
-            access,
-            refresh,
-            expires_at,
-            pick_expires_at,
-        ) in rows
-        {
-            let tokens = keys
-                .decrypt(&access, &ctx_pending_access(&h))
-                .and_then(|a| {
-                    let r = match refresh {
-                        Some(r) => Some(keys.decrypt(&r, &ctx_pending_refresh(&h))?),
-                        None => None,
-                    };
-                    Ok((a, r))
-                });
-            let organisations = serde_json::from_str::<Vec<Organisation>>(&orgs);
-            let (Ok((access_token, refresh_token)), Ok(organisations)) = (tokens, organisations)
-            else {
-                tracing::warn!(tenant = %tenant_id, "an abandoned pick could not be read (its key retired?); dropped without removing its links");
-                continue;
-            };
-            out.push(PendingPick {
-                tenant_id,
-                connector_id,
-                admin,
-                scopes: scopes.split_whitespace().map(String::from).collect(),
-                auth_event_id,
-                organisations,
-                tokens: TokenSet {
-                    access_token,
-                    refresh_token,
-                    expires_at,
-                },
-                pick_expires_at,
-            });
+        for row in rows {
+            let tenant = row.tenant_id.clone();
+            match row.decode(keys) {
+                Ok(pick) => out.push(pick),
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant, error = %e, "an abandoned pick could not be read (its key retired?); dropped without removing its links")
+                }
+            }
         }
         Ok((taken, out))
     }

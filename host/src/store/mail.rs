@@ -72,12 +72,7 @@ impl From<MailRow> for MailEntry {
         MailEntry {
             id: r.id,
             tenant_id: r.tenant_id,
-            recipients: r
-                .recipients
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect(),
+            recipients: super::outbox::split_recipients(&r.recipients),
             subject: r.subject,
             created_at: r.created_at,
             attempts: r.attempts,

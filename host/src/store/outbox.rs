@@ -1425,7 +1425,7 @@ impl Store {
             Ok(Some(OutgoingMail {
                 id: r.try_get("id")?,
                 tenant_id: r.try_get("tenant_id")?,
-                recipients: r.try_get::<String, _>("recipients")?.split(',').filter(|s| !s.is_empty()).map(String::from).collect(),
+                recipients: split_recipients(&r.try_get::<String, _>("recipients")?),
                 subject: r.try_get("subject")?,
                 text_body: r.try_get("text_body")?,
                 html_body: r.try_get("html_body")?,
@@ -1621,6 +1621,15 @@ fn hold_key(connection_id: &str) -> String {
 
 /// Queue a mail: id, tenant, incident, recipients, subject, text, html, now.
 const INSERT_MAIL: &str = "INSERT INTO mail_outbox (id, tenant_id, incident_id, recipients, subject, text_body, html_body, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
+
+/// A mail's stored recipients (comma-separated) as a list.
+pub(crate) fn split_recipients(stored: &str) -> Vec<String> {
+    stored
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
 
 /// Lease the oldest due mail (`$1` now, `$2` the lease's end); `lock` is
 /// PostgreSQL's row lock clause. The outer conditions repeat the inner
