@@ -24,8 +24,8 @@ use crate::crypto::{KeyRing, random_token, sha256_hex};
 use crate::oauth::{OAuthError, Providers};
 use crate::runtime::{CallContext, Plugin, Runtime};
 use crate::store::{
-    Connection, ConnectionEvent, ConnectionState, NewConnection, Organisation, PendingPick, Store,
-    StoreError, TokenSet,
+    Connection, ConnectionEvent, NewConnection, Organisation, PendingPick, Store, StoreError,
+    TokenSet,
 };
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -881,23 +881,9 @@ impl Connections {
             return;
         }
         let now = self.clock.now_secs();
-        let in_use = match (
-            self.store.connections(None).await,
-            self.store.open_pick_organisations(now).await,
-        ) {
-            (Ok(all), Ok(offered)) => all
-                .into_iter()
-                .filter(|c| c.state != ConnectionState::Disconnected)
-                .flat_map(|c| [c.external_tenant_id, c.external_connection_id])
-                .flatten()
-                .chain(
-                    offered
-                        .into_iter()
-                        .flat_map(|o| [Some(o.tenant_id), o.connection_id])
-                        .flatten(),
-                )
-                .collect::<std::collections::HashSet<String>>(),
-            (Err(e), _) | (_, Err(e)) => {
+        let in_use = match self.store.organisations_in_use(now, None).await {
+            Ok(set) => set,
+            Err(e) => {
                 tracing::warn!(error = %e, "the links to organisations not picked were kept: the store could not say which are in use");
                 return;
             }

@@ -438,12 +438,42 @@ impl TokenManager {
                     }
                 }
                 if let Some(link) = &conn.external_connection_id {
-                    match p.delete_connection(&s.tokens.access_token, link).await {
-                        Ok(removed) => report.organisation_link_removed = removed,
-                        Err(e) => report.problems.push(disconnect_problem(
-                            "The link to the organisation was not removed",
-                            &e,
-                        )),
+                    // One provider user may have connected this organisation
+                    // for another tenant here too, and the provider may hand
+                    // back the same link: removing it would cut that tenant
+                    // off. The refresh token is this connection's alone.
+                    let kept = match self
+                        .store
+                        .organisations_in_use(self.clock.now_secs(), Some(&conn.id))
+                        .await
+                    {
+                        Ok(in_use)
+                            if in_use.contains(link)
+                                || conn
+                                    .external_tenant_id
+                                    .as_ref()
+                                    .is_some_and(|o| in_use.contains(o)) =>
+                        {
+                            Some("another connection here uses the same organisation")
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(connection = %conn.id, error = %e, "the organisation link was kept: the store could not say whether another connection uses it");
+                            Some("whether another connection here uses it could not be read")
+                        }
+                    };
+                    if let Some(why) = kept {
+                        report
+                            .problems
+                            .push(format!("the link to the organisation was kept: {why}"));
+                    } else {
+                        match p.delete_connection(&s.tokens.access_token, link).await {
+                            Ok(removed) => report.organisation_link_removed = removed,
+                            Err(e) => report.problems.push(disconnect_problem(
+                                "The link to the organisation was not removed",
+                                &e,
+                            )),
+                        }
                     }
                 }
                 if let Some(rt) = &s.tokens.refresh_token {

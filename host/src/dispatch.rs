@@ -476,6 +476,7 @@ impl Dispatcher {
                 }
             }
             let got = claimed.len();
+            let claimed_at = Instant::now();
             // What these deliveries' calls need, read for the batch at once
             // (a failure here only means each reads its own).
             let ahead: HashMap<String, Arc<CallData>> = if claimed.is_empty() {
@@ -503,32 +504,30 @@ impl Dispatcher {
                     held: std::sync::Mutex::new(Some(permit)),
                 });
                 let me = self.clone();
-                let w = working.clone();
-                w.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(c.id.clone(), c.lease.clone());
+                let entry = WorkingEntry::new(&working, &c.id, &c.lease);
                 let data = ahead.get(&c.connection_id).cloned();
                 in_flight.spawn(async move {
-                    let id = c.id.clone();
-                    me.work(c, slot, data).await;
-                    w.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    me.work(c, slot, data, entry, claimed_at).await;
                     drop(instance);
                 });
             }
-            while in_flight.try_join_next().is_some() {}
+            while let Some(r) = in_flight.try_join_next() {
+                log_join(r);
+            }
             if got == 0 || free() == 0 {
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.config.poll) => {}
                     _ = shutdown.changed() => {}
-                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    Some(r) = in_flight.join_next(), if !in_flight.is_empty() => {
+                        log_join(r);
                         // Claim in batches: a claim is a write transaction,
                         // and one per finished delivery cost more than a
                         // short wait for a few more to finish.
                         let until = tokio::time::Instant::now() + CLAIM_GATHER;
                         while free() < claim_batch {
                             match tokio::time::timeout_at(until, in_flight.join_next()).await {
-                                Ok(Some(_)) => {}
+                                Ok(Some(r)) => log_join(r),
                                 _ => break,
                             }
                         }
@@ -697,8 +696,43 @@ impl Dispatcher {
         )
     }
 
-    /// One claimed delivery, start to finish.
-    async fn work(&self, c: Claimed, slot: Arc<Slot>, ahead: Option<Arc<CallData>>) {
+    /// One claimed delivery, start to finish. `entry` marks it running
+    /// here until its outcome goes to the store; `claimed_at` is when its
+    /// lease was taken.
+    async fn work(
+        &self,
+        c: Claimed,
+        slot: Arc<Slot>,
+        ahead: Option<Arc<CallData>>,
+        entry: WorkingEntry,
+        claimed_at: Instant,
+    ) {
+        // A claimed delivery may wait for a running slot (parked deliveries
+        // resuming take the slots first). Its lease was not renewed while
+        // it waited: past a third of it, renew before calling the
+        // connector, and leave it if another daemon has taken it meanwhile
+        // (it would be sent twice, with only the idempotency key to save
+        // it). A fresh claim costs no write.
+        let lease = self.config.lease;
+        if claimed_at.elapsed() >= lease / 3 {
+            match self
+                .store
+                .renew_lease(&c.id, &c.lease, now_ms() + lease.as_millis() as i64)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(delivery = %c.id, "the lease lapsed while the delivery waited for a slot and another worker owns it; left to it");
+                    entry.done();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(delivery = %c.id, error = %e, "renewing a lease that waited for a slot failed; left for its lease to lapse");
+                    entry.done();
+                    return;
+                }
+            }
+        }
         let started = now_ms();
         let clock = Instant::now();
         // Renew the lease while working.
@@ -733,6 +767,10 @@ impl Dispatcher {
         let renew = AbortOnDrop(renew);
         let f = self.attempt(&c, slot, ahead).await;
         drop(renew);
+        // No longer released at a shutdown: once its outcome is queued for
+        // the store, a release written beside it could land first and the
+        // outcome would be lost (its lease no longer matching).
+        entry.done();
         let now = now_ms();
         {
             {
@@ -1117,7 +1155,15 @@ impl Dispatcher {
             }
             Err(call_err) => {
                 crate::metrics::delivery("crashed");
-                self.transient(c, format!("the connector failed: {call_err}"), now)
+                // Cleaned like an answer: a trap's message carries the
+                // guest's last output, which a NUL would make unstorable on
+                // PostgreSQL (the outcome never written, the delivery run
+                // again every lease).
+                let message = crate::runtime::clean::text(
+                    &format!("the connector failed: {call_err}"),
+                    crate::runtime::clean::MAX_TEXT,
+                );
+                self.transient(c, message, now)
             }
         }
     }
@@ -1391,6 +1437,61 @@ impl Dispatcher {
 }
 
 /// Aborts its task when dropped.
+/// A delivery running on this daemon, in the dispatcher's `working` map
+/// (excluded from claims of lapsed leases; its lease released at a
+/// shutdown) until [`WorkingEntry::done`], called when its outcome is about
+/// to be written, or until its task panics. A task aborted at shutdown
+/// keeps its entry, so its lease is released.
+struct WorkingEntry {
+    map: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    id: String,
+}
+
+impl WorkingEntry {
+    fn new(map: &Arc<std::sync::Mutex<HashMap<String, String>>>, id: &str, lease: &str) -> Self {
+        map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), lease.to_string());
+        Self {
+            map: map.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    fn remove(&self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+
+    /// No longer running here.
+    fn done(self) {
+        self.remove();
+    }
+}
+
+impl Drop for WorkingEntry {
+    fn drop(&mut self) {
+        // A panic: nothing will write its outcome; its lease lapses and it
+        // may be claimed again. Not unwinding: dropped by a shutdown's
+        // abort, and kept for the release.
+        if std::thread::panicking() {
+            self.remove();
+        }
+    }
+}
+
+/// Log a delivery task that panicked (its delivery is retried once its
+/// lease lapses).
+fn log_join(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "a delivery task panicked; the delivery is retried once its lease lapses");
+    }
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

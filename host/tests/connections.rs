@@ -294,6 +294,61 @@ async fn an_organisation_not_picked_but_used_by_another_tenant_keeps_its_link() 
     assert_eq!(kept, [DEFAULT_TENANT_HOLDINGS]);
 }
 
+/// Two tenants here connected to the same organisation (one Xero user may
+/// connect it for both, and Xero may hand back the same link): one tenant
+/// disconnecting revokes its own grant but keeps the organisation's link,
+/// and says so; the other keeps delivering. The last one to go removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_keeps_the_link_another_tenant_uses() {
+    let db = TestDb::sqlite();
+    let (sim, d) = setup(&db).await;
+    d.store
+        .upsert_tenant("globex", "Globex", &[], 1)
+        .await
+        .unwrap();
+    let globex = connect_tenant(&sim, &d, "globex", DEFAULT_TENANT_HOLDINGS).await;
+    let acme = connect_tenant(&sim, &d, "acme", DEFAULT_TENANT_HOLDINGS).await;
+    let deletes = |since: u64| {
+        sim.requests(since)
+            .into_iter()
+            .filter(|r| r.method == "DELETE" && r.uri.starts_with("/connections/"))
+            .count()
+    };
+    let seq = sim.requests(0).last().map_or(0, |r| r.seq);
+    let report = d.conns.disconnect(&acme.id, ADMIN).await.unwrap();
+    assert!(report.token_revoked, "{report:?}");
+    assert!(!report.organisation_link_removed, "{report:?}");
+    assert_eq!(deletes(seq), 0, "no link was deleted at the provider");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("link to the organisation was kept")),
+        "{report:?}"
+    );
+    let g = grant_of(&sim, &acme);
+    assert!(g.revoked, "acme's own grant is revoked: {g:?}");
+    let kept = grant_of(&sim, &globex);
+    assert!(!kept.revoked);
+    assert_eq!(
+        kept.connections
+            .iter()
+            .map(|x| x.tenant_id)
+            .collect::<Vec<_>>(),
+        [DEFAULT_TENANT_HOLDINGS]
+    );
+    assert!(d.conns.tokens().bearer(&globex.id).await.is_ok());
+
+    // Globex, the last one here on Holdings, removes the link.
+    let seq = sim.requests(0).last().map_or(0, |r| r.seq);
+    let report = d.conns.disconnect(&globex.id, ADMIN).await.unwrap();
+    assert!(
+        report.organisation_link_removed && report.token_revoked && report.problems.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(deletes(seq), 1);
+}
+
 /// The admin consents to two organisations and never picks one (closes the
 /// tab). Once the pick has expired, the daemon removes the grant's links at
 /// the provider, except the one to an organisation another tenant here is

@@ -386,6 +386,20 @@ async fn hostile_connectors_are_contained() {
     assert!(matches!(e, CallError::Trap { .. }), "{e}");
     assert!(e.to_string().contains("panicked on purpose"), "{e}");
     still_works(&rt, &plugin).await;
+    // Its last output is in the message without control characters (a NUL
+    // made the outcome unstorable on PostgreSQL: the delivery ran again
+    // every lease for ever, never counted, never failed).
+    let e = rt
+        .deliver(
+            &plugin,
+            &context("t", &[]),
+            delivery("d"),
+            invoice("nul-panic"),
+        )
+        .await
+        .unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("Xero said no") && !m.contains('\0'), "{m:?}");
 
     // Disallowed host: refused by the host, nothing reaches the listener.
     let before = listener.count();

@@ -2304,6 +2304,75 @@ async fn a_connect_started_on_the_page_completes_only_in_that_browser() {
     assert!(body.contains("id=\"connected\""), "{body}");
 }
 
+/// A tenant key revoked (leaked, say) ends the connects begun with it and
+/// not finished: the consent comes back refused, naming `state`, and no
+/// connection is made. A connect begun afterwards with another key of the
+/// tenant completes; revoking an unknown or already revoked key ends
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_key_ends_the_connects_it_began() {
+    let env = Env::start().await;
+    env.d
+        .store
+        .upsert_tenant("acme", "Acme Ltd", &[], 0)
+        .await
+        .unwrap();
+    env.sim.set_auto_approve(Some(vec![DEFAULT_TENANT_TRADING]));
+    let (leaked_id, leaked) = env
+        .d
+        .store
+        .issue_key(&KeyScope::Tenant("acme".into()), "leaked", 0)
+        .await
+        .unwrap();
+    let connect = |key: String| {
+        let env = &env;
+        async move {
+            let (s, v) = env
+                .call("POST", "/v1/admin/tenants/acme/connect/xero", &key, None)
+                .await;
+            assert_eq!(s, 200, "{v}");
+            url::Url::parse(v["authorize_url"].as_str().unwrap()).unwrap()
+        }
+    };
+    let begun = connect(leaked.clone()).await;
+    let now = chrono::Utc::now().timestamp();
+    assert!(env.d.store.revoke_key(&leaked_id, now).await.unwrap());
+    assert!(!env.d.store.revoke_key(&leaked_id, now).await.unwrap());
+    let b = storage_support::browser();
+    let callback = storage_support::authorize(&b, &env.sim, &begun, None).await;
+    let r = b.get(&callback).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("state"), "{body}");
+    assert!(
+        env.d
+            .store
+            .connection_for("acme", "xero")
+            .await
+            .unwrap()
+            .is_none(),
+        "connected through a revoked key's flow"
+    );
+    let (s, _) = env
+        .call("POST", "/v1/admin/tenants/acme/connect/xero", &leaked, None)
+        .await;
+    assert_eq!(s, 401, "the revoked key itself is refused");
+
+    let fresh = connect(env.key("acme").await).await;
+    let b = storage_support::browser();
+    let callback = storage_support::authorize(&b, &env.sim, &fresh, None).await;
+    let r = b.get(&callback).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    assert!(
+        env.d
+            .store
+            .connection_for("acme", "xero")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
 /// The customer removed the app from the organisation in Xero (Xero then
 /// answers 403): "Test connection" says to connect again *and* marks the
 /// connection needs-reauth (as a delivery would), so the card says why and

@@ -43,7 +43,12 @@ fn plugin_manifest() -> std::path::PathBuf {
 }
 
 async fn env() -> Env {
-    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    env_with(SimConfig::default()).await
+}
+
+/// An environment whose organisation (`DEFAULT_TENANT_TRADING`) is `cfg`'s.
+async fn env_with(cfg: SimConfig) -> Env {
+    let sim = Sim::start(cfg).await.unwrap();
     let grant = sim
         .issue_grant(GrantRequest {
             tenants: Some(vec![DEFAULT_TENANT_TRADING]),
@@ -1098,6 +1103,73 @@ async fn list_accounts_offers_active_bill_accounts_and_tax_rates_and_check_names
     let report = e.rt.check(&e.plugin, &e.ctx()).await.unwrap().unwrap();
     assert_eq!(report.organisation_name, "Acme Trading GmbH");
     assert!(report.details.iter().any(|d| d.contains("EUR")));
+}
+
+/// An Australian organisation keeps wages and superannuation on payroll
+/// account types (`WAGESEXPENSE`, `SUPERANNUATIONEXPENSE`) and what is
+/// withheld on payroll liabilities: those are where an employer-of-record
+/// bill's salary lines belong, so they are offered for mapping, and a bill
+/// posted to them is taken.
+#[tokio::test]
+async fn an_australian_organisations_payroll_accounts_are_offered_and_used() {
+    let mut cfg = SimConfig::default();
+    let org = cfg
+        .orgs
+        .iter_mut()
+        .find(|o| o.tenant_id == DEFAULT_TENANT_TRADING)
+        .unwrap();
+    org.name = "Acme Trading Pty Ltd".into();
+    org.base_currency = "AUD".into();
+    org.currencies = ["AUD", "EUR", "GBP", "USD"].map(String::from).to_vec();
+    org.country_code = "AU".into();
+    org.version = "AU".into();
+    let e = env_with(cfg).await;
+    let list =
+        e.rt.list_accounts(&e.plugin, &e.ctx())
+            .await
+            .unwrap()
+            .unwrap();
+    let ty = |code: &str| {
+        list.accounts
+            .iter()
+            .find(|a| a.code == code)
+            .map(|a| a.account_type.clone())
+    };
+    assert_eq!(ty("477").as_deref(), Some("WAGESEXPENSE"));
+    assert_eq!(ty("478").as_deref(), Some("SUPERANNUATIONEXPENSE"));
+    assert_eq!(ty("825").as_deref(), Some("PAYGLIABILITY"));
+    assert_eq!(ty("826").as_deref(), Some("SUPERANNUATIONLIABILITY"));
+    // The sample mappings put salaries on 477, contributions on 478.
+    e.deliver("dlv-au", sample("invoice.json")).await.unwrap();
+    let docs = e.docs();
+    let codes: Vec<&str> = docs.invoices[0]["LineItems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["AccountCode"].as_str())
+        .collect();
+    assert!(
+        codes.contains(&"477") && codes.contains(&"478"),
+        "{codes:?}"
+    );
+}
+
+/// A supplier name with spaces around it (Xero stores names trimmed) still
+/// finds the contact typed in by hand, rather than being refused as
+/// "already assigned" on every document.
+#[tokio::test]
+async fn spaces_around_the_supplier_name_do_not_defeat_the_look_up() {
+    let e = env().await;
+    sim_put_contact(&e, serde_json::json!({"Name": "Globe EOR Services Ltd"})).await;
+    let mut doc = sample("invoice.json");
+    doc.supplier.name = format!("  {} ", doc.supplier.name);
+    e.deliver("dlv-name-space", doc).await.unwrap();
+    let docs = e.docs();
+    assert_eq!(docs.contacts.len(), 1, "{:?}", docs.contacts);
+    assert_eq!(
+        docs.invoices[0]["Contact"]["ContactID"],
+        docs.contacts[0]["ContactID"]
+    );
 }
 
 /// Xero keeps no Reference on a supplier credit note ("ACCRECCREDIT

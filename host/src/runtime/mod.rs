@@ -815,7 +815,9 @@ impl Runtime {
                     }
                     other => other.to_string(),
                 };
-                let stderr = tail.stderr_tail(600);
+                // The guest's own bytes: without control characters (a NUL
+                // cannot be stored on PostgreSQL).
+                let stderr = clean::text(&tail.stderr_tail(600), 600);
                 if !stderr.trim().is_empty() {
                     message.push_str(": ");
                     message.push_str(stderr.trim());

@@ -88,9 +88,46 @@ impl Store {
     }
 
     /// Revoke a key. False when there was no such active key.
+    ///
+    /// What the key could have begun ends with it: its page sessions, and
+    /// the connections begun and not finished for the tenants it could act
+    /// for (a tenant key: its tenant's; an operator key: every tenant's),
+    /// as a sign-out does: a consent still open at the provider comes back
+    /// refused, an organisation picker is refused at once and its grant's
+    /// links are removed by the next purge. A leaked key, once revoked,
+    /// must not still finish connecting a tenant to someone else's
+    /// organisation. (Flows do not record the key that began them, so an
+    /// admin's flow begun with another key of the same tenant is ended too,
+    /// and is simply started again.)
     pub async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        let n = on_pool!(self, p => sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now).bind(id).execute(p).await?.rows_affected());
+        let n = on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            let scope: Option<(String, Option<String>)> = sqlx::query_as(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL RETURNING scope, tenant_id",
+            )
+            .bind(now)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            // The tenants whose unfinished flows end: None = every tenant.
+            let ends: Option<Option<String>> = match &scope {
+                Some((s, t)) if s == "tenant" => t.clone().map(Some),
+                Some((s, _)) if s == "operator" => Some(None),
+                _ => None,
+            };
+            if let Some(tenant) = ends {
+                sqlx::query("DELETE FROM oauth_states WHERE ($1 IS NULL OR tenant_id = $1) AND used_at IS NULL")
+                    .bind(&tenant).execute(&mut *tx).await?;
+                sqlx::query("UPDATE oauth_pending SET pick_expires_at = 0 WHERE ($1 IS NULL OR tenant_id = $1) AND used_at IS NULL")
+                    .bind(&tenant).execute(&mut *tx).await?;
+            }
+            if scope.is_some() {
+                sqlx::query("DELETE FROM page_sessions WHERE key_id = $1")
+                    .bind(id).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            u64::from(scope.is_some())
+        });
         Ok(n == 1)
     }
 

@@ -1343,6 +1343,33 @@ impl Store {
             .collect())
     }
 
+    /// The organisations and provider links in use here: those of every
+    /// connection not disconnected (`except` aside: the one being
+    /// disconnected), and those offered by picks still open at `now`. One
+    /// provider user may connect the same organisation for two tenants, and
+    /// the provider may hand back the same link for both: removing a link
+    /// in this set would cut another tenant off.
+    pub async fn organisations_in_use(
+        &self,
+        now: i64,
+        except: Option<&str>,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let all = self.connections(None).await?;
+        let offered = self.open_pick_organisations(now).await?;
+        Ok(all
+            .into_iter()
+            .filter(|c| c.state != ConnectionState::Disconnected && Some(c.id.as_str()) != except)
+            .flat_map(|c| [c.external_tenant_id, c.external_connection_id])
+            .flatten()
+            .chain(
+                offered
+                    .into_iter()
+                    .flat_map(|o| [Some(o.tenant_id), o.connection_id])
+                    .flatten(),
+            )
+            .collect())
+    }
+
     /// Delete states that expired before `before`, and picks that were
     /// used. Picks that expired unused are [`Store::take_abandoned_picks`]'s:
     /// their grants' links are removed at the provider before they are

@@ -280,7 +280,10 @@ impl Finish {
         ) {
             (state::PAUSED, Some("mapping"), _) => Some("paused-mapping"),
             (state::PAUSED, Some("reauth"), _) => Some("paused-reauth"),
-            (state::FAILED, _, "rejected") => Some("failed"),
+            // Refused before sending (a kind the connector does not take):
+            // a refusal, not retries given up; its detail says nothing was
+            // sent.
+            (state::FAILED, _, "rejected" | "not-accepted") => Some("failed"),
             (state::FAILED, _, _) => Some("retries-exhausted"),
             _ => None,
         }
@@ -1686,6 +1689,21 @@ pub fn delivery_id(tenant_id: &str, document_id: &str, connection_id: &str) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal before anything was sent (a kind the connector does not
+    /// take) is told as a refusal, not as "tried several times and kept
+    /// failing".
+    #[test]
+    fn a_kind_not_accepted_is_a_refusal_not_retries_given_up() {
+        let kind = |outcome: &str| Finish::failed(outcome, "m".into(), None, 0).incident_kind();
+        assert_eq!(kind("not-accepted"), Some("failed"));
+        assert_eq!(kind("rejected"), Some("failed"));
+        assert_eq!(kind("transient"), Some("retries-exhausted"));
+        assert_eq!(
+            Finish::wait("rate-limited", "m".into(), 0).incident_kind(),
+            None
+        );
+    }
 
     /// SQLite's plan for `sql`, one line per step.
     async fn plan(store: &Store, sql: &str) -> Vec<String> {

@@ -45,6 +45,14 @@ const BILL_ACCOUNT_TYPES: &[&str] = &[
     "EXPENSE",
     "OVERHEADS",
     "DIRECTCOSTS",
+    // Australian organisations' payroll accounts ("477 Wages and
+    // Salaries", "478 Superannuation" in Xero's default chart): where an
+    // employer-of-record bill's salary lines belong. Not in the OpenAPI
+    // enum, which lists only `PAYG`; named on Xero's Account Types page.
+    "WAGESEXPENSE",
+    "SUPERANNUATIONEXPENSE",
+    "SUPERANNUATIONLIABILITY",
+    "PAYGLIABILITY",
     "CURRLIAB",
     "LIABILITY",
     "TERMLIAB",
@@ -521,7 +529,9 @@ fn find_or_create_contact(
 ) -> Result<String, DeliveryError> {
     let supplier = &doc.supplier;
     let cache_key = contact_cache_key(doc);
-    let number = cut(&supplier.id, 50).to_string();
+    // Xero trims what it stores: a name or number with spaces around it
+    // would never be found again as it was sent.
+    let number = cut(supplier.id.trim(), 50).to_string();
     let by_number = api.get_json(&format!(
         "/Contacts?includeArchived=true&where={}",
         xero::encode(&format!("ContactNumber==\"{}\"", xero::quote(&number)))
@@ -536,7 +546,7 @@ fn find_or_create_contact(
         .iter()
         .find(|c| s(c, "ContactStatus") == "ARCHIVED")
         .map(|c| (s(c, "Name"), true));
-    let mut name = cut(&supplier.name, 255).to_string();
+    let mut name = cut(supplier.name.trim(), 255).to_string();
     if found.is_none() {
         // Xero compares strings as they are, but a contact's name is unique
         // whatever its case: "GLOBE EOR LTD" keyed in by hand is the same
@@ -573,7 +583,7 @@ fn find_or_create_contact(
             } else {
                 // Another contact already has this name: ours gets a name
                 // that says which supplier it is.
-                name = format!("{} ({number})", cut(&supplier.name, 200));
+                name = format!("{} ({number})", cut(supplier.name.trim(), 200));
                 log::info(format!(
                     "contact name {:?} is taken by an unrelated contact; using {name:?}",
                     supplier.name

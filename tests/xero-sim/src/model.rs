@@ -716,7 +716,59 @@ impl TenantData {
                 None,
             ),
         ];
-        let accounts: Vec<Account> = chart
+        // An Australian organisation's default chart keeps its payroll on
+        // payroll account types (Xero's Account Types page; the OpenAPI
+        // enum lists only `PAYG`): wages and superannuation are expenses of
+        // their own type, and two liabilities hold what is withheld.
+        let au: &[ChartRow] = &[
+            (
+                "477",
+                "Wages and Salaries",
+                "WAGESEXPENSE",
+                "EXPENSE",
+                "ACTIVE",
+                "NONE",
+                None,
+            ),
+            (
+                "478",
+                "Superannuation",
+                "SUPERANNUATIONEXPENSE",
+                "EXPENSE",
+                "ACTIVE",
+                "NONE",
+                None,
+            ),
+            (
+                "825",
+                "PAYG Withholdings Payable",
+                "PAYGLIABILITY",
+                "LIABILITY",
+                "ACTIVE",
+                "NONE",
+                None,
+            ),
+            (
+                "826",
+                "Superannuation Payable",
+                "SUPERANNUATIONLIABILITY",
+                "LIABILITY",
+                "ACTIVE",
+                "NONE",
+                None,
+            ),
+        ];
+        let mut rows: Vec<ChartRow> = chart.to_vec();
+        if org.version == "AU" {
+            for row in au {
+                match rows.iter_mut().find(|r| r.0 == row.0) {
+                    Some(r) => *r = *row,
+                    None => rows.push(*row),
+                }
+            }
+            rows.sort_by_key(|r| r.0);
+        }
+        let accounts: Vec<Account> = rows
             .iter()
             .map(|(code, name, kind, class, status, tax, system)| Account {
                 id: Uuid::new_v5(&org.tenant_id, code.as_bytes()),

@@ -17,6 +17,7 @@
 //! | `js-link`  | a receipt whose address is `javascript:` and whose id and  |
 //! |            | notes hold NUL characters                                  |
 //! | `nul-reject` | refuses with a NUL in its message and provider text      |
+//! | `nul-panic` | prints a NUL to stderr, then panics                        |
 //! | `empty-reject` | refuses with no field error at all                     |
 //! | `empty-transient` | a temporary failure with an empty reason            |
 //! | `mapped-mapping` | needs a mapping for line 0's kind (also when mapped) |
@@ -96,6 +97,10 @@ impl Connector for Hostile {
                 Err(errors::transient(format!("unreachable {n}")))
             }
             "panic" => panic!("hostile connector panicked on purpose"),
+            "nul-panic" => {
+                eprintln!("Xero\0 said no");
+                panic!("hostile connector panicked after a NUL")
+            }
             "logflood" => {
                 let big = "x".repeat(10_000);
                 for i in 0..20_000 {
