@@ -25,8 +25,8 @@
 //! existing bill, bill created, no attachment yet, attachment stored), so
 //! its figure covers the whole exactly-once path: 3 HTTP calls through the
 //! host capability (look-up, create, attach; a bill created by the call
-//! needs no attachment look-up) with the contact id cached in kv (steady
-//! state).
+//! needs no attachment look-up) with the contact id and the organisation's
+//! short code (for the link to the bill) cached in kv (steady state).
 
 use async_trait::async_trait;
 use ledgerport::capabilities::connection::ConnectionInfo;
@@ -69,6 +69,9 @@ fn answer(method: &str, path: &str) -> &'static str {
             r#"{"Contacts":[{"ContactID":"c0ffee00-0000-0000-0000-000000000001","ContactStatus":"ACTIVE"}]}"#
         }
         ("GET", p) if p.ends_with("/Invoices") => r#"{"Invoices":[]}"#,
+        ("GET", p) if p.ends_with("/Organisation") => {
+            r#"{"Organisations":[{"Name":"Stub Ltd","ShortCode":"!stub1"}]}"#
+        }
         ("PUT", p) if p.ends_with("/Invoices") => {
             r#"{"Invoices":[{"InvoiceID":"b111b111-0000-0000-0000-000000000001","Status":"AUTHORISED"}]}"#
         }

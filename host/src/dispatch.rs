@@ -1053,21 +1053,23 @@ impl Dispatcher {
             .config
             .rate_override
             .unwrap_or(plugin.manifest().limits.requests_per_minute);
+        let rate = self.config.enforce_rate.then(|| RateLimit {
+            parking: Some(slot as Arc<dyn Parking>),
+            // A connection whose window is full frees a slot within the
+            // window; twice that is a gate in trouble.
+            ..RateLimit::new(
+                self.rate_gate.clone(),
+                per_minute,
+                self.config.rate_window * 2,
+            )
+        });
+        let held_until = rate.as_ref().map(|r| r.held_until_ms.clone());
         let ctx = CallContext {
             connection,
             credentials,
             mappings,
             kv,
-            rate: self.config.enforce_rate.then(|| RateLimit {
-                parking: Some(slot as Arc<dyn Parking>),
-                // A connection whose window is full frees a slot within the
-                // window; twice that is a gate in trouble.
-                ..RateLimit::new(
-                    self.rate_gate.clone(),
-                    per_minute,
-                    self.config.rate_window * 2,
-                )
-            }),
+            rate,
         };
         let delivery = Delivery {
             key: c.id.clone(),
@@ -1107,6 +1109,26 @@ impl Dispatcher {
                     external_id: Some(receipt.external_id),
                     external_url: receipt.external_url,
                 }
+            }
+            // A temporary failure because a request got no slot in time:
+            // the connection is held (Xero's daily limit, a long
+            // Retry-After another delivery met, on this daemon or another)
+            // or its window is full. Not the document's fault: it waits
+            // for the slot, uncounted, and this daemon claims nothing more
+            // of the connection until then (the retry ladder would
+            // otherwise be spent on waiting, and the delivery fail).
+            Ok(Err(DeliveryError::Transient(m)))
+                if held_until
+                    .as_ref()
+                    .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+                    .is_some_and(|until| until > now) =>
+            {
+                let until = held_until
+                    .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+                    .unwrap_or(now);
+                crate::metrics::delivery("rate-limited");
+                self.block_until(&c.connection_id, until);
+                Finish::wait("rate-limited", m, until)
             }
             Ok(Err(err)) => {
                 if let DeliveryError::NeedsReauth(why) = &err

@@ -277,6 +277,68 @@ async fn a_provider_429_holds_the_whole_connection() {
     p.stop().await;
 }
 
+/// A connection held in the store (a 429 with a long Retry-After met by
+/// another daemon, or by this one before a restart: nothing of it is in
+/// this daemon's memory): deliveries of it that find no request slot in
+/// time wait for the hold, uncounted, rather than spending their retries
+/// as temporary failures (a daily limit would otherwise fail them, with an
+/// e-mail saying retries ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_met_by_another_daemon_is_waited_out_not_counted() {
+    let p = Pipeline::start(TestDb::sqlite(), 1, SimConfig::default()).await;
+    p.tenant("acme", DEFAULT_TENANT_TRADING).await;
+    let store = &p.d().store;
+    let conn = store.connection_for("acme", "xero").await.unwrap().unwrap();
+    let until = chrono::Utc::now().timestamp_millis() + 3_600_000;
+    store.hold_rate_window(&conn.id, until).await.unwrap();
+    for n in 1..=3 {
+        let (s, _) = p.post(&invoice("acme", n)).await;
+        assert_eq!(s, 202);
+    }
+    let started = Instant::now();
+    let rows = loop {
+        let rows = store
+            .list_deliveries(Some("acme"), None, None, 10)
+            .await
+            .unwrap();
+        let mut tried = 0;
+        for r in &rows {
+            tried += usize::from(!store.list_attempts(&r.id).await.unwrap().is_empty());
+        }
+        if rows.len() == 3 && tried == 3 {
+            break rows;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not every delivery was tried: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for r in &rows {
+        assert_eq!(
+            (r.state.as_str(), r.attempts),
+            ("pending", 0),
+            "a wait for the hold was counted: {r:?}"
+        );
+        assert!(r.next_attempt_at >= until - 1_000, "{r:?}");
+        let attempts = store.list_attempts(&r.id).await.unwrap();
+        assert!(
+            attempts.iter().all(|a| a.outcome == "rate-limited"),
+            "{attempts:?}"
+        );
+    }
+    assert_eq!(
+        p.sim
+            .requests(0)
+            .iter()
+            .filter(|r| r.uri.starts_with("/api.xro"))
+            .count(),
+        0,
+        "Xero was called during the hold"
+    );
+    p.stop().await;
+}
+
 /// A delivery for a connector this daemon does not have (another daemon
 /// may, during a rolling upgrade) waits for one that has it instead of
 /// failing: failing told the customer their system refused the document.

@@ -225,7 +225,31 @@ async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
     assert_eq!(docs.invoices.len(), 1);
     let bill = &docs.invoices[0];
     assert_eq!(bill["InvoiceID"], r.external_id.as_str());
-    assert!(r.external_url.unwrap().contains(&r.external_id));
+    // The link goes through Xero's organisation login with the
+    // organisation's short code, so it opens in the right organisation
+    // (asked of Xero once, then kept in kv).
+    let short: String = DEFAULT_TENANT_TRADING
+        .simple()
+        .to_string()
+        .chars()
+        .take(5)
+        .collect();
+    let url = r.external_url.unwrap();
+    assert_eq!(
+        url,
+        format!(
+            "https://go.xero.com/organisationlogin/default.aspx?shortcode=%21{short}&redirecturl=%2FAccountsPayable%2FView.aspx%3FInvoiceID%3D{}",
+            r.external_id
+        )
+    );
+    let orgs = |e: &Env| {
+        e.sim
+            .requests(0)
+            .iter()
+            .filter(|q| q.uri.ends_with("/Organisation"))
+            .count()
+    };
+    assert_eq!(orgs(&e), 1);
     assert_eq!(bill["Type"], "ACCPAY");
     assert_eq!(bill["InvoiceNumber"], "INV-2026-0042");
     assert_eq!(bill["Status"], "AUTHORISED");
@@ -270,6 +294,20 @@ async fn invoice_becomes_an_authorised_bill_with_mapped_lines_and_pdf() {
         }
     }
     e.save_requests("invoice");
+    let mut again = sample("invoice.json");
+    again.number = "INV-2026-0043".into();
+    let r2 = e.deliver("dlv-inv-2", again).await.unwrap();
+    assert!(r2.external_url.unwrap().contains("shortcode=%21"));
+    assert_eq!(orgs(&e), 1, "the short code is kept");
+    let e2 = env().await;
+    let cn = e2
+        .deliver("dlv-cn-link", sample("credit-note.json"))
+        .await
+        .unwrap();
+    assert!(cn.external_url.unwrap().ends_with(&format!(
+        "ViewCreditNote.aspx%3FcreditNoteID%3D{}",
+        cn.external_id
+    )),);
 }
 
 /// The SDK's allocator starts in a 256 KiB arena and then grows memory: a

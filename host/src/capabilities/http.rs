@@ -387,6 +387,11 @@ pub struct RateLimit {
     /// them to the call's deadline (which bounds the connector's own time,
     /// not the provider's rate).
     pub waited_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// When a request of this call was refused a slot because none was
+    /// due in time (a full window, a pause the provider asked for on the
+    /// connection): when the next one is due (Unix ms), else 0. The
+    /// dispatcher makes such a failure a wait, not a counted attempt.
+    pub held_until_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl RateLimit {
@@ -398,6 +403,7 @@ impl RateLimit {
             parking: None,
             max_wait,
             waited_ms: Arc::default(),
+            held_until_ms: Arc::default(),
         }
     }
 
@@ -413,8 +419,17 @@ impl RateLimit {
             // Judged by the gate's own wait: a call that cannot have a
             // slot in time fails at once, not after waiting in vain.
             if Instant::now() + wait > give_up {
+                let due = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .saturating_add(wait)
+                    .as_millis()
+                    .min(i64::MAX as u128) as i64;
+                self.held_until_ms
+                    .fetch_max(due, std::sync::atomic::Ordering::Relaxed);
                 return Err(format!(
-                    "the provider's limit of {} requests a minute is used up; try later",
+                    "no request to the provider is due for {} s (its limit of {} requests a minute used up, or a pause it asked for); try later",
+                    wait.as_secs().max(1),
                     self.per_minute
                 ));
             }

@@ -132,6 +132,7 @@ impl Connector for Xero {
             .into_iter()
             .next()
             .ok_or_else(|| errors::transient("Xero returned no organisation"))?;
+        let _ = remember_short_code(o);
         Ok(CheckReport {
             organisation_name: s(o, "Name"),
             details: vec![
@@ -290,8 +291,8 @@ impl Connector for Xero {
             }
         }
         Ok(Receipt {
-            external_id: id.clone(),
-            external_url: Some(which.deep_link(&id)),
+            external_url: Some(which.deep_link(&id, short_code(&api).as_deref())),
+            external_id: id,
             notes,
         })
     }
@@ -485,6 +486,38 @@ fn build_lines(
         Ok(out)
     } else {
         Err(DeliveryError::Rejected(problems))
+    }
+}
+
+/// The kv key caching the organisation's short code (the host empties a
+/// connection's kv when it is switched to another organisation).
+const SHORT_CODE_KEY: &str = "organisation:short-code";
+
+/// Keep the short code of an `/Organisation` answer; it, when there is one.
+fn remember_short_code(org: &Value) -> Option<String> {
+    let code = s(org, "ShortCode");
+    if code.is_empty() || code.len() > 32 {
+        return None;
+    }
+    let _ = kv::set_string(SHORT_CODE_KEY, &code);
+    Some(code)
+}
+
+/// The organisation's short code, for links that open the right
+/// organisation: from kv, else asked of Xero once. A document already
+/// created is not failed for it: without it the link is Xero's plain one.
+fn short_code(api: &Api) -> Option<String> {
+    if let Some(code) = kv::get_string(SHORT_CODE_KEY) {
+        return Some(code);
+    }
+    match api.get_json("/Organisation") {
+        Ok(org) => remember_short_code(items(&org, "Organisations").into_iter().next()?),
+        Err(e) => {
+            log::info(format!(
+                "the organisation's short code could not be read ({e:?}); the link to the document opens Xero's last-used organisation"
+            ));
+            None
+        }
     }
 }
 

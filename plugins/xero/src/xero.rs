@@ -62,13 +62,25 @@ impl Which {
             Which::Credit => "credit note",
         }
     }
-    /// A link that opens the document in Xero.
-    pub fn deep_link(self, id: &str) -> String {
-        match self {
-            Which::Bill => format!("https://go.xero.com/AccountsPayable/View.aspx?InvoiceID={id}"),
-            Which::Credit => {
-                format!("https://go.xero.com/AccountsPayable/ViewCreditNote.aspx?creditNoteID={id}")
-            }
+    /// A link that opens the document in Xero. With the organisation's
+    /// short code it goes through Xero's organisation login, so it opens
+    /// in the right organisation for someone who works in several (an
+    /// accountant); without, in whichever organisation they last used.
+    pub fn deep_link(self, id: &str, short_code: Option<&str>) -> String {
+        let page = match self {
+            Which::Bill => format!("/AccountsPayable/View.aspx?InvoiceID={}", encode(id)),
+            Which::Credit => format!(
+                "/AccountsPayable/ViewCreditNote.aspx?creditNoteID={}",
+                encode(id)
+            ),
+        };
+        match short_code {
+            Some(code) => format!(
+                "https://go.xero.com/organisationlogin/default.aspx?shortcode={}&redirecturl={}",
+                encode(code),
+                encode(&page)
+            ),
+            None => format!("https://go.xero.com{page}"),
         }
     }
 }
