@@ -277,6 +277,79 @@ async fn a_provider_429_holds_the_whole_connection() {
     p.stop().await;
 }
 
+/// The connection is switched to a third organisation while an admin's
+/// confirmation of the mappings checks them against the second one's chart
+/// (slow to answer): the review stays due (the check said nothing about the
+/// third organisation's accounts), and the admin is told to check again,
+/// naming the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_while_mappings_are_confirmed_keeps_the_review_due() {
+    use ledgerport::connections::mappings::MappingError;
+    let mut cfg = SimConfig::default();
+    let orgs = cfg.with_orgs(3, 0xd000);
+    let p = Pipeline::start(TestDb::sqlite(), 1, cfg).await;
+    p.tenant("acme", orgs[0]).await;
+    p.connect("acme", orgs[1]).await;
+    let review =
+        || async { p.d().store.connections(Some("acme")).await.unwrap()[0].mappings_review };
+    assert!(review().await);
+    p.sim.set_faults(FaultConfig {
+        rules: vec![FaultRule {
+            route: Some("GET /api.xro/2.0/Accounts".into()),
+            latency_ms: 1_500,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let conns = p.d().connections.clone();
+    let confirm = tokio::spawn(async move {
+        let scope = MappingScope {
+            tenant_id: "acme".into(),
+            connector_id: "xero".into(),
+        };
+        conns.confirm_mappings(&scope).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Another admin's connect completing to the third organisation (its
+    // row written as a completed connect writes it; the check's request
+    // already holds the old grant's token, which Xero still accepts).
+    use ledgerport::store::{NewConnection, Organisation};
+    p.d()
+        .store
+        .finish_connect(
+            &p.key_ring(),
+            &NewConnection {
+                tenant_id: "acme".into(),
+                connector_id: "xero".into(),
+                admin: "bob".into(),
+                scopes: vec![],
+                organisation: Organisation {
+                    tenant_id: orgs[2].to_string(),
+                    name: "Org 2".into(),
+                    connection_id: None,
+                },
+                auth_event_id: None,
+                tokens: None,
+            },
+            chrono::Utc::now().timestamp(),
+        )
+        .await
+        .unwrap();
+    assert!(review().await);
+    match confirm.await.unwrap() {
+        Err((None, e @ MappingError::Uncheckable(_))) => {
+            assert_eq!((e.status(), e.field()), (409, "connection"));
+            assert!(e.message().contains("switched"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        review().await,
+        "a check of another organisation ended the review"
+    );
+    p.stop().await;
+}
+
 /// A connection held in the store (a 429 with a long Retry-After met by
 /// another daemon, or by this one before a restart: nothing of it is in
 /// this daemon's memory): deliveries of it that find no request slot in
@@ -919,6 +992,24 @@ async fn a_switch_of_organisation_holds_deliveries_until_the_mappings_are_confir
     assert_eq!(conn.mappings_org, None);
     p.connect("acme", DEFAULT_TENANT_HOLDINGS).await;
     assert!(review().await.mappings_review);
+
+    // A confirmation of a check made against another organisation (the
+    // connection switched while an admin's save was checking them) ends
+    // nothing: Trading's check says nothing about Holdings' chart.
+    let trading = DEFAULT_TENANT_TRADING.to_string();
+    let stale = ledgerport::store::mappings::Confirm {
+        checked_org: Some(&trading),
+    };
+    assert!(!p.d().store.confirm_mappings(&scope, stale).await.unwrap());
+    p.d()
+        .store
+        .change_mappings(&scope, &[], &[], "bob", 0, Some(stale))
+        .await
+        .unwrap();
+    assert!(
+        review().await.mappings_review,
+        "a stale check ended the review"
+    );
 
     // Confirmed as they stand (each checked against Holdings' chart):
     // what waited goes to Holdings.

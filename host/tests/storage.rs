@@ -150,6 +150,7 @@ async fn mappings_crud(db: TestDb) {
         &[m("vat", "820", None), m("management-fee", "400", None)],
         "carol",
         3,
+        ledgerport::store::mappings::Confirm { checked_org: None },
     )
     .await
     .unwrap();

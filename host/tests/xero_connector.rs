@@ -886,6 +886,29 @@ async fn credit_notes_are_allocated_fully_partially_or_explained() {
         r.notes
     );
     assert_eq!(num(&e.docs().invoices[0]["AmountDue"]), "0");
+    // Retried (its answer lost): the bill is paid by this credit note, and
+    // the receipt says what was allocated, not that nothing was.
+    let again = e
+        .deliver(
+            "dlv-cn-2",
+            credit("CN-2026-0008", "INV-2026-0042", "10000.00"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        again
+            .notes
+            .iter()
+            .any(|n| n.contains("9330.49") && n.contains("rest stays as credit")),
+        "{:?}",
+        again.notes
+    );
+    assert!(
+        !again.notes.iter().any(|n| n.contains("left unallocated")),
+        "{:?}",
+        again.notes
+    );
+    assert_eq!(e.docs().allocations.len(), 2, "not allocated twice");
 
     // Impossible: the bill it names is not in Xero.
     let r = e

@@ -9,7 +9,10 @@
 use super::{ConnectError, Connections};
 use crate::capabilities::mapping::{AccountMapping, MappingScope};
 use crate::runtime::v0_1::ledgerport::connector::types as wit;
-use crate::store::{ConnectionState, StoreError, mappings::StoredMapping};
+use crate::store::{
+    ConnectionState, StoreError,
+    mappings::{Confirm, StoredMapping},
+};
 use std::collections::BTreeMap;
 
 /// Why a mapping was refused.
@@ -337,13 +340,21 @@ impl Connections {
         mappings: &[AccountMapping],
         actor: &str,
     ) -> Result<MappingOutcome, MappingError> {
-        let review = self.review_due(scope).await?;
+        let (review, org) = self.review_due(scope).await?;
         let validated_against = self
             .check_all(scope, mappings, review)
             .await
             .map_err(|(_, e)| e)?;
         self.store()
-            .replace_mappings(scope, mappings, actor, self.clock().now_secs())
+            .replace_mappings(
+                scope,
+                mappings,
+                actor,
+                self.clock().now_secs(),
+                Confirm {
+                    checked_org: org.as_deref(),
+                },
+            )
             .await?;
         Ok(MappingOutcome { validated_against })
     }
@@ -363,14 +374,14 @@ impl Connections {
         clear: &[String],
         actor: &str,
     ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
-        self.check_and_write(scope, set, set, clear, actor, false, false)
+        self.check_and_write(scope, set, set, clear, actor, None, false)
             .await
     }
 
     /// Check `to_check` (against the live account list when there is
     /// one; while a `review` is due, only against it), then write `set`
-    /// and `clear` in one transaction; `confirm` ends a review due after a
-    /// switch of organisation.
+    /// and `clear` in one transaction; `confirm` (the organisation checked
+    /// against) ends a review due after a switch of organisation.
     #[allow(clippy::too_many_arguments)]
     async fn check_and_write(
         &self,
@@ -379,7 +390,7 @@ impl Connections {
         set: &[AccountMapping],
         clear: &[String],
         actor: &str,
-        confirm: bool,
+        confirm: Option<Confirm<'_>>,
         review: bool,
     ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
         let validated_against = if to_check.is_empty() {
@@ -406,7 +417,7 @@ impl Connections {
         clear: &[String],
         actor: &str,
     ) -> Result<MappingOutcome, (Option<String>, MappingError)> {
-        let review = self.review_due(scope).await.map_err(|e| (None, e))?;
+        let (review, org) = self.review_due(scope).await.map_err(|e| (None, e))?;
         let to_check: Vec<AccountMapping> = if review {
             let mut all: BTreeMap<String, AccountMapping> = self
                 .store()
@@ -424,7 +435,10 @@ impl Connections {
         } else {
             set.to_vec()
         };
-        self.check_and_write(scope, &to_check, set, clear, actor, true, review)
+        let confirm = Confirm {
+            checked_org: org.as_deref(),
+        };
+        self.check_and_write(scope, &to_check, set, clear, actor, Some(confirm), review)
             .await
     }
 
@@ -438,7 +452,7 @@ impl Connections {
         &self,
         scope: &MappingScope,
     ) -> Result<(bool, MappingOutcome), (Option<String>, MappingError)> {
-        let review = self.review_due(scope).await.map_err(|e| (None, e))?;
+        let (review, org) = self.review_due(scope).await.map_err(|e| (None, e))?;
         let all: Vec<AccountMapping> = self
             .store()
             .mappings(scope)
@@ -454,20 +468,41 @@ impl Connections {
         };
         let was_due = self
             .store()
-            .confirm_mappings(scope)
+            .confirm_mappings(
+                scope,
+                Confirm {
+                    checked_org: org.as_deref(),
+                },
+            )
             .await
             .map_err(|e| (None, MappingError::from(e)))?;
+        if review && !was_due && self.review_due(scope).await.map_err(|e| (None, e))?.0 {
+            // Still due: the connection was switched to another
+            // organisation while the mappings were checked.
+            return Err((
+                None,
+                MappingError::Uncheckable(
+                    "the connection was switched to another organisation while the account mappings were checked; check them again (nothing is sent until then)"
+                        .into(),
+                ),
+            ));
+        }
         Ok((was_due, MappingOutcome { validated_against }))
     }
 
     /// Whether the scope's connection has its mappings due a review after
-    /// a switch of organisation.
-    async fn review_due(&self, scope: &MappingScope) -> Result<bool, MappingError> {
+    /// a switch of organisation, and the organisation it points at now
+    /// (what a check begun now is made against: a review ends only if the
+    /// connection still points at it when the result is written).
+    async fn review_due(
+        &self,
+        scope: &MappingScope,
+    ) -> Result<(bool, Option<String>), MappingError> {
         Ok(self
             .store()
             .connection_for(&scope.tenant_id, &scope.connector_id)
             .await?
-            .is_some_and(|c| c.mappings_review))
+            .map_or((false, None), |c| (c.mappings_review, c.external_tenant_id)))
     }
 
     /// Why the scope's connection cannot check mappings due a review, in

@@ -29,8 +29,21 @@ const UPSERT: &str = "INSERT INTO mappings (tenant_id, connector_id, kind, accou
        account_code = excluded.account_code, tax_type = excluded.tax_type,
        updated_by = excluded.updated_by, updated_at = excluded.updated_at";
 
-/// End a connection's mappings review (`$1` tenant, `$2` connector).
-const CONFIRM: &str = "UPDATE connections SET mappings_review = 0, mappings_org = NULL WHERE tenant_id = $1 AND connector_id = $2 AND mappings_review <> 0";
+/// End a connection's mappings review (`$1` tenant, `$2` connector), if it
+/// still points at the organisation the mappings were checked against
+/// (`$3`, its id; NULL for none): a reconnect to another organisation
+/// while they were checked leaves the review due.
+const CONFIRM: &str = "UPDATE connections SET mappings_review = 0, mappings_org = NULL WHERE tenant_id = $1 AND connector_id = $2 AND mappings_review <> 0 AND COALESCE(external_tenant_id, '') = COALESCE($3, '')";
+
+/// A write that ends a mappings review after a switch of organisation:
+/// the organisation the mappings were checked against (the connection's
+/// provider organisation id when the check began). The review ends only
+/// if the connection still points at it.
+#[derive(Debug, Clone, Copy)]
+pub struct Confirm<'a> {
+    /// The provider's organisation id checked against (None: none).
+    pub checked_org: Option<&'a str>,
+}
 
 impl Store {
     /// Set or replace the mapping of one kind.
@@ -63,8 +76,9 @@ impl Store {
         mappings: &[AccountMapping],
         actor: &str,
         now: i64,
+        confirm: Confirm<'_>,
     ) -> Result<(), StoreError> {
-        self.write_mappings(scope, mappings, None, actor, now, true)
+        self.write_mappings(scope, mappings, None, actor, now, Some(confirm))
             .await
     }
 
@@ -81,19 +95,25 @@ impl Store {
         clear: &[String],
         actor: &str,
         now: i64,
-        confirm: bool,
+        confirm: Option<Confirm<'_>>,
     ) -> Result<(), StoreError> {
         self.write_mappings(scope, set, Some(clear), actor, now, confirm)
             .await
     }
 
-    /// The mappings confirmed as they are, checked by the caller: a review
-    /// due after a switch of organisation is done. Returns whether one was.
-    pub async fn confirm_mappings(&self, scope: &MappingScope) -> Result<bool, StoreError> {
+    /// The mappings confirmed as they are, checked by the caller against
+    /// `confirm`'s organisation: a review due after a switch of
+    /// organisation is done. Returns whether one was (and ended).
+    pub async fn confirm_mappings(
+        &self,
+        scope: &MappingScope,
+        confirm: Confirm<'_>,
+    ) -> Result<bool, StoreError> {
         let n = on_pool!(self, p => {
             sqlx::query(CONFIRM)
                 .bind(&scope.tenant_id)
                 .bind(&scope.connector_id)
+                .bind(confirm.checked_org)
                 .execute(p)
                 .await?
                 .rows_affected()
@@ -102,7 +122,8 @@ impl Store {
     }
 
     /// One transaction: delete the kinds in `clear` (`None`: every
-    /// mapping of the scope), then set `set`; `confirm` ends a review.
+    /// mapping of the scope), then set `set`; `confirm` ends a review
+    /// (see [`Confirm`]).
     async fn write_mappings(
         &self,
         scope: &MappingScope,
@@ -110,7 +131,7 @@ impl Store {
         clear: Option<&[String]>,
         actor: &str,
         now: i64,
-        confirm: bool,
+        confirm: Option<Confirm<'_>>,
     ) -> Result<(), StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
@@ -148,10 +169,11 @@ impl Store {
             // The whole set saved (the page's form, a replace): checked by
             // an admin, so a review due after a switch of organisation is
             // done. One kind changed is not a review of the others.
-            if confirm {
+            if let Some(c) = confirm {
                 sqlx::query(CONFIRM)
                     .bind(&scope.tenant_id)
                     .bind(&scope.connector_id)
+                    .bind(c.checked_org)
                     .execute(&mut *tx)
                     .await?;
             }

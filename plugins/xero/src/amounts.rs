@@ -87,6 +87,15 @@ impl Amount {
             .and_then(|p| self.mantissa.checked_mul(p))
     }
 
+    /// The sum, at the larger scale; None when it does not fit.
+    pub fn checked_add(&self, other: &Self) -> Option<Self> {
+        let scale = self.scale.max(other.scale);
+        Some(Self {
+            mantissa: self.rescaled(scale)?.checked_add(other.rescaled(scale)?)?,
+            scale,
+        })
+    }
+
     /// The digits as text.
     pub fn text(&self) -> String {
         let magnitude = self.mantissa.unsigned_abs();
@@ -158,6 +167,25 @@ impl Ord for Amount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adds_exactly_at_the_larger_scale() {
+        let a = |t: &str| Amount::parse(t).unwrap();
+        assert_eq!(
+            a("9330.49").checked_add(&a("0.5")).unwrap().text(),
+            "9330.99"
+        );
+        assert_eq!(a("-1.25").checked_add(&a("1")).unwrap().text(), "-0.25");
+        assert_eq!(
+            Amount::default().checked_add(&a("7.10")).unwrap().text(),
+            "7.10"
+        );
+        let big = a("9999999999999999999999999999");
+        assert!(
+            big.checked_add(&a("0.000000000000000000000000001"))
+                .is_none()
+        );
+    }
 
     #[test]
     fn parses_and_writes_exactly() {

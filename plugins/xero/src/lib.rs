@@ -1179,6 +1179,24 @@ fn allocate(
         .and_then(Amount::from_json)
         .unwrap_or_default();
     if due.is_zero() {
+        // Paid by this credit note on an earlier attempt whose answer was
+        // lost (the bill then PAID, credit left over): say what was
+        // allocated, not that nothing was.
+        let bill_id = s(bill, "InvoiceID");
+        let allocated = items(&credit, "Allocations")
+            .into_iter()
+            .filter(|a| {
+                a.get("Invoice")
+                    .is_some_and(|i| s(i, "InvoiceID") == bill_id)
+            })
+            .filter_map(|a| a.get("Amount").and_then(Amount::from_json))
+            .try_fold(Amount::default(), |sum, a| sum.checked_add(&a));
+        if let Some(allocated) = allocated.filter(|a| !a.is_zero()) {
+            return Ok(Some(format!(
+                "{} of the credit was allocated to bill {invoice_number} (all that was due); the rest stays as credit in Xero",
+                allocated.text()
+            )));
+        }
         return Ok(Some(format!(
             "bill {invoice_number} has nothing left to pay, so the credit was left unallocated"
         )));
