@@ -437,36 +437,38 @@ impl TokenManager {
                             .push(format!("refreshing before revocation: {e}")),
                     }
                 }
-                if let Some(link) = &conn.external_connection_id {
-                    // One provider user may have connected this organisation
-                    // for another tenant here too, and the provider may hand
-                    // back the same link: removing it would cut that tenant
-                    // off. The refresh token is this connection's alone.
-                    let kept = match self
+                // One provider user may connect the same organisation for
+                // two tenants here, and the provider may hand back the same
+                // link (Xero: one per user, app and organisation). Removing
+                // it, by deleting it or by revoking this grant (at Xero a
+                // revocation removes the user's connections), would cut the
+                // other tenant off: both are left in place at the provider
+                // (the tokens are still dropped here), and this is said.
+                let kept = match &conn.external_connection_id {
+                    None => None,
+                    Some(link) => match self
                         .store
                         .organisations_in_use(self.clock.now_secs(), Some(&conn.id))
                         .await
                     {
-                        Ok(in_use)
-                            if in_use.contains(link)
-                                || conn
-                                    .external_tenant_id
-                                    .as_ref()
-                                    .is_some_and(|o| in_use.contains(o)) =>
-                        {
-                            Some("another connection here uses the same organisation")
+                        Ok(in_use) if in_use.contains(link) => {
+                            Some("another connection here uses the same link to the organisation")
                         }
                         Ok(_) => None,
                         Err(e) => {
-                            tracing::warn!(connection = %conn.id, error = %e, "the organisation link was kept: the store could not say whether another connection uses it");
-                            Some("whether another connection here uses it could not be read")
+                            tracing::warn!(connection = %conn.id, error = %e, "the organisation link and the grant were left in place: the store could not say whether another connection uses them");
+                            Some(
+                                "whether another connection here uses the same link could not be read",
+                            )
                         }
-                    };
-                    if let Some(why) = kept {
-                        report
-                            .problems
-                            .push(format!("the link to the organisation was kept: {why}"));
-                    } else {
+                    },
+                };
+                if let Some(why) = kept {
+                    report.problems.push(format!(
+                        "the link to the organisation and the access were left in place at the accounting system: {why}"
+                    ));
+                } else {
+                    if let Some(link) = &conn.external_connection_id {
                         match p.delete_connection(&s.tokens.access_token, link).await {
                             Ok(removed) => report.organisation_link_removed = removed,
                             Err(e) => report.problems.push(disconnect_problem(
@@ -475,13 +477,13 @@ impl TokenManager {
                             )),
                         }
                     }
-                }
-                if let Some(rt) = &s.tokens.refresh_token {
-                    match p.revoke(rt).await {
-                        Ok(done) => report.token_revoked = done,
-                        Err(e) => report
-                            .problems
-                            .push(disconnect_problem("The access was not revoked", &e)),
+                    if let Some(rt) = &s.tokens.refresh_token {
+                        match p.revoke(rt).await {
+                            Ok(done) => report.token_revoked = done,
+                            Err(e) => report
+                                .problems
+                                .push(disconnect_problem("The access was not revoked", &e)),
+                        }
                     }
                 }
             }

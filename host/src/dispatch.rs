@@ -722,9 +722,14 @@ impl Dispatcher {
             {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!(delivery = %c.id, "the lease lapsed while the delivery waited for a slot and another worker owns it; left to it");
+                    tracing::warn!(delivery = %c.id, "the lease lapsed while the delivery waited for a slot (another worker owns it, or it changed); left alone");
                     entry.done();
                     return;
+                }
+                // Still ours by time (a third of it left at least): go
+                // on; the renewals during the call try again.
+                Err(e) if claimed_at.elapsed() + lease / 3 < lease => {
+                    tracing::warn!(delivery = %c.id, error = %e, "renewing a lease that waited for a slot failed; going on while it is still ours")
                 }
                 Err(e) => {
                     tracing::warn!(delivery = %c.id, error = %e, "renewing a lease that waited for a slot failed; left for its lease to lapse");
@@ -1458,7 +1463,6 @@ impl Dispatcher {
     }
 }
 
-/// Aborts its task when dropped.
 /// A delivery running on this daemon, in the dispatcher's `working` map
 /// (excluded from claims of lapsed leases; its lease released at a
 /// shutdown) until [`WorkingEntry::done`], called when its outcome is about
@@ -1514,6 +1518,7 @@ fn log_join(r: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Aborts its task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

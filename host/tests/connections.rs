@@ -294,18 +294,21 @@ async fn an_organisation_not_picked_but_used_by_another_tenant_keeps_its_link() 
     assert_eq!(kept, [DEFAULT_TENANT_HOLDINGS]);
 }
 
-/// Two tenants here connected to the same organisation (one Xero user may
-/// connect it for both, and Xero may hand back the same link): one tenant
-/// disconnecting revokes its own grant but keeps the organisation's link,
-/// and says so; the other keeps delivering. The last one to go removes it.
+/// Two tenants here connected to the same organisation. Through one link
+/// (one Xero user connected it for both, and Xero keeps one link per user,
+/// app and organisation): one tenant disconnecting leaves the link and its
+/// grant in place at Xero (deleting the link, or revoking the grant, which
+/// at Xero removes the user's connections, would cut the other tenant
+/// off), drops its own tokens and says so. Through links of their own (two
+/// Xero users): a disconnect removes its own link and revokes its grant, as
+/// ever, and the other stays connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_keeps_the_link_another_tenant_uses() {
     let db = TestDb::sqlite();
     let (sim, d) = setup(&db).await;
-    d.store
-        .upsert_tenant("globex", "Globex", &[], 1)
-        .await
-        .unwrap();
+    for t in ["globex", "initech"] {
+        d.store.upsert_tenant(t, t, &[], 1).await.unwrap();
+    }
     let globex = connect_tenant(&sim, &d, "globex", DEFAULT_TENANT_HOLDINGS).await;
     let acme = connect_tenant(&sim, &d, "acme", DEFAULT_TENANT_HOLDINGS).await;
     let deletes = |since: u64| {
@@ -314,20 +317,71 @@ async fn a_disconnect_keeps_the_link_another_tenant_uses() {
             .filter(|r| r.method == "DELETE" && r.uri.starts_with("/connections/"))
             .count()
     };
-    let seq = sim.requests(0).last().map_or(0, |r| r.seq);
+    let last = || sim.requests(0).last().map_or(0, |r| r.seq);
+
+    // Links of their own: acme's goes, globex's stays.
+    let seq = last();
     let report = d.conns.disconnect(&acme.id, ADMIN).await.unwrap();
-    assert!(report.token_revoked, "{report:?}");
-    assert!(!report.organisation_link_removed, "{report:?}");
-    assert_eq!(deletes(seq), 0, "no link was deleted at the provider");
+    assert!(
+        report.organisation_link_removed && report.token_revoked && report.problems.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(deletes(seq), 1);
+    assert!(grant_of(&sim, &acme).revoked);
+    assert!(!grant_of(&sim, &globex).revoked);
+    assert!(d.conns.tokens().bearer(&globex.id).await.is_ok());
+
+    // One link for two tenants (as Xero hands back for one user): set
+    // initech's to globex's, as Xero's answer would have.
+    let initech = connect_tenant(&sim, &d, "initech", DEFAULT_TENANT_HOLDINGS).await;
+    let ledgerport::store::Pool::Sqlite(pool) = d.store.pool() else {
+        unreachable!("SQLite here")
+    };
+    sqlx::query("UPDATE connections SET external_connection_id = $1 WHERE id = $2")
+        .bind(globex.external_connection_id.as_deref().unwrap())
+        .bind(&initech.id)
+        .execute(pool)
+        .await
+        .unwrap();
+    let seq = last();
+    let report = d.conns.disconnect(&initech.id, ADMIN).await.unwrap();
+    assert!(
+        !report.organisation_link_removed && !report.token_revoked,
+        "{report:?}"
+    );
     assert!(
         report
             .problems
             .iter()
-            .any(|p| p.contains("link to the organisation was kept")),
+            .any(|p| p.contains("left in place") && p.contains("same link")),
         "{report:?}"
     );
-    let g = grant_of(&sim, &acme);
-    assert!(g.revoked, "acme's own grant is revoked: {g:?}");
+    assert_eq!(deletes(seq), 0, "the shared link was deleted");
+    assert!(
+        !sim.requests(seq)
+            .iter()
+            .any(|r| r.uri.starts_with("/connect/revocation")),
+        "the grant was revoked"
+    );
+    assert!(
+        d.store
+            .token_snapshot(&keys(7), &initech.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+            .is_none(),
+        "initech's tokens are dropped here all the same"
+    );
+    assert_eq!(
+        d.store
+            .connection(&initech.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        ConnectionState::Disconnected
+    );
     let kept = grant_of(&sim, &globex);
     assert!(!kept.revoked);
     assert_eq!(
@@ -338,15 +392,6 @@ async fn a_disconnect_keeps_the_link_another_tenant_uses() {
         [DEFAULT_TENANT_HOLDINGS]
     );
     assert!(d.conns.tokens().bearer(&globex.id).await.is_ok());
-
-    // Globex, the last one here on Holdings, removes the link.
-    let seq = sim.requests(0).last().map_or(0, |r| r.seq);
-    let report = d.conns.disconnect(&globex.id, ADMIN).await.unwrap();
-    assert!(
-        report.organisation_link_removed && report.token_revoked && report.problems.is_empty(),
-        "{report:?}"
-    );
-    assert_eq!(deletes(seq), 1);
 }
 
 /// The admin consents to two organisations and never picks one (closes the

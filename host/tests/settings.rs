@@ -2357,6 +2357,23 @@ async fn revoking_a_key_ends_the_connects_it_began() {
         .call("POST", "/v1/admin/tenants/acme/connect/xero", &leaked, None)
         .await;
     assert_eq!(s, 401, "the revoked key itself is refused");
+    // An operator key reaches every tenant: revoked, it ends their flows.
+    let (op_id, op) = env
+        .d
+        .store
+        .issue_key(&KeyScope::Operator, "ops", 0)
+        .await
+        .unwrap();
+    let begun = connect(op).await;
+    assert!(env.d.store.revoke_key(&op_id, now).await.unwrap());
+    let b = storage_support::browser();
+    let callback = storage_support::authorize(&b, &env.sim, &begun, None).await;
+    let r = b.get(&callback).send().await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        400,
+        "an operator key's flow outlived it"
+    );
 
     let fresh = connect(env.key("acme").await).await;
     let b = storage_support::browser();

@@ -356,6 +356,8 @@ impl Connections {
                 },
             )
             .await?;
+        self.switched_meanwhile(scope, org.as_deref(), "were saved but not confirmed")
+            .await?;
         Ok(MappingOutcome { validated_against })
     }
 
@@ -402,6 +404,11 @@ impl Connections {
             .change_mappings(scope, set, clear, actor, self.clock().now_secs(), confirm)
             .await
             .map_err(|e| (None, MappingError::from(e)))?;
+        if let Some(c) = confirm {
+            self.switched_meanwhile(scope, c.checked_org, "were saved but not confirmed")
+                .await
+                .map_err(|e| (None, e))?;
+        }
         Ok(MappingOutcome { validated_against })
     }
 
@@ -476,18 +483,30 @@ impl Connections {
             )
             .await
             .map_err(|e| (None, MappingError::from(e)))?;
-        if review && !was_due && self.review_due(scope).await.map_err(|e| (None, e))?.0 {
-            // Still due: the connection was switched to another
-            // organisation while the mappings were checked.
-            return Err((
-                None,
-                MappingError::Uncheckable(
-                    "the connection was switched to another organisation while the account mappings were checked; check them again (nothing is sent until then)"
-                        .into(),
-                ),
-            ));
-        }
+        self.switched_meanwhile(scope, org.as_deref(), "were not confirmed")
+            .await
+            .map_err(|e| (None, e))?;
         Ok((was_due, MappingOutcome { validated_against }))
+    }
+
+    /// After a write meant to end a review: an error when the review is
+    /// still due because the connection now points at another organisation
+    /// than `checked` (switched while the mappings were checked), so the
+    /// admin does not believe them confirmed. `done` says what became of
+    /// the write ("were saved but not confirmed", "were not confirmed").
+    async fn switched_meanwhile(
+        &self,
+        scope: &MappingScope,
+        checked: Option<&str>,
+        done: &str,
+    ) -> Result<(), MappingError> {
+        let (due, now) = self.review_due(scope).await?;
+        if due && now.as_deref() != checked {
+            return Err(MappingError::Uncheckable(format!(
+                "the account mappings {done}: the connection was switched to another organisation while they were checked; check them again against it (nothing is sent until then)"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether the scope's connection has its mappings due a review after

@@ -132,7 +132,7 @@ impl Connector for Xero {
             .into_iter()
             .next()
             .ok_or_else(|| errors::transient("Xero returned no organisation"))?;
-        let _ = remember_short_code(o);
+        let _ = remember_short_code(&api, o);
         Ok(CheckReport {
             organisation_name: s(o, "Name"),
             details: vec![
@@ -489,17 +489,22 @@ fn build_lines(
     }
 }
 
-/// The kv key caching the organisation's short code (the host empties a
-/// connection's kv when it is switched to another organisation).
-const SHORT_CODE_KEY: &str = "organisation:short-code";
+/// The kv key caching an organisation's short code. Named by the
+/// organisation: the host empties a connection's kv when it is switched to
+/// another organisation, but a call still running against the old one
+/// could write its code after that.
+fn short_code_key(organisation: &str) -> String {
+    format!("organisation:{organisation}:short-code")
+}
 
-/// Keep the short code of an `/Organisation` answer; it, when there is one.
-fn remember_short_code(org: &Value) -> Option<String> {
+/// Keep the short code of `api`'s organisation from an `/Organisation`
+/// answer; it, when there is one.
+fn remember_short_code(api: &Api, org: &Value) -> Option<String> {
     let code = s(org, "ShortCode");
     if code.is_empty() || code.len() > 32 {
         return None;
     }
-    let _ = kv::set_string(SHORT_CODE_KEY, &code);
+    let _ = kv::set_string(&short_code_key(&api.tenant), &code);
     Some(code)
 }
 
@@ -507,11 +512,11 @@ fn remember_short_code(org: &Value) -> Option<String> {
 /// organisation: from kv, else asked of Xero once. A document already
 /// created is not failed for it: without it the link is Xero's plain one.
 fn short_code(api: &Api) -> Option<String> {
-    if let Some(code) = kv::get_string(SHORT_CODE_KEY) {
+    if let Some(code) = kv::get_string(&short_code_key(&api.tenant)) {
         return Some(code);
     }
     match api.get_json("/Organisation") {
-        Ok(org) => remember_short_code(items(&org, "Organisations").into_iter().next()?),
+        Ok(org) => remember_short_code(api, items(&org, "Organisations").into_iter().next()?),
         Err(e) => {
             log::info(format!(
                 "the organisation's short code could not be read ({e:?}); the link to the document opens Xero's last-used organisation"

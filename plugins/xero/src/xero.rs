@@ -99,7 +99,8 @@ pub fn quote(s: &str) -> String {
 
 /// A client bound to the connection's Xero organisation.
 pub struct Api {
-    tenant: String,
+    /// The organisation's id (Xero's tenant id).
+    pub tenant: String,
     status: Option<String>,
 }
 
