@@ -234,7 +234,7 @@ pub fn validate(
     }
     for key in ["id", "tenant_id", "number"] {
         if let Some(s) = get_str(json, key)
-            && s.len() > 255
+            && s.chars().count() > 255
         {
             problems.push(problem(key, "must be at most 255 characters"));
         }
@@ -512,8 +512,36 @@ pub fn validate(
             }
         }
     }
-    if doc.tax_basis == TaxBasis::NoTax && !doc.total_tax.is_zero() {
-        problems.push(problem("total_tax", "must be 0 when tax_basis is no-tax"));
+    if doc.tax_basis == TaxBasis::NoTax {
+        if !doc.total_tax.is_zero() {
+            problems.push(problem("total_tax", "must be 0 when tax_basis is no-tax"));
+        }
+        // Per line too: tax on lines of a no-tax document (cancelling out
+        // in the total) is dropped by an accounting system, or refused.
+        for (i, l) in doc.lines.iter().enumerate() {
+            if !l.tax_amount.is_zero() {
+                problems.push(problem(
+                    format!("lines[{i}].tax_amount"),
+                    "must be 0 when tax_basis is no-tax",
+                ));
+            }
+        }
+    }
+    // Lines may be negative (a discount, a refund line), a document may
+    // not: an accounting system takes no bill or credit note below zero. A
+    // credit's amounts are written positive, as its invoice's were.
+    if doc.total.is_sign_negative() && !doc.total.is_zero() {
+        problems.push(problem(
+            "total",
+            match doc.kind {
+                DocumentKind::CreditNote => {
+                    "must not be negative: a credit note's amounts are written positive, as the invoice's were"
+                }
+                DocumentKind::Invoice => {
+                    "must not be negative: an invoice below zero is a credit note"
+                }
+            },
+        ));
     }
     match (doc.kind, &doc.credits_invoice_number) {
         (DocumentKind::CreditNote, None) => problems.push(problem(
@@ -587,6 +615,83 @@ mod tests {
             vec!["lines[3].description", "number", "supplier.name"]
         );
         assert!(errs.iter().all(|e| e.message.contains("NUL")));
+    }
+
+    /// A document below zero is refused naming `total` (a credit note
+    /// written with negative amounts, an invoice that should have been a
+    /// credit note): no accounting system takes one. A negative line (a
+    /// discount) in a positive document is fine.
+    #[test]
+    fn a_negative_document_is_refused_and_a_negative_line_is_not() {
+        let mut cn = sample("credit-note.json");
+        let neg = |v: &Value| format!("-{}", v.as_str().unwrap());
+        for key in ["subtotal", "total_tax", "total"] {
+            cn[key] = neg(&cn[key]).into();
+        }
+        let n = cn["lines"].as_array().unwrap().len();
+        for i in 0..n {
+            for key in ["unit_amount", "tax_amount", "line_amount"] {
+                let v = neg(&cn["lines"][i][key]);
+                cn["lines"][i][key] = v.replace("--", "").into();
+            }
+        }
+        let errs = validate(&cn, None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["total"], "{errs:?}");
+        assert!(errs[0].message.contains("positive"), "{errs:?}");
+
+        // One negative line inside a positive invoice: accepted.
+        let mut inv = sample("invoice.json");
+        let total: Decimal = inv["total"].as_str().unwrap().parse().unwrap();
+        let sub: Decimal = inv["subtotal"].as_str().unwrap().parse().unwrap();
+        let la: Decimal = inv["lines"][0]["line_amount"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let d = Decimal::new(10000, 2);
+        assert!(la > d);
+        inv["lines"][0]["quantity"] = "1".into();
+        inv["lines"][0]["unit_amount"] = (-d).to_string().into();
+        inv["lines"][0]["line_amount"] = (-d).to_string().into();
+        inv["subtotal"] = (sub - la - d).to_string().into();
+        inv["total"] = (total - la - d).to_string().into();
+        validate(&inv, None).unwrap();
+    }
+
+    /// A no-tax document carries no tax on any line, even when the lines'
+    /// tax cancels out in the total.
+    #[test]
+    fn a_no_tax_document_has_no_tax_on_any_line() {
+        let mut v = sample("invoice.json");
+        v["tax_basis"] = "no-tax".into();
+        v["total_tax"] = "0".into();
+        let n = v["lines"].as_array().unwrap().len();
+        for i in 0..n {
+            v["lines"][i]["tax_amount"] = "0".into();
+        }
+        v["lines"][0]["tax_amount"] = "5.00".into();
+        v["lines"][1]["tax_amount"] = "-5.00".into();
+        v["total"] = v["subtotal"].clone();
+        let errs = validate(&v, None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["lines[0].tax_amount", "lines[1].tax_amount"],
+            "{errs:?}"
+        );
+    }
+
+    /// The 255-character limits count characters, not bytes: a number in
+    /// CJK script fits when it has 255 characters or fewer.
+    #[test]
+    fn lengths_count_characters() {
+        let mut v = sample("invoice.json");
+        v["number"] = "請".repeat(200).into();
+        validate(&v, None).unwrap();
+        v["number"] = "請".repeat(256).into();
+        let errs = validate(&v, None).unwrap_err();
+        assert_eq!(errs[0].field, "number");
     }
 
     /// Currencies introduced lately are known (the Caribbean guilder

@@ -1236,6 +1236,50 @@ fn keys_cli(command: &str, database: &str, key_file: &std::path::Path) -> String
     said
 }
 
+/// `keys rotate` or `keys revoke` against a database that does not exist
+/// (a mistyped or forgotten `--database`) fails, naming it, and neither
+/// creates a database nor adds a key to the key file: a rotation that
+/// re-encrypted nothing made `keys status` call the key in use "no longer
+/// used".
+#[test]
+fn key_commands_refuse_a_database_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys");
+    std::fs::write(
+        &key_file,
+        format!("{}\n", ledgerport::crypto::generate_key()),
+    )
+    .unwrap();
+    let before = std::fs::read_to_string(&key_file).unwrap();
+    let db = dir.path().join("typo.db");
+    let url = format!("sqlite://{}", db.display());
+    for args in [
+        vec!["keys", "rotate", "--database", url.as_str(), "--key-file"],
+        vec![
+            "keys",
+            "revoke",
+            "k-1",
+            "--database",
+            url.as_str(),
+            "--key-file",
+        ],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+            .args(&args)
+            .arg(&key_file)
+            .env_remove("LEDGERPORT_SECRET_KEY")
+            .env_remove("LEDGERPORT_CONFIG")
+            .env("LEDGERPORT_LOG", "error")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains("no such database file"), "{args:?}: {err}");
+        assert!(!db.exists(), "{args:?} created {}", db.display());
+        assert_eq!(std::fs::read_to_string(&key_file).unwrap(), before);
+    }
+}
+
 /// `ledgerport keys rotate` while a daemon runs: the daemon, whose ring
 /// came from the same key file, reads the file again when it meets the new
 /// key, so its connections keep working without a restart, and what it

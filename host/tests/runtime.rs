@@ -697,6 +697,47 @@ async fn waiting_for_a_rate_slot_does_not_count_against_the_deadline() {
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// A connector spinning on a document gives its thread back to the
+/// executor while it runs: on a runtime with one worker thread, a timer
+/// elsewhere still fires on time (before, the loop held the thread until
+/// its deadline, and with it ingest, the admin API and every other
+/// tenant's calls), and the loop is still stopped at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_looping_connector_does_not_hold_its_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = install(dir.path(), "hostile_connector", HOSTILE);
+    let rt = std::sync::Arc::new(runtime(small_config()));
+    let plugin = std::sync::Arc::new(rt.load(&manifest, &BTreeMap::new()).unwrap());
+    let started = Instant::now();
+    let looping = {
+        let (rt, plugin) = (rt.clone(), plugin.clone());
+        tokio::spawn(async move {
+            rt.deliver(&plugin, &context("t", &[]), delivery("d"), invoice("loop"))
+                .await
+        })
+    };
+    // Another task on the same (only) worker: a short timer, twice.
+    let timer = tokio::spawn(async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t.elapsed()
+    });
+    let took = timer.await.unwrap();
+    assert!(
+        took < Duration::from_millis(600),
+        "a 50 ms timer took {took:?} beside a looping connector"
+    );
+    assert!(!looping.is_finished(), "the loop ended early");
+    let e = looping.await.unwrap().unwrap_err();
+    assert!(matches!(e, CallError::Deadline { .. }), "{e}");
+    let all = started.elapsed();
+    assert!(
+        all >= Duration::from_millis(1_900) && all < Duration::from_secs(6),
+        "stopped after {all:?} (deadline 2 s)"
+    );
+}
+
 /// Credentials whose token endpoint never answers (bearer and refresh
 /// wait forever).
 struct HungTokenEndpoint;

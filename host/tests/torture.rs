@@ -867,7 +867,24 @@ async fn hostile_connectors_fail_alone_and_other_tenants_keep_delivering() {
         .connect_without_grant("refuse-1", "hostile", "mallory")
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("refused by the check"), "{e}");
+    assert!(e.to_string().contains("is refused by the check"), "{e}");
+    // A check's answer is cleaned like a delivery's before it is kept or
+    // shown: no NUL (PostgreSQL cannot store one), a name of bounded size.
+    store
+        .upsert_tenant("nul-org-1", "Nul Ltd", &[], 0)
+        .await
+        .unwrap();
+    let named = p
+        .d()
+        .connections
+        .connect_without_grant("nul-org-1", "hostile", "mallory")
+        .await
+        .unwrap();
+    let name = named.connection.external_tenant_name.unwrap_or_default();
+    assert!(
+        name.starts_with("hostilexxx") && name.chars().count() <= 200,
+        "{name:?}"
+    );
     assert!(
         store
             .connection_for("refuse-1", "hostile")

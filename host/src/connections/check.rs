@@ -118,7 +118,11 @@ impl Connections {
             ConnectError::Store(s) => CheckError::Store(s),
             other => CheckError::Failed(other.to_string()),
         })?;
-        match p.runtime.check(&p.plugin, &ctx).await {
+        let checked = p.runtime.check(&p.plugin, &ctx).await.map(|r| {
+            r.map(crate::runtime::clean::check_report)
+                .map_err(crate::runtime::clean::error)
+        });
+        match checked {
             Ok(Ok(report)) => Ok(report),
             Ok(Err(wit::DeliveryError::NeedsReauth(m))) => {
                 self.mark_needs_reauth(&conn, &m).await;

@@ -656,7 +656,11 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                     "key_file: keys rotate adds the new key to a key file; give --key-file or {KEY_FILE_ENV}"
                 ))
             })?;
-            let s = Store::open_and_migrate(&store.database).await?;
+            // An existing database only: rotating against a mistyped or
+            // missing --database added a key to the shared key file and
+            // re-encrypted nothing, and `keys status` then called the key
+            // still in use "no longer used".
+            let s = Store::open_existing(&store.database).await?;
             let new_key = generate_key();
             append_key(&path, &new_key)?;
             // The env's keys, then the file's; the key just added is the newest.
@@ -735,7 +739,11 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
                     )));
                 }
             };
+            let new_file = Store::sqlite_file(&store.database).filter(|f| !f.exists());
             let s = Store::open_and_migrate(&store.database).await?;
+            if let Some(f) = new_file {
+                eprintln!("note: created a new database {}", f.display());
+            }
             if let KeyScope::Tenant(t) = &scope
                 && s.tenant(t).await?.is_none()
             {
@@ -758,7 +766,7 @@ async fn run_inner(cmd: ConnectionsCommand, json: bool) -> Result<(), Fail> {
         ConnectionsCommand::Keys {
             command: KeysCommand::Revoke { id, store },
         } => {
-            let s = Store::open_and_migrate(&store.database).await?;
+            let s = Store::open_existing(&store.database).await?;
             if !s.revoke_key(&id, chrono::Utc::now().timestamp()).await? {
                 return Err(bad(format!("id: no active key {id:?}")));
             }

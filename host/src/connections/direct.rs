@@ -87,7 +87,11 @@ impl Connections {
             // leaves nothing under an id that never becomes a connection.
             ctx.kv = std::sync::Arc::new(MemoryKv::default());
         }
-        let report = match p.runtime.check(&p.plugin, &ctx).await {
+        let checked = p.runtime.check(&p.plugin, &ctx).await.map(|r| {
+            r.map(crate::runtime::clean::check_report)
+                .map_err(crate::runtime::clean::error)
+        });
+        let report = match checked {
             Ok(Ok(report)) => report,
             // Its words without the "needs re-authorisation" framing: there
             // is no grant here, only settings to fix.

@@ -264,7 +264,12 @@ impl Connections {
             .external_tenant_name
             .clone()
             .unwrap_or_else(|| scope.connector_id.clone());
-        match p.runtime.list_accounts(&p.plugin, &ctx).await {
+        let listed = p
+            .runtime
+            .list_accounts(&p.plugin, &ctx)
+            .await
+            .map(|r| r.map_err(crate::runtime::clean::error));
+        match listed {
             Ok(Ok(list)) => Ok(Some((org, list))),
             Ok(Err(wit::DeliveryError::NeedsReauth(m))) => {
                 self.mark_needs_reauth(&conn, &m).await;

@@ -1,7 +1,8 @@
 //! What a connector answers, made safe to store and to show: the one place
-//! where a receipt's or an error's text from the guest is checked before the
-//! host keeps it (the dispatcher applies it to every delivery's answer; the
-//! runtime itself returns answers as the guest gave them, so tests of a
+//! where a receipt's, a check's or an error's text from the guest is checked
+//! before the host keeps it (the dispatcher applies it to every delivery's
+//! answer, the connections service to every check's and account list's;
+//! the runtime itself returns answers as the guest gave them, so tests of a
 //! connector see its own words).
 //!
 //! A connector is untrusted code. Its strings end up in the database (a NUL
@@ -87,6 +88,25 @@ pub fn receipt(plugin: &str, r: wit::Receipt) -> wit::Receipt {
             .take(MAX_ITEMS)
             .map(|n| text(n, MAX_TEXT))
             .filter(|n| !n.trim().is_empty())
+            .collect(),
+    }
+}
+
+/// The longest organisation name kept from a connector's check (chars).
+pub const MAX_NAME: usize = 200;
+
+/// A check's report as the host keeps it: the organisation's name (stored
+/// on the connection, shown on the page and in notices) and its details
+/// cleaned and bounded.
+pub fn check_report(r: wit::CheckReport) -> wit::CheckReport {
+    wit::CheckReport {
+        organisation_name: text(&r.organisation_name, MAX_NAME),
+        details: r
+            .details
+            .iter()
+            .take(MAX_ITEMS)
+            .map(|d| text(d, MAX_TEXT))
+            .filter(|d| !d.trim().is_empty())
             .collect(),
     }
 }

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use v0_1::ledgerport::connector::types as wit;
 use wasmtime::component::{Component, HasData, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
@@ -426,6 +426,9 @@ const LINEAR_MEMORY_KEEP_RESIDENT: usize = 512 * 1024;
 /// Epoch tick length: the deadline's resolution.
 const TICK: Duration = Duration::from_millis(10);
 
+/// Ticks of guest code between two yields to the executor.
+const YIELD_TICKS: u64 = 1;
+
 /// Epoch ticks due `elapsed` after the ticker started: whole ticks only,
 /// so a deadline of n ticks never fires before n ticks of wall time.
 fn ticks_due(elapsed: Duration) -> u64 {
@@ -517,7 +520,7 @@ impl Runtime {
                 // Ticks follow the wall clock, not the count of sleeps: a
                 // sleep on a loaded machine overruns, and a ticker that
                 // only counted its sleeps would let deadlines drift late.
-                let start = std::time::Instant::now();
+                let start = Instant::now();
                 let mut sent = 0u64;
                 while !s2.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
@@ -706,23 +709,32 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
-        let ticks = (self.config.deadline.as_millis() / TICK.as_millis()).max(1) as u64;
-        match WaitCredit::of(ctx) {
-            // Time spent waiting for the provider's rate slots does not
-            // count against the deadline: when it is reached, the deadline
-            // moves on by the wait not yet credited, and only then traps.
-            Some(mut credit) => {
-                store.epoch_deadline_callback(move |_| {
-                    let extra = (credit.take().as_millis() / TICK.as_millis()) as u64;
-                    Ok(if extra > 0 {
-                        UpdateDeadline::Continue(extra)
-                    } else {
-                        UpdateDeadline::Interrupt
-                    })
-                });
+        // Guest code gives its thread back to the executor every tick: a
+        // connector spinning on one document must not hold one of the
+        // daemon's few worker threads (ingest, the admin API, lease
+        // renewals and every other tenant's calls) until its deadline. The
+        // deadline is absolute, from the store's creation: time spent
+        // waiting for the provider's rate slots is added to it (credited
+        // once, however long the wait).
+        let budget = self.config.deadline;
+        let started = Instant::now();
+        let mut credit = WaitCredit::of(ctx);
+        let mut credited = Duration::ZERO;
+        store.epoch_deadline_callback(move |_| {
+            if let Some(c) = credit.as_mut() {
+                credited += c.take();
             }
-            None => store.epoch_deadline_trap(),
-        }
+            let used = started.elapsed().saturating_sub(credited);
+            let Some(left) = budget.checked_sub(used).filter(|l| !l.is_zero()) else {
+                return Ok(UpdateDeadline::Interrupt);
+            };
+            let ticks = (left.as_millis() / TICK.as_millis()).clamp(1, YIELD_TICKS as u128) as u64;
+            Ok(UpdateDeadline::YieldCustom(
+                ticks,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        let ticks = (budget.as_millis() / TICK.as_millis()).clamp(1, YIELD_TICKS as u128) as u64;
         store.set_epoch_deadline(ticks);
         (store, tail)
     }

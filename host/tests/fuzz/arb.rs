@@ -282,31 +282,41 @@ pub fn valid_document() -> impl Strategy<Value = Value> {
                 let no_tax = basis == "no-tax";
                 // Money in the currency's decimals (none for the yen).
                 let minor = ledgerport::ingest::minor_units(&currency);
-                let mut out = Vec::new();
-                let (mut sum_la, mut sum_tax) = (Decimal::ZERO, Decimal::ZERO);
-                for l in &lines {
-                    let la = (l.quantity * l.unit).round_dp(minor);
-                    let tax = if no_tax { Decimal::ZERO } else { l.tax.round_dp(minor) };
-                    sum_la += la;
-                    sum_tax += tax;
-                    let mut line = json!({
-                        "kind": l.kind,
-                        "description": l.description,
-                        "quantity": l.quantity.to_string(),
-                        "unit_amount": l.unit.to_string(),
-                        "tax_amount": tax.to_string(),
-                        "line_amount": la.to_string(),
-                    });
-                    if let Some(e) = &l.employee {
-                        line["employee"] = json!(e);
+                // Lines may be negative (a discount), the document's total
+                // may not: with a negative total every line is turned over.
+                let build = |sign: Decimal| {
+                    let mut out = Vec::new();
+                    let (mut sum_la, mut sum_tax) = (Decimal::ZERO, Decimal::ZERO);
+                    for l in &lines {
+                        let unit = l.unit * sign;
+                        let la = (l.quantity * unit).round_dp(minor);
+                        let tax = if no_tax { Decimal::ZERO } else { (l.tax * sign).round_dp(minor) };
+                        sum_la += la;
+                        sum_tax += tax;
+                        let mut line = json!({
+                            "kind": l.kind,
+                            "description": l.description,
+                            "quantity": l.quantity.to_string(),
+                            "unit_amount": unit.to_string(),
+                            "tax_amount": tax.to_string(),
+                            "line_amount": la.to_string(),
+                        });
+                        if let Some(e) = &l.employee {
+                            line["employee"] = json!(e);
+                        }
+                        out.push(line);
                     }
-                    out.push(line);
-                }
-                let (subtotal, total) = if basis == "inclusive" {
-                    (sum_la - sum_tax, sum_la)
-                } else {
-                    (sum_la, sum_la + sum_tax)
+                    let (subtotal, total) = if basis == "inclusive" {
+                        (sum_la - sum_tax, sum_la)
+                    } else {
+                        (sum_la, sum_la + sum_tax)
+                    };
+                    (out, sum_tax, subtotal, total)
                 };
+                let (mut out, mut sum_tax, mut subtotal, mut total) = build(Decimal::ONE);
+                if total < Decimal::ZERO {
+                    (out, sum_tax, subtotal, total) = build(Decimal::NEGATIVE_ONE);
+                }
                 let mut doc = json!({
                     "id": id,
                     "tenant_id": tenant,

@@ -23,8 +23,10 @@
 //! | `mapped-mapping` | needs a mapping for line 0's kind (also when mapped) |
 //! | anything else | behaves: returns a receipt                              |
 //!
-//! Its `check` writes to its kv store every time, and refuses a tenant whose
-//! id starts with `refuse`.
+//! Its `check` writes to its kv store every time, refuses a tenant whose id
+//! starts with `refuse` (a NUL in its reason), and names the organisation
+//! of a tenant whose id starts with `nul-org` with a NUL and 5,000 more
+//! characters.
 
 use ledgerport_sdk::{
     AccountList, CheckReport, Connector, ConnectorInfo, Delivery, DeliveryError, Document,
@@ -68,10 +70,19 @@ impl Connector for Hostile {
         let info = connection::info();
         let _ = kv::set_string("checked", &info.connection_id);
         if info.tenant_id.starts_with("refuse") {
-            return Err(errors::needs_reauth("this tenant is refused by the check"));
+            return Err(errors::needs_reauth(
+                "this tenant is\0 refused by the check",
+            ));
         }
+        // A name no organisation has: a NUL (PostgreSQL cannot store one)
+        // and far too long.
+        let organisation_name = if info.tenant_id.starts_with("nul-org") {
+            format!("hostile\0{}", "x".repeat(5_000))
+        } else {
+            "hostile".into()
+        };
         Ok(CheckReport {
-            organisation_name: "hostile".into(),
+            organisation_name,
             details: vec![],
         })
     }
