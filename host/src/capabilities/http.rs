@@ -465,6 +465,10 @@ pub struct HttpCapability {
     /// asks for it and reused by the rest of this call (a delivery makes
     /// several requests; each fetch reads and decrypts the stored token).
     credential: Option<Credential>,
+    /// A 401 already made this call refresh the token: a later 401 goes
+    /// back to the connector as it is (a connector looping on an endpoint
+    /// that answers 401 would otherwise rotate the grant at every request).
+    refreshed: bool,
 }
 
 impl HttpCapability {
@@ -488,6 +492,7 @@ impl HttpCapability {
             rate,
             calls: 0,
             credential: None,
+            refreshed: false,
         }
     }
 
@@ -569,8 +574,10 @@ impl HttpCapability {
         };
         let mut resp = self.round_trip(&out, credential.as_ref()).await?;
         if resp.status == 401
+            && !self.refreshed
             && let Some(old) = &credential
         {
+            self.refreshed = true;
             let fresh = self
                 .bounded(self.credentials.refresh(&self.connection_id, old))
                 .await?;
@@ -666,6 +673,78 @@ impl wit::Host for HttpCapability {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A provider that answers 401 to everything.
+    struct Refusing;
+
+    #[async_trait]
+    impl HttpTransport for Refusing {
+        async fn send(
+            &self,
+            _: OutboundRequest,
+            _: u64,
+            _: Duration,
+        ) -> Result<InboundResponse, TransportError> {
+            Ok(InboundResponse {
+                status: 401,
+                headers: vec![],
+                body: vec![],
+            })
+        }
+    }
+
+    /// Credentials that count refreshes.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicU32);
+
+    #[async_trait]
+    impl CredentialProvider for Counting {
+        async fn bearer(&self, _: &str) -> Result<Credential, CredentialError> {
+            Ok(Credential {
+                access_token: "t0".into(),
+            })
+        }
+        async fn refresh(&self, _: &str, _: &Credential) -> Result<Credential, CredentialError> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            Ok(Credential {
+                access_token: format!("t{n}"),
+            })
+        }
+    }
+
+    /// A 401 refreshes the token and retries once per call: a connector
+    /// looping on an endpoint that keeps answering 401 gets the 401 back
+    /// from then on, rather than rotating the grant at every request.
+    #[tokio::test]
+    async fn a_401_refreshes_once_per_call() {
+        let policy = HttpPolicy::new(&["https://api.example.com".into()], &BTreeMap::new())
+            .unwrap()
+            .with_oauth(true);
+        let creds = Arc::new(Counting::default());
+        let mut cap = HttpCapability::new(
+            "p".into(),
+            "c".into(),
+            Arc::new(policy),
+            Arc::new(Refusing),
+            creds.clone(),
+            HttpLimits::default(),
+            None,
+        );
+        for _ in 0..3 {
+            let r = cap
+                .send_inner(wit::Request {
+                    method: wit::Method::Get,
+                    url: "https://api.example.com/x".into(),
+                    headers: vec![],
+                    body: None,
+                    with_credentials: true,
+                })
+                .await
+                .unwrap();
+            assert_eq!(r.status, 401);
+        }
+        assert_eq!(creds.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     /// A request that hangs ends as the connector's `Timeout` (which it
     /// reports in its own words), not as the call cut off at its deadline.

@@ -64,6 +64,25 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// `s` on one line: control characters (a newline, a carriage return, an
+/// escape sequence) written as escapes, so a guest cannot write lines that
+/// look like the daemon's own in a plain-text log.
+pub fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 impl wit::Host for LogCapability {
     async fn log(&mut self, level: wit::Level, message: String) {
         if self.emitted >= self.limits.max_lines {
@@ -76,7 +95,7 @@ impl wit::Host for LogCapability {
         }
         self.emitted += 1;
         self.stats.log_lines.fetch_add(1, Ordering::Relaxed);
-        let msg = truncate_utf8(&message, self.limits.max_line_bytes);
+        let msg = one_line(truncate_utf8(&message, self.limits.max_line_bytes));
         let plugin = &*self.plugin_id;
         match level {
             wit::Level::Trace => tracing::trace!(target: "plugin", plugin, "{msg}"),
@@ -85,5 +104,23 @@ impl wit::Host for LogCapability {
             wit::Level::Warn => tracing::warn!(target: "plugin", plugin, "{msg}"),
             wit::Level::Error => tracing::error!(target: "plugin", plugin, "{msg}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod one_line_tests {
+    use super::one_line;
+
+    /// A guest's message cannot start a line of its own in the log.
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            one_line("a\nINFO ledgerport: delivered\r\u{1b}[0m"),
+            "a\\nINFO ledgerport: delivered\\r\\u{1b}[0m"
+        );
+        assert!(matches!(
+            one_line("plain é 中"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }
