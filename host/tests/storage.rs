@@ -181,6 +181,54 @@ async fn kv_roundtrip(db: TestDb) {
 }
 both!(kv_roundtrip_sqlite, kv_roundtrip_postgres, kv_roundtrip);
 
+/// A connection's kv store holds at most its limit of keys: a new key past
+/// it is refused saying so, an existing key is still replaced, and another
+/// connection is not affected.
+async fn kv_holds_at_most_its_limit_of_keys(db: TestDb) {
+    use ledgerport::store::kv::MAX_KEYS_PER_CONNECTION;
+    let s = db.store().await;
+    // All but one key at once (a thousand single writes are slow to sync).
+    let fill = format!(
+        "INSERT INTO kv (connection_id, key, value, updated_at)
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})
+         SELECT 'c1', 'k' || i, CAST('v' AS {}), 0 FROM n",
+        MAX_KEYS_PER_CONNECTION - 1,
+        if matches!(db, TestDb::Postgres { .. }) {
+            "BYTEA"
+        } else {
+            "BLOB"
+        }
+    );
+    match s.pool() {
+        ledgerport::store::Pool::Sqlite(p) => {
+            sqlx::query(&fill).execute(p).await.unwrap();
+        }
+        ledgerport::store::Pool::Postgres(p) => {
+            sqlx::query(&fill).execute(p).await.unwrap();
+        }
+    }
+    s.set("c1", "last", b"fits").await.unwrap();
+    let e = s.set("c1", "one-more", b"x").await.unwrap_err();
+    assert!(e.to_string().contains("limit of 1000 keys"), "{e}");
+    s.set("c1", "last", b"replaced").await.unwrap();
+    assert_eq!(
+        KvStore::get(&s, "c1", "last").await.unwrap(),
+        Some(b"replaced".to_vec())
+    );
+    assert_eq!(
+        s.kv_keys("c1").await.unwrap().len() as i64,
+        MAX_KEYS_PER_CONNECTION
+    );
+    s.set("c2", "contact", b"other").await.unwrap();
+    s.delete("c1", "k1").await.unwrap();
+    s.set("c1", "one-more", b"x").await.unwrap();
+}
+both!(
+    kv_limit_sqlite,
+    kv_limit_postgres,
+    kv_holds_at_most_its_limit_of_keys
+);
+
 async fn states_are_single_use_and_expire(db: TestDb) {
     let s = db.store().await;
     let k = keys(1);

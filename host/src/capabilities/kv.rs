@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex, RwLock};
 pub const MAX_KEY_BYTES: usize = 256;
 /// Largest value accepted.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// The most writes (sets and deletes) one call makes: a connector caches a
+/// few values a delivery; thousands in one call are a runaway loop, each a
+/// write to the shared database.
+pub const MAX_WRITES_PER_CALL: u32 = 100;
 
 /// Storage behind the capability, keyed by connection.
 #[async_trait]
@@ -132,6 +136,8 @@ impl KvStore for ReadAheadKv {
 pub struct KvCapability {
     store: Arc<dyn KvStore>,
     connection_id: String,
+    /// Writes (sets and deletes) made in this call.
+    writes: u32,
 }
 
 impl KvCapability {
@@ -140,6 +146,7 @@ impl KvCapability {
         Self {
             store,
             connection_id,
+            writes: 0,
         }
     }
 }
@@ -156,6 +163,12 @@ impl wit::Host for KvCapability {
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.writes += 1;
+        if self.writes > MAX_WRITES_PER_CALL {
+            return Err(format!(
+                "more than {MAX_WRITES_PER_CALL} kv writes in one call"
+            ));
+        }
         if key.is_empty() || key.len() > MAX_KEY_BYTES {
             return Err(format!("kv key must be 1 to {MAX_KEY_BYTES} bytes"));
         }
@@ -172,6 +185,13 @@ impl wit::Host for KvCapability {
     }
 
     async fn delete(&mut self, key: String) {
+        self.writes += 1;
+        if self.writes > MAX_WRITES_PER_CALL {
+            if self.writes == MAX_WRITES_PER_CALL + 1 {
+                tracing::warn!(connection = %self.connection_id, "more than {MAX_WRITES_PER_CALL} kv writes in one call; further deletes ignored");
+            }
+            return;
+        }
         if let Err(e) = self.store.delete(&self.connection_id, &key).await {
             tracing::warn!(error = %e, "kv delete failed");
         }
@@ -202,6 +222,29 @@ mod tests {
     /// them, so an answer from the store would show); a key the call wrote
     /// or deleted, a key not in the read and another connection's keys
     /// are the store's; writes reach the store.
+    /// One call makes at most its limit of kv writes: a runaway loop is
+    /// refused past it, each write being one to the shared database.
+    #[tokio::test]
+    async fn a_call_makes_at_most_its_limit_of_writes() {
+        use wit::Host;
+        let store = Arc::new(MemoryKv::default());
+        let mut cap = KvCapability::new(store.clone(), "c1".into());
+        for i in 0..MAX_WRITES_PER_CALL {
+            cap.set(format!("k{i}"), b"v".to_vec()).await.unwrap();
+        }
+        let e = cap.set("one-more".into(), b"v".to_vec()).await.unwrap_err();
+        assert!(e.contains("kv writes in one call"), "{e}");
+        cap.delete("k0".into()).await;
+        assert!(
+            store.get("c1", "k0").await.unwrap().is_some(),
+            "deleted past the limit"
+        );
+        assert!(store.get("c1", "one-more").await.unwrap().is_none());
+        // The next call has its own budget.
+        let mut next = KvCapability::new(store.clone(), "c1".into());
+        next.set("one-more".into(), b"v".to_vec()).await.unwrap();
+    }
+
     #[tokio::test]
     async fn read_ahead_answers_until_the_call_writes() {
         let store = Arc::new(MemoryKv::default());

@@ -5,6 +5,9 @@ use super::{Store, on_pool};
 use crate::capabilities::kv::KvStore;
 use async_trait::async_trait;
 
+/// The most keys one connection's kv store holds.
+pub const MAX_KEYS_PER_CONNECTION: i64 = 1_000;
+
 impl Store {
     /// Every key of a connection, sorted (for inspection and tests).
     pub async fn kv_keys(&self, connection_id: &str) -> Result<Vec<String>, super::StoreError> {
@@ -33,9 +36,15 @@ impl KvStore for Store {
 
     async fn set(&self, connection_id: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
         let now = chrono::Utc::now().timestamp();
-        on_pool!(self, p => {
+        // A new key only while the connection holds fewer than its limit
+        // (a connector writing a new key at every delivery would grow the
+        // database without end); an existing key is always replaced.
+        let n = on_pool!(self, p => {
             sqlx::query(
-                "INSERT INTO kv (connection_id, key, value, updated_at) VALUES ($1, $2, $3, $4)
+                "INSERT INTO kv (connection_id, key, value, updated_at)
+                 SELECT $1, $2, $3, $4
+                 WHERE (SELECT COUNT(*) FROM kv WHERE connection_id = $1) < $5
+                    OR EXISTS (SELECT 1 FROM kv WHERE connection_id = $1 AND key = $2)
                  ON CONFLICT (connection_id, key) DO UPDATE SET value = excluded.value,
                    updated_at = excluded.updated_at",
             )
@@ -43,9 +52,16 @@ impl KvStore for Store {
             .bind(key)
             .bind(value)
             .bind(now)
+            .bind(MAX_KEYS_PER_CONNECTION)
             .execute(p)
-            .await?;
+            .await?
+            .rows_affected()
         });
+        if n == 0 {
+            anyhow::bail!(
+                "the connection's kv store holds its limit of {MAX_KEYS_PER_CONNECTION} keys; delete keys no longer needed before adding more"
+            );
+        }
         Ok(())
     }
 
