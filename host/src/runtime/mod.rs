@@ -260,6 +260,9 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
+    /// The memory cap across all of the component's linear memories
+    /// (`StoreLimits` caps each one; a component may have several).
+    memory: MemoryBudget,
     memory_denied: bool,
     http: HttpCapability,
     mapping: MappingCapability,
@@ -277,6 +280,29 @@ impl WasiView for HostState {
     }
 }
 
+/// Linear memory a call's component holds, all its memories together,
+/// against the call's cap.
+#[derive(Debug, Clone, Copy)]
+struct MemoryBudget {
+    limit: usize,
+    used: usize,
+}
+
+impl MemoryBudget {
+    /// Whether a memory may grow from `current` to `desired` bytes; if so
+    /// the growth is counted.
+    fn grow(&mut self, current: usize, desired: usize) -> bool {
+        let more = desired.saturating_sub(current);
+        match self.used.checked_add(more) {
+            Some(total) if total <= self.limit => {
+                self.used = total;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl wasmtime::ResourceLimiter for HostState {
     fn memory_growing(
         &mut self,
@@ -284,7 +310,11 @@ impl wasmtime::ResourceLimiter for HostState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = self.limits.memory_growing(current, desired, maximum);
+        let ok = if self.memory.grow(current, desired) {
+            self.limits.memory_growing(current, desired, maximum)
+        } else {
+            Ok(false)
+        };
         if !matches!(ok, Ok(true)) {
             self.memory_denied = true;
         }
@@ -683,6 +713,10 @@ impl Runtime {
                 .memories(4)
                 .trap_on_grow_failure(true)
                 .build(),
+            memory: MemoryBudget {
+                limit: self.config.memory_limit,
+                used: 0,
+            },
             memory_denied: false,
             http: HttpCapability::new(
                 plugin.id.clone(),
@@ -1048,6 +1082,21 @@ fn check_component(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_cap_counts_every_memory_together() {
+        let mut b = MemoryBudget {
+            limit: 64 << 20,
+            used: 0,
+        };
+        // Two memories of 40 MiB do not fit a 64 MiB cap together.
+        assert!(b.grow(0, 40 << 20));
+        assert!(!b.grow(0, 40 << 20));
+        assert!(b.grow(0, 24 << 20));
+        assert!(!b.grow(24 << 20, (24 << 20) + 65_536));
+        assert_eq!(b.used, 64 << 20);
+        assert!(!b.grow(0, usize::MAX));
+    }
 
     #[test]
     fn epoch_ticks_follow_the_wall_clock() {
