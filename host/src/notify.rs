@@ -411,10 +411,12 @@ pub async fn pump(
             }
             Err(e) => e,
         };
-        // Refused for good with several recipients (lettre gives up on the
-        // whole message when one RCPT is refused): one at a time, within
-        // half the lease, so the good addresses still get it.
-        if e.permanent && m.recipients.len() > 1 {
+        // Refused with several recipients (lettre gives up on the whole
+        // message when one RCPT is refused, for good or for now: a full
+        // mailbox, greylisting): one at a time, within half the lease, so
+        // the good addresses still get it. (A server that is down refuses
+        // each of them too: nothing is sent, and the mail is retried.)
+        if m.recipients.len() > 1 {
             let started = std::time::Instant::now();
             let (mut delivered, mut owed, mut refused) = (0, Vec::new(), Vec::new());
             for (i, r) in m.recipients.iter().enumerate() {
