@@ -268,6 +268,7 @@ impl Mailer {
             return Err(SendError {
                 message: format!("no recipient is an e-mail address ({})", to.join(", ")),
                 permanent: true,
+                replied: false,
             });
         }
         let msg = b
@@ -278,6 +279,7 @@ impl Mailer {
             .map_err(|e| SendError {
                 message: e.to_string(),
                 permanent: true,
+                replied: false,
             })?;
         self.transport
             .send(msg)
@@ -285,6 +287,7 @@ impl Mailer {
             .map(|_| ())
             .map_err(|e| SendError {
                 permanent: e.is_permanent(),
+                replied: e.is_permanent() || e.is_transient(),
                 message: e.to_string(),
             })
     }
@@ -298,6 +301,10 @@ pub struct SendError {
     /// Whether sending it again cannot help (a 5xx answer, no usable
     /// recipient): the notice is then given up, not retried for ever.
     pub permanent: bool,
+    /// Whether the SMTP server answered (a 4xx or 5xx reply), rather than
+    /// not being reached at all: only then is a refusal possibly about one
+    /// of several addresses.
+    pub replied: bool,
 }
 
 impl std::fmt::Display for SendError {
@@ -414,9 +421,10 @@ pub async fn pump(
         // Refused with several recipients (lettre gives up on the whole
         // message when one RCPT is refused, for good or for now: a full
         // mailbox, greylisting): one at a time, within half the lease, so
-        // the good addresses still get it. (A server that is down refuses
-        // each of them too: nothing is sent, and the mail is retried.)
-        if m.recipients.len() > 1 {
+        // the good addresses still get it.
+        // Only when the server answered: one that cannot be reached is
+        // not asked again once per address.
+        if e.replied && m.recipients.len() > 1 {
             let started = std::time::Instant::now();
             let (mut delivered, mut owed, mut refused) = (0, Vec::new(), Vec::new());
             for (i, r) in m.recipients.iter().enumerate() {

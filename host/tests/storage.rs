@@ -182,8 +182,9 @@ async fn kv_roundtrip(db: TestDb) {
 both!(kv_roundtrip_sqlite, kv_roundtrip_postgres, kv_roundtrip);
 
 /// A connection's kv store holds at most its limit of keys: a new key past
-/// it is refused saying so, an existing key is still replaced, and another
-/// connection is not affected.
+/// it takes the place of the one written longest ago (kv is a cache), an
+/// existing key is replaced in place, and another connection is not
+/// affected.
 async fn kv_holds_at_most_its_limit_of_keys(db: TestDb) {
     use ledgerport::store::kv::MAX_KEYS_PER_CONNECTION;
     let s = db.store().await;
@@ -191,7 +192,7 @@ async fn kv_holds_at_most_its_limit_of_keys(db: TestDb) {
     let fill = format!(
         "INSERT INTO kv (connection_id, key, value, updated_at)
          WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})
-         SELECT 'c1', 'k' || i, CAST('v' AS {}), 0 FROM n",
+         SELECT 'c1', 'k' || i, CAST('v' AS {}), i FROM n",
         MAX_KEYS_PER_CONNECTION - 1,
         if matches!(db, TestDb::Postgres { .. }) {
             "BYTEA"
@@ -208,20 +209,32 @@ async fn kv_holds_at_most_its_limit_of_keys(db: TestDb) {
         }
     }
     s.set("c1", "last", b"fits").await.unwrap();
-    let e = s.set("c1", "one-more", b"x").await.unwrap_err();
-    assert!(e.to_string().contains("limit of 1000 keys"), "{e}");
+    let count = || async { s.kv_keys("c1").await.unwrap().len() as i64 };
+    assert_eq!(count().await, MAX_KEYS_PER_CONNECTION);
+    // Replaced in place: nothing evicted.
     s.set("c1", "last", b"replaced").await.unwrap();
+    assert_eq!(count().await, MAX_KEYS_PER_CONNECTION);
+    assert_eq!(
+        KvStore::get(&s, "c1", "k1").await.unwrap(),
+        Some(b"v".to_vec())
+    );
+    // A new key: the oldest (k1) makes room.
+    s.set("c1", "one-more", b"x").await.unwrap();
+    assert_eq!(count().await, MAX_KEYS_PER_CONNECTION);
+    assert_eq!(KvStore::get(&s, "c1", "k1").await.unwrap(), None);
     assert_eq!(
         KvStore::get(&s, "c1", "last").await.unwrap(),
         Some(b"replaced".to_vec())
     );
     assert_eq!(
-        s.kv_keys("c1").await.unwrap().len() as i64,
-        MAX_KEYS_PER_CONNECTION
+        KvStore::get(&s, "c1", "one-more").await.unwrap(),
+        Some(b"x".to_vec())
     );
     s.set("c2", "contact", b"other").await.unwrap();
-    s.delete("c1", "k1").await.unwrap();
-    s.set("c1", "one-more", b"x").await.unwrap();
+    assert_eq!(
+        KvStore::get(&s, "c1", "k2").await.unwrap(),
+        Some(b"v".to_vec())
+    );
 }
 both!(
     kv_limit_sqlite,

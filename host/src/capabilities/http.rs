@@ -577,10 +577,12 @@ impl HttpCapability {
             && !self.refreshed
             && let Some(old) = &credential
         {
-            self.refreshed = true;
             let fresh = self
                 .bounded(self.credentials.refresh(&self.connection_id, old))
                 .await?;
+            // Spent only by a refresh that gave a token (one that failed,
+            // a token endpoint timing out, may be tried again).
+            self.refreshed = true;
             out.headers.retain(|(k, _)| k != "authorization");
             resp = self.round_trip(&out, Some(&fresh)).await?;
             self.credential = Some(fresh);

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, RwLock};
 pub const MAX_KEY_BYTES: usize = 256;
 /// Largest value accepted.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
-/// The most writes (sets and deletes) one call makes: a connector caches a
-/// few values a delivery; thousands in one call are a runaway loop, each a
-/// write to the shared database.
+/// The most sets one call makes: a connector caches a few values a
+/// delivery; thousands in one call are a runaway loop, each a write to the
+/// shared database. (Deletes are not counted.)
 pub const MAX_WRITES_PER_CALL: u32 = 100;
 
 /// Storage behind the capability, keyed by connection.
@@ -136,7 +136,7 @@ impl KvStore for ReadAheadKv {
 pub struct KvCapability {
     store: Arc<dyn KvStore>,
     connection_id: String,
-    /// Writes (sets and deletes) made in this call.
+    /// Sets made in this call.
     writes: u32,
 }
 
@@ -166,7 +166,7 @@ impl wit::Host for KvCapability {
         self.writes += 1;
         if self.writes > MAX_WRITES_PER_CALL {
             return Err(format!(
-                "more than {MAX_WRITES_PER_CALL} kv writes in one call"
+                "more than {MAX_WRITES_PER_CALL} kv sets in one call"
             ));
         }
         if key.is_empty() || key.len() > MAX_KEY_BYTES {
@@ -185,13 +185,8 @@ impl wit::Host for KvCapability {
     }
 
     async fn delete(&mut self, key: String) {
-        self.writes += 1;
-        if self.writes > MAX_WRITES_PER_CALL {
-            if self.writes == MAX_WRITES_PER_CALL + 1 {
-                tracing::warn!(connection = %self.connection_id, "more than {MAX_WRITES_PER_CALL} kv writes in one call; further deletes ignored");
-            }
-            return;
-        }
+        // Not counted: a delete does not grow the database, and one dropped
+        // would leave a stale value behind.
         if let Err(e) = self.store.delete(&self.connection_id, &key).await {
             tracing::warn!(error = %e, "kv delete failed");
         }
@@ -218,12 +213,8 @@ mod tests {
             .map(|v| String::from_utf8(v).unwrap())
     }
 
-    /// The read answers its keys (the store holds something else for
-    /// them, so an answer from the store would show); a key the call wrote
-    /// or deleted, a key not in the read and another connection's keys
-    /// are the store's; writes reach the store.
-    /// One call makes at most its limit of kv writes: a runaway loop is
-    /// refused past it, each write being one to the shared database.
+    /// One call makes at most its limit of kv sets: a runaway loop is
+    /// refused past it, each set being a write to the shared database.
     #[tokio::test]
     async fn a_call_makes_at_most_its_limit_of_writes() {
         use wit::Host;
@@ -233,18 +224,20 @@ mod tests {
             cap.set(format!("k{i}"), b"v".to_vec()).await.unwrap();
         }
         let e = cap.set("one-more".into(), b"v".to_vec()).await.unwrap_err();
-        assert!(e.contains("kv writes in one call"), "{e}");
+        assert!(e.contains("kv sets in one call"), "{e}");
+        // A delete still works (not counted: it leaves nothing stale).
         cap.delete("k0".into()).await;
-        assert!(
-            store.get("c1", "k0").await.unwrap().is_some(),
-            "deleted past the limit"
-        );
+        assert!(store.get("c1", "k0").await.unwrap().is_none());
         assert!(store.get("c1", "one-more").await.unwrap().is_none());
         // The next call has its own budget.
         let mut next = KvCapability::new(store.clone(), "c1".into());
         next.set("one-more".into(), b"v".to_vec()).await.unwrap();
     }
 
+    /// The read answers its keys (the store holds something else for
+    /// them, so an answer from the store would show); a key the call wrote
+    /// or deleted, a key not in the read and another connection's keys
+    /// are the store's; writes reach the store.
     #[tokio::test]
     async fn read_ahead_answers_until_the_call_writes() {
         let store = Arc::new(MemoryKv::default());

@@ -24,7 +24,9 @@ use std::sync::Arc;
 /// Where the database and the secret keys are.
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// The database: a SQLite file path (created if missing) or a postgres:// URL.
+    /// The database: a SQLite file path or a postgres:// URL. Commands that
+    /// write create a missing SQLite file (and say so); those that only read,
+    /// and `keys rotate`/`keys revoke`, need it to exist.
     #[arg(long, env = "LEDGERPORT_DATABASE", default_value = "ledgerport.db")]
     pub database: String,
     /// The key file (one base64 key per line, newest last); keys may also

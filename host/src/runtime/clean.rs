@@ -100,7 +100,8 @@ pub const MAX_NAME: usize = 200;
 /// cleaned and bounded.
 pub fn check_report(r: wit::CheckReport) -> wit::CheckReport {
     wit::CheckReport {
-        organisation_name: text(&r.organisation_name, MAX_NAME),
+        // One line: it is stored and shown in tables and headers.
+        organisation_name: text(&r.organisation_name, MAX_NAME).replace(['\n', '\t'], " "),
         details: r
             .details
             .iter()

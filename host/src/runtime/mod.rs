@@ -289,17 +289,16 @@ struct MemoryBudget {
 }
 
 impl MemoryBudget {
-    /// Whether a memory may grow from `current` to `desired` bytes; if so
-    /// the growth is counted.
-    fn grow(&mut self, current: usize, desired: usize) -> bool {
-        let more = desired.saturating_sub(current);
-        match self.used.checked_add(more) {
-            Some(total) if total <= self.limit => {
-                self.used = total;
-                true
-            }
-            _ => false,
-        }
+    /// Whether a memory may grow from `current` to `desired` bytes.
+    fn fits(&self, current: usize, desired: usize) -> bool {
+        self.used
+            .checked_add(desired.saturating_sub(current))
+            .is_some_and(|total| total <= self.limit)
+    }
+
+    /// Count a growth that happened.
+    fn grow(&mut self, current: usize, desired: usize) {
+        self.used = self.used.saturating_add(desired.saturating_sub(current));
     }
 }
 
@@ -310,12 +309,19 @@ impl wasmtime::ResourceLimiter for HostState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = if self.memory.grow(current, desired) {
-            self.limits.memory_growing(current, desired, maximum)
+        // Past the cap of all memories together: a trap, as `StoreLimits`
+        // traps for one memory past it.
+        if !self.memory.fits(current, desired) {
+            self.memory_denied = true;
+            return Err(wasmtime::Error::msg(format!(
+                "the memory limit of {} bytes for all of the connector's memories together is reached",
+                self.memory.limit
+            )));
+        }
+        let ok = self.limits.memory_growing(current, desired, maximum);
+        if matches!(ok, Ok(true)) {
+            self.memory.grow(current, desired);
         } else {
-            Ok(false)
-        };
-        if !matches!(ok, Ok(true)) {
             self.memory_denied = true;
         }
         ok
@@ -826,7 +832,7 @@ impl Runtime {
         tail.flush_to_log();
         if let Err(e) = &result {
             self.stats.call_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(plugin = %plugin.id, error = %e, "connector call failed");
+            tracing::warn!(plugin = %plugin.id, error = %crate::capabilities::log::one_line(&e.to_string()), "connector call failed");
         }
         result
     }
@@ -1090,12 +1096,14 @@ mod tests {
             used: 0,
         };
         // Two memories of 40 MiB do not fit a 64 MiB cap together.
-        assert!(b.grow(0, 40 << 20));
-        assert!(!b.grow(0, 40 << 20));
-        assert!(b.grow(0, 24 << 20));
-        assert!(!b.grow(24 << 20, (24 << 20) + 65_536));
+        assert!(b.fits(0, 40 << 20));
+        b.grow(0, 40 << 20);
+        assert!(!b.fits(0, 40 << 20));
+        assert!(b.fits(0, 24 << 20));
+        b.grow(0, 24 << 20);
+        assert!(!b.fits(24 << 20, (24 << 20) + 65_536));
         assert_eq!(b.used, 64 << 20);
-        assert!(!b.grow(0, usize::MAX));
+        assert!(!b.fits(0, usize::MAX));
     }
 
     #[test]

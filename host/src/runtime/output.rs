@@ -65,6 +65,7 @@ impl OutputTail {
                 .lines()
                 .filter(|l| !l.trim().is_empty())
             {
+                let line = crate::capabilities::log::one_line(line);
                 tracing::info!(target: "plugin", plugin = %self.plugin, stream = name, "{line}");
             }
         }

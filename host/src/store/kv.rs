@@ -1,7 +1,7 @@
 //! The per-connection key-value store behind the `kv` capability
 //! (e.g. a connector's cached contact id). Implements [`KvStore`].
 
-use super::{Store, on_pool};
+use super::{BeginWrite, Store, on_pool};
 use crate::capabilities::kv::KvStore;
 use async_trait::async_trait;
 
@@ -36,15 +36,26 @@ impl KvStore for Store {
 
     async fn set(&self, connection_id: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
         let now = chrono::Utc::now().timestamp();
-        // A new key only while the connection holds fewer than its limit
-        // (a connector writing a new key at every delivery would grow the
-        // database without end); an existing key is always replaced.
-        let n = on_pool!(self, p => {
+        // A connection holds at most its limit of keys (a connector writing
+        // a new key at every delivery would grow the database without end):
+        // a new key past it takes the place of the one written longest ago.
+        // kv is a cache, which a connector must work without.
+        on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
             sqlx::query(
-                "INSERT INTO kv (connection_id, key, value, updated_at)
-                 SELECT $1, $2, $3, $4
-                 WHERE (SELECT COUNT(*) FROM kv WHERE connection_id = $1) < $5
-                    OR EXISTS (SELECT 1 FROM kv WHERE connection_id = $1 AND key = $2)
+                "DELETE FROM kv WHERE connection_id = $1 AND key IN (
+                   SELECT key FROM kv WHERE connection_id = $1
+                   ORDER BY updated_at, key LIMIT 1)
+                 AND (SELECT COUNT(*) FROM kv WHERE connection_id = $1) >= $3
+                 AND NOT EXISTS (SELECT 1 FROM kv WHERE connection_id = $1 AND key = $2)",
+            )
+            .bind(connection_id)
+            .bind(key)
+            .bind(MAX_KEYS_PER_CONNECTION)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO kv (connection_id, key, value, updated_at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (connection_id, key) DO UPDATE SET value = excluded.value,
                    updated_at = excluded.updated_at",
             )
@@ -52,16 +63,10 @@ impl KvStore for Store {
             .bind(key)
             .bind(value)
             .bind(now)
-            .bind(MAX_KEYS_PER_CONNECTION)
-            .execute(p)
-            .await?
-            .rows_affected()
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
         });
-        if n == 0 {
-            anyhow::bail!(
-                "the connection's kv store holds its limit of {MAX_KEYS_PER_CONNECTION} keys; delete keys no longer needed before adding more"
-            );
-        }
         Ok(())
     }
 

@@ -167,7 +167,16 @@ fn check_accepted(json: &Value, doc: &Document, catalogue: Option<&BTreeSet<Stri
     }
     if doc.tax_basis == TaxBasis::NoTax {
         assert!(doc.total_tax.is_zero());
+        assert!(
+            doc.lines.iter().all(|l| l.tax_amount.is_zero()),
+            "a no-tax document with tax on a line"
+        );
     }
+    assert!(
+        !doc.total.is_sign_negative() || doc.total.is_zero(),
+        "a document below zero: {}",
+        doc.total
+    );
     match doc.kind {
         DocumentKind::CreditNote => assert!(
             doc.credits_invoice_number
