@@ -54,14 +54,25 @@ async fn a_bill_uses_the_cached_contact_and_carries_token_tenant_and_keys() {
                 200,
                 json!({"Attachments": [{"FileName": "INV-2026-0042.pdf"}]}),
             ),
-        );
+        )
+        // The organisation's short code, for a link that opens this
+        // organisation (asked once, then kept in kv).
+        .expect(Exchange::get(&format!("{API}/Organisation")).respond(
+            200,
+            json!({"Organisations": [{"Name": "Acme Holdings", "ShortCode": "!AbC12"}]}),
+        ));
 
     let receipt = run
         .deliver_as(delivery("dlv-7", 1), &sample_invoice())
         .await
         .expect("delivered");
     assert_eq!(receipt.external_id, "bill-1");
-    assert!(receipt.external_url.unwrap().contains("InvoiceID=bill-1"));
+    assert_eq!(
+        receipt.external_url.as_deref(),
+        Some(
+            "https://go.xero.com/organisationlogin/default.aspx?shortcode=%21AbC12&redirecturl=%2FAccountsPayable%2FView.aspx%3FInvoiceID%3Dbill-1"
+        )
+    );
     run.assert_all_exchanges_used();
 
     let sent = run.requests();
