@@ -1098,6 +1098,11 @@ impl Dispatcher {
             });
         crate::metrics::PLUGIN_CALL_SECONDS.observe(t.elapsed().as_secs_f64());
         let now = now_ms();
+        // When a request of this call got no rate slot in time: the slot's
+        // due time, if still ahead.
+        let held = held_until
+            .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|&until| until > now);
         match result {
             Ok(Ok(receipt)) => {
                 crate::metrics::delivery("delivered");
@@ -1122,15 +1127,8 @@ impl Dispatcher {
             // for the slot, uncounted, and this daemon claims nothing more
             // of the connection until then (the retry ladder would
             // otherwise be spent on waiting, and the delivery fail).
-            Ok(Err(DeliveryError::Transient(m)))
-                if held_until
-                    .as_ref()
-                    .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
-                    .is_some_and(|until| until > now) =>
-            {
-                let until = held_until
-                    .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
-                    .unwrap_or(now);
+            Ok(Err(DeliveryError::Transient(m))) if held.is_some() => {
+                let until = held.unwrap_or(now);
                 crate::metrics::delivery("rate-limited");
                 self.block_until(&c.connection_id, until);
                 Finish::wait("rate-limited", m, until)

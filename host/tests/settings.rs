@@ -2334,25 +2334,32 @@ async fn revoking_a_key_ends_the_connects_it_began() {
             url::Url::parse(v["authorize_url"].as_str().unwrap()).unwrap()
         }
     };
-    let begun = connect(leaked.clone()).await;
-    let now = chrono::Utc::now().timestamp();
-    assert!(env.d.store.revoke_key(&leaked_id, now).await.unwrap());
-    assert!(!env.d.store.revoke_key(&leaked_id, now).await.unwrap());
-    let b = storage_support::browser();
-    let callback = storage_support::authorize(&b, &env.sim, &begun, None).await;
-    let r = b.get(&callback).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 400);
-    let body = r.text().await.unwrap();
-    assert!(body.contains("state"), "{body}");
-    assert!(
+    // The admin consents in a browser; the callback's status and page.
+    let consent = |authorize: url::Url| {
+        let env = &env;
+        async move {
+            let b = storage_support::browser();
+            let callback = storage_support::authorize(&b, &env.sim, &authorize, None).await;
+            let r = b.get(&callback).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let connected = || async {
         env.d
             .store
             .connection_for("acme", "xero")
             .await
             .unwrap()
-            .is_none(),
-        "connected through a revoked key's flow"
-    );
+            .is_some()
+    };
+    let begun = connect(leaked.clone()).await;
+    let now = chrono::Utc::now().timestamp();
+    assert!(env.d.store.revoke_key(&leaked_id, now).await.unwrap());
+    assert!(!env.d.store.revoke_key(&leaked_id, now).await.unwrap());
+    let (s, body) = consent(begun).await;
+    assert_eq!(s, 400);
+    assert!(body.contains("state"), "{body}");
+    assert!(!connected().await, "connected through a revoked key's flow");
     let (s, _) = env
         .call("POST", "/v1/admin/tenants/acme/connect/xero", &leaked, None)
         .await;
@@ -2366,28 +2373,12 @@ async fn revoking_a_key_ends_the_connects_it_began() {
         .unwrap();
     let begun = connect(op).await;
     assert!(env.d.store.revoke_key(&op_id, now).await.unwrap());
-    let b = storage_support::browser();
-    let callback = storage_support::authorize(&b, &env.sim, &begun, None).await;
-    let r = b.get(&callback).send().await.unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        400,
-        "an operator key's flow outlived it"
-    );
+    let (s, _) = consent(begun).await;
+    assert_eq!(s, 400, "an operator key's flow outlived it");
 
-    let fresh = connect(env.key("acme").await).await;
-    let b = storage_support::browser();
-    let callback = storage_support::authorize(&b, &env.sim, &fresh, None).await;
-    let r = b.get(&callback).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
-    assert!(
-        env.d
-            .store
-            .connection_for("acme", "xero")
-            .await
-            .unwrap()
-            .is_some()
-    );
+    let (s, body) = consent(connect(env.key("acme").await).await).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(connected().await);
 }
 
 /// The customer removed the app from the organisation in Xero (Xero then

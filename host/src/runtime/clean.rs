@@ -63,6 +63,17 @@ pub fn link(u: &str) -> Option<String> {
         .then(|| u.to_string())
 }
 
+/// A list of sentences as the host keeps it: at most [`MAX_ITEMS`], each
+/// cleaned by [`text`], the blank ones left out.
+fn texts(items: &[String]) -> Vec<String> {
+    items
+        .iter()
+        .take(MAX_ITEMS)
+        .map(|n| text(n, MAX_TEXT))
+        .filter(|n| !n.trim().is_empty())
+        .collect()
+}
+
 /// A receipt as the host keeps it. `plugin` names the connector in the log
 /// line that says what was dropped.
 pub fn receipt(plugin: &str, r: wit::Receipt) -> wit::Receipt {
@@ -82,13 +93,7 @@ pub fn receipt(plugin: &str, r: wit::Receipt) -> wit::Receipt {
     wit::Receipt {
         external_id: text(&r.external_id, MAX_ID),
         external_url,
-        notes: r
-            .notes
-            .iter()
-            .take(MAX_ITEMS)
-            .map(|n| text(n, MAX_TEXT))
-            .filter(|n| !n.trim().is_empty())
-            .collect(),
+        notes: texts(&r.notes),
     }
 }
 
@@ -102,13 +107,7 @@ pub fn check_report(r: wit::CheckReport) -> wit::CheckReport {
     wit::CheckReport {
         // One line: it is stored and shown in tables and headers.
         organisation_name: text(&r.organisation_name, MAX_NAME).replace(['\n', '\t'], " "),
-        details: r
-            .details
-            .iter()
-            .take(MAX_ITEMS)
-            .map(|d| text(d, MAX_TEXT))
-            .filter(|d| !d.trim().is_empty())
-            .collect(),
+        details: texts(&r.details),
     }
 }
 

@@ -764,18 +764,15 @@ impl Runtime {
             if let Some(c) = credit.as_mut() {
                 credited += c.take();
             }
-            let used = started.elapsed().saturating_sub(credited);
-            let Some(left) = budget.checked_sub(used).filter(|l| !l.is_zero()) else {
+            if started.elapsed().saturating_sub(credited) >= budget {
                 return Ok(UpdateDeadline::Interrupt);
-            };
-            let ticks = (left.as_millis() / TICK.as_millis()).clamp(1, YIELD_TICKS as u128) as u64;
+            }
             Ok(UpdateDeadline::YieldCustom(
-                ticks,
+                YIELD_TICKS,
                 Box::pin(tokio::task::yield_now()),
             ))
         });
-        let ticks = (budget.as_millis() / TICK.as_millis()).clamp(1, YIELD_TICKS as u128) as u64;
-        store.set_epoch_deadline(ticks);
+        store.set_epoch_deadline(YIELD_TICKS);
         (store, tail)
     }
 

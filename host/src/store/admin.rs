@@ -42,6 +42,16 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// End the connections begun and not finished (`$1` tenant, `$2` admin;
+/// NULL for every one): a consent still open at the provider is forgotten,
+/// so it comes back refused; an organisation pick is expired, not deleted,
+/// so the purge removes its grant's links at the provider
+/// ([`Store::take_abandoned_picks`]).
+const END_UNFINISHED_FLOWS: [&str; 2] = [
+    "DELETE FROM oauth_states WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR admin = $2) AND used_at IS NULL",
+    "UPDATE oauth_pending SET pick_expires_at = 0 WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR admin = $2) AND used_at IS NULL",
+];
+
 fn hash(key: &str) -> String {
     crate::crypto::sha256_hex(key)
 }
@@ -116,10 +126,9 @@ impl Store {
                 _ => None,
             };
             if let Some(tenant) = ends {
-                sqlx::query("DELETE FROM oauth_states WHERE ($1 IS NULL OR tenant_id = $1) AND used_at IS NULL")
-                    .bind(&tenant).execute(&mut *tx).await?;
-                sqlx::query("UPDATE oauth_pending SET pick_expires_at = 0 WHERE ($1 IS NULL OR tenant_id = $1) AND used_at IS NULL")
-                    .bind(&tenant).execute(&mut *tx).await?;
+                for end in END_UNFINISHED_FLOWS {
+                    sqlx::query(end).bind(&tenant).bind(None::<&str>).execute(&mut *tx).await?;
+                }
             }
             if scope.is_some() {
                 sqlx::query("DELETE FROM page_sessions WHERE key_id = $1")
@@ -248,10 +257,9 @@ impl Store {
             let mut tx = p.begin_write().await?;
             let n = sqlx::query("DELETE FROM page_sessions WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2)")
                 .bind(tenant_id).bind(admin).execute(&mut *tx).await?.rows_affected();
-            sqlx::query("DELETE FROM oauth_states WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2) AND used_at IS NULL")
-                .bind(tenant_id).bind(admin).execute(&mut *tx).await?;
-            sqlx::query("UPDATE oauth_pending SET pick_expires_at = 0 WHERE tenant_id = $1 AND ($2 IS NULL OR admin = $2) AND used_at IS NULL")
-                .bind(tenant_id).bind(admin).execute(&mut *tx).await?;
+            for end in END_UNFINISHED_FLOWS {
+                sqlx::query(end).bind(Some(tenant_id)).bind(admin).execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             n
         });
