@@ -473,6 +473,44 @@ async fn hostile_connectors_are_contained() {
     still_works(&rt, &plugin).await;
 }
 
+/// A string crosses the boundary as a pointer and a length, so every note
+/// of a receipt, or every header of a request, may be the same bytes of the
+/// guest's memory: 1 MiB to the guest, 64 MiB to a host that copies each.
+/// What one transfer may make the host copy is bounded (the request-body
+/// cap and 1 MiB; wasmtime's own default is 128 MiB); past it the call
+/// stops with an error that says so, and nothing is sent.
+#[tokio::test]
+async fn aliased_strings_cannot_multiply_what_the_host_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start().await;
+    let manifest = install(dir.path(), "hostile_connector", HOSTILE);
+    let mut cfg = small_config();
+    cfg.http.max_request_bytes = 8 * 1024 * 1024;
+    assert_eq!(cfg.transfer_limit(), 9 * 1024 * 1024);
+    let rt = runtime(cfg);
+    let plugin = rt
+        .load(
+            &manifest,
+            &overrides("https://allowed.test", &listener.base),
+        )
+        .unwrap();
+    for case in ["alias-notes", "alias-headers"] {
+        let before = listener.count();
+        let e = rt
+            .deliver(&plugin, &context("t", &[]), delivery("d"), invoice(case))
+            .await
+            .expect_err(case);
+        assert!(
+            matches!(e, CallError::Transfer { limit_mib: 9, .. }),
+            "{case}: {e}"
+        );
+        assert_eq!(e.kind(), "transfer");
+        assert!(e.to_string().contains("more than 9 MiB"), "{e}");
+        assert_eq!(listener.count(), before, "{case}: nothing may be sent");
+        still_works(&rt, &plugin).await;
+    }
+}
+
 #[tokio::test]
 async fn host_bounds_responses_and_hanging_requests() {
     let dir = tempfile::tempdir().unwrap();

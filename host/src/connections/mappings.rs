@@ -209,13 +209,22 @@ fn check_fields(m: &AccountMapping) -> Result<(), MappingError> {
     {
         return bad("kind", "may hold only letters, digits, '-', '_' and '.'");
     }
-    if m.account_code.trim().is_empty() || m.account_code.len() > 64 {
-        return bad("account_code", "must be 1-64 characters");
+    // What an account list offers is bounded the same way
+    // (`clean::account_list`): a code no mapping can store is not offered.
+    use crate::runtime::clean::code_ok;
+    if !code_ok(&m.account_code) {
+        return bad(
+            "account_code",
+            "must be 1-64 bytes, not blank, without control characters",
+        );
     }
     if let Some(t) = &m.tax_type
-        && (t.trim().is_empty() || t.len() > 64)
+        && !code_ok(t)
     {
-        return bad("tax_type", "must be 1-64 characters when given");
+        return bad(
+            "tax_type",
+            "must be 1-64 bytes, not blank, without control characters, when given",
+        );
     }
     Ok(())
 }
@@ -270,7 +279,10 @@ impl Connections {
             .await
             .map(|r| r.map_err(crate::runtime::clean::error));
         match listed {
-            Ok(Ok(list)) => Ok(Some((org, list))),
+            Ok(Ok(list)) => Ok(Some((
+                org,
+                crate::runtime::clean::account_list(&scope.connector_id, list),
+            ))),
             Ok(Err(wit::DeliveryError::NeedsReauth(m))) => {
                 self.mark_needs_reauth(&conn, &m).await;
                 Err(MappingError::NeedsReauth(m))
@@ -621,6 +633,29 @@ mod tests {
         for bad in ["shown:gross-salary", "a b", "kind/1", "ü"] {
             let e = check_fields(&m(bad)).unwrap_err();
             assert_eq!(e.field(), "kind", "{bad}");
+        }
+    }
+
+    /// A code with a control character is refused naming its field (a NUL
+    /// was a database error on PostgreSQL when no live account list
+    /// refused it first).
+    #[test]
+    fn a_code_holds_no_control_character() {
+        let m = |code: &str, tax: Option<&str>| AccountMapping {
+            kind: "gross-salary".into(),
+            account_code: code.into(),
+            tax_type: tax.map(str::to_string),
+        };
+        assert!(check_fields(&m("477", Some("INPUT"))).is_ok());
+        for (code, tax, field) in [
+            ("4\u{0}77", None, "account_code"),
+            ("477\n", None, "account_code"),
+            (" ", None, "account_code"),
+            ("477", Some("IN\u{0}PUT"), "tax_type"),
+            ("477", Some(""), "tax_type"),
+        ] {
+            let e = check_fields(&m(code, tax)).unwrap_err();
+            assert_eq!(e.field(), field, "{code:?} {tax:?}");
         }
     }
 

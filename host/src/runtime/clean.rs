@@ -111,6 +111,71 @@ pub fn check_report(r: wit::CheckReport) -> wit::CheckReport {
     }
 }
 
+/// The longest account code or tax type a mapping may store (bytes; the
+/// admin API's bound on `account_code` and `tax_type`).
+pub const MAX_CODE: usize = 64;
+/// The most accounts, and the most tax rates, kept from one account list.
+pub const MAX_ACCOUNTS: usize = 10_000;
+
+/// Whether `code` can be stored as a mapping's account code or tax type:
+/// 1-[`MAX_CODE`] bytes, not blank, no control character (a NUL cannot be
+/// stored on PostgreSQL; a newline would break the page's select).
+pub fn code_ok(code: &str) -> bool {
+    !code.trim().is_empty() && code.len() <= MAX_CODE && !code.chars().any(char::is_control)
+}
+
+/// An account list as the host shows and checks mappings against: accounts
+/// and tax rates whose code no mapping could store are left out (an admin
+/// could pick one and never save it), the first of a repeated code is
+/// kept, names and types are one bounded line, at most [`MAX_ACCOUNTS`] of
+/// each. `plugin` names the connector in the log line that says what was
+/// dropped.
+pub fn account_list(plugin: &str, l: wit::AccountList) -> wit::AccountList {
+    let line = |s: &str, max: usize| text(s, max).replace(['\n', '\t'], " ");
+    let (n_accounts, n_rates) = (l.accounts.len(), l.tax_rates.len());
+    let mut seen = std::collections::HashSet::new();
+    let accounts: Vec<wit::Account> = l
+        .accounts
+        .into_iter()
+        .filter(|a| code_ok(&a.code) && seen.insert(a.code.clone()))
+        .take(MAX_ACCOUNTS)
+        .map(|a| wit::Account {
+            name: line(&a.name, MAX_NAME),
+            account_type: line(&a.account_type, 100),
+            tax_type: a.tax_type.filter(|t| code_ok(t)),
+            description: a
+                .description
+                .map(|d| text(&d, MAX_TEXT))
+                .filter(|d| !d.trim().is_empty()),
+            code: a.code,
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let tax_rates: Vec<wit::TaxRate> = l
+        .tax_rates
+        .into_iter()
+        .filter(|r| code_ok(&r.tax_type) && seen.insert(r.tax_type.clone()))
+        .take(MAX_ACCOUNTS)
+        .map(|r| wit::TaxRate {
+            name: line(&r.name, MAX_NAME),
+            rate: line(&r.rate, 40),
+            tax_type: r.tax_type,
+        })
+        .collect();
+    if accounts.len() < n_accounts || tax_rates.len() < n_rates {
+        tracing::warn!(
+            plugin,
+            accounts_dropped = n_accounts - accounts.len(),
+            tax_rates_dropped = n_rates - tax_rates.len(),
+            "an account list held codes no mapping can store (blank, over 64 bytes, with control characters or repeated), or too many; left out"
+        );
+    }
+    wit::AccountList {
+        accounts,
+        tax_rates,
+    }
+}
+
 /// A delivery error as the host keeps it: every reason non-empty and
 /// bounded, a refusal with at least one field error.
 pub fn error(e: wit::DeliveryError) -> wit::DeliveryError {
@@ -226,6 +291,54 @@ mod tests {
         assert_eq!(r.external_id, "INV-1");
         assert_eq!(r.external_url, None);
         assert_eq!(r.notes, vec!["note".to_string()]);
+    }
+
+    #[test]
+    fn an_account_list_keeps_only_codes_a_mapping_can_store() {
+        let account = |code: &str, name: &str| wit::Account {
+            code: code.into(),
+            name: name.into(),
+            account_type: "EXPENSE".into(),
+            tax_type: Some("IN\0PUT".into()),
+            description: Some("\0".into()),
+        };
+        let l = account_list(
+            "t",
+            wit::AccountList {
+                accounts: vec![
+                    account("400", "Wages\nand\0 salaries"),
+                    account("4\u{0}00", "NUL in the code"),
+                    account(" ", "blank"),
+                    account(&"9".repeat(65), "too long"),
+                    account("400", "repeated"),
+                    account("477", &"n".repeat(500)),
+                ],
+                tax_rates: vec![
+                    wit::TaxRate {
+                        tax_type: "INPUT".into(),
+                        name: "GST\non expenses".into(),
+                        rate: "10".into(),
+                    },
+                    wit::TaxRate {
+                        tax_type: "".into(),
+                        name: "no code".into(),
+                        rate: "0".into(),
+                    },
+                ],
+            },
+        );
+        let codes: Vec<&str> = l.accounts.iter().map(|a| a.code.as_str()).collect();
+        assert_eq!(codes, ["400", "477"]);
+        assert_eq!(l.accounts[0].name, "Wages and salaries");
+        assert_eq!(
+            l.accounts[0].tax_type, None,
+            "a code with a NUL is no tax type"
+        );
+        assert_eq!(l.accounts[0].description, None);
+        assert_eq!(l.accounts[1].name.chars().count(), MAX_NAME);
+        assert_eq!(l.tax_rates.len(), 1);
+        assert_eq!(l.tax_rates[0].name, "GST on expenses");
+        assert!(code_ok(&"9".repeat(64)) && !code_ok("a\tb"));
     }
 
     #[test]

@@ -74,6 +74,21 @@ impl Default for RuntimeConfig {
     }
 }
 
+impl RuntimeConfig {
+    /// The most bytes one transfer from the guest may make the host hold:
+    /// one request a connector sends, or one answer it returns (wasmtime's
+    /// "hostcall fuel", counted as the host's copy: bytes of text and list
+    /// items). The request-body cap and 1 MiB for the rest.
+    ///
+    /// Memory alone does not bound it: every string of a list may point at
+    /// the same bytes of the guest's memory, so 64 notes that are one 1 MiB
+    /// string are 1 MiB to the guest and 64 MiB to a host that copies each
+    /// (wasmtime's own default bound is 128 MiB per transfer).
+    pub fn transfer_limit(&self) -> usize {
+        self.http.max_request_bytes.saturating_add(1 << 20)
+    }
+}
+
 /// Counters of the runtime, for tests and metrics.
 #[derive(Debug, Default)]
 pub struct RuntimeStats {
@@ -209,6 +224,17 @@ pub enum CallError {
         /// The cap in MiB.
         limit_mib: usize,
     },
+    /// One request or answer would have made the host copy more than
+    /// [`RuntimeConfig::transfer_limit`] bytes out of the guest.
+    #[error(
+        "connector {plugin} passed more than {limit_mib} MiB to the host in one request or answer and was stopped"
+    )]
+    Transfer {
+        /// Plugin id.
+        plugin: String,
+        /// The bound in MiB (rounded down).
+        limit_mib: usize,
+    },
     /// The guest trapped (panic, stack overflow, bad memory access...).
     #[error("connector {plugin} crashed: {message}")]
     Trap {
@@ -233,6 +259,7 @@ impl CallError {
         match self {
             CallError::Deadline { .. } => "deadline",
             CallError::MemoryLimit { .. } => "memory",
+            CallError::Transfer { .. } => "transfer",
             CallError::Trap { .. } => "trap",
             CallError::Instantiate { .. } => "instantiate",
         }
@@ -749,6 +776,7 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
+        store.set_hostcall_fuel(self.config.transfer_limit());
         // Guest code gives its thread back to the executor every tick: a
         // connector spinning on one document must not hold one of the
         // daemon's few worker threads (ingest, the admin API, lease
@@ -847,6 +875,14 @@ impl Runtime {
             return CallError::MemoryLimit {
                 plugin: pid,
                 limit_mib: self.config.memory_limit / (1024 * 1024),
+            };
+        }
+        // wasmtime's error type for spent hostcall fuel is private: its
+        // text is what says so.
+        if format!("{e:#}").contains("fuel allocated for hostcalls has been exhausted") {
+            return CallError::Transfer {
+                plugin: pid,
+                limit_mib: self.config.transfer_limit() / (1024 * 1024),
             };
         }
         match e.downcast_ref::<Trap>() {

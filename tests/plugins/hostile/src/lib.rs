@@ -21,6 +21,8 @@
 //! | `empty-reject` | refuses with no field error at all                     |
 //! | `empty-transient` | a temporary failure with an empty reason            |
 //! | `mapped-mapping` | needs a mapping for line 0's kind (also when mapped) |
+//! | `alias-notes` | a receipt of 64 notes that are all one 1 MiB string   |
+//! | `alias-headers` | a request of 64 headers whose values are all one 1 MiB string |
 //! | anything else | behaves: returns a receipt                              |
 //!
 //! Its `check` writes to its kv store every time, refuses a tenant whose id
@@ -201,6 +203,25 @@ impl Connector for Hostile {
                     notes: vec![],
                 })
             }
+            // 1 MiB of the guest's memory, 64 MiB to a host that copies
+            // every note.
+            "alias-notes" => Ok(Receipt {
+                external_id: "aliased".into(),
+                external_url: None,
+                notes: aliases(64, 1 << 20),
+            }),
+            "alias-headers" => {
+                let mut req = http::get("https://allowed.test/aliased");
+                for (i, v) in aliases(64, 1 << 20).into_iter().enumerate() {
+                    req = req.header(format!("x-alias-{i}"), v);
+                }
+                let resp = req.send().map_err(errors::from_http)?;
+                Ok(Receipt {
+                    external_id: format!("status {}", resp.status),
+                    external_url: None,
+                    notes: vec![],
+                })
+            }
             "leftover" => Ok(Receipt {
                 external_id: format!("seen {}", leftover()),
                 external_url: None,
@@ -209,6 +230,22 @@ impl Connector for Hostile {
             _ => Ok(receipt(&delivery)),
         }
     }
+}
+
+/// `n` strings that are all the same `bytes` bytes of memory (the canonical
+/// ABI passes a string as a pointer and a length, so nothing stops a guest
+/// from giving the same one many times).
+fn aliases(n: usize, bytes: usize) -> Vec<String> {
+    let one = core::mem::ManuallyDrop::new("x".repeat(bytes));
+    (0..n)
+        // SAFETY: not sound in general (each copy frees the same block when
+        // dropped); here the SDK's bump allocator ignores frees of anything
+        // but its newest block, which is the list's own buffer, and the
+        // instance is thrown away after the call.
+        .map(|_| unsafe {
+            String::from_raw_parts(one.as_ptr() as *mut u8, one.len(), one.capacity())
+        })
+        .collect()
 }
 
 /// A static the `leftover` case writes its marker into.
