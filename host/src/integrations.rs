@@ -132,7 +132,7 @@ const NEXT_COOKIE: &str = "lp_next";
 fn set_cookie(name: &str, value: &str, path: &str, max_age: i64, public_url: &str) -> String {
     format!(
         "{name}={value}; HttpOnly; SameSite=Lax; Path={path}; Max-Age={max_age}{}",
-        if public_url.starts_with("https:") {
+        if url::Url::parse(public_url).is_ok_and(|u| u.scheme() == "https") {
             "; Secure"
         } else {
             ""
@@ -380,6 +380,13 @@ fn ticket_of(q: &BTreeMap<String, String>) -> Result<&str, Response> {
     Ok(ticket)
 }
 
+/// A storage failure while `doing`: logged with its detail, answered
+/// 503 without it (the database's text is not the customer's business).
+fn store_failed(doing: &str, e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "{doing} on the Integrations page: the store failed");
+    storage_unavailable()
+}
+
 fn storage_unavailable() -> Response {
     message(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -595,7 +602,7 @@ async fn logout(State(st): S, headers: HeaderMap) -> Response {
         [
             (
                 header::SET_COOKIE,
-                format!("{COOKIE}=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0"),
+                set_cookie(COOKIE, "", "/", 0, &st.public_url),
             ),
             (header::LOCATION, "/integrations".to_string()),
         ],
@@ -1164,13 +1171,7 @@ async fn save_settings(
     let connector = which.id();
     let current = match st.connections.settings(&s.tenant, connector).await {
         Ok(c) => c,
-        Err(e) if e.status() >= 500 => {
-            return message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Settings not saved",
-                &e.to_string(),
-            );
-        }
+        Err(e) if e.status() >= 500 => return store_failed("saving settings", &e),
         Err(e) => return message(StatusCode::NOT_FOUND, "No settings", &e.to_string()),
     };
     let clear: Vec<&str> = f
@@ -1268,6 +1269,9 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
                 ),
             );
         }
+        Err(e @ crate::connections::mappings::MappingError::Store(_)) => {
+            return store_failed("reading the account list", &e);
+        }
         Err(e) => {
             return message(
                 StatusCode::BAD_GATEWAY,
@@ -1282,13 +1286,7 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
             .into_iter()
             .map(|m| (m.mapping.kind.clone(), m.mapping))
             .collect(),
-        Err(e) => {
-            return message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Mappings unavailable",
-                &e.to_string(),
-            );
-        }
+        Err(e) => return store_failed("reading mappings", &e),
     };
     let current: BTreeMap<String, String> = mapped
         .iter()
@@ -1310,13 +1308,7 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
                 .await
             {
                 Ok(k) => k,
-                Err(e) => {
-                    return message(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Mappings unavailable",
-                        &e.to_string(),
-                    );
-                }
+                Err(e) => return store_failed("reading the kinds waiting", &e),
             };
             let mut all: std::collections::BTreeSet<String> = current.keys().cloned().collect();
             all.extend(waiting);
@@ -1384,13 +1376,7 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
         .await
     {
         Ok(c) => c.is_some_and(|c| c.mappings_review),
-        Err(e) => {
-            return message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Mappings unavailable",
-                &e.to_string(),
-            );
-        }
+        Err(e) => return store_failed("reading mappings", &e),
     };
     let mut form = if review {
         format!(
@@ -1457,6 +1443,9 @@ async fn configure(State(st): S, headers: HeaderMap, Query(which): Query<Which>)
     page(&format!("Configure {name}"), &format!("{who}{form}"))
 }
 
+/// The most line kinds one save of the mapping form may hold.
+const MAX_FORM_ROWS: usize = 1_000;
+
 async fn save_mappings(
     State(st): S,
     headers: HeaderMap,
@@ -1486,13 +1475,7 @@ async fn save_mappings(
             .into_iter()
             .map(|m| (m.mapping.kind.clone(), m.mapping))
             .collect(),
-        Err(e) => {
-            return message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Mappings not saved",
-                &e.to_string(),
-            );
-        }
+        Err(e) => return store_failed("reading mappings", &e),
     };
     // Only the rows the admin changed: a changed code is set (and
     // checked), "not mapped" clears a mapping, an unchanged row is left
@@ -1505,13 +1488,29 @@ async fn save_mappings(
     let (shown, taxes, shown_taxes) = (field(WAS), field(TAX), field(WAS_TAX));
     let mut set: Vec<AccountMapping> = Vec::new();
     let mut clear: Vec<String> = Vec::new();
-    let rows = f
+    // One row per kind, the last one sent winning (in the order sent),
+    // and no more rows than a chart could need: each row may cost a check
+    // and an audit line.
+    let mut seen = std::collections::HashSet::new();
+    let mut rows: Vec<(String, String)> = f
         .into_iter()
-        .filter(|(k, _)| ![WAS, TAX, WAS_TAX].iter().any(|p| k.starts_with(p)));
+        .rev()
+        .filter(|(k, _)| ![WAS, TAX, WAS_TAX].iter().any(|p| k.starts_with(p)))
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    rows.reverse();
+    if rows.len() > MAX_FORM_ROWS {
+        return message(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Mappings not saved",
+            &format!(
+                "mappings: the form holds {} line kinds; at most {MAX_FORM_ROWS} are saved at once. Nothing was changed.",
+                rows.len()
+            ),
+        );
+    }
     for (kind, code) in rows {
         let code = code.trim();
-        set.retain(|m| m.kind != kind);
-        clear.retain(|k| k != &kind);
         let now = current.get(&kind);
         let now_code = now.map(|m| m.account_code.as_str());
         let now_tax = now.and_then(|m| m.tax_type.as_deref()).unwrap_or("");
@@ -1935,11 +1934,7 @@ async fn retry(
                     "Retry failed",
                     &format!("id: {id:?} is {state}; only failed or paused documents are retried"),
                 ),
-                Err(e) => message(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Retry failed",
-                    &e.to_string(),
-                ),
+                Err(e) => store_failed("retrying", &e),
             }
         }
         Ok(n) => {
@@ -1956,11 +1951,7 @@ async fn retry(
             (st.on_retry)();
             redirect("/integrations")
         }
-        Err(e) => message(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Retry failed",
-            &e.to_string(),
-        ),
+        Err(e) => store_failed("retrying", &e),
     }
 }
 
@@ -1973,5 +1964,10 @@ mod tests {
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Lax"), "{c}");
         let c = super::session_cookie("ps_x", "http://127.0.0.1:8080");
         assert!(!c.contains("Secure"), "{c}");
+        // However the address is spelled (the daemon accepts both).
+        for spelled in ["HTTPS://lp.example.com", " https://lp.example.com"] {
+            let c = super::session_cookie("ps_x", spelled);
+            assert!(c.contains("; Secure"), "{spelled:?}: {c}");
+        }
     }
 }

@@ -1730,8 +1730,29 @@ async fn the_mapping_form_saves_every_changed_row_or_none() {
     );
     assert_eq!(after["fx-fee"].mapping.account_code, "404");
 
-    // A change and a clear, with an unchanged row beside them.
+    // More rows than any chart needs: refused whole, naming the field.
+    let many: Vec<(String, String)> = (0..1_001)
+        .map(|i| (format!("kind-{i}"), "477".to_string()))
+        .collect();
+    let r = b
+        .post(format!("{}/integrations/mappings", env.base))
+        .header("cookie", &cookie)
+        .form(&many)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("mappings: the form holds 1001 line kinds"),
+        "{html}"
+    );
+    assert_eq!(mapped().await.len(), after.len(), "nothing saved");
+
+    // A change and a clear, with an unchanged row beside them (a kind
+    // sent twice: the last one counts).
     let (s, html) = post(vec![
+        ("gross-salary", "999"),
         ("gross-salary", "478"),
         ("fx-fee", ""),
         ("management-fee", "429"),

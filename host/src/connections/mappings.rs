@@ -215,7 +215,7 @@ fn check_fields(m: &AccountMapping) -> Result<(), MappingError> {
     if !code_ok(&m.account_code) {
         return bad(
             "account_code",
-            "must be 1-64 bytes, not blank, without control characters",
+            "must be 1-64 bytes, without spaces at either end or control characters",
         );
     }
     if let Some(t) = &m.tax_type
@@ -223,7 +223,7 @@ fn check_fields(m: &AccountMapping) -> Result<(), MappingError> {
     {
         return bad(
             "tax_type",
-            "must be 1-64 bytes, not blank, without control characters, when given",
+            "must be 1-64 bytes, without spaces at either end or control characters, when given",
         );
     }
     Ok(())
@@ -651,6 +651,7 @@ mod tests {
             ("4\u{0}77", None, "account_code"),
             ("477\n", None, "account_code"),
             (" ", None, "account_code"),
+            (" 477", None, "account_code"),
             ("477", Some("IN\u{0}PUT"), "tax_type"),
             ("477", Some(""), "tax_type"),
         ] {

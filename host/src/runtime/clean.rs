@@ -118,15 +118,19 @@ pub const MAX_CODE: usize = 64;
 pub const MAX_ACCOUNTS: usize = 10_000;
 
 /// Whether `code` can be stored as a mapping's account code or tax type:
-/// 1-[`MAX_CODE`] bytes, not blank, no control character (a NUL cannot be
-/// stored on PostgreSQL; a newline would break the page's select).
+/// 1-[`MAX_CODE`] bytes, no space at either end (the page's form trims
+/// what it sends: `"200 "` could be offered but never saved), no control
+/// character (a NUL cannot be stored on PostgreSQL).
 pub fn code_ok(code: &str) -> bool {
-    !code.trim().is_empty() && code.len() <= MAX_CODE && !code.chars().any(char::is_control)
+    !code.is_empty()
+        && code.trim() == code
+        && code.len() <= MAX_CODE
+        && !code.chars().any(char::is_control)
 }
 
 /// An account list as the host shows and checks mappings against: accounts
-/// and tax rates whose code no mapping could store are left out (an admin
-/// could pick one and never save it), the first of a repeated code is
+/// and tax rates whose code no mapping could store ([`code_ok`]) are left
+/// out (an admin could pick one and never save it), the first of a repeated code is
 /// kept, names and types are one bounded line, at most [`MAX_ACCOUNTS`] of
 /// each. `plugin` names the connector in the log line that says what was
 /// dropped.
@@ -167,7 +171,7 @@ pub fn account_list(plugin: &str, l: wit::AccountList) -> wit::AccountList {
             plugin,
             accounts_dropped = n_accounts - accounts.len(),
             tax_rates_dropped = n_rates - tax_rates.len(),
-            "an account list held codes no mapping can store (blank, over 64 bytes, with control characters or repeated), or too many; left out"
+            "an account list held codes no mapping can store (empty, over 64 bytes, with spaces at an end or control characters, or repeated), or too many; left out"
         );
     }
     wit::AccountList {
@@ -310,6 +314,7 @@ mod tests {
                     account("4\u{0}00", "NUL in the code"),
                     account(" ", "blank"),
                     account(&"9".repeat(65), "too long"),
+                    account("200 ", "a space after"),
                     account("400", "repeated"),
                     account("477", &"n".repeat(500)),
                 ],
