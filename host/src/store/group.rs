@@ -244,34 +244,12 @@ const DELIVERY_ROWS: usize = 200;
 /// The batch's statements on its transaction (`$tx`), for either engine:
 /// every document in one `INSERT`, every delivery in one more, the stored
 /// copies of repeated documents in one `SELECT`; every outcome in one
-/// `UPDATE ... FROM (VALUES ...)` and the attempts in one `INSERT`. Fills
+/// `UPDATE ... FROM (VALUES ...)` and the attempts in one `INSERT`; then
+/// the claim. Fills
 /// `$out` (by position in the batch) and sets `$notify` when deliveries
 /// were created.
 macro_rules! write_all {
     ($tx:expr, $ops:expr, $out:expr, $notify:expr) => {{
-        // --- Claims (SQLite's dispatcher, at most one a batch).
-        for (at, op) in $ops.iter().enumerate() {
-            if let Op::Claim(c) = op {
-                let mut rows = Vec::new();
-                if !c.ids.is_empty() {
-                    let list = (0..c.ids.len())
-                        .map(|i| format!("${}", i + 4))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let sql = format!(
-                        "UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN ({list}) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {CLAIM_RETURNING}"
-                    );
-                    let mut q = sqlx::query(&sql).bind(&c.lease).bind(c.lease_until).bind(c.now);
-                    for id in &c.ids {
-                        q = q.bind(id);
-                    }
-                    for r in q.fetch_all(&mut *$tx).await? {
-                        rows.push(claimed_from(&r)?);
-                    }
-                }
-                $out[at] = Some(Done::Claim(rows));
-            }
-        }
         // --- Ingests. Fan-out targets first: every connection (not
         // disconnected) of each tenant the batch ingests for, in one read.
         let tenants: Vec<&str> = $ops
@@ -474,6 +452,33 @@ macro_rules! write_all {
                 $out[*at] = Some(Done::Finish(attempts.contains_key(&f.id)));
             }
         }
+        // --- Claims (SQLite's dispatcher, at most one a batch), last: an
+        // outcome in the same batch as a claim of its lapsed lease lands
+        // first, and the claim then finds the delivery finished (claimed
+        // first, it took the lease over and the outcome was dropped: the
+        // document went out again).
+        for (at, op) in $ops.iter().enumerate() {
+            if let Op::Claim(c) = op {
+                let mut rows = Vec::new();
+                if !c.ids.is_empty() {
+                    let list = (0..c.ids.len())
+                        .map(|i| format!("${}", i + 4))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
+                        "UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN ({list}) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {CLAIM_RETURNING}"
+                    );
+                    let mut q = sqlx::query(&sql).bind(&c.lease).bind(c.lease_until).bind(c.now);
+                    for id in &c.ids {
+                        q = q.bind(id);
+                    }
+                    for r in q.fetch_all(&mut *$tx).await? {
+                        rows.push(claimed_from(&r)?);
+                    }
+                }
+                $out[at] = Some(Done::Claim(rows));
+            }
+        }
     }};
 }
 
@@ -505,4 +510,104 @@ async fn run(pool: &Pool, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
     out.into_iter()
         .map(|d| d.ok_or_else(|| StoreError::Conflict("a grouped write got no answer".into())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finish_delivered() -> Finish {
+        Finish {
+            state: state::DELIVERED,
+            pause_reason: None,
+            pause_detail: None,
+            counts: true,
+            next_attempt_at: 0,
+            outcome: "delivered".into(),
+            message: None,
+            details: None,
+            external_id: Some("BILL-1".into()),
+            external_url: None,
+        }
+    }
+
+    /// An outcome and a claim of the same delivery's lapsed lease in one
+    /// batch (a worker whose lease renewals failed finishes just as another
+    /// claim picks it up): the outcome is recorded and the claim finds
+    /// nothing to take; the document is not sent again.
+    #[tokio::test]
+    async fn an_outcome_lands_before_a_claim_in_the_same_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("group.db").display());
+        let store = super::super::Store::open_and_migrate(&url)
+            .await
+            .expect("store");
+        store
+            .upsert_tenant("acme", "Acme", &[], 0)
+            .await
+            .expect("tenant");
+        let pool = store.pool();
+        let ingest = Op::Ingest(IngestOp {
+            tenant_id: "acme".into(),
+            document_id: "doc-1".into(),
+            kind: "invoice".into(),
+            number: "INV-1".into(),
+            credits_invoice_number: None,
+            body: "{}".into(),
+            body_hash: "h".into(),
+            connections: Some(vec![("conn-1".into(), "xero".into())]),
+            skip_connectors: vec![],
+            now: 1_000,
+        });
+        let done = run(pool, &[&ingest]).await.expect("ingest");
+        assert!(
+            matches!(
+                done[0],
+                Done::Ingest(IngestOutcome::Created { deliveries: 1 })
+            ),
+            "{done:?}"
+        );
+        let id = delivery_id("acme", "doc-1", "conn-1");
+        let claim = |lease: &str, now: i64| {
+            Op::Claim(ClaimOp {
+                lease: lease.into(),
+                now,
+                lease_until: now + 1_000,
+                ids: vec![id.clone()],
+            })
+        };
+        let first = run(pool, &[&claim("a#1", 2_000)]).await.expect("claim");
+        assert!(
+            matches!(&first[0], Done::Claim(rows) if rows.len() == 1),
+            "{first:?}"
+        );
+        // The lease ran out at 3,000; at 4,000 the worker's outcome and
+        // another claim meet in one batch (the claim first in the queue).
+        let finish = Op::Finish(FinishOp {
+            id: id.clone(),
+            lease: "a#1".into(),
+            started_at: 2_000,
+            now: 4_000,
+            finish: finish_delivered(),
+        });
+        let done = run(pool, &[&claim("b#1", 4_000), &finish])
+            .await
+            .expect("batch");
+        assert!(
+            matches!(&done[0], Done::Claim(rows) if rows.is_empty()),
+            "nothing left to claim: {done:?}"
+        );
+        assert!(matches!(done[1], Done::Finish(true)), "{done:?}");
+        let Pool::Sqlite(p) = pool else {
+            panic!("a SQLite store")
+        };
+        let (st, external): (String, Option<String>) =
+            sqlx::query_as("SELECT state, external_id FROM deliveries WHERE id = $1")
+                .bind(&id)
+                .fetch_one(p)
+                .await
+                .expect("row");
+        assert_eq!(st, "delivered");
+        assert_eq!(external.as_deref(), Some("BILL-1"));
+    }
 }
