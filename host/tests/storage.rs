@@ -844,10 +844,10 @@ async fn read_ahead_matches_the_single_reads(db: TestDb) {
         (ta.tokens.expires_at, ta.generation),
         (snap.tokens.expires_at, snap.generation)
     );
-    let mut kv_keys: Vec<&String> = da.kv.keys().collect();
+    let mut kv_keys: Vec<&String> = da.kv.values().keys().collect();
     kv_keys.sort();
     assert_eq!(kv_keys, ["contact", "edge"], "values up to the bound");
-    assert_eq!(da.kv["contact"], b"c-1");
+    assert_eq!(da.kv.values()["contact"], b"c-1");
     let db_ = &got[&b];
     assert!(db_.kv.is_empty(), "b has no kv values");
     assert!(db_.settings.is_empty());

@@ -60,35 +60,61 @@ impl KvStore for MemoryKv {
     }
 }
 
-/// One call's view of the store when its connection's kv values were read
-/// ahead with the delivery's batch (`Store::call_data`). A key found in the
-/// read is answered from it, as of the claim, until this call writes or
-/// deletes that key; from then on, and for any key not in the read (absent,
-/// or left out of it for its size), the store answers. Writes always go to
-/// the store. Other connections' keys are the store's.
-///
-/// A delivery claimed after another of its connection finished sees what
-/// that one wrote (the read follows the claim); deliveries running at the
-/// same time never had an order between them.
-pub struct ReadAheadKv {
-    inner: Arc<dyn KvStore>,
-    connection_id: String,
-    read: Arc<HashMap<String, Vec<u8>>>,
+/// A connection's kv values read ahead with a batch of claimed deliveries
+/// (`Store::call_data`), shared by every call of that connection in the
+/// batch, with the keys any of those calls has written or deleted since.
+#[derive(Debug, Default)]
+pub struct KvAhead {
+    values: HashMap<String, Vec<u8>>,
     written: Mutex<HashSet<String>>,
 }
 
+impl KvAhead {
+    /// Values as read.
+    pub fn new(values: HashMap<String, Vec<u8>>) -> Self {
+        Self {
+            values,
+            written: Mutex::default(),
+        }
+    }
+
+    /// The values as read (a later write of the batch is not in them).
+    pub fn values(&self) -> &HashMap<String, Vec<u8>> {
+        &self.values
+    }
+
+    /// Whether nothing was read.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// One call's view of the store when its connection's kv values were read
+/// ahead with the delivery's batch ([`KvAhead`]). A key found in the read
+/// is answered from it, as of the claim, until a call of the batch writes
+/// or deletes that key; from then on, and for any key not in the read
+/// (absent, or left out of it for its size), the store answers. Writes
+/// always go to the store. Other connections' keys are the store's.
+///
+/// A delivery sees what an earlier one of its connection wrote, whether
+/// that one finished before the claim (the read follows it) or ran in the
+/// same batch (its write ends the read of the key for the whole batch: a
+/// contact id replaced by the first delivery is not the second one's from
+/// the stale read). Deliveries running at the same time never had an
+/// order between them.
+pub struct ReadAheadKv {
+    inner: Arc<dyn KvStore>,
+    connection_id: String,
+    ahead: Arc<KvAhead>,
+}
+
 impl ReadAheadKv {
-    /// `read` (values of `connection_id`) in front of `inner`.
-    pub fn new(
-        inner: Arc<dyn KvStore>,
-        connection_id: String,
-        read: Arc<HashMap<String, Vec<u8>>>,
-    ) -> Self {
+    /// `ahead` (values of `connection_id`) in front of `inner`.
+    pub fn new(inner: Arc<dyn KvStore>, connection_id: String, ahead: Arc<KvAhead>) -> Self {
         Self {
             inner,
             connection_id,
-            read,
-            written: Mutex::default(),
+            ahead,
         }
     }
 
@@ -96,16 +122,17 @@ impl ReadAheadKv {
         if connection_id != self.connection_id {
             return None;
         }
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let written = self.ahead.written.lock().unwrap_or_else(|e| e.into_inner());
         if written.contains(key) {
             return None;
         }
-        self.read.get(key).cloned()
+        self.ahead.values.get(key).cloned()
     }
 
     fn mark_written(&self, connection_id: &str, key: &str) {
         if connection_id == self.connection_id {
-            self.written
+            self.ahead
+                .written
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key.to_string());
@@ -197,13 +224,13 @@ impl wit::Host for KvCapability {
 mod tests {
     use super::*;
 
-    fn read(pairs: &[(&str, &str)]) -> Arc<HashMap<String, Vec<u8>>> {
-        Arc::new(
+    fn read(pairs: &[(&str, &str)]) -> Arc<KvAhead> {
+        Arc::new(KvAhead::new(
             pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
-        )
+        ))
     }
 
     async fn get(kv: &dyn KvStore, c: &str, k: &str) -> Option<String> {
@@ -264,5 +291,25 @@ mod tests {
         let kv2 = ReadAheadKv::new(store.clone(), "c1".into(), read(&[("gone", "as-read")]));
         kv2.set("c2", "gone", b"y").await.unwrap();
         assert_eq!(get(&kv2, "c1", "gone").await.as_deref(), Some("as-read"));
+    }
+
+    /// Two deliveries of one connection in one batch share its read: what
+    /// the first writes (a contact id it had to replace) is what the second
+    /// reads, not the value read before either ran.
+    #[tokio::test]
+    async fn a_write_ends_the_read_for_the_whole_batch() {
+        let store = Arc::new(MemoryKv::default());
+        store.set("c1", "contact", b"old").await.unwrap();
+        let batch = read(&[("contact", "old"), ("other", "as-read")]);
+        let first = ReadAheadKv::new(store.clone(), "c1".into(), batch.clone());
+        let second = ReadAheadKv::new(store.clone(), "c1".into(), batch);
+        assert_eq!(
+            get(&second, "c1", "other").await.as_deref(),
+            Some("as-read")
+        );
+        first.set("c1", "contact", b"new").await.unwrap();
+        assert_eq!(get(&second, "c1", "contact").await.as_deref(), Some("new"));
+        first.delete("c1", "other").await.unwrap();
+        assert_eq!(get(&second, "c1", "other").await, None);
     }
 }

@@ -9,8 +9,8 @@
 //! store is read ahead within bounds ([`KV_AHEAD_VALUE_BYTES`],
 //! [`KV_AHEAD_KEYS`]), as of the claim: what deliveries of the connection
 //! that finished before the claim wrote is in it. A key in the read is
-//! answered from it; a key the call itself wrote since, or one not in the
-//! read, is the store's (see [`crate::capabilities::kv::ReadAheadKv`]).
+//! answered from it; a key a delivery of the batch wrote since, or one not
+//! in the read, is the store's (see [`crate::capabilities::kv::ReadAheadKv`]).
 //! The steady-state Xero delivery reads one kv key (its cached contact
 //! id): one statement per delivery less.
 
@@ -35,8 +35,10 @@ pub struct CallData {
     pub mappings: Vec<AccountMapping>,
     /// Part of its kv store: values of at most [`KV_AHEAD_VALUE_BYTES`],
     /// at most [`KV_AHEAD_KEYS`] keys a connection in the batch. A key
-    /// missing here may still be in the store.
-    pub kv: Arc<HashMap<String, Vec<u8>>>,
+    /// missing here may still be in the store. Shared by the batch's
+    /// deliveries of the connection (a write by one ends the read of its
+    /// key for all).
+    pub kv: Arc<crate::capabilities::kv::KvAhead>,
 }
 
 /// Largest kv value read ahead (larger ones are read when asked for).
@@ -155,7 +157,9 @@ impl Store {
                 Some(row) => Some(row.decrypt(keys, &connection.id)?),
                 None => None,
             };
-            let kv = Arc::new(kv_of.remove(&connection.id).unwrap_or_default());
+            let kv = Arc::new(crate::capabilities::kv::KvAhead::new(
+                kv_of.remove(&connection.id).unwrap_or_default(),
+            ));
             out.insert(
                 connection.id.clone(),
                 CallData {
