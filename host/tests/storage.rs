@@ -2106,6 +2106,39 @@ both!(
     paused_deliveries_are_paged
 );
 
+/// A claim across more connections than SQLite takes in one compound
+/// SELECT (500) or one expression (1,000 deep): every due delivery is
+/// claimed, with its document (one statement for them all failed every
+/// time, and nothing was delivered while the backlog lasted).
+async fn a_claim_across_hundreds_of_connections_takes_them_all(db: TestDb) {
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..1_100 {
+        ids.insert(ingest_on(&s, i, &format!("conn-{i:04}")).await.1);
+    }
+    let claimed = s
+        .claim_deliveries(
+            "w",
+            10,
+            60_000,
+            2_000,
+            &ledgerport::store::outbox::ConnectionCaps::uniform(1),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1_100);
+    assert!(claimed.iter().all(|c| c.body == "{}"));
+    let got: std::collections::BTreeSet<String> = claimed.into_iter().map(|c| c.id).collect();
+    assert_eq!(got, ids);
+}
+both!(
+    claim_many_connections_sqlite,
+    claim_many_connections_postgres,
+    a_claim_across_hundreds_of_connections_takes_them_all
+);
+
 /// A provider's pause holds the connection's shared rate window until its
 /// end: the gate answers "wait until then" (on any daemon), then lets
 /// requests through again; a shorter hold does not cut a longer one; one

@@ -690,10 +690,12 @@ impl Store {
                 // connections' earliest rows cannot make the cut.
                 heads.sort();
                 heads.truncate(usize::try_from(limit).unwrap_or(0));
-                if !heads.is_empty() {
-                    let sql = pending_picks_sql(heads.len());
+                // A statement per [`PICKS_PER_STATEMENT`] connections
+                // (SQLite refuses a compound SELECT of more than 500).
+                for chunk in heads.chunks(PICKS_PER_STATEMENT) {
+                    let sql = pending_picks_sql(chunk.len());
                     let mut q = sqlx::query(&sql).bind(now);
-                    for (_, c) in &heads {
+                    for (_, c) in chunk {
                         let room = (cap_of(c) - used.get(c).copied().unwrap_or(0)).min(limit);
                         q = q.bind(c.clone()).bind(room);
                     }
@@ -755,24 +757,30 @@ impl Store {
         if rows.is_empty() {
             return Ok(rows);
         }
-        let terms = (0..rows.len())
-            .map(|i| format!("(tenant_id = ${} AND id = ${})", 2 * i + 1, 2 * i + 2))
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        let sql = format!(
-            "SELECT tenant_id, id, body, credits_invoice_number FROM documents WHERE {terms}"
-        );
-        let found: Vec<(String, String, String, Option<String>)> = on_pool!(self, p => {
-            let mut q = sqlx::query_as(&sql);
-            for c in &rows {
-                q = q.bind(&c.tenant_id).bind(&c.document_id);
-            }
-            q.fetch_all(p).await?
-        });
-        let by_key: HashMap<(String, String), (String, Option<String>)> = found
-            .into_iter()
-            .map(|(t, id, body, credits)| ((t, id), (body, credits)))
-            .collect();
+        // A statement per [`PICKS_PER_STATEMENT`] rows (SQLite refuses an
+        // expression deeper than 1,000: the chain of ORs).
+        let mut by_key: HashMap<(String, String), (String, Option<String>)> = HashMap::new();
+        for chunk in rows.chunks(PICKS_PER_STATEMENT) {
+            let terms = (0..chunk.len())
+                .map(|i| format!("(tenant_id = ${} AND id = ${})", 2 * i + 1, 2 * i + 2))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let sql = format!(
+                "SELECT tenant_id, id, body, credits_invoice_number FROM documents WHERE {terms}"
+            );
+            let found: Vec<(String, String, String, Option<String>)> = on_pool!(self, p => {
+                let mut q = sqlx::query_as(&sql);
+                for c in chunk {
+                    q = q.bind(&c.tenant_id).bind(&c.document_id);
+                }
+                q.fetch_all(p).await?
+            });
+            by_key.extend(
+                found
+                    .into_iter()
+                    .map(|(t, id, body, credits)| ((t, id), (body, credits))),
+            );
+        }
         for c in &mut rows {
             let key = (c.tenant_id.clone(), c.document_id.clone());
             // Several deliveries of one document (one per connection) share it.
@@ -1648,6 +1656,12 @@ const CLOSE_RESUMED_INCIDENTS: &str = "UPDATE incidents SET closed_at = $1 WHERE
 
 /// The earliest due pending deliveries of `n` connections: `$1` is now,
 /// then each connection's id and room (`$2`, `$3`; `$4`, `$5`; ...).
+/// Connections picked from, or claimed rows whose documents are read, in
+/// one statement: SQLite refuses a compound SELECT of more than 500 terms
+/// and an expression deeper than 1,000 (a claim may take up to 4,096 rows
+/// over as many connections).
+const PICKS_PER_STATEMENT: usize = 200;
+
 fn pending_picks_sql(n: usize) -> String {
     (0..n)
         .map(|i| {
