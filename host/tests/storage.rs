@@ -2139,6 +2139,48 @@ both!(
     a_claim_across_hundreds_of_connections_takes_them_all
 );
 
+/// Resuming more paused deliveries than one statement takes: every paused
+/// one is resumed (and counted), one not paused is left as it is.
+async fn a_resume_of_thousands_takes_them_all(db: TestDb) {
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..1_100 {
+        ids.push(ingest_on(&s, i, "conn-a").await.1);
+    }
+    exec(
+        &s,
+        "UPDATE deliveries SET state = 'paused', pause_reason = 'reauth', pause_detail = '{}'",
+    )
+    .await;
+    exec(
+        &s,
+        &format!(
+            "UPDATE deliveries SET state = 'failed' WHERE id = '{}'",
+            ids[700]
+        ),
+    )
+    .await;
+    assert_eq!(s.resume(&ids, 50).await.unwrap(), 1_099);
+    assert_eq!(
+        count(
+            &s,
+            "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND next_attempt_at = 50"
+        )
+        .await,
+        1_099
+    );
+    assert_eq!(
+        count(&s, "SELECT COUNT(*) FROM deliveries WHERE state = 'failed'").await,
+        1
+    );
+}
+both!(
+    resume_thousands_sqlite,
+    resume_thousands_postgres,
+    a_resume_of_thousands_takes_them_all
+);
+
 /// A provider's pause holds the connection's shared rate window until its
 /// end: the gate answers "wait until then" (on any daemon), then lets
 /// requests through again; a shorter hold does not cut a longer one; one

@@ -1063,10 +1063,24 @@ impl Store {
     /// times is not failed by its first 5xx afterwards. Attempts keep
     /// counting, for the log and the connector's attempt number.
     pub async fn resume(&self, ids: &[String], now: i64) -> Result<u64, StoreError> {
+        // A statement (and a commit) per 500 ids, not per id: a reconnect
+        // after a weekend may resume tens of thousands.
         let mut n = 0;
-        for id in ids {
-            n += on_pool!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', ladder_base = attempts, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state = 'paused'")
-                .bind(now).bind(id).execute(p).await?.rows_affected());
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "UPDATE deliveries SET state = 'pending', ladder_base = attempts, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE state = 'paused' AND id IN ({})",
+                (0..chunk.len())
+                    .map(|i| format!("${}", i + 2))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            n += on_pool!(self, p => {
+                let mut q = sqlx::query(&sql).bind(now);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.execute(p).await?.rows_affected()
+            });
         }
         if n > 0 {
             self.close_resolved_incidents(now).await?;
