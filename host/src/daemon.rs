@@ -496,6 +496,13 @@ impl Daemon {
         if let Some(p) = cfg.dispatch.max_parked {
             dcfg.max_parked = p;
         }
+        if let Some(skew) = store
+            .clock_skew_ms(crate::dispatch::now_ms())
+            .await
+            .with_context(|| "reading the database's clock")?
+        {
+            crate::store::check_clock_skew(skew, dcfg.lease).map_err(|e| anyhow::anyhow!(e))?;
+        }
         let runtime_defaults = RuntimeConfig::default();
         let runtime = Arc::new(Runtime::new(
             RuntimeConfig {

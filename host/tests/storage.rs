@@ -111,6 +111,31 @@ both!(
     migrations_tenants
 );
 
+/// The database's clock as this machine sees it: on PostgreSQL (one
+/// machine here, so the same clock) within a second of ours, and a clock a
+/// minute ahead shows as a minute ahead; SQLite has no other clock.
+async fn clock_skew_is_measured_against_the_database(db: TestDb) {
+    let s = db.store().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    match s.clock_skew_ms(now).await.unwrap() {
+        None => assert!(db.sqlite_path().is_some()),
+        Some(skew) => {
+            assert!(skew.abs() < 1_000, "{skew}");
+            let ahead = s.clock_skew_ms(now + 60_000).await.unwrap().unwrap();
+            assert!((59_000..61_000).contains(&ahead), "{ahead}");
+            assert!(
+                ledgerport::store::check_clock_skew(ahead, std::time::Duration::from_secs(90))
+                    .is_err()
+            );
+        }
+    }
+}
+both!(
+    clock_skew_sqlite,
+    clock_skew_postgres,
+    clock_skew_is_measured_against_the_database
+);
+
 async fn mappings_crud(db: TestDb) {
     let s = db.store().await;
     let m = |k: &str, c: &str, t: Option<&str>| AccountMapping {

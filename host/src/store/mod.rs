@@ -394,6 +394,26 @@ impl Store {
         self.group.stats()
     }
 
+    /// How far `local_ms` (this machine's clock, Unix ms) is ahead of the
+    /// database server's clock, in ms (negative: behind); `None` on SQLite,
+    /// where one daemon is the only clock. Daemons sharing a PostgreSQL
+    /// database judge each other's leases by their own clocks, so a clock
+    /// far enough ahead takes over deliveries another daemon is still
+    /// working on (see [`check_clock_skew`]).
+    pub async fn clock_skew_ms(&self, local_ms: i64) -> Result<Option<i64>, StoreError> {
+        match &self.pool {
+            Pool::Sqlite(_) => Ok(None),
+            Pool::Postgres(p) => {
+                let db: i64 = sqlx::query_scalar(
+                    "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+                )
+                .fetch_one(p)
+                .await?;
+                Ok(Some(local_ms - db))
+            }
+        }
+    }
+
     /// The pool, for engine-specific work in store submodules.
     pub fn pool(&self) -> &Pool {
         &self.pool
@@ -513,9 +533,51 @@ impl BeginWrite for PgPool {
     }
 }
 
+/// Refuse a clock `skew_ms` away from the database's by more than a third
+/// of the `lease` (a daemon whose clock runs that far ahead of another's
+/// sees the other's live leases as lapsed between two renewals, and sends
+/// their documents a second time); warn past 5 s.
+pub fn check_clock_skew(skew_ms: i64, lease: std::time::Duration) -> Result<(), String> {
+    let limit = i64::try_from(lease.as_millis() / 3).unwrap_or(i64::MAX);
+    let off = skew_ms.unsigned_abs();
+    let way = if skew_ms > 0 { "ahead of" } else { "behind" };
+    if off > limit.unsigned_abs() {
+        return Err(format!(
+            "this machine's clock is {:.1} s {way} the PostgreSQL server's; daemons sharing the database judge each other's delivery leases by their own clocks, and past {:.1} s (a third of the {} s lease) one would take over deliveries another is still sending: set the clock right (NTP) and start again",
+            off as f64 / 1000.0,
+            limit as f64 / 1000.0,
+            lease.as_secs()
+        ));
+    }
+    if off > 5_000 {
+        tracing::warn!(
+            skew_ms,
+            "this machine's clock is {:.1} s {way} the PostgreSQL server's; keep the daemons' clocks in step (NTP)",
+            off as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact_url;
+
+    /// Past a third of the lease, the daemon does not start (it would take
+    /// over live leases of daemons whose clocks are right); within it, it
+    /// does, either way.
+    #[test]
+    fn a_clock_a_third_of_a_lease_off_the_databases_is_refused() {
+        let lease = std::time::Duration::from_secs(90);
+        assert!(super::check_clock_skew(0, lease).is_ok());
+        assert!(super::check_clock_skew(29_000, lease).is_ok());
+        assert!(super::check_clock_skew(-29_000, lease).is_ok());
+        let e = super::check_clock_skew(61_000, lease).unwrap_err();
+        assert!(e.contains("61.0 s ahead of") && e.contains("NTP"), "{e}");
+        let e = super::check_clock_skew(-31_000, lease).unwrap_err();
+        assert!(e.contains("31.0 s behind"), "{e}");
+        assert!(super::check_clock_skew(i64::MIN, lease).is_err());
+    }
 
     #[test]
     fn a_database_address_in_a_message_never_shows_a_password() {
