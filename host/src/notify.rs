@@ -101,8 +101,12 @@ pub fn compose(
     disconnected: bool,
     cfg: &MailConfig,
 ) -> Email {
-    let n = incident.documents.len();
-    let docs = incident.documents.join(", ");
+    let more = usize::try_from(incident.more_documents).unwrap_or(0);
+    let n = incident.documents.len() + more;
+    let mut docs = incident.documents.join(", ");
+    if more > 0 {
+        docs.push_str(&format!(" and {more} more"));
+    }
     let plural = if n == 1 { "document" } else { "documents" };
     let these = if n == 1 { "This" } else { "These" };
     let these_lc = if n == 1 { "this" } else { "these" };
@@ -523,6 +527,7 @@ mod tests {
             kind: kind.into(),
             documents: vec!["INV-1".into(), "INV-2".into()],
             details: vec!["the endpoint answered 500".into()],
+            more_documents: 0,
             read_as: Default::default(),
         }
     }
@@ -553,6 +558,19 @@ mod tests {
             assert!(!m.text.contains("Xero"), "{kind}: {}", m.text);
             assert!(m.text.contains("INV-1") && m.text.contains("INV-2"));
         }
+    }
+
+    /// An incident's documents past those it names are counted in the
+    /// subject and said in the list.
+    #[test]
+    fn a_notice_counts_the_documents_it_does_not_name() {
+        let cfg = config();
+        let mut inc = incident("paused-mapping");
+        inc.more_documents = 5;
+        let m = compose(&inc, "Acme", "Xero", false, false, &cfg);
+        assert!(m.subject.contains("7 documents"), "{}", m.subject);
+        assert!(m.text.contains("INV-1, INV-2 and 5 more"), "{}", m.text);
+        assert!(m.html.contains("INV-1, INV-2 and 5 more"), "{}", m.html);
     }
 
     #[test]

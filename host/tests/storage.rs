@@ -2206,6 +2206,75 @@ both!(
     a_resume_of_thousands_takes_them_all
 );
 
+/// An incident names its first 200 documents and counts the rest; one
+/// counted after it was read is not told from the stale read.
+async fn an_incident_counts_documents_past_its_list(db: TestDb) {
+    let s = db.store().await;
+    for i in 0..250 {
+        s.record_incident(
+            "acme",
+            "conn-1",
+            "paused-mapping",
+            &format!("INV-{i}"),
+            "no account is mapped for: fx-fee",
+            i,
+            0,
+        )
+        .await
+        .unwrap();
+    }
+    let due = s.due_incidents(1_000).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(
+        due[0].documents.len(),
+        ledgerport::store::outbox::MAX_INCIDENT_DOCUMENTS
+    );
+    assert_eq!(due[0].documents[199], "INV-199");
+    assert_eq!(due[0].more_documents, 50);
+    // Named already: not counted again.
+    s.record_incident(
+        "acme",
+        "conn-1",
+        "paused-mapping",
+        "INV-3",
+        "no account is mapped for: fx-fee",
+        1_001,
+        0,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.due_incidents(1_002).await.unwrap()[0].more_documents, 50);
+    // One more counted after the read: telling from the read is refused.
+    s.record_incident(
+        "acme",
+        "conn-1",
+        "paused-mapping",
+        "INV-999",
+        "no account is mapped for: fx-fee",
+        1_003,
+        0,
+    )
+    .await
+    .unwrap();
+    assert!(
+        !s.tell_incident(&due[0], Some(&mail()), 1_004)
+            .await
+            .unwrap()
+    );
+    let due = s.due_incidents(1_005).await.unwrap();
+    assert_eq!(due[0].more_documents, 51);
+    assert!(
+        s.tell_incident(&due[0], Some(&mail()), 1_006)
+            .await
+            .unwrap()
+    );
+}
+both!(
+    incident_documents_sqlite,
+    incident_documents_postgres,
+    an_incident_counts_documents_past_its_list
+);
+
 /// A provider's pause holds the connection's shared rate window until its
 /// end: the gate answers "wait until then" (on any daemon), then lets
 /// requests through again; a shorter hold does not cut a longer one; one

@@ -651,6 +651,10 @@ mod frozen_migrations {
             "59a7a7e3fa4a6e460ae88d76639722435304072464f83d790b99d945cc498055",
         ),
         (
+            "sqlite/0011_incident_documents.sql",
+            "7de7c21b8e3836257f58417db94824c20f3afd52cb61916d6b3f4e94f0e9a695",
+        ),
+        (
             "postgres/0001_connections.sql",
             "c3b18f40f5d39509c91fa2641f5d64e7d2ee664a6125e86f540d559e92e48e0d",
         ),
@@ -689,6 +693,10 @@ mod frozen_migrations {
         (
             "postgres/0010_missed_documents.sql",
             "59a7a7e3fa4a6e460ae88d76639722435304072464f83d790b99d945cc498055",
+        ),
+        (
+            "postgres/0011_incident_documents.sql",
+            "84cf0c38373aaec8b7d5a87be4687e90dcba5083b729465aa011fa0eefcce350",
         ),
     ];
 

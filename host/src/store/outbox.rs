@@ -410,10 +410,19 @@ pub struct IncidentRow {
     pub documents: Vec<String>,
     /// Details (JSON array of strings: what went wrong, what the provider said).
     pub details: Vec<String>,
-    /// The two lists as stored when read: telling the incident checks
-    /// that nothing was added since.
-    pub(crate) read_as: (String, String),
+    /// Documents of the incident past the first
+    /// [`MAX_INCIDENT_DOCUMENTS`], counted, not named.
+    pub more_documents: i64,
+    /// The two lists and the count as stored when read: telling the
+    /// incident checks that nothing was added since.
+    pub(crate) read_as: (String, String, i64),
 }
+
+/// The most document numbers one incident names; more are counted
+/// ([`IncidentRow::more_documents`]). A notice lists them all: a weekend of
+/// paused deliveries would otherwise be one e-mail of 20,000 numbers, and
+/// every pause behind a told incident rewrote the whole list.
+pub const MAX_INCIDENT_DOCUMENTS: usize = 200;
 
 /// A mail to queue with an incident (see [`Store::tell_incident`]).
 #[derive(Debug, Clone)]
@@ -1303,7 +1312,7 @@ impl Store {
             // reconnection, in any mix), but a new cause (a kind none of
             // them named) starts a new one, told in its turn; a failure
             // always starts a new one.
-            let open_ones = sqlx::query("SELECT id, documents, details, notified_at FROM incidents WHERE tenant_id = $1 AND connection_id = $2 AND kind = $3 AND closed_at IS NULL ORDER BY opened_at DESC")
+            let open_ones = sqlx::query("SELECT id, documents, documents_more, details, notified_at FROM incidents WHERE tenant_id = $1 AND connection_id = $2 AND kind = $3 AND closed_at IS NULL ORDER BY opened_at DESC")
                 .bind(tenant_id).bind(connection_id).bind(kind).fetch_all(&mut *tx).await?;
             let mut untold = None;
             let mut newest = None;
@@ -1329,16 +1338,23 @@ impl Store {
                 let id: String = r.try_get("id")?;
                 let mut docs: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("documents")?).unwrap_or_default();
                 let mut details: Vec<String> = serde_json::from_str(&r.try_get::<String, _>("details")?).unwrap_or_default();
+                let mut more: i64 = r.try_get("documents_more")?;
                 if !docs.iter().any(|d| d == document_number) {
-                    docs.push(document_number.to_string());
+                    if docs.len() < MAX_INCIDENT_DOCUMENTS {
+                        docs.push(document_number.to_string());
+                    } else {
+                        // Counted once per outcome recorded (a document
+                        // paused again after a retry counts again).
+                        more = more.saturating_add(1);
+                    }
                 }
                 if !details.iter().any(|d| d == detail) && details.len() < 50 {
                     details.push(detail.to_string());
                 }
-                sqlx::query("UPDATE incidents SET documents = $1, details = $2, updated_at = $3 WHERE id = $4")
+                sqlx::query("UPDATE incidents SET documents = $1, details = $2, updated_at = $3, documents_more = $5 WHERE id = $4")
                     .bind(serde_json::to_string(&docs).unwrap_or_default())
                     .bind(serde_json::to_string(&details).unwrap_or_default())
-                    .bind(now).bind(&id).execute(&mut *tx).await?;
+                    .bind(now).bind(&id).bind(more).execute(&mut *tx).await?;
             } else {
                 sqlx::query("INSERT INTO incidents (id, tenant_id, connection_id, kind, documents, details, opened_at, updated_at, notify_after) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)")
                     .bind(uuid::Uuid::new_v4().to_string()).bind(tenant_id).bind(connection_id).bind(kind)
@@ -1372,12 +1388,13 @@ impl Store {
     /// together with queueing its mail.
     pub async fn due_incidents(&self, now: i64) -> Result<Vec<IncidentRow>, StoreError> {
         on_pool!(self, p => {
-            let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, details FROM incidents WHERE notified_at IS NULL AND closed_at IS NULL AND notify_after <= $1 ORDER BY opened_at LIMIT 500")
+            let rows = sqlx::query("SELECT id, tenant_id, connection_id, kind, documents, documents_more, details FROM incidents WHERE notified_at IS NULL AND closed_at IS NULL AND notify_after <= $1 ORDER BY opened_at LIMIT 500")
                 .bind(now).fetch_all(p).await?;
             let mut out = Vec::new();
             for r in rows {
                 let documents: String = r.try_get("documents")?;
                 let details: String = r.try_get("details")?;
+                let more: i64 = r.try_get("documents_more")?;
                 out.push(IncidentRow {
                     id: r.try_get("id")?,
                     tenant_id: r.try_get("tenant_id")?,
@@ -1385,7 +1402,8 @@ impl Store {
                     kind: r.try_get("kind")?,
                     documents: serde_json::from_str(&documents).unwrap_or_default(),
                     details: serde_json::from_str(&details).unwrap_or_default(),
-                    read_as: (documents, details),
+                    more_documents: more,
+                    read_as: (documents, details, more),
                 });
             }
             Ok(out)
@@ -1409,8 +1427,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin_write_locked(INCIDENT_LOCK).await?;
-            let told = sqlx::query("UPDATE incidents SET notified_at = $1, closed_at = CASE WHEN kind LIKE 'paused%' THEN closed_at ELSE $1 END WHERE id = $2 AND notified_at IS NULL AND closed_at IS NULL AND documents = $3 AND details = $4")
-                .bind(now).bind(&inc.id).bind(&inc.read_as.0).bind(&inc.read_as.1)
+            let told = sqlx::query("UPDATE incidents SET notified_at = $1, closed_at = CASE WHEN kind LIKE 'paused%' THEN closed_at ELSE $1 END WHERE id = $2 AND notified_at IS NULL AND closed_at IS NULL AND documents = $3 AND details = $4 AND documents_more = $5")
+                .bind(now).bind(&inc.id).bind(&inc.read_as.0).bind(&inc.read_as.1).bind(inc.read_as.2)
                 .execute(&mut *tx).await?.rows_affected() == 1;
             if told && let Some(m) = mail {
                 sqlx::query(INSERT_MAIL)
