@@ -1155,15 +1155,21 @@ impl Store {
         after: Option<&LogCursor>,
         limit: i64,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
-        let sql = format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR document_number = $2) AND ($3 IS NULL OR state = $3) AND ($4 IS NULL OR updated_at < $4 OR (updated_at = $4 AND id > $5)) ORDER BY updated_at DESC, id LIMIT $6"
+        let sql = delivery_log_sql(
+            tenant_id.is_some(),
+            number.is_some(),
+            state.is_some(),
+            after.is_some(),
         );
-        let (at, id) = match after {
-            Some(c) => (Some(c.updated_at), Some(c.id.as_str())),
-            None => (None, None),
-        };
         on_pool!(self, p => {
-            let rows = sqlx::query(&sql).bind(tenant_id).bind(number).bind(state).bind(at).bind(id).bind(limit).fetch_all(p).await?;
+            let mut q = sqlx::query(&sql);
+            for v in [tenant_id, number, state].into_iter().flatten() {
+                q = q.bind(v);
+            }
+            if let Some(c) = after {
+                q = q.bind(c.updated_at).bind(&c.id);
+            }
+            let rows = q.bind(limit).fetch_all(p).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 out.push(delivery_row!(r));
@@ -1223,8 +1229,14 @@ impl Store {
         connection_id: Option<&str>,
     ) -> Result<Vec<(String, i64)>, StoreError> {
         on_pool!(self, p => {
-            let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries WHERE ($1 IS NULL OR connection_id = $1) GROUP BY state ORDER BY state")
-                .bind(connection_id).fetch_all(p).await?;
+            // Only the conditions given: `$1 IS NULL OR ...` keeps SQLite
+            // from using an index, and the table holds every delivery.
+            let rows = match connection_id {
+                Some(c) => sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries WHERE connection_id = $1 GROUP BY state ORDER BY state")
+                    .bind(c).fetch_all(p).await?,
+                None => sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state ORDER BY state")
+                    .fetch_all(p).await?,
+            };
             let mut out = Vec::new();
             for r in rows {
                 out.push((r.try_get("state")?, r.try_get("n")?));
@@ -1688,6 +1700,44 @@ const CLOSE_RESUMED_INCIDENTS: &str = "UPDATE incidents SET closed_at = $1 WHERE
 
 /// The earliest due pending deliveries of `n` connections: `$1` is now,
 /// then each connection's id and room (`$2`, `$3`; `$4`, `$5`; ...).
+/// The delivery log's statement with only the filters given, in this
+/// order: tenant, document number, state, the cursor (`updated_at`, `id`),
+/// then the limit. A condition written `($1 IS NULL OR tenant_id = $1)`
+/// keeps SQLite from using any index: every page read the whole table,
+/// which keeps every delivery ever made.
+pub(crate) fn delivery_log_sql(tenant: bool, number: bool, state: bool, after: bool) -> String {
+    let mut conds: Vec<String> = Vec::new();
+    let mut n = 0;
+    let mut arg = || {
+        n += 1;
+        format!("${n}")
+    };
+    if tenant {
+        conds.push(format!("tenant_id = {}", arg()));
+    }
+    if number {
+        conds.push(format!("document_number = {}", arg()));
+    }
+    if state {
+        conds.push(format!("state = {}", arg()));
+    }
+    if after {
+        let (at, id) = (arg(), arg());
+        conds.push(format!(
+            "(updated_at < {at} OR (updated_at = {at} AND id > {id}))"
+        ));
+    }
+    let limit = arg();
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {} ", conds.join(" AND "))
+    };
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries {filter}ORDER BY updated_at DESC, id LIMIT {limit}"
+    )
+}
+
 /// Connections picked from, or claimed rows whose documents are read, in
 /// one statement: SQLite refuses a compound SELECT of more than 500 terms
 /// and an expression deeper than 1,000 (a claim may take up to 4,096 rows
@@ -1786,6 +1836,18 @@ mod tests {
             (
                 "close resumed incidents",
                 CLOSE_RESUMED_INCIDENTS.to_string(),
+            ),
+            (
+                "a tenant's log",
+                delivery_log_sql(true, false, false, false),
+            ),
+            (
+                "a tenant's log, next page of one state",
+                delivery_log_sql(true, false, true, true),
+            ),
+            (
+                "a tenant's document's deliveries",
+                delivery_log_sql(true, true, false, false),
             ),
         ];
         for (name, sql) in checks {
