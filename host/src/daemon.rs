@@ -389,12 +389,20 @@ impl Config {
     /// OAuth redirect must match the registered one exactly), with the
     /// port the system chose when `listen` asks for port 0.
     pub fn public_url(&self, bound: SocketAddr) -> String {
-        self.public_url
+        let raw = self
+            .public_url
             .clone()
             .unwrap_or_else(|| match self.listen.rsplit_once(':') {
                 Some((host, "0")) => format!("http://{host}:{}", bound.port()),
                 _ => format!("http://{}", self.listen),
-            })
+            });
+        // As parsed (`validate` has checked it parses): a scheme or host in
+        // capitals, or a space around the address, would otherwise reach
+        // the OAuth redirect address (which the provider compares with the
+        // registered one) and the links in notices as written.
+        url::Url::parse(&raw)
+            .map(|u| u.to_string())
+            .unwrap_or(raw)
             .trim_end_matches('/')
             .to_string()
     }
@@ -1037,5 +1045,9 @@ mod tests {
         assert_eq!(c.public_url(chosen), "http://[::1]:41234");
         c.public_url = Some("https://lp.example.com/".into());
         assert_eq!(c.public_url(bound), "https://lp.example.com");
+        c.public_url = Some(" HTTPS://LP.example.com/ ".into());
+        assert_eq!(c.public_url(bound), "https://lp.example.com");
+        c.public_url = Some("https://lp.example.com/ledgerport/".into());
+        assert_eq!(c.public_url(bound), "https://lp.example.com/ledgerport");
     }
 }

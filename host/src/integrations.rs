@@ -1225,13 +1225,11 @@ async fn save_settings(
         .change_settings(&s.tenant, connector, &changes, &s.admin)
         .await
     {
-        let status = if e.status() >= 500 {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::UNPROCESSABLE_ENTITY
-        };
+        if e.status() >= 500 {
+            return store_failed("saving settings", &e);
+        }
         return message(
-            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "Settings not saved",
             &format!("{e} Nothing was changed."),
         );
@@ -1563,10 +1561,13 @@ async fn save_mappings(
         .await
     {
         // The connection cannot check them (409: not active, or no
-        // longer accepted), storage or the account list unavailable (503),
-        // else a refused row (422).
+        // longer accepted), storage (logged, not shown) or the account
+        // list unavailable (503), else a refused row (422).
+        if matches!(e, crate::connections::mappings::MappingError::Store(_)) {
+            return store_failed("saving mappings", &e);
+        }
         let status = match e.status() {
-            500 | 503 => StatusCode::SERVICE_UNAVAILABLE,
+            503 => StatusCode::SERVICE_UNAVAILABLE,
             409 => StatusCode::CONFLICT,
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };

@@ -2961,6 +2961,26 @@ async fn a_storage_failure_on_connect_or_disconnect_is_a_503() {
         .unwrap()
         .unwrap();
     assert_eq!(c.state, ledgerport::store::ConnectionState::Active);
+
+    // Mappings: neither the Configure form nor a save can read them (a
+    // 503 without the driver's text, not "Xero did not answer").
+    rename("mappings", "mappings_away").await;
+    let r = b
+        .get(format!("{}/integrations/configure", env.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    page_unavailable(r).await;
+    let r = b
+        .post(format!("{}/integrations/mappings", env.base))
+        .header("cookie", &cookie)
+        .form(&[("gross-salary", "477")])
+        .send()
+        .await
+        .unwrap();
+    page_unavailable(r).await;
+    rename("mappings_away", "mappings").await;
     env.d.stop().await;
 }
 

@@ -1232,7 +1232,7 @@ impl Store {
             // Only the conditions given: `$1 IS NULL OR ...` keeps SQLite
             // from using an index, and the table holds every delivery.
             let rows = match connection_id {
-                Some(c) => sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries WHERE connection_id = $1 GROUP BY state ORDER BY state")
+                Some(c) => sqlx::query(CONNECTION_COUNTS)
                     .bind(c).fetch_all(p).await?,
                 None => sqlx::query("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state ORDER BY state")
                     .fetch_all(p).await?,
@@ -1696,10 +1696,13 @@ fn claim_mail_sql(lock: &str) -> String {
     )
 }
 
+/// One connection's deliveries by state, found by the index that begins
+/// with (state, connection_id): one range per state, not a read of every
+/// delivery (no index begins with connection_id).
+const CONNECTION_COUNTS: &str = "SELECT state, COUNT(*) AS n FROM deliveries WHERE state IN ('pending', 'working', 'delivered', 'paused', 'failed') AND connection_id = $1 GROUP BY state ORDER BY state";
+
 const CLOSE_RESUMED_INCIDENTS: &str = "UPDATE incidents SET closed_at = $1 WHERE closed_at IS NULL AND kind LIKE 'paused%' AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.connection_id = incidents.connection_id AND d.state = 'paused' AND ('paused-' || d.pause_reason) = incidents.kind)";
 
-/// The earliest due pending deliveries of `n` connections: `$1` is now,
-/// then each connection's id and room (`$2`, `$3`; `$4`, `$5`; ...).
 /// The delivery log's statement with only the filters given, in this
 /// order: tenant, document number, state, the cursor (`updated_at`, `id`),
 /// then the limit. A condition written `($1 IS NULL OR tenant_id = $1)`
@@ -1744,6 +1747,8 @@ pub(crate) fn delivery_log_sql(tenant: bool, number: bool, state: bool, after: b
 /// over as many connections).
 const PICKS_PER_STATEMENT: usize = 200;
 
+/// The earliest due pending deliveries of `n` connections: `$1` is now,
+/// then each connection's id and room (`$2`, `$3`; `$4`, `$5`; ...).
 fn pending_picks_sql(n: usize) -> String {
     (0..n)
         .map(|i| {
@@ -1870,6 +1875,20 @@ mod tests {
                     "{name} reads deliveries without an index ({s}); plan: {steps:?}"
                 );
             }
+        }
+        // Statements run once per connection (the status page) must find
+        // their rows, not scan a whole index either.
+        for (name, sql) in [("a connection's counts", CONNECTION_COUNTS)] {
+            let steps = plan(&store, sql).await;
+            assert!(
+                steps.iter().any(|s| s.starts_with("SEARCH"))
+                    && !steps.iter().any(|s| s.starts_with("SCAN")),
+                "{name}: {steps:?}"
+            );
+        }
+        // And they count every state there is.
+        for st in state::ALL {
+            assert!(CONNECTION_COUNTS.contains(&format!("'{st}'")), "{st}");
         }
     }
 }
