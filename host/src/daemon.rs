@@ -408,6 +408,37 @@ impl Config {
     }
 }
 
+/// Deliveries by state as last counted for `/metrics`, and when.
+type QueueDepths = tokio::sync::Mutex<Option<(std::time::Instant, Vec<(String, i64)>)>>;
+
+/// How long `/metrics` answers with the queue depths it counted last.
+pub const QUEUE_DEPTHS_TTL: Duration = Duration::from_secs(5);
+
+/// The deliveries by state for `/metrics`: counted at most once every
+/// [`QUEUE_DEPTHS_TTL`], by one request at a time (the others wait for its
+/// count). A count reads an index of every delivery ever made, and
+/// `/metrics` needs no key: requests in a loop would otherwise keep the
+/// database busy counting while the dispatcher waits. `None` when the
+/// database did not answer (not kept: the next request asks again).
+async fn queue_depths(store: &Store, counted: &QueueDepths) -> Option<Vec<(String, i64)>> {
+    let mut last = counted.lock().await;
+    if let Some((at, q)) = last.as_ref()
+        && at.elapsed() < QUEUE_DEPTHS_TTL
+    {
+        return Some(q.clone());
+    }
+    match store.delivery_counts(None).await {
+        Ok(q) => {
+            *last = Some((std::time::Instant::now(), q.clone()));
+            Some(q)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: the database did not answer");
+            None
+        }
+    }
+}
+
 /// A `listen` value: `host:port` (an IP address, `[v6]`, or a host name)
 /// with a port number.
 fn check_listen(v: &str) -> Result<(), String> {
@@ -828,17 +859,13 @@ impl Daemon {
                 "/metrics",
                 get({
                     let tokens = connections.tokens();
+                    let counted = Arc::new(tokio::sync::Mutex::new(None));
                     move || {
                         let s = store3.clone();
                         let tokens = tokens.clone();
+                        let counted = counted.clone();
                         async move {
-                            let q = match s.delivery_counts(None).await {
-                                Ok(q) => Some(q),
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "metrics: the database did not answer");
-                                    None
-                                }
-                            };
+                            let q = queue_depths(&s, &counted).await;
                             let refreshes = tokens
                                 .stats()
                                 .refreshes

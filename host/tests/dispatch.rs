@@ -137,6 +137,30 @@ async fn end_to_end(db: TestDb) {
             .unwrap_or_else(|| panic!("{series} missing from:\n{m}"))
     };
     assert_eq!(value("ledgerport_queue_depth{state=\"delivered\"}"), 7.0);
+    // Counted at most once every few seconds (a count reads an index of
+    // every delivery, and /metrics needs no key): a change right after is
+    // not in the next answer yet.
+    let fail = "UPDATE deliveries SET state = 'failed' WHERE document_number = 'INV-acme-0003'";
+    match p.d().store.pool() {
+        ledgerport::store::Pool::Sqlite(pool) => sqlx::query(fail).execute(pool).await.map(|_| ()),
+        ledgerport::store::Pool::Postgres(pool) => {
+            sqlx::query(fail).execute(pool).await.map(|_| ())
+        }
+    }
+    .unwrap();
+    let again = p
+        .http
+        .get(p.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        again.contains("ledgerport_queue_depth{state=\"delivered\"} 7\n"),
+        "{again}"
+    );
     assert!(value("ledgerport_deliveries_total{outcome=\"delivered\"}") >= 7.0);
     assert!(value("ledgerport_delivery_seconds_count") >= 7.0);
     assert!(value("ledgerport_documents_ingested_total") >= 8.0);
