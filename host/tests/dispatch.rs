@@ -120,15 +120,17 @@ async fn end_to_end(db: TestDb) {
     assert_eq!(s, 202);
     assert_eq!(body["note"], "not sent: not connected");
     // Metrics show the work.
-    let m = p
-        .http
-        .get(p.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = || async {
+        p.http
+            .get(p.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let m = metrics().await;
     // The counters are the process's (another test in the same process,
     // under `cargo test`, may add to them): at least this run's work.
     let value = |series: &str| -> f64 {
@@ -140,23 +142,12 @@ async fn end_to_end(db: TestDb) {
     // Counted at most once every few seconds (a count reads an index of
     // every delivery, and /metrics needs no key): a change right after is
     // not in the next answer yet.
-    let fail = "UPDATE deliveries SET state = 'failed' WHERE document_number = 'INV-acme-0003'";
-    match p.d().store.pool() {
-        ledgerport::store::Pool::Sqlite(pool) => sqlx::query(fail).execute(pool).await.map(|_| ()),
-        ledgerport::store::Pool::Postgres(pool) => {
-            sqlx::query(fail).execute(pool).await.map(|_| ())
-        }
-    }
-    .unwrap();
-    let again = p
-        .http
-        .get(p.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    storage_support::exec(
+        &p.d().store,
+        "UPDATE deliveries SET state = 'failed' WHERE document_number = 'INV-acme-0003'",
+    )
+    .await;
+    let again = metrics().await;
     assert!(
         again.contains("ledgerport_queue_depth{state=\"delivered\"} 7\n"),
         "{again}"

@@ -3,6 +3,7 @@
 
 #[allow(dead_code)]
 mod storage_support;
+use storage_support::{count, exec};
 
 use ledgerport::capabilities::kv::KvStore;
 use ledgerport::capabilities::mapping::{AccountMapping, MappingScope, MappingStore};
@@ -225,14 +226,7 @@ async fn kv_holds_at_most_its_limit_of_keys(db: TestDb) {
             "BLOB"
         }
     );
-    match s.pool() {
-        ledgerport::store::Pool::Sqlite(p) => {
-            sqlx::query(&fill).execute(p).await.unwrap();
-        }
-        ledgerport::store::Pool::Postgres(p) => {
-            sqlx::query(&fill).execute(p).await.unwrap();
-        }
-    }
+    exec(&s, &fill).await;
     s.set("c1", "last", b"fits").await.unwrap();
     let count = || async { s.kv_keys("c1").await.unwrap().len() as i64 };
     assert_eq!(count().await, MAX_KEYS_PER_CONNECTION);
@@ -2284,19 +2278,7 @@ async fn a_hold_fills_the_rate_window_until_its_end(db: TestDb) {
     let (limit, window) = (60, 60_000);
     s.hold_rate_window("conn-1", 1_000_000).await.unwrap();
     s.hold_rate_window("conn-1", 500_000).await.unwrap();
-    let (n,): (i64,) = match s.pool() {
-        ledgerport::store::Pool::Sqlite(p) => {
-            sqlx::query_as("SELECT COUNT(*) FROM rate_log")
-                .fetch_one(p)
-                .await
-        }
-        ledgerport::store::Pool::Postgres(p) => {
-            sqlx::query_as("SELECT COUNT(*) FROM rate_log")
-                .fetch_one(p)
-                .await
-        }
-    }
-    .unwrap();
+    let n = count(&s, "SELECT COUNT(*) FROM rate_log").await;
     assert_eq!(n, 1, "one row holds the connection");
     assert_eq!(
         s.take_rate_slot("conn-1", limit, window, 10_000)
@@ -2329,23 +2311,6 @@ both!(
     rate_hold_postgres,
     a_hold_fills_the_rate_window_until_its_end
 );
-
-/// `SELECT COUNT(*) ...` on either engine.
-async fn count(store: &Store, sql: &str) -> i64 {
-    match store.pool() {
-        ledgerport::store::Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await,
-        ledgerport::store::Pool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await,
-    }
-    .unwrap()
-}
-
-async fn exec(store: &Store, sql: &str) {
-    match store.pool() {
-        ledgerport::store::Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
-        ledgerport::store::Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
-    }
-    .unwrap();
-}
 
 /// A connection's rate-window lock cannot be another lock of the store's.
 /// `rl-41385eef` is a connection id whose `hashtext` is 7215002, the

@@ -41,6 +41,12 @@ pub fn text(s: &str, max: usize) -> String {
     out
 }
 
+/// As [`text`], on one line (newlines and tabs become spaces): a name
+/// stored and shown in tables, headers and a page's select.
+fn line(s: &str, max: usize) -> String {
+    text(s, max).replace(['\n', '\t'], " ")
+}
+
 /// As [`text`], with [`NO_REASON`] for an empty or blank one.
 pub fn reason(s: &str) -> String {
     let t = text(s, MAX_TEXT);
@@ -106,7 +112,7 @@ pub const MAX_NAME: usize = 200;
 pub fn check_report(r: wit::CheckReport) -> wit::CheckReport {
     wit::CheckReport {
         // One line: it is stored and shown in tables and headers.
-        organisation_name: text(&r.organisation_name, MAX_NAME).replace(['\n', '\t'], " "),
+        organisation_name: line(&r.organisation_name, MAX_NAME),
         details: texts(&r.details),
     }
 }
@@ -135,14 +141,8 @@ pub fn code_ok(code: &str) -> bool {
 /// each. `plugin` names the connector in the log line that says what was
 /// dropped.
 pub fn account_list(plugin: &str, l: wit::AccountList) -> wit::AccountList {
-    let line = |s: &str, max: usize| text(s, max).replace(['\n', '\t'], " ");
     let (n_accounts, n_rates) = (l.accounts.len(), l.tax_rates.len());
-    let mut seen = std::collections::HashSet::new();
-    let accounts: Vec<wit::Account> = l
-        .accounts
-        .into_iter()
-        .filter(|a| code_ok(&a.code) && seen.insert(a.code.clone()))
-        .take(MAX_ACCOUNTS)
+    let accounts: Vec<wit::Account> = storable(l.accounts, |a| &a.code)
         .map(|a| wit::Account {
             name: line(&a.name, MAX_NAME),
             account_type: line(&a.account_type, 100),
@@ -154,12 +154,7 @@ pub fn account_list(plugin: &str, l: wit::AccountList) -> wit::AccountList {
             code: a.code,
         })
         .collect();
-    let mut seen = std::collections::HashSet::new();
-    let tax_rates: Vec<wit::TaxRate> = l
-        .tax_rates
-        .into_iter()
-        .filter(|r| code_ok(&r.tax_type) && seen.insert(r.tax_type.clone()))
-        .take(MAX_ACCOUNTS)
+    let tax_rates: Vec<wit::TaxRate> = storable(l.tax_rates, |r| &r.tax_type)
         .map(|r| wit::TaxRate {
             name: line(&r.name, MAX_NAME),
             rate: line(&r.rate, 40),
@@ -178,6 +173,16 @@ pub fn account_list(plugin: &str, l: wit::AccountList) -> wit::AccountList {
         accounts,
         tax_rates,
     }
+}
+
+/// The items whose `code` a mapping can store ([`code_ok`]), the first of
+/// a repeated code, at most [`MAX_ACCOUNTS`].
+fn storable<T>(items: Vec<T>, code: impl Fn(&T) -> &String) -> impl Iterator<Item = T> {
+    let mut seen = std::collections::HashSet::new();
+    items
+        .into_iter()
+        .filter(move |i| code_ok(code(i)) && seen.insert(code(i).clone()))
+        .take(MAX_ACCOUNTS)
 }
 
 /// A delivery error as the host keeps it: every reason non-empty and

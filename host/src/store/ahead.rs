@@ -16,7 +16,7 @@
 
 use super::connections::{CONNECTION_COLUMNS, ConnectionRow, TOKEN_COLUMNS, TokenRow};
 use super::settings::{SettingRow, StoredSetting, ctx_setting};
-use super::{Connection, Store, StoreError, StoredTokens, on_pool};
+use super::{Connection, Store, StoreError, StoredTokens, on_pool, placeholders};
 use crate::capabilities::mapping::AccountMapping;
 use crate::crypto::KeyRing;
 use std::collections::{BTreeSet, HashMap};
@@ -46,14 +46,6 @@ pub const KV_AHEAD_VALUE_BYTES: usize = 1024;
 /// Most kv keys read ahead, on average, per connection of a batch (the
 /// statement's `LIMIT`; which ones it keeps is the database's choice).
 pub const KV_AHEAD_KEYS: usize = 16;
-
-/// `$first, $first+1, ...` for `n` values.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 impl Store {
     /// [`CallData`] of every connection in `ids` that exists, by id.

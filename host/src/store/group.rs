@@ -461,10 +461,7 @@ macro_rules! write_all {
             if let Op::Claim(c) = op {
                 let mut rows = Vec::new();
                 if !c.ids.is_empty() {
-                    let list = (0..c.ids.len())
-                        .map(|i| format!("${}", i + 4))
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let list = super::placeholders(4, c.ids.len());
                     let sql = format!(
                         "UPDATE deliveries SET state = 'working', lease_owner = $1, lease_until = $2, updated_at = $3 WHERE id IN ({list}) AND ((state = 'pending' AND next_attempt_at <= $3) OR (state = 'working' AND lease_until < $3)) {CLAIM_RETURNING}"
                     );

@@ -69,14 +69,8 @@ fn missed_sql_kept(
     tail: &str,
     kept: bool,
 ) -> String {
-    let list = |from: usize, n: usize| {
-        (0..n)
-            .map(|i| format!("${}", from + i))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let id_terms = match ids {
-        Some(n) => format!(" AND doc.id IN ({})", list(4 + kinds, n)),
+        Some(n) => format!(" AND doc.id IN ({})", super::placeholders(4 + kinds, n)),
         None => String::new(),
     };
     format!(
@@ -85,7 +79,7 @@ fn missed_sql_kept(
            AND NOT EXISTS (SELECT 1 FROM deliveries d
                            WHERE d.tenant_id = doc.tenant_id AND d.document_id = doc.id AND d.connection_id = $3)
            AND octet_length(doc.body) {body}{tail}",
-        kinds = list(4, kinds),
+        kinds = super::placeholders(4, kinds),
         body = if kept { "> 0" } else { "= 0" },
     )
 }

@@ -49,6 +49,15 @@ use std::time::Duration;
 pub use connections::*;
 pub use tenants::Tenant;
 
+/// `$first, $first+1, ...` for `n` values: an `IN (...)` list of bound
+/// parameters, numbered the same on both engines.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 

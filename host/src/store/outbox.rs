@@ -1078,10 +1078,7 @@ impl Store {
         for chunk in ids.chunks(500) {
             let sql = format!(
                 "UPDATE deliveries SET state = 'pending', ladder_base = attempts, pause_reason = NULL, pause_detail = NULL, incident_due = NULL, next_attempt_at = $1, updated_at = $1 WHERE state = 'paused' AND id IN ({})",
-                (0..chunk.len())
-                    .map(|i| format!("${}", i + 2))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                super::placeholders(2, chunk.len())
             );
             n += on_pool!(self, p => {
                 let mut q = sqlx::query(&sql).bind(now);

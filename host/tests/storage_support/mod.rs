@@ -24,6 +24,26 @@ use std::sync::Arc;
 use std::time::Duration;
 use xero_sim::{Sim, SimConfig, SimHandle};
 
+/// The one number `sql` answers (a `SELECT COUNT(*) ...`), on either
+/// engine.
+pub async fn count(store: &Store, sql: &str) -> i64 {
+    match store.pool() {
+        ledgerport::store::Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+        ledgerport::store::Pool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+    }
+    .unwrap()
+}
+
+/// Run `sql` (a test's own change behind the store's back), on either
+/// engine.
+pub async fn exec(store: &Store, sql: &str) {
+    match store.pool() {
+        ledgerport::store::Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        ledgerport::store::Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+    }
+    .unwrap();
+}
+
 /// An invoice to ingest: the tests' shorthand for a [`NewDocument`] of kind
 /// `invoice` crediting nothing.
 pub fn new_doc<'a>(
