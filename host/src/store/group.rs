@@ -180,6 +180,7 @@ async fn writer(
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let checkpointing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut last_checkpoint = std::time::Instant::now();
+    let mut writer = Writer::new(pool.clone());
     while let Some(first) = rx.recv().await {
         jobs.push(first);
         while jobs.len() < MAX_BATCH {
@@ -197,7 +198,7 @@ async fn writer(
         }
         let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
         stats.transactions.fetch_add(1, Ordering::Relaxed);
-        match run(&pool, &ops).await {
+        match writer.run(&ops).await {
             Ok(done) => {
                 stats.writes.fetch_add(done.len() as u64, Ordering::Relaxed);
                 for (job, d) in jobs.drain(..).zip(done) {
@@ -213,7 +214,7 @@ async fn writer(
                 stats.split.fetch_add(1, Ordering::Relaxed);
                 for job in jobs.drain(..) {
                     stats.transactions.fetch_add(1, Ordering::Relaxed);
-                    let r = run(&pool, &[&job.op]).await.map(|mut d| d.remove(0));
+                    let r = writer.run(&[&job.op]).await.map(|mut d| d.remove(0));
                     if r.is_ok() {
                         stats.writes.fetch_add(1, Ordering::Relaxed);
                     }
@@ -479,34 +480,74 @@ macro_rules! write_all {
     }};
 }
 
-/// Write `ops` in one transaction; their results in order.
-async fn run(pool: &Pool, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
-    let mut out: Vec<Option<Done>> = (0..ops.len()).map(|_| None).collect();
-    let mut notify = false;
-    match pool {
-        Pool::Sqlite(p) => {
-            let mut tx = p.begin_write().await?;
-            write_all!(tx, ops, out, notify);
-            // SQLite has no other daemons to wake.
-            let _ = notify;
-            tx.commit().await?;
-        }
-        Pool::Postgres(p) => {
-            let mut tx = p.begin_write().await?;
-            write_all!(tx, ops, out, notify);
-            if notify {
-                // Delivered with the commit: other daemons wake up.
-                sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(WORK_CHANNEL)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-        }
+/// The writer's hold on its database. On SQLite it keeps one connection
+/// of the pool for itself: SQLite empties a connection's page cache
+/// whenever another connection has written, so a writer taking any pooled
+/// connection read most pages of each batch back from the WAL (a `pread`
+/// each); writing always on the same one keeps them cached. A connection
+/// a failed batch may have left inside a transaction is closed, and the
+/// next batch takes another.
+struct Writer {
+    pool: Pool,
+    own: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+}
+
+impl Writer {
+    fn new(pool: Pool) -> Self {
+        Self { pool, own: None }
     }
-    out.into_iter()
-        .map(|d| d.ok_or_else(|| StoreError::Conflict("a grouped write got no answer".into())))
-        .collect()
+
+    /// Write `ops` in one transaction; their results in order.
+    async fn run(&mut self, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
+        let r = self.write(ops).await;
+        if r.is_err()
+            && let Some(mut conn) = self.own.take()
+        {
+            conn.close_on_drop();
+        }
+        r
+    }
+
+    async fn write(&mut self, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
+        let mut out: Vec<Option<Done>> = (0..ops.len()).map(|_| None).collect();
+        let mut notify = false;
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let conn = match &mut self.own {
+                    Some(c) => c,
+                    own => own.insert(p.acquire().await?),
+                };
+                // Writers of this process take turns (see `BeginWrite`).
+                let _turn = super::sqlite_write_turn(p).lock_owned().await;
+                let mut tx = sqlx::Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?;
+                write_all!(tx, ops, out, notify);
+                // SQLite has no other daemons to wake.
+                let _ = notify;
+                tx.commit().await?;
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin_write().await?;
+                write_all!(tx, ops, out, notify);
+                if notify {
+                    // Delivered with the commit: other daemons wake up.
+                    sqlx::query("SELECT pg_notify($1, '')")
+                        .bind(WORK_CHANNEL)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        out.into_iter()
+            .map(|d| d.ok_or_else(|| StoreError::Conflict("a grouped write got no answer".into())))
+            .collect()
+    }
+}
+
+/// Write `ops` in one transaction on a connection of its own (tests).
+#[cfg(test)]
+async fn run(pool: &Pool, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
+    Writer::new(pool.clone()).run(ops).await
 }
 
 #[cfg(test)]
@@ -526,6 +567,89 @@ mod tests {
             external_id: Some("BILL-1".into()),
             external_url: None,
         }
+    }
+
+    fn ingest_op(tenant: &str, doc: &str) -> Op {
+        Op::Ingest(IngestOp {
+            tenant_id: tenant.into(),
+            document_id: doc.into(),
+            kind: "invoice".into(),
+            number: format!("INV-{doc}"),
+            credits_invoice_number: None,
+            body: "{}".into(),
+            body_hash: "h".into(),
+            connections: Some(vec![("conn-1".into(), "xero".into())]),
+            skip_connectors: vec![],
+            now: 1_000,
+        })
+    }
+
+    /// Whether the writer's own SQLite connection holds the `mark` table
+    /// (a temporary table lives and dies with its connection).
+    async fn marked(w: &mut Writer) -> bool {
+        let conn = w.own.as_mut().expect("the writer holds a connection");
+        sqlx::query("SELECT COUNT(*) FROM temp.mark")
+            .execute(&mut **conn)
+            .await
+            .is_ok()
+    }
+
+    /// The SQLite writer writes every batch on one connection of its own
+    /// (so that connection's page cache stays valid), and after a batch
+    /// fails it takes a fresh one: the failed one may still be inside the
+    /// transaction SQLite rolled back by itself, and every later BEGIN on
+    /// it would fail.
+    #[tokio::test]
+    async fn the_sqlite_writer_keeps_its_connection_until_a_write_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("writer.db").display());
+        let store = super::super::Store::open_and_migrate(&url)
+            .await
+            .expect("store");
+        store
+            .upsert_tenant("acme", "Acme", &[], 0)
+            .await
+            .expect("tenant");
+        let mut w = Writer::new(store.pool().clone());
+        w.run(&[&ingest_op("acme", "doc-1")])
+            .await
+            .expect("first write");
+        {
+            let conn = w.own.as_mut().expect("kept after a write");
+            sqlx::query("CREATE TEMP TABLE mark (x)")
+                .execute(&mut **conn)
+                .await
+                .expect("mark the connection");
+        }
+        w.run(&[&ingest_op("acme", "doc-2")])
+            .await
+            .expect("second write");
+        assert!(
+            marked(&mut w).await,
+            "the second batch took another connection"
+        );
+        // No such tenant: the foreign key fails the batch.
+        let e = w.run(&[&ingest_op("nobody", "doc-3")]).await;
+        assert!(e.is_err(), "{e:?}");
+        assert!(
+            w.own.is_none(),
+            "the connection of a failed batch is let go"
+        );
+        w.run(&[&ingest_op("acme", "doc-4")])
+            .await
+            .expect("a write after the failure");
+        assert!(
+            !marked(&mut w).await,
+            "a fresh connection after the failure"
+        );
+        let n: i64 = match store.pool() {
+            Pool::Sqlite(p) => sqlx::query_scalar("SELECT COUNT(*) FROM documents")
+                .fetch_one(p)
+                .await
+                .expect("count"),
+            Pool::Postgres(_) => unreachable!("a SQLite store"),
+        };
+        assert_eq!(n, 3, "doc-1, doc-2 and doc-4 stored, doc-3 not");
     }
 
     /// An outcome and a claim of the same delivery's lapsed lease in one
