@@ -831,6 +831,119 @@ async fn cli_sets_gets_and_unsets_settings() {
     assert!(err.contains("status: is not set"), "{err}");
 }
 
+/// `connect --plugin` under a trust list (`--trusted-key`, the daemon's
+/// `trusted_keys`): an unsigned manifest is refused before anything of it
+/// is used (its OAuth endpoints, its component), a signed one connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
+    let db = TestDb::sqlite();
+    let s = db.store().await;
+    s.upsert_tenant("acme", "Acme", &[], 0).await.unwrap();
+    let key = ledgerport::crypto::generate_key();
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of the installed webhook connector, to sign.
+    let plugin = dir.path().join("webhook");
+    std::fs::create_dir_all(&plugin).unwrap();
+    for e in std::fs::read_dir(common::target_dir().join("plugins/webhook")).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), plugin.join(e.file_name())).unwrap();
+        }
+    }
+    let manifest = plugin.join("manifest.toml");
+    let m = manifest.to_str().unwrap();
+    let signer = dir.path().join("signer.key");
+    let (code, out, err) = cli(
+        &["plugin", "keygen", "--out", signer.to_str().unwrap()],
+        &key,
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let public = out
+        .lines()
+        .find_map(|l| l.strip_prefix("public key: "))
+        .unwrap()
+        .to_string();
+    let (_, stranger) = ledgerport::signing::generate();
+    let (code, _, err) = cli(
+        &[
+            "settings",
+            "set",
+            "--plugin",
+            m,
+            "--tenant",
+            "acme",
+            "--database",
+            &url,
+            "signing_secret=-",
+        ],
+        &key,
+        Some(&format!("{SECRET}\n")),
+    );
+    assert_eq!(code, 0, "{err}");
+    let connect = |manifest: &str, trusted: &str| {
+        cli(
+            &[
+                "connect",
+                "--tenant",
+                "acme",
+                "--admin",
+                "ops@platform.example",
+                "--plugin",
+                manifest,
+                "--database",
+                &url,
+                "--trusted-key",
+                trusted,
+            ],
+            &key,
+            None,
+        )
+    };
+    let (code, out, err) = connect(m, &public);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("not signed"), "{err}");
+    assert!(s.connection_for("acme", "webhook").await.unwrap().is_none());
+    // An OAuth connector's manifest too, before any consent address.
+    let xero = common::target_dir().join("plugins/xero/manifest.toml");
+    let (code, out, err) = connect(xero.to_str().unwrap(), &public);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("not signed"), "{err}");
+    assert!(!out.contains("http"), "{out}");
+    // Signed: refused by a list without its signer, connected by one with it.
+    let (code, _, err) = cli(
+        &["plugin", "sign", m, "--key", signer.to_str().unwrap()],
+        &key,
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = connect(m, &stranger);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a trusted key"), "{err}");
+    let (code, out, err) = connect(m, &format!("{stranger},{public}"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("connected acme to webhook"), "{out}");
+    // Without a trust list the CLI loads what it is given, as before.
+    let (code, out, err) = cli(
+        &[
+            "connect",
+            "--tenant",
+            "acme",
+            "--admin",
+            "ops@platform.example",
+            "--plugin",
+            m,
+            "--database",
+            &url,
+        ],
+        &key,
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("reconnected acme"), "{out}");
+}
+
 /// What `probe` finds, polling every 100 ms for at most 30 s (then the
 /// test fails naming `what`).
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(

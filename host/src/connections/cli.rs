@@ -56,6 +56,19 @@ pub struct ProviderArgs {
     /// Send an allowed origin elsewhere: ORIGIN=URL (repeatable).
     #[arg(long = "base-url", value_name = "ORIGIN=URL")]
     pub base_urls: Vec<String>,
+    /// Refuse a --plugin not signed by one of these Ed25519 public keys
+    /// (base64; the daemon's `trusted_keys`). Repeatable;
+    /// LEDGERPORT_TRUSTED_KEYS takes them comma-separated. The manifest
+    /// names the token endpoint the client secret goes to and the hosts
+    /// the connection's token is sent to, so an operator whose daemon only
+    /// loads signed connectors gives the same keys here.
+    #[arg(
+        long = "trusted-key",
+        value_name = "KEY",
+        env = "LEDGERPORT_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<String>,
 }
 
 /// Tenant subcommands.
@@ -324,6 +337,18 @@ async fn service(
         && let Some(path) = &p.plugin
     {
         let manifest = Manifest::from_file(path).map_err(|e| bad(e.to_string()))?;
+        // Checked before anything of the manifest is used: its OAuth
+        // endpoints as much as its component.
+        let trusted: Vec<String> = p
+            .trusted_keys
+            .iter()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if !trusted.is_empty() {
+            crate::signing::verify(&manifest, &trusted)
+                .map_err(|why| bad(format!("plugin: {}: {why}", path.display())))?;
+        }
         let base_urls = parse_pairs(&p.base_urls)?;
         // A connector without `[oauth]` has no provider, whatever the
         // OAuth variables of this host (set for Xero) say.
@@ -349,16 +374,19 @@ async fn service(
                 "client_id and redirect_uri: both are needed (--client-id / LEDGERPORT_OAUTH_CLIENT_ID, --redirect-uri / LEDGERPORT_OAUTH_REDIRECT_URI)",
             ));
         }
-        plugin = Some((path.clone(), base_urls));
+        plugin = Some((path.clone(), base_urls, trusted));
     } else if need_provider {
         return Err(bad("plugin: --plugin <manifest> is needed"));
     }
     let conns = Connections::new(store, Arc::new(keys), Arc::new(providers), Clock::system());
-    if let Some((path, base_urls)) = plugin
+    if let Some((path, base_urls, trusted_keys)) = plugin
         && !need_provider
     {
         let rt = crate::runtime::Runtime::new(
-            crate::runtime::RuntimeConfig::default(),
+            crate::runtime::RuntimeConfig {
+                trusted_keys,
+                ..crate::runtime::RuntimeConfig::default()
+            },
             Arc::new(crate::capabilities::http::ReqwestTransport::new()?),
         )?;
         let loaded = rt.load(&path, &base_urls).map_err(|e| bad(e.to_string()))?;
