@@ -513,118 +513,6 @@ async fn b2_pipeline(db: TestDb, daemons: usize, want_mix: bool) -> anyhow::Resu
     })
 }
 
-/// B2 in two halves (`BENCH_B2_SPLIT=1`): the documents ingested by a
-/// daemon that does not dispatch, then delivered by one that does not
-/// ingest: the CPU a document of each half (what end to end mixes).
-async fn b2_split() -> anyhow::Result<()> {
-    let docs = env_usize("BENCH_DOCS", 10_000);
-    let tenants = env_usize("BENCH_TENANTS", 20);
-    let clients = env_usize("BENCH_CLIENTS", 16);
-    let concurrency = env_usize("BENCH_CONCURRENCY", DispatchConfig::default().concurrency);
-    let (mut sim_cfg, orgs) = sim_config(tenants);
-    sim_cfg.limits.enabled = false;
-    sim_cfg.request_log_limit = 1000;
-    let sim = Sim::start(sim_cfg).await?;
-    let tmp = tempfile::tempdir()?;
-    let (kf, keys) = key_file(tmp.path())?;
-    let plugins = xero_only_plugin_dir()?;
-    let cache = tmp.path().join("cache");
-    let db = TestDb::sqlite();
-    let sample = sample_invoice();
-    // Warm: every tenant's contact created and cached.
-    {
-        let d = Daemon::start(
-            daemon_config(db.url(), &sim, &kf, plugins.path(), &cache),
-            Clock::system(),
-            Some(dispatch_config("w0", concurrency)),
-        )
-        .await?;
-        for (t, org) in orgs.iter().enumerate() {
-            connect_direct(&d.store, &keys, &sim, &tenant_name(t), *org).await?;
-        }
-        let warm: Vec<Vec<u8>> = (0..tenants)
-            .map(|t| {
-                let tn = tenant_name(t);
-                invoice(&sample, &tn, &format!("{tn}-warm"), &format!("WARM-{tn}"))
-            })
-            .collect();
-        ingest(&format!("http://{}", d.addr), warm, clients).await?;
-        wait_delivered(&d.store, tenants as i64, Duration::from_secs(120)).await?;
-        d.stop().await;
-    }
-    let bodies: Vec<Vec<u8>> = (0..docs)
-        .map(|i| {
-            let tn = tenant_name(i % tenants);
-            invoice(
-                &sample,
-                &tn,
-                &format!("{tn}-d{i}"),
-                &format!("INV-{tn}-{i:06}"),
-            )
-        })
-        .collect();
-    let d = Daemon::start(
-        daemon_config(db.url(), &sim, &kf, plugins.path(), &cache),
-        Clock::system(),
-        None,
-    )
-    .await?;
-    let cpu_before = process_cpu();
-    let started = Instant::now();
-    ingest(&format!("http://{}", d.addr), bodies, clients).await?;
-    let took = started.elapsed();
-    let cpu = cpu_since(cpu_before);
-    let g = d.store.group_stats();
-    progress(format!(
-        "ingest: {} grouped writes in {} transactions",
-        g.writes.load(Ordering::Relaxed),
-        g.transactions.load(Ordering::Relaxed)
-    ));
-    d.stop().await;
-    row(
-        "B2",
-        "split: ingest alone (no dispatcher)",
-        &format!(
-            "{:.0} docs/s; {:.0} µs CPU a document",
-            docs as f64 / took.as_secs_f64(),
-            cpu.as_secs_f64() * 1e6 / docs as f64
-        ),
-        "-",
-        None,
-    );
-    let cpu_before = process_cpu();
-    let started = Instant::now();
-    let d = Daemon::start(
-        daemon_config(db.url(), &sim, &kf, plugins.path(), &cache),
-        Clock::system(),
-        Some(dispatch_config("w1", concurrency)),
-    )
-    .await?;
-    wait_delivered(&d.store, (tenants + docs) as i64, Duration::from_secs(1800)).await?;
-    let took = started.elapsed();
-    let cpu = cpu_since(cpu_before);
-    let g = d.store.group_stats();
-    progress(format!(
-        "delivery: {} grouped writes in {} transactions",
-        g.writes.load(Ordering::Relaxed),
-        g.transactions.load(Ordering::Relaxed)
-    ));
-    d.stop().await;
-    row(
-        "B2",
-        "split: delivery alone (a backlog, no ingest)",
-        &format!(
-            "{:.0} docs/s; {:.0} µs CPU a document",
-            docs as f64 / took.as_secs_f64(),
-            cpu.as_secs_f64() * 1e6 / docs as f64
-        ),
-        "-",
-        None,
-    );
-    sim.shutdown().await;
-    Ok(())
-}
-
 fn subst(s: &str, pairs: &[(&str, &str)]) -> String {
     let mut out = s.to_string();
     for (from, to) in pairs {
@@ -760,9 +648,6 @@ async fn b2_ceiling(mix: &Mix, clients: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 async fn b2() -> anyhow::Result<()> {
-    if std::env::var("BENCH_B2_SPLIT").as_deref() == Ok("1") {
-        return b2_split().await;
-    }
     let docs = env_usize("BENCH_DOCS", 10_000);
     let tenants = env_usize("BENCH_TENANTS", 20);
     let clients = env_usize("BENCH_CLIENTS", 16);

@@ -378,6 +378,13 @@ impl Config {
                 self.plugins.entry(id.clone()).or_default().client_secret = Some(v);
             }
         }
+        // The signers whose plugins load, comma-separated, as the CLI's
+        // `--trusted-key` reads them; a blank value leaves the file's list.
+        if let Some(v) = get("LEDGERPORT_TRUSTED_KEYS")
+            && !v.trim().is_empty()
+        {
+            self.trusted_keys = v.split(',').map(|k| k.trim().to_string()).collect();
+        }
         if let Some(v) = get("LEDGERPORT_JSON_LOGS") {
             self.json_logs = matches!(v.as_str(), "1" | "true" | "yes");
         }
@@ -1059,6 +1066,21 @@ mod tests {
         assert_eq!(c.plugins["xero"].client_secret.as_deref(), Some("s3cret"));
         assert_eq!(c.plugins["xero"].client_id.as_deref(), Some("file"));
         assert_eq!(c.service_keys, vec!["k"]);
+        assert!(c.trusted_keys.is_empty());
+        c.apply_env(|k| (k == "LEDGERPORT_TRUSTED_KEYS").then(|| " a, b ".to_string()))
+            .unwrap();
+        assert_eq!(
+            c.trusted_keys,
+            vec!["a", "b"],
+            "the signers from the environment"
+        );
+        c.apply_env(|k| (k == "LEDGERPORT_TRUSTED_KEYS").then(|| " ".to_string()))
+            .unwrap();
+        assert_eq!(
+            c.trusted_keys,
+            vec!["a", "b"],
+            "a blank value changes nothing"
+        );
         let bound = "127.0.0.1:8080".parse().unwrap();
         assert_eq!(c.public_url(bound), "http://127.0.0.1:8080");
         // A host name is kept as written; port 0 becomes the bound port.

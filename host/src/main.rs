@@ -73,6 +73,16 @@ enum Command {
         /// The delivery key.
         #[arg(long, default_value = "smoke-1")]
         key: String,
+        /// Refuse a --plugin not signed by one of these Ed25519 public keys
+        /// (base64; the daemon's `trusted_keys`). Repeatable;
+        /// LEDGERPORT_TRUSTED_KEYS takes them comma-separated.
+        #[arg(
+            long = "trusted-key",
+            value_name = "KEY",
+            env = "LEDGERPORT_TRUSTED_KEYS",
+            value_delimiter = ','
+        )]
+        trusted_keys: Vec<String>,
     },
     /// Run the demo on embedded defaults: the Xero simulator, an SMTP sink
     /// and a daemon on SQLite; connect, map, issue, and show what happened.
@@ -381,7 +391,19 @@ fn parse_pairs(items: &[String], what: &str) -> Result<Vec<(String, String)>, St
 }
 
 fn runtime() -> anyhow::Result<Runtime> {
-    Runtime::new(RuntimeConfig::default(), Arc::new(ReqwestTransport::new()?))
+    runtime_trusting(Vec::new())
+}
+
+/// A runtime that loads only plugins signed by one of `trusted_keys` (any
+/// plugin when there are none).
+fn runtime_trusting(trusted_keys: Vec<String>) -> anyhow::Result<Runtime> {
+    Runtime::new(
+        RuntimeConfig {
+            trusted_keys: trusted_keys.iter().map(|k| k.trim().to_string()).collect(),
+            ..RuntimeConfig::default()
+        },
+        Arc::new(ReqwestTransport::new()?),
+    )
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -481,6 +503,7 @@ async fn run(cli: Cli) -> ExitCode {
             maps,
             token,
             key,
+            trusted_keys,
         } => {
             let parsed = (|| {
                 Ok::<_, String>((
@@ -497,7 +520,15 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             };
             deliver(
-                plugin, document, base_urls, settings, maps, token, key, cli.json,
+                plugin,
+                document,
+                base_urls,
+                settings,
+                maps,
+                token,
+                key,
+                trusted_keys,
+                cli.json,
             )
             .await
         }
@@ -778,9 +809,10 @@ async fn deliver(
     maps: Vec<(String, String)>,
     token: String,
     key: String,
+    trusted_keys: Vec<String>,
     json: bool,
 ) -> ExitCode {
-    let rt = match runtime() {
+    let rt = match runtime_trusting(trusted_keys) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");

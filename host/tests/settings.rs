@@ -708,6 +708,7 @@ fn cli(args: &[&str], key: &str, stdin: Option<&str>) -> (i32, String, String) {
         .args(args)
         .env("LEDGERPORT_SECRET_KEY", key)
         .env_remove("LEDGERPORT_SECRET_KEY_FILE")
+        .env_remove("LEDGERPORT_TRUSTED_KEYS")
         // As on a host set up for Xero: commands for other connectors must
         // not trip over its OAuth settings.
         .env("LEDGERPORT_OAUTH_CLIENT_ID", xero_sim::DEFAULT_CLIENT_ID)
@@ -921,9 +922,90 @@ async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
     let (code, _, err) = connect(m, &stranger);
     assert_eq!(code, 2);
     assert!(err.contains("not a trusted key"), "{err}");
+    // A blank key matches no signer: it refuses, it does not switch the
+    // check off.
+    let (code, _, err) = connect(m, " ");
+    assert_eq!(code, 2);
+    assert!(err.contains("not a trusted key"), "{err}");
+    // `mappings set` and the `deliver` smoke test check it too.
+    let unsigned = common::target_dir().join("plugins/webhook/manifest.toml");
+    let unsigned = unsigned.to_str().unwrap();
+    let (code, _, err) = cli(
+        &[
+            "mappings",
+            "set",
+            "--tenant",
+            "acme",
+            "--connector",
+            "webhook",
+            "fx-fee=404",
+            "--plugin",
+            unsigned,
+            "--database",
+            &url,
+            "--trusted-key",
+            &public,
+        ],
+        &key,
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not signed"), "{err}");
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/documents/invoice.json");
+    let (code, _, err) = cli(
+        &[
+            "deliver",
+            "--plugin",
+            unsigned,
+            "--document",
+            doc.to_str().unwrap(),
+            "--trusted-key",
+            &public,
+        ],
+        &key,
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not signed"), "{err}");
+    // The keys from the environment, comma-separated.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
+        .args([
+            "connect",
+            "--tenant",
+            "acme",
+            "--admin",
+            "ops@platform.example",
+            "--plugin",
+            m,
+            "--database",
+            &url,
+        ])
+        .env("LEDGERPORT_SECRET_KEY", &key)
+        .env("LEDGERPORT_TRUSTED_KEYS", &stranger)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("LEDGERPORT_TRUSTED_KEYS"),
+        "the refusal says where the list came from"
+    );
     let (code, out, err) = connect(m, &format!("{stranger},{public}"));
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("connected acme to webhook"), "{out}");
+    // Changed after signing (another allowed host): refused.
+    let changed = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("https://hooks.example.com", "https://evil.example.com");
+    assert!(
+        changed.contains("evil.example.com"),
+        "the manifest names its host"
+    );
+    let signed = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, changed).unwrap();
+    let (code, _, err) = connect(m, &public);
+    assert_eq!(code, 2);
+    assert!(err.contains("does not match"), "{err}");
+    std::fs::write(&manifest, signed).unwrap();
     // Without a trust list the CLI loads what it is given, as before.
     let (code, out, err) = cli(
         &[

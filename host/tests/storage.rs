@@ -817,6 +817,14 @@ async fn read_ahead_matches_the_single_reads(db: TestDb) {
     s.set_mapping(&scope(), &map("gross-salary", "477"), "alice", 5)
         .await
         .unwrap();
+    // A tax type, and text that JSON escapes (the read-ahead carries a
+    // tenant's mappings as one JSON array).
+    let taxed = AccountMapping {
+        kind: "employer-taxes".into(),
+        account_code: "4\"7\\8 é".into(),
+        tax_type: Some("INPUT2".into()),
+    };
+    s.set_mapping(&scope(), &taxed, "alice", 5).await.unwrap();
     let beta = MappingScope {
         tenant_id: "beta".into(),
         connector_id: "xero".into(),
@@ -852,8 +860,17 @@ async fn read_ahead_matches_the_single_reads(db: TestDb) {
     assert_eq!(settings, [("status".to_string(), "DRAFT".to_string())]);
     assert_eq!(
         da.mappings,
-        [map("fx-fee", "404"), map("gross-salary", "477")],
+        [
+            taxed.clone(),
+            map("fx-fee", "404"),
+            map("gross-salary", "477")
+        ],
         "acme's xero mappings, by kind"
+    );
+    assert_eq!(
+        da.mappings,
+        s.all(&scope()).await.unwrap(),
+        "as the single read"
     );
     let ta = da.tokens.as_ref().unwrap();
     let (_, snap) = s.token_snapshot(&k, &a).await.unwrap().unwrap();

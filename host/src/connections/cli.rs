@@ -341,15 +341,22 @@ async fn service(
         let manifest = Manifest::from_file(path).map_err(|e| bad(e.to_string()))?;
         // Checked before anything of the manifest is used: its OAuth
         // endpoints as much as its component.
+        // As given: a blank key matches no signer, so it refuses every
+        // plugin (as a blank key in the daemon's `trusted_keys` does) rather
+        // than turning the check off.
         let trusted: Vec<String> = p
             .trusted_keys
             .iter()
             .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty())
             .collect();
         if !trusted.is_empty() {
             crate::signing::verify(&manifest, &trusted)
-                .map_err(|why| bad(format!("plugin: {}: {why}", path.display())))?;
+                .map_err(|why| {
+                    bad(format!(
+                        "plugin: {}: {why} (trusted keys from --trusted-key or LEDGERPORT_TRUSTED_KEYS)",
+                        path.display()
+                    ))
+                })?;
         }
         let base_urls = parse_pairs(&p.base_urls)?;
         // A connector without `[oauth]` has no provider, whatever the

@@ -100,14 +100,43 @@ impl Store {
             }
             q.fetch_all(p).await?.into_iter().map(|(t, c, k, v, by, at)| (t, c, (k, v, by, at))).collect()
         });
-        let mappings: Scoped<AccountMapping> = on_pool!(self, p => {
-            let sql = format!("SELECT tenant_id, connector_id, kind, account_code, tax_type FROM mappings WHERE tenant_id IN ({in_tenants}) ORDER BY kind");
-            let mut q = sqlx::query_as::<_, (String, String, String, String, Option<String>)>(&sql);
+        // One row per (tenant, connector), its mappings as a JSON array
+        // of [kind, account code, tax type] in kind order: every row is a
+        // message from the driver's connection thread, and a batch's
+        // tenants have a dozen mappings each (most of the rows of the
+        // whole read-ahead, one row a mapping).
+        let grouped = match self.pool() {
+            super::Pool::Sqlite(_) => {
+                "json_group_array(json_array(kind, account_code, tax_type) ORDER BY kind)"
+            }
+            super::Pool::Postgres(_) => {
+                "json_agg(json_build_array(kind, account_code, tax_type) ORDER BY kind)::text"
+            }
+        };
+        let grouped: Vec<(String, String, String)> = on_pool!(self, p => {
+            let sql = format!("SELECT tenant_id, connector_id, {grouped} FROM mappings WHERE tenant_id IN ({in_tenants}) GROUP BY tenant_id, connector_id");
+            let mut q = sqlx::query_as(&sql);
             for t in &tenants {
                 q = q.bind(*t);
             }
-            q.fetch_all(p).await?.into_iter().map(|(t, c, kind, account_code, tax_type)| (t, c, AccountMapping { kind, account_code, tax_type })).collect()
+            q.fetch_all(p).await?
         });
+        let mut mappings: Scoped<AccountMapping> = Vec::new();
+        for (t, c, list) in grouped {
+            let rows: Vec<(String, String, Option<String>)> = serde_json::from_str(&list)
+                .map_err(|e| StoreError::Conflict(format!("mappings of {t}/{c}: {e}")))?;
+            mappings.extend(rows.into_iter().map(|(kind, account_code, tax_type)| {
+                (
+                    t.clone(),
+                    c.clone(),
+                    AccountMapping {
+                        kind,
+                        account_code,
+                        tax_type,
+                    },
+                )
+            }));
+        }
         let kv: Vec<(String, String, Vec<u8>)> = on_pool!(self, p => {
             let sql = format!(
                 "SELECT connection_id, key, value FROM kv WHERE connection_id IN ({in_ids}) AND length(value) <= {KV_AHEAD_VALUE_BYTES} LIMIT {}",

@@ -652,6 +652,30 @@ mod tests {
         assert_eq!(n, 3, "doc-1, doc-2 and doc-4 stored, doc-3 not");
     }
 
+    /// Closing a store whose writer holds a connection of its own ends the
+    /// writer first (sqlx's close waits for every connection to come back:
+    /// a daemon's stop would wait for ever).
+    #[tokio::test]
+    async fn a_store_closes_while_its_writer_holds_a_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("close.db").display());
+        let store = super::super::Store::open_and_migrate(&url)
+            .await
+            .expect("store");
+        store
+            .upsert_tenant("acme", "Acme", &[], 0)
+            .await
+            .expect("tenant");
+        store
+            .group
+            .write(store.pool(), ingest_op("acme", "doc-1"))
+            .await
+            .expect("a grouped write");
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.close())
+            .await
+            .expect("closed within 10 s");
+    }
+
     /// An outcome and a claim of the same delivery's lapsed lease in one
     /// batch (a worker whose lease renewals failed finishes just as another
     /// claim picks it up): the outcome is recorded and the claim finds
