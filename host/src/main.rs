@@ -73,16 +73,9 @@ enum Command {
         /// The delivery key.
         #[arg(long, default_value = "smoke-1")]
         key: String,
-        /// Refuse a --plugin not signed by one of these Ed25519 public keys
-        /// (base64; the daemon's `trusted_keys`). Repeatable;
-        /// LEDGERPORT_TRUSTED_KEYS takes them comma-separated.
-        #[arg(
-            long = "trusted-key",
-            value_name = "KEY",
-            env = "LEDGERPORT_TRUSTED_KEYS",
-            value_delimiter = ','
-        )]
-        trusted_keys: Vec<String>,
+        /// The signers whose plugins it runs.
+        #[command(flatten)]
+        trust: ledgerport::connections::cli::TrustArgs,
     },
     /// Run the demo on embedded defaults: the Xero simulator, an SMTP sink
     /// and a daemon on SQLite; connect, map, issue, and show what happened.
@@ -399,7 +392,7 @@ fn runtime() -> anyhow::Result<Runtime> {
 fn runtime_trusting(trusted_keys: Vec<String>) -> anyhow::Result<Runtime> {
     Runtime::new(
         RuntimeConfig {
-            trusted_keys: trusted_keys.iter().map(|k| k.trim().to_string()).collect(),
+            trusted_keys,
             ..RuntimeConfig::default()
         },
         Arc::new(ReqwestTransport::new()?),
@@ -503,7 +496,7 @@ async fn run(cli: Cli) -> ExitCode {
             maps,
             token,
             key,
-            trusted_keys,
+            trust,
         } => {
             let parsed = (|| {
                 Ok::<_, String>((
@@ -527,7 +520,7 @@ async fn run(cli: Cli) -> ExitCode {
                 maps,
                 token,
                 key,
-                trusted_keys,
+                trust.keys(),
                 cli.json,
             )
             .await

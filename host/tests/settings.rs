@@ -883,25 +883,31 @@ async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
         Some(&format!("{SECRET}\n")),
     );
     assert_eq!(code, 0, "{err}");
-    let connect = |manifest: &str, trusted: &str| {
-        cli(
-            &[
-                "connect",
-                "--tenant",
-                "acme",
-                "--admin",
-                "ops@platform.example",
-                "--plugin",
-                manifest,
-                "--database",
-                &url,
-                "--trusted-key",
-                trusted,
-            ],
-            &key,
-            None,
-        )
+    // `connect` of the webhook plugin at `manifest`, with `extra` arguments.
+    let connect_args = |manifest: &str, extra: &[&str]| -> Vec<String> {
+        [
+            "connect",
+            "--tenant",
+            "acme",
+            "--admin",
+            "ops@platform.example",
+            "--plugin",
+            manifest,
+            "--database",
+            &url,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect()
     };
+    let connect_with = |manifest: &str, extra: &[&str]| {
+        let args = connect_args(manifest, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args, &key, None)
+    };
+    let connect =
+        |manifest: &str, trusted: &str| connect_with(manifest, &["--trusted-key", trusted]);
     let (code, out, err) = connect(m, &public);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("not signed"), "{err}");
@@ -969,17 +975,7 @@ async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
     assert!(err.contains("not signed"), "{err}");
     // The keys from the environment, comma-separated.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
-        .args([
-            "connect",
-            "--tenant",
-            "acme",
-            "--admin",
-            "ops@platform.example",
-            "--plugin",
-            m,
-            "--database",
-            &url,
-        ])
+        .args(connect_args(m, &[]))
         .env("LEDGERPORT_SECRET_KEY", &key)
         .env("LEDGERPORT_TRUSTED_KEYS", &stranger)
         .output()
@@ -1007,21 +1003,7 @@ async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
     assert!(err.contains("does not match"), "{err}");
     std::fs::write(&manifest, signed).unwrap();
     // Without a trust list the CLI loads what it is given, as before.
-    let (code, out, err) = cli(
-        &[
-            "connect",
-            "--tenant",
-            "acme",
-            "--admin",
-            "ops@platform.example",
-            "--plugin",
-            m,
-            "--database",
-            &url,
-        ],
-        &key,
-        None,
-    );
+    let (code, out, err) = connect_with(m, &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("reconnected acme"), "{out}");
 }

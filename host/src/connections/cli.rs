@@ -56,12 +56,21 @@ pub struct ProviderArgs {
     /// Send an allowed origin elsewhere: ORIGIN=URL (repeatable).
     #[arg(long = "base-url", value_name = "ORIGIN=URL")]
     pub base_urls: Vec<String>,
+    /// The signers whose plugins this command runs.
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// The signers a command that runs a `--plugin` trusts: the daemon reads
+/// them from its config's `trusted_keys`, a command reads no config. The
+/// manifest names the token endpoint the client secret goes to and the
+/// hosts the connection's token is sent to, so an operator whose daemon
+/// only loads signed connectors gives the same keys here.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TrustArgs {
     /// Refuse a --plugin not signed by one of these Ed25519 public keys
     /// (base64; the daemon's `trusted_keys`). Repeatable;
-    /// LEDGERPORT_TRUSTED_KEYS takes them comma-separated. The manifest
-    /// names the token endpoint the client secret goes to and the hosts
-    /// the connection's token is sent to, so an operator whose daemon only
-    /// loads signed connectors gives the same keys here.
+    /// LEDGERPORT_TRUSTED_KEYS takes them comma-separated.
     #[arg(
         long = "trusted-key",
         value_name = "KEY",
@@ -69,6 +78,33 @@ pub struct ProviderArgs {
         value_delimiter = ','
     )]
     pub trusted_keys: Vec<String>,
+}
+
+impl TrustArgs {
+    /// The keys, trimmed and otherwise as given: a blank key matches no
+    /// signer, so it refuses every plugin (as a blank key in the daemon's
+    /// `trusted_keys` does) rather than turning the check off.
+    pub fn keys(&self) -> Vec<String> {
+        self.trusted_keys
+            .iter()
+            .map(|k| k.trim().to_string())
+            .collect()
+    }
+
+    /// Refuse `manifest` (read from `path`) unless one of the keys signed
+    /// it; anything passes when none is given.
+    pub fn check(&self, manifest: &Manifest, path: &Path) -> Result<(), String> {
+        let keys = self.keys();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        crate::signing::verify(manifest, &keys).map_err(|why| {
+            format!(
+                "plugin: {}: {why} (trusted keys from --trusted-key or LEDGERPORT_TRUSTED_KEYS)",
+                path.display()
+            )
+        })
+    }
 }
 
 /// Tenant subcommands.
@@ -341,23 +377,7 @@ async fn service(
         let manifest = Manifest::from_file(path).map_err(|e| bad(e.to_string()))?;
         // Checked before anything of the manifest is used: its OAuth
         // endpoints as much as its component.
-        // As given: a blank key matches no signer, so it refuses every
-        // plugin (as a blank key in the daemon's `trusted_keys` does) rather
-        // than turning the check off.
-        let trusted: Vec<String> = p
-            .trusted_keys
-            .iter()
-            .map(|k| k.trim().to_string())
-            .collect();
-        if !trusted.is_empty() {
-            crate::signing::verify(&manifest, &trusted)
-                .map_err(|why| {
-                    bad(format!(
-                        "plugin: {}: {why} (trusted keys from --trusted-key or LEDGERPORT_TRUSTED_KEYS)",
-                        path.display()
-                    ))
-                })?;
-        }
+        p.trust.check(&manifest, path).map_err(bad)?;
         let base_urls = parse_pairs(&p.base_urls)?;
         // A connector without `[oauth]` has no provider, whatever the
         // OAuth variables of this host (set for Xero) say.
@@ -383,17 +403,17 @@ async fn service(
                 "client_id and redirect_uri: both are needed (--client-id / LEDGERPORT_OAUTH_CLIENT_ID, --redirect-uri / LEDGERPORT_OAUTH_REDIRECT_URI)",
             ));
         }
-        plugin = Some((path.clone(), base_urls, trusted));
+        plugin = Some((path.clone(), base_urls));
     } else if need_provider {
         return Err(bad("plugin: --plugin <manifest> is needed"));
     }
     let conns = Connections::new(store, Arc::new(keys), Arc::new(providers), Clock::system());
-    if let Some((path, base_urls, trusted_keys)) = plugin
+    if let Some((path, base_urls)) = plugin
         && !need_provider
     {
         let rt = crate::runtime::Runtime::new(
             crate::runtime::RuntimeConfig {
-                trusted_keys,
+                trusted_keys: p.map(|p| p.trust.keys()).unwrap_or_default(),
                 ..crate::runtime::RuntimeConfig::default()
             },
             Arc::new(crate::capabilities::http::ReqwestTransport::new()?),

@@ -554,6 +554,20 @@ async fn run(pool: &Pool, ops: &[&Op]) -> Result<Vec<Done>, StoreError> {
 mod tests {
     use super::*;
 
+    /// A SQLite store in a temporary directory, with tenant `acme`.
+    async fn acme_store() -> (tempfile::TempDir, super::super::Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("group.db").display());
+        let store = super::super::Store::open_and_migrate(&url)
+            .await
+            .expect("store");
+        store
+            .upsert_tenant("acme", "Acme", &[], 0)
+            .await
+            .expect("tenant");
+        (dir, store)
+    }
+
     fn finish_delivered() -> Finish {
         Finish {
             state: state::DELIVERED,
@@ -601,15 +615,7 @@ mod tests {
     /// it would fail.
     #[tokio::test]
     async fn the_sqlite_writer_keeps_its_connection_until_a_write_fails() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("writer.db").display());
-        let store = super::super::Store::open_and_migrate(&url)
-            .await
-            .expect("store");
-        store
-            .upsert_tenant("acme", "Acme", &[], 0)
-            .await
-            .expect("tenant");
+        let (_dir, store) = acme_store().await;
         let mut w = Writer::new(store.pool().clone());
         w.run(&[&ingest_op("acme", "doc-1")])
             .await
@@ -652,20 +658,12 @@ mod tests {
         assert_eq!(n, 3, "doc-1, doc-2 and doc-4 stored, doc-3 not");
     }
 
-    /// Closing a store whose writer holds a connection of its own ends the
-    /// writer first (sqlx's close waits for every connection to come back:
+    /// A store closes while its writer still holds its connection (sqlx's
+    /// close is documented to wait for checked-out connections: were it to,
     /// a daemon's stop would wait for ever).
     #[tokio::test]
     async fn a_store_closes_while_its_writer_holds_a_connection() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("close.db").display());
-        let store = super::super::Store::open_and_migrate(&url)
-            .await
-            .expect("store");
-        store
-            .upsert_tenant("acme", "Acme", &[], 0)
-            .await
-            .expect("tenant");
+        let (_dir, store) = acme_store().await;
         store
             .group
             .write(store.pool(), ingest_op("acme", "doc-1"))
@@ -682,28 +680,9 @@ mod tests {
     /// nothing to take; the document is not sent again.
     #[tokio::test]
     async fn an_outcome_lands_before_a_claim_in_the_same_batch() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("group.db").display());
-        let store = super::super::Store::open_and_migrate(&url)
-            .await
-            .expect("store");
-        store
-            .upsert_tenant("acme", "Acme", &[], 0)
-            .await
-            .expect("tenant");
+        let (_dir, store) = acme_store().await;
         let pool = store.pool();
-        let ingest = Op::Ingest(IngestOp {
-            tenant_id: "acme".into(),
-            document_id: "doc-1".into(),
-            kind: "invoice".into(),
-            number: "INV-1".into(),
-            credits_invoice_number: None,
-            body: "{}".into(),
-            body_hash: "h".into(),
-            connections: Some(vec![("conn-1".into(), "xero".into())]),
-            skip_connectors: vec![],
-            now: 1_000,
-        });
+        let ingest = ingest_op("acme", "doc-1");
         let done = run(pool, &[&ingest]).await.expect("ingest");
         assert!(
             matches!(
