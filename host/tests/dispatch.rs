@@ -268,7 +268,22 @@ async fn a_provider_429_holds_the_whole_connection() {
             .filter(|r| r.uri.starts_with("/api.xro"))
             .count()
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The hold is in the store (one `hold:` row in the rate log) before
+    // the count is taken: the rest must find it, however slowly the 429
+    // was recorded on a loaded machine.
+    while storage_support::count(
+        store,
+        "SELECT COUNT(*) FROM rate_log WHERE connection_id LIKE 'hold:%'",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the 429's hold was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let calls_at_429 = api_calls(&p);
     for n in 2..=5 {
         let (s, _) = p.post(&invoice("acme", n)).await;
@@ -311,7 +326,7 @@ async fn a_switch_while_mappings_are_confirmed_keeps_the_review_due() {
     p.sim.set_faults(FaultConfig {
         rules: vec![FaultRule {
             route: Some("GET /api.xro/2.0/Accounts".into()),
-            latency_ms: 1_500,
+            latency_ms: 3_000,
             ..Default::default()
         }],
         ..Default::default()
@@ -324,7 +339,14 @@ async fn a_switch_while_mappings_are_confirmed_keeps_the_review_due() {
         };
         conns.confirm_mappings(&scope).await
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The switch comes once the check's request is at Xero (its injected
+    // latency counted), not after a fixed pause a loaded machine can
+    // outlast before the check has even read its connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.sim.counters().faults.get("latency").copied().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the check never asked Xero");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Another admin's connect completing to the third organisation (its
     // row written as a completed connect writes it; the check's request
     // already holds the old grant's token, which Xero still accepts).
@@ -838,11 +860,13 @@ async fn the_provider_rate_limit_is_held_so_xero_never_answers_429() {
     sim_cfg.clock_speed = 6.0;
     let p = Pipeline::start_with(TestDb::sqlite(), 1, sim_cfg, |d| {
         d.rate_override = Some(20);
-        // 10 s is the simulator's minute. The host counts a call when it
-        // takes its turn, before the request is sent, so a call can reach
-        // the simulator later than its turn; 2 s of margin covers that on
-        // a loaded machine (0.5 s did not always).
-        d.rate_window = Duration::from_millis(12_000);
+        // 10 s is the simulator's minute, counted in fixed windows by
+        // arrival. The host counts a call when it takes its turn, before
+        // the request is sent, so a call can reach the simulator later
+        // than its turn: a window of 10 s + L holds while no call lags its
+        // turn by more than L. 6 s of margin covers a stalled thread on a
+        // loaded machine (0.5 s did not always; 2 s is the same bet).
+        d.rate_window = Duration::from_millis(16_000);
     })
     .await;
     p.tenant("acme", DEFAULT_TENANT_TRADING).await;

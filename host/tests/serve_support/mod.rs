@@ -262,8 +262,10 @@ pub async fn sigterm_and_wait(child: &mut Child) {
             assert!(status.success(), "serve exited with {status} after SIGTERM");
             return;
         }
+        // The daemon's grace is 20 s; what follows it (aborted tasks,
+        // leases released) gets the rest on a loaded machine.
         assert!(
-            stopped.elapsed() < Duration::from_secs(30),
+            stopped.elapsed() < Duration::from_secs(60),
             "serve did not stop after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -65,6 +65,9 @@ async fn daily_and_concurrent_limits() {
     let mut cfg = SimConfig::default();
     cfg.limits.per_day = 3;
     cfg.limits.concurrent = 1;
+    // Midday on the simulator's clock: a run across UTC midnight would
+    // start a new day between the third and fourth request.
+    cfg.clock_start = Some("2026-11-25T12:00:00Z".parse().unwrap());
     let (sim, at) = start_with_token(cfg).await;
     let api = Api::new(&sim, &at, HOLDINGS);
     for _ in 0..3 {
