@@ -129,8 +129,11 @@ impl Drop for SmtpSink {
 /// from: while the server is down, any client connection on the machine
 /// (other tests run in parallel) may take that port, and the restart then
 /// fails with "address in use". Below the range only another explicit
-/// bind can take it. The port is chosen at random and checked free by
-/// binding it; an error only if none of 200 tries was free.
+/// bind can take it: another test's pick, while this one's server is down.
+/// So each pick is also reserved, for the life of the process, by a lock
+/// on a file named by the port ([`reserve`]), which every other test
+/// process's picker honours. The port is chosen at random and checked
+/// free by binding it; an error only if none of 200 tries was free.
 pub fn restartable_port() -> std::io::Result<u16> {
     use std::hash::{BuildHasher, Hasher};
     // Linux's default range starts at 32768; a narrowed range moves it.
@@ -148,11 +151,38 @@ pub fn restartable_port() -> std::io::Result<u16> {
         h.write_u64(i);
         let port = low + (h.finish() % u64::from(high - low)) as u16;
         match std::net::TcpListener::bind(("127.0.0.1", port)) {
-            Ok(_) => return Ok(port),
+            Ok(_) => match reserve(port) {
+                Ok(true) => return Ok(port),
+                Ok(false) => {}
+                Err(e) => last = Some(e),
+            },
             Err(e) => last = Some(e),
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
+}
+
+/// Reserve `port` for this process: an exclusive lock on
+/// `<temp>/ledgerport-test-ports/<port>`, held until the process exits
+/// (the kernel drops it then, however the process ends). False when
+/// another process (or an earlier pick of this one) holds it.
+pub fn reserve(port: u16) -> std::io::Result<bool> {
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("ledgerport-test-ports");
+    std::fs::create_dir_all(&dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+            Ok(true)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 async fn session(sock: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) -> std::io::Result<()> {
@@ -242,4 +272,31 @@ fn addr_of(s: &str) -> String {
     let s = s.trim();
     let s = s.split_whitespace().next().unwrap_or("");
     s.trim_start_matches('<').trim_end_matches('>').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A picked port stays reserved: no other pick (here or in another
+    /// process, which opens the file as this does) can have it while the
+    /// server that uses it is down.
+    #[test]
+    fn a_picked_port_is_reserved_until_the_process_ends() {
+        let a = restartable_port().unwrap();
+        assert!(!reserve(a).unwrap(), "port {a} was reserved twice");
+        // A handle of its own, as another process would open it.
+        let other = std::fs::File::open(
+            std::env::temp_dir()
+                .join("ledgerport-test-ports")
+                .join(a.to_string()),
+        )
+        .unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        let b = restartable_port().unwrap();
+        assert_ne!(a, b);
+    }
 }
