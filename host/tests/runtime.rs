@@ -42,12 +42,23 @@ fn overrides(from: &str, to: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(from.to_string(), to.to_string())])
 }
 
+/// A small runtime. Its deadline is past any stall of a loaded machine
+/// for ordinary calls; the tests of the deadline itself use
+/// [`two_second_deadline`].
 fn small_config() -> RuntimeConfig {
     RuntimeConfig {
-        deadline: Duration::from_secs(2),
+        deadline: Duration::from_secs(10),
         memory_limit: 32 * 1024 * 1024,
         max_concurrent_instances: 16,
         ..RuntimeConfig::default()
+    }
+}
+
+/// [`small_config`] with a 2 s deadline, for the tests that reach it.
+fn two_second_deadline() -> RuntimeConfig {
+    RuntimeConfig {
+        deadline: Duration::from_secs(2),
+        ..small_config()
     }
 }
 
@@ -332,7 +343,7 @@ async fn hostile_connectors_are_contained() {
     let hosts = overrides("https://allowed.test", &listener.base);
 
     // Infinite loop: stopped soon after the 2 s deadline (generous bound).
-    let rt = runtime(small_config());
+    let rt = runtime(two_second_deadline());
     let plugin = rt.load(&manifest, &hosts).unwrap();
     let started = Instant::now();
     let e = rt
@@ -688,7 +699,7 @@ impl ledgerport::capabilities::http::RateGate for SlowGate {
 async fn waiting_for_a_rate_slot_does_not_count_against_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let listener = Listener::start().await;
-    let rt = runtime(small_config());
+    let rt = runtime(two_second_deadline());
     let rate = |waits: u32| {
         ledgerport::capabilities::http::RateLimit::new(
             std::sync::Arc::new(SlowGate {
