@@ -1001,7 +1001,46 @@ async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
     let (code, _, err) = connect(m, &public);
     assert_eq!(code, 2);
     assert!(err.contains("does not match"), "{err}");
-    std::fs::write(&manifest, signed).unwrap();
+    // `settings` reads the manifest to know which values are secrets: an
+    // altered one that no longer marks the signing secret would have
+    // `get` print it. Refused, and nothing printed.
+    let unmarked = signed.replace("secret = true\n", "");
+    assert_ne!(unmarked, signed, "the manifest marks its secret");
+    std::fs::write(&manifest, &unmarked).unwrap();
+    let settings = |verb: &str, extra: &[&str], trusted: &str| {
+        let mut args = vec![
+            "settings",
+            verb,
+            "--plugin",
+            m,
+            "--tenant",
+            "acme",
+            "--database",
+            &url,
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--trusted-key", trusted]);
+        cli(&args, &key, None)
+    };
+    let (code, out, err) = settings("get", &[], &public);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("does not match"), "{err}");
+    assert!(!out.contains(SECRET) && !err.contains(SECRET), "{out}{err}");
+    let (code, _, err) = settings("set", &["endpoint=https://hooks.example.com/x"], &public);
+    assert_eq!(code, 2);
+    assert!(err.contains("does not match"), "{err}");
+    let (code, _, err) = settings("unset", &["endpoint"], &public);
+    assert_eq!(code, 2);
+    assert!(err.contains("does not match"), "{err}");
+    std::fs::write(&manifest, &signed).unwrap();
+    // As signed: shown, the secret only as set.
+    let (code, out, err) = settings("get", &[], &public);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("signing_secret"), "{out}");
+    assert!(!out.contains(SECRET), "{out}");
+    let (code, _, err) = settings("get", &[], &stranger);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a trusted key"), "{err}");
     // Without a trust list the CLI loads what it is given, as before.
     let (code, out, err) = connect_with(m, &[]);
     assert_eq!(code, 0, "{err}");

@@ -199,6 +199,10 @@ pub enum SettingsCommand {
         /// The installed plugin's manifest.
         #[arg(long)]
         plugin: PathBuf,
+        /// The signers whose manifests this command reads (it says which
+        /// settings are secrets, shown only as set or not set).
+        #[command(flatten)]
+        trust: TrustArgs,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -212,6 +216,10 @@ pub enum SettingsCommand {
         /// The installed plugin's manifest.
         #[arg(long)]
         plugin: PathBuf,
+        /// The signers whose manifests this command reads (it says which
+        /// settings are secrets, shown only as set or not set).
+        #[command(flatten)]
+        trust: TrustArgs,
         /// KEY=VALUE.
         #[arg(required = true, value_name = "KEY=VALUE")]
         settings: Vec<String>,
@@ -229,6 +237,10 @@ pub enum SettingsCommand {
         /// The installed plugin's manifest.
         #[arg(long)]
         plugin: PathBuf,
+        /// The signers whose manifests this command reads (it says which
+        /// settings are secrets, shown only as set or not set).
+        #[command(flatten)]
+        trust: TrustArgs,
         /// The keys.
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
@@ -845,14 +857,22 @@ fn setting_fail(e: super::SettingError) -> Fail {
 
 async fn settings_cli(cmd: SettingsCommand, json: bool, now: i64) -> Result<(), Fail> {
     use super::settings;
-    let manifest_of = |p: &Path| Manifest::from_file(p).map_err(|e| bad(e.to_string()));
+    // Checked against the trust list like every command's --plugin: the
+    // manifest decides which values are secrets (never printed), so an
+    // altered one could have `get` print a secret.
+    let manifest_of = |p: &Path, trust: &TrustArgs| {
+        let m = Manifest::from_file(p).map_err(|e| bad(e.to_string()))?;
+        trust.check(&m, p).map_err(bad)?;
+        Ok::<_, Fail>(m)
+    };
     match cmd {
         SettingsCommand::Get {
             tenant,
             plugin,
+            trust,
             store,
         } => {
-            let m = manifest_of(&plugin)?;
+            let m = manifest_of(&plugin, &trust)?;
             let (s, keys) = open_read(&store).await?;
             let list = settings::view(&s, &keys, &m, &tenant).await?;
             if json {
@@ -875,11 +895,12 @@ async fn settings_cli(cmd: SettingsCommand, json: bool, now: i64) -> Result<(), 
         SettingsCommand::Set {
             tenant,
             plugin,
+            trust,
             settings: pairs,
             actor,
             store,
         } => {
-            let m = manifest_of(&plugin)?;
+            let m = manifest_of(&plugin, &trust)?;
             let mut parsed = Vec::new();
             for p in &pairs {
                 let (k, v) = p
@@ -909,11 +930,12 @@ async fn settings_cli(cmd: SettingsCommand, json: bool, now: i64) -> Result<(), 
         SettingsCommand::Unset {
             tenant,
             plugin,
+            trust,
             keys: names,
             actor,
             store,
         } => {
-            let m = manifest_of(&plugin)?;
+            let m = manifest_of(&plugin, &trust)?;
             let (s, _) = open(&store).await?;
             for k in names {
                 settings::unset(&s, &m.id, &tenant, &k, &actor, now)
