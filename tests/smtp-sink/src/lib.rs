@@ -163,26 +163,40 @@ pub fn restartable_port() -> std::io::Result<u16> {
 }
 
 /// Reserve `port` for this process: an exclusive lock on
-/// `<temp>/ledgerport-test-ports/<port>`, held until the process exits
-/// (the kernel drops it then, however the process ends). False when
-/// another process (or an earlier pick of this one) holds it.
+/// [`ports_dir`]`/<port>`, held until the process exits (the kernel drops
+/// it then, however the process ends). False when another process (or an
+/// earlier pick of this one) holds it.
 pub fn reserve(port: u16) -> std::io::Result<bool> {
     static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("ledgerport-test-ports");
-    std::fs::create_dir_all(&dir)?;
+    let dir = ports_dir()?;
+    let path = dir.join(port.to_string());
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    std::fs::create_dir_all(&dir).map_err(named)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join(port.to_string()))?;
+        .open(&path)
+        .map_err(named)?;
     match file.try_lock() {
         Ok(()) => {
             HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
             Ok(true)
         }
         Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
+        Err(std::fs::TryLockError::Error(e)) => Err(named(e)),
     }
+}
+
+/// Where the port reservations are: one directory per user in the temp
+/// directory (a directory shared by the users of one machine would be
+/// writable only by the first to run the tests). Test processes of
+/// different users do not see each other's picks; their binds still do.
+pub fn ports_dir() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self")?.uid();
+    Ok(std::env::temp_dir().join(format!("ledgerport-test-ports-{uid}")))
 }
 
 async fn session(sock: TcpStream, mails: Arc<Mutex<Vec<Mail>>>) -> std::io::Result<()> {
@@ -286,12 +300,7 @@ mod tests {
         let a = restartable_port().unwrap();
         assert!(!reserve(a).unwrap(), "port {a} was reserved twice");
         // A handle of its own, as another process would open it.
-        let other = std::fs::File::open(
-            std::env::temp_dir()
-                .join("ledgerport-test-ports")
-                .join(a.to_string()),
-        )
-        .unwrap();
+        let other = std::fs::File::open(ports_dir().unwrap().join(a.to_string())).unwrap();
         assert!(matches!(
             other.try_lock(),
             Err(std::fs::TryLockError::WouldBlock)
