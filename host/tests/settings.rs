@@ -700,6 +700,26 @@ async fn a_draft_connection_creates_draft_bills_and_others_stay_authorised() {
     env.d.stop().await;
 }
 
+/// The arguments of `connect` for acme of the plugin at `manifest`, on the
+/// database at `url`, with `extra` arguments.
+fn connect_args(manifest: &str, url: &str, extra: &[&str]) -> Vec<String> {
+    [
+        "connect",
+        "--tenant",
+        "acme",
+        "--admin",
+        "ops@platform.example",
+        "--plugin",
+        manifest,
+        "--database",
+        url,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|a| a.to_string())
+    .collect()
+}
+
 /// `ledgerport settings get|set|unset` as a real process.
 fn cli(args: &[&str], key: &str, stdin: Option<&str>) -> (i32, String, String) {
     use std::io::Write;
@@ -761,21 +781,9 @@ async fn cli_sets_gets_and_unsets_settings() {
     // words while the secret is missing, exit 2, nothing stored.
     let installed = common::target_dir().join("plugins/webhook/manifest.toml");
     let connect = || {
-        cli(
-            &[
-                "connect",
-                "--tenant",
-                "acme",
-                "--admin",
-                "ops@platform.example",
-                "--plugin",
-                installed.to_str().unwrap(),
-                "--database",
-                url.as_str(),
-            ],
-            &key,
-            None,
-        )
+        let args = connect_args(installed.to_str().unwrap(), &url, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args, &key, None)
     };
     let (code, out, err) = connect();
     assert_eq!(code, 2, "{out}{err}");
@@ -883,26 +891,8 @@ async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
         Some(&format!("{SECRET}\n")),
     );
     assert_eq!(code, 0, "{err}");
-    // `connect` of the webhook plugin at `manifest`, with `extra` arguments.
-    let connect_args = |manifest: &str, extra: &[&str]| -> Vec<String> {
-        [
-            "connect",
-            "--tenant",
-            "acme",
-            "--admin",
-            "ops@platform.example",
-            "--plugin",
-            manifest,
-            "--database",
-            &url,
-        ]
-        .iter()
-        .chain(extra)
-        .map(|a| a.to_string())
-        .collect()
-    };
     let connect_with = |manifest: &str, extra: &[&str]| {
-        let args = connect_args(manifest, extra);
+        let args = connect_args(manifest, &url, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         cli(&args, &key, None)
     };
@@ -975,7 +965,7 @@ async fn cli_connect_refuses_a_plugin_its_trust_list_does_not_cover() {
     assert!(err.contains("not signed"), "{err}");
     // The keys from the environment, comma-separated.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerport"))
-        .args(connect_args(m, &[]))
+        .args(connect_args(m, &url, &[]))
         .env("LEDGERPORT_SECRET_KEY", &key)
         .env("LEDGERPORT_TRUSTED_KEYS", &stranger)
         .output()
